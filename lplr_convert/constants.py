@@ -1,0 +1,55 @@
+"""Every name this tool writes to disk, and the format version. Nothing else in the package spells these strings."""
+
+from __future__ import annotations
+
+FORMAT_VERSION = "1.0"
+QUANT_METHOD = "lplr-convert"  # config.json quantization_config.quant_method
+
+# Files in an output directory.
+MANIFEST_FILE = "lplr_manifest.json"
+PROGRESS_FILE = "lplr_progress.json"  # journal of finished shards, removed when the conversion completes
+REPORT_JSON = "lplr_report.json"
+REPORT_CSV = "lplr_report.csv"
+REPORT_MD = "lplr_report.md"
+PLOT_ERROR = "lplr_error_per_layer.png"
+PLOT_BITS = "lplr_bits_per_layer.png"
+PLOT_SPECTRUM = "lplr_spectrum.png"
+MODEL_CARD = "README.md"
+CONFIG_FILE = "config.json"
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+SHARD_TEMPLATE = "model-{index:05d}-of-{total:05d}.safetensors"
+PARTIAL_SHARD_TEMPLATE = "model-{index:05d}.safetensors.partial"
+PARTIAL_SUFFIX = ".partial"
+DATA_SUFFIX = ".data"
+
+# Safetensors header metadata.
+META_FORMAT_KEY = "format"
+META_FORMAT_VALUE = "pt"
+META_TOOL_KEY = "lplr_convert_format"
+
+# Stored tensor names: "<weight name>.<part>.<field>" for quantized parts, "<weight name>.<part>" for float parts.
+PART_LEFT = "lplr_left"  # L, out x rank
+PART_RIGHT = "lplr_right"  # R, rank x in
+PART_QUANT = "lplr_q"  # a directly quantized weight (rtn)
+FIELD_PACKED = "packed"  # uint8, bit-packed codes
+FIELD_SCALE = "scale"  # float32 step per scale group
+FIELD_ZERO = "zero"  # float32 value of code 0 per scale group (asymmetric min-max quantizer)
+
+# Manifest keys (top level).
+M_FORMAT_VERSION = "format_version"
+M_TOOL = "tool"
+M_TOOL_VERSION = "tool_version"
+M_SOURCE = "source"
+M_OPTIONS = "options"
+M_TENSORS = "tensors"
+M_SUMMARY = "summary"
+M_SHARDS = "shards"
+M_FILES = "files"
+M_COMPLETE = "complete"
+M_EVAL = "eval"
+
+TOOL_NAME = "lplr-convert"

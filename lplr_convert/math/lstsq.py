@@ -1,0 +1,86 @@
+"""Least squares min_R ||L R - W||_F without an explicit pseudo-inverse.
+
+Normal equations solved by a Cholesky factorization of G = L^T L. G and L^T W are formed in the working precision
+(GEMM speed); when the Cholesky diagonal shows L too ill-conditioned for that precision, they are re-formed in
+float64 (row blocks, no full float64 copy of W). A diagonal shift grows from the round-off level when L is
+numerically rank-deficient, and a float64 pseudo-inverse is the last resort.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["NormalSolution", "solve_normal"]
+
+# Re-form the normal equations in float64 when eps(dtype) * cond(G) exceeds this (cond estimated from Cholesky).
+_REFINE_ABOVE = 1e-4
+
+
+@dataclass
+class NormalSolution:
+    """R together with the products the error identity reuses: gram = L^T L, cross = L^T W (None if float64)."""
+
+    R: torch.Tensor
+    gram: torch.Tensor | None
+    cross: torch.Tensor | None
+    shift: float  # diagonal shift that was needed (0.0 for a well-conditioned L)
+    precision: str  # "working" or "float64"
+
+
+def _gram64(L: torch.Tensor, W: torch.Tensor, block_rows: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    r, n = L.shape[1], W.shape[1]
+    G = torch.zeros(r, r, dtype=torch.float64, device=L.device)
+    B = torch.zeros(r, n, dtype=torch.float64, device=L.device)
+    for i in range(0, L.shape[0], block_rows):
+        lb = L[i:i + block_rows].double()
+        G += lb.T @ lb
+        B += lb.T @ W[i:i + block_rows].double()
+    return G, B
+
+
+def _cholesky(G64: torch.Tensor) -> tuple[torch.Tensor | None, float]:
+    """Lower Cholesky factor of G64, shifting the diagonal up from round-off level if needed."""
+    chol, info = torch.linalg.cholesky_ex(G64)
+    if not bool(info.any()):
+        return chol, 0.0
+    eye = torch.eye(G64.shape[0], dtype=G64.dtype, device=G64.device)
+    scale = G64.diagonal().abs().max()
+    rel = 1e-14
+    while rel < 1e-2:
+        chol, info = torch.linalg.cholesky_ex(G64 + (scale * rel) * eye)
+        if not bool(info.any()):
+            return chol, float(scale * rel)
+        rel *= 10
+    return None, float("inf")
+
+
+def _cond_estimate(chol: torch.Tensor) -> float:
+    d = chol.diagonal().abs()
+    return float((d.max() / d.min().clamp_min(torch.finfo(d.dtype).tiny)) ** 2)
+
+
+def _solve(chol: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    y = torch.linalg.solve_triangular(chol, B, upper=False)
+    return torch.linalg.solve_triangular(chol.T, y, upper=True)
+
+
+def solve_normal(L: torch.Tensor, W: torch.Tensor) -> NormalSolution:
+    """Solve min_R ||L R - W||_F for R (r x n), L being m x r and W m x n; R comes back in L's dtype."""
+    gram = L.T @ L
+    cross = L.T @ W
+    if L.dtype != torch.float64:
+        chol, shift = _cholesky(gram.double())
+        if chol is not None and shift == 0.0 and torch.finfo(L.dtype).eps * _cond_estimate(chol) < _REFINE_ABOVE:
+            return NormalSolution(_solve(chol.to(L.dtype), cross), gram, cross, 0.0, "working")
+        del gram, cross
+        G64, B64 = _gram64(L, W)
+    else:
+        G64, B64 = gram, cross
+    chol, shift = _cholesky(G64)
+    if chol is None:
+        R = torch.linalg.pinv(L.double()) @ W.double()
+    else:
+        R = _solve(chol, B64)
+    return NormalSolution(R.to(L.dtype), None, None, shift, "float64")

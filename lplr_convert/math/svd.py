@@ -1,0 +1,73 @@
+"""Truncated SVD: exact (LAPACK), Gram eigendecomposition, or randomized (seeded, oversampled, power iterations)."""
+
+from __future__ import annotations
+
+import torch
+
+from .sketch import sketch_matrix
+
+SVD_METHODS = ("auto", "exact", "gram", "randomized")
+
+__all__ = ["SVD_METHODS", "choose_svd_method", "truncated_svd", "singular_values"]
+
+
+def choose_svd_method(m: int, n: int, k: int, oversample: int = 10) -> str:
+    """Randomized when k is small against min(m, n), else the Gram route (GEMM-bound, cheaper than LAPACK SVD)."""
+    return "randomized" if 4 * (k + oversample) <= min(m, n) else "gram"
+
+
+def _gram_svd(W: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    m, n = W.shape
+    wide = m < n
+    A = W.T if wide else W  # tall: rows >= cols
+    evals, evecs = torch.linalg.eigh((A.T @ A).double())
+    order = torch.argsort(evals, descending=True)[:k]
+    s = evals[order].clamp_min(0).sqrt()
+    V = evecs[:, order].to(W.dtype)
+    US = A @ V  # exact product even where s is tiny
+    denom = torch.where(s > 0, s, torch.ones_like(s)).to(W.dtype)
+    U = US / denom
+    s = s.to(W.dtype)
+    if wide:  # W = A^T = V S U^T
+        return V, s, U.T
+    return U, s, V.T
+
+
+def _randomized_svd(W: torch.Tensor, k: int, seed: int, oversample: int, power_iters: int):
+    m, n = W.shape
+    p = min(k + oversample, min(m, n))
+    omega = sketch_matrix(n, p, seed, dtype=W.dtype, device=W.device)
+    Y = W @ omega
+    Q, _ = torch.linalg.qr(Y)
+    for _ in range(power_iters):
+        Z, _ = torch.linalg.qr(W.T @ Q)
+        Q, _ = torch.linalg.qr(W @ Z)
+    B = Q.T @ W
+    Ub, s, Vh = torch.linalg.svd(B, full_matrices=False)
+    return (Q @ Ub)[:, :k], s[:k], Vh[:k]
+
+
+def truncated_svd(W: torch.Tensor, k: int, method: str = "auto", seed: int = 0, oversample: int = 10,
+                  power_iters: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k singular triplets (U: m x k, S: k, Vh: k x n) of a 2-D float tensor, in W's dtype."""
+    m, n = W.shape
+    if not 1 <= k <= min(m, n):
+        raise ValueError(f"rank {k} is outside 1..{min(m, n)} for a {m}x{n} matrix")
+    if method == "auto":
+        method = choose_svd_method(m, n, k, oversample)
+    if method == "exact":
+        U, s, Vh = torch.linalg.svd(W, full_matrices=False)
+        return U[:, :k], s[:k], Vh[:k]
+    if method == "gram":
+        return _gram_svd(W, k)
+    if method == "randomized":
+        return _randomized_svd(W, k, seed, oversample, power_iters)
+    raise ValueError(f"svd method {method!r} is unknown; use one of {', '.join(SVD_METHODS)}")
+
+
+def singular_values(W: torch.Tensor) -> torch.Tensor:
+    """All singular values, descending (float64 eigenvalues of the smaller Gram matrix)."""
+    m, n = W.shape
+    A = W.T if m < n else W
+    evals = torch.linalg.eigvalsh((A.T @ A).double())
+    return evals.flip(0).clamp_min(0).sqrt()

@@ -1,0 +1,101 @@
+"""Helpers shared by the methods: storing quantized matrices as parts, and the factored-method skeleton."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import constants as C
+from ..math import quantize as qz
+from ..math.error import factor_relative_error
+from ..math.svd import singular_values
+from .base import Method, MethodResult
+from .settings import MethodSettings, resolve_rank
+
+DTYPE_BITS = {torch.float32: 32, torch.float16: 16, torch.bfloat16: 16, torch.float64: 64}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def part_name(part: str, field: str) -> str:
+    """Suffix of a stored tensor: "<part>.<field>", or "<part>" for a float matrix."""
+    return f"{part}.{field}" if field else part
+
+
+def quant_parts(part: str, q: qz.Quantized) -> dict[str, torch.Tensor]:
+    return {part_name(part, f): t for f, t in qz.to_fields(q).items()}
+
+
+def parts_of(part: str, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The fields of one quantized part, keyed by field name."""
+    out = {}
+    for suffix, t in parts.items():
+        if suffix == part:
+            out[""] = t
+        elif suffix.startswith(part + "."):
+            out[suffix[len(part) + 1:]] = t
+    return out
+
+
+def decode_quant(part: str, parts: dict[str, torch.Tensor], spec_json: dict) -> torch.Tensor:
+    spec = qz.QuantSpec.from_json(spec_json)
+    return qz.dequantize(qz.from_fields(parts_of(part, parts), spec))
+
+
+def predict_quant(part: str, spec: qz.QuantSpec) -> dict[str, tuple[str, tuple[int, ...]]]:
+    return {part_name(part, f): v for f, v in qz.field_specs(spec).items()}
+
+
+def factor_specs(m: int, n: int, r: int, s: MethodSettings) -> tuple[qz.QuantSpec, qz.QuantSpec]:
+    """Left factor (m x r, one scale per column) and right factor (r x n, one scale per row)."""
+    left = qz.QuantSpec((m, r), s.b1, s.quantizer, 1, s.group_size)
+    right = qz.QuantSpec((r, n), s.b2, s.quantizer, 0, s.group_size)
+    return left, right
+
+
+def factor_bits(m: int, n: int, r: int, s: MethodSettings) -> int:
+    left, right = factor_specs(m, n, r, s)
+    return qz.stored_bits(left) + qz.stored_bits(right)
+
+
+class FactoredMethod(Method):
+    """W ~ L R with L (m x r) and R (r x n) stored quantized. Subclasses implement `factors`."""
+
+    factored = True
+
+    def rank_for(self, W: torch.Tensor, s: MethodSettings) -> int:
+        m, n = W.shape
+        return resolve_rank(s.rank, m, n, bits_for_rank=lambda r: factor_bits(m, n, r, s),
+                            singular_values=lambda: singular_values(W))
+
+    def factors(self, W: torch.Tensor, r: int, s: MethodSettings, seed: int):
+        """Return (Quantized L, Quantized R, dequantized L, dequantized R, gram, cross, energy) for float W."""
+        raise NotImplementedError
+
+    def compress(self, W: torch.Tensor, settings: MethodSettings, seed: int) -> MethodResult:
+        Wf = W if W.dtype in (torch.float32, torch.float64) else W.float()
+        m, n = Wf.shape
+        r = self.rank_for(Wf, settings)
+        qL, qR, L, R, gram, cross, energy = self.factors(Wf, r, settings, seed)
+        err = factor_relative_error(Wf, L, R, gram=gram, cross=cross)
+        parts = {**quant_parts(C.PART_LEFT, qL), **quant_parts(C.PART_RIGHT, qR)}
+        info = {"rank": r, "left": qL.spec.to_json(), "right": qR.spec.to_json()}
+        bits = qz.stored_bits(qL.spec) + qz.stored_bits(qR.spec)
+        return MethodResult(parts, info, bits, err, r, energy)
+
+    def decode_factors(self, parts: dict[str, torch.Tensor], info: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dequantized float32 factors (L, R)."""
+        return (decode_quant(C.PART_LEFT, parts, info["left"]), decode_quant(C.PART_RIGHT, parts, info["right"]))
+
+    def decode(self, parts: dict[str, torch.Tensor], info: dict) -> torch.Tensor:
+        L, R = self.decode_factors(parts, info)
+        return L @ R
+
+    def predict(self, shape, dtype, settings):
+        m, n = shape
+        if settings.rank.needs_spectrum:
+            return None, {}
+        r = resolve_rank(settings.rank, m, n, bits_for_rank=lambda k: factor_bits(m, n, k, settings))
+        left, right = factor_specs(m, n, r, settings)
+        return r, {**predict_quant(C.PART_LEFT, left), **predict_quant(C.PART_RIGHT, right)}

@@ -1,0 +1,20 @@
+"""DSVD (the paper's baseline): L = Q(U_r), R = Q(S_r V_r^T), no refit."""
+
+from __future__ import annotations
+
+from ..math import quantize as qz
+from ..math.svd import truncated_svd
+from .base import register
+from ._common import FactoredMethod, factor_specs
+from .lsvd import energy_kept
+
+
+@register("dsvd")
+class DSVD(FactoredMethod):
+    def factors(self, Wf, r, s, seed):
+        m, n = Wf.shape
+        U, sv, Vh = truncated_svd(Wf, r, s.svd, seed=seed)
+        left, right = factor_specs(m, n, r, s)
+        qL = qz.quantize(U, s.b1, left.granularity, left.channel_dim, left.group_size)
+        qR = qz.quantize(sv[:, None] * Vh, s.b2, right.granularity, right.channel_dim, right.group_size)
+        return qL, qR, qz.dequantize(qL, Wf.dtype), qz.dequantize(qR, Wf.dtype), None, None, energy_kept(Wf, sv)

@@ -1,0 +1,33 @@
+"""LASER (Sharma, Ash, Misra 2024): replace W by its dense rank-k reconstruction U_k S_k V_k^T (no quantization)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..math.error import relative_error
+from ..math.svd import singular_values, truncated_svd
+from .base import Method, MethodResult, register
+from .settings import resolve_rank
+from ._common import DTYPE_BITS, dtype_name
+from .lsvd import energy_kept
+
+
+@register("laser")
+class LASER(Method):
+    def compress(self, W, settings, seed):
+        Wf = W if W.dtype in (torch.float32, torch.float64) else W.float()
+        m, n = Wf.shape
+        k = resolve_rank(settings.rank, m, n, singular_values=lambda: singular_values(Wf))
+        U, sv, Vh = truncated_svd(Wf, k, settings.svd, seed=seed)
+        stored = ((U * sv) @ Vh).to(W.dtype)
+        err = relative_error(Wf, stored)
+        return MethodResult({"": stored}, {"rank": k, "dtype": dtype_name(W.dtype)}, stored.numel() * DTYPE_BITS[W.dtype],
+                            err, k, energy_kept(Wf, sv))
+
+    def decode(self, parts, info):
+        return parts[""].float()
+
+    def predict(self, shape, dtype, settings):
+        m, n = shape
+        k = None if settings.rank.needs_spectrum else resolve_rank(settings.rank, m, n)
+        return k, {"": (dtype_name(dtype), tuple(shape))}

@@ -1,0 +1,33 @@
+"""Round-to-nearest: the weight quantized directly to b0 bits (the baseline users would pick instead)."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import constants as C
+from ..math import quantize as qz
+from ..math.error import relative_error
+from .base import Method, MethodResult, register
+from ._common import decode_quant, predict_quant, quant_parts
+
+
+def _spec(shape, s) -> qz.QuantSpec:
+    return qz.QuantSpec(tuple(shape), s.b0, s.quantizer, 0, s.group_size)  # one scale per output row
+
+
+@register("rtn")
+class RTN(Method):
+    uses_rank = False
+
+    def compress(self, W, settings, seed):
+        Wf = W if W.dtype in (torch.float32, torch.float64) else W.float()
+        spec = _spec(Wf.shape, settings)
+        q = qz.quantize(Wf, spec.bits, spec.granularity, spec.channel_dim, spec.group_size)
+        err = relative_error(Wf, qz.dequantize(q, Wf.dtype))
+        return MethodResult(quant_parts(C.PART_QUANT, q), {"q": q.spec.to_json()}, qz.stored_bits(q.spec), err)
+
+    def decode(self, parts, info):
+        return decode_quant(C.PART_QUANT, parts, info["q"])
+
+    def predict(self, shape, dtype, settings):
+        return None, predict_quant(C.PART_QUANT, _spec(shape, settings))
