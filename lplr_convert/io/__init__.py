@@ -1,0 +1,1 @@
+"""Checkpoint I/O: reading sources, writing byte-bounded shards, the manifest."""

@@ -1,0 +1,155 @@
+"""Byte-bounded safetensors shards written in a stream.
+
+Tensors are appended to a data file as they arrive; when a shard fills, its header and data are written to a
+`.partial` file that is fsynced and renamed, so a shard on disk is either complete or clearly partial. Final names
+(`model-0000i-of-0000N.safetensors`) are given in `finalize`, when N is known.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import constants as C
+from ..errors import LplrError
+from .manifest import sha256_file
+
+__all__ = ["ShardWriter", "ClosedShard", "serialize_header", "tensor_bytes", "ST_DTYPE_NAMES"]
+
+ST_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                  torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                  torch.bool: "BOOL"}
+for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
+    if hasattr(torch, _name):
+        ST_DTYPE_NAMES[getattr(torch, _name)] = _code
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """Raw little-endian bytes of a CPU tensor (any dtype)."""
+    t = t.detach().to("cpu").contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def serialize_header(entries: list[tuple[str, str, list[int], int, int]], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length plus JSON header of a safetensors file, padded with spaces to 8-byte alignment."""
+    header: dict = {"__metadata__": metadata}
+    for name, dtype, shape, start, end in entries:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+@dataclass
+class ClosedShard:
+    """A finished shard under its temporary name, with what it holds."""
+
+    index: int
+    temp_name: str
+    sha256: str
+    nbytes: int
+    names: list[str]
+    groups: list[str]
+
+
+@dataclass
+class ShardWriter:
+    out_dir: Path
+    max_shard_bytes: int
+    metadata: dict[str, str] = field(default_factory=lambda: {C.META_FORMAT_KEY: C.META_FORMAT_VALUE})
+    closed: list[ClosedShard] = field(default_factory=list)
+    on_close: object = None  # callable(ClosedShard) -> None, e.g. the resume journal
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        self._entries: list[tuple[str, str, list[int], int, int]] = []
+        self._groups: list[str] = []
+        self._size = 0
+        self._data = None
+
+    @property
+    def next_index(self) -> int:
+        return len(self.closed) + 1
+
+    def _data_path(self) -> Path:
+        return self.out_dir / (C.PARTIAL_SHARD_TEMPLATE.format(index=self.next_index) + C.DATA_SUFFIX)
+
+    def add_group(self, group: str, tensors: dict[str, torch.Tensor]) -> int:
+        """Append the tensors of one weight to the current shard (never split across shards); return its index."""
+        items = sorted(tensors.items(), key=lambda kv: (-kv[1].element_size(), kv[0]))
+        total = sum(t.numel() * t.element_size() for _, t in items)
+        if self._entries and self._size + total > self.max_shard_bytes:
+            self.close_shard()
+        if self._data is None:
+            self._data = open(self._data_path(), "wb")
+        for name, t in items:
+            if t.dtype not in ST_DTYPE_NAMES:
+                raise LplrError(f"tensor {name} has dtype {t.dtype}, which safetensors cannot store")
+            buf = tensor_bytes(t)
+            try:
+                self._data.write(buf)
+            except OSError as e:
+                raise LplrError(f"writing {self.out_dir} failed ({e.strerror or e}); free disk space and re-run "
+                                f"with --resume") from None
+            self._entries.append((name, ST_DTYPE_NAMES[t.dtype], list(t.shape), self._size, self._size + len(buf)))
+            self._size += len(buf)
+        self._groups.append(group)
+        return self.next_index
+
+    def close_shard(self) -> ClosedShard | None:
+        """Write header + data of the current shard to `<name>.partial`, fsync, rename to the temp shard name."""
+        if self._data is None:
+            return None
+        data_path = self._data_path()
+        temp_name = C.PARTIAL_SHARD_TEMPLATE.format(index=self.next_index).removesuffix(C.PARTIAL_SUFFIX)
+        partial = self.out_dir / (temp_name + C.PARTIAL_SUFFIX)
+        try:
+            self._data.flush()
+            self._data.close()
+            self._data = None
+            with open(partial, "wb") as out, open(data_path, "rb") as data:
+                out.write(serialize_header(self._entries, self.metadata))
+                shutil.copyfileobj(data, out, 16 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(partial, self.out_dir / temp_name)
+        except OSError as e:
+            partial.unlink(missing_ok=True)
+            raise LplrError(f"writing shard {temp_name} in {self.out_dir} failed ({e.strerror or e}); free disk "
+                            f"space and re-run with --resume") from None
+        data_path.unlink(missing_ok=True)
+        shard = ClosedShard(self.next_index, temp_name, sha256_file(self.out_dir / temp_name),
+                            (self.out_dir / temp_name).stat().st_size, [e[0] for e in self._entries],
+                            list(self._groups))
+        self.closed.append(shard)
+        self._entries, self._groups, self._size = [], [], 0
+        if self.on_close is not None:
+            self.on_close(shard)
+        return shard
+
+    def finalize(self) -> tuple[dict[str, str], dict[str, dict]]:
+        """Close the last shard and rename all to their final names; return (weight_map, {file: sha/bytes})."""
+        self.close_shard()
+        total = len(self.closed)
+        weight_map: dict[str, str] = {}
+        files: dict[str, dict] = {}
+        for shard in self.closed:
+            final = C.SHARD_TEMPLATE.format(index=shard.index, total=total)
+            os.replace(self.out_dir / shard.temp_name, self.out_dir / final)
+            for name in shard.names:
+                weight_map[name] = final
+            files[final] = {"sha256": shard.sha256, "bytes": shard.nbytes}
+        return weight_map, files
+
+    def abort(self) -> None:
+        """Close the data file of an unfinished shard (left on disk, clearly partial)."""
+        if self._data is not None:
+            self._data.close()
+            self._data = None
