@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["pack", "unpack", "packed_nbytes"]
+__all__ = ["pack", "packed_nbytes", "unpack"]
 
 
 def packed_nbytes(numel: int, bits: int) -> int:
@@ -25,6 +25,11 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """
     _check_bits(bits)
     flat = codes.reshape(-1)
+    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
+        raise ValueError(f"codes span [{int(flat.min())}, {int(flat.max())}], outside [0, {(1 << bits) - 1}] "
+                         f"for {bits}-bit packing")
     if bits == 8:
         return flat.to(torch.uint8).clone()
     numel = flat.numel()

@@ -20,11 +20,12 @@ _REFINE_ABOVE = 1e-4
 
 @dataclass
 class NormalSolution:
-    """R together with the products the error identity reuses: gram = L^T L, cross = L^T W (None if float64)."""
+    """R with the products the error identity reuses: gram = L^T L and cross = L^T W, in the precision they were
+    formed in (the working dtype, or float64 when the normal equations had to be re-formed)."""
 
     R: torch.Tensor
-    gram: torch.Tensor | None
-    cross: torch.Tensor | None
+    gram: torch.Tensor
+    cross: torch.Tensor
     shift: float  # diagonal shift that was needed (0.0 for a well-conditioned L)
     precision: str  # "working" or "float64"
 
@@ -83,4 +84,4 @@ def solve_normal(L: torch.Tensor, W: torch.Tensor) -> NormalSolution:
         R = torch.linalg.pinv(L.double()) @ W.double()
     else:
         R = _solve(chol, B64)
-    return NormalSolution(R.to(L.dtype), None, None, shift, "float64")
+    return NormalSolution(R.to(L.dtype), G64, B64, shift, "float64")

@@ -21,8 +21,17 @@ GRANULARITIES = ("tensor", "channel", "group")
 SCALE_BITS = 32  # scale and zero are stored as float32
 
 __all__ = [
-    "ALLOWED_BITS", "GRANULARITIES", "Quantized", "QuantSpec", "check_bits", "quantize", "dequantize",
-    "stored_bits", "to_fields", "from_fields", "field_specs",
+    "ALLOWED_BITS",
+    "GRANULARITIES",
+    "QuantSpec",
+    "Quantized",
+    "check_bits",
+    "dequantize",
+    "field_specs",
+    "from_fields",
+    "quantize",
+    "stored_bits",
+    "to_fields",
 ]
 
 
@@ -67,7 +76,7 @@ class QuantSpec:
                 "channel_dim": self.channel_dim, "group_size": self.group_size, "float_dtype": self.float_dtype}
 
     @classmethod
-    def from_json(cls, d: dict) -> "QuantSpec":
+    def from_json(cls, d: dict) -> QuantSpec:
         return cls(shape=tuple(d["shape"]), bits=d["bits"], granularity=d["granularity"],
                    channel_dim=d["channel_dim"], group_size=d.get("group_size"), float_dtype=d.get("float_dtype"))
 

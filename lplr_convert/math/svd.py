@@ -8,12 +8,30 @@ from .sketch import sketch_matrix
 
 SVD_METHODS = ("auto", "exact", "gram", "randomized")
 
-__all__ = ["SVD_METHODS", "choose_svd_method", "truncated_svd", "singular_values"]
+__all__ = ["SVD_METHODS", "choose_svd_method", "singular_values", "truncated_svd"]
 
 
 def choose_svd_method(m: int, n: int, k: int, oversample: int = 10) -> str:
-    """Randomized when k is small against min(m, n), else the Gram route (GEMM-bound, cheaper than LAPACK SVD)."""
-    return "randomized" if 4 * (k + oversample) <= min(m, n) else "gram"
+    """`gram` (GEMM-bound, accurate to the Eckart-Young error) unless the matrix is large and k small against it.
+
+    Randomized SVD is only picked when min(m, n) > 4096 and 4 (k + oversample) <= min(m, n): on the slowly decaying
+    spectra of trained weights it is measurably worse than the optimum (all-MiniLM-L6-v2 query, k = 38, 2 power
+    iterations: rank-k error 0.716 against the optimal 0.707), so below that size its speed is not worth it.
+    """
+    return "randomized" if min(m, n) > 4096 and 4 * (k + oversample) <= min(m, n) else "gram"
+
+
+def _canonical_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip singular pairs so that the largest-magnitude entry of each column of U is positive.
+
+    Singular vectors are defined up to sign and LAPACK, the Gram route and the randomized route pick different signs;
+    a fixed convention makes every route (and every machine) give the same factors, which matters for a per-tensor
+    min-max quantizer whose range depends on the signs.
+    """
+    idx = U.abs().argmax(dim=0, keepdim=True)
+    sign = torch.sign(torch.gather(U, 0, idx))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return U * sign, Vh * sign.T
 
 
 def _gram_svd(W: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -57,12 +75,15 @@ def truncated_svd(W: torch.Tensor, k: int, method: str = "auto", seed: int = 0, 
         method = choose_svd_method(m, n, k, oversample)
     if method == "exact":
         U, s, Vh = torch.linalg.svd(W, full_matrices=False)
-        return U[:, :k], s[:k], Vh[:k]
-    if method == "gram":
-        return _gram_svd(W, k)
-    if method == "randomized":
-        return _randomized_svd(W, k, seed, oversample, power_iters)
-    raise ValueError(f"svd method {method!r} is unknown; use one of {', '.join(SVD_METHODS)}")
+        U, s, Vh = U[:, :k], s[:k], Vh[:k]
+    elif method == "gram":
+        U, s, Vh = _gram_svd(W, k)
+    elif method == "randomized":
+        U, s, Vh = _randomized_svd(W, k, seed, oversample, power_iters)
+    else:
+        raise ValueError(f"svd method {method!r} is unknown; use one of {', '.join(SVD_METHODS)}")
+    U, Vh = _canonical_signs(U, Vh)
+    return U, s, Vh
 
 
 def singular_values(W: torch.Tensor) -> torch.Tensor:

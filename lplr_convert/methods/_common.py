@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import constants as C
+from ..errors import LplrError
 from ..math import quantize as qz
 from ..math.error import factor_relative_error
 from ..math.svd import singular_values
@@ -16,6 +17,17 @@ DTYPE_BITS = {torch.float32: 32, torch.float16: 16, torch.bfloat16: 16, torch.fl
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def float_matrix(W: torch.Tensor, method: str) -> torch.Tensor:
+    """W as a float32/float64 matrix; a tensor that is not a non-empty 2-D float matrix is an LplrError."""
+    if W.dim() != 2 or W.numel() == 0:
+        raise LplrError(f"method {method!r} needs a non-empty 2-D weight matrix, got shape {tuple(W.shape)}; "
+                        f"leave such tensors to 'copy' (exclude them from compression)")
+    if not W.dtype.is_floating_point:
+        raise LplrError(f"method {method!r} needs a floating-point weight, got {dtype_name(W.dtype)}; "
+                        f"leave such tensors to 'copy'")
+    return W if W.dtype in (torch.float32, torch.float64) else W.float()
 
 
 def part_name(part: str, field: str) -> str:
@@ -74,8 +86,7 @@ class FactoredMethod(Method):
         raise NotImplementedError
 
     def compress(self, W: torch.Tensor, settings: MethodSettings, seed: int) -> MethodResult:
-        Wf = W if W.dtype in (torch.float32, torch.float64) else W.float()
-        m, n = Wf.shape
+        Wf = float_matrix(W, self.name)
         r = self.rank_for(Wf, settings)
         qL, qR, L, R, gram, cross, energy = self.factors(Wf, r, settings, seed)
         err = factor_relative_error(Wf, L, R, gram=gram, cross=cross)

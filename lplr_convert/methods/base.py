@@ -12,9 +12,9 @@ from ..errors import LplrError
 if TYPE_CHECKING:
     from .settings import MethodSettings
 
-__all__ = ["Method", "MethodResult", "register", "get_method", "available_methods"]
+__all__ = ["Method", "MethodResult", "available_methods", "get_method", "register"]
 
-_REGISTRY: dict[str, "Method"] = {}
+_REGISTRY: dict[str, Method] = {}
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Method:
     factored: bool = False  # stores a left and a right factor
     uses_rank: bool = True
 
-    def compress(self, W: torch.Tensor, settings: "MethodSettings", seed: int) -> MethodResult:
+    def compress(self, W: torch.Tensor, settings: MethodSettings, seed: int) -> MethodResult:
         """Compress a 2-D (out x in) float tensor that already sits on the compute device."""
         raise NotImplementedError
 
@@ -49,7 +49,7 @@ class Method:
         """Rebuild the dense float32 matrix (out x in) from the stored parts."""
         raise NotImplementedError
 
-    def predict(self, shape: tuple[int, int], dtype: torch.dtype, settings: "MethodSettings") -> tuple[int | None, dict]:
+    def predict(self, shape: tuple[int, int], dtype: torch.dtype, settings: MethodSettings) -> tuple[int | None, dict]:
         """(rank or None, {suffix: (dtype name, shape)}) of what `compress` would store, computing nothing."""
         raise NotImplementedError
 

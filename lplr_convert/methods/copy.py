@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .base import Method, MethodResult, register
 from ._common import DTYPE_BITS, dtype_name
+from .base import Method, MethodResult, register
 
 
 @register("copy")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ..math import quantize as qz
 from ..math.svd import truncated_svd
-from .base import register
 from ._common import FactoredMethod, factor_specs
+from .base import register
 from .lsvd import energy_kept
 
 

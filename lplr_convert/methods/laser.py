@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..math.error import relative_error
 from ..math.svd import singular_values, truncated_svd
+from ._common import DTYPE_BITS, dtype_name, float_matrix
 from .base import Method, MethodResult, register
-from .settings import resolve_rank
-from ._common import DTYPE_BITS, dtype_name
 from .lsvd import energy_kept
+from .settings import resolve_rank
 
 
 @register("laser")
 class LASER(Method):
     def compress(self, W, settings, seed):
-        Wf = W if W.dtype in (torch.float32, torch.float64) else W.float()
+        Wf = float_matrix(W, self.name)
         m, n = Wf.shape
         k = resolve_rank(settings.rank, m, n, singular_values=lambda: singular_values(Wf))
         U, sv, Vh = truncated_svd(Wf, k, settings.svd, seed=seed)

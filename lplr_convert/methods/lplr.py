@@ -7,8 +7,8 @@ import torch
 from ..math import quantize as qz
 from ..math.lstsq import solve_normal
 from ..math.sketch import sketch_matrix
-from .base import register
 from ._common import FactoredMethod, factor_specs
+from .base import register
 
 
 def refit(Wf: torch.Tensor, Y: torch.Tensor, r: int, s, energy=None):

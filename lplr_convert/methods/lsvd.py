@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ..math.error import frobenius_sq
 from ..math.svd import truncated_svd
-from .base import register
 from ._common import FactoredMethod
+from .base import register
 from .lplr import refit
 
 

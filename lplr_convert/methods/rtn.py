@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import torch
-
 from .. import constants as C
 from ..math import quantize as qz
 from ..math.error import relative_error
+from ._common import decode_quant, float_matrix, predict_quant, quant_parts
 from .base import Method, MethodResult, register
-from ._common import decode_quant, predict_quant, quant_parts
 
 
 def _spec(shape, s) -> qz.QuantSpec:
@@ -20,7 +18,7 @@ class RTN(Method):
     uses_rank = False
 
     def compress(self, W, settings, seed):
-        Wf = W if W.dtype in (torch.float32, torch.float64) else W.float()
+        Wf = float_matrix(W, self.name)
         spec = _spec(Wf.shape, settings)
         q = qz.quantize(Wf, spec.bits, spec.granularity, spec.channel_dim, spec.group_size)
         err = relative_error(Wf, qz.dequantize(q, Wf.dtype))

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 
@@ -15,7 +15,7 @@ from ..math.svd import SVD_METHODS
 
 RANK_POLICIES = ("rank_fraction", "rank", "bits_per_param", "energy", "rho", "rate")
 
-__all__ = ["RANK_POLICIES", "RankPolicy", "MethodSettings", "resolve_rank"]
+__all__ = ["RANK_POLICIES", "MethodSettings", "RankPolicy", "resolve_rank"]
 
 
 @dataclass(frozen=True)
@@ -66,10 +66,15 @@ def resolve_rank(policy: RankPolicy, m: int, n: int, bits_for_rank: Callable[[in
         rho = v if policy.kind == "rho" else 1 - 0.1 * v
         r = int(rho * full + 1e-9)
     elif policy.kind == "energy":
+        if singular_values is None:
+            raise LplrError("the energy rank policy needs the spectrum of the matrix, which this caller cannot give")
         s2 = singular_values().double().square()
         cum = torch.cumsum(s2, 0) / s2.sum().clamp_min(torch.finfo(torch.float64).tiny)
         r = int((cum < v - 1e-12).sum().item()) + 1
     else:  # bits_per_param
+        if bits_for_rank is None:
+            raise LplrError("rank policy bits_per_param only applies to methods that store quantized factors "
+                            "(lplr, lsvd, dsvd); for laser use rho, rate, rank, rank_fraction or energy")
         budget = v * m * n
         lo, hi = 0, full
         while lo < hi:  # largest r with bits(r) <= budget; bits is increasing in r
@@ -132,7 +137,7 @@ class MethodSettings:
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "MethodSettings":
+    def from_json(cls, d: dict) -> MethodSettings:
         d = dict(d)
         d["rank"] = RankPolicy(**d["rank"])
         return cls(**d)
