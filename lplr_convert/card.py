@@ -1,0 +1,132 @@
+"""The model card (README.md) that a push uploads: metadata for the Hub plus an honest account of the conversion."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from loguru import logger
+
+from . import constants as C
+from .io.manifest import read_manifest
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard
+
+__all__ = ["build_model_card"]
+
+# Metadata of the source's own card that still holds for the converted model (its license above all).
+_INHERITED_KEYS = ("license", "license_name", "license_link", "language", "pipeline_tag", "datasets")
+
+
+def build_model_card(out_dir: str | os.PathLike, repo_id: str | None = None) -> ModelCard:
+    """Build the model card of a converted directory from its manifest (and the source card copied into it, if any)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    source = manifest.get(C.M_SOURCE) or {}
+    base_model = source.get("repo_id")
+    methods = sorted({t["method"] for t in manifest.get(C.M_TENSORS, []) if t.get("method") != "copy"})
+    tags = [C.TOOL_NAME, "low-rank", "quantized", *methods]
+    if source.get("model_type"):
+        tags.append(source["model_type"])
+
+    extra = {"base_model_relation": "quantized"} if base_model else {}
+    data = ModelCardData(base_model=base_model, library_name=C.TOOL_NAME, tags=tags,
+                         **_inherited_metadata(out_dir), **extra)
+    body = _body(manifest, out_dir, repo_id)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
+
+
+def _inherited_metadata(out_dir: Path) -> dict:
+    """License, language, ... from the source's README.md copied into `out_dir` (empty when absent or unreadable)."""
+    path = out_dir / C.MODEL_CARD
+    if not path.is_file():
+        return {}
+    from huggingface_hub import ModelCard
+
+    try:
+        meta = ModelCard.load(path, ignore_metadata_errors=True).data.to_dict()
+    except Exception as e:  # noqa: BLE001  (a malformed source card must not block a push; the card just inherits nothing)
+        logger.warning(f"ignoring the metadata of {path} ({type(e).__name__}: {e})")
+        return {}
+    return {k: meta[k] for k in _INHERITED_KEYS if meta.get(k) is not None}
+
+
+def _body(manifest: dict, out_dir: Path, repo_id: str | None) -> str:
+    from .report import report_summary, summary_markdown, tensor_rows
+
+    source = manifest.get(C.M_SOURCE) or {}
+    options = manifest.get(C.M_OPTIONS) or {}
+    summary = report_summary(tensor_rows(manifest))
+    base = source.get("repo_id")
+    base_text = f"[{base}](https://huggingface.co/{base})" if base else f"`{Path(source.get('path') or '?').name}`"
+    parts = [
+        f"# {repo_id or out_dir.name}",
+        (f"A compressed copy of {base_text} made with {C.TOOL_NAME} {manifest.get(C.M_TOOL_VERSION, '')}: "
+        f"{summary['n_compressed']} of {summary['n_tensors']} tensors are stored as low-rank factors with "
+        f"low-precision (bit-packed) entries or as quantized matrices; the rest are copied unchanged. Loading it "
+        f"needs the `{C.TOOL_NAME}` package (plain `transformers` cannot read the factored weights)."),
+        "## Results",
+        _results_text(summary),
+        summary_markdown(manifest).rstrip(),
+    ]
+    if not manifest.get(C.M_EVAL):
+        parts.append("No model-level fidelity evaluation was recorded (run `lplr-convert eval --original SRC "
+                     "--converted DST` before pushing to add one).")
+    parts += ["## How it was made", "```bash\n" + str(options.get("command") or "(command not recorded)") + "\n```",
+              _settings_text(options)]
+    parts += ["## How to load", _load_text(repo_id or "OWNER/NAME")]
+    parts += ["## Files", _files_text(out_dir)]
+    return "\n\n".join(p for p in parts if p)
+
+
+def _results_text(s: dict) -> str:
+    """The headline numbers in words, whatever they are."""
+    bpp, src, err = s.get("bits_per_param"), s.get("source_bits_per_param"), s.get("weighted_rel_error")
+    if bpp is None or err is None:
+        return ""
+    return (f"Overall {bpp:.2f} bits per parameter (the source: {src:.2f}); the parameter-weighted relative "
+            f"Frobenius error of the compressed tensors is {err:.4f}, i.e. they differ from the originals by "
+            f"{100 * err:.1f} % in norm.")
+
+
+def _settings_text(options: dict) -> str:
+    settings = options.get("settings") or {}
+    items = [f"{k}={_short(v)}" for k, v in settings.items() if v is not None]
+    for key in ("seed", "recipe", "include", "exclude", "layers", "types"):
+        if options.get(key) is not None:
+            items.append(f"{key}={_short(options[key])}")
+    return ("Settings: " + ", ".join(f"`{i}`" for i in items) + ".") if items else ""
+
+
+def _load_text(repo_id: str) -> str:
+    return (f"```bash\npip install {C.TOOL_NAME}\n```\n\n"
+            "```python\n"
+            "from huggingface_hub import snapshot_download\n"
+            "from lplr_convert import load_model, load_state_dict\n\n"
+            f'path = snapshot_download("{repo_id}")\n'
+            "model = load_model(path)            # transformers model whose linear layers stay factored\n"
+            "state_dict = load_state_dict(path)  # dense tensors with the original names and dtypes\n"
+            "```")
+
+
+def _files_text(out_dir: Path) -> str:
+    lines = [(f"- `{C.MANIFEST_FILE}`: every tensor's method, rank, bit widths, stored size and relative error, "
+              "the source files' sha256 and the exact settings.")]
+    if (out_dir / C.REPORT_MD).is_file():
+        lines.append(f"- `{C.REPORT_MD}` (and `.csv`/`.json`): the layer-wise error report.")
+    plots = [p for p in (C.PLOT_ERROR, C.PLOT_BITS, C.PLOT_SPECTRUM) if (out_dir / p).is_file()]
+    if plots:
+        lines.append("- Plots: " + ", ".join(f"`{p}`" for p in plots) + ".")
+    lines.append(f"- `{C.CONFIG_FILE}` carries `quantization_config` with `quant_method: {C.QUANT_METHOD}`.")
+    return "\n".join(lines)
+
+
+def _short(value) -> str:
+    if isinstance(value, dict) and set(value) == {"kind", "value"}:  # a rank policy
+        value = f"{value['kind']}:{value['value']}"
+    text = str(value)
+    return text if len(text) <= 80 else text[:77] + "..."

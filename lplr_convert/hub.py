@@ -1,0 +1,214 @@
+"""Push a converted directory to the Hugging Face Hub, with a generated model card as README.md.
+
+One commit holds every file of the output directory plus the card, so a repository never shows half a model. The
+commit goes through `HfApi.create_commit`: files the Hub already holds unchanged are skipped, and large files whose
+content reached the Hub's storage before a failure are not sent again, so re-running a failed push continues it.
+The token is resolved here and only ever handed to huggingface_hub; it is never printed, logged or put in a message.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+from loguru import logger
+
+from . import __version__
+from . import constants as C
+from .card import build_model_card
+from .errors import LplrError
+from .io.manifest import read_manifest
+
+__all__ = ["push"]
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+_SKIP_SUFFIXES = (C.PARTIAL_SUFFIX,)
+_SKIP_NAMES = {C.PROGRESS_FILE, C.MODEL_CARD}  # the card replaces any README.md copied from the source
+_TOKEN_FIX = "pass --token, set HF_TOKEN, or run `hf auth login`"
+
+
+def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
+         commit_message: str | None = None, token: str | None = None, dry_run: bool = False) -> dict:
+    """Upload a finished conversion in `out_dir` to the Hub model repo `repo_id` (created if missing).
+
+    The token comes from `token`, else HF_TOKEN, else the huggingface_hub login cache; the endpoint from HF_ENDPOINT.
+    `dry_run` prints every file with its size and the model card, sends nothing, and returns the same listing.
+    Returns {"repo_id", "url" (of the repo), "revision", "commit_id", "commit_url", "files": [{"path", "bytes"}],
+    "total_bytes", "dry_run", ...}; a dry run returns "card" and "token_source" instead of url and commit.
+    Raises LplrError (one line naming the fix) for an unfinished conversion, a missing or rejected token, an
+    unreachable Hub, or an upload the Hub refused.
+    """
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    _check_repo_id(repo_id)
+    files = _files_to_upload(out_dir, manifest)
+    card_text = str(build_model_card(out_dir, repo_id=repo_id))
+    card_bytes = card_text.encode("utf-8")
+    listing = [{"path": rel, "bytes": path.stat().st_size} for rel, path in files]
+    listing.append({"path": C.MODEL_CARD, "bytes": len(card_bytes)})
+    result = {"repo_id": repo_id, "revision": revision or "main", "private": private, "files": listing,
+              "total_bytes": sum(f["bytes"] for f in listing), "endpoint": _endpoint()}
+
+    if dry_run:
+        result.update(dry_run=True, card=card_text, token_source=_token_source(token))
+        print(_dry_run_text(result))
+        return result
+
+    from huggingface_hub import CommitOperationAdd, HfApi, constants
+
+    if constants.is_offline_mode():
+        raise LplrError("HF_HUB_OFFLINE is set, so nothing can be pushed; unset HF_HUB_OFFLINE (and "
+                        "TRANSFORMERS_OFFLINE) to push, or pass --dry-run to only list what would be sent")
+    token = _resolve_token(token)
+
+    api = HfApi(endpoint=result["endpoint"], token=token, library_name=C.TOOL_NAME, library_version=__version__)
+    with _hub_errors(result["endpoint"], repo_id, token):
+        api.whoami(token=token)  # fail early, before any upload, on a token the Hub rejects
+        repo_url = api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model")
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)) for rel, path in files]
+        operations.append(CommitOperationAdd(path_in_repo=C.MODEL_CARD, path_or_fileobj=card_bytes))
+        logger.info(f"pushing {len(operations)} files ({human_bytes(result['total_bytes'])}) to {repo_id}")
+        info = api.create_commit(repo_id, operations=operations, commit_message=commit_message or
+                                 _default_message(manifest), revision=revision, repo_type="model")
+    result.update(dry_run=False, url=str(repo_url), commit_id=info.oid, commit_url=info.commit_url)
+    logger.info(f"pushed {repo_id}: {info.commit_url}")
+    return result
+
+
+def _check_repo_id(repo_id: str) -> None:
+    if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id \
+            or len(repo_id.split("/")[1]) > 96:
+        raise LplrError(f"repo id {repo_id!r} is not of the form OWNER/NAME (letters, digits, '-', '_', '.'); "
+                        f"pass e.g. --repo-id my-user/my-model-lplr")
+
+
+def _files_to_upload(out_dir: Path, manifest: dict) -> list[tuple[str, Path]]:
+    """(path in repo, path on disk) of every file to upload, sorted; checks the shards the manifest lists."""
+    for name, info in (manifest.get(C.M_SHARDS) or {}).items():
+        path = out_dir / name
+        if not path.is_file():
+            raise LplrError(f"{path} is missing although {C.MANIFEST_FILE} lists it; re-run the conversion "
+                            f"with --overwrite")
+        if info.get("bytes") is not None and path.stat().st_size != info["bytes"]:
+            raise LplrError(f"{path} has {path.stat().st_size} bytes but {C.MANIFEST_FILE} records {info['bytes']}; "
+                            f"the output was modified, re-run the conversion with --overwrite")
+    files = []
+    for path in sorted(out_dir.rglob("*")):
+        rel = path.relative_to(out_dir).as_posix()
+        if not path.is_file() or rel in _SKIP_NAMES or rel.endswith(_SKIP_SUFFIXES) \
+                or any(part.startswith(".") for part in Path(rel).parts):
+            continue
+        files.append((rel, path))
+    return files
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def _token_source(token: str | None) -> str | None:
+    """Where the token would come from (never the token itself), or None when there is none."""
+    if token:
+        return "--token"
+    if os.environ.get("HF_TOKEN"):
+        return "HF_TOKEN"
+    from huggingface_hub import get_token
+
+    return "login cache" if get_token() else None
+
+
+def _resolve_token(token: str | None) -> str:
+    if token:
+        return token
+    from huggingface_hub import get_token
+
+    token = get_token()
+    if not token:
+        raise LplrError(f"no Hugging Face token found; {_TOKEN_FIX} (the token needs write access)")
+    return token
+
+
+def _default_message(manifest: dict) -> str:
+    methods = sorted({t["method"] for t in manifest.get(C.M_TENSORS, []) if t.get("method") != "copy"})
+    return f"Upload {'/'.join(methods) or 'converted'} model made with {C.TOOL_NAME} {__version__}"
+
+
+def _dry_run_text(result: dict) -> str:
+    where = f"{result['repo_id']} (revision {result['revision']}, {'private' if result['private'] else 'public'})"
+    width = max(len(f["path"]) for f in result["files"]) + 2
+    lines = [(f"Dry run: would push {len(result['files'])} files ({human_bytes(result['total_bytes'])}) to "
+              f"{where} at {result['endpoint']}; nothing was sent.")]
+    for f in result["files"]:
+        note = "  (generated model card)" if f["path"] == C.MODEL_CARD else ""
+        lines.append(f"  {f['path']:<{width}}{human_bytes(f['bytes']):>12}{note}")
+    source = result["token_source"]
+    lines.append(f"Token: found ({source})." if source else f"Token: none found; {_TOKEN_FIX} before pushing.")
+    lines += [f"----- {C.MODEL_CARD} -----", result["card"].rstrip(), "-----"]
+    return "\n".join(lines)
+
+
+@contextmanager
+def _hub_errors(endpoint: str, repo_id: str, token: str):
+    """Turn what the Hub client raises into one-line LplrErrors naming the fix (the token is scrubbed)."""
+    try:
+        yield
+    except LplrError:
+        raise
+    except Exception as e:
+        message = _explain(e, endpoint, repo_id)
+        if message is None:
+            raise
+        raise LplrError(" ".join(message.replace(token, "<token>").split())) from e
+
+
+def _explain(exc: BaseException, endpoint: str, repo_id: str) -> str | None:
+    """A one-line explanation of a failed Hub call, or None for errors that are not about the Hub (bugs)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    again = "then re-run the same push to continue (files already on the Hub are skipped)"
+    for e in _chain(exc):
+        if isinstance(e, HfHubHTTPError) and getattr(e, "response", None) is not None:
+            status = e.response.status_code
+            said = _first_line(getattr(e, "server_message", None) or "")
+            said = f": {said}" if said else ""
+            if status == 401:
+                return f"the Hub at {endpoint} rejected the token (401 Unauthorized{said}); {_TOKEN_FIX} with a valid token"
+            if status == 403:
+                return (f"the token may not write to {repo_id} (403 Forbidden{said}); use a token with write access "
+                        f"to the {repo_id.split('/')[0]} namespace, or push to a repo you own")
+            return f"the Hub refused the push to {repo_id} (HTTP {status}{said}); {again}"
+        names = {cls.__name__ for cls in type(e).__mro__}
+        if names & {"ConnectError", "ConnectionError", "TransportError", "TimeoutException", "NetworkError",
+                    "Timeout", "ConnectTimeout"}:
+            return f"cannot reach the Hub at {endpoint} ({type(e).__name__}); check the network or HF_ENDPOINT, {again}"
+    if isinstance(exc, ValueError) and "README.md" in str(exc):
+        return f"the Hub rejected the model card metadata ({_first_line(str(exc))}); please report this as a bug"
+    return None
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def human_bytes(n: int) -> str:
+    """1234567 -> "1.23 MB"."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} B" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"
+
+
+def _first_line(text: str, limit: int = 160) -> str:
+    line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
