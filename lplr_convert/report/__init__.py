@@ -1,0 +1,117 @@
+"""Layer-wise error report of a conversion: JSON / CSV / Markdown tables, PNG plots, terminal summary, comparisons."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from loguru import logger
+
+from .. import constants as C
+from ..errors import LplrError
+from ..io.manifest import read_manifest, write_json_atomic
+from .metrics import report_summary, tensor_rows
+from .spectra import energy_curve, representative_tensors, source_spectra
+from .tables import compare_markdown, dir_labels, report_markdown, rows_csv, summary_markdown, summary_table
+
+__all__ = [
+    "compare",
+    "energy_curve",
+    "report_summary",
+    "summary_markdown",
+    "summary_table",
+    "tensor_rows",
+    "write_report",
+]
+
+REPORT_KIND = "lplr-convert report"
+
+
+def _write_text(path: Path, text: str) -> Path:
+    tmp = path.with_name(path.name + C.PARTIAL_SUFFIX)
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _previous_spectra(out_dir: Path, names: set[str]) -> dict[str, list[float]]:
+    """Curves stored by an earlier rendering of this directory's report (the source may be gone since)."""
+    try:
+        old = json.loads((out_dir / C.REPORT_JSON).read_text(encoding="utf-8")).get("spectra") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {n: c for n, c in old.items() if n in names and isinstance(c, list) and c}
+
+
+def _resolve_spectra(out_dir: Path, manifest: dict, rows: list[dict], spectra: dict | None) -> dict[str, list[float]]:
+    names = {r["name"] for r in rows}
+    if spectra:
+        return {n: [float(v) for v in c] for n, c in spectra.items() if n in names and len(c)}
+    prev = _previous_spectra(out_dir, names)
+    if prev:
+        return prev
+    try:
+        return source_spectra(manifest, representative_tensors(rows))
+    except Exception as e:  # noqa: BLE001  (a damaged or moved source must not stop the report)
+        logger.warning(f"spectrum plot skipped: the source checkpoint could not be read ({type(e).__name__}: {e})")
+        return {}
+
+
+def _plots(out_dir: Path, manifest: dict, rows: list[dict], curves: dict) -> list[Path]:
+    from .plots import have_matplotlib, plot_bits_per_layer, plot_error_per_layer, plot_spectrum
+
+    targets = [out_dir / C.PLOT_ERROR, out_dir / C.PLOT_BITS, out_dir / C.PLOT_SPECTRUM]
+    if not have_matplotlib():
+        logger.warning("matplotlib is not installed: the report has no plots (pip install 'lplr-convert[plots]')")
+        return []
+    src = manifest.get(C.M_SOURCE) or {}
+    methods = sorted({r["method"] for r in rows if r["method"] != "copy"})
+    subtitle = f" — {src.get('model_type') or 'model'}, {'/'.join(methods) or 'copy'}"
+    made = [plot_error_per_layer(rows, targets[0], subtitle), plot_bits_per_layer(rows, targets[1], subtitle),
+            plot_spectrum(curves, rows, targets[2], subtitle)]
+    for target, path in zip(targets, made):
+        if path is None:
+            target.unlink(missing_ok=True)  # never leave a plot of an earlier conversion next to this report
+    return [p for p in made if p is not None]
+
+
+def write_report(out_dir: str | os.PathLike, manifest: dict | None = None,
+                 spectra: dict[str, list[float]] | None = None) -> list[Path]:
+    """Write lplr_report.json/.csv/.md and the PNG plots into `out_dir`; returns the paths written.
+
+    `manifest` defaults to the directory's complete manifest. `spectra` maps tensor names to normalized cumulative
+    energy curves (see `energy_curve`); without it the curves of an earlier report are reused, else up to four
+    representative tensors are read from the source checkpoint when it is reachable, else that plot is skipped.
+    """
+    out_dir = Path(out_dir)
+    if manifest is None:
+        manifest = read_manifest(out_dir)
+    rows = tensor_rows(manifest)
+    summary = report_summary(rows)
+    curves = _resolve_spectra(out_dir, manifest, rows, spectra)
+    plots = _plots(out_dir, manifest, rows, curves)
+    src = manifest.get(C.M_SOURCE) or {}
+    opts = manifest.get(C.M_OPTIONS) or {}
+    doc = {"kind": REPORT_KIND, "tool": manifest.get(C.M_TOOL), "tool_version": manifest.get(C.M_TOOL_VERSION),
+           "format_version": manifest.get(C.M_FORMAT_VERSION),
+           "source": {k: src.get(k) for k in ("path", "repo_id", "revision", "model_type", "architectures")},
+           "command": opts.get("command"), "settings": opts.get("settings"), "summary": summary,
+           "eval": manifest.get(C.M_EVAL), "plots": [p.name for p in plots], "spectra": curves, "tensors": rows}
+    write_json_atomic(out_dir / C.REPORT_JSON, doc)
+    written = [out_dir / C.REPORT_JSON,
+               _write_text(out_dir / C.REPORT_CSV, rows_csv(rows)),
+               _write_text(out_dir / C.REPORT_MD, report_markdown(manifest, rows, summary, [p.name for p in plots]))]
+    logger.info(f"report written to {out_dir} ({len(plots)} plot(s))")
+    return written + plots
+
+
+def compare(dirs: list, out: str | os.PathLike | None = None) -> str:
+    """Markdown that puts several conversion outputs side by side; also written to `out` when given."""
+    if not dirs:
+        raise LplrError("compare needs at least one output directory; pass --in-path DIR (repeat it to compare)")
+    manifests = [read_manifest(d) for d in dirs]
+    text = compare_markdown(manifests, dir_labels(dirs))
+    if out is not None:
+        _write_text(Path(out), text)
+    return text

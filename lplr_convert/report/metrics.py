@@ -1,0 +1,159 @@
+"""Report rows and aggregates computed from a manifest's tensor records (pure: dicts in, dicts out)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+from .. import constants as C
+from ..math.quantize import QuantSpec, stored_bits
+
+__all__ = [
+    "FLAG_ABOVE_INT8",
+    "FLAG_GREW",
+    "FLAG_NONFINITE",
+    "MATRIX_TYPE_ORDER",
+    "aggregate",
+    "group_rows",
+    "int8_bits_per_param",
+    "method_label",
+    "report_summary",
+    "tensor_rows",
+    "type_sort_key",
+]
+
+MATRIX_TYPE_ORDER = ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_up", "fc_out")
+FLAG_GREW = "grew"  # stored larger than the source tensor (bits/param above the source dtype's)
+FLAG_ABOVE_INT8 = "above_int8"  # more bits/param than this tool's own 8-bit per-channel RTN of the same matrix
+FLAG_NONFINITE = "nonfinite"  # the source held NaN/inf and the tensor was copied
+_MB = 1e6
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def int8_bits_per_param(shape: list[int], transposed: bool = False) -> float | None:
+    """Bits/param of an 8-bit per-output-channel min-max RTN of a 2-D weight (codes plus float32 scale and zero)."""
+    if len(shape) != 2:
+        return None
+    m, n = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
+    return stored_bits(QuantSpec((m, n), 8, "channel", 0)) / (m * n)
+
+
+def method_label(rec: dict) -> str:
+    """A short description of how one tensor was stored, e.g. "lplr rank_fraction=0.8 b1=8 b2=8"."""
+    method = rec.get("method") or "?"
+    if method == "copy":
+        return "copy"
+    parts = [method]
+    if rec.get("rank_policy"):
+        parts.append(rec["rank_policy"])
+    for key in ("b1", "b2", "b0"):
+        if rec.get(key) is not None:
+            parts.append(f"{key}={rec[key]}")
+    if rec.get("quantizer") and rec.get("quantizer") != "channel":
+        q = rec["quantizer"] + (f"{rec['group_size']}" if rec.get("group_size") else "")
+        parts.append(q)
+    return " ".join(parts)
+
+
+def tensor_rows(manifest: dict) -> list[dict]:
+    """One flat, JSON-able row per tensor record of the manifest, with derived sizes and flags."""
+    rows = []
+    for rec in manifest.get(C.M_TENSORS) or []:
+        shape = [int(d) for d in rec.get("shape", [])]
+        params = max(_numel(shape), 1)
+        orig = int(rec.get("original_bytes") or 0)
+        stored = int(rec.get("stored_bytes") or 0)
+        source_bits = rec.get("original_bits_per_param") or 8 * orig / params
+        bits = rec.get("bits_per_param")
+        bits = 8 * stored / params if bits is None else float(bits)
+        method = rec.get("method")
+        int8 = int8_bits_per_param(shape, bool(rec.get("transposed"))) if method != "copy" else None
+        flags = []
+        if rec.get("grew") or stored > orig:
+            flags.append(FLAG_GREW)
+        if int8 is not None and bits > int8 + 1e-9:
+            flags.append(FLAG_ABOVE_INT8)
+        if rec.get("nonfinite"):
+            flags.append(FLAG_NONFINITE)
+        rows.append({
+            "name": rec.get("name"), "layer": rec.get("layer"), "matrix_type": rec.get("matrix_type"),
+            "shape": shape, "dtype": rec.get("dtype"), "method": method, "label": method_label(rec),
+            "rank": rec.get("rank"), "max_rank": min(shape) if len(shape) == 2 and method != "copy" else None,
+            "b1": rec.get("b1"), "b2": rec.get("b2"), "b0": rec.get("b0"), "params": params,
+            "source_bits_per_param": float(source_bits), "bits_per_param": bits, "int8_bits_per_param": int8,
+            "original_mb": orig / _MB, "stored_mb": stored / _MB, "original_bytes": orig, "stored_bytes": stored,
+            "size_ratio": stored / orig if orig else None,
+            "rel_error": None if rec.get("rel_error") is None else float(rec["rel_error"]),
+            "energy_kept": None if rec.get("energy_kept") is None else float(rec["energy_kept"]),
+            "seconds": float(rec.get("seconds") or 0.0), "flags": flags,
+        })
+    return rows
+
+
+def aggregate(rows: list[dict]) -> dict:
+    """Totals of a group of rows: tensors, params, bytes, bits/param, size ratio, parameter-weighted error."""
+    params = sum(r["params"] for r in rows)
+    orig = sum(r["original_bytes"] for r in rows)
+    stored = sum(r["stored_bytes"] for r in rows)
+    with_err = [r for r in rows if r["rel_error"] is not None and math.isfinite(r["rel_error"])]
+    err_params = sum(r["params"] for r in with_err)
+    return {
+        "tensors": len(rows), "params": params, "original_bytes": orig, "stored_bytes": stored,
+        "bits_per_param": 8 * stored / params if params else None,
+        "source_bits_per_param": 8 * orig / params if params else None,
+        "size_ratio": stored / orig if orig else None,
+        "weighted_rel_error": sum(r["params"] * r["rel_error"] for r in with_err) / err_params if err_params else None,
+        "max_rel_error": max((r["rel_error"] for r in with_err), default=None),
+        "grew": sum(FLAG_GREW in r["flags"] for r in rows),
+        "above_int8": sum(FLAG_ABOVE_INT8 in r["flags"] for r in rows),
+        "seconds": sum(r["seconds"] for r in rows),
+    }
+
+
+def type_sort_key(matrix_type: str | None) -> tuple[int, str]:
+    if matrix_type in MATRIX_TYPE_ORDER:
+        return MATRIX_TYPE_ORDER.index(matrix_type), ""
+    return len(MATRIX_TYPE_ORDER), matrix_type or "~"
+
+
+def group_rows(rows: list[dict], key: Callable[[dict], object]) -> dict:
+    """Rows grouped by `key`, keeping first-seen order."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(key(r), []).append(r)
+    return groups
+
+
+def report_summary(rows: list[dict], n_slowest: int = 5) -> dict:
+    """Whole-model summary: totals, compressed-only totals, per method and per matrix type, flagged tensors."""
+    compressed = [r for r in rows if r["method"] != "copy"]
+    total, comp = aggregate(rows), aggregate(compressed)
+    methods = group_rows(sorted(rows, key=lambda r: r["method"] == "copy"), lambda r: r["method"])
+    by_method = {m: aggregate(g) for m, g in methods.items()}
+    by_type = {t: aggregate(g) for t, g in sorted(group_rows(compressed, lambda r: r["matrix_type"]).items(),
+                                                   key=lambda kv: type_sort_key(kv[0]))}
+    return {
+        "n_tensors": total["tensors"], "n_compressed": comp["tensors"], "n_copied": total["tensors"] - comp["tensors"],
+        "params": total["params"], "compressed_params": comp["params"],
+        "original_bytes": total["original_bytes"], "stored_bytes": total["stored_bytes"],
+        "size_ratio": total["size_ratio"], "bits_per_param": total["bits_per_param"],
+        "source_bits_per_param": total["source_bits_per_param"],
+        "compressed_bits_per_param": comp["bits_per_param"],
+        "compressed_source_bits_per_param": comp["source_bits_per_param"],
+        "weighted_rel_error": comp["weighted_rel_error"], "max_rel_error": comp["max_rel_error"],
+        "seconds": total["seconds"],
+        "methods": sorted({r["label"] for r in compressed}),
+        "by_method": by_method, "by_matrix_type": {str(k): v for k, v in by_type.items()},
+        "grown": [r["name"] for r in rows if FLAG_GREW in r["flags"]],
+        "above_int8": [r["name"] for r in rows if FLAG_ABOVE_INT8 in r["flags"]],
+        "nonfinite": [r["name"] for r in rows if FLAG_NONFINITE in r["flags"]],
+        "methods_above_source": [m for m, a in by_method.items() if m != "copy" and a["bits_per_param"] is not None
+                                 and a["bits_per_param"] > a["source_bits_per_param"] + 1e-9],
+        "slowest": [[r["name"], r["seconds"]] for r in sorted(compressed, key=lambda r: -r["seconds"])[:n_slowest]],
+    }

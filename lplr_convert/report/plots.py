@@ -1,0 +1,148 @@
+"""PNG plots of a report (matplotlib with the Agg backend, imported lazily)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .metrics import group_rows, type_sort_key
+
+__all__ = ["have_matplotlib", "plot_bits_per_layer", "plot_error_per_layer", "plot_spectrum"]
+
+_SIZE = (9, 4.8)
+_DPI = 120
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series(rows: list[dict], value: str) -> dict[str, tuple[list[int], list[float]]]:
+    """Per matrix type (and method, when several are mixed): layer indices and values of block tensors."""
+    block = [r for r in rows if r["method"] != "copy" and r["layer"] is not None and r.get(value) is not None]
+    mixed = len({r["method"] for r in block}) > 1
+    groups = group_rows(sorted(block, key=lambda r: (type_sort_key(r["matrix_type"]), r["method"], r["layer"])),
+                        lambda r: f"{r['matrix_type']} ({r['method']})" if mixed else str(r["matrix_type"]))
+    return {k: ([r["layer"] for r in g], [r[value] for r in g]) for k, g in groups.items()}
+
+
+def _layer_axes(ax, series: dict, ylabel: str, title: str, n_outside: int) -> None:
+    layers = sorted({x for xs, _ in series.values() for x in xs})
+    marker = "o" if len(layers) <= 40 else None
+    for i, (label, (xs, ys)) in enumerate(series.items()):
+        ax.plot(xs, ys, marker=marker, markersize=4, linewidth=1.5, label=label, color=f"C{i % 10}")
+    ax.set_xlabel("layer (transformer block index)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if layers and len(layers) <= 40:
+        ax.set_xticks(layers)
+    ax.grid(True, alpha=0.3)
+    if n_outside:
+        ax.text(0.0, -0.16, f"{n_outside} compressed tensor(s) outside transformer blocks are not shown",
+                transform=ax.transAxes, fontsize=8, color="dimgray")
+
+
+def _save(fig, path: Path, plt) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+    return path
+
+
+def plot_error_per_layer(rows: list[dict], path: Path, subtitle: str = "") -> Path | None:
+    """Relative Frobenius error of each compressed block tensor, one line per matrix type."""
+    series = _series(rows, "rel_error")
+    if not series:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=_SIZE)
+    outside = sum(r["method"] != "copy" and r["layer"] is None for r in rows)
+    _layer_axes(ax, series, "relative error ‖W − Ŵ‖_F / ‖W‖_F", "Relative error per layer" + subtitle, outside)
+    ax.set_ylim(bottom=0)
+    ax.legend(title="matrix type", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, path, plt)
+
+
+def plot_bits_per_layer(rows: list[dict], path: Path, subtitle: str = "") -> Path | None:
+    """Stored bits/param of each compressed block tensor as grouped bars, with the source dtype and int8 lines."""
+    series = _series(rows, "bits_per_param")
+    if not series:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=_SIZE)
+    layers = sorted({x for xs, _ in series.values() for x in xs})
+    width = 0.84 / len(series)
+    for i, (label, (xs, ys)) in enumerate(series.items()):
+        offset = (i - (len(series) - 1) / 2) * width
+        ax.bar([x + offset for x in xs], ys, width=width, label=label, color=f"C{i % 10}")
+    comp = [r for r in rows if r["method"] != "copy"]
+    dtypes = {round(r["source_bits_per_param"]): r["dtype"] for r in comp}
+    for b in sorted(dtypes):
+        ax.axhline(b, color="black", linestyle="--", linewidth=1.2, label=f"source {dtypes[b]} ({b} bits)")
+    ax.axhline(8, color="firebrick", linestyle=":", linewidth=1.8, label="int8 (8 bits)")
+    top = max([*dtypes, 8, *(y for _, ys in series.values() for y in ys)])
+    ax.set_ylim(0, top * 1.08)
+    ax.set_xlabel("layer (transformer block index)")
+    ax.set_ylabel("stored bits per parameter")
+    ax.set_title("Bits/param per layer" + subtitle)
+    if len(layers) <= 40:
+        ax.set_xticks(layers)
+    ax.grid(True, axis="y", alpha=0.3)
+    outside = sum(r["method"] != "copy" and r["layer"] is None for r in rows)
+    if outside:
+        ax.text(0.0, -0.16, f"{outside} compressed tensor(s) outside transformer blocks are not shown",
+                transform=ax.transAxes, fontsize=8, color="dimgray")
+    ax.legend(title="matrix type", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, path, plt)
+
+
+def plot_spectrum(curves: dict[str, list[float]], rows: list[dict], path: Path, subtitle: str = "") -> Path | None:
+    """Normalized cumulative singular-value energy of a few tensors, with each tensor's kept rank marked."""
+    if not curves:
+        return None
+    plt = _pyplot()
+    by_name = {r["name"]: r for r in rows}
+    fig, ax = plt.subplots(figsize=_SIZE)
+    fractions = set()
+    for i, (name, curve) in enumerate(curves.items()):
+        n = len(curve)
+        xs = [0.0] + [(j + 1) / n for j in range(n)]
+        ys = [0.0] + list(curve)
+        r = by_name.get(name, {})
+        label = _short(name, r)
+        if r.get("rank") and r.get("max_rank"):
+            f = r["rank"] / r["max_rank"]
+            e = ys[min(n, max(1, round(f * n)))]
+            fractions.add(round(f, 3))
+            ax.plot([f], [e], marker="o", markersize=7, color=f"C{i % 10}", markeredgecolor="black", zorder=3)
+            label += f": rank {r['rank']} keeps {100 * e:.1f} %"
+        ax.plot(xs, ys, linewidth=1.6, color=f"C{i % 10}", label=label)
+    for f in sorted(fractions):
+        ax.axvline(f, color="gray", linestyle=":", linewidth=1)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("kept rank / min(m, n)")
+    ax.set_ylabel("fraction of Σσ² kept")
+    ax.set_title("Singular-value energy of representative tensors" + subtitle)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right", title="tensor (dot: rank kept by the conversion)", title_fontsize=8)
+    return _save(fig, path, plt)
+
+
+def _short(name: str, row: dict) -> str:
+    if row.get("layer") is not None and row.get("matrix_type"):
+        shape = "×".join(str(d) for d in row.get("shape", []))
+        return f"layer {row['layer']} {row['matrix_type']} ({shape})"
+    return name if len(name) <= 48 else "…" + name[-47:]
