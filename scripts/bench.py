@@ -368,7 +368,7 @@ def worker(job: dict) -> dict:
 def run_workers(jobs: list[dict], timeout: float = 3600) -> list[dict]:
     """Run `jobs` one after another in one fresh subprocess; one record per job (failed ones say why)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(jobs)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False)
     done = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     out = [{**rec, "status": "ok", "isolation": "fresh process" if len(jobs) == 1 else "shared process"}
@@ -418,7 +418,7 @@ def convert_command(log_dir: Path) -> tuple[list[str] | None, str, int | None]:
     if probe["rc"] != 0:
         return None, f"`{' '.join(base)} --help` failed: {probe['stderr_tail']}", None
     text = (log_dir / "cli-help.out").read_text()
-    prefix = base + ["convert"] if re.search(r"^\s+convert\b", text, re.M) else base
+    prefix = base + ["convert"] if re.search(r"^\s+convert\b", text, re.MULTILINE) else base
     return prefix, "", probe["peak_rss_bytes"]
 
 
@@ -564,18 +564,18 @@ def markdown(records: list[dict]) -> str:
     isolation = next((r["isolation"] for r in records if r.get("isolation")), "fresh process")
     isolation = "fresh subprocess per measurement" if isolation == "fresh process" else "subprocess shared by the jobs"
     L = [f"# lplr-convert benchmark ({env['mode']} run, {env['date']})", "",
-         f"- machine: {env['cpu']}, {env['cores']} cores, torch {env['torch']} ({env['threads']} threads), "
-         f"device {env['device']}; git {env['git']}",
-         f"- load average (1/5/15 min) at start: {env['loadavg']}; at end: {end.get('loadavg')} "
-         "(other agents were running on this machine; timings are noisy at that level)",
+         (f"- machine: {env['cpu']}, {env['cores']} cores, torch {env['torch']} ({env['threads']} threads), "
+         f"device {env['device']}; git {env['git']}"),
+         (f"- load average (1/5/15 min) at start: {env['loadavg']}; at end: {end.get('loadavg')} "
+         "(other agents were running on this machine; timings are noisy at that level)"),
          f"- fp32 matmul rate: **{mm['gflops']:.1f} GFLOP/s** (best of {mm['reps']} {mm['n']}x{mm['n']} products)",
          f"- synthetic weights: {SPECTRUM}",
          f"- {FLOPS_FORMULA}; efficiency = flops / time / matmul rate",
-         f"- time: one call in a {isolation} after a small warm-up call (best of the reps); peak memory: VmHWM "
+         (f"- time: one call in a {isolation} after a small warm-up call (best of the reps); peak memory: VmHWM "
          "after the call minus VmRSS before it (kernel peak counter reset through /proc/self/clear_refs), i.e. "
-         "memory above the resident fp16 input; x fp32 = that peak over the matrix's fp32 size",
-         "- the reference (`scripts/reference_lplr.py`) uses the published per-tensor float64 quantizer and an explicit "
-         "float32 pinv; comparisons use our `tensor` quantizer and the very same sketch (same seed)", "",
+         "memory above the resident fp16 input; x fp32 = that peak over the matrix's fp32 size"),
+         ("- the reference (`scripts/reference_lplr.py`) uses the published per-tensor float64 quantizer and an explicit "
+         "float32 pinv; comparisons use our `tensor` quantizer and the very same sketch (same seed)"), "",
          "## Targets", "", "| target | value | threshold | result | detail |", "|---|---|---|---|---|"]
     for t in (r for r in records if r["kind"] == "target"):
         v = t["value"]
@@ -584,8 +584,8 @@ def markdown(records: list[dict]) -> str:
         res = "PENDING" if t["pass"] is None else ("PASS" if t["pass"] else "MISS")
         L.append(f"| {t['target']} | {val} | {t['threshold']} | **{res}** | {t['detail']} |")
     L += ["", "## Ours against the reference (tensor quantizer, same seed)", "",
-          "| method | shape | f | bits | rank | ours s | ref s | speed-up ref/ours | ours/ref time | ours err | "
-          "ref err | err ratio | ours peak MiB | ref peak MiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          ("| method | shape | f | bits | rank | ours s | ref s | speed-up ref/ours | ours/ref time | ours err | "
+          "ref err | err ratio | ours peak MiB | ref peak MiB |"), "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in (r for r in records if r["kind"] == "compare"):
         L.append(f"| {c['method']} | {c['shape'][0]}x{c['shape'][1]} | {c['fraction']} | {c['bits']} | {c['rank']} | "
                  f"{_s(c['ours_seconds'])} | {_s(c['reference_seconds'])} | {c['speedup']:.2f}x | "
@@ -593,8 +593,8 @@ def markdown(records: list[dict]) -> str:
                  f"{c['reference_rel_error']:.5f} | {c['error_ratio']:.4f} | {_mib(c['ours_peak_bytes'])} | "
                  f"{_mib(c['reference_peak_bytes'])} |")
     L += ["", "## Every per-matrix measurement", "",
-          "| impl | method | quantizer | shape | f | bits | rank | seconds | rel error | GFLOP/s | efficiency | "
-          "peak MiB | peak x fp32 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          ("| impl | method | quantizer | shape | f | bits | rank | seconds | rel error | GFLOP/s | efficiency | "
+          "peak MiB | peak x fp32 |"), "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in (r for r in records if r["kind"] == "matrix"):
         if r.get("status") != "ok":
             L.append(f"| {r['impl']} | {r['method']} | {r.get('quantizer')} | | {r['fraction']} | {r['bits']} | | "
@@ -611,13 +611,13 @@ def markdown(records: list[dict]) -> str:
     if conv:
         c0 = conv[0]
         L += ["", "## Whole-conversion peak memory", "",
-              f"Synthetic LLaMA checkpoint {c0['checkpoint']} in {c0['input_shards']} fp16 input shards "
+              (f"Synthetic LLaMA checkpoint {c0['checkpoint']} in {c0['input_shards']} fp16 input shards "
               f"({c0['input_bytes'] / 2**20:.0f} MiB); largest tensor {c0['largest_fp32_bytes'] / 2**20:.0f} MiB in fp32 "
               f"(largest block matrix {c0['largest_block_fp32_bytes'] / 2**20:.0f} MiB); baseline "
               f"{c0['baseline_rss_bytes'] / 2**20:.0f} MiB = {c0['baseline']} (`lplr-convert --help` alone peaks at "
-              f"{_mib(c0.get('cli_help_rss_bytes'))} MiB: the CLI's imports).", "",
-              "| shards | --max-shard-size | status | seconds | peak RSS MiB | above baseline MiB | x largest fp32 | "
-              "x largest block fp32 | output shards |", "|---|---|---|---|---|---|---|---|---|"]
+              f"{_mib(c0.get('cli_help_rss_bytes'))} MiB: the CLI's imports)."), "",
+              ("| shards | --max-shard-size | status | seconds | peak RSS MiB | above baseline MiB | x largest fp32 | "
+              "x largest block fp32 | output shards |"), "|---|---|---|---|---|---|---|---|---|"]
         for r in conv:
             if r["status"] != "ok":
                 L.append(f"| {r['shards']} | {r['max_shard_size']} | PENDING: {r['reason']} | | | | | | |")
@@ -626,8 +626,8 @@ def markdown(records: list[dict]) -> str:
                          f"{_mib(r['peak_rss_bytes'])} | {_mib(r['above_baseline_bytes'])} | "
                          f"{r['x_largest_fp32']:.2f} | {r['x_largest_block_fp32']:.2f} | {r['output_shards']} |")
     for p in (r for r in records if r["kind"] == "profile"):
-        L += ["", f"## Profile: {p['impl']} {p['method']} ({p['quantizer']}) {p['shape'][0]}x{p['shape'][1]} "
-                  f"f={p['fraction']} {p['bits']}-bit (torch.profiler, self time)", ""]
+        L += ["", (f"## Profile: {p['impl']} {p['method']} ({p['quantizer']}) {p['shape'][0]}x{p['shape'][1]} "
+                  f"f={p['fraction']} {p['bits']}-bit (torch.profiler, self time)"), ""]
         if p.get("status") != "ok":
             L.append(f"FAILED: {p.get('error')}")
             continue
@@ -650,12 +650,13 @@ def environment(mode_name: str, device: str) -> dict:
 
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=False)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=ROOT)
+                           cwd=ROOT, check=False)
     return {"kind": "env", "mode": mode_name, "date": dt.datetime.now().isoformat(timespec="seconds"),
             "device": device, "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
