@@ -316,5 +316,20 @@ def push(**kw):
         click.echo(f"pushed {len(result.get('files', []))} files to {result.get('url', kw['repo_id'])}")
 
 
+@main.command(cls=_Sectioned)
+@_opt("--in-path", required=True, section="Input", help="An lplr-convert output directory.")
+@_opt("--source", default=None, section="Input", help="The original checkpoint: recompute a sample of errors.")
+@_opt("--sample", type=int, default=8, show_default=True, section="Run", help="Tensors whose error is recomputed.")
+@debug_option
+@_friendly
+def verify(**kw):
+    """Check every output file's sha256 and every stored tensor against the manifest (and errors vs --source)."""
+    from .verify import verify as run
+
+    result = run(kw["in_path"], kw["source"], kw["sample"])
+    extra = f", {len(result['errors_checked'])} errors recomputed" if kw["source"] else ""
+    click.echo(f"ok: {result['files']} files and {result['tensors']} tensors match the manifest{extra}")
+
+
 if __name__ == "__main__":
     main()

@@ -51,5 +51,6 @@ M_SHARDS = "shards"
 M_FILES = "files"
 M_COMPLETE = "complete"
 M_EVAL = "eval"
+M_INTEGRITY = "integrity"  # sha256 of the canonical JSON of tensors + shards
 
 TOOL_NAME = "lplr-convert"

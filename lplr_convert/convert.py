@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from tqdm import tqdm
 from . import __version__
 from . import constants as C
 from .errors import LplrError
-from .io.manifest import read_manifest, sha256_file, write_json_atomic
+from .io.manifest import integrity_hash, sha256_file, write_json_atomic
 from .io.reader import SourceCheckpoint, open_source
 from .io.writer import ShardWriter, ClosedShard
 from .math.sketch import derive_seed
@@ -128,9 +129,10 @@ def _check_paths(src_root: Path, out: Path, opts: ConvertOptions) -> None:
 
 
 def _fingerprint(src: SourceCheckpoint, opts: ConvertOptions, popts: PlanOptions, recipe_text, hashes) -> dict:
-    return {"format_version": C.FORMAT_VERSION, "source_files": hashes, "settings": popts.settings.to_json(),
-            "seed": opts.seed, "include": opts.include, "exclude": opts.exclude, "layers": opts.layers,
-            "types": opts.types, "recipe": recipe_text, "max_shard_size": parse_size(opts.max_shard_size),
+    settings = popts.settings.to_json()
+    settings["rank"] = popts.settings.rank.label()
+    return {"format_version": C.FORMAT_VERSION, "source_files": hashes, **settings, "seed": opts.seed,
+            "include": opts.include, "exclude": opts.exclude, "layers": opts.layers, "types": opts.types, "recipe": recipe_text, "max_shard_size": parse_size(opts.max_shard_size),
             "on_nonfinite": opts.on_nonfinite}
 
 
@@ -167,7 +169,7 @@ def _resume_state(out: Path, fingerprint: dict) -> list[dict]:
         raise LplrError(f"{path} is damaged; start again with --overwrite") from None
     for key in sorted(set(old) | set(fingerprint)):
         if old.get(key) != fingerprint.get(key):
-            what = "the source files changed" if key == "source_files" else f"setting '{key}' changed"
+            what = "the source files changed" if key == "source_files" else f"--{key.replace('_', '-')} changed"
             raise LplrError(f"cannot resume in {out}: {what} since the interrupted run (was {str(old.get(key))[:80]}, "
                             f"now {str(fingerprint.get(key))[:80]}); rerun with the same settings or use --overwrite")
     kept = []
@@ -296,6 +298,20 @@ def _hash_sources(src: SourceCheckpoint) -> dict[str, str]:
                                                         disable=len(src.files) < 2)}
 
 
+def _oriented(plan: TensorPlan) -> tuple[int, ...]:
+    return (plan.shape[1], plan.shape[0]) if plan.transposed else plan.shape
+
+
+def _preflight(plans: list[TensorPlan]) -> None:
+    """Resolve every rank policy before anything is written, so a bad policy fails fast, naming the tensor."""
+    for p in plans:
+        if p.method != "copy":
+            try:
+                get_method(p.method).predict(_oriented(p), p.dtype, p.settings)
+            except LplrError as e:
+                raise LplrError(f"{p.name}: {e}") from None
+
+
 def _process(plan: TensorPlan, t: torch.Tensor, device: torch.device, global_seed: int, on_nonfinite: str):
     """Compress one tensor on `device`; return (stored tensors by full name, MethodResult, seed, nonfinite)."""
     settings, nonfinite = plan.settings, False
@@ -320,6 +336,16 @@ def _process(plan: TensorPlan, t: torch.Tensor, device: torch.device, global_see
 
 def convert(opts: ConvertOptions) -> dict:
     """Convert a checkpoint; returns the manifest. Resumable; the manifest is written last."""
+    try:
+        return _convert(opts)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise LplrError(f"writing {opts.out_path} failed ({os.strerror(e.errno)}); the output is left incomplete "
+                            f"(no manifest): free disk space, then re-run with --resume") from None
+        raise
+
+
+def _convert(opts: ConvertOptions) -> dict:
     t_start = time.perf_counter()
     device = resolve_device(opts.device)
     popts, recipe_text = _plan_options(opts)
@@ -328,6 +354,7 @@ def convert(opts: ConvertOptions) -> dict:
     out = Path(opts.out_path).expanduser()
     _check_paths(src.root, out, opts)
     plans = make_plan(src.headers.values(), src.config, popts)
+    _preflight(plans)
     n_comp = sum(p.method != "copy" for p in plans)
     logger.info(f"{src.root}: {len(plans)} tensors in {len(src.files)} file(s); {n_comp} to compress with "
                 f"{popts.settings.method if not popts.rules else 'a recipe'} on {device}")
@@ -386,6 +413,7 @@ def convert(opts: ConvertOptions) -> dict:
         C.M_SUMMARY: summarize(ordered, time.perf_counter() - t_start),
         C.M_EVAL: None,
     }
+    manifest[C.M_INTEGRITY] = integrity_hash(manifest)
     write_json_atomic(out / C.MANIFEST_FILE, manifest)
     (out / C.PROGRESS_FILE).unlink(missing_ok=True)
     if opts.write_report:
@@ -414,7 +442,7 @@ def inspect(in_path: str, options: ConvertOptions | None = None) -> dict:
     header_bytes = 0
     for p in plans:
         method = get_method(p.method)
-        shape = (p.shape[1], p.shape[0]) if p.transposed else p.shape
+        shape = _oriented(p)
         if p.method == "copy":
             rank, specs = None, {"": (dtype_name(p.dtype), p.shape)}
         else:

@@ -45,8 +45,8 @@ class LowRankLinear(nn.Module):
 class _Shards:
     """Lazy access to the stored tensors of an output directory, one shard file open at a time."""
 
-    def __init__(self, root: Path, manifest: dict, device: str = "cpu"):
-        self.root, self.device = root, device
+    def __init__(self, root: Path, manifest: dict, device: str = "cpu", verify: bool = True):
+        self.root, self.device, self.verify = root, device, verify
         self._open_name, self._open = None, None
         self.shards = manifest.get(C.M_SHARDS) or {}
 
@@ -61,6 +61,12 @@ class _Shards:
             path = self.root / shard
             if not path.is_file():
                 raise LplrError(f"shard {shard} is missing from {self.root}; re-run the conversion (or --resume)")
+            if self.verify:
+                meta = self.shards[shard]
+                if not isinstance(meta, dict) or path.stat().st_size != meta.get("bytes") or \
+                        sha256_file(path) != meta.get("sha256"):
+                    raise LplrError(f"shard {shard} does not match the sha256 in the manifest (damaged or modified); "
+                                    f"re-run the conversion, or re-download it")
             try:
                 self._open = safe_open(str(path), framework="pt", device=self.device)
             except Exception as e:
@@ -116,11 +122,14 @@ def _records(manifest: dict) -> list[dict]:
     return recs
 
 
-def iter_dense(path: str | Path, device: str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, dense tensor) for every tensor of a converted directory, in manifest order, one at a time."""
+def iter_dense(path: str | Path, device: str = "cpu", verify: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, dense tensor) for every tensor of a converted directory, in manifest order, one at a time.
+
+    With verify=True (the default) every shard's sha256 is checked against the manifest before it is used.
+    """
     root = Path(path)
     manifest = read_manifest(root)
-    shards = _Shards(root, manifest, device)
+    shards = _Shards(root, manifest, device, verify)
     try:
         for rec in _records(manifest):
             try:
@@ -132,9 +141,12 @@ def iter_dense(path: str | Path, device: str = "cpu") -> Iterator[tuple[str, tor
         shards.close()
 
 
-def load_state_dict(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """The dense reconstituted state dict: original names, shapes, dtypes (Conv1D orientation restored)."""
-    return dict(iter_dense(path, device))
+def load_state_dict(path: str | Path, device: str = "cpu", verify: bool = True) -> dict[str, torch.Tensor]:
+    """The dense reconstituted state dict: original names, shapes, dtypes (Conv1D orientation restored).
+
+    Raises LplrError (never returns a wrong tensor) when the directory is incomplete, damaged or modified.
+    """
+    return dict(iter_dense(path, device, verify))
 
 
 @contextlib.contextmanager
@@ -193,7 +205,8 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def load_model(path: str | Path, factored: bool = True, device: str = "cpu", dtype: torch.dtype | None = None):
+def load_model(path: str | Path, factored: bool = True, device: str = "cpu", dtype: torch.dtype | None = None,
+               verify: bool = True):
     """A transformers model built from config.json (parameters never initialised densely).
 
     factored=True replaces every compressed linear (lplr/lsvd/dsvd) by a LowRankLinear computing y = L(R x) + b;
@@ -206,7 +219,7 @@ def load_model(path: str | Path, factored: bool = True, device: str = "cpu", dty
     model = _build_empty_model(root)
     prefix = getattr(model, "base_model_prefix", "") or ""
     model_keys = set(model.state_dict().keys())
-    shards = _Shards(root, manifest, device)
+    shards = _Shards(root, manifest, device, verify)
     dense: dict[str, torch.Tensor] = {}
     replaced = 0
     for rec in _records(manifest):

@@ -10,7 +10,7 @@ from pathlib import Path
 from .. import constants as C
 from ..errors import IncompleteOutputError, LplrError
 
-__all__ = ["read_manifest", "write_json_atomic", "sha256_file", "is_complete"]
+__all__ = ["read_manifest", "write_json_atomic", "sha256_file", "is_complete", "integrity_hash"]
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
@@ -20,6 +20,12 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def integrity_hash(manifest: dict) -> str:
+    """sha256 over the parts of a manifest the loader trusts: the tensor records and the shard hashes."""
+    payload = {C.M_TENSORS: manifest.get(C.M_TENSORS), C.M_SHARDS: manifest.get(C.M_SHARDS)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def write_json_atomic(path: str | os.PathLike, obj, indent: int | None = 2, sort_keys: bool = False) -> None:
@@ -72,4 +78,7 @@ def read_manifest(out_dir: str | os.PathLike, require_complete: bool = True) -> 
     if require_complete and manifest.get(C.M_COMPLETE) is not True:
         raise IncompleteOutputError(f"{out_dir} holds an incomplete conversion; finish it with "
                                     f"`lplr-convert convert ... --resume`")
+    if manifest.get(C.M_INTEGRITY) != integrity_hash(manifest):
+        raise LplrError(f"{path} was modified after the conversion (its integrity hash does not match); "
+                        f"re-run the conversion with --overwrite")
     return manifest

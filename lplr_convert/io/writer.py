@@ -151,5 +151,8 @@ class ShardWriter:
     def abort(self) -> None:
         """Close the data file of an unfinished shard (left on disk, clearly partial)."""
         if self._data is not None:
-            self._data.close()
+            try:
+                self._data.close()
+            except OSError:
+                pass  # e.g. the disk is full: the partial data file stays clearly partial
             self._data = None
