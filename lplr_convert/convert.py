@@ -312,6 +312,49 @@ def _preflight(plans: list[TensorPlan]) -> None:
                 raise LplrError(f"{p.name}: {e}") from None
 
 
+def _prefetched(items, enabled: bool, pin: bool):
+    """Read the next (name, tensor) in a background thread while the current one is computed (one slot).
+
+    Used on CUDA: the host side reads and pins tensor i+1 while the device works on tensor i.
+    """
+    if not enabled:
+        yield from items
+        return
+    import queue
+    import threading
+
+    slot: queue.Queue = queue.Queue(maxsize=1)
+    done = object()
+
+    def work():
+        try:
+            for name, t in items:
+                slot.put((name, t.pin_memory() if pin else t))
+            slot.put(done)
+        except BaseException as e:  # handed to the consumer
+            slot.put(e)
+
+    threading.Thread(target=work, daemon=True).start()
+    while (item := slot.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def _to_host(parts: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Bring a result back with one device-to-host copy: all parts as one byte buffer, split on the host."""
+    if device.type == "cpu":
+        return {k: v.contiguous() for k, v in parts.items()}
+    items = sorted(parts.items(), key=lambda kv: -kv[1].element_size())  # keeps every part aligned
+    flat = [v.contiguous().reshape(-1).view(torch.uint8) for _, v in items]
+    host = torch.cat(flat).to("cpu")
+    out, pos = {}, 0
+    for (k, v), f in zip(items, flat):
+        out[k] = host[pos:pos + f.numel()].view(v.dtype).reshape(v.shape)
+        pos += f.numel()
+    return {k: out[k] for k in parts}
+
+
 def _process(plan: TensorPlan, t: torch.Tensor, device: torch.device, global_seed: int, on_nonfinite: str):
     """Compress one tensor on `device`; return (stored tensors by full name, MethodResult, seed, nonfinite)."""
     settings, nonfinite = plan.settings, False
@@ -326,11 +369,12 @@ def _process(plan: TensorPlan, t: torch.Tensor, device: torch.device, global_see
     if settings.method == "copy":
         result = method.compress(t, settings, seed)
     else:
-        W = t.to(device, non_blocking=True)
+        W = t.to(device, non_blocking=True)  # the one host-to-device copy (from pinned memory on CUDA)
         if plan.transposed:
             W = W.T
         result = method.compress(W, settings, seed)
-    stored = {(f"{plan.name}.{k}" if k else plan.name): v.to("cpu") for k, v in result.parts.items()}
+        result.parts = _to_host(result.parts, device)
+    stored = {(f"{plan.name}.{k}" if k else plan.name): v for k, v in result.parts.items()}
     return stored, result, seed, nonfinite, settings
 
 
@@ -373,7 +417,8 @@ def _convert(opts: ConvertOptions) -> dict:
     todo = [p.name for p in plans if p.name not in records]
     try:
         with tqdm(total=len(plans), initial=len(records), desc="converting", unit="tensor") as bar:
-            for name, t in src.iter_tensors(todo):
+            cuda = device.type == "cuda"
+            for name, t in _prefetched(src.iter_tensors(todo), enabled=cuda, pin=cuda):
                 plan = by_name[name]
                 t0 = time.perf_counter()
                 stored, result, seed, nonfinite, used = _process(plan, t, device, opts.seed, opts.on_nonfinite)
