@@ -216,9 +216,9 @@ class _CausalLM:
 class _Store:
     """The original model's per-batch log-probs: in memory up to a budget, then spilled to a temporary directory."""
 
-    def __init__(self, budget: int = _SPILL_BYTES):
+    def __init__(self, budget: int | None = None):
         self.items: list[torch.Tensor | Path] = []
-        self.size, self.budget, self.tmp = 0, budget, None
+        self.size, self.budget, self.tmp = 0, _SPILL_BYTES if budget is None else budget, None
 
     def add(self, t: torch.Tensor) -> None:
         self.size += t.numel() * t.element_size()

@@ -92,8 +92,12 @@ def plot_bits_per_layer(rows: list[dict], path: Path, subtitle: str = "") -> Pat
     for b in sorted(dtypes):
         ax.axhline(b, color="black", linestyle="--", linewidth=1.2, label=f"source {dtypes[b]} ({b} bits)")
     ax.axhline(8, color="firebrick", linestyle=":", linewidth=1.8, label="int8 (8 bits)")
+    grown = sum(r["bits_per_param"] > r["source_bits_per_param"] for r in comp)
+    if grown:
+        ax.text(0.01, 0.98, f"{grown} tensor(s) stored LARGER than in the source (above the dashed line)",
+                transform=ax.transAxes, va="top", fontsize=9, color="firebrick", fontweight="bold")
     top = max([*dtypes, 8, *(y for _, ys in series.values() for y in ys)])
-    ax.set_ylim(0, top * 1.08)
+    ax.set_ylim(0, top * (1.16 if grown else 1.08))
     ax.set_xlabel("layer (transformer block index)")
     ax.set_ylabel("stored bits per parameter")
     ax.set_title("Bits/param per layer" + subtitle)

@@ -1,0 +1,231 @@
+"""The layer-wise report: tables agree with the manifest, bad numbers are flagged, plots and spectra are real."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import shutil
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lplr_convert import constants as C
+from lplr_convert.convert import ConvertOptions, convert
+from lplr_convert.errors import LplrError
+from lplr_convert.io.manifest import read_manifest
+from lplr_convert.methods import MethodSettings, RankPolicy
+from lplr_convert.report import compare, energy_curve, summary_markdown, summary_table, write_report
+from lplr_convert.report.metrics import tensor_rows
+from lplr_convert.report.spectra import representative_tensors
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _numel(shape) -> int:
+    return math.prod(shape) if shape else 1
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory, tiny_llama_dir):
+    """The bf16 tiny Llama converted three ways (report writing off, so the tests call write_report themselves)."""
+    runs = {
+        "lplr": MethodSettings(method="lplr", rank=RankPolicy("rank_fraction", 0.8)),
+        "rtn": MethodSettings(method="rtn", b0=8),
+        "grown": MethodSettings(method="lplr", b1=16, b2=16, rank=RankPolicy("rank_fraction", 1.0)),
+    }
+    base = tmp_path_factory.mktemp("report")
+    out = {}
+    for name, settings in runs.items():
+        d = base / name
+        convert(ConvertOptions(in_path=str(tiny_llama_dir), out_path=str(d), settings=settings, write_report=False,
+                               command=f"lplr-convert convert --method {name}"))
+        out[name] = d
+    return out
+
+
+def test_report_files_match_the_manifest(outputs):
+    out = outputs["lplr"]
+    manifest = read_manifest(out)
+    paths = write_report(out)
+    names = {p.name for p in paths}
+    assert {C.REPORT_JSON, C.REPORT_CSV, C.REPORT_MD, C.PLOT_ERROR, C.PLOT_BITS, C.PLOT_SPECTRUM} == names
+    recs = manifest[C.M_TENSORS]
+    doc = json.loads((out / C.REPORT_JSON).read_text())
+    assert [r["name"] for r in doc["tensors"]] == [r["name"] for r in recs]  # copied tensors included
+    for row, rec in zip(doc["tensors"], recs):
+        assert row["method"] == rec["method"] and row["rank"] == rec["rank"] and row["shape"] == rec["shape"]
+        assert row["rel_error"] == pytest.approx(rec["rel_error"], abs=0)
+        assert row["bits_per_param"] == pytest.approx(8 * rec["stored_bytes"] / _numel(rec["shape"]))
+        assert row["size_ratio"] == pytest.approx(rec["stored_bytes"] / rec["original_bytes"])
+        assert row["source_bits_per_param"] == 16.0  # the checkpoint is bf16
+    comp = [r for r in recs if r["method"] != "copy"]
+    s = doc["summary"]
+    assert s["original_bytes"] == sum(r["original_bytes"] for r in recs)
+    assert s["stored_bytes"] == sum(r["stored_bytes"] for r in recs)
+    assert s["n_compressed"] == len(comp) == 14  # 2 blocks x (q, k, v, o, gate, up, down)
+    werr = sum(_numel(r["shape"]) * r["rel_error"] for r in comp) / sum(_numel(r["shape"]) for r in comp)
+    assert s["weighted_rel_error"] == pytest.approx(werr, rel=1e-12)
+    assert s["by_matrix_type"].keys() == {"q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_up", "fc_out"}
+    assert s["grown"] == [] and "lplr" not in s["methods_above_source"]
+
+    with open(out / C.REPORT_CSV, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [t["name"] for t in table] == [r["name"] for r in recs]
+    assert float(table[3]["rel_error"]) == pytest.approx(recs[3]["rel_error"], rel=1e-5)
+
+    md = (out / C.REPORT_MD).read_text()
+    tensor_lines = [line for line in md.splitlines() if line.startswith("| ") and "` | " in line]
+    assert sorted(line.split("`")[1] for line in tensor_lines) == sorted(r["name"] for r in comp)
+    assert "lplr-convert convert --method lplr" in md and f"{len(recs) - len(comp)} tensors" in md
+    for p in (C.PLOT_ERROR, C.PLOT_BITS, C.PLOT_SPECTRUM):
+        assert f"]({p})" in md
+        data = (out / p).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 20_000  # a drawn figure, not an empty canvas
+
+
+def test_tensors_larger_than_the_source_are_flagged(outputs):
+    out = outputs["grown"]
+    write_report(out)
+    manifest = read_manifest(out)
+    grown = [r["name"] for r in manifest[C.M_TENSORS] if r["stored_bytes"] > r["original_bytes"]]
+    assert grown  # 16-bit factors at full rank are larger than the bf16 weights
+    doc = json.loads((out / C.REPORT_JSON).read_text())
+    assert doc["summary"]["grown"] == grown
+    assert doc["summary"]["methods_above_source"] == ["lplr"]
+    assert all("grew" in r["flags"] for r in doc["tensors"] if r["name"] in grown)
+    md = (out / C.REPORT_MD).read_text()
+    assert "LARGER than in the source" in md and "**GREW**" in md
+    assert "more than the source's 16.00" in md
+    text = summary_table(manifest)
+    assert f"WARNING: {len(grown)} tensor(s) are stored LARGER" in text
+    assert "LARGER" in summary_markdown(manifest)
+    clean = summary_table(read_manifest(outputs["rtn"]))
+    assert "WARNING" not in clean
+
+
+def test_above_int8_flag_follows_the_int8_size(outputs):
+    rows = tensor_rows(read_manifest(outputs["lplr"]))
+    for r in rows:
+        if r["method"] == "copy":
+            assert r["flags"] == [] and r["int8_bits_per_param"] is None
+            continue
+        m, n = r["shape"]
+        int8 = 8 + 2 * 32 / n  # 8-bit codes plus a float32 scale and zero per output row
+        assert r["int8_bits_per_param"] == pytest.approx(int8)
+        assert ("above_int8" in r["flags"]) == (r["bits_per_param"] > int8)
+    flagged = {r["matrix_type"] for r in rows if "above_int8" in r["flags"]}
+    assert "q_proj" in flagged  # 0.8 rank of a square matrix at 8/8 bits is ~13 bits/param
+    assert all("above_int8" not in r["flags"] for r in tensor_rows(read_manifest(outputs["rtn"])))
+
+
+def test_spectra_from_the_source_then_reused(outputs, tiny_llama_dir, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(outputs["lplr"], out)
+    write_report(out)
+    doc = json.loads((out / C.REPORT_JSON).read_text())
+    curves = doc["spectra"]
+    rows = tensor_rows(read_manifest(out))
+    assert list(curves) == representative_tensors(rows) and len(curves) == 4
+    assert len({r["matrix_type"] for r in rows if r["name"] in curves}) == 4  # spread over types
+    name = next(iter(curves))
+    with safe_open(str(next(p for p in tiny_llama_dir.glob("*.safetensors") if name in safe_open(str(p), "pt").keys())),
+                   "pt") as f:
+        W = f.get_tensor(name).double()
+    s2 = torch.linalg.svdvals(W).square()
+    expected = (torch.cumsum(s2, 0) / s2.sum()).tolist()
+    assert curves[name] == pytest.approx(expected, abs=2e-6)
+
+    # The source is gone: a re-render keeps the stored curves and the plot.
+    manifest = read_manifest(out)
+    manifest[C.M_SOURCE]["path"] = str(tmp_path / "moved-away")
+    (out / C.PLOT_SPECTRUM).unlink()
+    write_report(out, manifest)
+    assert json.loads((out / C.REPORT_JSON).read_text())["spectra"] == curves
+    assert (out / C.PLOT_SPECTRUM).read_bytes()[:8] == PNG_MAGIC
+
+    # Curves passed by the caller win; with none anywhere the plot is skipped and an old one removed.
+    given = {rows[-2]["name"]: energy_curve(torch.linspace(3, 1, 40))}
+    write_report(out, manifest, spectra=given)
+    assert json.loads((out / C.REPORT_JSON).read_text())["spectra"] == given
+    (out / C.REPORT_JSON).unlink()
+    paths = write_report(out, manifest)
+    assert not (out / C.PLOT_SPECTRUM).exists() and C.PLOT_SPECTRUM not in {p.name for p in paths}
+
+
+def test_energy_curve_sampling():
+    s = torch.arange(1000, 0, -1, dtype=torch.float64)
+    cum = torch.cumsum(s.square(), 0) / s.square().sum()
+    c = energy_curve(s, points=200)
+    assert len(c) == 200 and c[-1] == 1.0
+    assert c == pytest.approx([float(cum[5 * (j + 1) - 1]) for j in range(200)], abs=1e-6)
+    assert energy_curve(s.flip(0)[:7]) == pytest.approx(energy_curve(s[-7:]))  # order-free, short stays whole
+    with pytest.raises(ValueError):
+        energy_curve([])
+
+
+def test_summary_table_numbers(outputs):
+    manifest = read_manifest(outputs["lplr"])
+    recs = manifest[C.M_TENSORS]
+    comp = [r for r in recs if r["method"] == "lplr"]
+    text = summary_table(manifest)
+    lines = text.splitlines()
+    lplr = next(line.split() for line in lines if line.startswith("lplr "))
+    bits = 8 * sum(r["stored_bytes"] for r in comp) / sum(_numel(r["shape"]) for r in comp)
+    assert lplr[1] == str(len(comp)) and lplr[3] == f"{bits:.2f}"
+    total = next(line.split() for line in lines if line.startswith("total "))
+    assert total[1] == str(len(recs))
+    assert f"{sum(r['original_bytes'] for r in recs) / 1e6:,.2f} MB ->" in text
+    md = summary_markdown(manifest)
+    assert md.startswith("|") and f"| lplr | {len(comp)} |" in md
+
+
+def test_eval_results_are_rendered(outputs, tmp_path):
+    out = tmp_path / "e"
+    shutil.copytree(outputs["rtn"], out)
+    manifest = copy.deepcopy(read_manifest(out))
+    manifest[C.M_EVAL] = {"kind": "causal_lm", "texts": 12, "text_source": "list", "perplexity_original": 101.25,
+                          "perplexity_converted": 102.5, "kl_mean": 0.00123, "top1_agreement": 0.95}
+    write_report(out, manifest)
+    md = (out / C.REPORT_MD).read_text()
+    assert "## Fidelity" in md and "101.250 → 102.500" in md and "0.00123" in md and "95.0 %" in md
+    assert json.loads((out / C.REPORT_JSON).read_text())["eval"]["kl_mean"] == 0.00123
+    assert "perplexity original → converted: 101.250 → 102.500" in summary_table(manifest)
+
+
+def test_compare_side_by_side(outputs, tmp_path):
+    dirs = [outputs["lplr"], outputs["rtn"], outputs["grown"]]
+    target = tmp_path / "cmp.md"
+    text = compare(dirs, out=target)
+    assert target.read_text() == text
+    assert "| matrix type | lplr rel. error | lplr bits/param | rtn rel. error |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| all compressed |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    for i, d in enumerate(dirs):
+        comp = [r for r in read_manifest(d)[C.M_TENSORS] if r["method"] != "copy"]
+        p = sum(_numel(r["shape"]) for r in comp)
+        assert cells[1 + 2 * i] == f"{sum(_numel(r['shape']) * r['rel_error'] for r in comp) / p:.4f}"
+        assert cells[2 + 2 * i] == f"{8 * sum(r['stored_bytes'] for r in comp) / p:.2f}"
+    grew = next(line for line in text.splitlines() if line.startswith("| tensors that grew |"))
+    assert grew.split("|")[2].strip() == "0" and int(grew.split("|")[4]) > 0
+    # Directories with the same name get distinct labels.
+    twin = tmp_path / "x" / "lplr"
+    shutil.copytree(outputs["lplr"], twin)
+    assert "| report/lplr | x/lplr |" in compare([outputs["lplr"], twin]).replace(
+        outputs["lplr"].parent.name, "report")
+    with pytest.raises(LplrError):
+        compare([])
+    with pytest.raises(LplrError):
+        compare([tmp_path])  # not an output directory
+
+
+def test_without_matplotlib_the_tables_are_still_written(outputs, tmp_path, monkeypatch):
+    out = tmp_path / "nomatplotlib"
+    shutil.copytree(outputs["rtn"], out)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    paths = write_report(out)
+    assert {p.name for p in paths} == {C.REPORT_JSON, C.REPORT_CSV, C.REPORT_MD}
+    assert json.loads((out / C.REPORT_JSON).read_text())["plots"] == []
