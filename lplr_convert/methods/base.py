@@ -46,7 +46,8 @@ class Method:
         raise NotImplementedError
 
     def decode(self, parts: dict[str, torch.Tensor], info: dict) -> torch.Tensor:
-        """Rebuild the dense float32 matrix (out x in) from the stored parts."""
+        """Rebuild the dense matrix (out x in) from the stored parts: float32, except `copy`, which returns the stored
+        tensor verbatim (any dtype, e.g. int64 position ids)."""
         raise NotImplementedError
 
     def predict(self, shape: tuple[int, int], dtype: torch.dtype, settings: MethodSettings) -> tuple[int | None, dict]:
