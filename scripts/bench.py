@@ -36,7 +36,6 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -82,7 +81,7 @@ MODES = {
                   {"hidden": 512, "intermediate": 1376, "layers": 2, "vocab": 2000},
                   (1_500_000, 50_000_000_000), False, fresh=False),
     "tiny": Mode(((192, 64),), (0.5,), (4,), 256, 2,
-                 {"hidden": 64, "intermediate": 176, "layers": 2, "vocab": 128},
+                 {"hidden": 64, "intermediate": 176, "layers": 1, "vocab": 128},
                  (40_000, 50_000_000_000), False, fresh=False),
 }
 
@@ -324,6 +323,8 @@ def worker(job: dict) -> dict:
     W = load_file(job["weight"])["weight"].to(device)
     call, error = make_call(job)
     call(W[:128, :64].contiguous())  # warm-up: thread pools, LAPACK, lazy imports
+    # The machine is shared: the GEMM rate right before the call says how much of it this measurement got.
+    local_rate = matmul_rate(job["matmul_n"], 2, device)["gflops"] if job.get("matmul_n") else None
     out = {"kind": "profile" if job.get("profile") else "matrix", **{k: job[k] for k in
            ("impl", "method", "quantizer", "bits", "fraction", "seed", "device")}, "shape": list(W.shape)}
     if job.get("profile"):
@@ -358,10 +359,11 @@ def worker(job: dict) -> dict:
     fp32 = m * n * 4
     out.update(rank=rank, seconds=min(times), seconds_all=times, rel_error=rel, peak_bytes=peak,
                peak_x_fp32=peak / fp32, mem_method=mem_method, device_peak_bytes=dev_peak,
-               input_dtype=str(W.dtype).removeprefix("torch."))
+               input_dtype=str(W.dtype).removeprefix("torch."), local_matmul_gflops=local_rate)
     if job["method"] == "lplr":
         out["flops"] = lplr_flops(m, n, rank)
         out["gflops"] = out["flops"] / out["seconds"] / 1e9
+        out["local_efficiency"] = out["gflops"] / local_rate if local_rate else None
     return out
 
 
@@ -410,40 +412,40 @@ def peak_rss_of(cmd: list[str], log_dir: Path, tag: str, timeout: float = 3600) 
             "stderr_tail": stderr[-1] if stderr else ""}
 
 
-def convert_command(log_dir: Path) -> tuple[list[str] | None, str, int | None]:
-    """The CLI's conversion command prefix (with `convert` when the CLI has it), why not, and `--help`'s peak RSS."""
+def convert_command() -> list[str]:
+    """The CLI as installed (`lplr-convert`, whose default command is `convert`), else `python -m lplr_convert.cli`."""
     exe = Path(sys.executable).with_name("lplr-convert")
-    base = [str(exe)] if exe.exists() else [sys.executable, "-m", "lplr_convert.cli"]
-    probe = peak_rss_of(base + ["--help"], log_dir, "cli-help", timeout=120)
-    if probe["rc"] != 0:
-        return None, f"`{' '.join(base)} --help` failed: {probe['stderr_tail']}", None
-    text = (log_dir / "cli-help.out").read_text()
-    prefix = base + ["convert"] if re.search(r"^\s+convert\b", text, re.MULTILINE) else base
-    return prefix, "", probe["peak_rss_bytes"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "lplr_convert.cli"]
 
 
 def bench_conversion(mode: Mode, weights: dict, work: Path) -> list[dict]:
-    """Peak RSS of whole conversions (small and large shards) above the import baseline."""
+    """Peak RSS of whole conversions (small and large shards) above the import baseline.
+
+    Peak RSS is per process, so when `mode.fresh` is False (--tiny, --quick) the three processes run concurrently
+    to save time (their wall times then overlap; only the memory figures are meant).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     info = write_checkpoint(work / "ckpt", mode.checkpoint, weights)
-    base = peak_rss_of([sys.executable, "-c", "import torch, lplr_convert"], work, "baseline")
+    prefix = convert_command()
+    cmds = {"baseline": [sys.executable, "-c", "import torch, lplr_convert"]}
+    for label, size in zip(("small", "large"), mode.shard_sizes):
+        cmds[label] = prefix + ["--in-path", str(work / "ckpt"), "--out-path", str(work / f"out-{label}"),
+                                "--rank-fraction", "0.8", "--max-shard-size", str(size)]
+    with ThreadPoolExecutor(max_workers=1 if mode.fresh else len(cmds)) as pool:
+        runs = dict(zip(cmds, pool.map(lambda kv: peak_rss_of(kv[1], work, f"convert-{kv[0]}"), cmds.items())))
+    base = runs["baseline"]
     largest_fp32 = info["largest_numel"] * 4
     block_fp32 = info["largest_block_numel"] * 4
     common = {"kind": "convert", "checkpoint": mode.checkpoint, **info, "baseline_rss_bytes": base["peak_rss_bytes"],
               "largest_fp32_bytes": largest_fp32, "largest_block_fp32_bytes": block_fp32,
-              "baseline": "peak RSS of `python -c 'import torch, lplr_convert'` (wait4 ru_maxrss, launched from a small process)"}
-    prefix, why, cli_rss = convert_command(work)
-    common["cli_help_rss_bytes"] = cli_rss  # what the CLI's own imports cost, for reading the numbers
+              "baseline": "peak RSS of `python -c 'import torch, lplr_convert'` (wait4 ru_maxrss, launched from a "
+                          "small process)", "concurrent": not mode.fresh}
     records = []
     for label, size in zip(("small", "large"), mode.shard_sizes):
-        rec = {**common, "shards": label, "max_shard_size": size}
-        if prefix is None:
-            records.append({**rec, "status": "pending", "reason": why})
-            continue
-        out = work / f"out-{label}"
-        cmd = prefix + ["--in-path", str(work / "ckpt"), "--out-path", str(out), "--rank-fraction", "0.8",
-                        "--max-shard-size", str(size)]
-        run = peak_rss_of(cmd, work, f"convert-{label}")
-        rec.update(command=" ".join(cmd), seconds=run["seconds"], peak_rss_bytes=run["peak_rss_bytes"])
+        run, out = runs[label], work / f"out-{label}"
+        rec = {**common, "shards": label, "max_shard_size": size, "command": " ".join(cmds[label]),
+               "seconds": run["seconds"], "peak_rss_bytes": run["peak_rss_bytes"]}
         if run["rc"] != 0:
             records.append({**rec, "status": "pending", "reason": f"exit code {run['rc']}: {run['stderr_tail']}"})
             continue
@@ -513,8 +515,11 @@ def targets(records: list[dict], matmul_gflops: float) -> list[dict]:
                          fraction=0.8, bits=c["bits"])
             if ours:
                 eff = ours["gflops"] / matmul_gflops
+                local = ours.get("local_matmul_gflops")
                 add(f"{tag} ({q}): >= 75% of matmul rate", eff, 0.75, eff >= 0.75,
-                    f"{ours['gflops']:.1f} GFLOP/s of {matmul_gflops:.1f}")
+                    f"{ours['gflops']:.1f} GFLOP/s of {matmul_gflops:.1f}" + (
+                        f"; {ours['gflops'] / local:.0%} of the {local:.1f} GFLOP/s measured in the same subprocess "
+                        "just before" if local else ""))
     for c in [c for c in comps if c["method"] == "lsvd"]:
         add(f"lsvd f={c['fraction']} {c['shape'][0]}x{c['shape'][1]} {c['bits']}-bit: >= 2x faster than reference",
             c["speedup"], 2.0, c["speedup"] >= 2.0,
@@ -594,18 +599,21 @@ def markdown(records: list[dict]) -> str:
                  f"{_mib(c['reference_peak_bytes'])} |")
     L += ["", "## Every per-matrix measurement", "",
           ("| impl | method | quantizer | shape | f | bits | rank | seconds | rel error | GFLOP/s | efficiency | "
-          "peak MiB | peak x fp32 |"), "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "local matmul GFLOP/s | local efficiency | peak MiB | peak x fp32 |"),
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in (r for r in records if r["kind"] == "matrix"):
         if r.get("status") != "ok":
             L.append(f"| {r['impl']} | {r['method']} | {r.get('quantizer')} | | {r['fraction']} | {r['bits']} | | "
-                     f"FAILED: {r.get('error')} | | | | | |")
+                     f"FAILED: {r.get('error')} | | | | | | | |")
             continue
         gf = r.get("gflops")
         eff = "" if gf is None else f"{gf / mm['gflops']:.0%}"
+        lr, le = r.get("local_matmul_gflops"), r.get("local_efficiency")
+        local = f"{'' if lr is None else f'{lr:.1f}'} | {'' if le is None else f'{le:.0%}'}"
         L.append(f"| {r['impl']} | {r['method']} | {r['quantizer'] if r['method'] != 'laser' else '-'} | "
                  f"{r['shape'][0]}x{r['shape'][1]} | {r['fraction']} | {r['bits'] if r['method'] != 'laser' else '-'} | "
                  f"{r['rank']} | {_s(r['seconds'])} | {r['rel_error']:.5f} | {'' if gf is None else f'{gf:.1f}'} | "
-                 f"{eff} | {_mib(r['peak_bytes'])} | "
+                 f"{eff} | {local} | {_mib(r['peak_bytes'])} | "
                  f"{r['peak_x_fp32']:.2f} |")
     conv = [r for r in records if r["kind"] == "convert"]
     if conv:
@@ -614,8 +622,7 @@ def markdown(records: list[dict]) -> str:
               (f"Synthetic LLaMA checkpoint {c0['checkpoint']} in {c0['input_shards']} fp16 input shards "
               f"({c0['input_bytes'] / 2**20:.0f} MiB); largest tensor {c0['largest_fp32_bytes'] / 2**20:.0f} MiB in fp32 "
               f"(largest block matrix {c0['largest_block_fp32_bytes'] / 2**20:.0f} MiB); baseline "
-              f"{c0['baseline_rss_bytes'] / 2**20:.0f} MiB = {c0['baseline']} (`lplr-convert --help` alone peaks at "
-              f"{_mib(c0.get('cli_help_rss_bytes'))} MiB: the CLI's imports)."), "",
+              f"{c0['baseline_rss_bytes'] / 2**20:.0f} MiB = {c0['baseline']}."), "",
               ("| shards | --max-shard-size | status | seconds | peak RSS MiB | above baseline MiB | x largest fp32 | "
               "x largest block fp32 | output shards |"), "|---|---|---|---|---|---|---|---|---|"]
         for r in conv:
@@ -674,8 +681,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--write", type=Path, default=None,
                     help="directory for results.jsonl and results.md (default: artifacts/bench for a full run, "
                          "nothing for --quick/--tiny)")
+    ap.add_argument("--render", type=Path, default=None,
+                    help="re-render results.md next to an existing results.jsonl and exit")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.render:
+        records = [json.loads(ln) for ln in args.render.read_text().splitlines() if ln.strip()]
+        args.render.with_name("results.md").write_text(markdown(records))
+        return 0
     if args.worker:
         for job in json.loads(args.worker):
             print(json.dumps(worker(job)), flush=True)
@@ -707,7 +720,8 @@ def main(argv: list[str] | None = None) -> int:
         for m, n in mode.shapes:
             wfile = str(work / f"w{m}x{n}.safetensors")
             for f in mode.fractions:
-                base = {"weight": wfile, "fraction": f, "seed": SEED, "device": device, "reps": args.reps}
+                base = {"weight": wfile, "fraction": f, "seed": SEED, "device": device, "reps": args.reps,
+                        "matmul_n": mode.matmul_n}
                 jobs = [{**base, "impl": "ours", "method": "laser", "quantizer": None, "bits": None}]
                 for b in mode.bits:
                     jobs += [{**base, "impl": "ours", "method": meth, "quantizer": q, "bits": b} for meth, q in OURS]
