@@ -49,7 +49,7 @@ def _inherited_metadata(out_dir: Path) -> dict:
 
     try:
         meta = ModelCard.load(path, ignore_metadata_errors=True).data.to_dict()
-    except Exception as e:  # noqa: BLE001  (a malformed source card must not block a push; the card just inherits nothing)
+    except Exception as e:  # noqa: BLE001  (a malformed source card must not block a push; it just passes nothing on)
         logger.warning(f"ignoring the metadata of {path} ({type(e).__name__}: {e})")
         return {}
     return {k: meta[k] for k in _INHERITED_KEYS if meta.get(k) is not None}
@@ -73,6 +73,8 @@ def _body(manifest: dict, out_dir: Path, repo_id: str | None) -> str:
         _results_text(summary),
         summary_markdown(manifest).rstrip(),
     ]
+    if (out_dir / C.PLOT_ERROR).is_file():  # the Hub renders images of the repo that a README links relatively
+        parts.append(f"![relative error per layer and matrix type]({C.PLOT_ERROR})")
     if not manifest.get(C.M_EVAL):
         parts.append("No model-level fidelity evaluation was recorded (run `lplr-convert eval --original SRC "
                      "--converted DST` before pushing to add one).")

@@ -26,6 +26,7 @@ __all__ = ["push"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _SKIP_SUFFIXES = (C.PARTIAL_SUFFIX,)
 _SKIP_NAMES = {C.PROGRESS_FILE, C.MODEL_CARD}  # the card replaces any README.md copied from the source
+_TEXT_SUFFIXES = (".json", ".md", ".txt", ".csv", ".yaml", ".yml", ".py", ".jinja")
 _TOKEN_FIX = "pass --token, set HF_TOKEN, or run `hf auth login`"
 
 
@@ -62,11 +63,15 @@ def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, rev
         raise LplrError("HF_HUB_OFFLINE is set, so nothing can be pushed; unset HF_HUB_OFFLINE (and "
                         "TRANSFORMERS_OFFLINE) to push, or pass --dry-run to only list what would be sent")
     token = _resolve_token(token)
+    _refuse_leaked_token(out_dir, files, card_bytes, token)
 
     api = HfApi(endpoint=result["endpoint"], token=token, library_name=C.TOOL_NAME, library_version=__version__)
     with _hub_errors(result["endpoint"], repo_id, token):
         api.whoami(token=token)  # fail early, before any upload, on a token the Hub rejects
         repo_url = api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model")
+        if private and api.repo_info(repo_id, repo_type="model").private is False:
+            raise LplrError(f"{repo_id} already exists and is public, so --private cannot apply; make it private "
+                            f"in its settings on the Hub first, or push without --private")
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)) for rel, path in files]
@@ -77,6 +82,17 @@ def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, rev
     result.update(dry_run=False, url=str(repo_url), commit_id=info.oid, commit_url=info.commit_url)
     logger.info(f"pushed {repo_id}: {info.commit_url}")
     return result
+
+
+def _refuse_leaked_token(out_dir: Path, files: list[tuple[str, Path]], card: bytes, token: str) -> None:
+    """Refuse to publish a text file (or the card) that contains the token, e.g. in a recorded command line."""
+    needle = token.encode("utf-8")
+    leaks = ["the generated model card"] if needle in card else []
+    leaks += [str(path) for _, path in files if path.suffix in _TEXT_SUFFIXES and path.stat().st_size < 64 << 20
+              and needle in path.read_bytes()]
+    if leaks:
+        raise LplrError(f"{', '.join(leaks)} contains your Hub token, so it must not be published; remove the token "
+                        f"from {out_dir} (and revoke it if it was shared), then push again")
 
 
 def _check_repo_id(repo_id: str) -> None:
@@ -178,7 +194,8 @@ def _explain(exc: BaseException, endpoint: str, repo_id: str) -> str | None:
             said = _first_line(getattr(e, "server_message", None) or "")
             said = f": {said}" if said else ""
             if status == 401:
-                return f"the Hub at {endpoint} rejected the token (401 Unauthorized{said}); {_TOKEN_FIX} with a valid token"
+                return (f"the Hub at {endpoint} rejected the token (401 Unauthorized{said}); {_TOKEN_FIX} "
+                        f"with a valid token")
             if status == 403:
                 return (f"the token may not write to {repo_id} (403 Forbidden{said}); use a token with write access "
                         f"to the {repo_id.split('/')[0]} namespace, or push to a repo you own")

@@ -1,4 +1,4 @@
-"""Hub push and model card, end to end with the real huggingface_hub client against a loopback Hub (tests/hub_server)."""
+"""Hub push and model card, end to end with the real huggingface_hub client against a loopback Hub (hub_server.py)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def make_output_dir(root: Path, *, source_repo: str | None = BASE, ev: dict | No
         w = f"encoder.layer.{i}.intermediate.dense.weight"
         parts = {f"{w}.{C.PART_LEFT}.{C.FIELD_PACKED}": torch.randint(0, 255, (40000 + 1000 * i,), generator=g,
                                                                        dtype=torch.uint8),
-                 f"{w}.{C.PART_RIGHT}.{C.FIELD_PACKED}": torch.randint(0, 255, (30000,), generator=g, dtype=torch.uint8),
+                 f"{w}.{C.PART_RIGHT}.{C.FIELD_PACKED}": torch.randint(0, 255, (30000,), generator=g,
+                                                                        dtype=torch.uint8),
                  f"{w}.{C.PART_LEFT}.{C.FIELD_SCALE}": torch.rand(96, generator=g),
                  f"encoder.layer.{i}.output.LayerNorm.weight": torch.randn(384, generator=g)}
         save_file(parts, out / name, metadata={C.META_FORMAT_KEY: C.META_FORMAT_VALUE})
@@ -57,7 +58,8 @@ def make_output_dir(root: Path, *, source_repo: str | None = BASE, ev: dict | No
         tensors.append({"name": w, "shape": [1536, 384], "dtype": "float32", "method": "lplr", "layer": i,
                         "matrix_type": "fc_in", "rank": 308, "b1": 8, "b2": 8, "shard": name,
                         "original_bytes": 2359296, "stored_bytes": stored_bytes,
-                        "bits_per_param": 8 * stored_bytes / (1536 * 384), "rel_error": rel_error, "energy_kept": None, "seconds": 0.04, "grew": False})
+                        "bits_per_param": 8 * stored_bytes / (1536 * 384), "rel_error": rel_error,
+                        "energy_kept": None, "seconds": 0.04, "grew": False})
         tensors.append({"name": f"encoder.layer.{i}.output.LayerNorm.weight", "shape": [384], "dtype": "float32",
                         "method": "copy", "layer": i, "matrix_type": None, "rank": None, "shard": name,
                         "original_bytes": 1536, "stored_bytes": 1536, "bits_per_param": 32.0, "rel_error": 0.0})
@@ -91,26 +93,26 @@ def make_output_dir(root: Path, *, source_repo: str | None = BASE, ev: dict | No
 
 
 def expected_files(out: Path) -> dict[str, Path]:
-    """What a push must upload: every file but the partial one; README.md is replaced by the card."""
+    """The local files a push must upload as they are: all but the partial one and README.md (the card's place)."""
     return {p.relative_to(out).as_posix(): p for p in sorted(out.rglob("*"))
-            if p.is_file() and not p.name.endswith(C.PARTIAL_SUFFIX)}
+            if p.is_file() and not p.name.endswith(C.PARTIAL_SUFFIX) and p.name != C.MODEL_CARD}
 
 
 def snapshot(out: Path) -> dict[str, str]:
     return {p.relative_to(out).as_posix(): sha256(p) for p in out.rglob("*") if p.is_file()}
 
 
-def assert_pushed(hub: HubServer, repo: str, out: Path, revision: str = "main") -> None:
+def assert_pushed(hub: HubServer, repo: str, out: Path, revision: str = "main", base: str | None = BASE) -> None:
     """Every file arrived byte-identical, the card replaced README.md and parses, nothing else was uploaded."""
     stored = hub.files(repo, revision)
     want = expected_files(out)
-    assert set(stored) == set(want) | {".gitattributes"}
+    assert set(stored) == set(want) | {".gitattributes", C.MODEL_CARD}
     for rel, path in want.items():
-        if rel != C.MODEL_CARD:
-            assert sha256(stored[rel]) == sha256(path), rel
+        assert sha256(stored[rel]) == sha256(path), rel
     card = ModelCard.load(stored[C.MODEL_CARD])
     assert str(card) == str(build_model_card(out, repo_id=repo))
-    assert card.data.base_model == BASE and card.data.base_model_relation == "quantized"
+    assert card.data.base_model == base
+    assert card.data.to_dict().get("base_model_relation") == ("quantized" if base else None)
     assert hub.errors == []
 
 
@@ -185,7 +187,8 @@ def test_card_is_honest_about_bad_numbers_and_missing_facts(tmp_path):
     assert "base_model_relation" not in card.data.to_dict()  # the Hub requires base_model with a relation
     assert "1.3700" in card.text and "137.0 %" in card.text  # a dreadful error is shown as it is
     assert "40.68 bits per parameter (the source: 32.00)" in card.text  # and so is a model that grew
-    assert "stored LARGER than in the source" in card.text and "`encoder.layer.1.intermediate.dense.weight`" in card.text
+    assert "stored LARGER than in the source" in card.text
+    assert "`encoder.layer.1.intermediate.dense.weight`" in card.text
     assert "No model-level fidelity evaluation was recorded" in card.text
     assert "`minilm`" in card.text and "# out" in card.text  # no repo id: the source's and the directory's names
 
@@ -204,13 +207,14 @@ def test_push_end_to_end_with_the_cli_in_a_fresh_process(tmp_path, hub):
     head = hub.head("tester/minilm-lplr")
     assert head.message == "first push"
     assert f"{hub.url}/tester/minilm-lplr/commit/{head.oid}" in proc.stderr  # logged by push
-    assert f"pushed {len(expected_files(out))} files to {hub.url}/tester/minilm-lplr" in proc.stdout
+    assert f"pushed {len(expected_files(out)) + 1} files to {hub.url}/tester/minilm-lplr" in proc.stdout
     assert VALID_TOKEN not in proc.stdout + proc.stderr  # not even in our or huggingface_hub's debug logs
     assert "(authenticated: True)" in proc.stderr  # (huggingface_hub's debug log of every request did run)
     assert snapshot(out) == before  # the output directory is left untouched (its README.md too)
     assert hub.count("POST", "/commit/") == 1  # one commit: the repo never holds half a model
 
 
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # huggingface_hub's own LFS PUT
 def test_push_resumes_after_a_failed_lfs_upload_and_skips_unchanged_files(tmp_path, lfs_hub):
     out = make_output_dir(tmp_path)
     repo = "tester/minilm-lplr"
@@ -235,6 +239,28 @@ def test_push_resumes_after_a_failed_lfs_upload_and_skips_unchanged_files(tmp_pa
     assert again["commit_id"] == result["commit_id"] == lfs_hub.head(repo).oid
 
 
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+def test_real_conversion_round_trips_through_the_hub(tmp_path, lfs_hub, tiny_llama_dir):
+    """A real conversion (report and plots included) pushed, rebuilt from what the Hub stored, loads identically."""
+    from lplr_convert import load_state_dict
+    from lplr_convert.convert import ConvertOptions, convert
+
+    out = tmp_path / "tiny-llama-lplr"
+    convert(ConvertOptions(in_path=str(tiny_llama_dir), out_path=str(out), command="lplr-convert ... (test)"))
+    result = push(out, "tester/tiny-llama-lplr")
+    assert_pushed(lfs_hub, "tester/tiny-llama-lplr", out, base=None)
+    assert {C.REPORT_MD, C.PLOT_ERROR, C.SAFE_INDEX} <= {f["path"] for f in result["files"]}
+    card = (lfs_hub.files("tester/tiny-llama-lplr")[C.MODEL_CARD]).read_text()
+    assert f"`{C.REPORT_MD}`" in card and "lplr-convert ... (test)" in card
+    assert f"]({C.PLOT_ERROR})" in card  # the error plot is shown in the card, and it was uploaded next to it
+    downloaded = tmp_path / "downloaded"
+    for rel, blob in lfs_hub.files("tester/tiny-llama-lplr").items():
+        (downloaded / rel).parent.mkdir(parents=True, exist_ok=True)
+        (downloaded / rel).write_bytes(blob.read_bytes())
+    ours, theirs = load_state_dict(out), load_state_dict(downloaded)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_push_resumes_after_a_failed_commit(tmp_path, hub):
     out = make_output_dir(tmp_path)
     hub.inject_fault("POST", "/commit/")
@@ -252,6 +278,23 @@ def test_private_repo_on_a_new_branch(tmp_path, hub):
     assert list(hub.files("tester/m", "main")) == [".gitattributes"]
     assert result["revision"] == "lplr" and result["commit_id"] == hub.head("tester/m", "lplr").oid
     push(out, "tester/m", revision="lplr")  # the branch exists now: still fine
+
+
+def test_private_is_refused_for_an_existing_public_repo(tmp_path, hub):
+    out = make_output_dir(tmp_path)
+    first = push(out, "tester/m")
+    with pytest.raises(LplrError, match="already exists and is public, so --private cannot apply"):
+        push(out, "tester/m", private=True)
+    assert hub.head("tester/m").oid == first["commit_id"] and hub.count("POST", "/commit/") == 1
+
+
+def test_a_token_recorded_in_the_output_is_never_published(tmp_path, hub):
+    out = make_output_dir(tmp_path)
+    (out / "tokenizer_config.json").write_text(json.dumps({"note": f"converted with token {VALID_TOKEN}"}))
+    with pytest.raises(LplrError, match="tokenizer_config.json contains your Hub token") as err:
+        push(out, "tester/m")
+    assert VALID_TOKEN not in str(err.value) and "\n" not in str(err.value)
+    assert hub.requests == []  # refused before contacting the Hub
 
 
 def test_token_from_argument_and_from_the_login_cache(tmp_path, hub, monkeypatch):
