@@ -148,7 +148,7 @@ def lfs_hub(tmp_path, monkeypatch, isolated_env):
         yield server
 
 
-def run_cli(*args: str, env: dict) -> subprocess.CompletedProcess:
+def run_cli_process(*args: str, env: dict) -> subprocess.CompletedProcess:
     """`lplr-convert ARGS` in a fresh process whose huggingface_hub reads only `env` (no HF_* of this process)."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
     return subprocess.run([sys.executable, "-m", "lplr_convert.cli", *args], env={**base, **env},
@@ -200,7 +200,7 @@ def test_push_end_to_end_with_the_cli_in_a_fresh_process(tmp_path, hub):
     before = snapshot(out)
     env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": VALID_TOKEN, "HF_HOME": str(tmp_path / "hf_home"),
            "HF_HUB_VERBOSITY": "debug", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    proc = run_cli("push", "--in-path", str(out), "--repo-id", "tester/minilm-lplr", "--commit-message", "first push",
+    proc = run_cli_process("push", "--in-path", str(out), "--repo-id", "tester/minilm-lplr", "--commit-message", "first push",
                    "--debug", env=env)
     assert proc.returncode == 0, proc.stderr
     assert_pushed(hub, "tester/minilm-lplr", out)
@@ -315,7 +315,7 @@ def test_wrong_token_is_a_one_line_error_that_never_shows_the_token(tmp_path, hu
     out = make_output_dir(tmp_path)
     wrong = "hf_thisIsAWrongTokenThatMustNeverBePrinted"
     env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf_home")}
-    proc = run_cli("push", "--in-path", str(out), "--repo-id", "tester/m", "--token", wrong, env=env)
+    proc = run_cli_process("push", "--in-path", str(out), "--repo-id", "tester/m", "--token", wrong, env=env)
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: the Hub at ")  # one line
     assert "rejected the token (401" in proc.stderr and "--token" in proc.stderr  # names the fix
