@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lplr_testing import run_cli
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -66,15 +68,6 @@ def tiny_bert_bin_dir(tmp_path_factory) -> Path:
     (path / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, path / "pytorch_model.bin")
     return path
-
-
-def run_cli(*args: str):
-    """Run the real CLI in-process through click's runner; returns the click Result."""
-    from click.testing import CliRunner
-
-    from lplr_convert.cli import main
-
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from lplr_convert import load_model, load_state_dict
 from lplr_convert.io.manifest import read_manifest
 from lplr_convert.io.reader import open_source
 
-from conftest import run_cli
+from lplr_testing import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,7 @@ from lplr_convert import constants as C
 from lplr_convert.io.manifest import read_manifest
 from lplr_convert.verify import verify
 
-from conftest import run_cli
+from lplr_testing import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
