@@ -351,3 +351,11 @@ def test_mutated_outputs_load_exactly_or_fail_clearly(clean_output, tmp_path_fac
     assert got.keys() == clean.keys()
     for k in clean:
         assert got[k].dtype == clean[k].dtype and torch.equal(got[k], clean[k])
+
+
+def test_hub_repo_id_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    line = _bad(run_cli("--in-path", "some-owner/some-model", "--out-path", str(tmp_path / "o"), "--no-report"),
+                "some-owner/some-model")
+    assert "Hub" in line and "local directory" in line
+    assert not (tmp_path / "o").exists()
