@@ -1,0 +1,217 @@
+"""Model-level fidelity on the real all-MiniLM-L6-v2 and on a tiny causal LM built here: exact properties."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lplr_convert import constants as C
+from lplr_convert import evaluate as ev
+from lplr_convert.errors import LplrError
+from lplr_convert.evaluate import compare_embeddings, evaluate, evaluate_state_dict, load_texts, model_kind
+from lplr_convert.io.manifest import read_manifest
+
+TEXTS = load_texts(max_texts=24)[0]
+
+
+def _perturbed(sd: dict[str, torch.Tensor], scale: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Gaussian noise of `scale` times each 2-D block weight's std; everything else unchanged."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + scale * v.float().std() * torch.randn(v.shape, generator=g) if v.ndim == 2 and "layer" in k else v
+            for k, v in sd.items()}
+
+
+@pytest.fixture(scope="module")
+def minilm_sd(minilm_dir):
+    return load_file(str(minilm_dir / C.SAFE_SINGLE))
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory, minilm_dir):
+    """A tiny random Llama (hidden 32, 2 layers, fp32, seed 0) that uses MiniLM's BERT tokenizer for its token ids."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp("tiny_lm")
+    LlamaForCausalLM(cfg).save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- pure parts
+
+
+def test_compare_embeddings_properties():
+    a = torch.randn(20, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    same = compare_embeddings(a, a.clone())
+    assert same == {"cosine_mean": pytest.approx(1.0, abs=1e-12), "cosine_min": pytest.approx(1.0, abs=1e-12),
+                    "neighbour_kept": 1.0}
+    assert compare_embeddings(a, 3.0 * a)["cosine_min"] == pytest.approx(1.0, abs=1e-12)  # scale does not matter
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+    rotated = compare_embeddings(a, a @ q)  # every pairwise cosine kept, each vector moved
+    assert rotated["neighbour_kept"] == 1.0 and rotated["cosine_mean"] < 0.9
+    flipped = compare_embeddings(a, -a)
+    assert flipped["cosine_mean"] == pytest.approx(-1.0) and flipped["neighbour_kept"] == 1.0
+    shuffled = compare_embeddings(a, a[torch.arange(19, -1, -1)])
+    assert shuffled["neighbour_kept"] < 0.5 and shuffled["cosine_min"] < shuffled["cosine_mean"] < 1
+    with pytest.raises(ValueError):
+        compare_embeddings(a, a[:, :8])
+
+
+def test_load_texts(tmp_path):
+    texts, source = load_texts()
+    assert 60 <= len(texts) <= 100 and len(set(texts)) == len(texts) and "packaged" in source
+    assert all(t == t.strip() and len(t.split()) >= 4 for t in texts)
+    assert load_texts(max_texts=5)[0] == texts[:5]
+    f = tmp_path / "t.txt"
+    f.write_text("first line\n\n  second line  \nthird\n", encoding="utf-8")
+    assert load_texts(f) == (["first line", "second line", "third"], str(f.resolve()))
+    assert load_texts(["a b", "c d"])[0] == ["a b", "c d"]
+    for bad in (tmp_path / "missing.txt", tmp_path / "one.txt"):
+        if bad.name == "one.txt":
+            bad.write_text("only one\n")
+        with pytest.raises(LplrError):
+            load_texts(bad)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\nx y\n".encode("latin-1"))
+    with pytest.raises(LplrError, match="UTF-8"):
+        load_texts(tmp_path / "latin1.txt")
+
+
+def test_model_kind(minilm_dir, tiny_lm_dir, tiny_gpt2_dir, tmp_path):
+    assert model_kind(minilm_dir) == ev.KIND_ENCODER
+    assert model_kind(tiny_lm_dir) == ev.KIND_CAUSAL
+    assert model_kind(tiny_gpt2_dir) == ev.KIND_CAUSAL  # GPT2LMHeadModel
+    with pytest.raises(LplrError, match="config.json"):
+        model_kind(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------- encoders
+
+
+def test_encoder_identical_and_perturbed(minilm_dir, minilm_sd):
+    same = evaluate_state_dict(minilm_dir, minilm_sd, TEXTS)
+    assert same["kind"] == "encoder" and same["texts"] == len(TEXTS)
+    assert same["cosine_mean"] == pytest.approx(1.0, abs=1e-9) and same["cosine_min"] == pytest.approx(1.0, abs=1e-9)
+    assert same["neighbour_kept"] == 1.0
+    assert same["tensors_loaded"] == len(minilm_sd) - 1  # position_ids is not a parameter of the model
+    prefixed = {f"bert.{k}": v for k, v in _perturbed(minilm_sd, 0.3).items()}  # names of a BertFor* checkpoint
+    worse = evaluate_state_dict(minilm_dir, prefixed, TEXTS)
+    assert worse["tensors_loaded"] == same["tensors_loaded"]
+    assert 0.3 < worse["cosine_min"] <= worse["cosine_mean"] < 0.9999
+    assert worse["neighbour_kept"] <= 1.0
+
+
+def test_overwrite_weights_maps_names_and_refuses_misfits():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(3)
+    model = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32, max_position_embeddings=16))
+    name = "encoder.layer.0.attention.self.query.weight"
+    new = torch.randn(16, 16, dtype=torch.float64)
+    assert ev._overwrite_weights(model, [(f"bert.{name}", new), ("bert.embeddings.position_ids", torch.arange(16))],
+                                 None) == 1
+    assert torch.equal(model.state_dict()[name], new.float())  # cast to the model's dtype, in place
+    with pytest.raises(LplrError, match="shape"):
+        ev._overwrite_weights(model, [(name, torch.zeros(16, 15))], None)
+    with pytest.raises(LplrError, match="no place"):
+        ev._overwrite_weights(model, [("cls.predictions.decoder.weight", torch.zeros(50, 16))], None)
+    # Only the required names must land (the converter's compressed tensors).
+    assert ev._overwrite_weights(model, [("cls.predictions.decoder.weight", torch.zeros(50, 16)), (name, new)],
+                                 {name}) == 1
+    with pytest.raises(LplrError, match="no place"):
+        ev._overwrite_weights(model, [("lm_head.weight", torch.zeros(50, 16))], {"lm_head.weight"})
+
+
+def test_plain_encoder_mean_pooling_matches_sentence_transformers(minilm_dir, tmp_path):
+    plain = tmp_path / "plain"  # the same BERT without modules.json: AutoModel + mean pooling
+    plain.mkdir()
+    for f in minilm_dir.iterdir():
+        if f.is_file() and f.name != "modules.json":
+            shutil.copy(f, plain / f.name)
+    a = ev._Encoder(plain, "cpu").embed(TEXTS)
+    b = ev._Encoder(minilm_dir, "cpu").embed(TEXTS)
+    assert compare_embeddings(a, b)["cosine_min"] > 1 - 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------- causal LMs
+
+
+def test_causal_identical_and_perturbed(tiny_lm_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sd = load_file(str(tiny_lm_dir / C.SAFE_SINGLE))
+    same = evaluate_state_dict(tiny_lm_dir, sd, TEXTS)
+    assert same["kind"] == "causal_lm"
+    assert same["kl_mean"] == 0.0 and same["top1_agreement"] == 1.0
+    assert same["perplexity_converted"] == same["perplexity_original"]
+    # Perplexity against the model's own loss, one unpadded text at a time.
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for t in TEXTS:
+            ids = tok(t, return_tensors="pt")["input_ids"]
+            nll += float(model(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
+            n += ids.shape[1] - 1
+    assert same["tokens"] == n
+    assert same["perplexity_original"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+
+    noisy = _perturbed(sd, 0.5)
+    worse = evaluate_state_dict(tiny_lm_dir, noisy, TEXTS)
+    assert worse["kl_mean"] > 1e-4 and worse["top1_agreement"] < 1.0
+    assert worse["perplexity_original"] == same["perplexity_original"]
+    assert worse["perplexity_converted"] != worse["perplexity_original"]
+    monkeypatch.setattr(ev, "_SPILL_BYTES", 0)  # every batch of original log-probs goes through a temp file
+    spilled = evaluate_state_dict(tiny_lm_dir, noisy, TEXTS)
+    for key in ("kl_mean", "top1_agreement", "perplexity_original", "perplexity_converted", "tokens"):
+        assert spilled[key] == worse[key]
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+
+
+def test_evaluate_writes_the_manifest_and_report(converted, minilm_dir, tiny_lm_dir, tmp_path):
+    results = {}
+    for method in ("lplr", "rtn"):  # the CLI defaults: lplr rank fraction 0.8 with 8/8 bits; rtn 8 bits
+        out = tmp_path / method
+        shutil.copytree(converted(method), out)  # the session's shared conversions stay untouched
+        opts = read_manifest(out)[C.M_OPTIONS]["settings"]
+        assert (opts["rank"], opts["b1"], opts["b2"], opts["b0"]) == ({"kind": "rank_fraction", "value": 0.8}, 8, 8, 8)
+        before = json.loads((out / C.MANIFEST_FILE).read_text())
+        results[method] = res = evaluate(minilm_dir, out, max_texts=20)
+        assert 0 < res["cosine_min"] <= res["cosine_mean"] <= 1 and res["texts"] == 20
+        after = read_manifest(out)  # still complete and intact
+        assert after.pop(C.M_EVAL) == res
+        before.pop(C.M_EVAL)
+        assert after == before
+        md = (out / C.REPORT_MD).read_text()
+        assert "## Fidelity" in md and f"{res['cosine_mean']:.4f}" in md
+    assert results["rtn"]["cosine_mean"] > 0.999 > results["lplr"]["cosine_mean"]  # the honest baseline
+    assert results["rtn"]["neighbour_kept"] >= results["lplr"]["neighbour_kept"]
+    with pytest.raises(LplrError, match="llama"):
+        evaluate(tiny_lm_dir, tmp_path / "rtn")
+    with pytest.raises(LplrError, match="not a local directory"):
+        evaluate(tmp_path / "nowhere", tmp_path / "rtn")
+
+
+def test_evaluate_causal_end_to_end(tiny_lm_dir, tmp_path):
+    from lplr_convert.convert import ConvertOptions, convert
+    from lplr_convert.methods import MethodSettings
+
+    out = tmp_path / "rtn4"
+    convert(ConvertOptions(in_path=str(tiny_lm_dir), out_path=str(out), settings=MethodSettings(method="rtn", b0=4)))
+    res = evaluate(tiny_lm_dir, out, text=TEXTS[:12])
+    assert res["kind"] == "causal_lm" and res["text_source"] == "list"
+    assert 0 < res["kl_mean"] < 0.5 and 0 < res["top1_agreement"] <= 1
+    assert read_manifest(out)[C.M_EVAL]["kl_mean"] == res["kl_mean"]
+    assert "KL(original ‖ converted)" in (out / C.REPORT_MD).read_text()
