@@ -48,7 +48,7 @@ def _resolve_spectra(out_dir: Path, manifest: dict, rows: list[dict], spectra: d
     names = {r["name"] for r in rows}
     if spectra:
         return {n: [float(v) for v in c] for n, c in spectra.items() if n in names and len(c)}
-    prev = _previous_spectra(out_dir, names)
+    prev = _previous_spectra(out_dir, {r["name"] for r in rows if r["method"] != "copy"})
     if prev:
         return prev
     try:

@@ -73,9 +73,15 @@ def source_spectra(manifest: dict, names: list[str], points: int = CURVE_POINTS)
     from ..math.svd import singular_values
 
     path = (manifest.get(C.M_SOURCE) or {}).get("path")
-    if not path or not Path(path).is_dir():
+    if not path:
         return {}
-    files = _safetensors_files(Path(path))
+    path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":  # --in-path was a single file
+        files = [path]
+    elif path.is_dir():
+        files = _safetensors_files(path)
+    else:
+        return {}
     out: dict[str, list[float]] = {}
     wanted = set(names)
     for f in files:
