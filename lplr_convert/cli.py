@@ -284,16 +284,22 @@ def report(**kw):
       help="Text file, one sentence per line (default: sentences shipped with the package).")
 @_opt("--device", default="cpu", show_default=True, section="Run", help="cpu, cuda or auto.")
 @_opt("--max-texts", type=int, default=256, show_default=True, section="Run", help="Use at most this many lines.")
+@_opt("--json", "as_json", is_flag=True, section="Output", help="Print the result as JSON.")
 @debug_option
 @_friendly
 def eval_(**kw):
-    """Run original and converted models on text; report embedding cosine or perplexity and KL."""
+    """Run original and converted models on text; report embedding cosine or perplexity and KL (saved in the report)."""
     import json
 
     from .evaluate import evaluate
+    from .report.tables import eval_items
 
     result = evaluate(kw["original"], kw["converted"], kw["text"], device=kw["device"], max_texts=kw["max_texts"])
-    click.echo(json.dumps(result, indent=2))
+    if kw["as_json"]:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for label, value in eval_items(result):
+        click.echo(f"{label:<42} {value}")
 
 
 @main.command(cls=_Sectioned)

@@ -83,6 +83,10 @@ def _config(root: Path) -> dict:
 
 def _check_original(original: str | os.PathLike) -> Path:
     root = Path(original).expanduser()
+    if str(original).startswith("bundled:"):
+        from .io.reader import resolve_source
+
+        root = resolve_source(str(original))[0]
     if not root.is_dir():
         raise LplrError(f"--original {original} is not a local directory; evaluation is offline, pass the source "
                         f"model's directory (download it first with `hf download`)")
