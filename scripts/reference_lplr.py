@@ -85,9 +85,13 @@ def lplr(W: torch.Tensor, r: int, b1: int, b2: int, sketch: torch.Tensor) -> tor
     return _refit(X, Z, b2)
 
 
-def _svd(X: torch.Tensor, r: int, canonical_signs: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-r float32 LAPACK SVD, optionally flipped so that each left vector's largest-|.| entry is positive."""
-    U, s, Vh = torch.linalg.svd(X, full_matrices=False)
+SVD = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _svd(X: torch.Tensor, r: int, canonical_signs: bool, svd: SVD | None) -> SVD:
+    """Top-r float32 LAPACK SVD (or the given thin SVD of X), optionally flipped so that each left vector's
+    largest-magnitude entry is positive."""
+    U, s, Vh = svd if svd is not None else torch.linalg.svd(X, full_matrices=False)
     U, s, Vh = U[:, :r], s[:r], Vh[:r]
     if canonical_signs:
         sign = torch.sign(U.gather(0, U.abs().argmax(dim=0, keepdim=True)))
@@ -97,26 +101,29 @@ def _svd(X: torch.Tensor, r: int, canonical_signs: bool) -> tuple[torch.Tensor, 
 
 
 def lsvd(W: torch.Tensor, r: int, b1: int, b2: int, sketch: torch.Tensor | None = None,
-         canonical_signs: bool = True) -> torch.Tensor:
+         canonical_signs: bool = True, svd: SVD | None = None) -> torch.Tensor:
     """Published LPLR-SVD: Z = Q_b1(U_r Sigma_r [S]), R = Q_b2(pinv(Z) W); returns Z R (float32).
 
     ``sketch`` (r x r) reproduces the published default that multiplies U_r Sigma_r by a Gaussian before quantizing;
-    None is the paper's plain variant.
+    None is the paper's plain variant. ``svd``: a precomputed ``torch.linalg.svd(W.float(), full_matrices=False)``
+    to share between calls.
     """
     X = W.detach().cpu().float()
     _check_rank(X, r)
-    U, s, _ = _svd(X, r, canonical_signs)
+    U, s, _ = _svd(X, r, canonical_signs, svd)
     Z = U * s
     if sketch is not None:
         Z = Z @ sketch.detach().cpu().float()
     return _refit(X, quantize(Z, b1).float(), b2)
 
 
-def dsvd(W: torch.Tensor, r: int, b1: int, b2: int, canonical_signs: bool = True) -> torch.Tensor:
-    """Published direct-SVD baseline: Q_b1(U_r) Q_b2(Sigma_r V_r^T), no refit (float64, as published)."""
+def dsvd(W: torch.Tensor, r: int, b1: int, b2: int, canonical_signs: bool = True,
+         svd: SVD | None = None) -> torch.Tensor:
+    """Published direct-SVD baseline: Q_b1(U_r) Q_b2(Sigma_r V_r^T), no refit (float64, as published).
+    ``svd`` as for `lsvd`."""
     X = W.detach().cpu().float()
     _check_rank(X, r)
-    U, s, Vh = _svd(X, r, canonical_signs)
+    U, s, Vh = _svd(X, r, canonical_signs, svd)
     return quantize(U, b1) @ quantize(s[:, None] * Vh, b2)
 
 

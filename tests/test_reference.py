@@ -39,14 +39,14 @@ def _load_reference():
 ref = _load_reference()
 
 
-def _reference_error(W: torch.Tensor, method: str, bits: int, r: int | None, seed: int,
+def _reference_error(W: torch.Tensor, method: str, bits: int, r: int | None, seed: int, svd,
                      canonical_signs: bool = True) -> float:
     if method == "lplr":
         approx = ref.lplr(W, r, bits, bits, sketch_matrix(W.shape[1], r, seed))
     elif method == "lsvd":
-        approx = ref.lsvd(W, r, bits, bits, canonical_signs=canonical_signs)
+        approx = ref.lsvd(W, r, bits, bits, canonical_signs=canonical_signs, svd=svd)
     elif method == "dsvd":
-        approx = ref.dsvd(W, r, bits, bits, canonical_signs=canonical_signs)
+        approx = ref.dsvd(W, r, bits, bits, canonical_signs=canonical_signs, svd=svd)
     else:
         approx = ref.naive(W, bits)
     return ref.rel_error(W, approx)
@@ -69,11 +69,12 @@ def table(minilm_dir) -> list[dict]:
         for name in NAMES:
             W = fh.get_tensor(name).float()
             seed = derive_seed(0, name)
+            svd = torch.linalg.svd(W, full_matrices=False)  # one LAPACK SVD shared by the reference calls
             for method, bits, fraction in CASES:
                 r = None if fraction is None else math.ceil(fraction * min(W.shape))
                 row = {"name": name, "method": method, "bits": bits, "fraction": fraction,
-                       "reference": _reference_error(W, method, bits, r, seed)}
-                row["reference_lapack_signs"] = (_reference_error(W, method, bits, r, seed, False)
+                       "reference": _reference_error(W, method, bits, r, seed, svd)}
+                row["reference_lapack_signs"] = (_reference_error(W, method, bits, r, seed, svd, False)
                                                  if method in ("lsvd", "dsvd") else row["reference"])
                 for quantizer in ("tensor", "channel"):
                     res = _ours(W, method, bits, fraction, quantizer, seed)

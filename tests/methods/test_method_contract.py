@@ -140,8 +140,12 @@ def minilm(minilm_dir) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def minilm_sigma2(minilm) -> dict[str, torch.Tensor]:
-    """Squared singular values from LAPACK in float64 (independent of the package's own SVD routes)."""
-    return {name: torch.linalg.svdvals(W.double()).square() for name, W in minilm.items()}
+    """Squared singular values: LAPACK eigenvalues of the float64 Gram (independent of the package's SVD routes)."""
+    out = {}
+    for name, W in minilm.items():
+        A = W.double() if W.shape[0] >= W.shape[1] else W.double().T
+        out[name] = torch.linalg.eigvalsh(A.T @ A).flip(0).clamp_min(0)
+    return out
 
 
 @pytest.mark.parametrize("method", ["lsvd", "dsvd"])
