@@ -2,11 +2,21 @@
 
 __version__ = "0.1.0"
 
-from .errors import IncompleteOutputError, LplrError  # noqa: E402
-from .methods import MethodSettings, RankPolicy, available_methods, get_method  # noqa: E402
+from .errors import IncompleteOutputError, LplrError
+from .methods import MethodSettings, RankPolicy, available_methods, get_method
 
-__all__ = ["__version__", "LplrError", "IncompleteOutputError", "MethodSettings", "RankPolicy", "available_methods",
-           "get_method", "convert", "load_state_dict", "load_model"]
+__all__ = [
+    "IncompleteOutputError",
+    "LplrError",
+    "MethodSettings",
+    "RankPolicy",
+    "__version__",
+    "available_methods",
+    "convert",
+    "get_method",
+    "load_model",
+    "load_state_dict",
+]
 
 
 def __getattr__(name):  # heavy modules load lazily

@@ -238,7 +238,7 @@ def inspect(**kw):
         shape = "x".join(map(str, r["shape"]))
         out = "?" if r["predicted_bytes"] is None else f"{r['predicted_bytes'] / 1e6:8.3f}"
         flag = "  GROWS" if r["grows"] else ""
-        click.echo(f"{r['name'][:60]:<60} {shape:>14} {r['dtype']:>8} {r['method']:>7} {str(r['rank'] or ''):>6} "
+        click.echo(f"{r['name'][:60]:<60} {shape:>14} {r['dtype']:>8} {r['method']:>7} {r['rank'] or ''!s:>6} "
                    f"{r['original_bytes'] / 1e6:8.3f} {out:>8}{flag}")
     note = "" if info["exact"] else " (energy policy: ranks depend on the data, sizes of those tensors unknown)"
     click.echo(f"{info['n_compressed']} tensors to compress; weights {info['original_bytes'] / 1e6:.1f} MB -> "

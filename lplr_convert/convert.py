@@ -19,13 +19,13 @@ from . import constants as C
 from .errors import LplrError
 from .io.manifest import integrity_hash, sha256_file, write_json_atomic
 from .io.reader import SourceCheckpoint, open_source
-from .io.writer import ShardWriter, ClosedShard
+from .io.writer import ClosedShard, ShardWriter
 from .math.sketch import derive_seed
 from .methods import MethodSettings, get_method
 from .methods._common import dtype_name
 from .plan import PlanOptions, TensorPlan, load_recipe, make_plan, parse_layers, parse_types
 
-__all__ = ["ConvertOptions", "convert", "inspect", "resolve_device", "parse_size", "summarize"]
+__all__ = ["ConvertOptions", "convert", "inspect", "parse_size", "resolve_device", "summarize"]
 
 NONFINITE_CHOICES = ("error", "copy")
 
@@ -331,7 +331,7 @@ def _prefetched(items, enabled: bool, pin: bool):
             for name, t in items:
                 slot.put((name, t.pin_memory() if pin else t))
             slot.put(done)
-        except BaseException as e:  # handed to the consumer
+        except BaseException as e:  # noqa: BLE001  (handed to the consumer thread)
             slot.put(e)
 
     threading.Thread(target=work, daemon=True).start()
@@ -473,7 +473,7 @@ def _write_report(out: Path, manifest: dict) -> None:
         return
     try:
         write_report(out, manifest)
-    except Exception as e:  # the conversion itself is complete; a report failure must not hide it
+    except Exception as e:  # noqa: BLE001  # the conversion itself is complete; a report failure must not hide it
         logger.warning(f"the report could not be written ({type(e).__name__}: {e}); run `lplr-convert report`")
 
 

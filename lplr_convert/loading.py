@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from loguru import logger
@@ -17,7 +17,7 @@ from .errors import LplrError
 from .io.manifest import read_manifest, sha256_file, write_json_atomic
 from .methods import get_method
 
-__all__ = ["load_state_dict", "load_model", "iter_dense", "LowRankLinear", "decompress"]
+__all__ = ["LowRankLinear", "decompress", "iter_dense", "load_model", "load_state_dict"]
 
 
 class LowRankLinear(nn.Module):
@@ -69,13 +69,13 @@ class _Shards:
                                     f"re-run the conversion, or re-download it")
             try:
                 self._open = safe_open(str(path), framework="pt", device=self.device)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001  (SafetensorError, OSError, ...)
                 raise LplrError(f"shard {shard} is unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__});"
                                 f" run `lplr-convert verify` and re-run the conversion") from None
             self._open_name = shard
         try:
             return self._open.get_tensor(name)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             raise LplrError(f"tensor {name} cannot be read from {shard} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                             f"run `lplr-convert verify` and re-run the conversion") from None
 

@@ -13,8 +13,19 @@ from .errors import LplrError
 from .methods import MethodSettings, RankPolicy
 from .methods.settings import RANK_POLICIES
 
-__all__ = ["TensorPlan", "PlanOptions", "make_plan", "block_index", "matrix_type", "parse_layers", "parse_types",
-           "load_recipe", "MATRIX_TYPES", "TYPE_GROUPS", "CONV1D_MODEL_TYPES"]
+__all__ = [
+    "CONV1D_MODEL_TYPES",
+    "MATRIX_TYPES",
+    "TYPE_GROUPS",
+    "PlanOptions",
+    "TensorPlan",
+    "block_index",
+    "load_recipe",
+    "make_plan",
+    "matrix_type",
+    "parse_layers",
+    "parse_types",
+]
 
 MATRIX_TYPES = ("q_proj", "k_proj", "v_proj", "qkv", "out_proj", "fc_in", "fc_up", "fc_out", "other")
 # LASER's lname vocabulary -> matrix types ("dont" selects nothing).
@@ -73,13 +84,17 @@ def matrix_type(name: str) -> str | None:
     return "other"
 
 
+def _items(spec: str | list) -> list:
+    """A comma-separated option value or a list from a recipe, as a list."""
+    return spec if isinstance(spec, list) else [s for s in str(spec).replace(" ", "").split(",") if s]
+
+
 def parse_layers(spec: str | list | None) -> list[int] | None:
     """'0,3,5-7' or [0, 3] -> sorted list; -1 (or 'all') means every block (None)."""
     if spec is None:
         return None
-    items = spec if isinstance(spec, list) else [s for s in str(spec).replace(" ", "").split(",") if s]
     out: set[int] = set()
-    for item in items:
+    for item in _items(spec):
         s = str(item)
         if s in ("-1", "all"):
             return None
@@ -98,9 +113,8 @@ def parse_types(spec: str | list | None) -> set[str] | None:
     """LASER lnames ('fc_in,attn', ['mlp']) -> set of matrix types."""
     if spec is None:
         return None
-    items = spec if isinstance(spec, list) else [s for s in str(spec).replace(" ", "").split(",") if s]
     out: set[str] = set()
-    for t in items:
+    for t in _items(spec):
         if t not in TYPE_GROUPS:
             raise LplrError(f"--types {t!r} is unknown; use any of {', '.join(TYPE_GROUPS)}")
         out |= TYPE_GROUPS[t]
@@ -121,9 +135,7 @@ class Rule:
             return False
         if self.layers is not None and layer not in self.layers:
             return False
-        if self.types is not None and mtype not in self.types:
-            return False
-        return True
+        return self.types is None or mtype in self.types
 
 
 @dataclass(frozen=True)
@@ -192,7 +204,7 @@ def load_recipe(path: str | Path, base: MethodSettings) -> tuple[MethodSettings,
             import yaml
 
             doc = yaml.safe_load(text)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  (yaml and json parse errors)
         raise LplrError(f"--recipe {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'} "
                         f"({str(e).splitlines()[0]})") from None
     if isinstance(doc, list):

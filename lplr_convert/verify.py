@@ -74,7 +74,7 @@ def verify(path: str | Path, source: str | None = None, sample: int = 8, toleran
                                 f"{rec['rel_error']:.6g}")
         missing = set(want) - {c["name"] for c in checked}
         if missing:
-            problems.append(f"the source lacks {len(missing)} converted tensors (first: {sorted(missing)[0]}); "
+            problems.append(f"the source lacks {len(missing)} converted tensors (first: {min(missing)}); "
                             f"--source is not the checkpoint this was converted from")
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from lplr_testing import run_cli
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -15,15 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from lplr_testing import run_cli
 from safetensors.torch import save_file
 
 from lplr_convert import IncompleteOutputError, LplrError, load_state_dict
 from lplr_convert import constants as C
 from lplr_convert.io.manifest import read_manifest
-from lplr_convert.verify import verify
-
-from lplr_testing import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +80,7 @@ def _run(args, kill=None, limit_bytes=None):
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
 
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    return subprocess.run(cmd, env=env, check=False, capture_output=True, text=True, timeout=300, preexec_fn=limit)
 
 
 def _outputs(out: Path) -> dict[str, str]:
@@ -283,7 +282,8 @@ def test_bin_with_more_than_tensors_is_refused(tmp_path):
 
 def test_debug_shows_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lplr_convert.cli", "--in-path", str(tmp_path / "nope"),
-                           "--out-path", str(tmp_path / "o"), "--debug"], capture_output=True, text=True)
+                           "--out-path", str(tmp_path / "o"), "--debug"], check=False, capture_output=True,
+                          text=True)
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 

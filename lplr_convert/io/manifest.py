@@ -10,7 +10,7 @@ from pathlib import Path
 from .. import constants as C
 from ..errors import IncompleteOutputError, LplrError
 
-__all__ = ["read_manifest", "write_json_atomic", "sha256_file", "is_complete", "integrity_hash"]
+__all__ = ["integrity_hash", "is_complete", "read_manifest", "sha256_file", "write_json_atomic"]
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:

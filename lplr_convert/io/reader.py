@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from loguru import logger
@@ -15,7 +15,7 @@ from loguru import logger
 from .. import constants as C
 from ..errors import LplrError
 
-__all__ = ["SourceCheckpoint", "TensorHeader", "resolve_source", "open_source", "WEIGHT_SUFFIXES", "BUNDLED"]
+__all__ = ["BUNDLED", "WEIGHT_SUFFIXES", "SourceCheckpoint", "TensorHeader", "open_source", "resolve_source"]
 
 # Files that hold weights in some format; never copied verbatim into an output directory.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
@@ -90,14 +90,14 @@ class _open_weight_file:
 
             try:
                 self._f = safe_open(str(self.path), framework="pt", device="cpu")
-            except Exception as e:  # SafetensorError, OSError
+            except Exception as e:  # noqa: BLE001  (SafetensorError, OSError, ...)  # SafetensorError, OSError
                 raise _bad_file(self.path, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
             self._f.__enter__()
 
             def get(name: str) -> torch.Tensor:
                 try:
                     return self._f.get_tensor(name)
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001
                     raise _bad_file(self.path, f"tensor {name}: {e}") from None
 
             return get
@@ -220,6 +220,7 @@ def resolve_source(in_path: str, revision: str | None = None) -> tuple[Path, str
 
 def _download(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     try:
         files = HfApi().list_repo_files(repo_id, revision=revision)
@@ -228,7 +229,13 @@ def _download(repo_id: str, revision: str | None) -> Path:
             allow += ["*.bin"]
         logger.info(f"downloading {repo_id}" + (f"@{revision}" if revision else "") + " from the Hub")
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow))
-    except Exception as e:
+    except RevisionNotFoundError:
+        raise LplrError(f"revision {revision!r} does not exist in {repo_id} on the Hub; pass an existing branch, "
+                        f"tag or commit id with --revision") from None
+    except RepositoryNotFoundError:
+        raise LplrError(f"{repo_id} was not found on the Hub (or your token cannot read it); check the repo id, or "
+                        f"set HF_TOKEN for a private or gated repo") from None
+    except Exception as e:  # noqa: BLE001  (every client failure becomes one line)
         kind = type(e).__name__
         msg = str(e).strip().splitlines()[0] if str(e).strip() else kind
         raise LplrError(f"cannot fetch {repo_id} from the Hub ({kind}: {msg[:160]}); check the repo id and your "

@@ -19,7 +19,7 @@ from .. import constants as C
 from ..errors import LplrError
 from .manifest import sha256_file
 
-__all__ = ["ShardWriter", "ClosedShard", "serialize_header", "tensor_bytes", "ST_DTYPE_NAMES"]
+__all__ = ["ST_DTYPE_NAMES", "ClosedShard", "ShardWriter", "serialize_header", "tensor_bytes"]
 
 ST_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                   torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -88,7 +88,7 @@ class ShardWriter:
         if self._entries and self._size + total > self.max_shard_bytes:
             self.close_shard()
         if self._data is None:
-            self._data = open(self._data_path(), "wb")
+            self._data = open(self._data_path(), "wb")  # noqa: SIM115  (kept open across calls)
         for name, t in items:
             if t.dtype not in ST_DTYPE_NAMES:
                 raise LplrError(f"tensor {name} has dtype {t.dtype}, which safetensors cannot store")
