@@ -1,13 +1,24 @@
-"""A minimal Hugging Face Hub-compatible HTTP server for upload tests, bound to 127.0.0.1 only.
+"""A minimal Hugging Face Hub-compatible HTTP server for upload and download tests, bound to 127.0.0.1 only.
 
-It implements the endpoints that `HfApi.whoami`, `create_repo`, `create_branch`, `create_commit` and `upload_folder`
+Upload side: the endpoints that `HfApi.whoami`, `create_repo`, `create_branch`, `create_commit` and `upload_folder`
 call in huggingface_hub 2.x (read from its source): whoami-v2, repos/create (409 + url when the repo exists), model
 info, validate-yaml, preupload, the NDJSON commit (base64 regular files and LFS pointers), the git-LFS batch API with a
 plain PUT upload and verify, and branch creation. It does not implement Xet: files are answered "regular" in preupload
 unless `lfs_threshold` is set, in which case the client must run with HF_HUB_DISABLE_XET=1 to use the LFS batch API.
 
-Repositories live in memory, file contents on disk under `root/objects/<sha256>`. One token is valid; any other gets
-401. Every request is recorded in `requests` (method, path, status), and `inject_fault` makes chosen requests fail.
+Download side (what `list_repo_files`, `repo_info` and `snapshot_download`/`hf_hub_download` call): model info at a
+branch or a full commit id (`sha`, `siblings`), the tree listing (recursive or not, under a folder, paginated with a
+`Link: rel="next"` header every `tree_page_size` entries), and `HEAD`/`GET /{repo}/resolve/{rev}/{path}`. A regular
+file is answered 200 with `ETag` (its git blob id), `X-Repo-Commit` and `Content-Length`; an LFS file (what
+.gitattributes tracks: *.safetensors, *.bin) is answered like the real Hub with a 302 whose `Location` is a "CDN" on
+another origin (`http://localhost:<port>/cdn/<sha256>`, so the client stops there and drops its token), carrying
+`X-Linked-Etag` (the sha256), `X-Linked-Size` and `X-Repo-Commit`; the CDN refuses a request that carries an
+Authorization header, as a signed storage URL does. No Xet header or `xetHash` is ever sent, so hf_xet is never used.
+Errors carry `X-Error-Code` (RepoNotFound, RevisionNotFound, EntryNotFound) so the client raises its typed errors.
+
+Repositories live in memory, file contents on disk under `root/objects/<sha256>`; `add_files` places files directly
+(no upload round trip). One token is valid; any other gets 401. Every request is recorded in `requests` (method, path,
+status, host, whether it carried a token), and `inject_fault` makes chosen requests fail.
 """
 
 from __future__ import annotations
@@ -16,8 +27,11 @@ import base64
 import hashlib
 import json
 import re
+import shutil
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -27,6 +41,7 @@ import yaml
 VALID_TOKEN = "hf_loopbackTestToken0123456789abcdefXYZ"
 USER = "tester"
 GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
+LFS_PATTERNS = ("*.safetensors", "*.bin")  # what GITATTRIBUTES tracks with LFS
 RELATIONS = ("adapter", "merge", "quantized", "finetune")
 
 _REPO = r"(?P<repo>[\w.-]+/[\w.-]+)"
@@ -43,12 +58,21 @@ _ROUTES = [
     ("POST", re.compile(rf"^/{_REPO}\.git/info/lfs/objects/batch$"), "lfs_batch"),
     ("POST", re.compile(rf"^/{_REPO}\.git/info/lfs/objects/verify$"), "lfs_verify"),
     ("PUT", re.compile(r"^/lfs-upload/(?P<oid>[0-9a-f]{64})$"), "lfs_put"),
+    ("GET", re.compile(rf"^/api/models/{_REPO}/tree/{_REV}(?:/(?P<sub>.*))?$"), "tree"),
+    ("HEAD", re.compile(rf"^/{_REPO}/resolve/{_REV}/(?P<file>.+)$"), "resolve"),
+    ("GET", re.compile(rf"^/{_REPO}/resolve/{_REV}/(?P<file>.+)$"), "resolve"),
+    ("GET", re.compile(r"^/cdn/(?P<oid>[0-9a-f]{64})$"), "cdn"),
 ]
 
 
 def git_blob_oid(data: bytes) -> str:
     """The git object id of a blob: sha1 of "blob <size>\\0" + content."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def lfs_pointer(sha256: str, size: int) -> bytes:
+    """The git-LFS pointer file git stores in place of an LFS-tracked file."""
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
 
 
 @dataclass(frozen=True)
@@ -78,26 +102,41 @@ class Request:
     method: str
     path: str
     status: int
+    host: str = ""  # the Host header: 127.0.0.1:<port> for the Hub, localhost:<port> for the CDN
+    authorized: bool = False  # the request carried an Authorization header
+
+
+@dataclass(frozen=True)
+class Raw:
+    """A non-JSON answer: status, headers and a body (bytes, or a stored file)."""
+
+    status: int
+    headers: dict
+    body: bytes | Path = b""
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, message: str, error_code: str | None = None, extra: dict | None = None):
+    def __init__(self, status: int, message: str, error_code: str | None = None, extra: dict | None = None,
+                 headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.error_code, self.extra = status, message, error_code, extra or {}
+        self.headers = headers or {}
 
 
 class HubServer:
     """The Hub state plus a ThreadingHTTPServer serving it on 127.0.0.1:<ephemeral port>."""
 
     def __init__(self, root: str | Path, *, token: str = VALID_TOKEN, user: str = USER,
-                 lfs_threshold: int | None = None):
+                 lfs_threshold: int | None = None, tree_page_size: int = 1000, cdn_host: str = "localhost"):
         self.root = Path(root)
         self.objects = self.root / "objects"
         self.objects.mkdir(parents=True, exist_ok=True)
         self.token, self.user, self.lfs_threshold = token, user, lfs_threshold
+        self.tree_page_size, self.cdn_host = tree_page_size, cdn_host
         self.repos: dict[str, Repo] = {}
         self.requests: list[Request] = []
         self.errors: list[str] = []  # unexpected exceptions inside handlers (a test should assert it stays empty)
+        self._served: list[str] = []  # sha256 of the objects whose bytes a GET sent
         self._faults: list[list] = []  # [method, compiled regex, remaining, status]
         self._lock = threading.RLock()
         self._httpd: ThreadingHTTPServer | None = None
@@ -154,6 +193,32 @@ class HubServer:
         """Number of recorded requests whose method matches and whose path contains `pattern`."""
         return sum(1 for r in self.requests if (method is None or r.method == method) and pattern in r.path)
 
+    def add_files(self, repo_id: str, files: Mapping[str, bytes | str | Path], *, revision: str = "main",
+                  private: bool = False, message: str = "add files") -> Commit:
+        """Commit `files` (path in repo -> content or a local file) straight into the store, creating the repo (with
+        .gitattributes, as create_repo does) and the branch (from main) when missing. LFS_PATTERNS files are LFS."""
+        with self._lock:
+            repo = self.repos.get(repo_id)
+            if repo is None:
+                repo = Repo(repo_id=repo_id, private=private)
+                sha = self._store(GITATTRIBUTES)
+                initial = {".gitattributes": StoredFile(sha, len(GITATTRIBUTES), False, git_blob_oid(GITATTRIBUTES))}
+                repo.branches["main"] = [self._new_commit(None, "initial commit", initial)]
+                self.repos[repo_id] = repo
+            branch = repo.branches.setdefault(revision, [repo.branches["main"][-1]])
+            tree = dict(branch[-1].files)
+            for path, content in files.items():
+                data = content if isinstance(content, bytes) else Path(content).read_bytes()
+                sha, lfs = self._store(data), any(fnmatch(path.rsplit("/", 1)[-1], p) for p in LFS_PATTERNS)
+                tree[path] = StoredFile(sha, len(data), lfs, sha if lfs else git_blob_oid(data))
+            commit = self._new_commit(branch[-1], message, tree)
+            branch.append(commit)
+            return commit
+
+    def downloaded(self) -> set[str]:
+        """Sha256 of every stored object whose bytes were sent (GET of a regular file or of a CDN object)."""
+        return set(self._served)
+
     # ---------------------------------------------------------------- plumbing
     def _store(self, data: bytes) -> str:
         sha = hashlib.sha256(data).hexdigest()
@@ -185,6 +250,27 @@ class HubServer:
             raise HttpError(403, f"You don't have the rights to write to {repo_id}")
         return repo
 
+    def _readable(self, repo_id: str, headers) -> Repo:
+        """The repo for a read: a private one without the valid token is answered as missing, as the Hub does."""
+        repo = self._repo(repo_id)
+        if repo.private:
+            try:
+                self._auth(headers)
+            except HttpError:
+                raise HttpError(404, "Repository not found", "RepoNotFound") from None
+        return repo
+
+    def _commit(self, repo: Repo, rev: str) -> Commit:
+        """The commit a revision names: a branch's head, or any commit by its full 40-hex id."""
+        rev = unquote(rev)
+        if rev in repo.branches:
+            return repo.branches[rev][-1]
+        for commits in repo.branches.values():
+            for c in commits:
+                if c.oid == rev:
+                    return c
+        raise HttpError(404, f"Invalid rev id: {rev}", "RevisionNotFound")
+
     def _branch(self, repo: Repo, rev: str) -> list[Commit]:
         rev = unquote(rev)
         if rev not in repo.branches:
@@ -211,10 +297,13 @@ class HubServer:
             if match and route_method == method:
                 try:
                     with self._lock:
-                        return 200, getattr(self, f"_h_{name}")(headers, body, query, **match.groupdict()), {}
+                        answer = getattr(self, f"_h_{name}")(headers, body, query, **match.groupdict())
+                    if isinstance(answer, Raw):
+                        return answer.status, answer, {}
+                    return 200, answer, {}
                 except HttpError as e:
                     extra = {"X-Error-Code": e.error_code} if e.error_code else {}
-                    return e.status, {"error": e.message, **e.extra}, extra
+                    return e.status, {"error": e.message, **e.extra}, {**extra, **e.headers}
         return 404, {"error": f"{method} {path} is not implemented by the test hub"}, {}
 
     # ---------------------------------------------------------------- endpoints
@@ -273,15 +362,66 @@ class HubServer:
         return {"errors": [], "warnings": []}
 
     def _h_model_info(self, headers, body, query, repo, rev=None):
-        r = self._repo(repo)
-        if r.private:
-            try:
-                self._auth(headers)
-            except HttpError:
-                raise HttpError(404, "Repository not found", "RepoNotFound") from None
-        head = self._branch(r, rev or "main")[-1]
+        r = self._readable(repo, headers)
+        head = self._commit(r, rev or "main")
         return {"id": repo, "modelId": repo, "author": repo.split("/")[0], "sha": head.oid, "private": r.private,
                 "siblings": [{"rfilename": p} for p in sorted(head.files)], "tags": []}
+
+    def _h_tree(self, headers, body, query, repo, rev, sub=None):
+        commit = self._commit(self._readable(repo, headers), rev)
+        recursive = query.get("recursive", ["false"])[0].lower() in ("true", "1")
+        prefix = unquote(sub).strip("/") + "/" if sub and sub.strip("/") else ""
+        entries: dict[str, dict] = {}
+        for path, f in commit.files.items():
+            if not path.startswith(prefix):
+                continue
+            parts = path[len(prefix):].split("/")
+            for depth in range(1, len(parts) if recursive else min(len(parts), 2)):
+                folder = prefix + "/".join(parts[:depth])
+                entries[folder] = {"type": "directory", "path": folder,
+                                   "oid": hashlib.sha1(f"{commit.oid}:{folder}".encode()).hexdigest()}
+            if recursive or len(parts) == 1:
+                entry = {"type": "file", "path": path, "size": f.size, "oid": f.git_oid}
+                if f.lfs:
+                    pointer = lfs_pointer(f.sha256, f.size)
+                    entry["oid"] = git_blob_oid(pointer)
+                    entry["lfs"] = {"oid": f.sha256, "size": f.size, "pointerSize": len(pointer)}
+                entries[path] = entry
+        if prefix and not entries:
+            raise HttpError(404, f"{prefix.rstrip('/')} does not exist at {commit.oid}", "EntryNotFound")
+        ordered = [entries[k] for k in sorted(entries)]
+        cursor = int(query.get("cursor", ["0"])[0])
+        page = ordered[cursor:cursor + self.tree_page_size]
+        out = {"Content-Type": "application/json"}
+        if cursor + self.tree_page_size < len(ordered):
+            rec = "true" if recursive else "false"
+            out["Link"] = (f'<{self._base}/api/models/{repo}/tree/{rev}{"/" + sub if sub else ""}?recursive={rec}'
+                           f'&cursor={cursor + self.tree_page_size}>; rel="next"')
+        return Raw(200, out, json.dumps(page).encode())
+
+    def _h_resolve(self, headers, body, query, repo, rev, file):
+        commit = self._commit(self._readable(repo, headers), rev)
+        path = unquote(file)
+        f = commit.files.get(path)
+        if f is None:
+            raise HttpError(404, f"{path} does not exist at {commit.oid}", "EntryNotFound",
+                            headers={"X-Repo-Commit": commit.oid})
+        if f.lfs:  # the Hub answers LFS files with a redirect to signed storage on another host
+            port = self.url.rsplit(":", 1)[1]
+            return Raw(302, {"Location": f"http://{self.cdn_host}:{port}/cdn/{f.sha256}?expires=never",
+                             "X-Linked-Etag": f'"{f.sha256}"', "X-Linked-Size": str(f.size),
+                             "X-Repo-Commit": commit.oid, "ETag": f'"{git_blob_oid(lfs_pointer(f.sha256, f.size))}"'})
+        return self._object(f.sha256, {"ETag": f'"{f.git_oid}"', "X-Repo-Commit": commit.oid})
+
+    def _h_cdn(self, headers, body, query, oid):
+        if headers.get("Authorization"):
+            raise HttpError(400, "Only one auth mechanism allowed; the signed URL already authorizes this request")
+        if not (self.objects / oid).is_file():
+            raise HttpError(404, "NoSuchKey")
+        return self._object(oid, {"ETag": f'"{oid}"'})
+
+    def _object(self, sha256: str, extra: dict) -> Raw:
+        return Raw(200, {"Content-Type": "application/octet-stream", **extra}, self.objects / sha256)
 
     def _h_create_branch(self, headers, body, query, repo, rev):
         self._auth(headers)
@@ -404,18 +544,43 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as e:  # noqa: BLE001  (a bug in the test hub: answer 500 and record it for the test to see)
             self.hub.errors.append(f"{method} {self.path}: {e!r}")
             status, payload, extra = 500, {"error": repr(e)}, {}
+        self.hub.requests.append(Request(method, urlsplit(self.path).path, status, self.headers.get("Host", ""),
+                                          bool(self.headers.get("Authorization"))))
+        if isinstance(payload, Raw):
+            self._send_raw(method, payload)
+            return
         data = json.dumps(payload).encode()
-        self.hub.requests.append(Request(method, urlsplit(self.path).path, status))
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         for key, value in extra.items():
             self.send_header(key, value)
         self.end_headers()
-        self.wfile.write(data)
+        if method != "HEAD":
+            self.wfile.write(data)
+
+    def _send_raw(self, method: str, raw: Raw) -> None:
+        """Send a Raw answer; HEAD gets the same headers (Content-Length of the full body) and no body."""
+        length = raw.body.stat().st_size if isinstance(raw.body, Path) else len(raw.body)
+        self.send_response(raw.status)
+        for key, value in raw.headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+        if method == "HEAD":
+            return
+        if isinstance(raw.body, Path):
+            with open(raw.body, "rb") as f:
+                shutil.copyfileobj(f, self.wfile)
+            self.hub._served.append(raw.body.name)
+        else:
+            self.wfile.write(raw.body)
 
     def do_GET(self) -> None:
         self._dispatch("GET")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
 
     def do_POST(self) -> None:
         self._dispatch("POST")
