@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import time
@@ -195,8 +196,8 @@ def _resume_state(out: Path, fingerprint: dict) -> list[dict]:
 def _record(plan: TensorPlan, stored: dict[str, torch.Tensor], result, seed: int, seconds: float, shard_idx: int,
             nonfinite: bool) -> dict:
     shape = list(plan.shape)
-    numel = max(1, int(torch.tensor(shape).prod().item())) if shape else 1
-    original_bytes = numel * torch.empty((), dtype=plan.dtype).element_size()
+    numel = max(1, math.prod(shape))
+    original_bytes = math.prod(shape) * plan.dtype.itemsize
     stored_meta = {k: {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "bytes": t.numel() * t.element_size()}
                    for k, t in stored.items()}
     stored_bytes = sum(v["bytes"] for v in stored_meta.values())
@@ -224,10 +225,7 @@ def _record(plan: TensorPlan, stored: dict[str, torch.Tensor], result, seed: int
 def summarize(records: list[dict], seconds: float | None = None) -> dict:
     """Totals over tensor records: sizes, bits/param, parameter-weighted error, slowest and grown tensors."""
     def numel(r):
-        n = 1
-        for d in r["shape"]:
-            n *= d
-        return n
+        return math.prod(r["shape"])
 
     comp = [r for r in records if r["method"] != "copy"]
     params = sum(numel(r) for r in records)
@@ -497,16 +495,10 @@ def inspect(in_path: str, options: ConvertOptions | None = None) -> dict:
             exact = False
         nbytes = 0
         for suffix, (dt, shp) in specs.items():
-            n = 1
-            for d in shp:
-                n *= d
-            nbytes += n * torch.empty((), dtype=getattr(torch, dt)).element_size()
+            nbytes += math.prod(shp) * getattr(torch, dt).itemsize
             header_bytes += 90 + len(p.name) + len(suffix) + 8 * len(shp)
         predicted += nbytes
-        numel = 1
-        for d in p.shape:
-            numel *= d
-        orig = numel * torch.empty((), dtype=p.dtype).element_size()
+        orig = math.prod(p.shape) * p.dtype.itemsize
         rows.append({"name": p.name, "shape": list(p.shape), "dtype": dtype_name(p.dtype), "method": p.method,
                      "layer": p.layer, "matrix_type": p.matrix_type, "rank": rank, "reason": p.reason,
                      "original_bytes": orig, "predicted_bytes": nbytes if specs else None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 from collections.abc import Iterator
@@ -38,11 +39,7 @@ class TensorHeader:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * (torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point else
-                    torch.iinfo(self.dtype).bits // 8 if self.dtype != torch.bool else 1)
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass
