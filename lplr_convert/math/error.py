@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .lstsq import gram as gram_of
+
 __all__ = ["factor_relative_error", "frobenius_sq", "relative_error"]
 
 # Use the identity only when its computed rel^2 exceeds this many times the round-off bound (i.e. ~1 % accuracy).
@@ -59,7 +61,7 @@ def factor_relative_error(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, gra
     by a wide margin and is at least `direct_below`; otherwise the error is computed directly (float64 row blocks).
     """
     if gram is None:
-        gram = L.T @ L
+        gram = gram_of(L)
     if cross is None:
         cross = L.T @ W
     w2 = _dot64(W, W).clamp_min(torch.finfo(torch.float64).tiny)

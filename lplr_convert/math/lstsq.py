@@ -8,11 +8,12 @@ numerically rank-deficient, and a float64 pseudo-inverse is the last resort.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["NormalSolution", "solve_normal"]
+__all__ = ["NormalSolution", "gram", "solve_normal"]
 
 # Re-form the normal equations in float64 when eps(dtype) * cond(G) exceeds this (cond estimated from Cholesky).
 _REFINE_ABOVE = 1e-4
@@ -30,13 +31,30 @@ class NormalSolution:
     precision: str  # "working" or "float64"
 
 
+def gram(L: torch.Tensor, blocks: int = 4, min_rank: int = 1024) -> torch.Tensor:
+    """L^T L computing only the block upper triangle (0.625x the flops of a full product for 4 blocks).
+
+    Each entry is the same dot product over the rows as in `L.T @ L`; the lower blocks are mirrored.
+    """
+    r = L.shape[1]
+    if r < min_rank:
+        return L.T @ L
+    edges = [round(i * r / blocks) for i in range(blocks + 1)]
+    G = torch.empty(r, r, dtype=L.dtype, device=L.device)
+    for a, b in itertools.pairwise(edges):
+        blk = L[:, a:b].T @ L[:, a:]
+        G[a:b, a:] = blk
+        G[a:, a:b] = blk.T
+    return G
+
+
 def _gram64(L: torch.Tensor, W: torch.Tensor, block_rows: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     r, n = L.shape[1], W.shape[1]
     G = torch.zeros(r, r, dtype=torch.float64, device=L.device)
     B = torch.zeros(r, n, dtype=torch.float64, device=L.device)
     for i in range(0, L.shape[0], block_rows):
         lb = L[i:i + block_rows].double()
-        G += lb.T @ lb
+        G += gram(lb)
         B += lb.T @ W[i:i + block_rows].double()
     return G, B
 
@@ -69,16 +87,16 @@ def _solve(chol: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 def solve_normal(L: torch.Tensor, W: torch.Tensor) -> NormalSolution:
     """Solve min_R ||L R - W||_F for R (r x n), L being m x r and W m x n; R comes back in L's dtype."""
-    gram = L.T @ L
+    G = gram(L)
     cross = L.T @ W
     if L.dtype != torch.float64:
-        chol, shift = _cholesky(gram.double())
+        chol, shift = _cholesky(G.double())
         if chol is not None and shift == 0.0 and torch.finfo(L.dtype).eps * _cond_estimate(chol) < _REFINE_ABOVE:
-            return NormalSolution(_solve(chol.to(L.dtype), cross), gram, cross, 0.0, "working")
-        del gram, cross
+            return NormalSolution(_solve(chol.to(L.dtype), cross), G, cross, 0.0, "working")
+        del G, cross
         G64, B64 = _gram64(L, W)
     else:
-        G64, B64 = gram, cross
+        G64, B64 = G, cross
     chol, shift = _cholesky(G64)
     if chol is None:
         R = torch.linalg.pinv(L.double()) @ W.double()

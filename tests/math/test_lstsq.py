@@ -69,3 +69,13 @@ def test_ill_conditioned_L_is_reformed_in_float64(gen, spectrum):
     assert _residual(L, W, sol.R) <= best * (1 + 1e-6)
     naive = torch.linalg.solve(L.T @ L, L.T @ W)  # float32 normal equations
     assert _residual(L, W, naive) > best * (1 + 1e-4)
+
+
+def test_block_triangular_gram_equals_full_product():
+    from lplr_convert.math.lstsq import gram
+
+    L = torch.randn(300, 1100, generator=torch.Generator().manual_seed(5))
+    full = L.T @ L
+    G = gram(L)
+    assert torch.allclose(G, full, rtol=1e-5, atol=1e-3)
+    assert torch.equal(G, G.T)
