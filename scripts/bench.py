@@ -54,8 +54,8 @@ SEED = 1234
 ALPHA, K0, RMS = 0.6, 16, 0.02
 SPECTRUM = (f"W = U diag(s) V^T, U, V from the reduced QR of Gaussians drawn with torch.Generator seed {SEED} "
             f"(+ shape), s_i = (1 + i/{K0})^-{ALPHA} scaled to entry RMS {RMS}, cast to fp16")
-FLOPS_FORMULA = ("lplr useful flops = 2mnr (W S) + 2mr^2 (L^T L) + 2mrn (L^T W) + r^3/3 (Cholesky) "
-                 "+ 2r^2n (two triangular solves) + 2r^2n (error's G R) = 4mnr + 2mr^2 + r^3/3 + 4r^2n")
+FLOPS_FORMULA = ("lplr useful flops = 2mnr (W S) + mr^2 (L^T L, symmetric: one triangle) + 2mrn (L^T W) + r^3/3 "
+                 "(Cholesky) + 2r^2n (two triangular solves) + 2r^2n (error's G R) = 4mnr + mr^2 + r^3/3 + 4r^2n")
 OURS = (("lplr", "tensor"), ("lplr", "channel"), ("lsvd", "tensor"), ("lsvd", "channel"))
 REFERENCE = ("lplr", "lsvd")
 
@@ -92,7 +92,7 @@ def log(msg: str) -> None:
 
 def lplr_flops(m: int, n: int, r: int) -> float:
     """Useful flops of LPLR on an m x n matrix at rank r (see FLOPS_FORMULA)."""
-    return 4 * m * n * r + 2 * m * r * r + r ** 3 / 3 + 4 * r * r * n
+    return 4 * m * n * r + m * r * r + r ** 3 / 3 + 4 * r * r * n
 
 
 # ---------------------------------------------------------------------------------------------------------------

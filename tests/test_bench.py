@@ -49,7 +49,7 @@ def test_tiny_run_emits_every_measurement(tmp_path):
         assert r["peak_bytes"] >= 0
         if r["method"] == "lplr":
             r_ = r["rank"]
-            assert r["flops"] == 4 * m * n * r_ + 2 * m * r_ ** 2 + r_ ** 3 / 3 + 4 * r_ ** 2 * n
+            assert r["flops"] == 4 * m * n * r_ + m * r_ ** 2 + r_ ** 3 / 3 + 4 * r_ ** 2 * n
 
     compares = {c["method"]: c for c in by_kind["compare"]}
     assert set(compares) == {"lplr", "lsvd"}
