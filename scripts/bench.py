@@ -391,10 +391,23 @@ _LAUNCHER = """
 import json, os, subprocess, sys, time
 t0 = time.perf_counter()
 proc = subprocess.Popen(sys.argv[2:])
-_, status, usage = os.wait4(proc.pid, 0)
+peaks = {"RssAnon": 0, "RssFile": 0, "RssShmem": 0}
+while True:  # wait4 without reaping early; meanwhile sample the RSS split every 20 ms
+    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+    if pid:
+        break
+    try:
+        with open(f"/proc/{proc.pid}/status") as f:
+            for line in f:
+                key = line.split(":")[0]
+                if key in peaks:
+                    peaks[key] = max(peaks[key], int(line.split()[1]))
+    except (OSError, ValueError, IndexError):
+        pass
+    time.sleep(0.02)
 with open(sys.argv[1], "w") as f:
     json.dump({"rc": os.waitstatus_to_exitcode(status), "maxrss_kb": usage.ru_maxrss,
-               "seconds": time.perf_counter() - t0}, f)
+               "seconds": time.perf_counter() - t0, "sampled_peak_kb": peaks}, f)
 """
 
 
@@ -409,6 +422,8 @@ def peak_rss_of(cmd: list[str], log_dir: Path, tag: str, timeout: float = 3600) 
         return {"rc": -1, "seconds": None, "peak_rss_bytes": None, "stderr_tail": stderr[-1] if stderr else ""}
     res = json.loads(result.read_text())
     return {"rc": res["rc"], "seconds": res["seconds"], "peak_rss_bytes": res["maxrss_kb"] * 1024,
+            "sampled_peak_anon_bytes": res["sampled_peak_kb"]["RssAnon"] * 1024,
+            "sampled_peak_file_bytes": res["sampled_peak_kb"]["RssFile"] * 1024,
             "stderr_tail": stderr[-1] if stderr else ""}
 
 
@@ -445,7 +460,10 @@ def bench_conversion(mode: Mode, weights: dict, work: Path) -> list[dict]:
     for label, size in zip(("small", "large"), mode.shard_sizes):
         run, out = runs[label], work / f"out-{label}"
         rec = {**common, "shards": label, "max_shard_size": size, "command": " ".join(cmds[label]),
-               "seconds": run["seconds"], "peak_rss_bytes": run["peak_rss_bytes"]}
+               "seconds": run["seconds"], "peak_rss_bytes": run["peak_rss_bytes"],
+               "sampled_peak_anon_bytes": run["sampled_peak_anon_bytes"],
+               "sampled_peak_file_bytes": run["sampled_peak_file_bytes"],
+               "baseline_anon_bytes": base["sampled_peak_anon_bytes"], "baseline_file_bytes": base["sampled_peak_file_bytes"]}
         if run["rc"] != 0:
             records.append({**rec, "status": "pending", "reason": f"exit code {run['rc']}: {run['stderr_tail']}"})
             continue
@@ -656,14 +674,23 @@ def markdown(records: list[dict]) -> str:
               f"(largest block matrix {c0['largest_block_fp32_bytes'] / 2**20:.0f} MiB); baseline "
               f"{c0['baseline_rss_bytes'] / 2**20:.0f} MiB = {c0['baseline']}."), "",
               ("| shards | --max-shard-size | status | seconds | peak RSS MiB | above baseline MiB | x largest fp32 | "
-              "x largest block fp32 | output shards |"), "|---|---|---|---|---|---|---|---|---|"]
+               "x largest block fp32 | output shards | sampled peak anon / file MiB (baseline) |"),
+              "|---|---|---|---|---|---|---|---|---|---|"]
         for r in conv:
+            split = ""
+            if r.get("sampled_peak_anon_bytes") is not None:
+                split = (f"{_mib(r['sampled_peak_anon_bytes'])} / {_mib(r['sampled_peak_file_bytes'])} "
+                         f"({_mib(r['baseline_anon_bytes'])} / {_mib(r['baseline_file_bytes'])})")
             if r["status"] != "ok":
-                L.append(f"| {r['shards']} | {r['max_shard_size']} | PENDING: {r['reason']} | | | | | | |")
+                L.append(f"| {r['shards']} | {r['max_shard_size']} | PENDING: {r['reason']} | | | | | | | |")
             else:
                 L.append(f"| {r['shards']} | {r['max_shard_size']} | ok | {r['seconds']:.1f} | "
                          f"{_mib(r['peak_rss_bytes'])} | {_mib(r['above_baseline_bytes'])} | "
-                         f"{r['x_largest_fp32']:.2f} | {r['x_largest_block_fp32']:.2f} | {r['output_shards']} |")
+                         f"{r['x_largest_fp32']:.2f} | {r['x_largest_block_fp32']:.2f} | {r['output_shards']} | "
+                         f"{split} |")
+        L += ["", ("Peak RSS is wait4's ru_maxrss of the process (kernel-exact); the anon/file split is sampled every "
+                  "20 ms from /proc/PID/status (RssAnon: heap and tensors; RssFile: mapped file pages such as "
+                  "mmapped safetensors shards and shared libraries).")]
     for p in (r for r in records if r["kind"] == "profile"):
         L += ["", (f"## Profile: {p['impl']} {p['method']} ({p['quantizer']}) {p['shape'][0]}x{p['shape'][1]} "
                   f"f={p['fraction']} {p['bits']}-bit (torch.profiler, self time)"), ""]
