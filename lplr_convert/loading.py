@@ -38,6 +38,12 @@ class LowRankLinear(nn.Module):
         """The dense (out x in) weight L R, formed only on request."""
         return self.left @ self.right
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight, for code that reads `module.weight` (e.g. T5 checks its dtype). Formed on every access;
+        the forward pass never uses it."""
+        return self.to_dense()
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
@@ -166,7 +172,8 @@ def _params_on_meta():
         nn.Module.register_parameter = old
 
 
-def _build_empty_model(root: Path):
+def _model_class(root: Path):
+    """(model class, config) from config.json, without the quantization_config this tool added."""
     try:
         import transformers
     except ImportError:
@@ -184,9 +191,7 @@ def _build_empty_model(root: Path):
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:
         cls = transformers.AutoModel._model_mapping[type(config)]
-    with _params_on_meta():
-        model = cls(config)
-    return model.eval()
+    return cls, config
 
 
 def _module_for(model: nn.Module, key: str, prefix: str) -> tuple[str, nn.Module] | None:
@@ -205,44 +210,54 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def load_model(path: str | Path, factored: bool = True, device: str = "cpu", dtype: torch.dtype | None = None,
-               verify: bool = True):
-    """A transformers model built from config.json (parameters never initialised densely).
-
-    factored=True replaces every compressed linear (lplr/lsvd/dsvd) by a LowRankLinear computing y = L(R x) + b;
-    factored=False loads dense reconstituted weights. No trust_remote_code.
-    """
+def _linear_target(model: nn.Module, rec: dict, prefix: str):
+    """The nn.Linear / Conv1D module a factored weight belongs to, or None."""
     from transformers.pytorch_utils import Conv1D
 
-    root = Path(path)
-    manifest = read_manifest(root)
-    model = _build_empty_model(root)
+    if not get_method(rec["method"]).factored or not rec["name"].endswith(".weight"):
+        return None
+    target = _module_for(model, rec["name"], prefix)
+    return target if target is not None and isinstance(target[1], (nn.Linear, Conv1D)) else None
+
+
+def _lowrank(mod: nn.Module, rec: dict, parts: dict, device: str, dtype: torch.dtype | None) -> LowRankLinear:
+    """A LowRankLinear standing in for `mod` (bias kept when it is already loaded, else an empty placeholder)."""
+    from transformers.pytorch_utils import Conv1D
+
+    L, R = get_method(rec["method"]).decode_factors(parts, rec["info"])
+    wdtype = dtype or getattr(torch, rec["dtype"])
+    if isinstance(mod, Conv1D) and not rec.get("transposed"):
+        L, R = R.T, L.T  # stored W (in x out) = L R  ->  y = x L R
+    bias = getattr(mod, "bias", None)
+    if bias is not None:
+        bias = torch.empty(bias.shape, dtype=wdtype, device=device) if bias.device.type == "meta" else \
+            bias.detach().to(device, wdtype)
+    return LowRankLinear(L.to(device, wdtype).contiguous(), R.to(device, wdtype).contiguous(), bias)
+
+
+def _load_direct(root: Path, manifest: dict, factored: bool, device: str, dtype, verify: bool):
+    """Checkpoint names used as they are (base_model_prefix added or dropped): no dense init, factored layers
+    built straight from the stored codes. Returns None when the model's names differ (transformers 5 renames or
+    fuses some families' weights on load)."""
+    cls, config = _model_class(root)
+    with _params_on_meta():
+        model = cls(config).eval()
     prefix = getattr(model, "base_model_prefix", "") or ""
-    model_keys = set(model.state_dict().keys())
     shards = _Shards(root, manifest, device, verify)
     dense: dict[str, torch.Tensor] = {}
     replaced = 0
-    for rec in _records(manifest):
-        parts = _stored_parts(shards, rec)
-        method = get_method(rec["method"])
-        target = _module_for(model, rec["name"], prefix) if factored and method.factored else None
-        if target is not None and isinstance(target[1], (nn.Linear, Conv1D)) and rec["name"].endswith(".weight"):
-            mod_name, mod = target
-            L, R = method.decode_factors(parts, rec["info"])
-            wdtype = dtype or getattr(torch, rec["dtype"])
-            if isinstance(mod, Conv1D) and not rec.get("transposed"):
-                L, R = R.T, L.T  # stored W (in x out) = L R  ->  y = x L R
-            bias = None
-            if getattr(mod, "bias", None) is not None:
-                bias = torch.empty(mod.bias.shape, dtype=wdtype, device=device)  # filled from the checkpoint below
-            new = LowRankLinear(L.to(device, wdtype).contiguous(), R.to(device, wdtype).contiguous(), bias)
-            _set_module(model, mod_name, new)
-            replaced += 1
-            continue
-        W = _decode(rec, parts)
-        dense[rec["name"]] = W.to(device, dtype) if dtype is not None and W.is_floating_point() else W.to(device)
-    shards.close()
-    # Map checkpoint names onto the model's (base_model_prefix added or removed as needed).
+    try:
+        for rec in _records(manifest):
+            parts = _stored_parts(shards, rec)
+            target = _linear_target(model, rec, prefix) if factored else None
+            if target is not None:
+                _set_module(model, target[0], _lowrank(target[1], rec, parts, device, dtype))
+                replaced += 1
+                continue
+            W = _decode(rec, parts)
+            dense[rec["name"]] = W.to(device, dtype) if dtype is not None and W.is_floating_point() else W.to(device)
+    finally:
+        shards.close()
     keys_now = set(model.state_dict().keys())
     remapped = {}
     for k, v in dense.items():
@@ -251,16 +266,56 @@ def load_model(path: str | Path, factored: bool = True, device: str = "cpu", dty
                 remapped[cand] = v
                 break
         else:
-            logger.debug(f"checkpoint tensor {k} has no place in {type(model).__name__}; ignored")
-    missing, _ = model.load_state_dict(remapped, strict=False, assign=True)
+            logger.debug(f"checkpoint tensor {k} has no place in {type(model).__name__} by name")
+    model.load_state_dict(remapped, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if still_meta:
-        raise LplrError(f"{len(still_meta)} parameters of {type(model).__name__} are not in the checkpoint (first: "
-                        f"{still_meta[0]}); the config does not match the converted weights")
-    del model_keys, missing
+    if any(p.device.type == "meta" for p in model.parameters()):
+        return None
     logger.info(f"loaded {type(model).__name__} with {replaced} factored layers")
+    return model
+
+
+def _load_via_transformers(root: Path, manifest: dict, factored: bool, device: str, dtype, verify: bool):
+    """Dense weights through transformers' own loading (its renames and fusions), then factored layers swapped in."""
+    cls, config = _model_class(root)
+    dense = dict(iter_dense(root, device, verify))
+    try:
+        model = cls.from_pretrained(None, config=config, state_dict=dense, dtype=dtype or "auto").eval()
+    except Exception as e:  # noqa: BLE001  (any loading failure becomes one line)
+        raise LplrError(f"{cls.__name__} cannot be built from the converted weights ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); the config does not match them") from None
+    del dense
+    replaced = 0
+    if factored:
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        shards = _Shards(root, manifest, device, verify=False)
+        try:
+            for rec in _records(manifest):
+                target = _linear_target(model, rec, prefix)
+                if target is not None:
+                    _set_module(model, target[0], _lowrank(target[1], rec, _stored_parts(shards, rec), device, dtype))
+                    replaced += 1
+        finally:
+            shards.close()
+    logger.info(f"loaded {type(model).__name__} through transformers' weight mapping with {replaced} factored layers")
+    return model
+
+
+def load_model(path: str | Path, factored: bool = True, device: str = "cpu", dtype: torch.dtype | None = None,
+               verify: bool = True):
+    """A transformers model built from config.json. No trust_remote_code.
+
+    factored=True replaces every compressed linear (lplr/lsvd/dsvd) by a LowRankLinear computing y = L(R x) + b;
+    factored=False loads dense reconstituted weights. Parameters are created on the meta device and never
+    initialised densely, except for architectures whose module names differ from their checkpoint names (e.g.
+    fused MoE experts in transformers 5): those go through transformers' own loading of the dense weights first.
+    """
+    root = Path(path)
+    manifest = read_manifest(root)
+    model = _load_direct(root, manifest, factored, device, dtype, verify)
+    if model is None:
+        model = _load_via_transformers(root, manifest, factored, device, dtype, verify)
     return model.to(device).eval()
 
 

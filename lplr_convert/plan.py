@@ -27,12 +27,12 @@ __all__ = [
     "parse_types",
 ]
 
-MATRIX_TYPES = ("q_proj", "k_proj", "v_proj", "qkv", "out_proj", "fc_in", "fc_up", "fc_out", "other")
+MATRIX_TYPES = ("q_proj", "k_proj", "v_proj", "qkv", "out_proj", "fc_in", "fc_up", "fc_out", "router", "other")
 # LASER's lname vocabulary -> matrix types ("dont" selects nothing).
 TYPE_GROUPS = {"q_proj": {"q_proj", "qkv"}, "k_proj": {"k_proj", "qkv"}, "v_proj": {"v_proj", "qkv"},
                "out_proj": {"out_proj"}, "fc_in": {"fc_in"}, "fc_up": {"fc_up"}, "fc_out": {"fc_out"},
                "mlp": {"fc_in", "fc_up", "fc_out"}, "attn": {"q_proj", "k_proj", "v_proj", "qkv", "out_proj"},
-               "qkv": {"qkv"}, "other": {"other"}, "dont": set()}
+               "qkv": {"qkv"}, "router": {"router"}, "other": {"other"}, "dont": set()}
 # Families whose block weights are transformers' Conv1D (stored in x out).
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 
@@ -45,7 +45,8 @@ _LEAF_TYPES = {
     "k_proj": "k_proj", "key": "k_proj", "k": "k_proj", "wk": "k_proj", "k_lin": "k_proj",
     "v_proj": "v_proj", "value": "v_proj", "v": "v_proj", "wv": "v_proj", "v_lin": "v_proj",
     "query_key_value": "qkv", "c_attn": "qkv", "qkv_proj": "qkv", "wqkv": "qkv", "qkv": "qkv", "in_proj": "qkv",
-    "o_proj": "out_proj", "out_proj": "out_proj", "out_lin": "out_proj",
+    "o_proj": "out_proj", "out_proj": "out_proj", "out_lin": "out_proj", "o": "out_proj",
+    "gate": "router", "router": "router", "shared_expert_gate": "router",
     "gate_proj": "fc_in", "w1": "fc_in", "fc_in": "fc_in", "fc1": "fc_in", "c_fc": "fc_in", "dense_h_to_4h": "fc_in",
     "wi": "fc_in", "wi_0": "fc_in", "lin1": "fc_in", "gate_up_proj": "fc_in",
     "up_proj": "fc_up", "w3": "fc_up", "wi_1": "fc_up",
@@ -256,7 +257,8 @@ def make_plan(headers, config: dict, options: PlanOptions) -> list[TensorPlan]:
         if len(shape) == 2:
             mtype = matrix_type(name)
         ok = _compressible(shape, dtype)
-        default_pick = ok and name.endswith(".weight") and layer is not None and not _LEAVE_ALONE.search(name)
+        default_pick = ok and name.endswith(".weight") and layer is not None and not _LEAVE_ALONE.search(name) \
+            and mtype != "router"  # MoE routers: tiny and sensitive, left alone unless asked for
         pick = default_pick
         reason = "block linear weight" if pick else ("not a 2-D float tensor" if not ok else "left alone")
         if options.include is not None:
