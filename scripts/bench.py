@@ -433,7 +433,7 @@ def convert_command() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "lplr_convert.cli"]
 
 
-def bench_conversion(mode: Mode, weights: dict, work: Path) -> list[dict]:
+def bench_conversion(mode: Mode, weights: dict, work: Path, device: str = "cpu") -> list[dict]:
     """Peak RSS of whole conversions (small and large shards) above the import baseline.
 
     Peak RSS is per process, so when `mode.fresh` is False (--tiny, --quick) the three processes run concurrently
@@ -446,7 +446,7 @@ def bench_conversion(mode: Mode, weights: dict, work: Path) -> list[dict]:
     cmds = {"baseline": [sys.executable, "-c", "import torch, lplr_convert"]}
     for label, size in zip(("small", "large"), mode.shard_sizes):
         cmds[label] = prefix + ["--in-path", str(work / "ckpt"), "--out-path", str(work / f"out-{label}"),
-                                "--rank-fraction", "0.8", "--max-shard-size", str(size)]
+                                "--rank-fraction", "0.8", "--max-shard-size", str(size), "--device", device]
     with ThreadPoolExecutor(max_workers=1 if mode.fresh else len(cmds)) as pool:
         runs = dict(zip(cmds, pool.map(lambda kv: peak_rss_of(kv[1], work, f"convert-{kv[0]}"), cmds.items())))
     base = runs["baseline"]
@@ -826,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "device": device if impl == "ours" else "cpu"}])[0])
         if not args.no_convert:
             log("whole-conversion peak memory")
-            for rec in bench_conversion(mode, weights, work):
+            for rec in bench_conversion(mode, weights, work, device):
                 emit(rec)
     for t in targets(records, machine_rate(records)):
         emit(t)
