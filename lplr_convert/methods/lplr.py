@@ -28,7 +28,7 @@ def refit(Wf: torch.Tensor, Y: torch.Tensor, r: int, s, energy=None):
 class LPLR(FactoredMethod):
     def factors(self, Wf, r, s, seed):
         S = sketch_matrix(Wf.shape[1], r, seed, s.sketch, dtype=Wf.dtype, device=Wf.device)
-        Y = Wf @ S
+        Y = (S.T @ Wf.T).T  # same numbers as W @ S; this operand order runs ~25 % faster here (bench NOTES)
         del S
         for _ in range(s.power_iters):  # subspace iteration: span(Y) <- span(W W^T Y), kept orthonormal
             # Without re-orthonormalising, every column converges to the top singular vector and the quantized L
