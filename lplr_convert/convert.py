@@ -261,17 +261,8 @@ def summarize(records: list[dict], seconds: float | None = None) -> dict:
 def _copy_side_files(src: SourceCheckpoint, out: Path, settings: MethodSettings) -> dict[str, dict]:
     """Copy every non-weight file and sub-folder of the source; config.json gains quantization_config."""
     files: dict[str, dict] = {}
-    candidates = sorted(src.root.rglob("*")) if not src.single else \
-        [src.root / n for n in (C.CONFIG_FILE, "generation_config.json") if (src.root / n).is_file()]
-    for p in candidates:
+    for p in src.side_files():
         rel = p.relative_to(src.root)
-        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
-            continue
-        if len(rel.parts) == 1 and rel.name in src.weight_related:
-            continue
-        if rel.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")):
-            logger.info(f"not copying weight file {rel}")
-            continue
         dst = out / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         if str(rel) == C.CONFIG_FILE:
@@ -503,9 +494,7 @@ def inspect(in_path: str, options: ConvertOptions | None = None) -> dict:
                      "layer": p.layer, "matrix_type": p.matrix_type, "rank": rank, "reason": p.reason,
                      "original_bytes": orig, "predicted_bytes": nbytes if specs else None,
                      "grows": bool(specs) and nbytes > orig})
-    side = sum(f.stat().st_size for f in src.root.rglob("*") if f.is_file() and f.name not in src.weight_related
-               and not f.name.endswith((".safetensors", ".bin")) and not any(
-                   part.startswith(".") for part in f.relative_to(src.root).parts))
+    side = sum(f.stat().st_size for f in src.side_files())
     orig_total = sum(r["original_bytes"] for r in rows)
     return {"source": str(src.root), "kind": src.kind, "files": src.files, "model_type": src.config.get("model_type"),
             "tensors": rows, "original_bytes": orig_total, "predicted_tensor_bytes": predicted,

@@ -57,6 +57,23 @@ class SourceCheckpoint:
     single: bool = False  # the user named one weight file rather than a directory
     commit: str | None = None  # the Hub commit that was downloaded
 
+    def side_files(self) -> list[Path]:
+        """The non-weight files a conversion copies verbatim (tokenizer, configs, sub-folders; no hidden files).
+
+        For a single weight file given directly, only its config.json and generation_config.json.
+        """
+        if self.single:
+            return [self.root / n for n in (C.CONFIG_FILE, "generation_config.json") if (self.root / n).is_file()]
+        out = []
+        for p in sorted(self.root.rglob("*")):
+            rel = p.relative_to(self.root)
+            if any(part.startswith(".") for part in rel.parts) or not p.is_file():
+                continue
+            if (len(rel.parts) == 1 and rel.name in self.weight_related) or rel.name.endswith(WEIGHT_SUFFIXES):
+                continue
+            out.append(p)
+        return out
+
     def names_in(self, file: str) -> list[str]:
         return [h.name for h in self.headers.values() if h.file == file]
 
