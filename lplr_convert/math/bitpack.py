@@ -6,6 +6,9 @@ import torch
 
 __all__ = ["pack", "packed_nbytes", "unpack"]
 
+# Blocks of 8 codes handled per step by the general (3, 5, 6, 7-bit) path: bounds its int64 temporaries to ~64 MiB.
+_CHUNK_BLOCKS = 1 << 20
+
 
 def packed_nbytes(numel: int, bits: int) -> int:
     """Bytes that `pack` produces for `numel` codes of width `bits`."""
@@ -17,31 +20,64 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bit width {bits!r} cannot be packed; use an integer from 1 to 8")
 
 
+def _padded(flat: torch.Tensor, multiple: int, dtype: torch.dtype) -> torch.Tensor:
+    """`flat` as `dtype`, zero-padded to a multiple of `multiple` entries."""
+    pad = -flat.numel() % multiple
+    out = flat.to(dtype)
+    return torch.cat([out, out.new_zeros(pad)]) if pad else out
+
+
+def _pack_blocks(blocks: torch.Tensor, bits: int) -> torch.Tensor:
+    """(nblocks, 8) int64 codes -> (nblocks * bits,) uint8."""
+    shifts = torch.arange(8, device=blocks.device, dtype=torch.int64) * bits
+    value = (blocks << shifts).sum(dim=1)  # < 2**56, fits in int64
+    byte_shifts = torch.arange(bits, device=blocks.device, dtype=torch.int64) * 8
+    return ((value.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
+
+
+def _unpack_blocks(raw: torch.Tensor, bits: int) -> torch.Tensor:
+    """(nblocks * bits,) uint8 -> (nblocks * 8,) uint8 codes."""
+    byte_shifts = torch.arange(bits, device=raw.device, dtype=torch.int64) * 8
+    value = (raw.to(torch.int64).view(-1, bits) << byte_shifts).sum(dim=1)
+    shifts = torch.arange(8, device=raw.device, dtype=torch.int64) * bits
+    return ((value.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).to(torch.uint8).reshape(-1)
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in [0, 2**bits) into a 1-D uint8 tensor of ceil(numel*bits/8) bytes.
 
     Eight codes form one block of `bits` bytes; code j of a block occupies bits [j*bits, (j+1)*bits) of the
-    block read as a little-endian integer.
+    block read as a little-endian integer. For 1, 2 and 4 bits that is simply 8/bits codes per byte, lowest first,
+    which is packed in uint8 directly; other widths go through int64 a bounded chunk at a time.
     """
     _check_bits(bits)
     flat = codes.reshape(-1)
     if codes.dtype.is_floating_point or codes.dtype == torch.bool:
         raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
-        raise ValueError(f"codes span [{int(flat.min())}, {int(flat.max())}], outside [0, {(1 << bits) - 1}] "
-                         f"for {bits}-bit packing")
+    if flat.numel():
+        lo, hi = torch.aminmax(flat)
+        if int(lo) < 0 or int(hi) >= 1 << bits:
+            raise ValueError(f"codes span [{int(lo)}, {int(hi)}], outside [0, {(1 << bits) - 1}] "
+                             f"for {bits}-bit packing")
     if bits == 8:
         return flat.to(torch.uint8).clone()
-    numel = flat.numel()
-    nblocks = (numel + 7) // 8
-    padded = torch.zeros(nblocks * 8, dtype=torch.int64, device=flat.device)
-    padded[:numel] = flat.to(torch.int64)
-    blocks = padded.view(nblocks, 8)
-    shifts = torch.arange(8, device=flat.device, dtype=torch.int64) * bits
-    value = (blocks << shifts).sum(dim=1)  # < 2**56, fits in int64
-    byte_shifts = torch.arange(bits, device=flat.device, dtype=torch.int64) * 8
-    out = ((value.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
-    return out[: packed_nbytes(numel, bits)].clone()
+    nbytes = packed_nbytes(flat.numel(), bits)
+    if 8 % bits == 0:
+        per = 8 // bits
+        grid = _padded(flat, per, torch.uint8).view(-1, per)
+        out = grid[:, 0].clone()
+        for j in range(1, per):
+            out |= grid[:, j] << (j * bits)
+        return out
+    out = torch.empty(nbytes, dtype=torch.uint8, device=flat.device)
+    step = _CHUNK_BLOCKS * 8
+    for start in range(0, flat.numel(), step):
+        blocks = _padded(flat[start:start + step], 8, torch.int64).view(-1, 8)
+        packed = _pack_blocks(blocks, bits)
+        first = start // 8 * bits
+        take = min(packed.numel(), nbytes - first)
+        out[first:first + take] = packed[:take]
+    return out
 
 
 def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
@@ -53,11 +89,17 @@ def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
                          f"for {numel} codes of {bits} bits")
     if bits == 8:
         return flat.clone()
-    nblocks = (numel + 7) // 8
-    full = torch.zeros(nblocks * bits, dtype=torch.int64, device=flat.device)
-    full[: flat.numel()] = flat.to(torch.int64)
-    byte_shifts = torch.arange(bits, device=flat.device, dtype=torch.int64) * 8
-    value = (full.view(nblocks, bits) << byte_shifts).sum(dim=1)
-    shifts = torch.arange(8, device=flat.device, dtype=torch.int64) * bits
-    codes = (value.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(-1)[:numel].to(torch.uint8)
+    if 8 % bits == 0:
+        per, mask = 8 // bits, (1 << bits) - 1
+        raw = flat.to(torch.uint8)
+        out = torch.stack([(raw >> (j * bits)) & mask for j in range(per)], dim=1).reshape(-1)
+        return out[:numel].clone() if out.numel() != numel else out
+    out = torch.empty(numel, dtype=torch.uint8, device=flat.device)
+    step = _CHUNK_BLOCKS * bits
+    for start in range(0, flat.numel(), step):
+        raw = _padded(flat[start:start + step], bits, torch.uint8)
+        codes = _unpack_blocks(raw, bits)
+        first = start // bits * 8
+        take = min(codes.numel(), numel - first)
+        out[first:first + take] = codes[:take]
+    return out

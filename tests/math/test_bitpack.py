@@ -81,3 +81,17 @@ def test_wrong_buffer_length_is_refused():
     packed = pack(torch.ones(10, dtype=torch.uint8), 3)
     with pytest.raises(ValueError, match="has 4 bytes, expected 5"):
         unpack(packed, 3, 11)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_chunked_packing_gives_the_same_bytes(bits, gen, monkeypatch):
+    """The general widths are packed a bounded chunk at a time: chunk edges must not show in the bytes."""
+    import lplr_convert.math.bitpack as bp
+
+    codes = _codes((1000,), bits, gen)
+    stream = sum(int(c) << (bits * j) for j, c in enumerate(codes.tolist()))
+    expected = stream.to_bytes(packed_nbytes(1000, bits), "little")
+    monkeypatch.setattr(bp, "_CHUNK_BLOCKS", 3)  # 24 codes a chunk: 41 full chunks and a partial one
+    packed = pack(codes, bits)
+    assert bytes(packed.tolist()) == expected
+    assert torch.equal(unpack(packed, bits, 1000), codes)

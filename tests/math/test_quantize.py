@@ -171,3 +171,18 @@ def test_channel_dim_selects_rows_or_columns(gen):
     cols = qz.quantize(x, 8, "channel", 1)
     assert torch.allclose(cols.zero.reshape(-1), x.amin(dim=0))
     assert torch.allclose(rows.zero.reshape(-1), x.amin(dim=1))
+
+
+@pytest.mark.parametrize("bits", [1, 4, 8, 16, 32])
+@pytest.mark.parametrize("gran,dim,gs", GRANULARITIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_quantize_dequantize_equals_the_two_steps_bit_for_bit(bits, gran, dim, gs, dtype, gen):
+    """The fused form must give exactly what a loader reconstructs from the stored fields."""
+    x = _matrix(gen).to(dtype)
+    q, x_hat = qz.quantize_dequantize(x, bits, gran, dim, gs, dtype=dtype)
+    q2 = qz.quantize(x, bits, gran, dim, gs)
+    assert q.spec == q2.spec and torch.equal(q.codes, q2.codes)
+    fields = qz.to_fields(q)
+    assert all(torch.equal(a, b) for a, b in zip(fields.values(), qz.to_fields(q2).values(), strict=True))
+    assert x_hat.dtype == dtype
+    assert torch.equal(x_hat, qz.dequantize(qz.from_fields(fields, q.spec), dtype))
