@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .. import constants as C
 from ..errors import LplrError
 from ..math import quantize as qz
 from ..math.error import factor_relative_error
+from ..math.lstsq import NormalSolution
 from ..math.svd import singular_values
 from .base import Method, MethodResult
 from .settings import MethodSettings, resolve_rank
@@ -71,6 +74,19 @@ def factor_bits(m: int, n: int, r: int, s: MethodSettings) -> int:
     return qz.stored_bits(left) + qz.stored_bits(right)
 
 
+@dataclass
+class Factors:
+    """What `FactoredMethod.factors` produces: the stored factors, their dequantized values (exactly what a loader
+    reconstructs), the least-squares products to reuse for the error, and the spectrum energy kept (if known)."""
+
+    qL: qz.Quantized
+    qR: qz.Quantized
+    L: torch.Tensor
+    R: torch.Tensor
+    normal: NormalSolution | None = None
+    energy: torch.Tensor | None = None
+
+
 class FactoredMethod(Method):
     """W ~ L R with L (m x r) and R (r x n) stored quantized. Subclasses implement `factors`."""
 
@@ -81,19 +97,23 @@ class FactoredMethod(Method):
         return resolve_rank(s.rank, m, n, bits_for_rank=lambda r: factor_bits(m, n, r, s),
                             singular_values=lambda: singular_values(W))
 
-    def factors(self, W: torch.Tensor, r: int, s: MethodSettings, seed: int):
-        """Return (Quantized L, Quantized R, dequantized L, dequantized R, gram, cross, energy) for float W."""
+    def factors(self, W: torch.Tensor, r: int, s: MethodSettings, seed: int) -> Factors:
+        """The rank-r factors of float W."""
         raise NotImplementedError
 
     def compress(self, W: torch.Tensor, settings: MethodSettings, seed: int) -> MethodResult:
         Wf = float_matrix(W, self.name)
         r = self.rank_for(Wf, settings)
-        qL, qR, L, R, gram, cross, energy = self.factors(Wf, r, settings, seed)
-        err = factor_relative_error(Wf, L, R, gram=gram, cross=cross)
-        parts = {**quant_parts(C.PART_LEFT, qL), **quant_parts(C.PART_RIGHT, qR)}
-        info = {"rank": r, "left": qL.spec.to_json(), "right": qR.spec.to_json()}
-        bits = qz.stored_bits(qL.spec) + qz.stored_bits(qR.spec)
-        return MethodResult(parts, info, bits, err, r, energy)
+        f = self.factors(Wf, r, settings, seed)
+        sol = f.normal
+        if sol is None:
+            err = factor_relative_error(Wf, f.L, f.R)
+        else:  # the Cholesky form when the solve has C for L^T L itself (no diagonal shift), else the Gram form
+            err = factor_relative_error(Wf, f.L, f.R, gram=sol.gram, cross=sol.cross, chol=sol.chol)
+        parts = {**quant_parts(C.PART_LEFT, f.qL), **quant_parts(C.PART_RIGHT, f.qR)}
+        info = {"rank": r, "left": f.qL.spec.to_json(), "right": f.qR.spec.to_json()}
+        bits = qz.stored_bits(f.qL.spec) + qz.stored_bits(f.qR.spec)
+        return MethodResult(parts, info, bits, err, r, f.energy)
 
     def decode_factors(self, parts: dict[str, torch.Tensor], info: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The dequantized float32 factors (L, R)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..math import quantize as qz
 from ..math.svd import truncated_svd
-from ._common import FactoredMethod, factor_specs
+from ._common import FactoredMethod, Factors, factor_specs
 from .base import register
 from .lsvd import energy_kept
 
@@ -15,6 +15,7 @@ class DSVD(FactoredMethod):
         m, n = Wf.shape
         U, sv, Vh = truncated_svd(Wf, r, s.svd, seed=seed)
         left, right = factor_specs(m, n, r, s)
-        qL = qz.quantize(U, s.b1, left.granularity, left.channel_dim, left.group_size)
-        qR = qz.quantize(sv[:, None] * Vh, s.b2, right.granularity, right.channel_dim, right.group_size)
-        return qL, qR, qz.dequantize(qL, Wf.dtype), qz.dequantize(qR, Wf.dtype), None, None, energy_kept(Wf, sv)
+        qL, L = qz.quantize_dequantize(U, s.b1, left.granularity, left.channel_dim, left.group_size, Wf.dtype)
+        qR, R = qz.quantize_dequantize(sv[:, None] * Vh, s.b2, right.granularity, right.channel_dim,
+                                       right.group_size, Wf.dtype)
+        return Factors(qL, qR, L, R, None, energy_kept(Wf, sv))

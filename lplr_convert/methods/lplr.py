@@ -7,28 +7,29 @@ import torch
 from ..math import quantize as qz
 from ..math.lstsq import solve_normal
 from ..math.sketch import sketch_matrix
-from ._common import FactoredMethod, factor_specs
+from ._common import FactoredMethod, Factors, factor_specs
 from .base import register
 
 
-def refit(Wf: torch.Tensor, Y: torch.Tensor, r: int, s, energy=None):
+def refit(Wf: torch.Tensor, Y: torch.Tensor, r: int, s, energy=None) -> Factors:
     """Quantize the left factor Y, solve for R in least squares, quantize R (shared by LPLR and LSVD)."""
     m, n = Wf.shape
     left, right = factor_specs(m, n, r, s)
-    qL = qz.quantize(Y, s.b1, left.granularity, left.channel_dim, left.group_size)
+    qL, L = qz.quantize_dequantize(Y, s.b1, left.granularity, left.channel_dim, left.group_size, Wf.dtype)
     del Y
-    L = qz.dequantize(qL, Wf.dtype)
     sol = solve_normal(L, Wf)
-    qR = qz.quantize(sol.R, s.b2, right.granularity, right.channel_dim, right.group_size)
-    R = qz.dequantize(qR, Wf.dtype)
-    return qL, qR, L, R, sol.gram, sol.cross, energy
+    qR, R = qz.quantize_dequantize(sol.R, s.b2, right.granularity, right.channel_dim, right.group_size, Wf.dtype)
+    sol.R = None  # the unquantized solution is not needed any more: free it before the error's temporaries
+    return Factors(qL, qR, L, R, sol, energy)
 
 
 @register("lplr")
 class LPLR(FactoredMethod):
     def factors(self, Wf, r, s, seed):
         S = sketch_matrix(Wf.shape[1], r, seed, s.sketch, dtype=Wf.dtype, device=Wf.device)
-        Y = (S.T @ Wf.T).T  # same numbers as W @ S; this operand order runs ~25 % faster here (bench NOTES)
+        # Row-major Y keeps L and its codes row-major, so packing needs no transposing copy: 3.0-3.2 s against
+        # 3.2-3.4 s for (S^T W^T)^T on 11008x4096, f=0.8 (the GEMMs alone run equally fast; AVX-512 machine).
+        Y = Wf @ S
         del S
         for _ in range(s.power_iters):  # subspace iteration: span(Y) <- span(W W^T Y), kept orthonormal
             # Without re-orthonormalising, every column converges to the top singular vector and the quantized L
