@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .lstsq import gram
 from .sketch import sketch_matrix
 
 SVD_METHODS = ("auto", "exact", "gram", "randomized")
@@ -22,16 +23,15 @@ def choose_svd_method(m: int, n: int, k: int, oversample: int = 10) -> str:
 
 
 def _canonical_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flip singular pairs so that the largest-magnitude entry of each column of U is positive.
+    """Flip singular pairs so that the largest-magnitude entry of each column of U is positive (a positive entry wins
+    a tie in magnitude).
 
     Singular vectors are defined up to sign and LAPACK, the Gram route and the randomized route pick different signs;
     a fixed convention makes every route (and every machine) give the same factors, which matters for a per-tensor
-    min-max quantizer whose range depends on the signs.
+    min-max quantizer whose range depends on the signs. Two reductions and in-place flips: no |U| temporary.
     """
-    idx = U.abs().argmax(dim=0, keepdim=True)
-    sign = torch.sign(torch.gather(U, 0, idx))
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    return U * sign, Vh * sign.T
+    sign = torch.where(U.amax(dim=0) >= -U.amin(dim=0), 1.0, -1.0).to(U.dtype)
+    return U.mul_(sign), Vh.mul_(sign.unsqueeze(1))
 
 
 def _gram64(W: torch.Tensor, block: int = 4096) -> torch.Tensor:
@@ -54,17 +54,37 @@ def _gram64(W: torch.Tensor, block: int = 4096) -> torch.Tensor:
     return G
 
 
+def _column_norms(A: torch.Tensor, block_rows: int = 256) -> torch.Tensor:
+    """Euclidean norms of A's columns (float64): row blocks squared and summed in A's precision (cascade sums, in
+    cache), accumulated in float64. 0.06 s on 11008x3277 where vector_norm takes 0.18 s (float32) or 0.29 s (float64)."""
+    acc = torch.zeros(A.shape[1], dtype=torch.float64, device=A.device)
+    for i in range(0, A.shape[0], block_rows):
+        acc += A[i:i + block_rows].square().sum(dim=0).double()
+    return acc.sqrt()
+
+
 def _gram_svd(W: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k triplets from the eigenvectors V of the smaller Gram matrix, formed and decomposed in W's precision.
+
+    Only V is taken from the eigendecomposition: U S = A V is an exact product and S its column norms (Rayleigh-Ritz
+    values), so U has unit columns and U S V^T = A V V^T is an orthogonal projection of W even where float32 eigenvalues
+    are round-off (below ~1e-7 lambda_max). `singular_values` keeps the float64 Gram for decisions that need small
+    sigmas accurately (rank policies, spectra). float32 against float64 on 11008x4096 here: Gram 1.1 s vs 2.4 s, eigh
+    2.5 s vs 4.9 s.
+    """
     m, n = W.shape
     wide = m < n
     A = W.T if wide else W  # tall: rows >= cols
-    evals, evecs = torch.linalg.eigh(_gram64(W))
-    order = torch.argsort(evals, descending=True)[:k]
-    s = evals[order].clamp_min(0).sqrt()
-    V = evecs[:, order].to(W.dtype)
+    evals, evecs = torch.linalg.eigh(gram(A))
+    del evals
+    V = evecs[:, -k:].flip(1)  # eigh sorts ascending
+    del evecs
     US = A @ V  # exact product even where s is tiny
-    denom = torch.where(s > 0, s, torch.ones_like(s)).to(W.dtype)
-    U = US / denom
+    s = _column_norms(US)
+    order = torch.argsort(s, descending=True, stable=True)
+    if not bool((order == torch.arange(k, device=order.device)).all()):  # Ritz values out of eigen order: re-sort
+        US, V, s = US[:, order], V[:, order], s[order]
+    U = US.div_(torch.where(s > 0, s, torch.ones_like(s)).to(W.dtype))
     s = s.to(W.dtype)
     if wide:  # W = A^T = V S U^T
         return V, s, U.T
