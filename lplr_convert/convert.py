@@ -305,7 +305,8 @@ def _preflight(plans: list[TensorPlan]) -> None:
 def _prefetched(items, enabled: bool, pin: bool):
     """Read the next (name, tensor) in a background thread while the current one is computed (one slot).
 
-    Used on CUDA: the host side reads and pins tensor i+1 while the device works on tensor i.
+    Used on CUDA: the host side reads tensor i+1 into pinned memory (safetensors are read there directly; other
+    tensors are pinned here) while the device works on tensor i.
     """
     if not enabled:
         yield from items
@@ -319,7 +320,7 @@ def _prefetched(items, enabled: bool, pin: bool):
     def work():
         try:
             for name, t in items:
-                slot.put((name, t.pin_memory() if pin else t))
+                slot.put((name, t.pin_memory() if pin and not t.is_pinned() else t))
             slot.put(done)
         except BaseException as e:  # noqa: BLE001  (handed to the consumer thread)
             slot.put(e)
@@ -408,7 +409,7 @@ def _convert(opts: ConvertOptions) -> dict:
     try:
         with tqdm(total=len(plans), initial=len(records), desc="converting", unit="tensor") as bar:
             cuda = device.type == "cuda"
-            for name, t in _prefetched(src.iter_tensors(todo), enabled=cuda, pin=cuda):
+            for name, t in _prefetched(src.iter_tensors(todo, pin=cuda), enabled=cuda, pin=cuda):
                 plan = by_name[name]
                 t0 = time.perf_counter()
                 stored, result, seed, nonfinite, used = _process(plan, t, device, opts.seed, opts.on_nonfinite)

@@ -267,6 +267,38 @@ def test_zero_size_tensor_is_copied(tmp_path):
     assert rec["model.layers.0.mlp.up_proj.weight"]["method"] == "lplr"
 
 
+def test_source_shrinking_during_the_run_is_a_clear_error(tmp_path):
+    """The header is validated when the source is opened; a file cut short afterwards fails on the read, naming it."""
+    from lplr_convert.io.reader import open_source
+
+    src = _ckpt(tmp_path / "src", _weights())
+    source = open_source(str(src))
+    target = src / "model.safetensors"
+    with open(target, "r+b") as f:
+        f.truncate(target.stat().st_size - 8)
+    with pytest.raises(LplrError, match=r"model\.safetensors .*ends early"):
+        list(source.iter_tensors())
+
+
+def test_reader_returns_the_stored_tensors_exactly(tmp_path):
+    """Positioned reads at the validated offsets give exactly what safetensors' own loader gives, every dtype."""
+    from safetensors.torch import load_file
+
+    from lplr_convert.io.reader import open_source
+
+    gen = torch.Generator().manual_seed(3)
+    w = {f"t.{d}": (torch.randn(5, 7, generator=gen) * 100).to(d) for d in
+         (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int64)}
+    w["t.bool"], w["t.empty"], w["t.scalar"] = torch.tensor([True, False, True]), torch.zeros(0, 3), torch.tensor(2.5)
+    (tmp_path / "s").mkdir()
+    save_file(w, tmp_path / "s" / "model.safetensors")
+    got = dict(open_source(str(tmp_path / "s")).iter_tensors())
+    ref = load_file(tmp_path / "s" / "model.safetensors")
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k
+
+
 class _NotATensor:
     pass
 
