@@ -110,7 +110,7 @@ class _open_weight_file:
     def __enter__(self):
         if self.kind == "safetensors":
             try:
-                self._f = open(self.path, "rb", buffering=0)  # noqa: SIM115  (closed in __exit__)
+                self._f = open(self.path, "rb", buffering=0)  # closed in __exit__
             except PermissionError:
                 raise LplrError(f"{self.path} is not readable (permission denied); fix its permissions") from None
             return self._read
