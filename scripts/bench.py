@@ -283,7 +283,8 @@ def make_call(job: dict):
         m, n = W.shape
         r = resolve_rank(policy, m, n)
         if job["method"] == "lplr":
-            W_hat = ref.lplr(W, r, job["bits"], job["bits"], sketch_matrix(n, r, job["seed"]))
+            # the sketch ours draws on this device (a CUDA generator draws other numbers than the CPU one)
+            W_hat = ref.lplr(W, r, job["bits"], job["bits"], sketch_matrix(n, r, job["seed"], device=W.device))
         else:
             W_hat = ref.lsvd(W, r, job["bits"], job["bits"])
         return W_hat, r

@@ -43,18 +43,20 @@ def _unpack_blocks(raw: torch.Tensor, bits: int) -> torch.Tensor:
     return ((value.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).to(torch.uint8).reshape(-1)
 
 
-def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+def pack(codes: torch.Tensor, bits: int, check: bool = True) -> torch.Tensor:
     """Pack integer codes in [0, 2**bits) into a 1-D uint8 tensor of ceil(numel*bits/8) bytes.
 
     Eight codes form one block of `bits` bytes; code j of a block occupies bits [j*bits, (j+1)*bits) of the
     block read as a little-endian integer. For 1, 2 and 4 bits that is simply 8/bits codes per byte, lowest first,
     which is packed in uint8 directly; other widths go through int64 a bounded chunk at a time.
+    `check=False` skips the range check (a full pass and a device synchronisation) for codes that are in range by
+    construction.
     """
     _check_bits(bits)
     flat = codes.reshape(-1)
     if codes.dtype.is_floating_point or codes.dtype == torch.bool:
         raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
-    if flat.numel():
+    if check and flat.numel():
         lo, hi = torch.aminmax(flat)
         if int(lo) < 0 or int(hi) >= 1 << bits:
             raise ValueError(f"codes span [{int(lo)}, {int(hi)}], outside [0, {(1 << bits) - 1}] "

@@ -224,7 +224,9 @@ def to_fields(q: Quantized) -> dict[str, torch.Tensor]:
     """Tensors to store: {"": float matrix} for 16/32 bits, else {"packed", "scale", "zero"}."""
     if q.spec.bits in FLOAT_BITS:
         return {"": q.codes.contiguous()}
-    return {"packed": bitpack.pack(q.codes, q.spec.bits), "scale": q.scale.contiguous(), "zero": q.zero.contiguous()}
+    # Codes of a `Quantized` are in range by construction (clamped by `quantize`, masked by `unpack`).
+    return {"packed": bitpack.pack(q.codes, q.spec.bits, check=False), "scale": q.scale.contiguous(),
+            "zero": q.zero.contiguous()}
 
 
 def from_fields(fields: dict[str, torch.Tensor], spec: QuantSpec) -> Quantized:

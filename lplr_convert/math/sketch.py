@@ -1,4 +1,4 @@
-"""Random sketches, regenerated from a stored seed: Gaussian N(0, 1/r) or a sparse sign (JL) sketch."""
+"""Random sketches, regenerated from a stored seed on the compute device: Gaussian N(0, 1/r) or a sparse sign (JL) sketch."""
 
 from __future__ import annotations
 
@@ -22,19 +22,26 @@ def sketch_matrix(n: int, r: int, seed: int, kind: str = "gaussian", dtype: torc
                   device: torch.device | str = "cpu", nnz_per_row: int = 8) -> torch.Tensor:
     """An n x r sketch S with E[S S^T] = I.
 
-    Drawn on the CPU from a seeded generator and then moved, so the same seed gives the same sketch on any device.
+    Drawn on `device` itself from a generator seeded with `seed`, so no sketch crosses the host-device link. The
+    same seed gives the same sketch on every CPU; an accelerator's generator draws other numbers from the same
+    distribution (its outputs differ from a CPU run's in any case, as its GEMMs round differently). A device without a
+    seedable generator gets the CPU's sketch, copied.
     `gaussian`: entries N(0, 1/r). `sparse`: each row has min(nnz_per_row, r) entries of +-1/sqrt(nnz) in random
     columns (a sparse Johnson-Lindenstrauss sketch).
     """
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    if kind == "gaussian":
-        s = torch.randn(n, r, generator=gen, dtype=torch.float32) / math.sqrt(r)
-    elif kind == "sparse":
-        s_nnz = min(nnz_per_row, r)
-        cols = torch.rand(n, r, generator=gen).argsort(dim=1)[:, :s_nnz]
-        signs = torch.randint(0, 2, (n, s_nnz), generator=gen, dtype=torch.int8).float() * 2 - 1
-        s = torch.zeros(n, r, dtype=torch.float32)
-        s.scatter_(1, cols, signs / math.sqrt(s_nnz))
-    else:
+    if kind not in SKETCHES:
         raise ValueError(f"sketch {kind!r} is unknown; use one of {', '.join(SKETCHES)}")
-    return s.to(device=device, dtype=dtype)
+    device = torch.device(device)
+    try:
+        gen = torch.Generator(device=device).manual_seed(int(seed))
+    except RuntimeError:  # no generator on this device type: draw on the CPU
+        return sketch_matrix(n, r, seed, kind, dtype, "cpu", nnz_per_row).to(device)
+    if kind == "gaussian":
+        s = torch.randn(n, r, generator=gen, dtype=torch.float32, device=device).div_(math.sqrt(r))
+    else:
+        s_nnz = min(nnz_per_row, r)
+        cols = torch.rand(n, r, generator=gen, device=device).argsort(dim=1)[:, :s_nnz]
+        signs = torch.randint(0, 2, (n, s_nnz), generator=gen, dtype=torch.int8, device=device).float() * 2 - 1
+        s = torch.zeros(n, r, dtype=torch.float32, device=device)
+        s.scatter_(1, cols, signs / math.sqrt(s_nnz))
+    return s.to(dtype=dtype)
