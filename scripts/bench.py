@@ -613,16 +613,18 @@ def markdown(records: list[dict]) -> str:
     local = [r["local_matmul_gflops"] for r in records if r.get("local_matmul_gflops")]
     isolation = "fresh subprocess per measurement" if isolation == "fresh process" else "subprocess shared by the jobs"
     L = [f"# lplr-convert benchmark ({env['mode']} run, {env['date']})", "",
-         (f"- machine: {env['cpu']}, {env['cores']} cores, torch {env['torch']} ({env['threads']} threads), "
+         (f"- machine: {env['cpu']}" + (f" ({env['isa']} kernels)" if env.get("isa") else "")
+          + f", {env['cores']} cores, torch {env['torch']} ({env['threads']} threads), "
          f"device {env['device']}; git {env['git']}"),
-         (f"- load average (1/5/15 min) at start: {env['loadavg']}; at end: {end.get('loadavg')} "
-         "(other agents were running on this machine; timings are noisy at that level)"),
+         (f"- load average (1/5/15 min) at start: {env['loadavg']}; at end: {end.get('loadavg')} (the benchmark's own "
+          f"{env['threads']} threads make about {env['threads']}; more than {env['cores']} means other work competed "
+          "for the cores and single timings are noisy)"),
          (f"- fp32 matmul rate ({mm['n']}x{mm['n']} products): {mm['gflops']:.1f} GFLOP/s at the start (best of "
           f"{mm['reps']}); inside the measurement subprocesses {_range(local)} GFLOP/s; the yardstick is the best rate "
           f"seen, **{best:.1f} GFLOP/s**"),
          f"- synthetic weights: {SPECTRUM}",
          (f"- {FLOPS_FORMULA}; efficiency = flops / time / best matmul rate; 'local' = against the matmul rate measured "
-         "in the same subprocess right before the call (the machine is shared; this shows the share it got); "
+         "in the same subprocess right before the call (on a shared machine this shows the share it got); "
          "load-normalised speed-up = (ref s x ref local rate) / (ours s x ours local rate)"),
          (f"- time: one call in a {isolation} after a small warm-up call (best of the reps); peak memory: VmHWM "
          "after the call minus VmRSS before it (kernel peak counter reset through /proc/self/clear_refs), i.e. "
@@ -725,7 +727,8 @@ def environment(mode_name: str, device: str) -> dict:
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
                            cwd=ROOT, check=False)
     return {"kind": "env", "mode": mode_name, "date": dt.datetime.now().isoformat(timespec="seconds"),
-            "device": device, "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "device": device, "cpu": cpu, "isa": torch.backends.cpu.get_cpu_capability(),
+            "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "git": git.stdout.strip() + ("+dirty" if dirty.stdout.strip() else ""),
             "loadavg": [round(x, 2) for x in os.getloadavg()], "spectrum": SPECTRUM, "flops_formula": FLOPS_FORMULA}
