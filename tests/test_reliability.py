@@ -391,3 +391,15 @@ def test_hub_repo_id_offline_is_a_clear_error(tmp_path, monkeypatch):
                 "some-owner/some-model")
     assert "Hub" in line and "local directory" in line
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])
+def test_finiteness_check_matches_isfinite(dtype, bad):
+    from lplr_convert.convert import _all_finite
+
+    t = torch.randn(37, 23).to(dtype)
+    if bad is not None:
+        t[11, 5] = bad
+    assert _all_finite(t) == bool(torch.isfinite(t).all())
+    assert _all_finite(torch.zeros(0, 4, dtype=dtype)) and _all_finite(torch.arange(5))

@@ -7,9 +7,9 @@ Tensors are appended to a data file as they arrive; when a shard fills, its head
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +17,6 @@ import torch
 
 from .. import constants as C
 from ..errors import LplrError
-from .manifest import sha256_file
 
 __all__ = ["ST_DTYPE_NAMES", "ClosedShard", "ShardWriter", "serialize_header", "tensor_bytes"]
 
@@ -114,9 +113,14 @@ class ShardWriter:
             self._data.flush()
             self._data.close()
             self._data = None
+            digest = hashlib.sha256()  # of exactly the bytes written: no second read of the shard
             with open(partial, "wb") as out, open(data_path, "rb") as data:
-                out.write(serialize_header(self._entries, self.metadata))
-                shutil.copyfileobj(data, out, 16 << 20)
+                header = serialize_header(self._entries, self.metadata)
+                out.write(header)
+                digest.update(header)
+                while chunk := data.read(16 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(partial, self.out_dir / temp_name)
@@ -125,7 +129,7 @@ class ShardWriter:
             raise LplrError(f"writing shard {temp_name} in {self.out_dir} failed ({e.strerror or e}); free disk "
                             f"space and re-run with --resume") from None
         data_path.unlink(missing_ok=True)
-        shard = ClosedShard(self.next_index, temp_name, sha256_file(self.out_dir / temp_name),
+        shard = ClosedShard(self.next_index, temp_name, digest.hexdigest(),
                             (self.out_dir / temp_name).stat().st_size, [e[0] for e in self._entries],
                             list(self._groups))
         self.closed.append(shard)
