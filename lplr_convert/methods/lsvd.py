@@ -6,7 +6,7 @@ from ..math.error import frobenius_sq
 from ..math.svd import truncated_svd
 from ._common import FactoredMethod
 from .base import register
-from .lplr import refit
+from .lplr import quantize_left, refit
 
 
 def energy_kept(Wf, s_top):
@@ -17,5 +17,9 @@ def energy_kept(Wf, s_top):
 @register("lsvd")
 class LSVD(FactoredMethod):
     def factors(self, Wf, r, s, seed):
-        U, sv, _ = truncated_svd(Wf, r, s.svd, seed=seed)
-        return refit(Wf, U * sv, r, s, energy_kept(Wf, sv))
+        U, sv, Vh = truncated_svd(Wf, r, s.svd, seed=seed)
+        del Vh  # the refit replaces it
+        energy = energy_kept(Wf, sv)
+        qL, L = quantize_left(Wf, U.mul_(sv), r, s)  # U S in place: U is ours
+        del U
+        return refit(Wf, qL, L, r, s, energy)
