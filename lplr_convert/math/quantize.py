@@ -114,8 +114,8 @@ def _check_matrix(x: torch.Tensor) -> None:
         raise ValueError(f"quantize expects a 2-D tensor, got shape {tuple(x.shape)}")
 
 
-def _int_codes(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes as a fresh float buffer of x's shape, scale, zero) for an integer-width tensor/channel spec.
+def _int_quantized(x: torch.Tensor, spec: QuantSpec) -> tuple[Quantized, torch.Tensor]:
+    """`Quantized` for an integer-width tensor/channel spec, and the fresh float buffer (x's shape) holding its codes.
 
     Every step after the first subtraction works in place on that one buffer: an 11008 x 3277 factor then costs one
     float temporary instead of four (each a fresh allocation whose pages are faulted in anew).
@@ -129,7 +129,7 @@ def _int_codes(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Te
     scale = _step(lo, hi, spec.bits)
     codes = xf - lo
     codes.div_(scale).round_().clamp_(0, (1 << spec.bits) - 1)
-    return codes, scale, lo
+    return Quantized(spec, codes.to(torch.uint8), scale.float(), lo.float()), codes
 
 
 def _step(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
@@ -148,8 +148,7 @@ def quantize(x: torch.Tensor, bits: int, granularity: str = "channel", channel_d
         spec = QuantSpec(spec.shape, bits, granularity, channel_dim, group_size, str(dtype).removeprefix("torch."))
         return Quantized(spec, x.to(dtype))
     if granularity != "group":
-        codes, scale, lo = _int_codes(x, spec)
-        return Quantized(spec, codes.to(torch.uint8), scale.float(), lo.float())
+        return _int_quantized(x, spec)[0]
     xf = x if x.dtype == torch.float64 else x.float()
     g = _grouped(xf, group_size)
     lo, hi = g.amin(dim=2), g.amax(dim=2)
@@ -192,9 +191,7 @@ def quantize_dequantize(x: torch.Tensor, bits: int, granularity: str = "channel"
     if bits in FLOAT_BITS or granularity == "group":
         q = quantize(x, bits, granularity, channel_dim, group_size)
         return q, dequantize(q, dtype)
-    spec = QuantSpec(tuple(x.shape), check_bits(bits), granularity, channel_dim, group_size)
-    codes, scale, lo = _int_codes(x, spec)
-    q = Quantized(spec, codes.to(torch.uint8), scale.float(), lo.float())
+    q, codes = _int_quantized(x, QuantSpec(tuple(x.shape), check_bits(bits), granularity, channel_dim, group_size))
     work = _work_dtype(dtype)
     if codes.dtype != work:
         return q, dequantize(q, dtype)

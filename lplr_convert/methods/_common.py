@@ -10,7 +10,6 @@ from .. import constants as C
 from ..errors import LplrError
 from ..math import quantize as qz
 from ..math.error import factor_relative_error
-from ..math.lstsq import NormalSolution
 from ..math.svd import singular_values
 from .base import Method, MethodResult
 from .settings import MethodSettings, resolve_rank
@@ -77,13 +76,16 @@ def factor_bits(m: int, n: int, r: int, s: MethodSettings) -> int:
 @dataclass
 class Factors:
     """What `FactoredMethod.factors` produces: the stored factors, their dequantized values (exactly what a loader
-    reconstructs), the least-squares products to reuse for the error, and the spectrum energy kept (if known)."""
+    reconstructs), the least-squares products the error can reuse (see `factor_relative_error`), and the spectrum
+    energy kept (if known)."""
 
     qL: qz.Quantized
     qR: qz.Quantized
     L: torch.Tensor
     R: torch.Tensor
-    normal: NormalSolution | None = None
+    gram: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
+    chol: torch.Tensor | None = None
     energy: torch.Tensor | None = None
 
 
@@ -105,11 +107,7 @@ class FactoredMethod(Method):
         Wf = float_matrix(W, self.name)
         r = self.rank_for(Wf, settings)
         f = self.factors(Wf, r, settings, seed)
-        sol = f.normal
-        if sol is None:
-            err = factor_relative_error(Wf, f.L, f.R)
-        else:  # the Cholesky form when the solve has C for L^T L itself (no diagonal shift), else the Gram form
-            err = factor_relative_error(Wf, f.L, f.R, gram=sol.gram, cross=sol.cross, chol=sol.chol)
+        err = factor_relative_error(Wf, f.L, f.R, gram=f.gram, cross=f.cross, chol=f.chol)
         parts = {**quant_parts(C.PART_LEFT, f.qL), **quant_parts(C.PART_RIGHT, f.qR)}
         info = {"rank": r, "left": f.qL.spec.to_json(), "right": f.qR.spec.to_json()}
         bits = qz.stored_bits(f.qL.spec) + qz.stored_bits(f.qR.spec)

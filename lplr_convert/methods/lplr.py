@@ -22,8 +22,8 @@ def refit(Wf: torch.Tensor, qL: qz.Quantized, L: torch.Tensor, r: int, s, energy
     _, right = factor_specs(*Wf.shape, r, s)
     sol = solve_normal(L, Wf)
     qR, R = qz.quantize_dequantize(sol.R, s.b2, right.granularity, right.channel_dim, right.group_size, Wf.dtype)
-    sol.R = None  # the unquantized solution is not needed any more: free it before the error's temporaries
-    return Factors(qL, qR, L, R, sol, energy)
+    # The unquantized R is dropped with `sol` here, before the error's temporaries.
+    return Factors(qL, qR, L, R, sol.gram, sol.cross, sol.chol, energy)
 
 
 @register("lplr")
