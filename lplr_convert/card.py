@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from loguru import logger
 
 from . import constants as C
-from .io.manifest import read_manifest
+from .io.manifest import Manifest, read_manifest
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
@@ -25,10 +25,10 @@ def build_model_card(out_dir: str | os.PathLike, repo_id: str | None = None) -> 
     from huggingface_hub import ModelCard, ModelCardData
 
     out_dir = Path(out_dir)
-    manifest = read_manifest(out_dir)
-    source = manifest.get(C.M_SOURCE) or {}
+    manifest = Manifest.from_json(read_manifest(out_dir))
+    source = manifest.source
     base_model = source.get("repo_id")
-    methods = sorted({t["method"] for t in manifest.get(C.M_TENSORS, []) if t.get("method") != "copy"})
+    methods = sorted({t.method for t in manifest.tensors if t.method != "copy"})
     tags = [C.TOOL_NAME, "low-rank", "quantized", *methods]
     if source.get("model_type"):
         tags.append(source["model_type"])
@@ -55,17 +55,17 @@ def _inherited_metadata(out_dir: Path) -> dict:
     return {k: meta[k] for k in _INHERITED_KEYS if meta.get(k) is not None}
 
 
-def _body(manifest: dict, out_dir: Path, repo_id: str | None) -> str:
-    from .report import report_summary, summary_markdown, tensor_rows
+def _body(manifest: Manifest, out_dir: Path, repo_id: str | None) -> str:
+    from .report import summary_markdown
+    from .report.metrics import summary_of
 
-    source = manifest.get(C.M_SOURCE) or {}
-    options = manifest.get(C.M_OPTIONS) or {}
-    summary = report_summary(tensor_rows(manifest))
+    source, options = manifest.source, manifest.options
+    summary = summary_of(manifest)
     base = source.get("repo_id")
     base_text = f"[{base}](https://huggingface.co/{base})" if base else f"`{Path(source.get('path') or '?').name}`"
     parts = [
         f"# {repo_id or out_dir.name}",
-        (f"A compressed copy of {base_text} made with {C.TOOL_NAME} {manifest.get(C.M_TOOL_VERSION, '')}: "
+        (f"A compressed copy of {base_text} made with {C.TOOL_NAME} {manifest.tool_version}: "
         f"{summary['n_compressed']} of {summary['n_tensors']} tensors are stored as low-rank factors with "
         f"low-precision (bit-packed) entries or as quantized matrices; the rest are copied unchanged. Loading it "
         f"needs the `{C.TOOL_NAME}` package (plain `transformers` cannot read the factored weights)."),
@@ -75,7 +75,7 @@ def _body(manifest: dict, out_dir: Path, repo_id: str | None) -> str:
     ]
     if (out_dir / C.PLOT_ERROR).is_file():  # the Hub renders images of the repo that a README links relatively
         parts.append(f"![relative error per layer and matrix type]({C.PLOT_ERROR})")
-    if not manifest.get(C.M_EVAL):
+    if not manifest.eval:
         parts.append("No model-level fidelity evaluation was recorded (run `lplr-convert eval --original SRC "
                      "--converted DST` before pushing to add one).")
     parts += ["## How it was made", "```bash\n" + str(options.get("command") or "(command not recorded)") + "\n```",

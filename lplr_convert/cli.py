@@ -1,8 +1,14 @@
-"""Command line: each command parses its options and calls one library function."""
+"""Command line: each command parses its options and calls one library function.
+
+The method and knob options of `convert` and `inspect` are generated from the registered methods' settings
+declarations (see `methods.settings.knob`), so a newly registered method's knobs appear here without an edit.
+"""
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import shlex
 import sys
 from functools import wraps
@@ -11,9 +17,12 @@ import click
 from loguru import logger
 
 from . import __version__
-from .errors import LplrError
+from .errors import LplrError, flag
 
-RANK_OPTIONS = ("rank_fraction", "rank", "bits_per_param", "energy", "rho", "rate")
+RANK_SECTION = "Rank policy (one of)"
+SECTION_ORDER = ("Input", "Output", "Method", RANK_SECTION, "Selection", "Run", "Hub", "Other")
+_SIZE_UNITS = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+               "TB": 10**12, "K": 10**3, "M": 10**6, "G": 10**9, "B": 1}
 
 
 class _Opt(click.Option):
@@ -33,13 +42,56 @@ class _Sectioned(click.Command):
             rec = p.get_help_record(ctx)
             if rec:
                 sections.setdefault(getattr(p, "section", "Other"), []).append(rec)
-        for name, rows in sections.items():
+        order = {name: i for i, name in enumerate(SECTION_ORDER)}
+        for name, rows in sorted(sections.items(), key=lambda kv: order.get(kv[0], len(order))):
             with formatter.section(name):
                 formatter.write_dl(rows)
 
 
+def _knob_params() -> list[click.Parameter]:
+    """`--method`, one option per knob of the registered methods, and one per rank policy kind."""
+    from .methods import all_knobs, available_methods
+    from .methods.settings import RANK_HELP
+
+    methods = [m for m in available_methods() if m != "copy"]
+    params: list[click.Parameter] = [_Opt(["--method"], type=click.Choice(methods), default="lplr", show_default=True,
+                                          section="Method", help="Compression method for the selected weights.")]
+    for name, f in all_knobs().items():
+        meta = f.metadata
+        if meta.get("rank_policy"):
+            continue
+        kind = click.Choice(meta["choices"]) if meta["choices"] else {int: click.INT, float: click.FLOAT}.get(
+            meta["type"], click.STRING)
+        params.append(_Opt([flag(name), name], type=kind, default=f.default, show_default=f.default is not None,
+                           section=meta["section"], help=meta["help"]))
+    for kind, (text, typ) in RANK_HELP.items():
+        params.append(_Opt([flag(kind), kind], type=typ, default=None, section=RANK_SECTION, help=text))
+    return params
+
+
+class _PlanCommand(_Sectioned):
+    """A command that takes the method, knob and rank options (generated when the command runs)."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        return params[:-1] + _knob_params() + params[-1:]  # help stays last
+
+
 class _DefaultGroup(click.Group):
-    """`lplr-convert --in-path ...` means `lplr-convert convert --in-path ...`."""
+    """`lplr-convert --in-path ...` means `lplr-convert convert --in-path ...`; a usage error is one `error:` line."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click.ClickException as e:
+            click.echo(f"error: {e.format_message()} (see --help)", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        sys.exit(code or 0)
 
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
@@ -47,33 +99,48 @@ class _DefaultGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
+class SizeType(click.ParamType):
+    """A byte size: '5GB', '500MB', '2GiB' or a plain byte count."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        text = str(value).strip().upper().replace(" ", "")
+        unit = next((u for u in _SIZE_UNITS if text.endswith(u)), "")
+        number = text[: len(text) - len(unit)]
+        try:
+            amount = float(number) * _SIZE_UNITS.get(unit, 1)
+        except ValueError:
+            amount = math.nan
+        if not re.fullmatch(r"[0-9]*\.?[0-9]+(E[+-]?[0-9]+)?", number) or not math.isfinite(amount) or amount < 1:
+            self.fail(f"{value!r} is not a positive size; use e.g. 5GB, 500MB or a byte count", param, ctx)
+        return int(amount)
+
+
+class DeviceType(click.ParamType):
+    """cpu, cuda, cuda:N or auto, checked against this machine."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        from .devices import resolve_device
+
+        try:
+            resolve_device(value)
+        except LplrError as e:
+            self.fail(e.cli_message(), param, ctx)
+        return value
+
+
 def _opt(*decls, section="Other", **kw):
     return click.option(*decls, cls=_Opt, section=section, **kw)
 
 
-def plan_options(f):
-    """Method, bits, rank policy and selection options shared by `convert` and `inspect`."""
+def selection_options(f):
+    """Selection and recipe options shared by `convert` and `inspect`."""
     opts = [
-        _opt("--method", type=click.Choice(["lplr", "lsvd", "dsvd", "laser", "rtn"]), default="lplr", show_default=True,
-             section="Method", help="Compression method for the selected weights."),
-        _opt("--b1", type=int, default=8, show_default=True, section="Method", help="Bits of the left factor L (1-8, 16, 32)."),
-        _opt("--b2", type=int, default=8, show_default=True, section="Method", help="Bits of the right factor R (1-8, 16, 32)."),
-        _opt("--b0", type=int, default=8, show_default=True, section="Method", help="Bits of rtn's direct quantization."),
-        _opt("--quantizer", type=click.Choice(["tensor", "channel", "group"]), default="channel", show_default=True,
-             section="Method", help="Scale granularity: tensor (published min-max), channel, or group."),
-        _opt("--group-size", type=int, default=None, section="Method", help="Group size along the input dim (--quantizer group)."),
-        _opt("--sketch", type=click.Choice(["gaussian", "sparse"]), default="gaussian", show_default=True,
-             section="Method", help="LPLR sketch."),
-        _opt("--power-iters", type=int, default=0, show_default=True, section="Method", help="LPLR power iterations."),
-        _opt("--svd", type=click.Choice(["auto", "exact", "gram", "randomized"]), default="auto", show_default=True,
-             section="Method", help="Truncated SVD route (lsvd, dsvd, laser)."),
-        _opt("--rank-fraction", type=float, section="Rank policy (one of)", help="r = ceil(f * min(m, n)) [default 0.8]."),
-        _opt("--rank", type=int, section="Rank policy (one of)", help="Fixed rank r."),
-        _opt("--bits-per-param", type=float, section="Rank policy (one of)",
-             help="Largest r whose stored bits (scales included) fit this budget."),
-        _opt("--energy", type=float, section="Rank policy (one of)", help="Fewest components holding this fraction of sum(sigma^2)."),
-        _opt("--rho", type=float, section="Rank policy (one of)", help="LASER: kept rank int(rho * min(m, n))."),
-        _opt("--rate", type=float, section="Rank policy (one of)", help="LASER legacy: rho = 1 - 0.1 * rate."),
         _opt("--include", default=None, section="Selection", help="Regex: compress the 2-D float tensors it matches."),
         _opt("--exclude", default=None, section="Selection", help="Regex: leave matching tensors alone."),
         _opt("--layers", default=None, section="Selection", help="Block indices, e.g. '0,3,5-7' (-1 = all)."),
@@ -88,24 +155,39 @@ def plan_options(f):
     return f
 
 
-def _settings(kw):
-    from .methods import MethodSettings, RankPolicy
+def _layer(kw: dict) -> dict:
+    """The flat settings layer from the command line: the method, every knob, and the one rank policy given."""
+    from .methods import RANK_POLICIES, all_knobs, flat_defaults
+    from .methods.base import overlay
 
-    given = [k for k in RANK_OPTIONS if kw.get(k) is not None]
-    if len(given) > 1:
-        raise LplrError(f"give one rank policy, not {' and '.join('--' + g.replace('_', '-') for g in given)}")
-    policy = RankPolicy(given[0], kw[given[0]]) if given else RankPolicy("rank_fraction", 0.8)
-    return MethodSettings(method=kw["method"], b1=kw["b1"], b2=kw["b2"], b0=kw["b0"], quantizer=kw["quantizer"],
-                          group_size=kw["group_size"], rank=policy, sketch=kw["sketch"],
-                          power_iters=kw["power_iters"], svd=kw["svd"])
+    ctx = click.get_current_context()
+    knobs = [k for k in all_knobs() if k in kw and k not in RANK_POLICIES]
+    given = {k: kw[k] for k in RANK_POLICIES if kw.get(k) is not None}
+    layer = overlay(flat_defaults(), {"method": kw["method"], **{k: kw[k] for k in knobs}, **given})
+    if not kw.get("recipe"):
+        _warn_unused(kw["method"], [k for k in knobs
+                                    if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE])
+    return layer
+
+
+def _warn_unused(method: str, given: list[str]) -> None:
+    from .methods import get_method
+    from .methods.settings import knob_fields
+
+    own = {f.name for f in knob_fields(get_method(method).settings_cls)}
+    unused = [flag(k) for k in given if k not in own]
+    if unused:
+        logger.warning(f"{', '.join(unused)} do(es) not apply to --method {method} and is ignored")
 
 
 def _options(kw, **extra):
     from .convert import ConvertOptions
+    from .methods import settings_from_flat
 
-    return ConvertOptions(in_path=kw["in_path"], out_path=extra.pop("out_path", ""), settings=_settings(kw),
-                          include=kw["include"], exclude=kw["exclude"], layers=kw["layers"], types=kw["types"],
-                          recipe=kw["recipe"], revision=kw["revision"], **extra)
+    layer = _layer(kw)
+    return ConvertOptions(in_path=kw["in_path"], out_path=extra.pop("out_path", ""), settings=settings_from_flat(layer),
+                          defaults=layer, include=kw["include"], exclude=kw["exclude"], layers=kw["layers"],
+                          types=kw["types"], recipe=kw["recipe"], revision=kw["revision"], **extra)
 
 
 def _setup_logging(debug: bool) -> None:
@@ -126,7 +208,7 @@ def _friendly(f):
         except LplrError as e:
             if debug:
                 raise
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {e.cli_message()}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted; finish a conversion later with --resume", err=True)
@@ -153,13 +235,16 @@ def main():
     """
 
 
-@main.command(cls=_Sectioned)
-@_opt("--in-path", required=True, section="Input", help="Checkpoint dir, .safetensors/.bin file, Hub repo id, or bundled:all-MiniLM-L6-v2.")
+@main.command(cls=_PlanCommand)
+@_opt("--in-path", required=True, section="Input",
+      help="Checkpoint dir, .safetensors/.bin file, Hub repo id, or bundled:all-MiniLM-L6-v2.")
 @_opt("--out-path", required=True, type=click.Path(file_okay=False), section="Output", help="Output directory.")
-@plan_options
-@_opt("--device", default="cpu", show_default=True, section="Run", help="cpu, cuda, cuda:N or auto.")
-@_opt("--seed", type=int, default=0, show_default=True, section="Run", help="Global seed (per-tensor seeds derive from it).")
-@_opt("--max-shard-size", default="5GB", show_default=True, section="Output", help="Largest output shard, e.g. 5GB, 500MB.")
+@selection_options
+@_opt("--device", type=DeviceType(), default="cpu", show_default=True, section="Run", help="cpu, cuda, cuda:N or auto.")
+@_opt("--seed", type=int, default=0, show_default=True, section="Run",
+      help="Global seed (per-tensor seeds derive from it).")
+@_opt("--max-shard-size", type=SizeType(), default="5GB", show_default=True, section="Output",
+      help="Largest output shard, e.g. 5GB, 500MB.")
 @_opt("--overwrite", is_flag=True, section="Output", help="Replace an earlier lplr-convert output in --out-path.")
 @_opt("--resume", is_flag=True, section="Output", help="Continue an interrupted conversion with the same settings.")
 @_opt("--on-nonfinite", type=click.Choice(["error", "copy"]), default="error", show_default=True, section="Run",
@@ -204,21 +289,15 @@ def _redacted(argv: list[str]) -> list[str]:
 
 
 def _print_summary(manifest: dict, out_path: str) -> None:
-    try:
-        from .report import summary_table
+    from .report import summary_table
 
-        click.echo(summary_table(manifest))
-    except ImportError:
-        s = manifest["summary"]
-        click.echo(f"{s['n_compressed']} of {s['n_tensors']} tensors compressed; {s['original_bytes'] / 1e6:.1f} MB -> "
-                   f"{s['stored_bytes'] / 1e6:.1f} MB; compressed weights {s['compressed_bits_per_param']:.2f} "
-                   f"bits/param, weighted rel. error {s['weighted_rel_error']:.4f}")
+    click.echo(summary_table(manifest))
     click.echo(f"wrote {out_path}")
 
 
-@main.command(cls=_Sectioned)
+@main.command(cls=_PlanCommand)
 @_opt("--in-path", required=True, section="Input", help="Checkpoint to inspect.")
-@plan_options
+@selection_options
 @_opt("--json", "as_json", is_flag=True, section="Output", help="Print JSON instead of a table.")
 @debug_option
 @_friendly
@@ -226,20 +305,20 @@ def inspect(**kw):
     """Show what a checkpoint holds, what each tensor would get, and the predicted output size (computes nothing)."""
     import json
 
-    from .convert import inspect as run
+    from .inspection import inspect_checkpoint
 
-    info = run(kw["in_path"], _options(kw))
+    info = inspect_checkpoint(_options(kw))
     if kw["as_json"]:
         click.echo(json.dumps(info, indent=2))
         return
     click.echo(f"{info['source']} ({info['kind']}, model_type={info['model_type']}, {len(info['tensors'])} tensors)")
-    click.echo(f"{'tensor':<60} {'shape':>14} {'dtype':>8} {'method':>7} {'rank':>6} {'MB in':>8} {'MB out':>8}")
+    click.echo(f"{'tensor':<60} {'shape':>14} {'dtype':>8} {'rank':>6} {'MB in':>8} {'MB out':>8}  settings")
     for r in info["tensors"]:
         shape = "x".join(map(str, r["shape"]))
         out = "?" if r["predicted_bytes"] is None else f"{r['predicted_bytes'] / 1e6:8.3f}"
-        flag = "  GROWS" if r["grows"] else ""
-        click.echo(f"{r['name'][:60]:<60} {shape:>14} {r['dtype']:>8} {r['method']:>7} {r['rank'] or ''!s:>6} "
-                   f"{r['original_bytes'] / 1e6:8.3f} {out:>8}{flag}")
+        flag_text = "  GROWS" if r["grows"] else ""
+        click.echo(f"{r['name'][:60]:<60} {shape:>14} {r['dtype']:>8} {r['rank'] or ''!s:>6} "
+                   f"{r['original_bytes'] / 1e6:8.3f} {out:>8}  {r['label']}{flag_text}")
     note = "" if info["exact"] else " (energy policy: ranks depend on the data, sizes of those tensors unknown)"
     click.echo(f"{info['n_compressed']} tensors to compress; weights {info['original_bytes'] / 1e6:.1f} MB -> "
                f"predicted output {info['predicted_output_bytes'] / 1e6:.1f} MB{note}")
@@ -247,14 +326,16 @@ def inspect(**kw):
 
 @main.command(cls=_Sectioned)
 @_opt("--in-path", required=True, section="Input", help="An lplr-convert output directory.")
-@_opt("--out-path", required=True, type=click.Path(file_okay=False), section="Output", help="Where to write the plain checkpoint.")
-@_opt("--max-shard-size", default="5GB", show_default=True, section="Output", help="Largest output shard.")
-@_opt("--overwrite", is_flag=True, section="Output", help="Replace an existing checkpoint in --out-path.")
+@_opt("--out-path", required=True, type=click.Path(file_okay=False), section="Output",
+      help="Where to write the plain checkpoint.")
+@_opt("--max-shard-size", type=SizeType(), default="5GB", show_default=True, section="Output",
+      help="Largest output shard.")
+@_opt("--overwrite", is_flag=True, section="Output", help="Replace an earlier decompress in --out-path.")
 @debug_option
 @_friendly
 def decompress(**kw):
     """Write a plain Hugging Face checkpoint (original names, shapes, dtypes) from a converted directory."""
-    from .loading import decompress as run
+    from .export import decompress as run
 
     click.echo(f"wrote {run(kw['in_path'], kw['out_path'], kw['max_shard_size'], kw['overwrite'])}")
 
@@ -282,7 +363,7 @@ def report(**kw):
 @_opt("--converted", required=True, section="Input", help="The lplr-convert output directory.")
 @_opt("--text", default=None, type=click.Path(dir_okay=False, exists=True), section="Input",
       help="Text file, one sentence per line (default: sentences shipped with the package).")
-@_opt("--device", default="cpu", show_default=True, section="Run", help="cpu, cuda or auto.")
+@_opt("--device", type=DeviceType(), default="cpu", show_default=True, section="Run", help="cpu, cuda or auto.")
 @_opt("--max-texts", type=int, default=256, show_default=True, section="Run", help="Use at most this many lines.")
 @_opt("--json", "as_json", is_flag=True, section="Output", help="Print the result as JSON.")
 @debug_option
@@ -325,7 +406,8 @@ def push(**kw):
 @main.command(cls=_Sectioned)
 @_opt("--in-path", required=True, section="Input", help="An lplr-convert output directory.")
 @_opt("--source", default=None, section="Input", help="The original checkpoint: recompute a sample of errors.")
-@_opt("--sample", type=int, default=8, show_default=True, section="Run", help="Tensors whose error is recomputed.")
+@_opt("--sample", type=click.IntRange(min=1), default=8, show_default=True, section="Run",
+      help="Tensors whose error is recomputed.")
 @debug_option
 @_friendly
 def verify(**kw):

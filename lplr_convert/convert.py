@@ -1,14 +1,15 @@
-"""The pipeline: source reader -> plan -> method on the device -> shard writer -> index, manifest, report."""
+"""The pipeline: source reader -> plan -> method on the device -> shard writer -> index, manifest, report.
+
+Orchestration only: the pieces live in `io/` (reader, writer, journal, output-directory policy, side files,
+manifest), `plan.py` and `methods/`.
+"""
 
 from __future__ import annotations
 
 import errno
-import json
-import math
 import os
-import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,64 +18,40 @@ from tqdm import tqdm
 
 from . import __version__
 from . import constants as C
-from .errors import LplrError
-from .io.manifest import integrity_hash, sha256_file, write_json_atomic
+from .devices import resolve_device
+from .dtypes import dtype_name
+from .errors import LplrError, opt
+from .io.journal import Journal, resume_state
+from .io.manifest import Manifest, TensorRecord, sha256_file, write_json_atomic
+from .io.outdir import OutputLock
+from .io.prefetch import prefetched, to_host
 from .io.reader import SourceCheckpoint, open_source
-from .io.writer import ClosedShard, ShardWriter
+from .io.sidefiles import copy_side_files
+from .io.writer import ShardWriter
 from .math.sketch import derive_seed
-from .methods import MethodSettings, get_method
-from .methods._common import dtype_name
-from .plan import PlanOptions, TensorPlan, load_recipe, make_plan, parse_layers, parse_types
+from .methods import Settings, flat_defaults, get_method, make_settings
+from .methods.base import layer_json, overlay
+from .plan import PlanOptions, TensorPlan, build_plan_options, make_plan
 
-__all__ = ["ConvertOptions", "convert", "inspect", "parse_size", "resolve_device", "summarize"]
+__all__ = ["ConvertOptions", "convert", "plan_options"]
 
 NONFINITE_CHOICES = ("error", "copy")
-
-
-def parse_size(size: str | int) -> int:
-    """'5GB', '500MB', '2GiB', '1000' -> bytes."""
-    if isinstance(size, int):
-        return size
-    s = str(size).strip().upper().replace(" ", "")
-    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-             "TB": 10**12, "K": 10**3, "M": 10**6, "G": 10**9, "B": 1}
-    for u, mult in units.items():
-        if s.endswith(u):
-            num = s[: -len(u)]
-            break
-    else:
-        num, mult = s, 1
-    try:
-        value = int(float(num) * mult)
-    except ValueError:
-        raise LplrError(f"--max-shard-size {size!r} is not a size; use e.g. 5GB, 500MB or a byte count") from None
-    if value <= 0:
-        raise LplrError(f"--max-shard-size {size!r} must be positive")
-    return value
-
-
-def resolve_device(device: str) -> torch.device:
-    """'cpu', 'cuda', 'cuda:1' or 'auto' (CUDA when available) -> torch.device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise LplrError(f"--device {device!r} is not a device; use cpu, cuda or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LplrError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
-    if dev.type not in ("cpu", "cuda"):
-        raise LplrError(f"--device {device!r} is not supported; use cpu, cuda or auto")
-    return dev
+DEFAULT_SHARD_BYTES = 5 * 10**9
 
 
 @dataclass(frozen=True)
 class ConvertOptions:
-    """Every option of a conversion, validated; `command` is the command line recorded in the manifest."""
+    """Every option of a conversion, validated; `command` is the command line recorded in the manifest.
+
+    `settings` is the method and knobs for the selected weights. `defaults` (optional) is a flat layer of knobs for
+    every method (see `methods.base.overlay`), which recipe rules start from; the command line passes all its knobs
+    there. `max_shard_size` is in bytes.
+    """
 
     in_path: str
     out_path: str
-    settings: MethodSettings = field(default_factory=MethodSettings)
+    settings: Settings = field(default_factory=make_settings)
+    defaults: dict | None = None
     seed: int = 0
     device: str = "cpu"
     include: str | None = None
@@ -82,7 +59,7 @@ class ConvertOptions:
     layers: str | None = None
     types: str | None = None
     recipe: str | None = None
-    max_shard_size: str | int = "5GB"
+    max_shard_size: int = DEFAULT_SHARD_BYTES
     overwrite: bool = False
     resume: bool = False
     revision: str | None = None
@@ -92,195 +69,40 @@ class ConvertOptions:
 
     def __post_init__(self) -> None:
         if self.overwrite and self.resume:
-            raise LplrError("--overwrite and --resume contradict each other; pass one of them")
+            raise LplrError(f"{opt('overwrite')} and {opt('resume')} contradict each other; pass one of them")
         if self.on_nonfinite not in NONFINITE_CHOICES:
-            raise LplrError(f"--on-nonfinite {self.on_nonfinite!r} is unknown; use one of {', '.join(NONFINITE_CHOICES)}")
+            raise LplrError(f"{opt('on_nonfinite')} {self.on_nonfinite!r} is unknown; use one of "
+                            f"{', '.join(NONFINITE_CHOICES)}")
+        size = self.max_shard_size
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise LplrError(f"{opt('max_shard_size')} {size!r} must be a positive number of bytes")
+
+    def layer(self) -> dict:
+        """The flat settings layer of this run."""
+        if self.defaults is not None:
+            return overlay(flat_defaults(), self.defaults)
+        return overlay(flat_defaults(), {"method": self.settings.method, **self.settings.knobs()})
 
 
-def _plan_options(opts: ConvertOptions) -> tuple[PlanOptions, str | None]:
-    settings, rules, recipe_text = opts.settings, (), None
-    if opts.recipe:
-        settings, rules = load_recipe(opts.recipe, opts.settings)
-        recipe_text = Path(opts.recipe).read_text(encoding="utf-8")
-    layers = parse_layers(opts.layers)
-    types = parse_types(opts.types)
-    return PlanOptions(settings, opts.include, opts.exclude, tuple(layers) if layers is not None else None,
-                       frozenset(types) if types is not None else None, rules), recipe_text
-
-
-def _check_paths(src_root: Path, out: Path, opts: ConvertOptions) -> None:
-    out_r, src_r = out.resolve(), src_root.resolve()
-    if out_r == src_r or src_r in out_r.parents:
-        raise LplrError(f"--out-path {out} is inside the input {src_root}; choose a directory outside the source")
-    if out_r in src_r.parents:
-        raise LplrError(f"--out-path {out} contains the input {src_root}; choose a separate directory")
-    if out.exists() and not out.is_dir():
-        raise LplrError(f"--out-path {out} exists and is not a directory; choose a directory path")
-    if out.is_dir() and any(out.iterdir()):
-        ours = (out / C.MANIFEST_FILE).exists() or (out / C.PROGRESS_FILE).exists()
-        if opts.resume:
-            return
-        if not opts.overwrite:
-            raise LplrError(f"--out-path {out} is not empty; pass --overwrite to replace it or --resume to continue "
-                            f"an interrupted conversion")
-        if not ours:
-            raise LplrError(f"--out-path {out} is not empty and is not an lplr-convert output, so --overwrite will "
-                            f"not delete it; choose an empty or new directory")
-        shutil.rmtree(out)
+def plan_options(opts: ConvertOptions) -> tuple[PlanOptions, str | None]:
+    """The plan options of a run and the recipe's text (recorded in the manifest)."""
+    return build_plan_options(opts.layer(), opts.recipe, opts.include, opts.exclude, opts.layers, opts.types)
 
 
 def _fingerprint(src: SourceCheckpoint, opts: ConvertOptions, popts: PlanOptions, recipe_text, hashes) -> dict:
-    settings = popts.settings.to_json()
-    settings["rank"] = popts.settings.rank.label()
-    return {"format_version": C.FORMAT_VERSION, "source_files": hashes, **settings, "seed": opts.seed,
-            "include": opts.include, "exclude": opts.exclude, "layers": opts.layers, "types": opts.types, "recipe": recipe_text, "max_shard_size": parse_size(opts.max_shard_size),
+    """Everything that decides the output's bytes: resuming with any of it changed is refused."""
+    settings = layer_json(popts.defaults)
+    settings["rank"] = popts.defaults["rank"].label()
+    return {"format_version": C.FORMAT_VERSION, "source_files": hashes, "config": src.config, **settings,
+            "seed": opts.seed, "include": opts.include, "exclude": opts.exclude, "layers": opts.layers,
+            "types": opts.types, "recipe": recipe_text, "max_shard_size": opts.max_shard_size,
             "on_nonfinite": opts.on_nonfinite}
-
-
-class _Journal:
-    """`lplr_progress.json`: the fingerprint of the run and every finished shard with its tensor records."""
-
-    def __init__(self, out: Path, fingerprint: dict):
-        self.path, self.fingerprint, self.shards = out / C.PROGRESS_FILE, fingerprint, []
-        self.pending: dict[str, dict] = {}
-
-    def save(self) -> None:
-        write_json_atomic(self.path, {"fingerprint": self.fingerprint, "shards": self.shards}, indent=None)
-
-    def on_close(self, shard: ClosedShard) -> None:
-        records = [self.pending.pop(g) for g in shard.groups]
-        self.shards.append({"index": shard.index, "temp_name": shard.temp_name, "sha256": shard.sha256,
-                            "bytes": shard.nbytes, "names": shard.names, "groups": shard.groups,
-                            "records": records})
-        self.save()
-
-
-def _resume_state(out: Path, fingerprint: dict) -> list[dict]:
-    """Finished shards of an interrupted run that are intact on disk (checked by hash); the rest is discarded."""
-    path = out / C.PROGRESS_FILE
-    if not path.is_file():
-        if (out / C.MANIFEST_FILE).exists():
-            raise LplrError(f"{out} already holds a finished conversion; use --overwrite to redo it")
-        return []
-    try:
-        journal = json.loads(path.read_text(encoding="utf-8"))
-        old = journal["fingerprint"]
-        shards = journal["shards"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        raise LplrError(f"{path} is damaged; start again with --overwrite") from None
-    for key in sorted(set(old) | set(fingerprint)):
-        if old.get(key) != fingerprint.get(key):
-            what = "the source files changed" if key == "source_files" else f"--{key.replace('_', '-')} changed"
-            raise LplrError(f"cannot resume in {out}: {what} since the interrupted run (was {str(old.get(key))[:80]}, "
-                            f"now {str(fingerprint.get(key))[:80]}); rerun with the same settings or use --overwrite")
-    kept = []
-    for s in shards:
-        f = out / s["temp_name"]
-        if f.is_file() and f.stat().st_size == s["bytes"] and sha256_file(f) == s["sha256"]:
-            kept.append(s)
-        else:
-            logger.warning(f"shard {s['temp_name']} is missing or damaged; redoing it and everything after it")
-            break
-    keep_names = {s["temp_name"] for s in kept}
-    for p in out.iterdir():  # anything else we wrote is redone
-        if p.name in keep_names or p.name == C.PROGRESS_FILE:
-            continue
-        if p.is_dir():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
-    logger.info(f"resuming: {len(kept)} finished shard(s) kept, {sum(len(s['groups']) for s in kept)} tensors skipped")
-    return kept
-
-
-def _record(plan: TensorPlan, stored: dict[str, torch.Tensor], result, seed: int, seconds: float, shard_idx: int,
-            nonfinite: bool) -> dict:
-    shape = list(plan.shape)
-    numel = max(1, math.prod(shape))
-    original_bytes = math.prod(shape) * plan.dtype.itemsize
-    stored_meta = {k: {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "bytes": t.numel() * t.element_size()}
-                   for k, t in stored.items()}
-    stored_bytes = sum(v["bytes"] for v in stored_meta.values())
-    s = plan.settings
-    factored = get_method(s.method).factored
-    rel_error = float(result.rel_error)
-    return {
-        "name": plan.name, "shape": shape, "dtype": dtype_name(plan.dtype), "method": s.method,
-        "layer": plan.layer, "matrix_type": plan.matrix_type, "rank": result.rank,
-        "b1": s.b1 if factored else None, "b2": s.b2 if factored else None,
-        "b0": s.b0 if s.method == "rtn" else None,
-        "quantizer": s.quantizer if s.method not in ("copy", "laser") else None,
-        "group_size": s.group_size if s.method not in ("copy", "laser") else None,
-        "rank_policy": s.rank.label() if get_method(s.method).uses_rank else None,
-        "seed": seed, "transposed": plan.transposed, "reason": plan.reason,
-        "stored": stored_meta, "shard": shard_idx, "original_bytes": original_bytes, "stored_bytes": stored_bytes,
-        "bits_per_param": 8 * stored_bytes / numel, "original_bits_per_param": 8 * original_bytes / numel,
-        "rel_error": rel_error,
-        "energy_kept": None if result.energy_kept is None else float(result.energy_kept),
-        "seconds": round(seconds, 4), "grew": stored_bytes > original_bytes, "nonfinite": nonfinite,
-        "info": result.info,
-    }
-
-
-def summarize(records: list[dict], seconds: float | None = None) -> dict:
-    """Totals over tensor records: sizes, bits/param, parameter-weighted error, slowest and grown tensors."""
-    def numel(r):
-        return math.prod(r["shape"])
-
-    comp = [r for r in records if r["method"] != "copy"]
-    params = sum(numel(r) for r in records)
-    cparams = sum(numel(r) for r in comp)
-    orig = sum(r["original_bytes"] for r in records)
-    stored = sum(r["stored_bytes"] for r in records)
-    cstored = sum(r["stored_bytes"] for r in comp)
-    werr = sum(numel(r) * r["rel_error"] for r in comp) / cparams if cparams else 0.0
-    by_method: dict[str, dict] = {}
-    for r in records:
-        m = by_method.setdefault(r["method"], {"tensors": 0, "params": 0, "stored_bytes": 0, "original_bytes": 0,
-                                               "weighted_rel_error": 0.0})
-        m["tensors"] += 1
-        m["params"] += numel(r)
-        m["stored_bytes"] += r["stored_bytes"]
-        m["original_bytes"] += r["original_bytes"]
-        m["weighted_rel_error"] += numel(r) * r["rel_error"]
-    for m in by_method.values():
-        m["weighted_rel_error"] /= max(m["params"], 1)
-        m["bits_per_param"] = 8 * m["stored_bytes"] / max(m["params"], 1)
-    slowest = sorted(((r["name"], r["seconds"]) for r in comp), key=lambda x: -x[1])[:5]
-    return {"n_tensors": len(records), "n_compressed": len(comp), "params": params, "compressed_params": cparams,
-            "original_bytes": orig, "stored_bytes": stored, "size_ratio": stored / orig if orig else 1.0,
-            "bits_per_param": 8 * stored / params if params else 0.0,
-            "compressed_bits_per_param": 8 * cstored / cparams if cparams else 0.0,
-            "compressed_original_bits_per_param": 8 * sum(r["original_bytes"] for r in comp) / cparams if cparams else 0.0,
-            "weighted_rel_error": werr, "by_method": by_method,
-            "grown": [r["name"] for r in records if r["grew"]],
-            "nonfinite_copied": [r["name"] for r in records if r.get("nonfinite")],
-            "slowest": [list(s) for s in slowest], "seconds": round(seconds, 3) if seconds is not None else None}
-
-
-def _copy_side_files(src: SourceCheckpoint, out: Path, settings: MethodSettings) -> dict[str, dict]:
-    """Copy every non-weight file and sub-folder of the source; config.json gains quantization_config."""
-    files: dict[str, dict] = {}
-    for p in src.side_files():
-        rel = p.relative_to(src.root)
-        dst = out / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if str(rel) == C.CONFIG_FILE:
-            cfg = dict(src.config)
-            cfg["quantization_config"] = {"quant_method": C.QUANT_METHOD, "format_version": C.FORMAT_VERSION,
-                                          "manifest": C.MANIFEST_FILE, "method": settings.method}
-            dst.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-        else:
-            shutil.copy2(p, dst)
-        files[str(rel)] = {"sha256": sha256_file(dst), "bytes": dst.stat().st_size}
-    return files
 
 
 def _source_info(src: SourceCheckpoint, hashes: dict) -> dict:
     return {"path": None if src.repo_id else str(src.root), "repo_id": src.repo_id, "revision": src.revision,
-            "commit": src.commit,
-            "model_type": src.config.get("model_type"), "architectures": src.config.get("architectures"),
-            "kind": src.kind, "files": hashes}
+            "commit": src.commit, "model_type": src.config.get("model_type"),
+            "architectures": src.config.get("architectures"), "kind": src.kind, "files": hashes}
 
 
 def _hash_sources(src: SourceCheckpoint) -> dict[str, str]:
@@ -288,62 +110,14 @@ def _hash_sources(src: SourceCheckpoint) -> dict[str, str]:
                                                         disable=len(src.files) < 2)}
 
 
-def _oriented(plan: TensorPlan) -> tuple[int, ...]:
-    return (plan.shape[1], plan.shape[0]) if plan.transposed else plan.shape
-
-
 def _preflight(plans: list[TensorPlan]) -> None:
     """Resolve every rank policy before anything is written, so a bad policy fails fast, naming the tensor."""
     for p in plans:
         if p.method != "copy":
             try:
-                get_method(p.method).predict(_oriented(p), p.dtype, p.settings)
+                get_method(p.method).predict(p.oriented_shape, p.dtype, p.settings)
             except LplrError as e:
-                raise LplrError(f"{p.name}: {e}") from None
-
-
-def _prefetched(items, enabled: bool, pin: bool):
-    """Read the next (name, tensor) in a background thread while the current one is computed (one slot).
-
-    Used on CUDA: the host side reads tensor i+1 into pinned memory (safetensors are read there directly; other
-    tensors are pinned here) while the device works on tensor i.
-    """
-    if not enabled:
-        yield from items
-        return
-    import queue
-    import threading
-
-    slot: queue.Queue = queue.Queue(maxsize=1)
-    done = object()
-
-    def work():
-        try:
-            for name, t in items:
-                slot.put((name, t.pin_memory() if pin and not t.is_pinned() else t))
-            slot.put(done)
-        except BaseException as e:  # noqa: BLE001  (handed to the consumer thread)
-            slot.put(e)
-
-    threading.Thread(target=work, daemon=True).start()
-    while (item := slot.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-
-
-def _to_host(parts: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """Bring a result back with one device-to-host copy: all parts as one byte buffer, split on the host."""
-    if device.type == "cpu":
-        return {k: v.contiguous() for k, v in parts.items()}
-    items = sorted(parts.items(), key=lambda kv: -kv[1].element_size())  # keeps every part aligned
-    flat = [v.contiguous().reshape(-1).view(torch.uint8) for _, v in items]
-    host = torch.cat(flat).to("cpu")
-    out, pos = {}, 0
-    for (k, v), f in zip(items, flat):
-        out[k] = host[pos:pos + f.numel()].view(v.dtype).reshape(v.shape)
-        pos += f.numel()
-    return {k: out[k] for k in parts}
+                raise LplrError(f"{p.name}: {e.template}") from None
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -356,157 +130,156 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 
 def _process(plan: TensorPlan, t: torch.Tensor, device: torch.device, global_seed: int, on_nonfinite: str):
-    """Compress one tensor on `device`; return (stored tensors by full name, MethodResult, seed, nonfinite)."""
+    """Compress one tensor on `device`: (stored tensors by full name, MethodResult, seed, nonfinite, settings used)."""
     settings, nonfinite = plan.settings, False
     if settings.method != "copy" and not _all_finite(t):
         if on_nonfinite == "error":
-            raise LplrError(f"tensor {plan.name} contains NaN or Inf; fix the checkpoint, or pass --on-nonfinite copy "
-                            f"to keep such tensors verbatim")
-        logger.warning(f"{plan.name} contains NaN/Inf: copied verbatim (--on-nonfinite copy)")
-        settings, nonfinite = replace(settings, method="copy"), True
+            raise LplrError(f"tensor {plan.name} contains NaN or Inf; fix the checkpoint, or pass "
+                            f"{opt('on_nonfinite')} copy to keep such tensors verbatim")
+        logger.warning(f"{plan.name} contains NaN/Inf: copied verbatim (on_nonfinite copy)")
+        settings, nonfinite = make_settings("copy"), True
     seed = derive_seed(global_seed, plan.name)
     method = get_method(settings.method)
     if settings.method == "copy":
         result = method.compress(t, settings, seed)
     else:
         W = t.to(device, non_blocking=True)  # the one host-to-device copy (from pinned memory on CUDA)
-        if plan.transposed:
-            W = W.T
-        result = method.compress(W, settings, seed)
-        result.parts = _to_host(result.parts, device)
+        result = method.compress(W.T if plan.transposed else W, settings, seed)
+        result.parts = to_host(result.parts, device)
     stored = {(f"{plan.name}.{k}" if k else plan.name): v for k, v in result.parts.items()}
     return stored, result, seed, nonfinite, settings
 
 
+def _record(plan: TensorPlan, settings: Settings, stored: dict[str, torch.Tensor], result, seed: int,
+            seconds: float, nonfinite: bool) -> TensorRecord:
+    method = get_method(settings.method)
+    meta = {k: {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "bytes": t.numel() * t.element_size()}
+            for k, t in stored.items()}
+    return TensorRecord.build(
+        plan.name, plan.shape, dtype_name(plan.dtype), plan.dtype.itemsize, settings.to_json(), meta,
+        rank_policy=settings.rank.label() if method.uses_rank else None, layer=plan.layer,
+        matrix_type=plan.matrix_type, rank=result.rank, seed=seed, transposed=plan.transposed, reason=plan.reason,
+        rel_error=float(result.rel_error), seconds=round(seconds, 4), nonfinite=nonfinite, info=result.info,
+        energy_kept=None if result.energy_kept is None else float(result.energy_kept), extra=result.extra)
+
+
 def convert(opts: ConvertOptions) -> dict:
-    """Convert a checkpoint; returns the manifest. Resumable; the manifest is written last."""
+    """Convert a checkpoint; returns the manifest document. Resumable; the manifest is written last."""
     try:
         return _convert(opts)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             raise LplrError(f"writing {opts.out_path} failed ({os.strerror(e.errno)}); the output is left incomplete "
-                            f"(no manifest): free disk space, then re-run with --resume") from None
+                            f"(no manifest): free disk space, then re-run with {opt('resume')}") from None
         raise
 
 
 def _convert(opts: ConvertOptions) -> dict:
     t_start = time.perf_counter()
     device = resolve_device(opts.device)
-    popts, recipe_text = _plan_options(opts)
-    max_bytes = parse_size(opts.max_shard_size)
+    popts, recipe_text = plan_options(opts)
     src = open_source(opts.in_path, opts.revision)
-    out = Path(opts.out_path).expanduser()
-    _check_paths(src.root, out, opts)
     plans = make_plan(src.headers.values(), src.config, popts)
     _preflight(plans)
-    n_comp = sum(p.method != "copy" for p in plans)
-    logger.info(f"{src.root}: {len(plans)} tensors in {len(src.files)} file(s); {n_comp} to compress with "
-                f"{popts.settings.method if not popts.rules else 'a recipe'} on {device}")
-    hashes = _hash_sources(src)
-    fingerprint = _fingerprint(src, opts, popts, recipe_text, hashes)
-    out.mkdir(parents=True, exist_ok=True)
-    kept = _resume_state(out, fingerprint) if opts.resume else []
-    journal = _Journal(out, fingerprint)
-    journal.shards = list(kept)
-    journal.save()
-    writer = ShardWriter(out, max_bytes, on_close=journal.on_close)
-    writer.closed = [ClosedShard(s["index"], s["temp_name"], s["sha256"], s["bytes"], s["names"], s["groups"])
-                     for s in kept]
-    records = {r["name"]: r for s in kept for r in s["records"]}
-    by_name = {p.name: p for p in plans}
-    todo = [p.name for p in plans if p.name not in records]
-    try:
-        with tqdm(total=len(plans), initial=len(records), desc="converting", unit="tensor") as bar:
-            cuda = device.type == "cuda"
-            for name, t in _prefetched(src.iter_tensors(todo, pin=cuda), enabled=cuda, pin=cuda):
-                plan = by_name[name]
-                t0 = time.perf_counter()
-                stored, result, seed, nonfinite, used = _process(plan, t, device, opts.seed, opts.on_nonfinite)
-                del t
-                shard_idx = writer.add_group(name, stored)
-                rec = _record(replace(plan, settings=used), stored, result, seed, time.perf_counter() - t0,
-                              shard_idx, nonfinite)
-                records[name] = rec
-                journal.pending[name] = rec
-                bar.update(1)
-                if rec["grew"]:
-                    logger.warning(f"{name}: stored form is larger than the original ({rec['bits_per_param']:.2f} "
-                                   f"bits/param vs {rec['original_bits_per_param']:.0f}); done as asked")
-        weight_map, shard_files = writer.finalize()
-    except BaseException:
-        writer.abort()
-        raise
-    ordered = [records[p.name] for p in plans]
-    for r in ordered:
-        r["shard"] = weight_map[next(iter(r["stored"]))]
-    total_size = sum(v["bytes"] for r in ordered for v in r["stored"].values())
-    write_json_atomic(out / C.SAFE_INDEX, {"metadata": {"total_size": total_size},
-                                           "weight_map": dict(sorted(weight_map.items()))}, sort_keys=False)
-    files = _copy_side_files(src, out, popts.settings)
-    files[C.SAFE_INDEX] = {"sha256": sha256_file(out / C.SAFE_INDEX), "bytes": (out / C.SAFE_INDEX).stat().st_size}
-    manifest = {
-        C.M_FORMAT_VERSION: C.FORMAT_VERSION, C.M_TOOL: C.TOOL_NAME, C.M_TOOL_VERSION: __version__,
-        C.M_COMPLETE: True,
-        C.M_SOURCE: _source_info(src, hashes),
-        C.M_OPTIONS: {"command": opts.command, "seed": opts.seed, "device": str(device),
-                      "settings": popts.settings.to_json(), "include": opts.include, "exclude": opts.exclude,
-                      "layers": opts.layers, "types": opts.types, "recipe": recipe_text,
-                      "recipe_path": opts.recipe, "max_shard_size": max_bytes, "on_nonfinite": opts.on_nonfinite},
-        C.M_TENSORS: ordered,
-        C.M_SHARDS: shard_files,
-        C.M_FILES: files,
-        C.M_SUMMARY: summarize(ordered, time.perf_counter() - t_start),
-        C.M_EVAL: None,
-    }
-    manifest[C.M_INTEGRITY] = integrity_hash(manifest)
-    write_json_atomic(out / C.MANIFEST_FILE, manifest)
-    (out / C.PROGRESS_FILE).unlink(missing_ok=True)
+    out = Path(opts.out_path).expanduser()
+    with OutputLock.guarding(out, src.root, overwrite=opts.overwrite, resume=opts.resume):
+        n_comp = sum(p.method != "copy" for p in plans)
+        logger.info(f"{src.root}: {len(plans)} tensors in {len(src.files)} file(s); {n_comp} to compress with "
+                    f"{popts.settings.method if not popts.rules else 'a recipe'} on {device}")
+        run = _Run(opts, src, out, plans, popts, recipe_text, device, _hash_sources(src))
+        records = run.compress_all()
+        manifest = run.finish(records)
+        manifest.summary = _summary(manifest.tensors, time.perf_counter() - t_start)
+        write_json_atomic(out / C.MANIFEST_FILE, manifest.seal().to_json())
+        (out / C.PROGRESS_FILE).unlink(missing_ok=True)
+    doc = manifest.to_json()
     if opts.write_report:
-        _write_report(out, manifest)
-    return manifest
+        _write_report(out, doc)
+    return doc
+
+
+class _Run:
+    """One conversion under way: its journal and shard writer over the planned tensors."""
+
+    def __init__(self, opts: ConvertOptions, src: SourceCheckpoint, out: Path, plans: list[TensorPlan],
+                 popts: PlanOptions, recipe_text: str | None, device: torch.device, hashes: dict[str, str]):
+        self.opts, self.src, self.out, self.plans, self.popts = opts, src, out, plans, popts
+        self.recipe_text, self.device, self.hashes = recipe_text, device, hashes
+        self.journal = Journal(out, _fingerprint(src, opts, popts, recipe_text, hashes))
+        self.journal.shards = resume_state(out, self.journal.fingerprint) if opts.resume else []
+        self.journal.save()
+        self.writer = ShardWriter(out, opts.max_shard_size, on_close=self.journal.on_close)
+        self.writer.closed = self.journal.closed_shards()
+
+    def compress_all(self) -> dict[str, TensorRecord]:
+        """Compress every tensor not already in a kept shard; returns every tensor's record by name."""
+        records = self.journal.records()
+        by_name = {p.name: p for p in self.plans}
+        todo = [p.name for p in self.plans if p.name not in records]
+        cuda = self.device.type == "cuda"
+        try:
+            with tqdm(total=len(self.plans), initial=len(records), desc="converting", unit="tensor") as bar:
+                for name, t in prefetched(self.src.iter_tensors(todo, pin=cuda), enabled=cuda, pin=cuda):
+                    records[name] = self._one(by_name[name], t)
+                    del t
+                    bar.update(1)
+            self.writer.close_shard()
+        except BaseException:
+            self.writer.abort()
+            raise
+        return records
+
+    def _one(self, plan: TensorPlan, t: torch.Tensor) -> TensorRecord:
+        t0 = time.perf_counter()
+        stored, result, seed, nonfinite, used = _process(plan, t, self.device, self.opts.seed, self.opts.on_nonfinite)
+        shard_idx = self.writer.add_group(plan.name, stored)
+        rec = _record(plan, used, stored, result, seed, time.perf_counter() - t0, nonfinite)
+        rec.shard = shard_idx
+        self.journal.pending[plan.name] = rec
+        if rec.grew:
+            logger.warning(f"{plan.name}: stored form is larger than the original ({rec.bits_per_param:.2f} "
+                           f"bits/param vs {rec.original_bits_per_param:.0f}); done as asked")
+        return rec
+
+    def finish(self, records: dict[str, TensorRecord]) -> Manifest:
+        """Final shard names, the index and the copied side files (announced in the journal first), and the manifest
+        (returned, not yet written)."""
+        src, out = self.src, self.out
+        side = [(p.relative_to(src.root).as_posix(), p) for p in src.side_files()]
+        self.journal.announce([*self.writer.final_names(), C.SAFE_INDEX, *(rel for rel, _ in side)])
+        weight_map, shard_files = self.writer.finalize()
+        ordered = [records[p.name] for p in self.plans]
+        for r in ordered:
+            r.shard = weight_map[next(iter(r.stored))]
+        total_size = sum(v["bytes"] for r in ordered for v in r.stored.values())
+        write_json_atomic(out / C.SAFE_INDEX, {"metadata": {"total_size": total_size},
+                                               "weight_map": dict(sorted(weight_map.items()))})
+        quant = {"quant_method": C.QUANT_METHOD, "format_version": C.FORMAT_VERSION, "manifest": C.MANIFEST_FILE,
+                 "method": self.popts.settings.method}
+        files = copy_side_files(side, out, {**src.config, "quantization_config": quant})
+        files[C.SAFE_INDEX] = {"sha256": sha256_file(out / C.SAFE_INDEX), "bytes": (out / C.SAFE_INDEX).stat().st_size}
+        return Manifest(tool_version=__version__, complete=True, source=_source_info(src, self.hashes),
+                        options=self._options(), tensors=ordered, shards=shard_files, files=files)
+
+    def _options(self) -> dict:
+        o = self.opts
+        return {"command": o.command, "seed": o.seed, "device": str(self.device),
+                "settings": layer_json(self.popts.defaults), "include": o.include, "exclude": o.exclude,
+                "layers": o.layers, "types": o.types, "recipe": self.recipe_text, "recipe_path": o.recipe,
+                "max_shard_size": o.max_shard_size, "on_nonfinite": o.on_nonfinite}
+
+
+def _summary(records: list[TensorRecord], seconds: float) -> dict:
+    from .report.metrics import report_summary, tensor_rows
+
+    return {**report_summary(tensor_rows(records)), "wall_seconds": round(seconds, 3)}
 
 
 def _write_report(out: Path, manifest: dict) -> None:
-    try:
-        from .report import write_report
-    except ImportError:
-        return
+    from .report import write_report
+
     try:
         write_report(out, manifest)
     except Exception as e:  # noqa: BLE001  # the conversion itself is complete; a report failure must not hide it
         logger.warning(f"the report could not be written ({type(e).__name__}: {e}); run `lplr-convert report`")
 
-
-def inspect(in_path: str, options: ConvertOptions | None = None) -> dict:
-    """What the checkpoint holds, what each tensor would get, and the predicted output size; computes nothing."""
-    opts = options or ConvertOptions(in_path=in_path, out_path="")
-    popts, _ = _plan_options(opts)
-    src = open_source(in_path, opts.revision)
-    plans = make_plan(src.headers.values(), src.config, popts)
-    rows, predicted, exact = [], 0, True
-    header_bytes = 0
-    for p in plans:
-        method = get_method(p.method)
-        shape = _oriented(p)
-        if p.method == "copy":
-            rank, specs = None, {"": (dtype_name(p.dtype), p.shape)}
-        else:
-            rank, specs = method.predict(shape, p.dtype, p.settings)
-        if not specs:
-            exact = False
-        nbytes = 0
-        for suffix, (dt, shp) in specs.items():
-            nbytes += math.prod(shp) * getattr(torch, dt).itemsize
-            header_bytes += 90 + len(p.name) + len(suffix) + 8 * len(shp)
-        predicted += nbytes
-        orig = math.prod(p.shape) * p.dtype.itemsize
-        rows.append({"name": p.name, "shape": list(p.shape), "dtype": dtype_name(p.dtype), "method": p.method,
-                     "layer": p.layer, "matrix_type": p.matrix_type, "rank": rank, "reason": p.reason,
-                     "original_bytes": orig, "predicted_bytes": nbytes if specs else None,
-                     "grows": bool(specs) and nbytes > orig})
-    side = sum(f.stat().st_size for f in src.side_files())
-    orig_total = sum(r["original_bytes"] for r in rows)
-    return {"source": str(src.root), "kind": src.kind, "files": src.files, "model_type": src.config.get("model_type"),
-            "tensors": rows, "original_bytes": orig_total, "predicted_tensor_bytes": predicted,
-            "predicted_output_bytes": predicted + header_bytes + side, "exact": exact,
-            "n_compressed": sum(r["method"] != "copy" for r in rows)}

@@ -22,7 +22,7 @@ import torch
 from loguru import logger
 
 from . import constants as C
-from .errors import LplrError
+from .errors import LplrError, opt
 
 __all__ = ["DEFAULT_TEXT", "KIND_CAUSAL", "KIND_ENCODER", "compare_embeddings", "evaluate", "evaluate_state_dict",
            "load_texts", "model_kind"]
@@ -51,11 +51,11 @@ def load_texts(text: str | os.PathLike | list[str] | None = None, max_texts: int
     else:
         path = Path(text)
         if not path.is_file():
-            raise LplrError(f"--text {path} is not a file; pass a UTF-8 text file with one sentence per line")
+            raise LplrError(f"{opt('text')} {path} is not a file; pass a UTF-8 text file with one sentence per line")
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError:
-            raise LplrError(f"--text {path} is not UTF-8 text; pass a UTF-8 file with one sentence per line") from None
+            raise LplrError(f"{opt('text')} {path} is not UTF-8 text; pass a UTF-8 file with one sentence per line") from None
         source = str(path.resolve())
     texts = [t.strip() for t in lines if t.strip()][:max_texts]
     if len(texts) < 2:
@@ -77,7 +77,7 @@ def _config(root: Path) -> dict:
     try:
         return json.loads((root / C.CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        raise LplrError(f"{root} has no readable {C.CONFIG_FILE}; pass --original the local directory of the "
+        raise LplrError(f"{root} has no readable {C.CONFIG_FILE}; pass {opt('original')} the local directory of the "
                         f"source model") from None
 
 
@@ -88,7 +88,7 @@ def _check_original(original: str | os.PathLike) -> Path:
 
         root = resolve_source(str(original))[0]
     if not root.is_dir():
-        raise LplrError(f"--original {original} is not a local directory; evaluation is offline, pass the source "
+        raise LplrError(f"{opt('original')} {original} is not a local directory; evaluation is offline, pass the source "
                         f"model's directory (download it first with `hf download`)")
     _config(root)
     return root.resolve()
@@ -98,10 +98,9 @@ def _check_original(original: str | os.PathLike) -> Path:
 
 
 def _target_key(name: str, keys: set[str], prefix: str) -> str | None:
-    for cand in (name, name.removeprefix(prefix + ".") if prefix else name, f"{prefix}.{name}" if prefix else name):
-        if cand in keys:
-            return cand
-    return None
+    from .modeling import name_candidates
+
+    return next((cand for cand in name_candidates(name, prefix) if cand in keys), None)
 
 
 @torch.no_grad()
@@ -124,11 +123,11 @@ def _overwrite_weights(module: torch.nn.Module, tensors: Iterable[tuple[str, tor
             continue
         if tuple(own[key].shape) != tuple(t.shape):
             raise LplrError(f"{name} has shape {tuple(t.shape)} in the converted weights but {tuple(own[key].shape)} "
-                            f"in the model built from --original; pass the checkpoint that was converted")
+                            f"in the model built from {opt('original')}; pass the checkpoint that was converted")
         own[key].copy_(t.to(device=own[key].device))
         loaded += 1
     if missing:
-        raise LplrError(f"{len(missing)} converted tensor(s) have no place in the model built from --original "
+        raise LplrError(f"{len(missing)} converted tensor(s) have no place in the model built from {opt('original')} "
                         f"(first: {missing[0]}); pass the checkpoint that was converted")
     return loaded
 
@@ -270,7 +269,7 @@ def _compare_causal(lm: _CausalLM, texts: list[str], swap) -> dict:
 
 
 def _resolve_device(device: str) -> str:
-    from .convert import resolve_device
+    from .devices import resolve_device
 
     return str(resolve_device(device))
 
@@ -312,24 +311,24 @@ def evaluate(original: str | os.PathLike, converted: str | os.PathLike,
              text: str | os.PathLike | list[str] | None = None, device: str = "cpu", max_texts: int = 256) -> dict:
     """Run the original and the converted model on `text` (default: the packaged English sentences), store the
     results in the converted directory's manifest under "eval", re-render its report, and return the results."""
-    from . import loading
-    from .io.manifest import read_manifest, write_json_atomic
+    from .io.manifest import Manifest, read_manifest, write_json_atomic
+    from .io.output import ConvertedOutput
     from .report import write_report
 
     out = Path(converted)
-    manifest = read_manifest(out)
+    document = read_manifest(out)
+    manifest = Manifest.from_json(document)
     root = _check_original(original)
-    src_type = (manifest.get(C.M_SOURCE) or {}).get("model_type")
+    src_type = manifest.source.get("model_type")
     orig_type = _config(root).get("model_type")
     if src_type and orig_type and src_type != orig_type:
-        raise LplrError(f"--original {root} is a {orig_type} model but {out} was converted from a {src_type} model; "
+        raise LplrError(f"{opt('original')} {root} is a {orig_type} model but {out} was converted from a {src_type} model; "
                         f"pass the checkpoint that was converted")
-    required = {r["name"] for r in manifest.get(C.M_TENSORS) or [] if r.get("method") != "copy"}
-    stream = getattr(loading, "iter_dense", None)  # one tensor at a time when the loader offers it
-    tensors = stream(out, device="cpu") if stream else loading.load_state_dict(out, device="cpu")
-    result = evaluate_state_dict(root, tensors, text, device, max_texts, required)
+    required = {r.name for r in manifest.tensors if r.method != "copy"}
+    with ConvertedOutput(out) as output:  # one tensor at a time
+        result = evaluate_state_dict(root, output.iter_dense(), text, device, max_texts, required)
     result["converted"] = str(out.resolve())
-    manifest[C.M_EVAL] = result
-    write_json_atomic(out / C.MANIFEST_FILE, manifest)
-    write_report(out, manifest)
+    document[C.M_EVAL] = result  # not covered by the integrity hash: the manifest stays valid
+    write_json_atomic(out / C.MANIFEST_FILE, document)
+    write_report(out, document)
     return result

@@ -18,8 +18,8 @@ from loguru import logger
 from . import __version__
 from . import constants as C
 from .card import build_model_card
-from .errors import LplrError
-from .io.manifest import read_manifest
+from .errors import LplrError, opt
+from .io.manifest import Manifest, read_manifest
 
 __all__ = ["push"]
 
@@ -42,7 +42,7 @@ def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, rev
     unreachable Hub, or an upload the Hub refused.
     """
     out_dir = Path(out_dir)
-    manifest = read_manifest(out_dir)
+    manifest = Manifest.from_json(read_manifest(out_dir))
     _check_repo_id(repo_id)
     files = _files_to_upload(out_dir, manifest)
     card_text = str(build_model_card(out_dir, repo_id=repo_id))
@@ -61,7 +61,7 @@ def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, rev
 
     if constants.is_offline_mode():
         raise LplrError("HF_HUB_OFFLINE is set, so nothing can be pushed; unset HF_HUB_OFFLINE (and "
-                        "TRANSFORMERS_OFFLINE) to push, or pass --dry-run to only list what would be sent")
+                        f"TRANSFORMERS_OFFLINE) to push, or pass {opt('dry_run')} to only list what would be sent")
     token = _resolve_token(token)
     _refuse_leaked_token(out_dir, files, card_bytes, token)
 
@@ -70,8 +70,8 @@ def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, rev
         api.whoami(token=token)  # fail early, before any upload, on a token the Hub rejects
         repo_url = api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model")
         if private and api.repo_info(repo_id, repo_type="model").private is False:
-            raise LplrError(f"{repo_id} already exists and is public, so --private cannot apply; make it private "
-                            f"in its settings on the Hub first, or push without --private")
+            raise LplrError(f"{repo_id} already exists and is public, so {opt('private')} cannot apply; make it private "
+                            f"in its settings on the Hub first, or push without {opt('private')}")
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)) for rel, path in files]
@@ -99,19 +99,19 @@ def _check_repo_id(repo_id: str) -> None:
     if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id \
             or len(repo_id.split("/")[1]) > 96:
         raise LplrError(f"repo id {repo_id!r} is not of the form OWNER/NAME (letters, digits, '-', '_', '.'); "
-                        f"pass e.g. --repo-id my-user/my-model-lplr")
+                        f"pass e.g. {opt('repo_id')} my-user/my-model-lplr")
 
 
-def _files_to_upload(out_dir: Path, manifest: dict) -> list[tuple[str, Path]]:
+def _files_to_upload(out_dir: Path, manifest: Manifest) -> list[tuple[str, Path]]:
     """(path in repo, path on disk) of every file to upload, sorted; checks the shards the manifest lists."""
-    for name, info in (manifest.get(C.M_SHARDS) or {}).items():
+    for name, info in manifest.shards.items():
         path = out_dir / name
         if not path.is_file():
             raise LplrError(f"{path} is missing although {C.MANIFEST_FILE} lists it; re-run the conversion "
-                            f"with --overwrite")
+                            f"with {opt('overwrite')}")
         if info.get("bytes") is not None and path.stat().st_size != info["bytes"]:
             raise LplrError(f"{path} has {path.stat().st_size} bytes but {C.MANIFEST_FILE} records {info['bytes']}; "
-                            f"the output was modified, re-run the conversion with --overwrite")
+                            f"the output was modified, re-run the conversion with {opt('overwrite')}")
     files = []
     for path in sorted(out_dir.rglob("*")):
         rel = path.relative_to(out_dir).as_posix()
@@ -150,8 +150,8 @@ def _resolve_token(token: str | None) -> str:
     return token
 
 
-def _default_message(manifest: dict) -> str:
-    methods = sorted({t["method"] for t in manifest.get(C.M_TENSORS, []) if t.get("method") != "copy"})
+def _default_message(manifest: Manifest) -> str:
+    methods = sorted({t.method for t in manifest.tensors if t.method != "copy"})
     return f"Upload {'/'.join(methods) or 'converted'} model made with {C.TOOL_NAME} {__version__}"
 
 

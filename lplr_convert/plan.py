@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .errors import LplrError
-from .methods import MethodSettings, RankPolicy
-from .methods.settings import RANK_POLICIES
+from .errors import LplrError, opt
+from .methods import Settings, flat_defaults, make_settings, settings_from_flat
+from .methods.base import overlay
 
 __all__ = [
     "CONV1D_MODEL_TYPES",
@@ -20,6 +20,7 @@ __all__ = [
     "PlanOptions",
     "TensorPlan",
     "block_index",
+    "build_plan_options",
     "load_recipe",
     "make_plan",
     "matrix_type",
@@ -106,7 +107,7 @@ def parse_layers(spec: str | list | None) -> list[int] | None:
             else:
                 out.add(int(s))
         except ValueError:
-            raise LplrError(f"--layers {spec!r} is not a list of block indices; use e.g. '0,3,5-7' or -1 for all")
+            raise LplrError(f"{opt('layers')} {spec!r} is not a list of block indices; use e.g. '0,3,5-7' or -1 for all")
     return sorted(out)
 
 
@@ -117,7 +118,7 @@ def parse_types(spec: str | list | None) -> set[str] | None:
     out: set[str] = set()
     for t in _items(spec):
         if t not in TYPE_GROUPS:
-            raise LplrError(f"--types {t!r} is unknown; use any of {', '.join(TYPE_GROUPS)}")
+            raise LplrError(f"{opt('types')} {t!r} is unknown; use any of {', '.join(TYPE_GROUPS)}")
         out |= TYPE_GROUPS[t]
     return out
 
@@ -126,7 +127,7 @@ def parse_types(spec: str | list | None) -> set[str] | None:
 class Rule:
     """One recipe rule: tensors matching `pattern` (regex) and/or `layers`/`types` get `settings`."""
 
-    settings: MethodSettings
+    settings: Settings
     pattern: str | None = None
     layers: tuple[int, ...] | None = None
     types: frozenset[str] | None = None
@@ -141,12 +142,20 @@ class Rule:
 
 @dataclass(frozen=True)
 class PlanOptions:
-    settings: MethodSettings = field(default_factory=MethodSettings)
+    """What to compress and how. `defaults` is the flat settings layer (see `methods.base.overlay`): the method
+    and knobs of every selected tensor that no rule matches, and the base that recipe rules change."""
+
+    defaults: dict = field(default_factory=flat_defaults)
     include: str | None = None
     exclude: str | None = None
     layers: tuple[int, ...] | None = None
     types: frozenset[str] | None = None
     rules: tuple[Rule, ...] = ()
+
+    @property
+    def settings(self) -> Settings:
+        """The settings of the default method."""
+        return settings_from_flat(self.defaults)
 
 
 @dataclass(frozen=True)
@@ -154,7 +163,7 @@ class TensorPlan:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    settings: MethodSettings  # method "copy" for tensors left alone
+    settings: Settings  # method "copy" for tensors left alone
     transposed: bool
     layer: int | None
     matrix_type: str | None
@@ -164,75 +173,93 @@ class TensorPlan:
     def method(self) -> str:
         return self.settings.method
 
-
-_SETTING_KEYS = {"method", "b1", "b2", "b0", "quantizer", "group_size", "sketch", "power_iters", "svd"}
-
-
-def settings_from_dict(d: dict, base: MethodSettings, where: str) -> MethodSettings:
-    """Overlay recipe keys (method, b1, rank_fraction, rho, ...) on `base`."""
-    unknown = set(d) - _SETTING_KEYS - set(RANK_POLICIES) - {"pattern", "layers", "types", "match"}
-    if unknown:
-        raise LplrError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; allowed: "
-                        f"{', '.join(sorted(_SETTING_KEYS | set(RANK_POLICIES)))}, pattern, layers, types")
-    changes = {k: d[k] for k in _SETTING_KEYS if k in d}
-    policies = [k for k in RANK_POLICIES if k in d]
-    if len(policies) > 1:
-        raise LplrError(f"{where}: give one rank policy, not {' and '.join(policies)}")
-    if policies:
-        changes["rank"] = RankPolicy(policies[0], d[policies[0]])
-    if changes.get("quantizer", base.quantizer) != "group" and "quantizer" in changes:
-        changes.setdefault("group_size", None)
-    try:
-        return replace(base, **changes)
-    except TypeError as e:
-        raise LplrError(f"{where}: {e}") from None
+    @property
+    def oriented_shape(self) -> tuple[int, ...]:
+        """The shape the method sees: (out, in), i.e. a Conv1D weight transposed."""
+        return (self.shape[1], self.shape[0]) if self.transposed else self.shape
 
 
-def load_recipe(path: str | Path, base: MethodSettings) -> tuple[MethodSettings, tuple[Rule, ...]]:
-    """Read a YAML or JSON recipe: {defaults: {...}, rules: [{pattern|layers|types, method, settings...}]}.
+_MATCH_KEYS = ("pattern", "layers", "types")
 
-    The first matching rule decides a tensor's method; selected tensors no rule matches get the defaults.
-    """
-    path = Path(path)
+
+def _read_recipe(path: Path):
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LplrError(f"{opt('recipe')} {path} is not UTF-8 text; pass a YAML or JSON recipe file") from None
     except OSError as e:
-        raise LplrError(f"--recipe {path}: cannot read it ({e.strerror or e})") from None
+        raise LplrError(f"{opt('recipe')} {path}: cannot read it ({e.strerror or e})") from None
     try:
         if path.suffix.lower() == ".json":
-            doc = json.loads(text)
-        else:
-            import yaml
+            return json.loads(text)
+        import yaml
 
-            doc = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except Exception as e:  # noqa: BLE001  (yaml and json parse errors)
-        raise LplrError(f"--recipe {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'} "
-                        f"({str(e).splitlines()[0]})") from None
+        raise LplrError(f"{opt('recipe')} {path} is not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'} "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def _rule(raw, defaults: dict, where: str) -> Rule:
+    if not isinstance(raw, dict):
+        raise LplrError(f"{where} must be a mapping of settings and pattern/layers/types")
+    match = raw.get("match") or {}
+    if not isinstance(match, dict):
+        raise LplrError(f"{where}: match must be a mapping of pattern/layers/types")
+    raw = {**{k: v for k, v in raw.items() if k != "match"}, **match}
+    if not any(k in raw for k in _MATCH_KEYS):
+        raise LplrError(f"{where} selects nothing; give a pattern, layers or types")
+    pattern = raw.get("pattern")
+    if pattern is not None:
+        if not isinstance(pattern, str):
+            raise LplrError(f"{where}: pattern must be a regular expression in quotes, got {pattern!r}")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise LplrError(f"{where}: pattern {pattern!r} is not a valid regex ({e})") from None
+    layers = parse_layers(raw.get("layers"))
+    types = parse_types(raw.get("types"))
+    layer = overlay(defaults, {k: v for k, v in raw.items() if k not in _MATCH_KEYS}, where)
+    return Rule(settings_from_flat(layer, where), pattern, tuple(layers) if layers is not None else None,
+                frozenset(types) if types is not None else None)
+
+
+def load_recipe(path: str | Path, defaults: dict) -> tuple[dict, tuple[Rule, ...]]:
+    """Read a YAML or JSON recipe: {defaults: {...}, rules: [{pattern|layers|types, method, settings...}]}.
+
+    Returns the flat defaults layer (`defaults` changed by the recipe's own) and the rules. The first matching rule
+    decides a tensor's method; selected tensors no rule matches get the defaults.
+    """
+    path = Path(path)
+    doc = _read_recipe(path)
     if isinstance(doc, list):
         doc = {"rules": doc}
-    if not isinstance(doc, dict) or not isinstance(doc.get("rules", []), list):
-        raise LplrError(f"--recipe {path} must be a mapping with 'defaults' and a list of 'rules'")
-    defaults = settings_from_dict(doc.get("defaults") or {}, base, f"--recipe {path} defaults")
-    rules = []
-    for i, raw in enumerate(doc.get("rules") or []):
-        where = f"--recipe {path} rule {i + 1}"
-        if not isinstance(raw, dict):
-            raise LplrError(f"{where} must be a mapping")
-        raw = {**raw, **(raw.get("match") or {})}
-        raw.pop("match", None)
-        if not any(k in raw for k in ("pattern", "layers", "types")):
-            raise LplrError(f"{where} selects nothing; give a pattern, layers or types")
-        if raw.get("pattern") is not None:
-            try:
-                re.compile(raw["pattern"])
-            except re.error as e:
-                raise LplrError(f"{where}: pattern {raw['pattern']!r} is not a valid regex ({e})") from None
-        layers = parse_layers(raw.get("layers"))
-        types = parse_types(raw.get("types"))
-        rules.append(Rule(settings_from_dict(raw, defaults, where), raw.get("pattern"),
-                          tuple(layers) if layers is not None else None,
-                          frozenset(types) if types is not None else None))
-    return defaults, tuple(rules)
+    where = f"{opt('recipe')} {path}"
+    if not isinstance(doc, dict) or not isinstance(doc.get("rules") or [], list):
+        raise LplrError(f"{where} must be a mapping with 'defaults' (a mapping) and 'rules' (a list)")
+    unknown = sorted(map(str, set(doc) - {"defaults", "rules"}))
+    if unknown:
+        raise LplrError(f"{where}: unknown top-level key(s) {', '.join(unknown)}; use defaults and rules")
+    if not isinstance(doc.get("defaults") or {}, dict):
+        raise LplrError(f"{where}: defaults must be a mapping of settings, got {doc['defaults']!r}")
+    layer = overlay(defaults, doc.get("defaults") or {}, f"{where} defaults")
+    settings_from_flat(layer, f"{where} defaults")
+    rules = tuple(_rule(raw, layer, f"{where} rule {i + 1}") for i, raw in enumerate(doc.get("rules") or []))
+    return layer, rules
+
+
+def build_plan_options(layer: dict, recipe: str | None = None, include: str | None = None,
+                       exclude: str | None = None, layers: str | list | None = None,
+                       types: str | list | None = None) -> tuple[PlanOptions, str | None]:
+    """Plan options from a flat settings layer, an optional recipe file and the selections; also returns the
+    recipe's text (recorded in the manifest)."""
+    rules, recipe_text = (), None
+    if recipe:
+        layer, rules = load_recipe(recipe, layer)
+        recipe_text = Path(recipe).read_text(encoding="utf-8")
+    picked_layers, picked_types = parse_layers(layers), parse_types(types)
+    return PlanOptions(layer, include, exclude, tuple(picked_layers) if picked_layers is not None else None,
+                       frozenset(picked_types) if picked_types is not None else None, rules), recipe_text
 
 
 def _compressible(shape: tuple[int, ...], dtype: torch.dtype) -> bool:
@@ -243,13 +270,13 @@ def make_plan(headers, config: dict, options: PlanOptions) -> list[TensorPlan]:
     """A plan for every tensor (in the order given). Tensors not selected are planned as 'copy'."""
     model_type = (config or {}).get("model_type", "")
     conv1d = model_type in CONV1D_MODEL_TYPES
-    for label, rx in (("--include", options.include), ("--exclude", options.exclude)):
+    for label, rx in (("include", options.include), ("exclude", options.exclude)):
         if rx is not None:
             try:
                 re.compile(rx)
             except re.error as e:
-                raise LplrError(f"{label} {rx!r} is not a valid regular expression ({e})") from None
-    copy = replace(options.settings, method="copy")
+                raise LplrError(f"{opt(label)} {rx!r} is not a valid regular expression ({e})") from None
+    copy, default = make_settings("copy"), options.settings
     plans = []
     for h in headers:
         name, shape, dtype = h.name, tuple(h.shape), h.dtype
@@ -270,7 +297,7 @@ def make_plan(headers, config: dict, options: PlanOptions) -> list[TensorPlan]:
             pick, reason = False, "--layers"
         if pick and options.types is not None and mtype not in options.types:
             pick, reason = False, "--types"
-        settings = options.settings if pick else copy
+        settings = default if pick else copy
         if ok:
             for i, rule in enumerate(options.rules):
                 if rule.matches(name, layer, mtype):

@@ -271,7 +271,8 @@ def test_device_path_helpers_roundtrip():
     """The CUDA path's single device-to-host copy and the prefetch thread, exercised on CPU tensors."""
     from types import SimpleNamespace
 
-    from lplr_convert.convert import _prefetched, _to_host
+    from lplr_convert.io.prefetch import prefetched as _prefetched
+    from lplr_convert.io.prefetch import to_host as _to_host
 
     g = torch.Generator().manual_seed(0)
     parts = {"lplr_left.packed": torch.randint(0, 255, (13,), dtype=torch.uint8, generator=g),

@@ -283,8 +283,9 @@ def test_private_repo_on_a_new_branch(tmp_path, hub):
 def test_private_is_refused_for_an_existing_public_repo(tmp_path, hub):
     out = make_output_dir(tmp_path)
     first = push(out, "tester/m")
-    with pytest.raises(LplrError, match="already exists and is public, so --private cannot apply"):
+    with pytest.raises(LplrError) as err:
         push(out, "tester/m", private=True)
+    assert "already exists and is public, so --private cannot apply" in err.value.cli_message()
     assert hub.head("tester/m").oid == first["commit_id"] and hub.count("POST", "/commit/") == 1
 
 

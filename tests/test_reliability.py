@@ -44,11 +44,11 @@ if where == "add_group":  # mid-shard, before the n-th tensor is written
         return orig(self, *a, **k)
     writer.ShardWriter.add_group = add_group
 elif where == "close":  # a shard is complete on disk but the journal does not know it yet
-    orig_close = conv._Journal.on_close
+    orig_close = conv.Journal.on_close
     def on_close(self, shard):
         hit()
         return orig_close(self, shard)
-    conv._Journal.on_close = on_close
+    conv.Journal.on_close = on_close
 elif where == "manifest":  # everything is written except the manifest
     orig_w = conv.write_json_atomic
     def w(path, *a, **k):

@@ -1,16 +1,27 @@
-"""Reading and writing `lplr_manifest.json`, the record of a conversion (schema in README, keys in constants)."""
+"""`lplr_manifest.json`, the record of a conversion: typed records with a JSON round trip, reading, writing and the
+integrity hash (schema in the README, keys in constants)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .. import constants as C
-from ..errors import IncompleteOutputError, LplrError
+from ..errors import IncompleteOutputError, LplrError, opt
 
-__all__ = ["integrity_hash", "is_complete", "read_manifest", "sha256_file", "write_json_atomic"]
+__all__ = ["LEGACY_KNOBS", "Manifest", "TensorRecord", "integrity_hash", "is_complete", "read_manifest",
+           "sha256_file", "write_json_atomic"]
+
+# Knobs that every record carries at top level (None where the tensor's method has no such knob), as format 1.0
+# always did; the method's full settings are in `settings`.
+LEGACY_KNOBS = ("b1", "b2", "b0", "quantizer", "group_size")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
@@ -22,7 +33,140 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
-def integrity_hash(manifest: dict) -> str:
+@dataclass
+class TensorRecord:
+    """Everything the manifest records about one tensor."""
+
+    name: str
+    shape: list[int]
+    dtype: str
+    method: str
+    layer: int | None = None
+    matrix_type: str | None = None
+    rank: int | None = None
+    b1: int | None = None
+    b2: int | None = None
+    b0: int | None = None
+    quantizer: str | None = None
+    group_size: int | None = None
+    rank_policy: str | None = None
+    seed: int = 0
+    transposed: bool = False
+    reason: str = ""
+    stored: dict[str, dict] = field(default_factory=dict)  # full stored name -> {dtype, shape, bytes}
+    shard: int | str | None = None  # shard index while converting, the shard's file name once finished
+    original_bytes: int = 0
+    stored_bytes: int = 0
+    bits_per_param: float = 0.0
+    original_bits_per_param: float = 0.0
+    rel_error: float = 0.0
+    energy_kept: float | None = None
+    seconds: float = 0.0
+    grew: bool = False
+    nonfinite: bool = False
+    info: dict = field(default_factory=dict)  # what decoding needs (method-specific)
+    settings: dict = field(default_factory=dict)  # the method's settings (Settings.to_json)
+    extra: dict = field(default_factory=dict)  # method-specific facts for reports
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @classmethod
+    def build(cls, name: str, shape, dtype: str, itemsize: int, settings: dict, stored: dict[str, dict], *,
+              rank_policy: str | None, **facts) -> TensorRecord:
+        """A record from a tensor's source dtype (name and bytes per element), its method's settings (JSON), what was
+        stored ({full name: {dtype, shape, bytes}}) and the remaining facts; sizes, bits/param and the top-level
+        knobs are derived here."""
+        numel = max(1, math.prod(shape))
+        original = math.prod(shape) * itemsize
+        stored_bytes = sum(v["bytes"] for v in stored.values())
+        return cls(name=name, shape=list(shape), dtype=dtype, method=settings["method"], rank_policy=rank_policy,
+                   **{k: settings.get(k) for k in LEGACY_KNOBS}, stored=stored, original_bytes=original,
+                   stored_bytes=stored_bytes, bits_per_param=8 * stored_bytes / numel,
+                   original_bits_per_param=8 * original / numel, grew=stored_bytes > original, settings=settings,
+                   **facts)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> TensorRecord:
+        """A record from its JSON (keys this version does not know are ignored; missing ones take defaults)."""
+        if not isinstance(d, Mapping):
+            raise LplrError(f"a tensor record of the manifest is {type(d).__name__}, not a mapping; the output is "
+                            f"damaged, re-run the conversion")
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            rec = cls(**{k: v for k, v in d.items() if k in names})
+        except TypeError as e:
+            raise LplrError(f"a tensor record of the manifest is malformed ({e}); re-run the conversion") from None
+        if not rec.settings:  # written before records carried their settings
+            rec.settings = {"method": rec.method, **{k: getattr(rec, k) for k in LEGACY_KNOBS
+                                                     if getattr(rec, k) is not None}}
+        return rec
+
+
+@dataclass
+class Manifest:
+    """The whole manifest. `source` and `options` stay JSON mappings (their keys are documented in the README)."""
+
+    format_version: str = C.FORMAT_VERSION
+    tool: str = C.TOOL_NAME
+    tool_version: str = ""
+    complete: bool = False
+    source: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+    tensors: list[TensorRecord] = field(default_factory=list)
+    shards: dict[str, dict] = field(default_factory=dict)
+    files: dict[str, dict] = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+    eval: dict | None = None
+    integrity: str | None = None
+
+    def to_json(self) -> dict:
+        """The JSON document, keys in the documented order, integrity last."""
+        doc = {C.M_FORMAT_VERSION: self.format_version, C.M_TOOL: self.tool, C.M_TOOL_VERSION: self.tool_version,
+               C.M_COMPLETE: self.complete, C.M_SOURCE: self.source, C.M_OPTIONS: self.options,
+               C.M_TENSORS: [r.to_json() for r in self.tensors], C.M_SHARDS: self.shards, C.M_FILES: self.files,
+               C.M_SUMMARY: self.summary, C.M_EVAL: self.eval}
+        doc[C.M_INTEGRITY] = self.integrity
+        return doc
+
+    def seal(self) -> Manifest:
+        """Set the integrity hash from the tensor records and shard hashes."""
+        self.integrity = integrity_hash(self.to_json())
+        return self
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> Manifest:
+        tensors = doc.get(C.M_TENSORS)
+        if not isinstance(tensors, list):
+            raise LplrError("the manifest has no tensor list; the output is damaged, re-run the conversion")
+        return cls(format_version=str(doc.get(C.M_FORMAT_VERSION)), tool=doc.get(C.M_TOOL, C.TOOL_NAME),
+                   tool_version=doc.get(C.M_TOOL_VERSION, ""), complete=doc.get(C.M_COMPLETE) is True,
+                   source=_mapping(doc, C.M_SOURCE), options=_mapping(doc, C.M_OPTIONS),
+                   tensors=[TensorRecord.from_json(t) for t in tensors], shards=_mapping(doc, C.M_SHARDS),
+                   files=_mapping(doc, C.M_FILES), summary=_mapping(doc, C.M_SUMMARY), eval=doc.get(C.M_EVAL),
+                   integrity=doc.get(C.M_INTEGRITY))
+
+    @classmethod
+    def coerce(cls, manifest: Manifest | Mapping) -> Manifest:
+        """A Manifest from either a Manifest or its JSON document."""
+        return manifest if isinstance(manifest, Manifest) else cls.from_json(manifest)
+
+
+def _mapping(doc: Mapping, key: str) -> dict:
+    value = doc.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise LplrError(f"the manifest's {key!r} is {type(value).__name__}, not a mapping; the output is damaged, "
+                        f"re-run the conversion")
+    return value
+
+
+def integrity_hash(manifest: Mapping) -> str:
     """sha256 over the parts of a manifest the loader trusts: the tensor records and the shard hashes."""
     payload = {C.M_TENSORS: manifest.get(C.M_TENSORS), C.M_SHARDS: manifest.get(C.M_SHARDS)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -49,11 +193,23 @@ def is_complete(out_dir: str | os.PathLike) -> bool:
         return False
 
 
+def _load_json(path: Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LplrError(f"{path} is unreadable or not valid JSON ({e}); re-run the conversion with "
+                        f"{opt('overwrite')}") from None
+    if not isinstance(manifest, dict) or manifest.get(C.M_FORMAT_VERSION) is None:
+        raise LplrError(f"{path} is not an lplr-convert manifest; re-run the conversion with {opt('overwrite')}")
+    return manifest
+
+
 def read_manifest(out_dir: str | os.PathLike, require_complete: bool = True) -> dict:
-    """Load the manifest of a converted directory.
+    """The manifest document (JSON) of a converted directory, checked.
 
     Raises IncompleteOutputError for a directory without a complete manifest (an interrupted conversion), and
-    LplrError for anything that is not a conversion output at all.
+    LplrError for anything that is not a conversion output at all, has another major format version, or whose
+    tensor records or shard hashes were modified after the conversion.
     """
     out_dir = Path(out_dir)
     path = out_dir / C.MANIFEST_FILE
@@ -65,12 +221,7 @@ def read_manifest(out_dir: str | os.PathLike, require_complete: bool = True) -> 
                                         f"finish it with `lplr-convert convert ... --resume`")
         raise LplrError(f"{out_dir} has no {C.MANIFEST_FILE}; it is not an lplr-convert output directory "
                         f"(convert a checkpoint first with `lplr-convert --in-path SRC --out-path {out_dir}`)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LplrError(f"{path} is unreadable or not valid JSON ({e}); re-run the conversion with --overwrite") from None
-    if not isinstance(manifest, dict) or manifest.get(C.M_FORMAT_VERSION) is None:
-        raise LplrError(f"{path} is not an lplr-convert manifest; re-run the conversion with --overwrite")
+    manifest = _load_json(path)
     major = str(manifest[C.M_FORMAT_VERSION]).split(".")[0]
     if major != C.FORMAT_VERSION.split(".")[0]:
         raise LplrError(f"{path} has format version {manifest[C.M_FORMAT_VERSION]}, this tool reads "
@@ -80,5 +231,5 @@ def read_manifest(out_dir: str | os.PathLike, require_complete: bool = True) -> 
                                     f"`lplr-convert convert ... --resume`")
     if manifest.get(C.M_INTEGRITY) != integrity_hash(manifest):
         raise LplrError(f"{path} was modified after the conversion (its integrity hash does not match); "
-                        f"re-run the conversion with --overwrite")
+                        f"re-run the conversion with {opt('overwrite')}")
     return manifest

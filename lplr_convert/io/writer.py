@@ -16,16 +16,11 @@ from pathlib import Path
 import torch
 
 from .. import constants as C
-from ..errors import LplrError
+from ..dtypes import ST_CODES
+from ..errors import LplrError, opt
 
-__all__ = ["ST_DTYPE_NAMES", "ClosedShard", "ShardWriter", "serialize_header", "tensor_bytes"]
+__all__ = ["ClosedShard", "ShardWriter", "serialize_header", "tensor_bytes"]
 
-ST_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                  torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-                  torch.bool: "BOOL"}
-for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
-    if hasattr(torch, _name):
-        ST_DTYPE_NAMES[getattr(torch, _name)] = _code
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -89,15 +84,15 @@ class ShardWriter:
         if self._data is None:
             self._data = open(self._data_path(), "wb")  # noqa: SIM115  (kept open across calls)
         for name, t in items:
-            if t.dtype not in ST_DTYPE_NAMES:
+            if t.dtype not in ST_CODES:
                 raise LplrError(f"tensor {name} has dtype {t.dtype}, which safetensors cannot store")
             buf = tensor_bytes(t)
             try:
                 self._data.write(buf)
             except OSError as e:
                 raise LplrError(f"writing {self.out_dir} failed ({e.strerror or e}); free disk space and re-run "
-                                f"with --resume") from None
-            self._entries.append((name, ST_DTYPE_NAMES[t.dtype], list(t.shape), self._size, self._size + len(buf)))
+                                f"with {opt('resume')}") from None
+            self._entries.append((name, ST_CODES[t.dtype], list(t.shape), self._size, self._size + len(buf)))
             self._size += len(buf)
         self._groups.append(group)
         return self.next_index
@@ -127,7 +122,7 @@ class ShardWriter:
         except OSError as e:
             partial.unlink(missing_ok=True)
             raise LplrError(f"writing shard {temp_name} in {self.out_dir} failed ({e.strerror or e}); free disk "
-                            f"space and re-run with --resume") from None
+                            f"space and re-run with {opt('resume')}") from None
         data_path.unlink(missing_ok=True)
         shard = ClosedShard(self.next_index, temp_name, digest.hexdigest(),
                             (self.out_dir / temp_name).stat().st_size, [e[0] for e in self._entries],
@@ -138,14 +133,16 @@ class ShardWriter:
             self.on_close(shard)
         return shard
 
+    def final_names(self) -> list[str]:
+        """The final file names of the closed shards (`model-0000i-of-0000N.safetensors`)."""
+        return [C.SHARD_TEMPLATE.format(index=s.index, total=len(self.closed)) for s in self.closed]
+
     def finalize(self) -> tuple[dict[str, str], dict[str, dict]]:
         """Close the last shard and rename all to their final names; return (weight_map, {file: sha/bytes})."""
         self.close_shard()
-        total = len(self.closed)
         weight_map: dict[str, str] = {}
         files: dict[str, dict] = {}
-        for shard in self.closed:
-            final = C.SHARD_TEMPLATE.format(index=shard.index, total=total)
+        for shard, final in zip(self.closed, self.final_names()):
             os.replace(self.out_dir / shard.temp_name, self.out_dir / final)
             for name in shard.names:
                 weight_map[name] = final

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from .error import frobenius_sq
 from .lstsq import gram
 from .sketch import sketch_matrix
 
 SVD_METHODS = ("auto", "exact", "gram", "randomized")
 
-__all__ = ["SVD_METHODS", "choose_svd_method", "singular_values", "truncated_svd"]
+__all__ = ["SVD_METHODS", "choose_svd_method", "energy_kept", "singular_values", "truncated_svd"]
 
 
 def choose_svd_method(m: int, n: int, k: int, oversample: int = 10) -> str:
@@ -138,3 +139,8 @@ def singular_values(W: torch.Tensor, precise: bool = True) -> torch.Tensor:
         return torch.linalg.eigvalsh(_gram64(W)).flip(0).clamp_min(0).sqrt()
     A = W.T if W.shape[0] < W.shape[1] else W
     return torch.linalg.eigvalsh(gram(A)).double().flip(0).clamp_min(0).sqrt()
+
+
+def energy_kept(W: torch.Tensor, s_top: torch.Tensor) -> torch.Tensor:
+    """Fraction of sum(sigma^2) = ||W||_F^2 held by the kept singular values `s_top` (0-d float64, at most 1)."""
+    return (s_top.double().square().sum() / frobenius_sq(W)).clamp(max=1.0)

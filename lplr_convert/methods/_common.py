@@ -1,4 +1,5 @@
-"""Helpers shared by the methods: storing quantized matrices as parts, and the factored-method skeleton."""
+"""Helpers shared by the methods: stored quantized parts, the factored-method skeleton, and the quantize-then-refit
+step that LPLR and LSVD share."""
 
 from __future__ import annotations
 
@@ -7,18 +8,17 @@ from dataclasses import dataclass
 import torch
 
 from .. import constants as C
+from ..dtypes import dtype_name
 from ..errors import LplrError
 from ..math import quantize as qz
 from ..math.error import factor_relative_error
+from ..math.lstsq import solve_normal
 from ..math.svd import singular_values
 from .base import Method, MethodResult
-from .settings import MethodSettings, resolve_rank
+from .settings import FactorBits, QuantKnobs, RankKnobs, Settings, resolve_rank
 
-DTYPE_BITS = {torch.float32: 32, torch.float16: 16, torch.bfloat16: 16, torch.float64: 64}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+__all__ = ["FactoredMethod", "FactoredSettings", "Factors", "decode_quant", "factor_bits", "factor_specs",
+           "float_matrix", "predict_quant", "quant_parts", "quantize_left", "refit"]
 
 
 def float_matrix(W: torch.Tensor, method: str) -> torch.Tensor:
@@ -61,14 +61,19 @@ def predict_quant(part: str, spec: qz.QuantSpec) -> dict[str, tuple[str, tuple[i
     return {part_name(part, f): v for f, v in qz.field_specs(spec).items()}
 
 
-def factor_specs(m: int, n: int, r: int, s: MethodSettings) -> tuple[qz.QuantSpec, qz.QuantSpec]:
+@dataclass(frozen=True)
+class FactoredSettings(FactorBits, QuantKnobs, RankKnobs):
+    """Knobs every factored method has: factor bits, the quantizer, the rank policy."""
+
+
+def factor_specs(m: int, n: int, r: int, s: Settings) -> tuple[qz.QuantSpec, qz.QuantSpec]:
     """Left factor (m x r, one scale per column) and right factor (r x n, one scale per row)."""
     left = qz.QuantSpec((m, r), s.b1, s.quantizer, 1, s.group_size)
     right = qz.QuantSpec((r, n), s.b2, s.quantizer, 0, s.group_size)
     return left, right
 
 
-def factor_bits(m: int, n: int, r: int, s: MethodSettings) -> int:
+def factor_bits(m: int, n: int, r: int, s: Settings) -> int:
     left, right = factor_specs(m, n, r, s)
     return qz.stored_bits(left) + qz.stored_bits(right)
 
@@ -89,21 +94,38 @@ class Factors:
     energy: torch.Tensor | None = None
 
 
+def quantize_left(Wf: torch.Tensor, Y: torch.Tensor, r: int, s: Settings) -> tuple[qz.Quantized, torch.Tensor]:
+    """The stored left factor Q(Y) and its dequantized value. Callers drop Y right after (it is m x r, like L)."""
+    left, _ = factor_specs(*Wf.shape, r, s)
+    return qz.quantize_dequantize(Y, s.b1, left.granularity, left.channel_dim, left.group_size, Wf.dtype)
+
+
+def refit(Wf: torch.Tensor, qL: qz.Quantized, L: torch.Tensor, r: int, s: Settings, energy=None) -> Factors:
+    """Solve for R in least squares against the quantized left factor, quantize R (LPLR's and LSVD's second half)."""
+    _, right = factor_specs(*Wf.shape, r, s)
+    sol = solve_normal(L, Wf)
+    qR, R = qz.quantize_dequantize(sol.R, s.b2, right.granularity, right.channel_dim, right.group_size, Wf.dtype)
+    # The unquantized R is dropped with `sol` here, before the error's temporaries.
+    return Factors(qL, qR, L, R, sol.gram, sol.cross, sol.chol, energy)
+
+
 class FactoredMethod(Method):
     """W ~ L R with L (m x r) and R (r x n) stored quantized. Subclasses implement `factors`."""
 
     factored = True
+    settings_cls = FactoredSettings
+    parts = (C.PART_LEFT, C.PART_RIGHT)
 
-    def rank_for(self, W: torch.Tensor, s: MethodSettings) -> int:
+    def rank_for(self, W: torch.Tensor, s: Settings) -> int:
         m, n = W.shape
         return resolve_rank(s.rank, m, n, bits_for_rank=lambda r: factor_bits(m, n, r, s),
                             singular_values=lambda: singular_values(W))
 
-    def factors(self, W: torch.Tensor, r: int, s: MethodSettings, seed: int) -> Factors:
+    def factors(self, W: torch.Tensor, r: int, s: Settings, seed: int) -> Factors:
         """The rank-r factors of float W."""
         raise NotImplementedError
 
-    def compress(self, W: torch.Tensor, settings: MethodSettings, seed: int) -> MethodResult:
+    def compress(self, W: torch.Tensor, settings: Settings, seed: int) -> MethodResult:
         Wf = float_matrix(W, self.name)
         r = self.rank_for(Wf, settings)
         f = self.factors(Wf, r, settings, seed)
@@ -114,7 +136,6 @@ class FactoredMethod(Method):
         return MethodResult(parts, info, bits, err, r, f.energy)
 
     def decode_factors(self, parts: dict[str, torch.Tensor], info: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The dequantized float32 factors (L, R)."""
         return (decode_quant(C.PART_LEFT, parts, info["left"]), decode_quant(C.PART_RIGHT, parts, info["right"]))
 
     def decode(self, parts: dict[str, torch.Tensor], info: dict) -> torch.Tensor:

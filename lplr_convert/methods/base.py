@@ -1,18 +1,24 @@
-"""The method registry and the result every method returns."""
+"""The method registry, the result every method returns, and settings built from the flat knob vocabulary.
+
+The flat vocabulary is what the command line and recipes speak: one key per knob (`b1`, `quantizer`, ...) plus one
+key per rank policy kind (`rank_fraction`, `rho`, ...). `make_settings(method, **values)` turns it into the
+method's own settings object; `all_knobs()` lists every key that some registered method declares.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from ..errors import LplrError
+from ..errors import LplrError, opt
+from .settings import RANK_FIELD, RANK_POLICIES, RankPolicy, Settings, knob_fields
 
-if TYPE_CHECKING:
-    from .settings import MethodSettings
-
-__all__ = ["Method", "MethodResult", "available_methods", "get_method", "register"]
+__all__ = ["Method", "MethodResult", "all_knobs", "available_methods", "flat_defaults", "get_method", "layer_json",
+           "make_settings", "overlay", "register", "settings_from_flat"]
 
 _REGISTRY: dict[str, Method] = {}
 
@@ -23,7 +29,8 @@ class MethodResult:
 
     parts: stored-name suffix -> tensor ("" means the weight's own name); info: JSON-able facts `decode` needs;
     stored_bits: exact bits on disk of every part; rel_error: ||W - W_hat||_F / ||W||_F of what is stored;
-    energy_kept: fraction of sum(sigma^2) in the kept components, where known.
+    energy_kept: fraction of sum(sigma^2) in the kept components, where known; extra: further JSON-able facts for
+    the tensor's record (method-specific).
     """
 
     parts: dict[str, torch.Tensor]
@@ -32,16 +39,27 @@ class MethodResult:
     rel_error: torch.Tensor | float
     rank: int | None = None
     energy_kept: torch.Tensor | float | None = None
+    extra: dict = field(default_factory=dict)
 
 
 class Method:
-    """A compression method. Subclasses set `name` and implement `compress`, `decode` and `predict`."""
+    """A compression method. Subclasses set `settings_cls` and `parts` and implement `compress`, `decode` and
+    `predict`; `register(name)` makes them available under `name`.
+
+    parts: the stored part names this method writes (a stored tensor is "<weight>.<part>" or "<weight>.<part>.<field>";
+    "" is the weight's own name); factored: stores a left and a right factor that `decode_factors` returns.
+    """
 
     name: str = ""
-    factored: bool = False  # stores a left and a right factor
-    uses_rank: bool = True
+    settings_cls: type[Settings] = Settings
+    parts: tuple[str, ...] = ()
+    factored: bool = False
 
-    def compress(self, W: torch.Tensor, settings: MethodSettings, seed: int) -> MethodResult:
+    @property
+    def uses_rank(self) -> bool:
+        return any(f.name == RANK_FIELD for f in knob_fields(self.settings_cls))
+
+    def compress(self, W: torch.Tensor, settings: Settings, seed: int) -> MethodResult:
         """Compress a 2-D (out x in) float tensor that already sits on the compute device."""
         raise NotImplementedError
 
@@ -50,17 +68,32 @@ class Method:
         tensor verbatim (any dtype, e.g. int64 position ids)."""
         raise NotImplementedError
 
-    def predict(self, shape: tuple[int, int], dtype: torch.dtype, settings: MethodSettings) -> tuple[int | None, dict]:
-        """(rank or None, {suffix: (dtype name, shape)}) of what `compress` would store, computing nothing."""
+    def decode_factors(self, parts: dict[str, torch.Tensor], info: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dequantized float32 factors (L, R) of a factored method."""
+        raise NotImplementedError(f"method {self.name} is not factored")
+
+    def predict(self, shape: tuple[int, int], dtype: torch.dtype, settings: Settings) -> tuple[int | None, dict]:
+        """(rank or None, {suffix: (dtype name, shape)}) of what `compress` would store, computing nothing; an empty
+        dict when the stored size depends on the data."""
         raise NotImplementedError
 
 
+def _same_knob(a: dataclasses.Field, b: dataclasses.Field) -> bool:
+    keys = ("type", "choices", "optional", "help")
+    return a.default == b.default and all(a.metadata.get(k) == b.metadata.get(k) for k in keys)
+
+
 def register(name: str):
-    """Class decorator: instantiate and register a method under `name`."""
+    """Class decorator: instantiate and register a method under `name`. A knob that two methods both declare must be
+    declared alike (same default, type, choices and help), since the command line offers it once."""
 
     def wrap(cls: type[Method]) -> type[Method]:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is registered twice")
+        known = all_knobs()
+        for f in knob_fields(cls.settings_cls):
+            if f.name in known and not _same_knob(known[f.name], f):
+                raise ValueError(f"method {name!r} declares knob {f.name!r} unlike an earlier method does")
         cls.name = name
         _REGISTRY[name] = cls()
         return cls
@@ -72,9 +105,83 @@ def get_method(name: str) -> Method:
     """The registered method called `name`; an unknown name lists the registered ones."""
     try:
         return _REGISTRY[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise LplrError(f"method {name!r} is unknown; registered methods: {', '.join(available_methods())}") from None
 
 
 def available_methods() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def all_knobs() -> dict[str, dataclasses.Field]:
+    """Every knob some registered method declares, by name (first declaration), in registration order."""
+    out: dict[str, dataclasses.Field] = {}
+    for method in _REGISTRY.values():
+        for f in knob_fields(method.settings_cls):
+            out.setdefault(f.name, f)
+    return out
+
+
+def flat_defaults() -> dict[str, Any]:
+    """The flat vocabulary's defaults: method lplr, every knob's default, the rank policy as `rank` (a RankPolicy)."""
+    out: dict[str, Any] = {"method": "lplr"}
+    for name, f in all_knobs().items():
+        out[name] = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    return out
+
+
+def _at(where: str, message: str) -> LplrError:
+    return LplrError(f"{where}: {message}" if where else message)
+
+
+def _check_keys(changes: Mapping[str, Any], where: str) -> None:
+    allowed = {"method", *all_knobs(), *RANK_POLICIES}
+    unknown = sorted(k for k in changes if k not in allowed)
+    if unknown:
+        raise _at(where, f"unknown setting(s) {', '.join(map(str, unknown))}; allowed: {', '.join(sorted(allowed))}")
+
+
+def overlay(layer: Mapping[str, Any], changes: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+    """`layer` with `changes` applied, both in the flat vocabulary. A rank policy kind in `changes` (at most one)
+    replaces the layer's policy; a knob declared `reset_with=K` returns to its default when K changes and it does not.
+    The result holds the policy as a RankPolicy under `rank`."""
+    _check_keys(changes, where)
+    kinds = [k for k in RANK_POLICIES if k in changes and not isinstance(changes[k], RankPolicy)]
+    if len(kinds) > 1:
+        raise _at(where, f"give one rank policy, not {' and '.join(opt(k) for k in kinds)}")
+    out = dict(layer)
+    for name, f in all_knobs().items():
+        if f.metadata.get("reset_with") in changes and name not in changes:
+            out[name] = f.default
+    out.update({k: v for k, v in changes.items() if k not in RANK_POLICIES})
+    if kinds:
+        try:
+            out[RANK_FIELD] = RankPolicy(kinds[0], changes[kinds[0]])
+        except LplrError as e:
+            raise _at(where, e.template) from None
+    elif isinstance(changes.get(RANK_FIELD), RankPolicy):
+        out[RANK_FIELD] = changes[RANK_FIELD]
+    return out
+
+
+def settings_from_flat(layer: Mapping[str, Any], where: str = "") -> Settings:
+    """The settings of `layer["method"]` from a flat layer (see `overlay`); knobs the method does not declare are
+    ignored, since a layer carries knobs for every method."""
+    method = get_method(layer.get("method", "lplr"))
+    names = {f.name for f in knob_fields(method.settings_cls)}
+    try:
+        return method.settings_cls(method=method.name, **{k: v for k, v in layer.items() if k in names})
+    except LplrError as e:
+        raise _at(where, e.template) from None
+
+
+def layer_json(layer: Mapping[str, Any]) -> dict[str, Any]:
+    """A flat layer as JSON (the rank policy as {"kind", "value"})."""
+    return {k: v.to_json() if isinstance(v, RankPolicy) else v for k, v in layer.items()}
+
+
+def make_settings(method: str = "lplr", **values: Any) -> Settings:
+    """The settings of `method` from keyword knobs in the flat vocabulary (`rank=` may be a RankPolicy or a fixed
+    rank). Knobs of other methods are ignored, as in any flat layer; a name no method declares is an error."""
+    get_method(method)
+    return settings_from_flat(overlay(flat_defaults(), {"method": method, **values}))

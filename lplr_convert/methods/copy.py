@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from ._common import DTYPE_BITS, dtype_name
+from ..dtypes import dtype_bits, dtype_name
 from .base import Method, MethodResult, register
+from .settings import Settings
 
 
 @register("copy")
 class Copy(Method):
-    uses_rank = False
+    settings_cls = Settings
+    parts = ("",)
 
     def compress(self, W, settings, seed):
-        bits = W.numel() * DTYPE_BITS.get(W.dtype, W.element_size() * 8)
-        return MethodResult({"": W}, {"dtype": dtype_name(W.dtype)}, bits, 0.0)
+        return MethodResult({"": W}, {"dtype": dtype_name(W.dtype)}, W.numel() * dtype_bits(W.dtype), 0.0)
 
     def decode(self, parts, info):
         return parts[""]

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..math import quantize as qz
-from ..math.svd import truncated_svd
-from ._common import FactoredMethod, Factors, factor_specs
+from ..math.svd import energy_kept, truncated_svd
+from ._common import FactoredMethod, FactoredSettings, Factors, factor_specs
 from .base import register
-from .lsvd import energy_kept
+from .settings import SvdKnobs
+
+
+@dataclass(frozen=True)
+class DSVDSettings(FactoredSettings, SvdKnobs):
+    pass
 
 
 @register("dsvd")
 class DSVD(FactoredMethod):
+    settings_cls = DSVDSettings
+
     def factors(self, Wf, r, s, seed):
         m, n = Wf.shape
         U, sv, Vh = truncated_svd(Wf, r, s.svd, seed=seed)

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from ..dtypes import dtype_bits, dtype_name
 from ..math.error import relative_error
-from ..math.svd import singular_values, truncated_svd
-from ._common import DTYPE_BITS, dtype_name, float_matrix
+from ..math.svd import energy_kept, singular_values, truncated_svd
+from ._common import float_matrix
 from .base import Method, MethodResult, register
-from .lsvd import energy_kept
-from .settings import resolve_rank
+from .settings import RankKnobs, SvdKnobs, resolve_rank
+
+
+@dataclass(frozen=True)
+class LASERSettings(RankKnobs, SvdKnobs):
+    pass
 
 
 @register("laser")
 class LASER(Method):
+    settings_cls = LASERSettings
+    parts = ("",)
+
     def compress(self, W, settings, seed):
         Wf = float_matrix(W, self.name)
         m, n = Wf.shape
@@ -19,8 +29,8 @@ class LASER(Method):
         U, sv, Vh = truncated_svd(Wf, k, settings.svd, seed=seed)
         stored = ((U * sv) @ Vh).to(W.dtype)
         err = relative_error(Wf, stored)
-        return MethodResult({"": stored}, {"rank": k, "dtype": dtype_name(W.dtype)}, stored.numel() * DTYPE_BITS[W.dtype],
-                            err, k, energy_kept(Wf, sv))
+        return MethodResult({"": stored}, {"rank": k, "dtype": dtype_name(W.dtype)},
+                            stored.numel() * dtype_bits(W.dtype), err, k, energy_kept(Wf, sv))
 
     def decode(self, parts, info):
         return parts[""].float()

@@ -2,32 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..math import quantize as qz
-from ..math.lstsq import solve_normal
-from ..math.sketch import sketch_matrix
-from ._common import FactoredMethod, Factors, factor_specs
+from ..math.sketch import SKETCHES, sketch_matrix
+from ._common import FactoredMethod, FactoredSettings, quantize_left, refit
 from .base import register
+from .settings import knob, non_negative
 
 
-def quantize_left(Wf: torch.Tensor, Y: torch.Tensor, r: int, s) -> tuple[qz.Quantized, torch.Tensor]:
-    """The stored left factor Q(Y) and its dequantized value. Callers drop Y right after (it is m x r, like L)."""
-    left, _ = factor_specs(*Wf.shape, r, s)
-    return qz.quantize_dequantize(Y, s.b1, left.granularity, left.channel_dim, left.group_size, Wf.dtype)
-
-
-def refit(Wf: torch.Tensor, qL: qz.Quantized, L: torch.Tensor, r: int, s, energy=None) -> Factors:
-    """Solve for R in least squares against the quantized left factor, quantize R (shared by LPLR and LSVD)."""
-    _, right = factor_specs(*Wf.shape, r, s)
-    sol = solve_normal(L, Wf)
-    qR, R = qz.quantize_dequantize(sol.R, s.b2, right.granularity, right.channel_dim, right.group_size, Wf.dtype)
-    # The unquantized R is dropped with `sol` here, before the error's temporaries.
-    return Factors(qL, qR, L, R, sol.gram, sol.cross, sol.chol, energy)
+@dataclass(frozen=True)
+class LPLRSettings(FactoredSettings):
+    sketch: str = knob("gaussian", type=str, choices=SKETCHES, label="nondefault", help="LPLR sketch.")
+    power_iters: int = knob(0, type=int, validate=non_negative, label="nondefault", help="LPLR power iterations.")
 
 
 @register("lplr")
 class LPLR(FactoredMethod):
+    settings_cls = LPLRSettings
+
     def factors(self, Wf, r, s, seed):
         S = sketch_matrix(Wf.shape[1], r, seed, s.sketch, dtype=Wf.dtype, device=Wf.device)
         # Row-major Y keeps L and its codes row-major, so packing needs no transposing copy: 3.0-3.2 s against

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from ..math.error import frobenius_sq
-from ..math.svd import truncated_svd
-from ._common import FactoredMethod
+from dataclasses import dataclass
+
+from ..math.svd import energy_kept, truncated_svd
+from ._common import FactoredMethod, FactoredSettings, quantize_left, refit
 from .base import register
-from .lplr import quantize_left, refit
+from .settings import SvdKnobs
 
 
-def energy_kept(Wf, s_top):
-    """Fraction of sum(sigma^2) = ||W||_F^2 held by the kept singular values."""
-    return (s_top.double().square().sum() / frobenius_sq(Wf)).clamp(max=1.0)
+@dataclass(frozen=True)
+class SvdFactoredSettings(FactoredSettings, SvdKnobs):
+    """Factored methods that start from a truncated SVD."""
 
 
 @register("lsvd")
 class LSVD(FactoredMethod):
+    settings_cls = SvdFactoredSettings
+
     def factors(self, Wf, r, s, seed):
         U, sv, Vh = truncated_svd(Wf, r, s.svd, seed=seed)
         del Vh  # the refit replaces it

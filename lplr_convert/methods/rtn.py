@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .. import constants as C
 from ..math import quantize as qz
 from ..math.error import relative_error
 from ._common import decode_quant, float_matrix, predict_quant, quant_parts
 from .base import Method, MethodResult, register
+from .settings import BitsKnob, QuantKnobs
+
+
+@dataclass(frozen=True)
+class RTNSettings(BitsKnob, QuantKnobs):
+    pass
 
 
 def _spec(shape, s) -> qz.QuantSpec:
@@ -15,7 +23,8 @@ def _spec(shape, s) -> qz.QuantSpec:
 
 @register("rtn")
 class RTN(Method):
-    uses_rank = False
+    settings_cls = RTNSettings
+    parts = (C.PART_QUANT,)
 
     def compress(self, W, settings, seed):
         Wf = float_matrix(W, self.name)

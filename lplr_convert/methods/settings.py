@@ -1,21 +1,75 @@
-"""One validated settings object per method invocation, and the rank policies."""
+"""Settings as declarations: every knob of every method is a dataclass field whose metadata says its type, default,
+choices and help. The command line, recipe keys, the manifest's settings and the report's labels are generated from
+these declarations, so a method with a new knob declares it in its own module and nothing else changes.
+
+Shared knobs (bit widths, the quantizer, the rank policy, the SVD route) are small dataclasses here that a method's
+settings class inherits from (composition by inheritance keeps the knobs flat: `b1`, not `bits.b1`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from ..errors import LplrError
+from ..errors import LplrError, opt
 from ..math.quantize import ALLOWED_BITS, GRANULARITIES
-from ..math.sketch import SKETCHES
 from ..math.svd import SVD_METHODS
 
 RANK_POLICIES = ("rank_fraction", "rank", "bits_per_param", "energy", "rho", "rate")
+RANK_FIELD = "rank"  # the settings field holding the RankPolicy (flat vocabulary: one key per policy kind)
 
-__all__ = ["RANK_POLICIES", "MethodSettings", "RankPolicy", "resolve_rank"]
+__all__ = [
+    "RANK_FIELD",
+    "RANK_HELP",
+    "RANK_POLICIES",
+    "BitsKnob",
+    "FactorBits",
+    "QuantKnobs",
+    "RankKnobs",
+    "RankPolicy",
+    "Settings",
+    "SvdKnobs",
+    "knob",
+    "knob_fields",
+    "non_negative",
+    "resolve_rank",
+]
+
+
+def knob(default: Any, *, type: type, help: str, choices: tuple | None = None, optional: bool = False,
+         label: str | None = None, validate: Callable[[str, Any], None] | None = None, section: str = "Method",
+         reset_with: str | None = None):
+    """A settings field with its declaration.
+
+    type: int, float or str (values are checked against it; bool is never an int here); choices: allowed values;
+    optional: None is allowed; label: how the report's short description shows it ("always", "nondefault" or None
+    for never); validate(key, value): raises LplrError for a bad value; section: its group in `--help`; reset_with:
+    another knob whose change (in a recipe rule) returns this one to its default unless the rule sets it too.
+    """
+    return field(default=default, metadata=_meta(type, help, choices, optional, label, validate, section,
+                                                 reset_with=reset_with))
+
+
+def _meta(type, help, choices=None, optional=False, label=None, validate=None, section="Method", **extra) -> dict:
+    return {"knob": True, "type": type, "help": help, "choices": choices, "optional": optional, "label": label,
+            "validate": validate, "section": section, **extra}
+
+
+def _check_bits(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in ALLOWED_BITS:
+        raise LplrError(f"{opt(key)} {value!r} is not supported; use one of 1-8 (integer codes), 16 (fp16/bf16) or "
+                        f"32 (fp32)")
+
+
+def non_negative(key: str, value: Any) -> None:
+    """Validator of an integer knob that must be >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise LplrError(f"{opt(key)} {value!r} must be an integer >= 0")
 
 
 @dataclass(frozen=True)
@@ -33,17 +87,17 @@ class RankPolicy:
     def __post_init__(self) -> None:
         if self.kind not in RANK_POLICIES:
             raise LplrError(f"rank policy {self.kind!r} is unknown; use one of {', '.join(RANK_POLICIES)}")
-        v = self.value
+        v, k = self.value, self.kind
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-            raise LplrError(f"{self.kind} must be a finite number, got {v!r}")
-        if self.kind in ("rank_fraction", "rho", "energy") and not 0 < v <= 1:
-            raise LplrError(f"{self.kind}={v} is outside (0, 1]; pass a fraction such as 0.8")
-        if self.kind == "rank" and (v < 1 or int(v) != v):
-            raise LplrError(f"rank={v} must be a positive integer")
-        if self.kind == "bits_per_param" and v <= 0:
-            raise LplrError(f"bits_per_param={v} must be positive")
-        if self.kind == "rate" and not 0 <= v < 10:
-            raise LplrError(f"rate={v} is outside [0, 10); LASER's rate gives rho = 1 - 0.1 * rate")
+            raise LplrError(f"{opt(k)} must be a finite number, got {v!r}")
+        if k in ("rank_fraction", "rho", "energy") and not 0 < v <= 1:
+            raise LplrError(f"{opt(k)}={v} is outside (0, 1]; pass a fraction such as 0.8")
+        if k == "rank" and (v < 1 or int(v) != v):
+            raise LplrError(f"{opt(k)}={v} must be a positive integer")
+        if k == "bits_per_param" and v <= 0:
+            raise LplrError(f"{opt(k)}={v} must be positive")
+        if k == "rate" and not 0 <= v < 10:
+            raise LplrError(f"{opt(k)}={v} is outside [0, 10); LASER's rate gives rho = 1 - 0.1 * rate")
 
     @property
     def needs_spectrum(self) -> bool:
@@ -51,6 +105,13 @@ class RankPolicy:
 
     def label(self) -> str:
         return f"{self.kind}={self.value:g}"
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "value": self.value}
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> RankPolicy:
+        return cls(d["kind"], d["value"])
 
 
 def resolve_rank(policy: RankPolicy, m: int, n: int, bits_for_rank: Callable[[int], int] | None = None,
@@ -71,73 +132,167 @@ def resolve_rank(policy: RankPolicy, m: int, n: int, bits_for_rank: Callable[[in
         s2 = singular_values().double().square()
         cum = torch.cumsum(s2, 0) / s2.sum().clamp_min(torch.finfo(torch.float64).tiny)
         r = int((cum < v - 1e-12).sum().item()) + 1
-    else:  # bits_per_param
-        if bits_for_rank is None:
-            raise LplrError("rank policy bits_per_param only applies to methods that store quantized factors "
-                            "(lplr, lsvd, dsvd); for laser use rho, rate, rank, rank_fraction or energy")
-        budget = v * m * n
-        lo, hi = 0, full
-        while lo < hi:  # largest r with bits(r) <= budget; bits is increasing in r
-            mid = (lo + hi + 1) // 2
-            if bits_for_rank(mid) <= budget:
-                lo = mid
-            else:
-                hi = mid - 1
-        r = lo
-        if r < 1:
-            raise LplrError(f"bits_per_param={v:g} is too small for a {m}x{n} matrix: even rank 1 needs "
-                            f"{bits_for_rank(1) / (m * n):.3f} bits/param; raise the budget or lower --b1/--b2")
+    else:
+        r = _rank_for_bits(v, m, n, bits_for_rank)
     if not 1 <= r <= full:
         raise LplrError(f"{policy.label()} gives rank {r} for a {m}x{n} matrix, outside 1..{full}; "
                         f"choose a policy value that keeps at least one and at most {full} components")
-    return min(r, full)
+    return r
+
+
+def _rank_for_bits(budget_per_param: float, m: int, n: int, bits_for_rank: Callable[[int], int] | None) -> int:
+    """The largest r with bits(r) <= B m n (bits is increasing in r)."""
+    if bits_for_rank is None:
+        raise LplrError(f"rank policy {opt('bits_per_param')} only applies to methods that store quantized factors "
+                        f"(lplr, lsvd, dsvd); for laser use rho, rate, rank, rank_fraction or energy")
+    budget = budget_per_param * m * n
+    lo, hi = 0, min(m, n)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if bits_for_rank(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo < 1:
+        raise LplrError(f"{opt('bits_per_param')}={budget_per_param:g} is too small for a {m}x{n} matrix: even rank 1 "
+                        f"needs {bits_for_rank(1) / (m * n):.3f} bits/param; raise the budget or lower "
+                        f"{opt('b1')}/{opt('b2')}")
+    return lo
+
+
+def knob_fields(cls_or_obj) -> list[dataclasses.Field]:
+    """The knob fields of a settings class (the rank policy included), in declaration order."""
+    return [f for f in dataclasses.fields(cls_or_obj) if f.metadata.get("knob")]
+
+
+def _check_value(f: dataclasses.Field, value: Any) -> None:
+    meta = f.metadata
+    if meta.get("rank_policy"):
+        if not isinstance(value, RankPolicy):
+            raise LplrError(f"{opt(f.name)} must be a rank policy ({', '.join(RANK_POLICIES)}), got {value!r}")
+        return
+    if value is None and meta["optional"]:
+        return
+    if meta["validate"] is not None:  # first: its message names the allowed values
+        meta["validate"](f.name, value)
+    t = meta["type"]
+    ok = isinstance(value, t) and not isinstance(value, bool) or (t is float and isinstance(value, int)
+                                                                    and not isinstance(value, bool))
+    if not ok:
+        raise LplrError(f"{opt(f.name)} must be {'an integer' if t is int else 'a number' if t is float else 'text'}"
+                        f", got {value!r}")
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise LplrError(f"{opt(f.name)} {value!r} is unknown; use one of {', '.join(map(str, meta['choices']))}")
 
 
 @dataclass(frozen=True)
-class MethodSettings:
-    """Everything a method needs, validated once. Bits: b1 (left factor), b2 (right factor), b0 (rtn)."""
+class Settings:
+    """Base of every method's settings: the method's name plus knobs, validated once on creation.
 
-    method: str = "lplr"
-    b1: int = 8
-    b2: int = 8
-    b0: int = 8
-    quantizer: str = "channel"
-    group_size: int | None = None
-    rank: RankPolicy = field(default_factory=RankPolicy)
-    sketch: str = "gaussian"
-    power_iters: int = 0
-    svd: str = "auto"
+    A knob group may define `_check(self)` for rules across its knobs; every `_check` in the class hierarchy runs.
+    """
+
+    method: str = ""
 
     def __post_init__(self) -> None:
-        from .base import get_method  # late: the registry imports this module
+        for f in knob_fields(self):
+            _check_value(f, getattr(self, f.name))
+        for klass in type(self).__mro__:
+            check = klass.__dict__.get("_check")
+            if check is not None:
+                check(self)
 
-        get_method(self.method)
-        for name in ("b1", "b2", "b0"):
-            b = getattr(self, name)
-            if isinstance(b, bool) or not isinstance(b, int) or b not in ALLOWED_BITS:
-                raise LplrError(f"--{name} {b!r} is not supported; use one of 1-8 (integer codes), 16 (fp16/bf16) "
-                                f"or 32 (fp32)")
-        if self.quantizer not in GRANULARITIES:
-            raise LplrError(f"--quantizer {self.quantizer!r} is unknown; use one of {', '.join(GRANULARITIES)}")
-        if self.quantizer == "group":
-            if self.group_size is None or self.group_size < 1:
-                raise LplrError("--quantizer group needs --group-size (a positive integer such as 128)")
-        elif self.group_size is not None:
-            raise LplrError(f"--group-size only applies to --quantizer group (got --quantizer {self.quantizer})")
-        if self.sketch not in SKETCHES:
-            raise LplrError(f"--sketch {self.sketch!r} is unknown; use one of {', '.join(SKETCHES)}")
-        if self.svd not in SVD_METHODS:
-            raise LplrError(f"--svd {self.svd!r} is unknown; use one of {', '.join(SVD_METHODS)}")
-        if self.power_iters < 0:
-            raise LplrError("--power-iters must be >= 0")
+    def knobs(self) -> dict[str, Any]:
+        """Knob name -> value (the rank policy as a RankPolicy)."""
+        return {f.name: getattr(self, f.name) for f in knob_fields(self)}
 
     def to_json(self) -> dict:
-        d = asdict(self)
-        d["rank"] = {"kind": self.rank.kind, "value": self.rank.value}
-        return d
+        """{"method", knobs...} with the rank policy as {"kind", "value"}."""
+        out: dict[str, Any] = {"method": self.method}
+        for k, v in self.knobs().items():
+            out[k] = v.to_json() if isinstance(v, RankPolicy) else v
+        return out
 
     @classmethod
-    def from_json(cls, d: dict) -> MethodSettings:
-        d = dict(d)
-        d["rank"] = RankPolicy(**d["rank"])
-        return cls(**d)
+    def from_json(cls, d: Mapping) -> Settings:
+        """Inverse of `to_json`; keys the class does not declare are ignored (older or newer records)."""
+        names = {f.name: f for f in knob_fields(cls)}
+        values = {}
+        for k, v in d.items():
+            if k in names:
+                values[k] = RankPolicy.from_json(v) if names[k].metadata.get("rank_policy") else v
+        return cls(method=d.get("method", ""), **values)
+
+    def label(self) -> str:
+        """A short description for reports, e.g. "lplr rank_fraction=0.8 b1=8 b2=8"."""
+        parts = [self.method]
+        for f in knob_fields(self):
+            value, how = getattr(self, f.name), f.metadata.get("label")
+            if isinstance(value, RankPolicy):
+                parts.append(value.label())
+            elif how == "always" or (how == "nondefault" and value != f.default):
+                parts.append(f"{f.name}={value}")
+        return " ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------- shared knob groups
+
+
+@dataclass(frozen=True)
+class FactorBits(Settings):
+    """Bit widths of the left (m x r) and right (r x n) factors."""
+
+    b1: int = knob(8, type=int, validate=_check_bits, label="always", help="Bits of the left factor L (1-8, 16, 32).")
+    b2: int = knob(8, type=int, validate=_check_bits, label="always", help="Bits of the right factor R (1-8, 16, 32).")
+
+
+@dataclass(frozen=True)
+class BitsKnob(Settings):
+    """Bit width of a directly quantized full-size matrix."""
+
+    b0: int = knob(8, type=int, validate=_check_bits, label="always",
+                   help="Bits of a directly quantized weight (rtn) (1-8, 16, 32).")
+
+
+@dataclass(frozen=True)
+class QuantKnobs(Settings):
+    """Scale granularity of the integer quantizer."""
+
+    quantizer: str = knob("channel", type=str, choices=GRANULARITIES, label="nondefault",
+                          help="Scale granularity: tensor (published min-max), channel, or group.")
+    group_size: int | None = knob(None, type=int, optional=True, label="nondefault", reset_with="quantizer",
+                                  help="Group size along the input dim (with quantizer group).")
+
+    def _check(self) -> None:
+        if self.quantizer == "group":
+            if self.group_size is None or self.group_size < 1:
+                raise LplrError(f"{opt('quantizer')} group needs {opt('group_size')} (a positive integer such as 128)")
+        elif self.group_size is not None:
+            raise LplrError(f"{opt('group_size')} only applies to {opt('quantizer')} group (got {opt('quantizer')} "
+                            f"{self.quantizer})")
+
+
+# Help of each rank policy's option (the CLI offers one option per policy kind; a recipe one key per kind).
+RANK_HELP = {
+    "rank_fraction": ("r = ceil(f * min(m, n)) [default 0.8].", float),
+    "rank": ("Fixed rank r.", int),
+    "bits_per_param": ("Largest r whose stored bits (scales included) fit this budget.", float),
+    "energy": ("Fewest components holding this fraction of sum(sigma^2).", float),
+    "rho": ("LASER: kept rank int(rho * min(m, n)).", float),
+    "rate": ("LASER legacy: rho = 1 - 0.1 * rate.", float),
+}
+
+
+@dataclass(frozen=True)
+class RankKnobs(Settings):
+    """The kept rank (one of the RANK_POLICIES)."""
+
+    rank: RankPolicy = field(default_factory=RankPolicy, metadata=_meta(RankPolicy, "The rank policy.", rank_policy=True,
+                                                                        section="Rank policy (one of)"))
+
+
+@dataclass(frozen=True)
+class SvdKnobs(Settings):
+    """The truncated SVD route."""
+
+    svd: str = knob("auto", type=str, choices=SVD_METHODS, help="Truncated SVD route (lsvd, dsvd, laser).")

@@ -9,8 +9,8 @@ from pathlib import Path
 from loguru import logger
 
 from .. import constants as C
-from ..errors import LplrError
-from ..io.manifest import read_manifest, write_json_atomic
+from ..errors import LplrError, opt
+from ..io.manifest import Manifest, read_manifest, write_json_atomic
 from .metrics import report_summary, tensor_rows
 from .spectra import energy_curve, representative_tensors, source_spectra
 from .tables import compare_markdown, dir_labels, report_markdown, rows_csv, summary_markdown, summary_table
@@ -44,7 +44,7 @@ def _previous_spectra(out_dir: Path, names: set[str]) -> dict[str, list[float]]:
     return {n: c for n, c in old.items() if n in names and isinstance(c, list) and c}
 
 
-def _resolve_spectra(out_dir: Path, manifest: dict, rows: list[dict], spectra: dict | None) -> dict[str, list[float]]:
+def _resolve_spectra(out_dir: Path, manifest: Manifest, rows: list[dict], spectra: dict | None) -> dict[str, list[float]]:
     names = {r["name"] for r in rows}
     if spectra:
         return {n: [float(v) for v in c] for n, c in spectra.items() if n in names and len(c)}
@@ -58,14 +58,14 @@ def _resolve_spectra(out_dir: Path, manifest: dict, rows: list[dict], spectra: d
         return {}
 
 
-def _plots(out_dir: Path, manifest: dict, rows: list[dict], curves: dict) -> list[Path]:
+def _plots(out_dir: Path, manifest: Manifest, rows: list[dict], curves: dict) -> list[Path]:
     from .plots import have_matplotlib, plot_bits_per_layer, plot_error_per_layer, plot_spectrum
 
     targets = [out_dir / C.PLOT_ERROR, out_dir / C.PLOT_BITS, out_dir / C.PLOT_SPECTRUM]
     if not have_matplotlib():
         logger.warning("matplotlib is not installed: the report has no plots (pip install 'lplr-convert[plots]')")
         return []
-    src = manifest.get(C.M_SOURCE) or {}
+    src = manifest.source
     methods = sorted({r["method"] for r in rows if r["method"] != "copy"})
     subtitle = f" — {src.get('model_type') or 'model'}, {'/'.join(methods) or 'copy'}"
     made = [plot_error_per_layer(rows, targets[0], subtitle), plot_bits_per_layer(rows, targets[1], subtitle),
@@ -85,19 +85,17 @@ def write_report(out_dir: str | os.PathLike, manifest: dict | None = None,
     representative tensors are read from the source checkpoint when it is reachable, else that plot is skipped.
     """
     out_dir = Path(out_dir)
-    if manifest is None:
-        manifest = read_manifest(out_dir)
+    manifest = Manifest.coerce(read_manifest(out_dir) if manifest is None else manifest)
     rows = tensor_rows(manifest)
     summary = report_summary(rows)
     curves = _resolve_spectra(out_dir, manifest, rows, spectra)
     plots = _plots(out_dir, manifest, rows, curves)
-    src = manifest.get(C.M_SOURCE) or {}
-    opts = manifest.get(C.M_OPTIONS) or {}
-    doc = {"kind": REPORT_KIND, "tool": manifest.get(C.M_TOOL), "tool_version": manifest.get(C.M_TOOL_VERSION),
-           "format_version": manifest.get(C.M_FORMAT_VERSION),
+    src, opts = manifest.source, manifest.options
+    doc = {"kind": REPORT_KIND, "tool": manifest.tool, "tool_version": manifest.tool_version,
+           "format_version": manifest.format_version,
            "source": {k: src.get(k) for k in ("path", "repo_id", "revision", "model_type", "architectures")},
            "command": opts.get("command"), "settings": opts.get("settings"), "summary": summary,
-           "eval": manifest.get(C.M_EVAL), "plots": [p.name for p in plots], "spectra": curves, "tensors": rows}
+           "eval": manifest.eval, "plots": [p.name for p in plots], "spectra": curves, "tensors": rows}
     write_json_atomic(out_dir / C.REPORT_JSON, doc)
     written = [out_dir / C.REPORT_JSON,
                _write_text(out_dir / C.REPORT_CSV, rows_csv(rows)),
@@ -109,7 +107,7 @@ def write_report(out_dir: str | os.PathLike, manifest: dict | None = None,
 def compare(dirs: list, out: str | os.PathLike | None = None) -> str:
     """Markdown that puts several conversion outputs side by side; also written to `out` when given."""
     if not dirs:
-        raise LplrError("compare needs at least one output directory; pass --in-path DIR (repeat it to compare)")
+        raise LplrError(f"compare needs at least one output directory; pass {opt('in_path')} DIR (repeat it to compare)")
     manifests = [read_manifest(d) for d in dirs]
     text = compare_markdown(manifests, dir_labels(dirs))
     if out is not None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
-from .. import constants as C
+from ..errors import LplrError
+from ..io.manifest import Manifest, TensorRecord
 from ..math.quantize import QuantSpec, stored_bits
+from ..methods import Settings, get_method
 
 __all__ = [
     "FLAG_ABOVE_INT8",
@@ -16,8 +18,10 @@ __all__ = [
     "aggregate",
     "group_rows",
     "int8_bits_per_param",
-    "method_label",
+    "records_of",
     "report_summary",
+    "settings_of",
+    "summary_of",
     "tensor_rows",
     "type_sort_key",
 ]
@@ -44,54 +48,53 @@ def int8_bits_per_param(shape: list[int], transposed: bool = False) -> float | N
     return stored_bits(QuantSpec((m, n), 8, "channel", 0)) / (m * n)
 
 
-def method_label(rec: dict) -> str:
-    """A short description of how one tensor was stored, e.g. "lplr rank_fraction=0.8 b1=8 b2=8"."""
-    method = rec.get("method") or "?"
-    if method == "copy":
-        return "copy"
-    parts = [method]
-    if rec.get("rank_policy"):
-        parts.append(rec["rank_policy"])
-    for key in ("b1", "b2", "b0"):
-        if rec.get(key) is not None:
-            parts.append(f"{key}={rec[key]}")
-    if rec.get("quantizer") and rec.get("quantizer") != "channel":
-        q = rec["quantizer"] + (f"{rec['group_size']}" if rec.get("group_size") else "")
-        parts.append(q)
-    return " ".join(parts)
+def settings_of(rec: TensorRecord) -> Settings | None:
+    """The typed settings of a record (None when its method is not registered in this process)."""
+    try:
+        return get_method(rec.method).settings_cls.from_json(rec.settings)
+    except (LplrError, TypeError, KeyError, ValueError):
+        return None
 
 
-def tensor_rows(manifest: dict) -> list[dict]:
-    """One flat, JSON-able row per tensor record of the manifest, with derived sizes and flags."""
+def records_of(source: Manifest | Mapping | Iterable[TensorRecord]) -> list[TensorRecord]:
+    """The tensor records of a manifest (typed or its JSON document), or the records themselves."""
+    if isinstance(source, Manifest):
+        return source.tensors
+    if isinstance(source, Mapping):
+        return Manifest.from_json(source).tensors
+    return list(source)
+
+
+def tensor_rows(source: Manifest | Mapping | Iterable[TensorRecord]) -> list[dict]:
+    """One flat, JSON-able row per tensor record, with derived sizes and flags, and the method's knobs (one key
+    each, as the method declares them)."""
     rows = []
-    for rec in manifest.get(C.M_TENSORS) or []:
-        shape = [int(d) for d in rec.get("shape", [])]
+    for rec in records_of(source):
+        shape = [int(d) for d in rec.shape]
         params = max(_numel(shape), 1)
-        orig = int(rec.get("original_bytes") or 0)
-        stored = int(rec.get("stored_bytes") or 0)
-        source_bits = rec.get("original_bits_per_param") or 8 * orig / params
-        bits = rec.get("bits_per_param")
-        bits = 8 * stored / params if bits is None else float(bits)
-        method = rec.get("method")
-        int8 = int8_bits_per_param(shape, bool(rec.get("transposed"))) if method != "copy" else None
-        flags = []
-        if rec.get("grew") or stored > orig:
-            flags.append(FLAG_GREW)
+        int8 = int8_bits_per_param(shape, rec.transposed) if rec.method != "copy" else None
+        bits = float(rec.bits_per_param) if rec.bits_per_param else 8 * rec.stored_bytes / params
+        flags = [FLAG_GREW] if rec.grew or rec.stored_bytes > rec.original_bytes else []
         if int8 is not None and bits > int8 + 1e-9:
             flags.append(FLAG_ABOVE_INT8)
-        if rec.get("nonfinite"):
+        if rec.nonfinite:
             flags.append(FLAG_NONFINITE)
+        settings = settings_of(rec)
+        label = rec.method if rec.method == "copy" or settings is None else settings.label()
         rows.append({
-            "name": rec.get("name"), "layer": rec.get("layer"), "matrix_type": rec.get("matrix_type"),
-            "shape": shape, "dtype": rec.get("dtype"), "method": method, "label": method_label(rec),
-            "rank": rec.get("rank"), "max_rank": min(shape) if len(shape) == 2 and method != "copy" else None,
-            "b1": rec.get("b1"), "b2": rec.get("b2"), "b0": rec.get("b0"), "params": params,
-            "source_bits_per_param": float(source_bits), "bits_per_param": bits, "int8_bits_per_param": int8,
-            "original_mb": orig / _MB, "stored_mb": stored / _MB, "original_bytes": orig, "stored_bytes": stored,
-            "size_ratio": stored / orig if orig else None,
-            "rel_error": None if rec.get("rel_error") is None else float(rec["rel_error"]),
-            "energy_kept": None if rec.get("energy_kept") is None else float(rec["energy_kept"]),
-            "seconds": float(rec.get("seconds") or 0.0), "flags": flags,
+            "name": rec.name, "layer": rec.layer, "matrix_type": rec.matrix_type, "shape": shape, "dtype": rec.dtype,
+            "method": rec.method, "label": label, "rank": rec.rank,
+            "max_rank": min(shape) if len(shape) == 2 and rec.method != "copy" else None,
+            **{k: v for k, v in rec.settings.items() if k not in ("method", "rank")},
+            "rank_policy": rec.rank_policy, "params": params,
+            "source_bits_per_param": float(rec.original_bits_per_param or 8 * rec.original_bytes / params),
+            "bits_per_param": bits, "int8_bits_per_param": int8, "original_mb": rec.original_bytes / _MB,
+            "stored_mb": rec.stored_bytes / _MB, "original_bytes": rec.original_bytes,
+            "stored_bytes": rec.stored_bytes,
+            "size_ratio": rec.stored_bytes / rec.original_bytes if rec.original_bytes else None,
+            "rel_error": None if rec.rel_error is None else float(rec.rel_error),
+            "energy_kept": None if rec.energy_kept is None else float(rec.energy_kept),
+            "seconds": float(rec.seconds or 0.0), "flags": flags, **rec.extra,
         })
     return rows
 
@@ -157,3 +160,10 @@ def report_summary(rows: list[dict], n_slowest: int = 5) -> dict:
                                  and a["bits_per_param"] > a["source_bits_per_param"] + 1e-9],
         "slowest": [[r["name"], r["seconds"]] for r in sorted(compressed, key=lambda r: -r["seconds"])[:n_slowest]],
     }
+
+
+def summary_of(manifest: Manifest | Mapping) -> dict:
+    """The summary of a conversion from its tensor records: the same function that filled the manifest's summary
+    when it was written (recomputed here because the integrity hash covers the records, not the summary)."""
+    return report_summary(tensor_rows(manifest))
+

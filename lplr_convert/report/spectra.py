@@ -12,8 +12,6 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from .. import constants as C
-
 __all__ = ["CURVE_POINTS", "energy_curve", "representative_tensors", "source_spectra"]
 
 CURVE_POINTS = 200
@@ -56,46 +54,19 @@ def representative_tensors(rows: list[dict], k: int = 4) -> list[str]:
     return chosen
 
 
-def _safetensors_files(root: Path) -> list[Path]:
-    index = root / C.SAFE_INDEX
-    if index.is_file():
-        import json
-
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-        return [root / f for f in dict.fromkeys(weight_map.values())]
-    return sorted(root.glob("*.safetensors"))
-
-
-def source_spectra(manifest: dict, names: list[str], points: int = CURVE_POINTS) -> dict[str, list[float]]:
-    """Energy curves of `names` read from the source checkpoint, when it is a reachable safetensors directory."""
-    from safetensors import safe_open
-
+def source_spectra(manifest, names: list[str], points: int = CURVE_POINTS) -> dict[str, list[float]]:
+    """Energy curves of `names` read from the source checkpoint, when its local path is still reachable."""
+    from ..io.reader import open_source
     from ..math.svd import singular_values
 
-    path = (manifest.get(C.M_SOURCE) or {}).get("path")
-    if not path:
+    path = manifest.source.get("path")
+    if not path or not Path(path).exists():
         return {}
-    path = Path(path)
-    if path.is_file() and path.suffix == ".safetensors":  # --in-path was a single file
-        files = [path]
-    elif path.is_dir():
-        files = _safetensors_files(path)
-    else:
-        return {}
-    out: dict[str, list[float]] = {}
-    wanted = set(names)
-    for f in files:
-        if not wanted or not f.is_file():
-            continue
-        with safe_open(str(f), framework="pt") as sf:
-            keys = set(sf.keys())
-            for name in [n for n in names if n in wanted and n in keys]:
-                shape = sf.get_slice(name).get_shape()
-                wanted.discard(name)
-                if len(shape) != 2 or min(shape) > _MAX_DIM:
-                    continue
-                W = sf.get_tensor(name).float()
-                out[name] = energy_curve(singular_values(W, precise=False), points)  # a plot: W's precision
-    if wanted:
-        logger.debug(f"spectra: {len(wanted)} tensor(s) not found in the source at {path}")
+    src = open_source(path)
+    wanted = [n for n in names if n in src.headers and len(src.headers[n].shape) == 2
+              and min(src.headers[n].shape) <= _MAX_DIM]
+    out = {name: energy_curve(singular_values(W.float(), precise=False), points)  # a plot: W's precision
+           for name, W in src.iter_tensors(wanted)}
+    if len(out) < len(names):
+        logger.debug(f"spectra: {len(names) - len(out)} tensor(s) not found or too large in the source at {path}")
     return {n: out[n] for n in names if n in out}

@@ -8,11 +8,14 @@ import math
 from pathlib import Path
 
 from .. import constants as C
-from .metrics import FLAG_ABOVE_INT8, FLAG_GREW, report_summary, tensor_rows, type_sort_key
+from ..io.manifest import Manifest
+from ..methods import all_knobs
+from .metrics import FLAG_ABOVE_INT8, FLAG_GREW, summary_of, type_sort_key
 
 __all__ = [
     "CSV_COLUMNS",
     "compare_markdown",
+    "csv_columns",
     "dir_labels",
     "eval_items",
     "report_markdown",
@@ -21,9 +24,10 @@ __all__ = [
     "summary_table",
 ]
 
-CSV_COLUMNS = ("name", "layer", "matrix_type", "shape", "dtype", "method", "rank", "max_rank", "b1", "b2", "b0",
-               "params", "source_bits_per_param", "bits_per_param", "int8_bits_per_param", "original_mb",
-               "stored_mb", "size_ratio", "rel_error", "energy_kept", "seconds", "flags")
+# The fixed columns; each knob of the methods in a report gets a column after "label" (see `csv_columns`).
+CSV_COLUMNS = ("name", "layer", "matrix_type", "shape", "dtype", "method", "label", "rank", "max_rank",
+               "rank_policy", "params", "source_bits_per_param", "bits_per_param", "int8_bits_per_param",
+               "original_mb", "stored_mb", "size_ratio", "rel_error", "energy_kept", "seconds", "flags")
 _DASH = "—"
 
 
@@ -47,9 +51,16 @@ def _shape(shape: list[int]) -> str:
     return "×".join(str(d) for d in shape) or "scalar"
 
 
-def _bits(row: dict) -> str:
-    b = [f"{k}={row[k]}" for k in ("b1", "b2", "b0") if row.get(k) is not None]
-    return " ".join(b) or _DASH
+def _settings_text(row: dict) -> str:
+    """The row's settings label without the method name (e.g. "rank_fraction=0.8 b1=8 b2=8")."""
+    return row["label"].removeprefix(row["method"]).strip() or _DASH
+
+
+def csv_columns(rows: list[dict]) -> list[str]:
+    """CSV_COLUMNS plus one column per knob that the rows' methods declare (in registry order)."""
+    knobs = [k for k in all_knobs() if k != "rank" and any(k in r for r in rows)]
+    at = CSV_COLUMNS.index("label") + 1
+    return [*CSV_COLUMNS[:at], *knobs, *CSV_COLUMNS[at:]]
 
 
 def _flag_text(flags: list[str]) -> str:
@@ -76,10 +87,11 @@ def rows_csv(rows: list[dict]) -> str:
     """All rows (copied tensors included) as CSV with a fixed column order."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
+    columns = csv_columns(rows)
+    w.writerow(columns)
     for r in rows:
         out = []
-        for col in CSV_COLUMNS:
+        for col in columns:
             v = r.get(col)
             if col == "shape":
                 v = "x".join(str(d) for d in v)
@@ -162,24 +174,26 @@ def _method_rows(s: dict, pretty) -> list[list[str]]:
 _METHOD_HEADER = ["method", "tensors", "params", "bits/param", "size ratio", "weighted rel. error", "flags"]
 
 
-def summary_markdown(manifest: dict) -> str:
+def summary_markdown(manifest: Manifest | dict) -> str:
     """The summary as Markdown (for the model card): totals, per-method table, warnings, fidelity results."""
-    s = report_summary(tensor_rows(manifest))
+    manifest = Manifest.coerce(manifest)
+    s = summary_of(manifest)
     parts = [_md_table(["", "value"], [list(x) for x in _summary_lines(s)], "lr"),
              _md_table(_METHOD_HEADER, _method_rows(s, ", ".join), "lrrrrrl")]
     warn = _warnings(s)
     if warn:
         parts.append("\n".join(f"- ⚠ {w}" for w in warn))
-    ev = eval_items(manifest.get(C.M_EVAL))
+    ev = eval_items(manifest.eval)
     if ev:
         parts.append("Fidelity (model outputs, original vs converted):\n\n" + _md_table(["", "value"],
                                                                                          [list(x) for x in ev], "lr"))
     return "\n\n".join(parts) + "\n"
 
 
-def summary_table(manifest: dict) -> str:
+def summary_table(manifest: Manifest | dict) -> str:
     """A compact plain-text summary for the terminal: per method, totals, flagged tensors, fidelity results."""
-    s = report_summary(tensor_rows(manifest))
+    manifest = Manifest.coerce(manifest)
+    s = summary_of(manifest)
     rows = _method_rows(s, ", ".join)
     rows.append(["total", str(s["n_tensors"]), f"{s['params']:,}", _f(s["bits_per_param"], 2),
                  _f(s["size_ratio"], 3), _f(s["weighted_rel_error"]), ""])
@@ -188,26 +202,26 @@ def summary_table(manifest: dict) -> str:
              f"compressed tensors {_f(s['compressed_bits_per_param'], 2)} bits/param "
              f"(source {_f(s['compressed_source_bits_per_param'], 2)})")]
     lines += [f"WARNING: {w}".replace("`", "") for w in _warnings(s)]
-    lines += [f"{k}: {v}" for k, v in eval_items(manifest.get(C.M_EVAL))]
+    lines += [f"{k}: {v}" for k, v in eval_items(manifest.eval)]
     return "\n".join(lines)
 
 
-def report_markdown(manifest: dict, rows: list[dict], summary: dict, plots: list[str]) -> str:
+def report_markdown(manifest: Manifest | dict, rows: list[dict], summary: dict, plots: list[str]) -> str:
     """The full Markdown report: source and command, summary, warnings, fidelity, per-type and per-tensor tables."""
-    src = manifest.get(C.M_SOURCE) or {}
-    opts = manifest.get(C.M_OPTIONS) or {}
+    manifest = Manifest.coerce(manifest)
+    src, opts = manifest.source, manifest.options
     s = summary
     out = [f"# lplr-convert report: {src.get('repo_id') or src.get('path') or 'unknown source'}", ""]
     out += [f"- model type: `{src.get('model_type')}` ({', '.join(src.get('architectures') or []) or '?'})",
             f"- command: `{opts.get('command') or '(not recorded)'}`",
             f"- methods: {', '.join(f'`{m}`' for m in s['methods']) or 'none (everything copied)'}",
-            f"- tool: {manifest.get(C.M_TOOL)} {manifest.get(C.M_TOOL_VERSION)}, format {manifest.get(C.M_FORMAT_VERSION)}",
+            f"- tool: {manifest.tool} {manifest.tool_version}, format {manifest.format_version}",
             "", "## Summary", "", _md_table(["", "value"], [list(x) for x in _summary_lines(s)], "lr"), "",
             _md_table(_METHOD_HEADER, _method_rows(s, ", ".join), "lrrrrrl"), ""]
     warn = _warnings(s)
     out += ["## Warnings", ""] + ([f"- ⚠ {w}" for w in warn] or [("- none: no tensor grew, no method exceeds the "
                                                                   "source's bits/param or int8's.")]) + [""]
-    ev = manifest.get(C.M_EVAL)
+    ev = manifest.eval
     if ev:
         out += ["## Fidelity (model outputs, original vs converted)", "",
                 _md_table(["", "value"], [list(x) for x in eval_items(ev)], "lr"), ""]
@@ -225,10 +239,10 @@ def report_markdown(manifest: dict, rows: list[dict], summary: dict, plots: list
     comp = [r for r in rows if r["method"] != "copy"]
     if comp:
         out += ["## Compressed tensors", "",
-                _md_table(["layer", "type", "tensor", "shape", "method", "rank", "bits", "bits/param", "stored MB",
+                _md_table(["layer", "type", "tensor", "shape", "method", "rank", "settings", "bits/param", "stored MB",
                            "size ratio", "rel. error", "Σσ² kept", "s", "flags"],
                           [[_f(r["layer"]), r["matrix_type"] or _DASH, f"`{r['name']}`", _shape(r["shape"]),
-                            r["method"], _f(r["rank"]), _bits(r), _f(r["bits_per_param"], 2),
+                            r["method"], _f(r["rank"]), _settings_text(r), _f(r["bits_per_param"], 2),
                             _f(r["stored_mb"], 3), _f(r["size_ratio"], 3), _f(r["rel_error"]),
                             _f(r["energy_kept"]), _f(r["seconds"], 2), _flag_text(r["flags"])]
                            for r in sorted(comp, key=_row_order)],
@@ -261,13 +275,13 @@ def dir_labels(dirs: list) -> list[str]:
     return labels
 
 
-def compare_markdown(manifests: list[dict], labels: list[str]) -> str:
+def compare_markdown(manifests: list, labels: list[str]) -> str:
     """Side by side: totals, fidelity and per-matrix-type error / bits/param of several conversions."""
-    summaries = [report_summary(tensor_rows(m)) for m in manifests]
+    manifests = [Manifest.coerce(m) for m in manifests]
+    summaries = [summary_of(m) for m in manifests]
     head = ["", *labels]
     total_rows = [
-        ["source", *[(m.get(C.M_SOURCE) or {}).get("repo_id") or (m.get(C.M_SOURCE) or {}).get("path") or "?"
-                     for m in manifests]],
+        ["source", *[m.source.get("repo_id") or m.source.get("path") or "?" for m in manifests]],
         ["methods", *[", ".join(s["methods"]) or "copy only" for s in summaries]],
         ["size before → after", *[f"{_mb(s['original_bytes'])} → {_mb(s['stored_bytes'])}" for s in summaries]],
         ["size ratio", *[_f(s["size_ratio"], 3) for s in summaries]],
@@ -277,7 +291,7 @@ def compare_markdown(manifests: list[dict], labels: list[str]) -> str:
         ["tensors that grew", *[str(len(s["grown"])) for s in summaries]],
         ["tensors above int8 bits/param", *[str(len(s["above_int8"])) for s in summaries]],
     ]
-    evals = [dict(eval_items(m.get(C.M_EVAL))) for m in manifests]
+    evals = [dict(eval_items(m.eval)) for m in manifests]
     for key in dict.fromkeys(k for e in evals for k in e):
         total_rows.append([key, *[e.get(key, _DASH) for e in evals]])
     types = sorted({t for s in summaries for t in s["by_matrix_type"]}, key=lambda t: type_sort_key(

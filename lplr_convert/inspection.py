@@ -1,0 +1,55 @@
+"""`inspect`: what a checkpoint holds, what each tensor would get, and the predicted output size; computes nothing."""
+
+from __future__ import annotations
+
+import math
+
+from .dtypes import dtype_from_name, dtype_name
+from .io.reader import open_source
+from .methods import get_method
+from .plan import TensorPlan, build_plan_options, make_plan
+
+__all__ = ["inspect_checkpoint"]
+
+_HEADER_BYTES_PER_ENTRY = 90  # a safetensors header entry beside its name and shape digits (measured on our shards)
+
+
+def _predicted(p: TensorPlan) -> tuple[int | None, dict]:
+    if p.method == "copy":
+        return None, {"": (dtype_name(p.dtype), p.shape)}
+    return get_method(p.method).predict(p.oriented_shape, p.dtype, p.settings)
+
+
+def _row(p: TensorPlan) -> tuple[dict, int]:
+    """The row of one tensor and the header bytes its stored tensors add."""
+    rank, specs = _predicted(p)
+    nbytes = sum(math.prod(shp) * dtype_from_name(dt).itemsize for dt, shp in specs.values())
+    header = sum(_HEADER_BYTES_PER_ENTRY + len(p.name) + len(suffix) + 8 * len(shp)
+                 for suffix, (_, shp) in specs.items())
+    orig = math.prod(p.shape) * p.dtype.itemsize
+    row = {"name": p.name, "shape": list(p.shape), "dtype": dtype_name(p.dtype), "method": p.method,
+           "label": p.settings.label() if p.method != "copy" else "copy", "settings": p.settings.to_json(),
+           "layer": p.layer, "matrix_type": p.matrix_type, "rank": rank, "reason": p.reason, "original_bytes": orig,
+           "predicted_bytes": nbytes if specs else None, "grows": bool(specs) and nbytes > orig}
+    return row, header
+
+
+def inspect_checkpoint(options) -> dict:
+    """The plan of `options` (a ConvertOptions; its out_path is not used) over the checkpoint at its in_path, with
+    each tensor's method, settings, predicted rank and stored size, and the predicted output size."""
+    popts, _ = build_plan_options(options.layer(), options.recipe, options.include, options.exclude,
+                                  options.layers, options.types)
+    src = open_source(options.in_path, options.revision)
+    plans = make_plan(src.headers.values(), src.config, popts)
+    rows, header_bytes = [], 0
+    for p in plans:
+        row, header = _row(p)
+        rows.append(row)
+        header_bytes += header
+    predicted = sum(r["predicted_bytes"] or 0 for r in rows)
+    side = sum(f.stat().st_size for f in src.side_files())
+    return {"source": str(src.root), "kind": src.kind, "files": src.files, "model_type": src.config.get("model_type"),
+            "tensors": rows, "original_bytes": sum(r["original_bytes"] for r in rows),
+            "predicted_tensor_bytes": predicted, "predicted_output_bytes": predicted + header_bytes + side,
+            "exact": all(r["predicted_bytes"] is not None for r in rows),
+            "n_compressed": sum(r["method"] != "copy" for r in rows)}

@@ -1,0 +1,100 @@
+"""The resume journal (`lplr_progress.json`): the fingerprint of a run, its finished shards with their tensor records,
+and the other files it announced before writing them. `--resume` keeps what the journal proves intact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from loguru import logger
+
+from .. import constants as C
+from ..errors import LplrError, opt
+from .manifest import TensorRecord, sha256_file, write_json_atomic
+from .writer import ClosedShard
+
+__all__ = ["Journal", "resume_state"]
+
+# Fingerprint keys that are not command-line settings, and how a change of each is told.
+_CHANGED = {"source_files": "the source files changed", "config": "the source's config.json changed",
+            "format_version": "the output format changed (another lplr-convert version)"}
+
+
+class Journal:
+    """Written after every finished shard (fsync + rename), removed when the conversion completes."""
+
+    def __init__(self, out: Path, fingerprint: dict, shards: list[dict] | None = None):
+        self.path, self.fingerprint = out / C.PROGRESS_FILE, fingerprint
+        self.shards: list[dict] = list(shards or [])
+        self.files: list[str] = []
+        self.pending: dict[str, TensorRecord] = {}
+
+    def save(self) -> None:
+        write_json_atomic(self.path, {"fingerprint": self.fingerprint, "shards": self.shards, "files": self.files},
+                          indent=None)
+
+    def on_close(self, shard: ClosedShard) -> None:
+        records = [self.pending.pop(g).to_json() for g in shard.groups]
+        self.shards.append({"index": shard.index, "temp_name": shard.temp_name, "sha256": shard.sha256,
+                            "bytes": shard.nbytes, "names": shard.names, "groups": shard.groups,
+                            "records": records})
+        self.save()
+
+    def announce(self, files: list[str]) -> None:
+        """Record files about to be written (index, copied side files), so that a later --resume or --overwrite
+        knows them as this run's own."""
+        self.files = sorted(set(self.files) | set(files))
+        self.save()
+
+    def closed_shards(self) -> list[ClosedShard]:
+        return [ClosedShard(s["index"], s["temp_name"], s["sha256"], s["bytes"], s["names"], s["groups"])
+                for s in self.shards]
+
+    def records(self) -> dict[str, TensorRecord]:
+        return {r["name"]: TensorRecord.from_json(r) for s in self.shards for r in s["records"]}
+
+
+def _what_changed(key: str) -> str:
+    return _CHANGED.get(key, f"{opt(key)} changed")
+
+
+def _load(path: Path) -> tuple[dict, list]:
+    try:
+        journal = json.loads(path.read_text(encoding="utf-8"))
+        return journal["fingerprint"], list(journal["shards"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise LplrError(f"{path} is damaged; start again with {opt('overwrite')}") from None
+
+
+def resume_state(out: Path, fingerprint: dict) -> list[dict]:
+    """Finished shards of an interrupted run that are intact on disk (checked by hash); everything else the run
+    wrote is removed (`prepare_output` has checked that the directory holds nothing but that run's files)."""
+    path = out / C.PROGRESS_FILE
+    if not path.is_file():
+        return []
+    old, shards = _load(path)
+    for key in sorted(set(old) | set(fingerprint)):
+        if old.get(key) != fingerprint.get(key):
+            raise LplrError(f"cannot resume in {out}: {_what_changed(key)} since the interrupted run (was "
+                            f"{str(old.get(key))[:80]}, now {str(fingerprint.get(key))[:80]}); rerun with the same "
+                            f"settings or use {opt('overwrite')}")
+    kept = []
+    for s in shards:
+        f = out / s["temp_name"]
+        if f.is_file() and f.stat().st_size == s["bytes"] and sha256_file(f) == s["sha256"]:
+            kept.append(s)
+        else:
+            logger.warning(f"shard {s['temp_name']} is missing or damaged; redoing it and everything after it")
+            break
+    keep = {s["temp_name"] for s in kept} | {C.PROGRESS_FILE, C.LOCK_FILE}
+    for p in sorted(out.rglob("*"), key=lambda p: -len(p.parts)):  # anything else it wrote is redone
+        rel = p.relative_to(out).as_posix()
+        if rel in keep:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            if not any(p.iterdir()):
+                p.rmdir()
+        else:
+            p.unlink()
+    logger.info(f"resuming: {len(kept)} finished shard(s) kept, {sum(len(s['groups']) for s in kept)} tensors skipped")
+    return kept

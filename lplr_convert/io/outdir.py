@@ -1,0 +1,194 @@
+"""Output-directory policy for every command that writes: where an output may go, the exclusive lock of a run, and
+what `--overwrite` may delete (only the files an earlier output of this tool lists as its own, never anything else).
+
+Every check runs before anything is deleted or written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import socket
+from collections.abc import Iterable
+from pathlib import Path
+
+from .. import constants as C
+from ..errors import LplrError, opt
+
+# A shard under its temporary name (written, not yet recorded in the journal when a run was killed).
+_TEMP_SHARD = re.compile(re.escape(C.PARTIAL_SHARD_TEMPLATE.removesuffix(C.PARTIAL_SUFFIX)).replace(
+    re.escape("{index:05d}"), r"\d{5}"))
+
+__all__ = ["OutputLock", "check_paths", "clear_listed", "entries", "listed_files", "prepare_output"]
+
+
+def check_paths(src_root: Path, out: Path, what: str = "out_path") -> None:
+    """`out` must neither be, nor lie inside, nor contain the input `src_root` (symlinks resolved), and must be a
+    directory (or not exist yet)."""
+    out_r, src_r = out.resolve(), src_root.resolve()
+    if out_r == src_r or src_r in out_r.parents:
+        raise LplrError(f"{opt(what)} {out} is inside the input {src_root}; choose a directory outside the source")
+    if out_r in src_r.parents:
+        raise LplrError(f"{opt(what)} {out} contains the input {src_root}; choose a separate directory")
+    if out.exists() and not out.is_dir():
+        raise LplrError(f"{opt(what)} {out} exists and is not a directory; choose a directory path")
+
+
+def entries(out: Path) -> list[str]:
+    """Every file below `out` (relative, posix), the lock file excluded; directories are not entries."""
+    found = []
+    for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out).as_posix()
+        if rel != C.LOCK_FILE and (p.is_file() or p.is_symlink()):
+            found.append(rel)
+    return found
+
+
+def _progress(out: Path) -> dict | None:
+    path = out / C.PROGRESS_FILE
+    if not path.is_file():
+        return None
+    try:
+        journal = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return journal if isinstance(journal, dict) and isinstance(journal.get("shards"), list) else None
+
+
+def listed_files(out: Path) -> set[str] | None:
+    """The files an earlier run of this tool wrote in `out`, by its own record: the complete manifest's shards and
+    files plus the tool's own files, or an interrupted run's journal (finished shards, partial files, announced
+    files). None when `out` holds no valid record of ours."""
+    from .manifest import read_manifest
+
+    partial = {e for e in entries(out) if "/" not in e and (e.endswith((C.PARTIAL_SUFFIX, C.DATA_SUFFIX))
+                                                           or _TEMP_SHARD.fullmatch(e))}
+    journal = _progress(out)
+    if journal is not None:
+        shards = {str(s.get("temp_name")) for s in journal["shards"] if isinstance(s, dict)}
+        return shards | partial | {str(f) for f in journal.get("files") or []} | set(C.OWN_FILES)
+    if not (out / C.MANIFEST_FILE).is_file():
+        return None
+    try:
+        manifest = read_manifest(out)
+    except LplrError:
+        return None
+    return set(manifest.get(C.M_SHARDS) or {}) | set(manifest.get(C.M_FILES) or {}) | set(C.OWN_FILES) | partial
+
+
+def _foreign(out: Path, listed: set[str]) -> list[str]:
+    return [e for e in entries(out) if e not in listed]
+
+
+def clear_listed(out: Path, listed: Iterable[str], why: str) -> None:
+    """Delete exactly `listed` below `out` (and directories left empty); refuse, deleting nothing, when `out` holds
+    any file that is not listed."""
+    listed = set(listed)
+    foreign = _foreign(out, listed)
+    if foreign:
+        raise LplrError(f"{out} holds {len(foreign)} file(s) that {why} does not list (first: {foreign[0]}), so "
+                        f"{opt('overwrite')} will not delete them; move them away or choose another directory")
+    for rel in sorted(listed):
+        (out / rel).unlink(missing_ok=True)
+    for d in sorted((p for p in out.rglob("*") if p.is_dir() and not p.is_symlink()), key=lambda p: -len(p.parts)):
+        if not any(d.iterdir()):
+            d.rmdir()
+
+
+def prepare_output(src_root: Path, out: Path, *, overwrite: bool, resume: bool) -> None:
+    """Check `out` for a conversion and, with `overwrite`, remove the earlier output of this tool that it holds.
+
+    An empty or new directory is always fine. A non-empty one needs `resume` (and must then hold only an interrupted
+    run of this tool) or `overwrite` (and must then hold only a finished or interrupted output of this tool, whose
+    own record lists every file in it).
+    """
+    check_paths(src_root, out)
+    if overwrite and out.is_symlink():
+        raise LplrError(f"{opt('out_path')} {out} is a symbolic link; {opt('overwrite')} does not delete through "
+                        f"links, pass the real directory {out.resolve()}")
+    if not out.is_dir() or not entries(out):
+        return
+    listed = listed_files(out)
+    if resume:
+        if _progress(out) is None:
+            done = (out / C.MANIFEST_FILE).is_file()
+            raise LplrError(f"{opt('out_path')} {out} " + ("already holds a finished conversion; use "
+                            f"{opt('overwrite')} to redo it" if done else "is not an interrupted lplr-convert run "
+                            "(no progress journal); choose an empty directory, or pass the directory of the run "
+                            "to resume"))
+        _check_only_listed(out, listed, "the interrupted run's journal")
+        return
+    if not overwrite:
+        raise LplrError(f"{opt('out_path')} {out} is not empty; pass {opt('overwrite')} to replace it or "
+                        f"{opt('resume')} to continue an interrupted conversion")
+    if listed is None:
+        raise LplrError(f"{opt('out_path')} {out} is not empty and is not an lplr-convert output, so "
+                        f"{opt('overwrite')} will not delete it; choose an empty or new directory")
+    clear_listed(out, listed, "the earlier output's manifest")
+
+
+def _check_only_listed(out: Path, listed: set[str], why: str) -> None:
+    foreign = _foreign(out, listed)
+    if foreign:
+        raise LplrError(f"cannot resume in {out}: it holds {len(foreign)} file(s) that {why} does not list (first: "
+                        f"{foreign[0]}), and a resumed output would include them; move them away")
+
+
+class OutputLock:
+    """An exclusive lock on an output directory for the whole run (flock on a lock file inside it), naming its
+    holder. A second run on the same directory gets a one-line error instead of corrupting the first. The lock file
+    is removed when the run succeeds (a run that fails or is killed leaves it; the next run takes it over). flock is
+    local to one machine: on a network file system two machines are not kept apart."""
+
+    def __init__(self, out: Path):
+        self.out, self._fd, self.created = out, None, False
+
+    @classmethod
+    @contextlib.contextmanager
+    def guarding(cls, out: Path, src_root: Path, *, overwrite: bool, resume: bool):
+        """Check the paths, take the lock, then apply `prepare_output` under it. When the directory is refused, the
+        lock file this run created is removed again, so a refused directory is left as it was."""
+        check_paths(src_root, out)
+        with cls(out) as lock:
+            try:
+                prepare_output(src_root, out, overwrite=overwrite, resume=resume)
+            except LplrError:
+                lock.discard()
+                raise
+            yield lock
+
+    def discard(self) -> None:
+        """Remove the lock file if this run created it (the lock itself is released on exit)."""
+        if self.created:
+            (self.out / C.LOCK_FILE).unlink(missing_ok=True)
+
+    def __enter__(self):
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / C.LOCK_FILE
+        self.created = not path.exists()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 400, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise LplrError(f"{self.out} is being written by another run ({holder}); wait for it to finish or "
+                                f"choose another output directory") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            if exc[0] is None:  # a finished output carries no file of the lock's
+                (self.out / C.LOCK_FILE).unlink(missing_ok=True)
+            os.close(self._fd)  # releases the lock
+            self._fd = None
+

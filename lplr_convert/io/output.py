@@ -1,0 +1,131 @@
+"""The one reader of converted outputs: the checked manifest, every stored part of a tensor (shards checked by sha256
+before use, one shard open at a time), and the decoded dense tensors. Used by the loaders, verify, the report's
+tools and decompress."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from ..dtypes import dtype_from_name, dtype_name
+from ..errors import LplrError, opt
+from ..methods import get_method
+from .manifest import Manifest, TensorRecord, read_manifest, sha256_file
+
+__all__ = ["ConvertedOutput", "open_output"]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+class ConvertedOutput:
+    """A finished conversion directory. Use as a context manager (or call `close`) to release the open shard."""
+
+    def __init__(self, root: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True):
+        self.root = Path(root)
+        self.document = read_manifest(self.root)
+        self.manifest = Manifest.from_json(self.document)
+        self.device, self.verify = str(device), verify
+        self._open_name: str | None = None
+        self._open = None
+
+    @property
+    def records(self) -> list[TensorRecord]:
+        return self.manifest.tensors
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._open, self._open_name = None, None
+
+    def _shard(self, shard: str, name: str):
+        from safetensors import safe_open
+
+        if shard not in self.manifest.shards:
+            raise LplrError(f"the manifest places {name} in {shard}, which it does not list; the output directory "
+                            f"is damaged, re-run the conversion")
+        if self._open_name == shard:
+            return self._open
+        self.close()
+        path = self.root / shard
+        if not path.is_file():
+            raise LplrError(f"shard {shard} is missing from {self.root}; re-run the conversion (or {opt('resume')})")
+        if self.verify:
+            meta = self.manifest.shards[shard]
+            if not isinstance(meta, dict) or path.stat().st_size != meta.get("bytes") or \
+                    sha256_file(path) != meta.get("sha256"):
+                raise LplrError(f"shard {shard} does not match the sha256 in the manifest (damaged or modified); "
+                                f"re-run the conversion, or re-download it")
+        try:
+            self._open = safe_open(str(path), framework="pt", device=self.device)
+        except Exception as e:  # noqa: BLE001  (SafetensorError, OSError, ...)
+            raise LplrError(f"shard {shard} is unreadable ({_first_line(e)}); run `lplr-convert verify` and re-run "
+                            f"the conversion") from None
+        self._open_name = shard
+        return self._open
+
+    def parts(self, rec: TensorRecord) -> dict[str, torch.Tensor]:
+        """Every stored tensor of one weight, keyed by suffix ("" = the weight's own name), checked against the
+        manifest's dtype and shape."""
+        out = {}
+        for full, meta in rec.stored.items():
+            try:
+                t = self._shard(str(rec.shard), full).get_tensor(full)
+            except LplrError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise LplrError(f"tensor {full} cannot be read from {rec.shard} ({_first_line(e)}); run "
+                                f"`lplr-convert verify` and re-run the conversion") from None
+            if dtype_name(t.dtype) != meta.get("dtype") or list(t.shape) != list(meta.get("shape", ())):
+                raise LplrError(f"stored tensor {full} has {t.dtype} {list(t.shape)}, the manifest says "
+                                f"{meta.get('dtype')} {meta.get('shape')}; the output is damaged, re-run the conversion")
+            out["" if full == rec.name else full[len(rec.name) + 1:]] = t
+        return out
+
+    def dense(self, rec: TensorRecord, parts: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The decoded tensor in its source name's shape and dtype (Conv1D orientation restored)."""
+        parts = self.parts(rec) if parts is None else parts
+        try:
+            W = get_method(rec.method).decode(parts, rec.info)
+            if rec.transposed:
+                W = W.T
+            W = W.to(dtype_from_name(rec.dtype)).contiguous()
+        except LplrError:
+            raise
+        except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
+            raise LplrError(f"tensor {rec.name} cannot be decoded ({type(e).__name__}: {e}); the output is damaged, "
+                            f"re-run the conversion") from None
+        if list(W.shape) != list(rec.shape):
+            raise LplrError(f"tensor {rec.name} decodes to shape {list(W.shape)}, expected {rec.shape}; the output "
+                            f"is damaged, re-run the conversion")
+        return W
+
+    def iter_dense(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, dense tensor) for every tensor, in manifest order, one at a time."""
+        for rec in self.records:
+            yield rec.name, self.dense(rec)
+
+    def headers(self) -> dict[str, tuple[str, torch.dtype, tuple[int, ...]]]:
+        """Stored tensor name -> (shard, dtype, shape) read from the shard headers present on disk."""
+        from .reader import safetensors_header
+
+        out = {}
+        for shard in self.manifest.shards:
+            if (self.root / shard).is_file():
+                for h in safetensors_header(self.root / shard, shard):
+                    out[h.name] = (shard, h.dtype, h.shape)
+        return out
+
+
+def open_output(root: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True) -> ConvertedOutput:
+    """A reader of the finished conversion in `root` (raises LplrError when it is incomplete, damaged or modified)."""
+    return ConvertedOutput(root, device, verify)

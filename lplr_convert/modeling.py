@@ -1,0 +1,133 @@
+"""Model surgery: the factored layer, the transformers skeleton built without dense initialisation, and putting
+factored layers in place of the linears they compress."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import constants as C
+from .errors import LplrError
+from .io.manifest import TensorRecord
+from .methods import get_method
+
+__all__ = ["LowRankLinear", "find_module", "lowrank_for", "model_class", "params_on_meta", "set_module"]
+
+
+class LowRankLinear(nn.Module):
+    """y = L (R x) + b with L (out x r) and R (r x in); never forms the dense weight in forward."""
+
+    def __init__(self, left: torch.Tensor, right: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.left = nn.Parameter(left, requires_grad=False)
+        self.right = nn.Parameter(right, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.out_features, self.rank = left.shape
+        self.in_features = right.shape[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(nn.functional.linear(x, self.right), self.left, self.bias)
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense (out x in) weight L R, formed only on request."""
+        return self.left @ self.right
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight, for code that reads `module.weight` (e.g. T5 checks its dtype). Formed on every access;
+        the forward pass never uses it."""
+        return self.to_dense()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+@contextlib.contextmanager
+def params_on_meta():
+    """Create parameters on the meta device (no memory, no init) while buffers stay real."""
+    old = nn.Module.register_parameter
+
+    def register(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        old(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = old
+
+
+def model_class(root: Path):
+    """(model class, config) from config.json, without the quantization_config this tool added."""
+    try:
+        import transformers
+    except ImportError:
+        raise LplrError("loading a model needs transformers; install it with `pip install lplr-convert[eval]`") from None
+    cfg_path = root / C.CONFIG_FILE
+    if not cfg_path.is_file():
+        raise LplrError(f"{root} has no config.json; a model cannot be built without one (use load_state_dict)")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(root))
+    except (ValueError, KeyError, OSError) as e:
+        raise LplrError(f"{cfg_path} cannot be read by transformers ({str(e).splitlines()[0]}); use load_state_dict")
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        cls = transformers.AutoModel._model_mapping[type(config)]
+    return cls, config
+
+
+def name_candidates(name: str, prefix: str) -> tuple[str, ...]:
+    """A checkpoint name as the model may spell it: as is, without, or with the model's base prefix."""
+    if not prefix:
+        return (name,)
+    return (name, name.removeprefix(prefix + "."), f"{prefix}.{name}")
+
+
+def find_module(model: nn.Module, key: str, prefix: str) -> tuple[str, nn.Module] | None:
+    """The module a checkpoint weight `key` ("<module>.weight") belongs to, trying the base-prefix spellings."""
+    names = dict(model.named_modules())
+    for cand in name_candidates(key.removesuffix(".weight"), prefix):
+        if cand in names:
+            return cand, names[cand]
+    return None
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def linear_target(model: nn.Module, rec: TensorRecord, prefix: str) -> tuple[str, nn.Module] | None:
+    """The nn.Linear / Conv1D module a factored weight belongs to, or None."""
+    from transformers.pytorch_utils import Conv1D
+
+    if not get_method(rec.method).factored or not rec.name.endswith(".weight"):
+        return None
+    target = find_module(model, rec.name, prefix)
+    return target if target is not None and isinstance(target[1], (nn.Linear, Conv1D)) else None
+
+
+def lowrank_for(mod: nn.Module, rec: TensorRecord, parts: dict, device, dtype: torch.dtype | None) -> LowRankLinear:
+    """A LowRankLinear standing in for `mod` (bias kept when it is already loaded, else an empty placeholder)."""
+    from transformers.pytorch_utils import Conv1D
+
+    from .dtypes import dtype_from_name
+
+    L, R = get_method(rec.method).decode_factors(parts, rec.info)
+    wdtype = dtype or dtype_from_name(rec.dtype)
+    if isinstance(mod, Conv1D) and not rec.transposed:
+        L, R = R.T, L.T  # stored W (in x out) = L R  ->  y = x L R
+    bias = getattr(mod, "bias", None)
+    if bias is not None:
+        bias = torch.empty(bias.shape, dtype=wdtype, device=device) if bias.device.type == "meta" else \
+            bias.detach().to(device, wdtype)
+    return LowRankLinear(L.to(device, wdtype).contiguous(), R.to(device, wdtype).contiguous(), bias)
