@@ -217,13 +217,21 @@ def _friendly(f):
             if debug:
                 raise
             text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            click.echo(f"error: unexpected {type(e).__name__}: {text[:300]} (re-run with --debug for details)", err=True)
+            click.echo(f"error: unexpected {type(e).__name__}: {text[:300]} (re-run with --debug for details)",
+                       err=True)
             sys.exit(1)
 
     return run
 
 
 debug_option = _opt("--debug", is_flag=True, section="Other", help="Show tracebacks and debug logs.")
+
+
+def hub_options(f):
+    """--private and --token, shared by `convert --push-to` and `push`."""
+    f = _opt("--token", default=None, section="Hub",
+             help="Hub token (else HF_TOKEN or the login cache). Never printed.")(f)
+    return _opt("--private", is_flag=True, section="Hub", help="Create the Hub repo as private.")(f)
 
 
 @click.group(cls=_DefaultGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -251,8 +259,7 @@ def main():
       help="A weight with NaN/Inf: stop with an error, or copy it verbatim.")
 @_opt("--no-report", is_flag=True, section="Output", help="Skip the report files and plots.")
 @_opt("--push-to", default=None, section="Hub", help="After converting, push to this Hub repo (OWNER/NAME).")
-@_opt("--private", is_flag=True, section="Hub", help="Create the Hub repo as private.")
-@_opt("--token", default=None, section="Hub", help="Hub token (else HF_TOKEN or the login cache). Never printed.")
+@hub_options
 @debug_option
 @_friendly
 def convert(**kw):
@@ -386,10 +393,9 @@ def eval_(**kw):
 @main.command(cls=_Sectioned)
 @_opt("--in-path", required=True, section="Input", help="An lplr-convert output directory.")
 @_opt("--repo-id", required=True, section="Hub", help="OWNER/NAME on the Hub.")
-@_opt("--private", is_flag=True, section="Hub", help="Create the repo as private.")
+@hub_options
 @_opt("--revision", default=None, section="Hub", help="Branch to push to.")
 @_opt("--commit-message", default=None, section="Hub", help="Commit message.")
-@_opt("--token", default=None, section="Hub", help="Hub token (else HF_TOKEN or the login cache). Never printed.")
 @_opt("--dry-run", is_flag=True, section="Hub", help="List files and the model card; send nothing.")
 @debug_option
 @_friendly

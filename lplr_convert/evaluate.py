@@ -55,7 +55,8 @@ def load_texts(text: str | os.PathLike | list[str] | None = None, max_texts: int
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError:
-            raise LplrError(f"{opt('text')} {path} is not UTF-8 text; pass a UTF-8 file with one sentence per line") from None
+            raise LplrError(f"{opt('text')} {path} is not UTF-8 text; pass a UTF-8 file with one sentence per "
+                            f"line") from None
         source = str(path.resolve())
     texts = [t.strip() for t in lines if t.strip()][:max_texts]
     if len(texts) < 2:
@@ -88,7 +89,8 @@ def _check_original(original: str | os.PathLike) -> Path:
 
         root = resolve_source(str(original))[0]
     if not root.is_dir():
-        raise LplrError(f"{opt('original')} {original} is not a local directory; evaluation is offline, pass the source "
+        raise LplrError(f"{opt('original')} {original} is not a local directory; evaluation is offline, pass the "
+                        f"source "
                         f"model's directory (download it first with `hf download`)")
     _config(root)
     return root.resolve()
@@ -322,7 +324,8 @@ def evaluate(original: str | os.PathLike, converted: str | os.PathLike,
     src_type = manifest.source.get("model_type")
     orig_type = _config(root).get("model_type")
     if src_type and orig_type and src_type != orig_type:
-        raise LplrError(f"{opt('original')} {root} is a {orig_type} model but {out} was converted from a {src_type} model; "
+        raise LplrError(f"{opt('original')} {root} is a {orig_type} model but {out} was converted from a {src_type} "
+                        f"model; "
                         f"pass the checkpoint that was converted")
     required = {r.name for r in manifest.tensors if r.method != "copy"}
     with ConvertedOutput(out) as output:  # one tensor at a time

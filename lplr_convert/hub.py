@@ -70,7 +70,8 @@ def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, rev
         api.whoami(token=token)  # fail early, before any upload, on a token the Hub rejects
         repo_url = api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model")
         if private and api.repo_info(repo_id, repo_type="model").private is False:
-            raise LplrError(f"{repo_id} already exists and is public, so {opt('private')} cannot apply; make it private "
+            raise LplrError(f"{repo_id} already exists and is public, so {opt('private')} cannot apply; make it "
+                            f"private "
                             f"in its settings on the Hub first, or push without {opt('private')}")
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")

@@ -265,32 +265,3 @@ def test_readme_first_command(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "bits/param" in proc.stdout
     read_manifest(tmp_path / "readme-out")
-
-
-def test_device_path_helpers_roundtrip():
-    """The CUDA path's single device-to-host copy and the prefetch thread, exercised on CPU tensors."""
-    from types import SimpleNamespace
-
-    from lplr_convert.io.prefetch import prefetched as _prefetched
-    from lplr_convert.io.prefetch import to_host as _to_host
-
-    g = torch.Generator().manual_seed(0)
-    parts = {"lplr_left.packed": torch.randint(0, 255, (13,), dtype=torch.uint8, generator=g),
-             "lplr_left.scale": torch.randn(1, 5, generator=g), "": torch.randn(3, 3, generator=g).half(),
-             "x": torch.randn(7, generator=g).to(torch.bfloat16)}
-    back = _to_host(parts, SimpleNamespace(type="cuda"))
-    assert list(back) == list(parts)
-    assert all(back[k].dtype == parts[k].dtype and torch.equal(back[k], parts[k]) for k in parts)
-    items = [(f"t{i}", torch.full((2,), float(i))) for i in range(5)]
-    assert [(n, t.tolist()) for n, t in _prefetched(iter(items), True, False)] == [(n, t.tolist()) for n, t in items]
-
-    def broken():
-        yield items[0]
-        raise LplrErrorForTest("boom")
-
-    with pytest.raises(LplrErrorForTest):
-        list(_prefetched(broken(), True, False))
-
-
-class LplrErrorForTest(Exception):
-    pass

@@ -87,7 +87,8 @@ class ConvertedOutput:
                                 f"`lplr-convert verify` and re-run the conversion") from None
             if dtype_name(t.dtype) != meta.get("dtype") or list(t.shape) != list(meta.get("shape", ())):
                 raise LplrError(f"stored tensor {full} has {t.dtype} {list(t.shape)}, the manifest says "
-                                f"{meta.get('dtype')} {meta.get('shape')}; the output is damaged, re-run the conversion")
+                                f"{meta.get('dtype')} {meta.get('shape')}; the output is damaged, re-run the "
+                                f"conversion")
             out["" if full == rec.name else full[len(rec.name) + 1:]] = t
         return out
 

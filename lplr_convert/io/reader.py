@@ -226,7 +226,8 @@ def resolve_source(in_path: str, revision: str | None = None) -> tuple[Path, str
     A repo id is downloaded at one commit, resolved once from `revision`, so file choice and files agree.
     """
     if in_path is None or str(in_path).strip() == "":
-        raise LplrError(f"{opt('in_path')} is empty; pass a checkpoint directory, a .safetensors/.bin file or a Hub repo id")
+        raise LplrError(f"{opt('in_path')} is empty; pass a checkpoint directory, a .safetensors/.bin file or a Hub "
+                        f"repo id")
     if in_path.startswith("bundled:"):
         name = in_path.split(":", 1)[1]
         if name not in BUNDLED:

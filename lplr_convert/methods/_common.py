@@ -15,9 +15,9 @@ from ..math.error import factor_relative_error
 from ..math.lstsq import solve_normal
 from ..math.svd import singular_values
 from .base import Method, MethodResult
-from .settings import FactorBits, QuantKnobs, RankKnobs, Settings, resolve_rank
+from .settings import FactorBits, QuantKnobs, RankKnobs, Settings, SvdKnobs, resolve_rank
 
-__all__ = ["FactoredMethod", "FactoredSettings", "Factors", "decode_quant", "factor_bits", "factor_specs",
+__all__ = ["FactoredMethod", "FactoredSettings", "Factors", "SvdFactoredSettings", "decode_quant", "factor_bits", "factor_specs",
            "float_matrix", "predict_quant", "quant_parts", "quantize_left", "refit"]
 
 
@@ -64,6 +64,11 @@ def predict_quant(part: str, spec: qz.QuantSpec) -> dict[str, tuple[str, tuple[i
 @dataclass(frozen=True)
 class FactoredSettings(FactorBits, QuantKnobs, RankKnobs):
     """Knobs every factored method has: factor bits, the quantizer, the rank policy."""
+
+
+@dataclass(frozen=True)
+class SvdFactoredSettings(FactoredSettings, SvdKnobs):
+    """Factored methods that start from a truncated SVD (lsvd, dsvd)."""
 
 
 def factor_specs(m: int, n: int, r: int, s: Settings) -> tuple[qz.QuantSpec, qz.QuantSpec]:

@@ -18,7 +18,7 @@ from ..errors import LplrError, opt
 from .settings import RANK_FIELD, RANK_POLICIES, RankPolicy, Settings, knob_fields
 
 __all__ = ["Method", "MethodResult", "all_knobs", "available_methods", "flat_defaults", "get_method", "layer_json",
-           "make_settings", "overlay", "register", "settings_from_flat"]
+           "make_settings", "overlay", "register", "settings_from_flat", "unregister"]
 
 _REGISTRY: dict[str, Method] = {}
 
@@ -99,6 +99,11 @@ def register(name: str):
         return cls
 
     return wrap
+
+
+def unregister(name: str) -> None:
+    """Remove a registered method (e.g. one a test or plugin registered for a while)."""
+    _REGISTRY.pop(name, None)
 
 
 def get_method(name: str) -> Method:

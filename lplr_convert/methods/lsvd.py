@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ..math.svd import energy_kept, truncated_svd
-from ._common import FactoredMethod, FactoredSettings, quantize_left, refit
+from ._common import FactoredMethod, SvdFactoredSettings, quantize_left, refit
 from .base import register
-from .settings import SvdKnobs
-
-
-@dataclass(frozen=True)
-class SvdFactoredSettings(FactoredSettings, SvdKnobs):
-    """Factored methods that start from a truncated SVD."""
 
 
 @register("lsvd")

@@ -61,13 +61,22 @@ def _save(fig, path: Path, plt) -> Path:
     return path
 
 
-def plot_error_per_layer(rows: list[dict], path: Path, subtitle: str = "") -> Path | None:
-    """Relative Frobenius error of each compressed block tensor, one line per matrix type."""
-    series = _series(rows, "rel_error")
+def _figure(rows: list[dict], value: str):
+    """(series of `value`, pyplot, figure, axes), or None when no block tensor has that value."""
+    series = _series(rows, value)
     if not series:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=_SIZE)
+    return series, plt, fig, ax
+
+
+def plot_error_per_layer(rows: list[dict], path: Path, subtitle: str = "") -> Path | None:
+    """Relative Frobenius error of each compressed block tensor, one line per matrix type."""
+    made = _figure(rows, "rel_error")
+    if made is None:
+        return None
+    series, plt, fig, ax = made
     outside = sum(r["method"] != "copy" and r["layer"] is None for r in rows)
     _layer_axes(ax, series, "relative error ‖W − Ŵ‖_F / ‖W‖_F", "Relative error per layer" + subtitle, outside)
     ax.set_ylim(bottom=0)
@@ -77,11 +86,10 @@ def plot_error_per_layer(rows: list[dict], path: Path, subtitle: str = "") -> Pa
 
 def plot_bits_per_layer(rows: list[dict], path: Path, subtitle: str = "") -> Path | None:
     """Stored bits/param of each compressed block tensor as grouped bars, with the source dtype and int8 lines."""
-    series = _series(rows, "bits_per_param")
-    if not series:
+    made = _figure(rows, "bits_per_param")
+    if made is None:
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=_SIZE)
+    series, plt, fig, ax = made
     layers = sorted({x for xs, _ in series.values() for x in xs})
     width = 0.84 / len(series)
     for i, (label, (xs, ys)) in enumerate(series.items()):
