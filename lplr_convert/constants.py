@@ -57,3 +57,15 @@ M_EVAL = "eval"
 M_INTEGRITY = "integrity"  # sha256 of the canonical JSON of tensors + shards
 
 TOOL_NAME = "lplr-convert"
+
+# Calibration statistics (`lplr-convert calibrate`): a STATS directory of per-block safetensors files plus a manifest.
+CALIB_FORMAT_VERSION = "1.0"
+CALIB_KIND = "calibration-statistics"
+CALIB_MANIFEST = "lplr_calibration.json"
+CALIB_FILE_TEMPLATE = "lplr_stats-{block:05d}.safetensors"
+CALIB_FILE_PATTERN = r"lplr_stats-\d{5}\.safetensors"
+CALIB_KEY_SUFFIX = "input_moment"  # statistic key: "<checkpoint module name of the first layer>.input_moment"
+S_KIND = "kind"
+S_TEXT = "text"
+S_STATISTICS = "statistics"
+S_WEIGHTS = "weights"
