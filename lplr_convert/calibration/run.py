@@ -17,7 +17,15 @@ from .. import __version__
 from .. import constants as C
 from ..errors import LplrError
 from ..io.reader import open_source
-from .capture import Skeleton, build_skeleton, hidden_of, output_form, record_calls, release_outside
+from .capture import (
+    Skeleton,
+    build_skeleton,
+    hidden_of,
+    output_form,
+    record_calls,
+    release_outside,
+    return_freed_memory,
+)
 from .moments import InputMoments
 from .stats import prepare_out_dir, save_block, source_files, write_manifest
 from .text import Batch, load_tokenizer, make_batches, read_text, tokenize
@@ -50,8 +58,8 @@ def _max_positions(config, seq_len: int) -> int:
     return seq_len
 
 
-def _run_block(sk: Skeleton, i: int, block, batches: list[Batch], hidden: list, calls: list, dtype) -> dict:
-    """Run block i on every batch, replacing `hidden` by its outputs; returns {module name: Moment}."""
+def _run_block(sk: Skeleton, i: int, block, batches: list[Batch], hidden: list, calls: list, dtype) -> InputMoments:
+    """Run block i on every batch, replacing `hidden` by its outputs; returns the hooks with their moments."""
     with InputMoments(block, f"{sk.blocks_name}.{i}", dtype) as moments:
         for j, batch in enumerate(batches):
             moments.start_batch(batch.attention_mask)
@@ -151,6 +159,8 @@ def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | N
             tensors, stats, weights = _block_stats(sk, moments, accumulate_dtype)
             del moments
             file, record = save_block(out, i, tensors)
+            del tensors
+            return_freed_memory()
             manifest[C.M_FILES][file] = record
             manifest[C.S_STATISTICS].update({k: {"file": file, **v} for k, v in stats.items()})
             manifest[C.S_WEIGHTS].update(weights)

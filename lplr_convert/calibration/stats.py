@@ -80,7 +80,7 @@ class CalibrationStats:
         self.root, self.manifest, self.device, self.verify = root, manifest, device, verify
         self.weights: dict[str, dict] = manifest[C.S_WEIGHTS]
         self.statistics: dict[str, dict] = manifest[C.S_STATISTICS]
-        self._open, self._open_name = None, None
+        self._open, self._open_name, self._verified = None, None, set()
 
     def __contains__(self, weight_name: str) -> bool:
         return weight_name in self.weights
@@ -110,11 +110,17 @@ class CalibrationStats:
         meta = self.manifest[C.M_FILES].get(file, {})
         if not path.is_file():
             raise LplrError(f"{path} is missing; re-run `lplr-convert calibrate` for {self.root}")
-        if self.verify and (path.stat().st_size != meta.get("bytes") or sha256_file(path) != meta.get("sha256")):
-            raise LplrError(f"{path} does not match the sha256 in {C.CALIB_MANIFEST} (damaged or modified); re-run "
-                            f"`lplr-convert calibrate`")
+        if self.verify and file not in self._verified:
+            if path.stat().st_size != meta.get("bytes") or sha256_file(path) != meta.get("sha256"):
+                raise LplrError(f"{path} does not match the sha256 in {C.CALIB_MANIFEST} (damaged or modified); "
+                                f"re-run `lplr-convert calibrate`")
+            self._verified.add(file)
         self._open = None
         return safe_open(str(path), framework="pt", device=str(self.device))
+
+    def close(self) -> None:
+        """Release the open statistics file (reading again reopens it)."""
+        self._open, self._open_name = None, None
 
     def require(self, names: Iterable[str]) -> None:
         """Raise naming the first of `names` that has no statistic."""
