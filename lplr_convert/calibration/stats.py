@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import constants as C
-from ..errors import LplrError
+from ..errors import LplrError, opt
 from ..io.manifest import sha256_file, write_json_atomic
 from ..io.reader import SourceCheckpoint
 
@@ -27,18 +27,18 @@ _OURS = re.compile(rf"({C.CALIB_FILE_PATTERN}|{re.escape(C.CALIB_MANIFEST)})({re
 def prepare_out_dir(out: Path, src_root: Path, overwrite: bool) -> None:
     """Create `out`, or empty it of an earlier STATS when `overwrite`; never deletes files this tool did not write."""
     if out.exists() and not out.is_dir():
-        raise LplrError(f"--out-path {out} is a file; pass a directory for the calibration statistics")
+        raise LplrError(f"{opt('out_path')} {out} is a file; pass a directory for the calibration statistics")
     if out.exists() and out.resolve() == Path(src_root).resolve():
-        raise LplrError("--out-path must differ from the source checkpoint directory; choose a new directory")
+        raise LplrError(f"{opt('out_path')} must differ from the source checkpoint directory; choose a new directory")
     entries = sorted(out.iterdir()) if out.is_dir() else []
     if entries:
         if not overwrite:
-            raise LplrError(f"--out-path {out} is not empty; pass --overwrite to replace the calibration statistics "
+            raise LplrError(f"{opt('out_path')} {out} is not empty; pass {opt('overwrite')} to replace the calibration statistics "
                             f"in it, or choose an empty directory")
         ours = [p for p in entries if p.is_file() and _OURS.fullmatch(p.name)]
         if not (out / C.CALIB_MANIFEST).is_file() and len(ours) != len(entries):
-            raise LplrError(f"--out-path {out} is not empty and holds no calibration statistics; choose an empty "
-                            f"directory (--overwrite only replaces an earlier STATS)")
+            raise LplrError(f"{opt('out_path')} {out} is not empty and holds no calibration statistics; choose an empty "
+                            f"directory ({opt('overwrite')} only replaces an earlier STATS)")
         for p in ours:
             p.unlink()
     out.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from calib_testing import build_tiny
+from tiny_checkpoints import build_tiny
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from calib_testing import TINY
+from tiny_checkpoints import TINY
 
 from lplr_convert import constants as C
 from lplr_convert.calibration import calibrate, load_calibration

@@ -1,4 +1,4 @@
-"""Tiny calibration checkpoints shared by the calibration tests (uniquely named: never collides with a conftest)."""
+"""Tiny checkpoints for the calibration tests (a uniquely named module: never collides with a conftest)."""
 
 from __future__ import annotations
 
