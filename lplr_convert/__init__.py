@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from .errors import IncompleteOutputError, LplrError
-from .methods import MethodSettings, RankPolicy, available_methods, get_method
+from .methods import MethodSettings, RankPolicy, available_methods, get_method, make_settings
 
 __all__ = [
     "IncompleteOutputError",
@@ -12,8 +12,11 @@ __all__ = [
     "RankPolicy",
     "__version__",
     "available_methods",
+    "calibrate",
     "convert",
     "get_method",
+    "make_settings",
+    "load_calibration",
     "load_model",
     "load_state_dict",
 ]
@@ -23,6 +26,9 @@ def __getattr__(name):  # heavy modules load lazily
     if name == "convert":
         from .convert import convert
         return convert
+    if name in ("calibrate", "load_calibration"):
+        from . import calibration
+        return getattr(calibration, name)
     if name in ("load_state_dict", "load_model"):
         from . import loading
         return getattr(loading, name)

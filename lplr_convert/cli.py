@@ -302,6 +302,38 @@ def _print_summary(manifest: dict, out_path: str) -> None:
     click.echo(f"wrote {out_path}")
 
 
+@main.command(cls=_Sectioned)
+@_opt("--in-path", required=True, section="Input",
+      help="Checkpoint dir, .safetensors/.bin file, Hub repo id, or bundled:all-MiniLM-L6-v2.")
+@_opt("--out-path", required=True, type=click.Path(file_okay=False), section="Output",
+      help="Directory for the statistics (STATS).")
+@_opt("--text", default=None, type=click.Path(dir_okay=False), section="Input",
+      help=".txt (one sample per line) or .jsonl (a 'text' field per line); default: text shipped with the package.")
+@_opt("--samples", type=click.IntRange(min=1), default=128, show_default=True, section="Run",
+      help="Calibration samples (sequences).")
+@_opt("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, section="Run",
+      help="Tokens per sample at most.")
+@_opt("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, section="Run",
+      help="Samples per forward pass.")
+@_opt("--accumulate-dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
+      section="Run", help="Precision of the accumulated second moments (and of the stored statistics).")
+@_opt("--device", type=DeviceType(), default="cpu", show_default=True, section="Run", help="cpu, cuda, cuda:N or auto.")
+@_opt("--overwrite", is_flag=True, section="Output", help="Replace earlier statistics in --out-path.")
+@debug_option
+@_friendly
+def calibrate(**kw):
+    """Run the original model block by block on calibration text and store each linear's input second moment."""
+    import torch
+
+    from .calibration import calibrate as run
+
+    manifest = run(kw["in_path"], kw["out_path"], text=kw["text"], samples=kw["samples"], seq_len=kw["seq_len"],
+                   batch_size=kw["batch_size"], device=kw["device"],
+                   accumulate_dtype=getattr(torch, kw["accumulate_dtype"]), overwrite=kw["overwrite"])
+    click.echo(f"wrote {len(manifest['statistics'])} statistics for {len(manifest['weights'])} weights "
+               f"({manifest['samples']} samples, {manifest['tokens']} tokens) to {kw['out_path']}")
+
+
 @main.command(cls=_PlanCommand)
 @_opt("--in-path", required=True, section="Input", help="Checkpoint to inspect.")
 @selection_options
