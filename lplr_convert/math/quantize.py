@@ -19,8 +19,9 @@ are the minimum and maximum of a parameter group; round is half-to-even (torch.r
   value = (c - zp) * s_st. Stores `scale` and `zero_point` (zp as uint8 bit-packed at b bits). c = zp is exactly 0.
 
 Symmetric and asymmetric scales are stored as `scale_dtype` (float32 or float16) and codes are computed with the
-stored value, so decoding the stored fields reproduces the quantized matrix exactly. An empty range (s = 0) gets the
-machine epsilon of the scale dtype, as in compressed-tensors, so zeros decode to 0. Where a float16 scale would not be
+stored value, so decoding the stored fields reproduces the quantized matrix exactly. An empty range (s = 0: an all-zero
+group) gets the machine epsilon of the scale dtype as its scale, as in compressed-tensors, and z = 0 (where
+compressed-tensors computes 0/0 and casts NaN to int8, which gives 0 on x86), so it decodes to 0. Where a float16 scale would not be
 a normal float16 number (overflow to inf, or below 2**-14), the whole matrix is quantized with float32 scales instead
 and its spec says scale_dtype "float32": the spec always says what is on disk.
 
@@ -61,6 +62,7 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _DTYPE_BITS = {"uint8": 8, "float16": 16, "bfloat16": 16, "float32": 32}
 _FP16_MIN_NORMAL = 2.0**-14
 _MSE_GRID, _MSE_STEPS, _MSE_NORM = 100, 80, 2.4  # shrink factors 1 - k / grid for k < steps; error sum |d|^norm
+_MSE_BATCH_ELEMENTS = 1 << 22
 
 __all__ = [
     "ALLOWED_BITS",
@@ -250,12 +252,12 @@ def _padding_mask(v: torch.Tensor, n: int) -> torch.Tensor | None:
 
 
 def _reduce(v: torch.Tensor, spec: QuantSpec, op) -> torch.Tensor:
-    """Reduce a view over each parameter group, keeping the parameters' broadcast shape."""
+    """Reduce a view (with any leading batch dims) over each parameter group, keeping the parameters' shape."""
     if spec.granularity == "tensor":
-        return op(v).reshape(1, 1)
+        return op(v, dim=(-2, -1), keepdim=True)
     if spec.granularity == "channel":
-        return op(v, dim=1 - spec.channel_dim, keepdim=True)
-    return op(v, dim=2, keepdim=True)
+        return op(v, dim=-1 if spec.channel_dim == 0 else -2, keepdim=True)
+    return op(v, dim=-1, keepdim=True)
 
 
 def _grid(p: QParams, spec: QuantSpec, dtype: torch.dtype) -> Grid:
@@ -288,11 +290,12 @@ def _from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[QP
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     raw = torch.maximum(-lo, hi) / (levels / 2) if spec.scheme == "symmetric" else (hi - lo) / levels
     storage = _TORCH_DTYPES[spec.scale_dtype]
-    raw = torch.where(raw > 0, raw, torch.finfo(storage).eps)
+    empty = raw == 0
+    raw = torch.where(empty, torch.finfo(storage).eps, raw)
     p = QParams(raw.to(storage))
     if spec.scheme == "asymmetric":
         o = 1 << (spec.bits - 1)
-        z = (-o - lo / raw).clamp_(-o, o - 1).round_()
+        z = (-o - lo / raw).clamp_(-o, o - 1).round_().masked_fill_(empty, 0)
         p.zero_point = z.add_(o).to(torch.uint8)
     return p, _grid(p, spec, lo.dtype)
 
@@ -308,10 +311,13 @@ def scales_representable(scale: torch.Tensor, spec: QuantSpec) -> bool:
 
 def _mse_fit(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec,
              mask: torch.Tensor | None) -> tuple[QParams, Grid]:
-    """The grid search of clip="mse" (module docstring): per group, the shrunk range with the least error."""
-    best_lo, best_hi, best_err = lo, hi, None
-    for k in range(_MSE_STEPS):
-        p = 1 - k / _MSE_GRID
+    """The grid search of clip="mse" (module docstring): per group, the shrunk range with the least error. Candidates
+    are evaluated a batch at a time (a leading dim), at most ~_MSE_BATCH_ELEMENTS values per temporary."""
+    shrink = torch.tensor([1 - k / _MSE_GRID for k in range(_MSE_STEPS)], dtype=v.dtype, device=v.device)
+    batch = max(1, _MSE_BATCH_ELEMENTS // max(1, v.numel()))
+    best_lo = best_hi = best_err = None
+    for k in range(0, _MSE_STEPS, batch):
+        p = shrink[k:k + batch].reshape(-1, *([1] * v.dim()))
         c_lo, c_hi = lo * p, hi * p
         params, grid = _from_range(c_lo, c_hi, spec)
         d = grid.values_(grid.codes(v)).sub_(v).abs_().pow_(_MSE_NORM)
@@ -320,10 +326,13 @@ def _mse_fit(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpe
         err = _reduce(d, spec, torch.sum)
         if spec.scale_dtype == "float16":
             err = torch.where(_normal16(params.scale), err, torch.inf)
+        err, first = err.min(dim=0)  # the first minimum of the batch
+        first = first.unsqueeze(0)
+        c_lo, c_hi = c_lo.gather(0, first).squeeze(0), c_hi.gather(0, first).squeeze(0)
         if best_err is None:
-            best_err = err
+            best_lo, best_hi, best_err = c_lo, c_hi, err
             continue
-        better = err < best_err
+        better = err < best_err  # strict: an earlier (wider) candidate wins ties
         best_err = torch.where(better, err, best_err)
         best_lo, best_hi = torch.where(better, c_lo, best_lo), torch.where(better, c_hi, best_hi)
     return _from_range(best_lo, best_hi, spec)
