@@ -12,8 +12,9 @@ weights when the group's first column is reached (blocks are cut at group starts
 the group by then). With `act_order`, columns are processed by decreasing H_ii and every group's parameters are fitted
 up front in the original column order (static groups), so the result is plain group quantization without g_idx.
 
-Precision: the factorization of H is float64 (its condition number after damping reaches ~1e2 n, which float32 would
-resolve only to a few digits); the weight updates run in float32 (float64 for float64 W).
+Precision: H is factored in float64, in place (at most two n x n float64 matrices: 256 MiB at n = 4096, 1.9 GiB at
+n = 11008): after damping its condition number can reach (n + 0.01) / 0.01 ~ 100 n, which float32 (eps 6e-8) would
+resolve to about two digits at n = 4096. The weight updates run in float32 (float64 for float64 W).
 """
 
 from __future__ import annotations
@@ -61,17 +62,28 @@ def _damped(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     return H64, dead
 
 
-def _inverse_upper_cholesky(H64: torch.Tensor) -> torch.Tensor:
-    """U upper triangular with H^-1 = U^T U, from one Cholesky factorization and one triangular solve.
+def _factor(H: torch.Tensor, damp: float, act_order: bool,
+            work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(U, dead, perm): U upper triangular (in `work`) with H'^-1 = U^T U for the damped H' in processing order
+    (`perm`: decreasing H'_ii with act_order, else None).
 
-    With J the reversal permutation and J H J = L L^T: H^-1 = J L^-T L^-1 J = (J L^-1 J)^T (J L^-1 J), and J L^-1 J is
-    upper triangular with a positive diagonal, hence (by uniqueness) the upper Cholesky factor of H^-1.
+    One float64 Cholesky factorization and one triangular solve, instead of factor, invert, factor: with J the
+    reversal and J H' J = L L^T, H'^-1 = (J L^-1 J)^T (J L^-1 J), and J L^-1 J is upper triangular with a positive
+    diagonal, hence (by uniqueness) the upper Cholesky factor of H'^-1. In place: at most two n x n float64 matrices.
     """
-    L, info = torch.linalg.cholesky_ex(H64.flip(0, 1))
+    H64, dead = _damped(H, damp)
+    n = H64.shape[0]
+    perm = torch.argsort(H64.diagonal(), descending=True, stable=True) if act_order else None
+    rev = (torch.arange(n, device=H64.device) if perm is None else perm).flip(0)
+    H64 = H64[rev.unsqueeze(1), rev]
+    info = torch.empty((), dtype=torch.int32, device=H64.device)
+    L, info = torch.linalg.cholesky_ex(H64, out=(H64, info))
     if int(info):  # the one host sync of the factorization
         raise ValueError("H + damp * mean(diag H) * I is not positive definite; pass a larger damp")
-    eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
-    return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+    eye = torch.eye(n, dtype=L.dtype, device=L.device)
+    X = torch.linalg.solve_triangular(L, eye, upper=False, out=eye)
+    del L, H64
+    return X.to(work).flip(0, 1), dead, perm
 
 
 def _blocks(n: int, block_size: int, group_size: int | None) -> list[tuple[int, int]]:
@@ -139,14 +151,11 @@ def _run(W: torch.Tensor, H: torch.Tensor, spec: qz.QuantSpec, damp: float, bloc
     m, n = W.shape
     work = torch.float64 if W.dtype == torch.float64 else torch.float32
     Wt = torch.empty((n, m), dtype=work, device=W.device).copy_(W.T)  # row j = column j of W
-    H64, dead = _damped(H, damp)
+    U, dead, perm = _factor(H, damp, act_order, work)
     Wt[dead] = 0
-    perm = torch.argsort(H64.diagonal(), descending=True, stable=True) if act_order else None
     columns = _Columns(Wt, spec, perm)
     if perm is not None:
-        Wt, H64 = Wt[perm], H64[perm.unsqueeze(1), perm]
-    U = _inverse_upper_cholesky(H64).to(work)
-    del H64
+        Wt = Wt[perm]
     codes_t = torch.empty((n, m), dtype=torch.uint8, device=W.device)
     feedback = torch.zeros((), dtype=torch.float64, device=W.device)
     for i1, i2 in _blocks(n, block_size, spec.group_size if columns.dynamic else None):
