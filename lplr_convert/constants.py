@@ -38,9 +38,11 @@ META_TOOL_KEY = "lplr_convert_format"
 PART_LEFT = "lplr_left"  # L, out x rank
 PART_RIGHT = "lplr_right"  # R, rank x in
 PART_QUANT = "lplr_q"  # a directly quantized weight (rtn)
+FIELD_FLOAT = ""  # a 16/32-bit float part is stored under "<weight name>.<part>" itself, with no field suffix
 FIELD_PACKED = "packed"  # uint8, bit-packed codes
-FIELD_SCALE = "scale"  # float32 step per scale group
-FIELD_ZERO = "zero"  # float32 value of code 0 per scale group (asymmetric min-max quantizer)
+FIELD_SCALE = "scale"  # step per scale group: float32, or float16 where the part's spec says scale_dtype float16
+FIELD_ZERO = "zero"  # float32 value of code 0 per scale group (the published min-max quantizer, scheme "minmax")
+FIELD_ZERO_POINT = "zero_point"  # uint8, bit-packed integer zero points at the codes' width (scheme "asymmetric")
 
 # Manifest keys (top level).
 M_FORMAT_VERSION = "format_version"
