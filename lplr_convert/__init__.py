@@ -15,10 +15,10 @@ __all__ = [
     "calibrate",
     "convert",
     "get_method",
-    "make_settings",
     "load_calibration",
     "load_model",
     "load_state_dict",
+    "make_settings",
 ]
 
 

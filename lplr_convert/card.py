@@ -75,6 +75,8 @@ def _body(manifest: Manifest, out_dir: Path, repo_id: str | None) -> str:
     ]
     if (out_dir / C.PLOT_ERROR).is_file():  # the Hub renders images of the repo that a README links relatively
         parts.append(f"![relative error per layer and matrix type]({C.PLOT_ERROR})")
+    if (out_dir / C.PLOT_OUTPUT_ERROR).is_file():
+        parts.append(f"![output error on the calibration inputs per layer]({C.PLOT_OUTPUT_ERROR})")
     if not manifest.eval:
         parts.append("No model-level fidelity evaluation was recorded (run `lplr-convert eval --original SRC "
                      "--converted DST` before pushing to add one).")
@@ -120,7 +122,7 @@ def _files_text(out_dir: Path) -> str:
               "the source files' sha256 and the exact settings.")]
     if (out_dir / C.REPORT_MD).is_file():
         lines.append(f"- `{C.REPORT_MD}` (and `.csv`/`.json`): the layer-wise error report.")
-    plots = [p for p in (C.PLOT_ERROR, C.PLOT_BITS, C.PLOT_SPECTRUM) if (out_dir / p).is_file()]
+    plots = [p for p in (C.PLOT_ERROR, C.PLOT_OUTPUT_ERROR, C.PLOT_BITS, C.PLOT_SPECTRUM) if (out_dir / p).is_file()]
     if plots:
         lines.append("- Plots: " + ", ".join(f"`{p}`" for p in plots) + ".")
     lines.append(f"- `{C.CONFIG_FILE}` carries `quantization_config` with `quant_method: {C.QUANT_METHOD}`.")

@@ -51,6 +51,7 @@ class _Sectioned(click.Command):
 def _knob_params() -> list[click.Parameter]:
     """`--method`, one option per knob of the registered methods, and one per rank policy kind."""
     from .methods import all_knobs, available_methods
+    from .methods.base import knob_defaults
     from .methods.settings import RANK_HELP
 
     methods = [m for m in available_methods() if m != "copy"]
@@ -60,13 +61,26 @@ def _knob_params() -> list[click.Parameter]:
         meta = f.metadata
         if meta.get("rank_policy"):
             continue
-        kind = click.Choice(meta["choices"]) if meta["choices"] else {int: click.INT, float: click.FLOAT}.get(
-            meta["type"], click.STRING)
-        params.append(_Opt([flag(name), name], type=kind, default=f.default, show_default=f.default is not None,
-                           section=meta["section"], help=meta["help"]))
+        text = f"{meta['help']} {_default_text(knob_defaults(name))}"
+        if meta["type"] is bool:
+            params.append(_Opt([f"{flag(name)}/--no-{flag(name)[2:]}", name], default=None, section=meta["section"],
+                               help=text))
+            continue
+        kind = click.Choice([str(c) for c in meta["choices"] if c is not None]) if meta["choices"] else \
+            {int: click.INT, float: click.FLOAT}.get(meta["type"], click.STRING)
+        params.append(_Opt([flag(name), name], type=kind, default=None, section=meta["section"], help=text))
     for kind, (text, typ) in RANK_HELP.items():
         params.append(_Opt([flag(kind), kind], type=typ, default=None, section=RANK_SECTION, help=text))
     return params
+
+
+def _default_text(defaults: dict) -> str:
+    """"[default: 8]", or each method's own default when they differ."""
+    values = {repr(v) for v in defaults.values()}
+    if len(values) == 1:
+        value = next(iter(defaults.values()))
+        return "" if value is None else f"[default: {value}]"
+    return "[default: " + ", ".join(f"{m} {v}" for m, v in defaults.items()) + "]"
 
 
 class _PlanCommand(_Sectioned):
@@ -148,6 +162,8 @@ def selection_options(f):
              help="LASER matrix types: fc_in, fc_out, fc_up, mlp, q_proj, k_proj, v_proj, out_proj, attn."),
         _opt("--recipe", type=click.Path(dir_okay=False), default=None, section="Selection",
              help="YAML/JSON rules: pattern/layers/types -> method + settings."),
+        _opt("--calibration", type=click.Path(file_okay=False), default=None, section="Method",
+             help="STATS from `lplr-convert calibrate` of this checkpoint: activation-aware methods, output errors."),
         _opt("--revision", default=None, section="Input", help="Hub revision when --in-path is a repo id."),
     ]
     for o in reversed(opts):
@@ -160,13 +176,10 @@ def _layer(kw: dict) -> dict:
     from .methods import RANK_POLICIES, all_knobs, flat_defaults
     from .methods.base import overlay
 
-    ctx = click.get_current_context()
-    knobs = [k for k in all_knobs() if k in kw and k not in RANK_POLICIES]
-    given = {k: kw[k] for k in RANK_POLICIES if kw.get(k) is not None}
-    layer = overlay(flat_defaults(), {"method": kw["method"], **{k: kw[k] for k in knobs}, **given})
+    given = {k: kw[k] for k in (*all_knobs(), *RANK_POLICIES) if kw.get(k) is not None}
+    layer = overlay(flat_defaults(), {"method": kw["method"], **given})
     if not kw.get("recipe"):
-        _warn_unused(kw["method"], [k for k in knobs
-                                    if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE])
+        _warn_unused(kw["method"], [k for k in given if k not in RANK_POLICIES])
     return layer
 
 
@@ -187,7 +200,8 @@ def _options(kw, **extra):
     layer = _layer(kw)
     return ConvertOptions(in_path=kw["in_path"], out_path=extra.pop("out_path", ""), settings=settings_from_flat(layer),
                           defaults=layer, include=kw["include"], exclude=kw["exclude"], layers=kw["layers"],
-                          types=kw["types"], recipe=kw["recipe"], revision=kw["revision"], **extra)
+                          types=kw["types"], recipe=kw["recipe"], revision=kw["revision"],
+                          calibration=kw["calibration"], **extra)
 
 
 def _setup_logging(debug: bool) -> None:

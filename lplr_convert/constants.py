@@ -12,12 +12,14 @@ REPORT_JSON = "lplr_report.json"
 REPORT_CSV = "lplr_report.csv"
 REPORT_MD = "lplr_report.md"
 PLOT_ERROR = "lplr_error_per_layer.png"
+PLOT_OUTPUT_ERROR = "lplr_output_error_per_layer.png"  # with calibration
 PLOT_BITS = "lplr_bits_per_layer.png"
 PLOT_SPECTRUM = "lplr_spectrum.png"
 MODEL_CARD = "README.md"
 LOCK_FILE = ".lplr_convert.lock"  # held (flock) by the one run writing a directory; names the holder
 # Every file name above that this tool writes into an output directory beside the shards and copied files.
-OWN_FILES = (MANIFEST_FILE, PROGRESS_FILE, REPORT_JSON, REPORT_CSV, REPORT_MD, PLOT_ERROR, PLOT_BITS, PLOT_SPECTRUM)
+OWN_FILES = (MANIFEST_FILE, PROGRESS_FILE, REPORT_JSON, REPORT_CSV, REPORT_MD, PLOT_ERROR, PLOT_OUTPUT_ERROR,
+             PLOT_BITS, PLOT_SPECTRUM)
 CONFIG_FILE = "config.json"
 
 SAFE_INDEX = "model.safetensors.index.json"

@@ -29,7 +29,8 @@ from .io.reader import SourceCheckpoint, open_source
 from .io.sidefiles import copy_side_files
 from .io.writer import ShardWriter
 from .math.sketch import derive_seed
-from .methods import Settings, flat_defaults, get_method, make_settings
+from .math.weighted import weighted_relative_error
+from .methods import InputStats, Settings, flat_defaults, get_method, make_settings
 from .methods.base import layer_json, overlay
 from .plan import PlanOptions, TensorPlan, build_plan_options, make_plan
 
@@ -45,7 +46,9 @@ class ConvertOptions:
 
     `settings` is the method and knobs for the selected weights. `defaults` (optional) is a flat layer of knobs for
     every method (see `methods.base.overlay`), which recipe rules start from; the command line passes all its knobs
-    there. `max_shard_size` is in bytes.
+    there. `max_shard_size` is in bytes. `calibration` is a STATS directory written by `calibrate` from the same
+    checkpoint: methods that use it become activation-aware, and every compressed tensor's record gets its
+    activation-weighted error.
     """
 
     in_path: str
@@ -60,6 +63,7 @@ class ConvertOptions:
     types: str | None = None
     recipe: str | None = None
     max_shard_size: int = DEFAULT_SHARD_BYTES
+    calibration: str | None = None
     overwrite: bool = False
     resume: bool = False
     revision: str | None = None
@@ -78,10 +82,16 @@ class ConvertOptions:
             raise LplrError(f"{opt('max_shard_size')} {size!r} must be a positive number of bytes")
 
     def layer(self) -> dict:
-        """The flat settings layer of this run."""
+        """The flat settings layer of this run: the explicit values (`defaults`, else every knob of `settings`)."""
         if self.defaults is not None:
             return overlay(flat_defaults(), self.defaults)
         return overlay(flat_defaults(), {"method": self.settings.method, **self.settings.knobs()})
+
+
+def recorded_settings(popts: PlanOptions) -> dict:
+    """The run's settings as the manifest records them: the default method's full settings plus every other knob
+    given explicitly (which recipe rules may use)."""
+    return {**popts.settings.to_json(), **layer_json(popts.defaults)}
 
 
 def plan_options(opts: ConvertOptions) -> tuple[PlanOptions, str | None]:
@@ -89,11 +99,11 @@ def plan_options(opts: ConvertOptions) -> tuple[PlanOptions, str | None]:
     return build_plan_options(opts.layer(), opts.recipe, opts.include, opts.exclude, opts.layers, opts.types)
 
 
-def _fingerprint(src: SourceCheckpoint, opts: ConvertOptions, popts: PlanOptions, recipe_text, hashes) -> dict:
+def _fingerprint(src: SourceCheckpoint, opts: ConvertOptions, popts: PlanOptions, recipe_text, hashes,
+                 stats) -> dict:
     """Everything that decides the output's bytes: resuming with any of it changed is refused."""
-    settings = layer_json(popts.defaults)
-    settings["rank"] = popts.defaults["rank"].label()
-    return {"format_version": C.FORMAT_VERSION, "source_files": hashes, "config": src.config, **settings,
+    settings = recorded_settings(popts)
+    return {"calibration": None if stats is None else stats.digest(),"format_version": C.FORMAT_VERSION, "tool_version": __version__, "source_files": hashes, "config": src.config, **settings,
             "seed": opts.seed, "include": opts.include, "exclude": opts.exclude, "layers": opts.layers,
             "types": opts.types, "recipe": recipe_text, "max_shard_size": opts.max_shard_size,
             "on_nonfinite": opts.on_nonfinite}
@@ -105,17 +115,38 @@ def _source_info(src: SourceCheckpoint, hashes: dict) -> dict:
             "architectures": src.config.get("architectures"), "kind": src.kind, "files": hashes}
 
 
+def _open_stats(path: str | None, plans: list[TensorPlan], hashes: dict[str, str], src: SourceCheckpoint, device):
+    """The calibration statistics of a run, checked: made from this checkpoint, one for every compressed tensor."""
+    if path is None:
+        return None
+    from .calibration import load_calibration
+
+    stats = load_calibration(path, device=str(device))
+    stats.check_hashes(hashes, src.root)
+    stats.require(p.name for p in plans if p.method != "copy")
+    return stats
+
+
+def _stats_info(path: str | None, stats) -> dict | None:
+    """What the manifest records of the calibration used."""
+    if stats is None:
+        return None
+    m = stats.manifest
+    return {"path": str(path), "manifest_sha256": stats.digest(), "text": m.get("text"), "samples": m.get("samples"),
+            "tokens": m.get("tokens"), "seq_len": m.get("seq_len")}
+
+
 def _hash_sources(src: SourceCheckpoint) -> dict[str, str]:
     return {f: sha256_file(src.root / f) for f in tqdm(src.files, desc="hashing source", unit="file",
                                                         disable=len(src.files) < 2)}
 
 
-def _preflight(plans: list[TensorPlan]) -> None:
+def _preflight(plans: list[TensorPlan], calibrated: bool) -> None:
     """Resolve every rank policy before anything is written, so a bad policy fails fast, naming the tensor."""
     for p in plans:
         if p.method != "copy":
             try:
-                get_method(p.method).predict(p.oriented_shape, p.dtype, p.settings)
+                get_method(p.method).predict(p.oriented_shape, p.dtype, p.settings, calibrated)
             except LplrError as e:
                 raise LplrError(f"{p.name}: {e.template}") from None
 
@@ -129,8 +160,17 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-def _process(plan: TensorPlan, t: torch.Tensor, device: torch.device, global_seed: int, on_nonfinite: str):
-    """Compress one tensor on `device`: (stored tensors by full name, MethodResult, seed, nonfinite, settings used)."""
+def _output_error(method, result, W: torch.Tensor, stats: InputStats) -> float:
+    """sqrt(tr(D H D^T) / tr(W H W^T)) of what is stored, D = W - decode(parts), on the compute device: the relative
+    error of the layer's outputs on the calibration inputs."""
+    W_hat = method.decode(result.parts, result.info)
+    return float(weighted_relative_error(W.float(), W_hat.float(), stats.H))
+
+
+def _process(plan: TensorPlan, t: torch.Tensor, device: torch.device, global_seed: int, on_nonfinite: str,
+             stats: InputStats | None = None):
+    """Compress one tensor on `device`: (stored tensors by full name, MethodResult, seed, nonfinite, settings used);
+    with `stats` the result's extra facts hold the output (activation-weighted) error."""
     settings, nonfinite = plan.settings, False
     if settings.method != "copy" and not _all_finite(t):
         if on_nonfinite == "error":
@@ -144,7 +184,10 @@ def _process(plan: TensorPlan, t: torch.Tensor, device: torch.device, global_see
         result = method.compress(t, settings, seed)
     else:
         W = t.to(device, non_blocking=True)  # the one host-to-device copy (from pinned memory on CUDA)
-        result = method.compress(W.T if plan.transposed else W, settings, seed)
+        W = W.T if plan.transposed else W
+        result = method.compress(W, settings, seed, stats)
+        if stats is not None:
+            result.extra["output_rel_error"] = _output_error(method, result, W, stats)
         result.parts = to_host(result.parts, device)
     stored = {(f"{plan.name}.{k}" if k else plan.name): v for k, v in result.parts.items()}
     return stored, result, seed, nonfinite, settings
@@ -159,7 +202,8 @@ def _record(plan: TensorPlan, settings: Settings, stored: dict[str, torch.Tensor
         plan.name, plan.shape, dtype_name(plan.dtype), plan.dtype.itemsize, settings.to_json(), meta,
         rank_policy=settings.rank.label() if method.uses_rank else None, layer=plan.layer,
         matrix_type=plan.matrix_type, rank=result.rank, seed=seed, transposed=plan.transposed, reason=plan.reason,
-        rel_error=float(result.rel_error), seconds=round(seconds, 4), nonfinite=nonfinite, info=result.info,
+        rel_error=float(result.rel_error), output_rel_error=result.extra.pop("output_rel_error", None),
+        seconds=round(seconds, 4), nonfinite=nonfinite, info=result.info,
         energy_kept=None if result.energy_kept is None else float(result.energy_kept), extra=result.extra)
 
 
@@ -180,7 +224,7 @@ def _convert(opts: ConvertOptions) -> dict:
     popts, recipe_text = plan_options(opts)
     src = open_source(opts.in_path, opts.revision)
     plans = make_plan(src.headers.values(), src.config, popts)
-    _preflight(plans)
+    _preflight(plans, opts.calibration is not None)
     out = Path(opts.out_path).expanduser()
     with OutputLock.guarding(out, src.root, overwrite=opts.overwrite, resume=opts.resume):
         n_comp = sum(p.method != "copy" for p in plans)
@@ -205,7 +249,9 @@ class _Run:
                  popts: PlanOptions, recipe_text: str | None, device: torch.device, hashes: dict[str, str]):
         self.opts, self.src, self.out, self.plans, self.popts = opts, src, out, plans, popts
         self.recipe_text, self.device, self.hashes = recipe_text, device, hashes
-        self.journal = Journal(out, _fingerprint(src, opts, popts, recipe_text, hashes))
+        self.stats = _open_stats(opts.calibration, plans, hashes, src, device)
+        self._shared: InputStats | None = None
+        self.journal = Journal(out, _fingerprint(src, opts, popts, recipe_text, hashes, self.stats))
         self.journal.shards = resume_state(out, self.journal.fingerprint) if opts.resume else []
         self.journal.save()
         self.writer = ShardWriter(out, opts.max_shard_size, on_close=self.journal.on_close)
@@ -229,9 +275,21 @@ class _Run:
             raise
         return records
 
+    def _stats_for(self, plan: TensorPlan) -> InputStats | None:
+        """The input statistics of a compressed tensor (one H resident at a time; weights sharing it share its
+        cache, e.g. the whitening of q/k/v's common input)."""
+        if self.stats is None or plan.method == "copy":
+            return None
+        key = self.stats.key(plan.name)
+        if self._shared is None or self._shared.key != key:
+            self._shared = None
+            self._shared = InputStats(self.stats.statistic(plan.name).to(self.device, torch.float32), key)
+        return self._shared
+
     def _one(self, plan: TensorPlan, t: torch.Tensor) -> TensorRecord:
         t0 = time.perf_counter()
-        stored, result, seed, nonfinite, used = _process(plan, t, self.device, self.opts.seed, self.opts.on_nonfinite)
+        stored, result, seed, nonfinite, used = _process(plan, t, self.device, self.opts.seed, self.opts.on_nonfinite,
+                                                         self._stats_for(plan))
         shard_idx = self.writer.add_group(plan.name, stored)
         rec = _record(plan, used, stored, result, seed, time.perf_counter() - t0, nonfinite)
         rec.shard = shard_idx
@@ -264,7 +322,8 @@ class _Run:
     def _options(self) -> dict:
         o = self.opts
         return {"command": o.command, "seed": o.seed, "device": str(self.device),
-                "settings": layer_json(self.popts.defaults), "include": o.include, "exclude": o.exclude,
+                "calibration": _stats_info(o.calibration, self.stats),
+                "settings": recorded_settings(self.popts), "include": o.include, "exclude": o.exclude,
                 "layers": o.layers, "types": o.types, "recipe": self.recipe_text, "recipe_path": o.recipe,
                 "max_shard_size": o.max_shard_size, "on_nonfinite": o.on_nonfinite}
 

@@ -18,22 +18,27 @@ __all__ = ["LowRankLinear", "find_module", "lowrank_for", "model_class", "params
 
 
 class LowRankLinear(nn.Module):
-    """y = L (R x) + b with L (out x r) and R (r x in); never forms the dense weight in forward."""
+    """y = L (R x) + b with L (out x r) and R (r x in), plus Q x for a full-size backbone Q (qlr: W = Q + L R);
+    never forms L R in forward."""
 
-    def __init__(self, left: torch.Tensor, right: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, left: torch.Tensor, right: torch.Tensor, bias: torch.Tensor | None = None,
+                 base: torch.Tensor | None = None):
         super().__init__()
         self.left = nn.Parameter(left, requires_grad=False)
         self.right = nn.Parameter(right, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.base = None if base is None else nn.Parameter(base, requires_grad=False)
         self.out_features, self.rank = left.shape
         self.in_features = right.shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(nn.functional.linear(x, self.right), self.left, self.bias)
+        y = nn.functional.linear(nn.functional.linear(x, self.right), self.left, self.bias)
+        return y if self.base is None else y + nn.functional.linear(x, self.base)
 
     def to_dense(self) -> torch.Tensor:
-        """The dense (out x in) weight L R, formed only on request."""
-        return self.left @ self.right
+        """The dense (out x in) weight (Q +) L R, formed only on request."""
+        dense = self.left @ self.right
+        return dense if self.base is None else dense + self.base
 
     @property
     def weight(self) -> torch.Tensor:
@@ -42,7 +47,8 @@ class LowRankLinear(nn.Module):
         return self.to_dense()
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+        extra = ", with backbone" if self.base is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}{extra}"
 
 
 @contextlib.contextmanager
@@ -122,12 +128,16 @@ def lowrank_for(mod: nn.Module, rec: TensorRecord, parts: dict, device, dtype: t
 
     from .dtypes import dtype_from_name
 
-    L, R = get_method(rec.method).decode_factors(parts, rec.info)
+    method = get_method(rec.method)
+    L, R = method.decode_factors(parts, rec.info)
+    base = method.decode_base(parts, rec.info)
     wdtype = dtype or dtype_from_name(rec.dtype)
     if isinstance(mod, Conv1D) and not rec.transposed:
         L, R = R.T, L.T  # stored W (in x out) = L R  ->  y = x L R
+        base = None if base is None else base.T
     bias = getattr(mod, "bias", None)
     if bias is not None:
         bias = torch.empty(bias.shape, dtype=wdtype, device=device) if bias.device.type == "meta" else \
             bias.detach().to(device, wdtype)
-    return LowRankLinear(L.to(device, wdtype).contiguous(), R.to(device, wdtype).contiguous(), bias)
+    base = None if base is None else base.to(device, wdtype).contiguous()
+    return LowRankLinear(L.to(device, wdtype).contiguous(), R.to(device, wdtype).contiguous(), bias, base)

@@ -130,17 +130,25 @@ class CalibrationStats:
                                 f"`lplr-convert calibrate` on the checkpoint this weight belongs to")
 
     def check_source(self, src: SourceCheckpoint) -> None:
-        """Raise unless `src` has exactly the weight files (names, sizes, sha256) the statistics were made from."""
+        """Raise unless `src` has exactly the weight files (names, sha256) the statistics were made from."""
+        self.check_hashes({f: sha256_file(Path(src.root) / f) for f in src.files}, src.root)
+
+    def check_hashes(self, hashes: dict[str, str], root) -> None:
+        """Raise unless the checkpoint whose weight files have these sha256 (name -> hex) is the one the statistics
+        were made from (`root` only names it in the message)."""
         made = self.manifest[C.M_SOURCE][C.M_FILES]
         where = f"the calibration statistics in {self.root} were made from a different checkpoint"
-        fix = f"re-run `lplr-convert calibrate` on {src.root}"
-        if sorted(made) != sorted(src.files):
-            raise LplrError(f"{where} (weight files {', '.join(sorted(made))}, not {', '.join(sorted(src.files))}); "
+        fix = f"re-run `lplr-convert calibrate` on {root}"
+        if sorted(made) != sorted(hashes):
+            raise LplrError(f"{where} (weight files {', '.join(sorted(made))}, not {', '.join(sorted(hashes))}); "
                             f"{fix}")
-        for f in src.files:
-            path = Path(src.root) / f
-            if path.stat().st_size != made[f]["bytes"] or sha256_file(path) != made[f]["sha256"]:
+        for f, digest in hashes.items():
+            if digest != made[f]["sha256"]:
                 raise LplrError(f"{where} ({f} has another sha256); {fix}")
+
+    def digest(self) -> str:
+        """sha256 of the statistics' manifest (which holds every statistics file's sha256)."""
+        return sha256_file(self.root / C.CALIB_MANIFEST)
 
 
 def load_calibration(path: str | Path, device: str = "cpu", verify: bool = True) -> CalibrationStats:

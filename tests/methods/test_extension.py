@@ -37,7 +37,7 @@ class ClippedRTN(Method):
     settings_cls = ClippedSettings
     parts = ("clipped",)
 
-    def compress(self, W, settings, seed):
+    def compress(self, W, settings, seed, stats=None):
         Wf = W.float()
         bound = settings.clip_ratio * Wf.abs().max()
         q = qz.quantize(Wf.clamp(-bound, bound), settings.b0, settings.quantizer, 0, settings.group_size)
@@ -50,7 +50,7 @@ class ClippedRTN(Method):
         fields = {k.removeprefix("clipped").lstrip("."): v for k, v in parts.items()}
         return qz.dequantize(qz.from_fields(fields, qz.QuantSpec.from_json(info["q"])))
 
-    def predict(self, shape, dtype, settings):
+    def predict(self, shape, dtype, settings, calibrated=False):
         spec = qz.QuantSpec(tuple(shape), settings.b0, settings.quantizer, 0, settings.group_size)
         return None, {f"clipped.{k}" if k else "clipped": v for k, v in qz.field_specs(spec).items()}
 
