@@ -53,7 +53,7 @@ class ConvertOptions:
     settings: Settings = field(default_factory=make_settings)
     defaults: dict | None = None
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # resolved when the run starts; the manifest records the device used
     include: str | None = None
     exclude: str | None = None
     layers: str | None = None
@@ -66,6 +66,7 @@ class ConvertOptions:
     on_nonfinite: str = "error"
     command: str | None = None
     write_report: bool = True
+    base_model: str | None = None  # Hub repo id the card names as base_model (default: found from the source)
 
     def __post_init__(self) -> None:
         if self.overwrite and self.resume:
@@ -73,6 +74,10 @@ class ConvertOptions:
         if self.on_nonfinite not in NONFINITE_CHOICES:
             raise LplrError(f"{opt('on_nonfinite')} {self.on_nonfinite!r} is unknown; use one of "
                             f"{', '.join(NONFINITE_CHOICES)}")
+        if self.base_model is not None:
+            from .hub import check_repo_id
+
+            check_repo_id(self.base_model, what=opt("base_model"))
         size = self.max_shard_size
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
             raise LplrError(f"{opt('max_shard_size')} {size!r} must be a positive number of bytes")
@@ -99,10 +104,14 @@ def _fingerprint(src: SourceCheckpoint, opts: ConvertOptions, popts: PlanOptions
             "on_nonfinite": opts.on_nonfinite}
 
 
-def _source_info(src: SourceCheckpoint, hashes: dict) -> dict:
+def _source_info(src: SourceCheckpoint, hashes: dict, base_model: str | None) -> dict:
+    from .card import base_model_of
+
+    found, where = (base_model, "given") if base_model else base_model_of(src.root, src.repo_id)
     return {"path": None if src.repo_id else str(src.root), "repo_id": src.repo_id, "revision": src.revision,
             "commit": src.commit, "model_type": src.config.get("model_type"),
-            "architectures": src.config.get("architectures"), "kind": src.kind, "files": hashes}
+            "architectures": src.config.get("architectures"), "kind": src.kind, "files": hashes,
+            "base_model": found, "base_model_from": where}
 
 
 def _hash_sources(src: SourceCheckpoint) -> dict[str, str]:
@@ -258,7 +267,7 @@ class _Run:
                  "method": self.popts.settings.method}
         files = copy_side_files(side, out, {**src.config, "quantization_config": quant})
         files[C.SAFE_INDEX] = {"sha256": sha256_file(out / C.SAFE_INDEX), "bytes": (out / C.SAFE_INDEX).stat().st_size}
-        return Manifest(tool_version=__version__, complete=True, source=_source_info(src, self.hashes),
+        return Manifest(tool_version=__version__, complete=True, source=_source_info(src, self.hashes, self.opts.base_model),
                         options=self._options(), tensors=ordered, shards=shard_files, files=files)
 
     def _options(self) -> dict:
