@@ -265,7 +265,8 @@ class _Run:
                                                "weight_map": dict(sorted(weight_map.items()))})
         quant = {"quant_method": C.QUANT_METHOD, "format_version": C.FORMAT_VERSION, "manifest": C.MANIFEST_FILE,
                  "method": self.popts.settings.method}
-        files = copy_side_files(side, out, {**src.config, "quantization_config": quant})
+        files = copy_side_files(side, out, {**src.config, "quantization_config": quant,
+                                            C.CONFIG_WEIGHTS_KEY: C.IMPORT_GUARD_FILE})
         files[C.SAFE_INDEX] = {"sha256": sha256_file(out / C.SAFE_INDEX), "bytes": (out / C.SAFE_INDEX).stat().st_size}
         return Manifest(tool_version=__version__, complete=True, source=_source_info(src, self.hashes, self.opts.base_model),
                         options=self._options(), tensors=ordered, shards=shard_files, files=files)
