@@ -86,7 +86,13 @@ class LoadPlan:
         for rec in self.records.values():
             hit = linear_target(model, rec, prefix, names)
             if hit is not None:
-                set_module(model, hit[0], _meta_lowrank(hit[1], rec))
+                new = _meta_lowrank(hit[1], rec)
+                set_module(model, hit[0], new)
+                # transformers initialises every module not marked as initialised, and some `_init_weights` write
+                # `child.weight` (GPT-2: c_proj), which on a LowRankLinear forms L @ R: the factored layer and its
+                # parent are loaded whole from the checkpoint, so neither is initialised.
+                new._is_hf_initialized = True
+                model.get_submodule(hit[0].rpartition(".")[0])._is_hf_initialized = True
                 self.targets[rec.name] = _Target(f"{hit[0]}.left", hit[1])
                 continue
             key = next((k for k in name_candidates(rec.name, prefix) if k in keys), None)
