@@ -21,6 +21,7 @@ from . import constants as C
 from .devices import resolve_device
 from .dtypes import dtype_name
 from .errors import LplrError, opt
+from .experts import compress_experts
 from .io.journal import Journal, resume_state
 from .io.manifest import Manifest, TensorRecord, sha256_file, write_json_atomic
 from .io.outdir import OutputLock
@@ -153,7 +154,10 @@ def _process(plan: TensorPlan, t: torch.Tensor, device: torch.device, global_see
         result = method.compress(t, settings, seed)
     else:
         W = t.to(device, non_blocking=True)  # the one host-to-device copy (from pinned memory on CUDA)
-        result = method.compress(W.T if plan.transposed else W, settings, seed)
+        if plan.experts:
+            result = compress_experts(method, W, settings, seed, plan.transposed)
+        else:
+            result = method.compress(W.T if plan.transposed else W, settings, seed)
         result.parts = to_host(result.parts, device)
     stored = {(f"{plan.name}.{k}" if k else plan.name): v for k, v in result.parts.items()}
     return stored, result, seed, nonfinite, settings

@@ -61,6 +61,8 @@ class LoadPlan:
     suffixes: tuple[str, ...]  # every stored-name suffix of a packed record, longest first
     targets: dict[str, _Target] = field(default_factory=dict)
     loaded: set[str] = field(default_factory=set)
+    aliases: dict[str, str] = field(default_factory=dict)  # a record's name after the model's renamings -> name
+    renamed: dict[str, str] = field(default_factory=dict)  # the reverse
 
     @classmethod
     def build(cls, model: nn.Module, root: Path, checkpoint_files: list[str]) -> LoadPlan:
@@ -78,6 +80,29 @@ class LoadPlan:
         plan = cls(output, packed, tuple(sorted(suffixes, key=len, reverse=True)))
         plan._place(model)
         return plan
+
+    def learn_renamings(self, conversions: list, model: nn.Module) -> None:
+        """The names the model's own renamings give the records (transformers applies them to every checkpoint key,
+        our parts included, before any converter): aliases, and the parameters renamed records load into."""
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+        renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+        used = [r._was_used for r in renamings]  # renaming marks a transform used (it decides how models save)
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        keys = set(model.state_dict().keys())
+        for rec in self.records.values():
+            renamed = apply_renamings(rec.name, renamings)
+            if renamed != rec.name:
+                self.aliases[renamed], self.renamed[rec.name] = rec.name, renamed
+                key = next((k for k in name_candidates(renamed, prefix) if k in keys), None)
+                if key is not None and rec.name not in self.targets:
+                    self.targets[rec.name] = _Target(key)
+        for r, flag in zip(renamings, used):
+            r._was_used = flag
+
+    def model_name(self, rec: TensorRecord) -> str:
+        """The record's name as the model's converters see it (after the model's renamings)."""
+        return self.renamed.get(rec.name, rec.name)
 
     def _place(self, model: nn.Module) -> None:
         prefix = getattr(model, "base_model_prefix", "") or ""
@@ -103,7 +128,8 @@ class LoadPlan:
         """(record, part suffix) of a stored tensor name, or None when it is no part of a packed record."""
         for suffix in self.suffixes:
             if key.endswith("." + suffix):
-                rec = self.records.get(key[: -len(suffix) - 1])
+                stem = key[: -len(suffix) - 1]
+                rec = self.records.get(stem) or self.records.get(self.aliases.get(stem, ""))
                 if rec is not None and f"{rec.name}.{suffix}" in rec.stored:
                     return rec, suffix
         return None
@@ -277,7 +303,7 @@ def wrap_model_converters(plan: LoadPlan, conversions: list) -> list:
     for conv in conversions:
         if isinstance(conv, WeightConverter):
             probe = copy.deepcopy(conv)  # rename_source_key marks a converter used; the model's own stays untouched
-            if any(probe.rename_source_key(name)[1] is not None for name in plan.records):
+            if any(probe.rename_source_key(plan.model_name(rec))[1] is not None for rec in plan.records.values()):
                 conv = DecodeFirst.wrap(plan, conv)
         out.append(conv)
     return out

@@ -76,6 +76,7 @@ class LplrConvertHfQuantizer(HfQuantizer):
     def update_weight_conversions(self, weight_conversions, model):
         from .hf_convert import PartsConverter, wrap_model_converters
 
+        self.plan.learn_renamings(weight_conversions, model)
         return [*wrap_model_converters(self.plan, weight_conversions), PartsConverter(self.plan)]
 
     def get_new_dtype(self, converter, param, dtype):

@@ -125,10 +125,13 @@ class ConvertedOutput:
 def decode_record(rec: TensorRecord, parts: dict[str, torch.Tensor]) -> torch.Tensor:
     """The dense tensor of `rec` from its stored parts, in its source name's shape and dtype (Conv1D orientation
     restored); LplrError when the parts do not decode to it."""
+    from ..experts import EXPERTS_KEY, decode_experts
+
+    method = get_method(rec.method)
     try:
-        W = get_method(rec.method).decode(parts, rec.info)
+        W = decode_experts(method, parts, rec.info) if EXPERTS_KEY in rec.info else method.decode(parts, rec.info)
         if rec.transposed:
-            W = W.T
+            W = W.transpose(-2, -1)  # Conv1D weights, experts stored [in, out]
         W = W.to(dtype_from_name(rec.dtype)).contiguous()
     except LplrError:
         raise
