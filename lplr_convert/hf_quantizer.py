@@ -44,6 +44,9 @@ class LplrConvertHfQuantizer(HfQuantizer):
     requires_calibration = True  # it only loads conversions; it quantizes nothing
 
     def __init__(self, quantization_config, **kwargs):
+        if not hasattr(HfQuantizer, "update_weight_conversions"):  # transformers 4 loads weights another way
+            raise LplrError("from_pretrained of lplr-convert outputs needs transformers 5 (tested with 5.24); upgrade "
+                            "transformers or use lplr_convert.load_model")
         if not kwargs.get("pre_quantized", True):
             raise LplrError("quantization_config=LplrConvertConfig() converts nothing; convert the checkpoint with "
                             "`lplr-convert --in-path SRC --out-path DST` and load DST")
