@@ -242,7 +242,9 @@ debug_option = _opt("--debug", is_flag=True, section="Other", help="Show traceba
 
 
 def hub_options(f):
-    """--private and --token, shared by `convert --push-to` and `push`."""
+    """--private, --token and --base-model, shared by `convert --push-to` and `push`."""
+    f = _opt("--base-model", default=None, section="Hub",
+             help="Hub repo id the model card names as base_model (default: found from the source).")(f)
     f = _opt("--token", default=None, section="Hub",
              help="Hub token (else HF_TOKEN or the login cache). Never printed.")(f)
     return _opt("--private", is_flag=True, section="Hub", help="Create the Hub repo as private.")(f)
@@ -262,7 +264,8 @@ def main():
       help="Checkpoint dir, .safetensors/.bin file, Hub repo id, or bundled:all-MiniLM-L6-v2.")
 @_opt("--out-path", required=True, type=click.Path(file_okay=False), section="Output", help="Output directory.")
 @selection_options
-@_opt("--device", type=DeviceType(), default="cpu", show_default=True, section="Run", help="cpu, cuda, cuda:N or auto.")
+@_opt("--device", type=DeviceType(), default="auto", show_default=True, section="Run",
+      help="cpu, cuda, cuda:N or auto (the GPU when there is one).")
 @_opt("--seed", type=int, default=0, show_default=True, section="Run",
       help="Global seed (per-tensor seeds derive from it).")
 @_opt("--max-shard-size", type=SizeType(), default="5GB", show_default=True, section="Output",
@@ -283,13 +286,14 @@ def convert(**kw):
     command = "lplr-convert " + " ".join(shlex.quote(a) for a in _redacted(sys.argv[1:]))
     opts = _options(kw, out_path=kw["out_path"], seed=kw["seed"], device=kw["device"],
                     max_shard_size=kw["max_shard_size"], overwrite=kw["overwrite"], resume=kw["resume"],
-                    on_nonfinite=kw["on_nonfinite"], command=command, write_report=not kw["no_report"])
+                    on_nonfinite=kw["on_nonfinite"], command=command, write_report=not kw["no_report"],
+                    base_model=kw["base_model"])
     manifest = run(opts)
     _print_summary(manifest, kw["out_path"])
     if kw["push_to"]:
         from .hub import push
 
-        result = push(kw["out_path"], kw["push_to"], private=kw["private"], token=kw["token"])
+        result = push(kw["out_path"], kw["push_to"], private=kw["private"], token=kw["token"])  # card: manifest's
         click.echo(f"pushed to {result.get('url', kw['push_to'])}")
 
 
@@ -416,7 +420,8 @@ def report(**kw):
 @_opt("--converted", required=True, section="Input", help="The lplr-convert output directory.")
 @_opt("--text", default=None, type=click.Path(dir_okay=False, exists=True), section="Input",
       help="Text file, one sentence per line (default: sentences shipped with the package).")
-@_opt("--device", type=DeviceType(), default="cpu", show_default=True, section="Run", help="cpu, cuda or auto.")
+@_opt("--device", type=DeviceType(), default="auto", show_default=True, section="Run",
+      help="cpu, cuda, cuda:N or auto (the GPU when there is one).")
 @_opt("--max-texts", type=int, default=256, show_default=True, section="Run", help="Use at most this many lines.")
 @_opt("--json", "as_json", is_flag=True, section="Output", help="Print the result as JSON.")
 @debug_option
@@ -450,7 +455,8 @@ def push(**kw):
     from .hub import push as run
 
     result = run(kw["in_path"], kw["repo_id"], private=kw["private"], revision=kw["revision"],
-                 commit_message=kw["commit_message"], token=kw["token"], dry_run=kw["dry_run"])
+                 commit_message=kw["commit_message"], token=kw["token"], dry_run=kw["dry_run"],
+                 base_model=kw["base_model"])
     if not kw["dry_run"]:
         click.echo(f"pushed {len(result.get('files', []))} files to {result.get('url', kw['repo_id'])}")
 

@@ -21,6 +21,11 @@ LOCK_FILE = ".lplr_convert.lock"  # held (flock) by the one run writing a direct
 OWN_FILES = (MANIFEST_FILE, PROGRESS_FILE, REPORT_JSON, REPORT_CSV, REPORT_MD, PLOT_ERROR, PLOT_OUTPUT_ERROR,
              PLOT_BITS, PLOT_SPECTRUM)
 CONFIG_FILE = "config.json"
+# config.json "transformers_weights" (transformers' explicit weights file) names a file that does not exist, so that
+# plain transformers fails loudly, naming it, instead of loading random weights; the lplr-convert quantizer, which
+# `import lplr_convert` registers, removes the field before transformers looks for weights.
+CONFIG_WEIGHTS_KEY = "transformers_weights"
+IMPORT_GUARD_FILE = "lplr-convert_needs_import_lplr_convert_before_from_pretrained.safetensors"
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"

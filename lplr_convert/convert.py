@@ -21,6 +21,7 @@ from . import constants as C
 from .devices import resolve_device
 from .dtypes import dtype_name
 from .errors import LplrError, opt
+from .experts import compress_experts
 from .io.journal import Journal, resume_state
 from .io.manifest import Manifest, TensorRecord, sha256_file, write_json_atomic
 from .io.outdir import OutputLock
@@ -56,7 +57,7 @@ class ConvertOptions:
     settings: Settings = field(default_factory=make_settings)
     defaults: dict | None = None
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # resolved when the run starts; the manifest records the device used
     include: str | None = None
     exclude: str | None = None
     layers: str | None = None
@@ -70,6 +71,7 @@ class ConvertOptions:
     on_nonfinite: str = "error"
     command: str | None = None
     write_report: bool = True
+    base_model: str | None = None  # Hub repo id the card names as base_model (default: found from the source)
 
     def __post_init__(self) -> None:
         if self.overwrite and self.resume:
@@ -77,6 +79,10 @@ class ConvertOptions:
         if self.on_nonfinite not in NONFINITE_CHOICES:
             raise LplrError(f"{opt('on_nonfinite')} {self.on_nonfinite!r} is unknown; use one of "
                             f"{', '.join(NONFINITE_CHOICES)}")
+        if self.base_model is not None:
+            from .hub import check_repo_id
+
+            check_repo_id(self.base_model, what=opt("base_model"))
         size = self.max_shard_size
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
             raise LplrError(f"{opt('max_shard_size')} {size!r} must be a positive number of bytes")
@@ -109,10 +115,14 @@ def _fingerprint(src: SourceCheckpoint, opts: ConvertOptions, popts: PlanOptions
             "on_nonfinite": opts.on_nonfinite}
 
 
-def _source_info(src: SourceCheckpoint, hashes: dict) -> dict:
+def _source_info(src: SourceCheckpoint, hashes: dict, base_model: str | None) -> dict:
+    from .card import base_model_of
+
+    found, where = (base_model, "given") if base_model else base_model_of(src.root, src.repo_id)
     return {"path": None if src.repo_id else str(src.root), "repo_id": src.repo_id, "revision": src.revision,
             "commit": src.commit, "model_type": src.config.get("model_type"),
-            "architectures": src.config.get("architectures"), "kind": src.kind, "files": hashes}
+            "architectures": src.config.get("architectures"), "kind": src.kind, "files": hashes,
+            "base_model": found, "base_model_from": where}
 
 
 def _open_stats(path: str | None, plans: list[TensorPlan], hashes: dict[str, str], src: SourceCheckpoint, device):
@@ -123,7 +133,7 @@ def _open_stats(path: str | None, plans: list[TensorPlan], hashes: dict[str, str
 
     stats = load_calibration(path, device=str(device))
     stats.check_hashes(hashes, src.root)
-    stats.require(p.name for p in plans if p.method != "copy")
+    stats.require(p.name for p in plans if p.method != "copy" and not p.experts)
     return stats
 
 
@@ -184,10 +194,13 @@ def _process(plan: TensorPlan, t: torch.Tensor, device: torch.device, global_see
         result = method.compress(t, settings, seed)
     else:
         W = t.to(device, non_blocking=True)  # the one host-to-device copy (from pinned memory on CUDA)
-        W = W.T if plan.transposed else W
-        result = method.compress(W, settings, seed, stats)
-        if stats is not None:
-            result.extra["output_rel_error"] = _output_error(method, result, W, stats)
+        if plan.experts:  # per-expert compression (calibration statistics cover block linears, not fused experts)
+            result = compress_experts(method, W, settings, seed, plan.transposed)
+        else:
+            W = W.T if plan.transposed else W
+            result = method.compress(W, settings, seed, stats)
+            if stats is not None:
+                result.extra["output_rel_error"] = _output_error(method, result, W, stats)
         result.parts = to_host(result.parts, device)
     stored = {(f"{plan.name}.{k}" if k else plan.name): v for k, v in result.parts.items()}
     return stored, result, seed, nonfinite, settings
@@ -278,7 +291,7 @@ class _Run:
     def _stats_for(self, plan: TensorPlan) -> InputStats | None:
         """The input statistics of a compressed tensor (one H resident at a time; weights sharing it share its
         cache, e.g. the whitening of q/k/v's common input)."""
-        if self.stats is None or plan.method == "copy":
+        if self.stats is None or plan.method == "copy" or plan.experts:
             return None
         key = self.stats.key(plan.name)
         if self._shared is None or self._shared.key != key:
@@ -314,9 +327,10 @@ class _Run:
                                                "weight_map": dict(sorted(weight_map.items()))})
         quant = {"quant_method": C.QUANT_METHOD, "format_version": C.FORMAT_VERSION, "manifest": C.MANIFEST_FILE,
                  "method": self.popts.settings.method}
-        files = copy_side_files(side, out, {**src.config, "quantization_config": quant})
+        files = copy_side_files(side, out, {**src.config, "quantization_config": quant,
+                                            C.CONFIG_WEIGHTS_KEY: C.IMPORT_GUARD_FILE})
         files[C.SAFE_INDEX] = {"sha256": sha256_file(out / C.SAFE_INDEX), "bytes": (out / C.SAFE_INDEX).stat().st_size}
-        return Manifest(tool_version=__version__, complete=True, source=_source_info(src, self.hashes),
+        return Manifest(tool_version=__version__, complete=True, source=_source_info(src, self.hashes, self.opts.base_model),
                         options=self._options(), tensors=ordered, shards=shard_files, files=files)
 
     def _options(self) -> dict:

@@ -17,7 +17,10 @@ _HEADER_BYTES_PER_ENTRY = 90  # a safetensors header entry beside its name and s
 def _predicted(p: TensorPlan, calibrated: bool) -> tuple[int | None, dict]:
     if p.method == "copy":
         return None, {"": (dtype_name(p.dtype), p.shape)}
-    return get_method(p.method).predict(p.oriented_shape, p.dtype, p.settings, calibrated)
+    rank, specs = get_method(p.method).predict(p.oriented_shape, p.dtype, p.settings, calibrated)
+    if p.experts:  # one set of parts per expert, "<e>.<part>"
+        specs = {f"{e}.{k}" if k else str(e): v for e in range(p.experts) for k, v in specs.items()}
+    return rank, specs
 
 
 def _row(p: TensorPlan, calibrated: bool) -> tuple[dict, int]:

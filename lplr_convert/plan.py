@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .errors import LplrError, opt
+from .experts import experts_in_major, is_stacked_experts
 from .methods import Settings, flat_defaults, make_settings, settings_from_flat
 from .methods.base import overlay
 
@@ -74,9 +75,14 @@ def matrix_type(name: str) -> str | None:
     rel = name[m.end():].removesuffix(".weight")
     parts = rel.split(".")
     leaf, parents = parts[-1], [p.lower() for p in parts[:-1]]
+    if "router" in parents:  # e.g. GraniteMoE's router.layer.weight
+        return "router"
     in_attn = any(w in p for p in parents for w in _ATTN_WORDS)
     if leaf.lower() in _LEAF_TYPES:
         return _LEAF_TYPES[leaf.lower()]
+    if leaf in ("input_linear", "output_linear"):  # JetMoE/GraniteMoE stacked experts (attention or MLP)
+        return ("qkv" if leaf == "input_linear" else "out_proj") if in_attn else \
+            ("fc_in" if leaf == "input_linear" else "fc_out")
     if leaf in ("dense", "c_proj", "wo", "proj"):
         if in_attn:
             return "out_proj"
@@ -174,9 +180,15 @@ class TensorPlan:
         return self.settings.method
 
     @property
+    def experts(self) -> int | None:
+        """The number of experts of a fused 3-D experts tensor (compressed expert by expert), else None."""
+        return self.shape[0] if len(self.shape) == 3 else None
+
+    @property
     def oriented_shape(self) -> tuple[int, ...]:
-        """The shape the method sees: (out, in), i.e. a Conv1D weight transposed."""
-        return (self.shape[1], self.shape[0]) if self.transposed else self.shape
+        """The shape the method sees: (out, in), i.e. a Conv1D weight transposed; one expert's for fused experts."""
+        shape = self.shape[1:] if self.experts else self.shape
+        return (shape[1], shape[0]) if self.transposed else shape
 
 
 _MATCH_KEYS = ("pattern", "layers", "types")
@@ -267,7 +279,8 @@ def _compressible(shape: tuple[int, ...], dtype: torch.dtype) -> bool:
 
 
 def make_plan(headers, config: dict, options: PlanOptions) -> list[TensorPlan]:
-    """A plan for every tensor (in the order given). Tensors not selected are planned as 'copy'."""
+    """A plan for every tensor (in the order given). Tensors not selected are planned as 'copy'. A fused 3-D experts
+    tensor is planned as one tensor whose experts are compressed one by one (see `experts`)."""
     model_type = (config or {}).get("model_type", "")
     conv1d = model_type in CONV1D_MODEL_TYPES
     for label, rx in (("include", options.include), ("exclude", options.exclude)):
@@ -281,11 +294,12 @@ def make_plan(headers, config: dict, options: PlanOptions) -> list[TensorPlan]:
     for h in headers:
         name, shape, dtype = h.name, tuple(h.shape), h.dtype
         layer, mtype = block_index(name), None
-        if len(shape) == 2:
+        experts = dtype.is_floating_point and is_stacked_experts(name, shape, config)
+        if len(shape) == 2 or experts:
             mtype = matrix_type(name)
-        ok = _compressible(shape, dtype)
-        default_pick = ok and name.endswith(".weight") and layer is not None and not _LEAVE_ALONE.search(name) \
-            and mtype != "router"  # MoE routers: tiny and sensitive, left alone unless asked for
+        ok = _compressible(shape, dtype) or experts
+        default_pick = ok and (name.endswith(".weight") or experts) and layer is not None \
+            and not _LEAVE_ALONE.search(name) and mtype != "router"  # MoE routers: tiny and sensitive, left alone
         pick = default_pick
         reason = "block linear weight" if pick else ("not a 2-D float tensor" if not ok else "left alone")
         if options.include is not None:
@@ -303,6 +317,7 @@ def make_plan(headers, config: dict, options: PlanOptions) -> list[TensorPlan]:
                 if rule.matches(name, layer, mtype):
                     settings, reason = rule.settings, f"recipe rule {i + 1}"
                     break
-        transposed = conv1d and settings.method != "copy" and layer is not None and len(shape) == 2
+        transposed = settings.method != "copy" and (experts_in_major(config) if experts else
+                                                    conv1d and layer is not None and len(shape) == 2)
         plans.append(TensorPlan(name, shape, dtype, settings, transposed, layer, mtype, reason))
     return plans

@@ -15,7 +15,7 @@ from ..errors import LplrError, opt
 from ..methods import get_method
 from .manifest import Manifest, TensorRecord, read_manifest, sha256_file
 
-__all__ = ["ConvertedOutput", "open_output"]
+__all__ = ["ConvertedOutput", "decode_record", "open_output"]
 
 
 def _first_line(e: BaseException) -> str:
@@ -57,14 +57,10 @@ class ConvertedOutput:
             return self._open
         self.close()
         path = self.root / shard
-        if not path.is_file():
-            raise LplrError(f"shard {shard} is missing from {self.root}; re-run the conversion (or {opt('resume')})")
         if self.verify:
-            meta = self.manifest.shards[shard]
-            if not isinstance(meta, dict) or path.stat().st_size != meta.get("bytes") or \
-                    sha256_file(path) != meta.get("sha256"):
-                raise LplrError(f"shard {shard} does not match the sha256 in the manifest (damaged or modified); "
-                                f"re-run the conversion, or re-download it")
+            self.check_shard(shard)
+        elif not path.is_file():
+            raise self._missing(shard)
         try:
             self._open = safe_open(str(path), framework="pt", device=self.device)
         except Exception as e:  # noqa: BLE001  (SafetensorError, OSError, ...)
@@ -72,6 +68,19 @@ class ConvertedOutput:
                             f"the conversion") from None
         self._open_name = shard
         return self._open
+
+    def _missing(self, shard: str) -> LplrError:
+        return LplrError(f"shard {shard} is missing from {self.root}; re-run the conversion (or {opt('resume')})")
+
+    def check_shard(self, shard: str) -> None:
+        """Raise LplrError unless `shard` has the size and sha256 the manifest records."""
+        path, meta = self.root / shard, self.manifest.shards.get(shard)
+        if not path.is_file():
+            raise self._missing(shard)
+        if not isinstance(meta, dict) or path.stat().st_size != meta.get("bytes") or \
+                sha256_file(path) != meta.get("sha256"):
+            raise LplrError(f"shard {shard} does not match the sha256 in the manifest (damaged or modified); "
+                            f"re-run the conversion, or re-download it")
 
     def parts(self, rec: TensorRecord) -> dict[str, torch.Tensor]:
         """Every stored tensor of one weight, keyed by suffix ("" = the weight's own name), checked against the
@@ -94,21 +103,7 @@ class ConvertedOutput:
 
     def dense(self, rec: TensorRecord, parts: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The decoded tensor in its source name's shape and dtype (Conv1D orientation restored)."""
-        parts = self.parts(rec) if parts is None else parts
-        try:
-            W = get_method(rec.method).decode(parts, rec.info)
-            if rec.transposed:
-                W = W.T
-            W = W.to(dtype_from_name(rec.dtype)).contiguous()
-        except LplrError:
-            raise
-        except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
-            raise LplrError(f"tensor {rec.name} cannot be decoded ({type(e).__name__}: {e}); the output is damaged, "
-                            f"re-run the conversion") from None
-        if list(W.shape) != list(rec.shape):
-            raise LplrError(f"tensor {rec.name} decodes to shape {list(W.shape)}, expected {rec.shape}; the output "
-                            f"is damaged, re-run the conversion")
-        return W
+        return decode_record(rec, self.parts(rec) if parts is None else parts)
 
     def iter_dense(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, dense tensor) for every tensor, in manifest order, one at a time."""
@@ -125,6 +120,28 @@ class ConvertedOutput:
                 for h in safetensors_header(self.root / shard, shard):
                     out[h.name] = (shard, h.dtype, h.shape)
         return out
+
+
+def decode_record(rec: TensorRecord, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The dense tensor of `rec` from its stored parts, in its source name's shape and dtype (Conv1D orientation
+    restored); LplrError when the parts do not decode to it."""
+    from ..experts import EXPERTS_KEY, decode_experts
+
+    method = get_method(rec.method)
+    try:
+        W = decode_experts(method, parts, rec.info) if EXPERTS_KEY in rec.info else method.decode(parts, rec.info)
+        if rec.transposed:
+            W = W.transpose(-2, -1)  # Conv1D weights, experts stored [in, out]
+        W = W.to(dtype_from_name(rec.dtype)).contiguous()
+    except LplrError:
+        raise
+    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
+        raise LplrError(f"tensor {rec.name} cannot be decoded ({type(e).__name__}: {e}); the output is damaged, "
+                        f"re-run the conversion") from None
+    if list(W.shape) != list(rec.shape):
+        raise LplrError(f"tensor {rec.name} decodes to shape {list(W.shape)}, expected {rec.shape}; the output "
+                        f"is damaged, re-run the conversion")
+    return W
 
 
 def open_output(root: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True) -> ConvertedOutput:

@@ -75,6 +75,7 @@ class Method:
     parts: tuple[str, ...] = ()
     factored: bool = False
     uses_stats: bool = False  # what it stores depends on calibration statistics when they are given
+    has_base: bool = False  # a factored method whose weight is a full-size backbone plus L R (`decode_base`)
 
     @property
     def uses_rank(self) -> bool:

@@ -53,6 +53,7 @@ class QLR(Method):
     settings_cls = QLRSettings
     parts = (C.PART_QUANT, C.PART_LEFT, C.PART_RIGHT)
     factored = True
+    has_base = True
     uses_stats = True
 
     def _bits(self, m: int, n: int, r: int, s) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping
 
@@ -65,11 +66,29 @@ def records_of(source: Manifest | Mapping | Iterable[TensorRecord]) -> list[Tens
     return list(source)
 
 
+def _per_expert(rec: TensorRecord) -> list[TensorRecord]:
+    """A fused-experts record as one record per expert ("name[e]"), sizes and errors its own; others as they are."""
+    experts = rec.extra.get("experts") if isinstance(rec.extra, dict) else None
+    if not experts:
+        return [rec]
+    out, n = [], len(experts)
+    for e, facts in enumerate(experts):
+        own = {k: v for k, v in rec.stored.items() if k == f"{rec.name}.{e}" or k.startswith(f"{rec.name}.{e}.")}
+        stored = sum(v["bytes"] for v in own.values())
+        params = max(_numel(rec.shape[1:]), 1)
+        out.append(dataclasses.replace(
+            rec, name=f"{rec.name}[{e}]", shape=list(rec.shape[1:]), stored=own, stored_bytes=stored,
+            original_bytes=rec.original_bytes // n, bits_per_param=8 * stored / params, rank=facts.get("rank"),
+            rel_error=facts.get("rel_error"), energy_kept=facts.get("energy_kept"), seconds=rec.seconds / n,
+            grew=stored > rec.original_bytes // n, extra={k: v for k, v in rec.extra.items() if k != "experts"}))
+    return out
+
+
 def tensor_rows(source: Manifest | Mapping | Iterable[TensorRecord]) -> list[dict]:
-    """One flat, JSON-able row per tensor record, with derived sizes and flags, and the method's knobs (one key
-    each, as the method declares them)."""
+    """One flat, JSON-able row per tensor record (per expert for fused experts, named "name[e]"), with derived
+    sizes and flags, and the method's knobs (one key each, as the method declares them)."""
     rows = []
-    for rec in records_of(source):
+    for rec in (one for whole in records_of(source) for one in _per_expert(whole)):
         shape = [int(d) for d in rec.shape]
         params = max(_numel(shape), 1)
         int8 = int8_bits_per_param(shape, rec.transposed) if rec.method != "copy" else None

@@ -13,7 +13,6 @@ import torch
 from lplr_testing import run_cli
 
 from lplr_convert import constants as C
-from lplr_convert.errors import LplrError
 from lplr_convert.io.manifest import read_manifest
 from lplr_convert.loading import load_state_dict
 from lplr_convert.math import quantize as qz
@@ -82,7 +81,7 @@ def test_a_new_method_with_a_new_knob_needs_no_package_edit(clipped, tiny_llama_
 
     for f in tiny_llama_dir.glob("*.safetensors"):
         with safe_open(str(f), "pt") as sf:
-            src.update({k: sf.get_tensor(k) for k in sf.keys()})
+            src.update({k: sf.get_tensor(k) for k in sf.keys()})  # noqa: SIM118 (safe_open is no dict)
     W = src["model.layers.0.mlp.up_proj.weight"].float()
     bound = 0.5 * W.abs().max()
     assert state["model.layers.0.mlp.up_proj.weight"].float().abs().max() <= bound * (1 + 1e-2)  # bf16 rounding
