@@ -162,6 +162,9 @@ def selection_options(f):
              help="LASER matrix types: fc_in, fc_out, fc_up, mlp, q_proj, k_proj, v_proj, out_proj, attn."),
         _opt("--recipe", type=click.Path(dir_okay=False), default=None, section="Selection",
              help="YAML/JSON rules: pattern/layers/types -> method + settings."),
+        _opt("--target-bits-per-param", type=click.FloatRange(min=0, min_open=True, max=64), default=None,
+             section=RANK_SECTION, help="Global budget: each tensor's rank/width allocated so the compressed tensors "
+                                        "average at most this many stored bits/param."),
         _opt("--calibration", type=click.Path(file_okay=False), default=None, section="Method",
              help="STATS from `lplr-convert calibrate` of this checkpoint: activation-aware methods, output errors."),
         _opt("--revision", default=None, section="Input", help="Hub revision when --in-path is a repo id."),
@@ -201,7 +204,7 @@ def _options(kw, **extra):
     return ConvertOptions(in_path=kw["in_path"], out_path=extra.pop("out_path", ""), settings=settings_from_flat(layer),
                           defaults=layer, include=kw["include"], exclude=kw["exclude"], layers=kw["layers"],
                           types=kw["types"], recipe=kw["recipe"], revision=kw["revision"],
-                          calibration=kw["calibration"], **extra)
+                          calibration=kw["calibration"], target_bits_per_param=kw["target_bits_per_param"], **extra)
 
 
 def _setup_logging(debug: bool) -> None:

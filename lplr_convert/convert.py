@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from . import __version__
 from . import constants as C
+from .allocation import allocate_plans
 from .devices import resolve_device
 from .dtypes import dtype_name
 from .errors import LplrError, opt
@@ -49,7 +50,8 @@ class ConvertOptions:
     every method (see `methods.base.overlay`), which recipe rules start from; the command line passes all its knobs
     there. `max_shard_size` is in bytes. `calibration` is a STATS directory written by `calibrate` from the same
     checkpoint: methods that use it become activation-aware, and every compressed tensor's record gets its
-    activation-weighted error.
+    activation-weighted error. `target_bits_per_param` allocates each compressed tensor's rank or width under one
+    global budget (`allocation.allocate_plans`).
     """
 
     in_path: str
@@ -65,6 +67,7 @@ class ConvertOptions:
     recipe: str | None = None
     max_shard_size: int = DEFAULT_SHARD_BYTES
     calibration: str | None = None
+    target_bits_per_param: float | None = None
     overwrite: bool = False
     resume: bool = False
     revision: str | None = None
@@ -83,6 +86,10 @@ class ConvertOptions:
             from .hub import check_repo_id
 
             check_repo_id(self.base_model, what=opt("base_model"))
+        target = self.target_bits_per_param
+        if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
+                                   or not 0 < target < 64):
+            raise LplrError(f"{opt('target_bits_per_param')} {target!r} must be a number of bits/param in (0, 64)")
         size = self.max_shard_size
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
             raise LplrError(f"{opt('max_shard_size')} {size!r} must be a positive number of bytes")
@@ -112,7 +119,7 @@ def _fingerprint(src: SourceCheckpoint, opts: ConvertOptions, popts: PlanOptions
     return {"calibration": None if stats is None else stats.digest(),"format_version": C.FORMAT_VERSION, "tool_version": __version__, "source_files": hashes, "config": src.config, **settings,
             "seed": opts.seed, "include": opts.include, "exclude": opts.exclude, "layers": opts.layers,
             "types": opts.types, "recipe": recipe_text, "max_shard_size": opts.max_shard_size,
-            "on_nonfinite": opts.on_nonfinite}
+            "on_nonfinite": opts.on_nonfinite, "target_bits_per_param": opts.target_bits_per_param}
 
 
 def _source_info(src: SourceCheckpoint, hashes: dict, base_model: str | None) -> dict:
@@ -264,6 +271,11 @@ class _Run:
         self.recipe_text, self.device, self.hashes = recipe_text, device, hashes
         self.stats = _open_stats(opts.calibration, plans, hashes, src, device)
         self._shared: InputStats | None = None
+        self.allocation = None
+        if opts.target_bits_per_param is not None:
+            self.plans, self.allocation = allocate_plans(
+                plans, self._oriented, self._stats_for, opts.target_bits_per_param,
+                frozenset(k for k in popts.defaults if k != "method"), self.stats is not None)
         self.journal = Journal(out, _fingerprint(src, opts, popts, recipe_text, hashes, self.stats))
         self.journal.shards = resume_state(out, self.journal.fingerprint) if opts.resume else []
         self.journal.save()
@@ -287,6 +299,13 @@ class _Run:
             self.writer.abort()
             raise
         return records
+
+    def _oriented(self, names: list[str]):
+        """(name, float tensor on the compute device in (out, in) orientation) of the named source tensors."""
+        by_name = {p.name: p for p in self.plans}
+        for name, t in self.src.iter_tensors(names):
+            W = t.to(self.device).float()
+            yield name, W.T if by_name[name].transposed else W
 
     def _stats_for(self, plan: TensorPlan) -> InputStats | None:
         """The input statistics of a compressed tensor (one H resident at a time; weights sharing it share its
@@ -336,7 +355,7 @@ class _Run:
     def _options(self) -> dict:
         o = self.opts
         return {"command": o.command, "seed": o.seed, "device": str(self.device),
-                "calibration": _stats_info(o.calibration, self.stats),
+                "calibration": _stats_info(o.calibration, self.stats), "allocation": self.allocation,
                 "settings": recorded_settings(self.popts), "include": o.include, "exclude": o.exclude,
                 "layers": o.layers, "types": o.types, "recipe": self.recipe_text, "recipe_path": o.recipe,
                 "max_shard_size": o.max_shard_size, "on_nonfinite": o.on_nonfinite}

@@ -21,9 +21,10 @@ are the minimum and maximum of a parameter group; round is half-to-even (torch.r
 Symmetric and asymmetric scales are stored as `scale_dtype` (float32 or float16) and codes are computed with the
 stored value, so decoding the stored fields reproduces the quantized matrix exactly. An empty range (s = 0: an all-zero
 group) gets the machine epsilon of the scale dtype as its scale, as in compressed-tensors, and z = 0 (where
-compressed-tensors computes 0/0 and casts NaN to int8, which gives 0 on x86), so it decodes to 0. Where a float16 scale would not be
-a normal float16 number (overflow to inf, or below 2**-14), the whole matrix is quantized with float32 scales instead
-and its spec says scale_dtype "float32": the spec always says what is on disk.
+compressed-tensors computes 0/0 and casts NaN to int8, which gives 0 on x86), so it decodes to 0. Tiny scales are
+floored at the dtype's smallest positive number (2**-24 for float16, a subnormal): such a group's step may exceed its
+range, and it decodes to within half a step. Where a float16 scale would overflow, the whole matrix is quantized with
+float32 scales instead and its spec says scale_dtype "float32": the spec always says what is on disk.
 
 clip="mse" (symmetric/asymmetric): for each parameter group, the range (lo, hi) is shrunk to (p lo, p hi) for
 p = 1 - k/100, k = 0..79 (GPTQ's `find_params`: grid 100, maxshrink 0.8, norm 2.4; llm-compressor's "mse" observer
@@ -291,7 +292,7 @@ def _from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[QP
     raw = torch.maximum(-lo, hi) / (levels / 2) if spec.scheme == "symmetric" else (hi - lo) / levels
     storage = _TORCH_DTYPES[spec.scale_dtype]
     empty = raw == 0
-    raw = torch.where(empty, torch.finfo(storage).eps, raw)
+    raw = torch.where(empty, torch.finfo(storage).eps, raw.clamp(min=_smallest(storage)))
     p = QParams(raw.to(storage))
     if spec.scheme == "asymmetric":
         o = 1 << (spec.bits - 1)
@@ -300,12 +301,19 @@ def _from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[QP
     return p, _grid(p, spec, lo.dtype)
 
 
+def _smallest(dtype: torch.dtype) -> float:
+    """The smallest positive (subnormal) number of a float dtype: the floor of a non-empty group's scale, so that a
+    stored scale is never 0 (a tiny group's step then exceeds its range: it decodes to within that step)."""
+    return 2.0**-24 if dtype == torch.float16 else float(torch.finfo(dtype).tiny) * 2.0**-23
+
+
 def _normal16(scale: torch.Tensor) -> torch.Tensor:
-    return torch.isfinite(scale) & (scale.abs() >= _FP16_MIN_NORMAL)
+    """float16 can hold the scale: finite after the cast (subnormals included, which `_smallest` keeps above 0)."""
+    return torch.isfinite(scale.to(torch.float16)) & (scale.abs() > 0)
 
 
 def scales_representable(scale: torch.Tensor, spec: QuantSpec) -> bool:
-    """False when `spec` stores float16 scales and one of `scale` is not a normal float16 number (one host sync)."""
+    """False when `spec` stores float16 scales and one of `scale` overflows float16 (one host sync)."""
     return spec.scale_dtype != "float16" or bool(_normal16(scale).all())
 
 

@@ -17,7 +17,7 @@ import torch
 from ..errors import LplrError, opt
 from .settings import RANK_FIELD, RANK_POLICIES, RankPolicy, Settings, knob_fields
 
-__all__ = ["InputStats", "Method", "MethodResult", "all_knobs", "available_methods", "flat_defaults", "get_method", "knob_defaults", "layer_json",
+__all__ = ["Candidate", "InputStats", "Method", "MethodResult", "all_knobs", "available_methods", "flat_defaults", "get_method", "knob_defaults", "layer_json",
            "make_settings", "overlay", "register", "settings_from_flat", "unregister"]
 
 _REGISTRY: dict[str, Method] = {}
@@ -40,6 +40,15 @@ class MethodResult:
     rank: int | None = None
     energy_kept: torch.Tensor | float | None = None
     extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One choice of a global bit budget for a weight (see `Method.candidates`)."""
+
+    changes: dict
+    bits: int
+    error: float
 
 
 @dataclass
@@ -99,6 +108,14 @@ class Method:
 
     def decode_base(self, parts: dict[str, torch.Tensor], info: dict) -> torch.Tensor | None:
         """A factored method's full-size backbone Q (W = Q + L R), float32, or None when it has none."""
+        return None
+
+    def candidates(self, W: torch.Tensor, settings: Settings, stats: InputStats | None, target: float,
+                   fixed: frozenset[str]) -> list[Candidate] | None:
+        """The choices a global bit budget may make for this weight: (knob changes, stored bits, estimated relative
+        squared output error tr(D H D^T) / tr(W H W^T), H = I without calibration), around `target` bits/param and
+        never changing a knob in `fixed` (given explicitly). None: the method has no such choices (its size is
+        fixed by its settings)."""
         return None
 
     def predict(self, shape: tuple[int, int], dtype: torch.dtype, settings: Settings,

@@ -9,7 +9,7 @@ stored, backbone included.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -19,30 +19,47 @@ from ..math.qlr import qlr
 from ..math.svd import singular_values
 from ._common import (
     CalibratedFactoredSettings,
+    bit_choices,
     decode_quant,
     factor_bits,
     factor_specs,
     float_matrix,
     gptq_quantizer,
+    output_energy,
     predict_quant,
     quant_parts,
     quant_spec,
+    rank_grid,
+    whitened_tails,
 )
-from .base import InputStats, Method, MethodResult, register
-from .settings import BitsKnob, QuantKnobs, RankKnobs, RankPolicy, knob, positive_int, redefault, resolve_rank
+from .base import Candidate, InputStats, Method, MethodResult, register
+from .settings import (
+    BitsKnob,
+    GPTQKnobs,
+    QuantKnobs,
+    RankKnobs,
+    RankPolicy,
+    knob,
+    positive_int,
+    redefault,
+    resolve_rank,
+)
 
 
 @dataclass(frozen=True)
 class QLRSettings(CalibratedFactoredSettings, BitsKnob):
-    """Backbone b0 bits, factors b1/b2 bits, one quantizer (symmetric, groups of 128, float16 scales) for all."""
+    """Backbone b0 bits, factors b1/b2 bits, one quantizer for all: asymmetric (integer zero point), groups of 128,
+    float16 scales, MSE clipping, GPTQ in activation order (measured best on all-MiniLM-L6-v2, README)."""
 
     b0: int = redefault(BitsKnob, "b0", 2)
     b1: int = redefault(CalibratedFactoredSettings, "b1", 4)
     b2: int = redefault(CalibratedFactoredSettings, "b2", 4)
     quantizer: str = redefault(QuantKnobs, "quantizer", "group")
     group_size: int | None = redefault(QuantKnobs, "group_size", 128)
-    scheme: str = redefault(QuantKnobs, "scheme", "symmetric")
+    scheme: str = redefault(QuantKnobs, "scheme", "asymmetric")
     scale_dtype: str = redefault(QuantKnobs, "scale_dtype", "float16")
+    clip: str | None = redefault(QuantKnobs, "clip", "mse")
+    act_order: bool = redefault(GPTQKnobs, "act_order", True)
     rank: RankPolicy = redefault(RankKnobs, "rank", factory=lambda: RankPolicy("rank_fraction", 0.1))  # noqa: RUF009
     iters: int = knob(2, type=int, validate=positive_int, label="nondefault",
                       help="qlr: alternations of the backbone and the low-rank correction (best iterate kept).")
@@ -86,6 +103,26 @@ class QLR(Method):
         err = (Wf - W_hat).double().norm() / Wf.double().norm().clamp_min(1e-300)
         kept = res.L.shape[1]
         return MethodResult(parts, info, bits, err, kept, extra={"qlr_best_iterate": res.best})
+
+    def candidates(self, W, settings, stats, target, fixed):
+        """The backbone width of `bit_choices` (unless b0 is fixed) x correction ranks of `rank_grid`: the backbone
+        quantized by GPTQ at each width, the correction's error from the whitened residual's spectrum (unquantized
+        factors: an estimate; the compression refits and quantizes them)."""
+        Wf = float_matrix(W, self.name)
+        m, n = Wf.shape
+        den = max(output_energy(Wf, stats), 1e-300)
+        out = []
+        widths = [settings.b0] if "b0" in fixed else bit_choices(
+            target, lambda b: self._bits(m, n, 0, replace(settings, b0=b)), m * n)
+        for b in widths:
+            s = replace(settings, b0=b)
+            H = None if stats is None else stats.H.to(Wf.dtype)
+            _, Q = gptq_quantizer(lambda shape, s=s: quant_spec(shape, s.b0, s, 0), s)(Wf, H)
+            tails, _ = whitened_tails(Wf - Q.to(Wf.dtype), stats)
+            ranks = [0] if "rank" in fixed else rank_grid(min(m, n))
+            out += [Candidate({"b0": b, "rank": RankPolicy("rank", r)}, self._bits(m, n, r, s), tails[r] / den)
+                    for r in ranks]
+        return out
 
     def decode_base(self, parts, info) -> torch.Tensor:
         return decode_quant(C.PART_QUANT, parts, info["q"])

@@ -325,10 +325,25 @@ def test_from_fields_rejects_a_scale_dtype_other_than_the_spec(gen):
 
 
 @pytest.mark.parametrize("scheme", ["symmetric", "asymmetric"])
-@pytest.mark.parametrize("factor", [1e-7, 1e6])
+def test_tiny_scales_stay_float16_subnormals_within_one_step(scheme, gen):
+    """A row of values ~1e-7 gets float16 subnormal scales (floored at 2**-24, never 0): the matrix keeps float16
+    scales, decoding the stored fields is exact, and each tiny value is reconstructed to within half its step."""
+    x = _with_zeros(gen)
+    spec = _spec(x, 4, "group", 0, 16, scheme, "float16")
+    x[3] = torch.randn(53, generator=gen) * 1e-7
+    q, x_hat = qz.quantize_dequantize_spec(x, spec)
+    assert q.spec.scale_dtype == "float16" and (q.scale.float() > 0).all()
+    back = qz.from_fields(qz.to_fields(q), qz.QuantSpec.from_json(q.spec.to_json()))
+    assert torch.equal(qz.dequantize(back), x_hat)
+    step = q.scale[3].float().repeat_interleave(16)[:53]
+    assert ((x_hat[3] - x[3]).abs() <= step / 2 + 1e-12).all()  # codes against the stored scale; no clipping
+
+
+@pytest.mark.parametrize("scheme", ["symmetric", "asymmetric"])
+@pytest.mark.parametrize("factor", [1e6])
 def test_float16_scales_fall_back_to_float32_for_the_whole_matrix(scheme, factor, gen):
-    """A row whose scale is below float16's smallest normal (1e-7) or beyond its range (1e6) makes the matrix store
-    float32 scales, and says so; the codes then match a float32-scale quantization exactly."""
+    """A row whose scale is beyond float16's range (1e6) makes the matrix store float32 scales, and says so; the codes
+    then match a float32-scale quantization exactly."""
     x = _with_zeros(gen)
     spec = _spec(x, 4, "group", 0, 16, scheme, "float16")
     assert qz.quantize_spec(x, spec).spec.scale_dtype == "float16"  # an all-zero row alone does not fall back
