@@ -269,7 +269,7 @@ def make_call(job: dict):
     if job["impl"] == "ours":
         bits = job["bits"] or 8  # laser ignores bits and quantizer
         settings = MethodSettings(method=job["method"], b1=bits, b2=bits, quantizer=job["quantizer"] or "channel",
-                                  rank=policy)
+                                  scheme="minmax", rank=policy)  # the published grid, as the reference uses
         method = get_method(job["method"])
 
         def call(W):

@@ -277,10 +277,10 @@ class QuantKnobs(Settings):
                           help="Scale granularity: tensor (published min-max), channel, or group.")
     group_size: int | None = knob(None, type=int, optional=True, label="nondefault", reset_with="quantizer",
                                   help="Group size along the input dim (with quantizer group).")
-    scheme: str = knob("minmax", type=str, choices=SCHEMES, label="nondefault",
+    scheme: str = knob("asymmetric", type=str, choices=SCHEMES, label="nondefault",
                        help="Integer grid: minmax (published: float zero, 0 not representable), symmetric (absmax), "
                             "asymmetric (integer zero point).")
-    scale_dtype: str = knob("float32", type=str, choices=SCALE_DTYPES, label="nondefault",
+    scale_dtype: str = knob("float16", type=str, choices=SCALE_DTYPES, label="nondefault",
                             help="Stored scale dtype of symmetric/asymmetric grids (minmax always stores float32).")
     clip: str | None = knob(None, type=str, choices=CLIPS, optional=True, label="nondefault",
                             help="Range clipping: mse searches each scale group's shrink factor (not with minmax).")
