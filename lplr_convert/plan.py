@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .errors import LplrError, opt
-from .methods import Settings, flat_defaults, make_settings, settings_from_flat
+from .methods import RankPolicy, Settings, flat_defaults, get_method, make_settings, settings_from_flat
 from .methods.base import overlay
 
 __all__ = [
@@ -117,7 +118,7 @@ def parse_types(spec: str | list | None) -> set[str] | None:
         return None
     out: set[str] = set()
     for t in _items(spec):
-        if t not in TYPE_GROUPS:
+        if not isinstance(t, str) or t not in TYPE_GROUPS:
             raise LplrError(f"{opt('types')} {t!r} is unknown; use any of {', '.join(TYPE_GROUPS)}")
         out |= TYPE_GROUPS[t]
     return out
@@ -217,8 +218,11 @@ def _rule(raw, defaults: dict, where: str) -> Rule:
             re.compile(pattern)
         except re.error as e:
             raise LplrError(f"{where}: pattern {pattern!r} is not a valid regex ({e})") from None
-    layers = parse_layers(raw.get("layers"))
-    types = parse_types(raw.get("types"))
+    try:
+        layers = parse_layers(raw.get("layers"))
+        types = parse_types(raw.get("types"))
+    except LplrError as e:
+        raise LplrError(f"{where}: {e.template}") from None
     layer = overlay(defaults, {k: v for k, v in raw.items() if k not in _MATCH_KEYS}, where)
     return Rule(settings_from_flat(layer, where), pattern, tuple(layers) if layers is not None else None,
                 frozenset(types) if types is not None else None)
@@ -263,7 +267,43 @@ def build_plan_options(layer: dict, recipe: str | None = None, include: str | No
 
 
 def _compressible(shape: tuple[int, ...], dtype: torch.dtype) -> bool:
-    return len(shape) == 2 and dtype.is_floating_point and min(shape) > 0
+    """A non-empty 2-D float matrix of at least 16 bits. float8 weights are copied: an fp8 checkpoint keeps each
+    weight's scales in separate tensors (e.g. weight_scale_inv), so the 8-bit values alone are not the weight."""
+    return len(shape) == 2 and dtype.is_floating_point and dtype.itemsize >= 2 and min(shape) > 0
+
+
+def _not_compressible(shape: tuple[int, ...], dtype: torch.dtype) -> str:
+    if len(shape) == 2 and dtype.is_floating_point and dtype.itemsize == 1:
+        return "float8 weight, copied verbatim (its scales live in other tensors)"
+    return "not a 2-D float tensor"
+
+
+def stored_names(plan: TensorPlan) -> list[str]:
+    """The names `plan`'s tensor is stored under: its parts' field names as the method's `predict` gives them (with
+    a fixed rank standing in for a data-dependent one: names do not depend on the rank), else its declared parts."""
+    if plan.method == "copy":
+        return [plan.name]
+    method, settings = get_method(plan.method), plan.settings
+    if method.uses_rank and settings.rank.needs_spectrum:
+        settings = dataclasses.replace(settings, rank=RankPolicy("rank", 1))
+    try:
+        specs = method.predict(plan.oriented_shape, plan.dtype, settings)[1]
+    except LplrError:
+        specs = {}
+    return [f"{plan.name}.{k}" if k else plan.name for k in (specs or method.parts)]
+
+
+def check_collisions(plans: list[TensorPlan]) -> None:
+    """Refuse a plan in which two tensors would be stored under one name (e.g. a source tensor named like another
+    tensor's stored part, `X.weight` and `X.weight.lplr_left.scale`), naming both."""
+    owner: dict[str, str] = {}
+    for p in plans:
+        for stored in stored_names(p):
+            other = owner.setdefault(stored, p.name)
+            if other != p.name:
+                raise LplrError(f"tensors {other} and {p.name} would both be stored as {stored} (a source tensor is "
+                                f"named like a stored part of another); rename one of them in the checkpoint, or "
+                                f"leave the compressed one uncompressed with {opt('exclude')}")
 
 
 def make_plan(headers, config: dict, options: PlanOptions) -> list[TensorPlan]:
@@ -287,7 +327,7 @@ def make_plan(headers, config: dict, options: PlanOptions) -> list[TensorPlan]:
         default_pick = ok and name.endswith(".weight") and layer is not None and not _LEAVE_ALONE.search(name) \
             and mtype != "router"  # MoE routers: tiny and sensitive, left alone unless asked for
         pick = default_pick
-        reason = "block linear weight" if pick else ("not a 2-D float tensor" if not ok else "left alone")
+        reason = "block linear weight" if pick else (_not_compressible(shape, dtype) if not ok else "left alone")
         if options.include is not None:
             pick = ok and re.search(options.include, name) is not None
             reason = "--include" if pick else reason
@@ -305,4 +345,5 @@ def make_plan(headers, config: dict, options: PlanOptions) -> list[TensorPlan]:
                     break
         transposed = conv1d and settings.method != "copy" and layer is not None and len(shape) == 2
         plans.append(TensorPlan(name, shape, dtype, settings, transposed, layer, mtype, reason))
+    check_collisions(plans)
     return plans

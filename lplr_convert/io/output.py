@@ -13,6 +13,7 @@ import torch
 from ..dtypes import dtype_from_name, dtype_name
 from ..errors import LplrError, opt
 from ..methods import get_method
+from ..methods.base import loaded_tensor
 from .manifest import Manifest, TensorRecord, read_manifest, sha256_file
 
 __all__ = ["ConvertedOutput", "open_output"]
@@ -73,6 +74,23 @@ class ConvertedOutput:
         self._open_name = shard
         return self._open
 
+    def side_file(self, rel: str) -> Path | None:
+        """A file the conversion copied (e.g. config.json): its path, checked against the manifest's size and sha256
+        when verifying; None when the output has no such file. A file present but not listed is an LplrError."""
+        path, meta = self.root / rel, self.manifest.files.get(rel)
+        if meta is None:
+            if path.exists():
+                raise LplrError(f"{path} is not a file the manifest lists (added after the conversion); remove it or "
+                                f"re-run the conversion")
+            return None
+        if not path.is_file():
+            raise LplrError(f"{rel} is missing from {self.root} although the manifest lists it; re-run the conversion")
+        if self.verify and (not isinstance(meta, dict) or path.stat().st_size != meta.get("bytes")
+                            or sha256_file(path) != meta.get("sha256")):
+            raise LplrError(f"{path} does not match the sha256 in the manifest (modified after the conversion); "
+                            f"restore it, or re-run the conversion")
+        return path
+
     def parts(self, rec: TensorRecord) -> dict[str, torch.Tensor]:
         """Every stored tensor of one weight, keyed by suffix ("" = the weight's own name), checked against the
         manifest's dtype and shape."""
@@ -96,10 +114,7 @@ class ConvertedOutput:
         """The decoded tensor in its source name's shape and dtype (Conv1D orientation restored)."""
         parts = self.parts(rec) if parts is None else parts
         try:
-            W = get_method(rec.method).decode(parts, rec.info)
-            if rec.transposed:
-                W = W.T
-            W = W.to(dtype_from_name(rec.dtype)).contiguous()
+            W = loaded_tensor(get_method(rec.method), parts, rec.info, rec.transposed, dtype_from_name(rec.dtype))
         except LplrError:
             raise
         except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:

@@ -18,7 +18,7 @@ from ..errors import LplrError, opt
 from .settings import RANK_FIELD, RANK_POLICIES, RankPolicy, Settings, knob_fields
 
 __all__ = ["Method", "MethodResult", "all_knobs", "available_methods", "flat_defaults", "get_method", "layer_json",
-           "make_settings", "overlay", "register", "settings_from_flat", "unregister"]
+           "loaded_tensor", "make_settings", "overlay", "register", "settings_from_flat", "unregister"]
 
 _REGISTRY: dict[str, Method] = {}
 
@@ -76,6 +76,17 @@ class Method:
         """(rank or None, {suffix: (dtype name, shape)}) of what `compress` would store, computing nothing; an empty
         dict when the stored size depends on the data."""
         raise NotImplementedError
+
+
+def loaded_tensor(method: Method, parts: dict[str, torch.Tensor], info: dict, transposed: bool,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Exactly what every loader returns for one stored weight: `method.decode`, the source orientation (a Conv1D
+    weight transposed back), cast to the source `dtype`, contiguous, on the parts' device. The conversion records
+    the error of this tensor."""
+    W = method.decode(parts, info)
+    if transposed:
+        W = W.T
+    return W.to(dtype).contiguous()
 
 
 def _same_knob(a: dataclasses.Field, b: dataclasses.Field) -> bool:
@@ -172,7 +183,10 @@ def overlay(layer: Mapping[str, Any], changes: Mapping[str, Any], where: str = "
 def settings_from_flat(layer: Mapping[str, Any], where: str = "") -> Settings:
     """The settings of `layer["method"]` from a flat layer (see `overlay`); knobs the method does not declare are
     ignored, since a layer carries knobs for every method."""
-    method = get_method(layer.get("method", "lplr"))
+    try:
+        method = get_method(layer.get("method", "lplr"))
+    except LplrError as e:
+        raise _at(where, e.template) from None
     names = {f.name for f in knob_fields(method.settings_cls)}
     try:
         return method.settings_cls(method=method.name, **{k: v for k, v in layer.items() if k in names})
