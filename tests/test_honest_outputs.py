@@ -129,10 +129,17 @@ def test_energy_policy_on_an_all_zero_matrix_keeps_one_component(tmp_path):
         assert torch.equal(load_state_dict(out)[NAME], torch.zeros(64, 64))
 
 
-def test_errors_inside_a_method_name_the_tensor(tmp_path):
+def test_errors_inside_a_method_name_the_tensor(tmp_path, monkeypatch):
+    """An LplrError a method raises while compressing (e.g. a data-dependent rank) comes out naming the tensor."""
+    from lplr_convert.methods import get_method
+
+    def fail(W, settings, seed):
+        raise LplrError("the spectrum is too flat for this policy; choose another")
+
+    monkeypatch.setattr(get_method("lsvd"), "compress", fail)
     src = tiny_checkpoint(tmp_path / "src", {NAME: torch.randn(8, 4)})
-    error_line(run_cli("--in-path", str(src), "--out-path", str(tmp_path / "o"), "--no-report", "--method",
-                       "laser", "--rank", "5"), NAME, "outside 1..4")
+    error_line(run_cli("--in-path", str(src), "--out-path", str(tmp_path / "o"), "--no-report", "--method", "lsvd"),
+               f"{NAME}: the spectrum is too flat")
 
 
 @pytest.mark.parametrize("b1", ["8", "16"])
