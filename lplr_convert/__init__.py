@@ -2,8 +2,11 @@
 
 __version__ = "0.1.0"
 
+from . import _hf_hook
 from .errors import IncompleteOutputError, LplrError
-from .methods import MethodSettings, RankPolicy, available_methods, get_method
+from .methods import MethodSettings, RankPolicy, available_methods, get_method, make_settings
+
+_hf_hook.install()  # from_pretrained of converted directories (registered when transformers loads its quantizers)
 
 __all__ = [
     "IncompleteOutputError",
@@ -12,10 +15,13 @@ __all__ = [
     "RankPolicy",
     "__version__",
     "available_methods",
+    "calibrate",
     "convert",
     "get_method",
+    "load_calibration",
     "load_model",
     "load_state_dict",
+    "make_settings",
 ]
 
 
@@ -23,6 +29,9 @@ def __getattr__(name):  # heavy modules load lazily
     if name == "convert":
         from .convert import convert
         return convert
+    if name in ("calibrate", "load_calibration"):
+        from . import calibration
+        return getattr(calibration, name)
     if name in ("load_state_dict", "load_model"):
         from . import loading
         return getattr(loading, name)

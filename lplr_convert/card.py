@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,20 +16,54 @@ from .io.manifest import Manifest, read_manifest
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
 
-__all__ = ["build_model_card"]
+__all__ = ["base_model_of", "build_model_card"]
 
 # Metadata of the source's own card that still holds for the converted model (its license above all).
 _INHERITED_KEYS = ("license", "license_name", "license_link", "language", "pipeline_tag", "datasets")
+_REPO = r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*"
+# huggingface_hub's cache layout: .../models--OWNER--NAME/snapshots/<commit>/
+_CACHE_SNAPSHOT = re.compile(r"(?:^|/)models--([^/]+?)--([^/]+)/snapshots/[^/]+/?$")
+# A card's usage code loading the model it describes: SentenceTransformer("o/n"), X.from_pretrained("o/n"),
+# pipeline(..., model="o/n").
+_SELF_LOAD = re.compile(rf"""(?:SentenceTransformer|from_pretrained|model\s*=)\s*\(?\s*["']({_REPO})["']""")
 
 
-def build_model_card(out_dir: str | os.PathLike, repo_id: str | None = None) -> ModelCard:
-    """Build the model card of a converted directory from its manifest (and the source card copied into it, if any)."""
+def base_model_of(root: str | os.PathLike, repo_id: str | None = None) -> tuple[str | None, str | None]:
+    """(Hub repo id of the model in `root`, where it was found) or (None, None).
+
+    In order: `repo_id` (the source was downloaded from the Hub), the huggingface_hub cache path of a snapshot, the
+    repo id that the source's own README.md loads in its usage code (the most frequent one). Deliberately not used:
+    the card's `base_model` metadata and config.json's `_name_or_path`, which name the model the source was trained
+    from (all-MiniLM-L6-v2's config says nreimers/MiniLM-L6-H384-uncased), not the source itself.
+    """
+    if repo_id:
+        return repo_id, "hub"
+    root = Path(root)
+    m = _CACHE_SNAPSHOT.search(root.resolve().as_posix() if root.exists() else root.as_posix())
+    if m:
+        return f"{m.group(1)}/{m.group(2)}", "hub cache path"
+    readme = root / C.MODEL_CARD if root.is_dir() else None
+    if readme is None or not readme.is_file():
+        return None, None
+    try:
+        text = readme.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None, None
+    found = Counter(_SELF_LOAD.findall(text))
+    return (found.most_common(1)[0][0], "source README usage") if found else (None, None)
+
+
+def build_model_card(out_dir: str | os.PathLike, repo_id: str | None = None,
+                     base_model: str | None = None) -> ModelCard:
+    """Build the model card of a converted directory from its manifest (and the source card copied into it, if any).
+
+    `base_model` (a Hub repo id) overrides the one the manifest's source block records."""
     from huggingface_hub import ModelCard, ModelCardData
 
     out_dir = Path(out_dir)
     manifest = Manifest.from_json(read_manifest(out_dir))
     source = manifest.source
-    base_model = source.get("repo_id")
+    base_model = base_model or _recorded_base(source)
     methods = sorted({t.method for t in manifest.tensors if t.method != "copy"})
     tags = [C.TOOL_NAME, "low-rank", "quantized", *methods]
     if source.get("model_type"):
@@ -36,7 +72,7 @@ def build_model_card(out_dir: str | os.PathLike, repo_id: str | None = None) -> 
     extra = {"base_model_relation": "quantized"} if base_model else {}
     data = ModelCardData(base_model=base_model, library_name=C.TOOL_NAME, tags=tags,
                          **_inherited_metadata(out_dir), **extra)
-    body = _body(manifest, out_dir, repo_id)
+    body = _body(manifest, out_dir, repo_id, base_model)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
 
 
@@ -55,13 +91,17 @@ def _inherited_metadata(out_dir: Path) -> dict:
     return {k: meta[k] for k in _INHERITED_KEYS if meta.get(k) is not None}
 
 
-def _body(manifest: Manifest, out_dir: Path, repo_id: str | None) -> str:
+def _recorded_base(source: dict) -> str | None:
+    """The base model the manifest records (manifests written before it was recorded: the Hub repo id)."""
+    return source.get("base_model") or source.get("repo_id")
+
+
+def _body(manifest: Manifest, out_dir: Path, repo_id: str | None, base: str | None) -> str:
     from .report import summary_markdown
     from .report.metrics import summary_of
 
     source, options = manifest.source, manifest.options
     summary = summary_of(manifest)
-    base = source.get("repo_id")
     base_text = f"[{base}](https://huggingface.co/{base})" if base else f"`{Path(source.get('path') or '?').name}`"
     parts = [
         f"# {repo_id or out_dir.name}",
@@ -75,6 +115,8 @@ def _body(manifest: Manifest, out_dir: Path, repo_id: str | None) -> str:
     ]
     if (out_dir / C.PLOT_ERROR).is_file():  # the Hub renders images of the repo that a README links relatively
         parts.append(f"![relative error per layer and matrix type]({C.PLOT_ERROR})")
+    if (out_dir / C.PLOT_OUTPUT_ERROR).is_file():
+        parts.append(f"![output error on the calibration inputs per layer]({C.PLOT_OUTPUT_ERROR})")
     if not manifest.eval:
         parts.append("No model-level fidelity evaluation was recorded (run `lplr-convert eval --original SRC "
                      "--converted DST` before pushing to add one).")
@@ -120,7 +162,7 @@ def _files_text(out_dir: Path) -> str:
               "the source files' sha256 and the exact settings.")]
     if (out_dir / C.REPORT_MD).is_file():
         lines.append(f"- `{C.REPORT_MD}` (and `.csv`/`.json`): the layer-wise error report.")
-    plots = [p for p in (C.PLOT_ERROR, C.PLOT_BITS, C.PLOT_SPECTRUM) if (out_dir / p).is_file()]
+    plots = [p for p in (C.PLOT_ERROR, C.PLOT_OUTPUT_ERROR, C.PLOT_BITS, C.PLOT_SPECTRUM) if (out_dir / p).is_file()]
     if plots:
         lines.append("- Plots: " + ", ".join(f"`{p}`" for p in plots) + ".")
     lines.append(f"- `{C.CONFIG_FILE}` carries `quantization_config` with `quant_method: {C.QUANT_METHOD}`.")

@@ -51,6 +51,7 @@ class _Sectioned(click.Command):
 def _knob_params() -> list[click.Parameter]:
     """`--method`, one option per knob of the registered methods, and one per rank policy kind."""
     from .methods import all_knobs, available_methods
+    from .methods.base import knob_defaults
     from .methods.settings import RANK_HELP
 
     methods = [m for m in available_methods() if m != "copy"]
@@ -60,13 +61,26 @@ def _knob_params() -> list[click.Parameter]:
         meta = f.metadata
         if meta.get("rank_policy"):
             continue
-        kind = click.Choice(meta["choices"]) if meta["choices"] else {int: click.INT, float: click.FLOAT}.get(
-            meta["type"], click.STRING)
-        params.append(_Opt([flag(name), name], type=kind, default=f.default, show_default=f.default is not None,
-                           section=meta["section"], help=meta["help"]))
+        text = f"{meta['help']} {_default_text(knob_defaults(name))}"
+        if meta["type"] is bool:
+            params.append(_Opt([f"{flag(name)}/--no-{flag(name)[2:]}", name], default=None, section=meta["section"],
+                               help=text))
+            continue
+        kind = click.Choice([str(c) for c in meta["choices"] if c is not None]) if meta["choices"] else \
+            {int: click.INT, float: click.FLOAT}.get(meta["type"], click.STRING)
+        params.append(_Opt([flag(name), name], type=kind, default=None, section=meta["section"], help=text))
     for kind, (text, typ) in RANK_HELP.items():
         params.append(_Opt([flag(kind), kind], type=typ, default=None, section=RANK_SECTION, help=text))
     return params
+
+
+def _default_text(defaults: dict) -> str:
+    """"[default: 8]", or each method's own default when they differ."""
+    values = {repr(v) for v in defaults.values()}
+    if len(values) == 1:
+        value = next(iter(defaults.values()))
+        return "" if value is None else f"[default: {value}]"
+    return "[default: " + ", ".join(f"{m} {v}" for m, v in defaults.items()) + "]"
 
 
 class _PlanCommand(_Sectioned):
@@ -148,6 +162,11 @@ def selection_options(f):
              help="LASER matrix types: fc_in, fc_out, fc_up, mlp, q_proj, k_proj, v_proj, out_proj, attn."),
         _opt("--recipe", type=click.Path(dir_okay=False), default=None, section="Selection",
              help="YAML/JSON rules: pattern/layers/types -> method + settings."),
+        _opt("--target-bits-per-param", type=click.FloatRange(min=0, min_open=True, max=64), default=None,
+             section=RANK_SECTION, help="Global budget: each tensor's rank/width allocated so the compressed tensors "
+                                        "average at most this many stored bits/param."),
+        _opt("--calibration", type=click.Path(file_okay=False), default=None, section="Method",
+             help="STATS from `lplr-convert calibrate` of this checkpoint: activation-aware methods, output errors."),
         _opt("--revision", default=None, section="Input", help="Hub revision when --in-path is a repo id."),
     ]
     for o in reversed(opts):
@@ -160,13 +179,10 @@ def _layer(kw: dict) -> dict:
     from .methods import RANK_POLICIES, all_knobs, flat_defaults
     from .methods.base import overlay
 
-    ctx = click.get_current_context()
-    knobs = [k for k in all_knobs() if k in kw and k not in RANK_POLICIES]
-    given = {k: kw[k] for k in RANK_POLICIES if kw.get(k) is not None}
-    layer = overlay(flat_defaults(), {"method": kw["method"], **{k: kw[k] for k in knobs}, **given})
+    given = {k: kw[k] for k in (*all_knobs(), *RANK_POLICIES) if kw.get(k) is not None}
+    layer = overlay(flat_defaults(), {"method": kw["method"], **given})
     if not kw.get("recipe"):
-        _warn_unused(kw["method"], [k for k in knobs
-                                    if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE])
+        _warn_unused(kw["method"], [k for k in given if k not in RANK_POLICIES])
     return layer
 
 
@@ -187,7 +203,8 @@ def _options(kw, **extra):
     layer = _layer(kw)
     return ConvertOptions(in_path=kw["in_path"], out_path=extra.pop("out_path", ""), settings=settings_from_flat(layer),
                           defaults=layer, include=kw["include"], exclude=kw["exclude"], layers=kw["layers"],
-                          types=kw["types"], recipe=kw["recipe"], revision=kw["revision"], **extra)
+                          types=kw["types"], recipe=kw["recipe"], revision=kw["revision"],
+                          calibration=kw["calibration"], target_bits_per_param=kw["target_bits_per_param"], **extra)
 
 
 def _setup_logging(debug: bool) -> None:
@@ -228,7 +245,9 @@ debug_option = _opt("--debug", is_flag=True, section="Other", help="Show traceba
 
 
 def hub_options(f):
-    """--private and --token, shared by `convert --push-to` and `push`."""
+    """--private, --token and --base-model, shared by `convert --push-to` and `push`."""
+    f = _opt("--base-model", default=None, section="Hub",
+             help="Hub repo id the model card names as base_model (default: found from the source).")(f)
     f = _opt("--token", default=None, section="Hub",
              help="Hub token (else HF_TOKEN or the login cache). Never printed.")(f)
     return _opt("--private", is_flag=True, section="Hub", help="Create the Hub repo as private.")(f)
@@ -248,7 +267,8 @@ def main():
       help="Checkpoint dir, .safetensors/.bin file, Hub repo id, or bundled:all-MiniLM-L6-v2.")
 @_opt("--out-path", required=True, type=click.Path(file_okay=False), section="Output", help="Output directory.")
 @selection_options
-@_opt("--device", type=DeviceType(), default="cpu", show_default=True, section="Run", help="cpu, cuda, cuda:N or auto.")
+@_opt("--device", type=DeviceType(), default="auto", show_default=True, section="Run",
+      help="cpu, cuda, cuda:N or auto (the GPU when there is one).")
 @_opt("--seed", type=int, default=0, show_default=True, section="Run",
       help="Global seed (per-tensor seeds derive from it).")
 @_opt("--max-shard-size", type=SizeType(), default="5GB", show_default=True, section="Output",
@@ -269,13 +289,14 @@ def convert(**kw):
     command = "lplr-convert " + " ".join(shlex.quote(a) for a in _redacted(sys.argv[1:]))
     opts = _options(kw, out_path=kw["out_path"], seed=kw["seed"], device=kw["device"],
                     max_shard_size=kw["max_shard_size"], overwrite=kw["overwrite"], resume=kw["resume"],
-                    on_nonfinite=kw["on_nonfinite"], command=command, write_report=not kw["no_report"])
+                    on_nonfinite=kw["on_nonfinite"], command=command, write_report=not kw["no_report"],
+                    base_model=kw["base_model"])
     manifest = run(opts)
     _print_summary(manifest, kw["out_path"])
     if kw["push_to"]:
         from .hub import push
 
-        result = push(kw["out_path"], kw["push_to"], private=kw["private"], token=kw["token"])
+        result = push(kw["out_path"], kw["push_to"], private=kw["private"], token=kw["token"])  # card: manifest's
         click.echo(f"pushed to {result.get('url', kw['push_to'])}")
 
 
@@ -300,6 +321,38 @@ def _print_summary(manifest: dict, out_path: str) -> None:
 
     click.echo(summary_table(manifest))
     click.echo(f"wrote {out_path}")
+
+
+@main.command(cls=_Sectioned)
+@_opt("--in-path", required=True, section="Input",
+      help="Checkpoint dir, .safetensors/.bin file, Hub repo id, or bundled:all-MiniLM-L6-v2.")
+@_opt("--out-path", required=True, type=click.Path(file_okay=False), section="Output",
+      help="Directory for the statistics (STATS).")
+@_opt("--text", default=None, type=click.Path(dir_okay=False), section="Input",
+      help=".txt (one sample per line) or .jsonl (a 'text' field per line); default: text shipped with the package.")
+@_opt("--samples", type=click.IntRange(min=1), default=128, show_default=True, section="Run",
+      help="Calibration samples (sequences).")
+@_opt("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, section="Run",
+      help="Tokens per sample at most.")
+@_opt("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, section="Run",
+      help="Samples per forward pass.")
+@_opt("--accumulate-dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
+      section="Run", help="Precision of the accumulated second moments (and of the stored statistics).")
+@_opt("--device", type=DeviceType(), default="cpu", show_default=True, section="Run", help="cpu, cuda, cuda:N or auto.")
+@_opt("--overwrite", is_flag=True, section="Output", help="Replace earlier statistics in --out-path.")
+@debug_option
+@_friendly
+def calibrate(**kw):
+    """Run the original model block by block on calibration text and store each linear's input second moment."""
+    import torch
+
+    from .calibration import calibrate as run
+
+    manifest = run(kw["in_path"], kw["out_path"], text=kw["text"], samples=kw["samples"], seq_len=kw["seq_len"],
+                   batch_size=kw["batch_size"], device=kw["device"],
+                   accumulate_dtype=getattr(torch, kw["accumulate_dtype"]), overwrite=kw["overwrite"])
+    click.echo(f"wrote {len(manifest['statistics'])} statistics for {len(manifest['weights'])} weights "
+               f"({manifest['samples']} samples, {manifest['tokens']} tokens) to {kw['out_path']}")
 
 
 @main.command(cls=_PlanCommand)
@@ -370,7 +423,8 @@ def report(**kw):
 @_opt("--converted", required=True, section="Input", help="The lplr-convert output directory.")
 @_opt("--text", default=None, type=click.Path(dir_okay=False, exists=True), section="Input",
       help="Text file, one sentence per line (default: sentences shipped with the package).")
-@_opt("--device", type=DeviceType(), default="cpu", show_default=True, section="Run", help="cpu, cuda or auto.")
+@_opt("--device", type=DeviceType(), default="auto", show_default=True, section="Run",
+      help="cpu, cuda, cuda:N or auto (the GPU when there is one).")
 @_opt("--max-texts", type=int, default=256, show_default=True, section="Run", help="Use at most this many lines.")
 @_opt("--json", "as_json", is_flag=True, section="Output", help="Print the result as JSON.")
 @debug_option
@@ -404,7 +458,8 @@ def push(**kw):
     from .hub import push as run
 
     result = run(kw["in_path"], kw["repo_id"], private=kw["private"], revision=kw["revision"],
-                 commit_message=kw["commit_message"], token=kw["token"], dry_run=kw["dry_run"])
+                 commit_message=kw["commit_message"], token=kw["token"], dry_run=kw["dry_run"],
+                 base_model=kw["base_model"])
     if not kw["dry_run"]:
         click.echo(f"pushed {len(result.get('files', []))} files to {result.get('url', kw['repo_id'])}")
 

@@ -12,13 +12,20 @@ REPORT_JSON = "lplr_report.json"
 REPORT_CSV = "lplr_report.csv"
 REPORT_MD = "lplr_report.md"
 PLOT_ERROR = "lplr_error_per_layer.png"
+PLOT_OUTPUT_ERROR = "lplr_output_error_per_layer.png"  # with calibration
 PLOT_BITS = "lplr_bits_per_layer.png"
 PLOT_SPECTRUM = "lplr_spectrum.png"
 MODEL_CARD = "README.md"
 LOCK_FILE = ".lplr_convert.lock"  # held (flock) by the one run writing a directory; names the holder
 # Every file name above that this tool writes into an output directory beside the shards and copied files.
-OWN_FILES = (MANIFEST_FILE, PROGRESS_FILE, REPORT_JSON, REPORT_CSV, REPORT_MD, PLOT_ERROR, PLOT_BITS, PLOT_SPECTRUM)
+OWN_FILES = (MANIFEST_FILE, PROGRESS_FILE, REPORT_JSON, REPORT_CSV, REPORT_MD, PLOT_ERROR, PLOT_OUTPUT_ERROR,
+             PLOT_BITS, PLOT_SPECTRUM)
 CONFIG_FILE = "config.json"
+# config.json "transformers_weights" (transformers' explicit weights file) names a file that does not exist, so that
+# plain transformers fails loudly, naming it, instead of loading random weights; the lplr-convert quantizer, which
+# `import lplr_convert` registers, removes the field before transformers looks for weights.
+CONFIG_WEIGHTS_KEY = "transformers_weights"
+IMPORT_GUARD_FILE = "lplr-convert_needs_import_lplr_convert_before_from_pretrained.safetensors"
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -38,9 +45,11 @@ META_TOOL_KEY = "lplr_convert_format"
 PART_LEFT = "lplr_left"  # L, out x rank
 PART_RIGHT = "lplr_right"  # R, rank x in
 PART_QUANT = "lplr_q"  # a directly quantized weight (rtn)
+FIELD_FLOAT = ""  # a 16/32-bit float part is stored under "<weight name>.<part>" itself, with no field suffix
 FIELD_PACKED = "packed"  # uint8, bit-packed codes
-FIELD_SCALE = "scale"  # float32 step per scale group
-FIELD_ZERO = "zero"  # float32 value of code 0 per scale group (asymmetric min-max quantizer)
+FIELD_SCALE = "scale"  # step per scale group: float32, or float16 where the part's spec says scale_dtype float16
+FIELD_ZERO = "zero"  # float32 value of code 0 per scale group (the published min-max quantizer, scheme "minmax")
+FIELD_ZERO_POINT = "zero_point"  # uint8, bit-packed integer zero points at the codes' width (scheme "asymmetric")
 
 # Manifest keys (top level).
 M_FORMAT_VERSION = "format_version"
@@ -57,3 +66,15 @@ M_EVAL = "eval"
 M_INTEGRITY = "integrity"  # sha256 of the canonical JSON of tensors + shards
 
 TOOL_NAME = "lplr-convert"
+
+# Calibration statistics (`lplr-convert calibrate`): a STATS directory of per-block safetensors files plus a manifest.
+CALIB_FORMAT_VERSION = "1.0"
+CALIB_KIND = "calibration-statistics"
+CALIB_MANIFEST = "lplr_calibration.json"
+CALIB_FILE_TEMPLATE = "lplr_stats-{block:05d}.safetensors"
+CALIB_FILE_PATTERN = r"lplr_stats-\d{5}\.safetensors"
+CALIB_KEY_SUFFIX = "input_moment"  # statistic key: "<checkpoint module name of the first layer>.input_moment"
+S_KIND = "kind"
+S_TEXT = "text"
+S_STATISTICS = "statistics"
+S_WEIGHTS = "weights"

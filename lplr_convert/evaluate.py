@@ -277,7 +277,7 @@ def _resolve_device(device: str) -> str:
 
 
 def evaluate_state_dict(original: str | os.PathLike, tensors: dict[str, torch.Tensor] | Iterable,
-                        text: str | os.PathLike | list[str] | None = None, device: str = "cpu", max_texts: int = 256,
+                        text: str | os.PathLike | list[str] | None = None, device: str = "auto", max_texts: int = 256,
                         required: set[str] | None = None) -> dict:
     """Compare the model in `original` with the same architecture carrying `tensors` (a state dict, or an iterable
     of (name, tensor) pairs in checkpoint naming). Every name in `required` (default: every float tensor) must map
@@ -310,7 +310,7 @@ def evaluate_state_dict(original: str | os.PathLike, tensors: dict[str, torch.Te
 
 
 def evaluate(original: str | os.PathLike, converted: str | os.PathLike,
-             text: str | os.PathLike | list[str] | None = None, device: str = "cpu", max_texts: int = 256) -> dict:
+             text: str | os.PathLike | list[str] | None = None, device: str = "auto", max_texts: int = 256) -> dict:
     """Run the original and the converted model on `text` (default: the packaged English sentences), store the
     results in the converted directory's manifest under "eval", re-render its report, and return the results."""
     from .io.manifest import Manifest, read_manifest, write_json_atomic

@@ -21,7 +21,7 @@ from .card import build_model_card
 from .errors import LplrError, opt
 from .io.manifest import Manifest, read_manifest
 
-__all__ = ["push"]
+__all__ = ["check_repo_id", "push"]
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _SKIP_SUFFIXES = (C.PARTIAL_SUFFIX,)
@@ -30,11 +30,13 @@ _TOKEN_FIX = "pass --token, set HF_TOKEN, or run `hf auth login`"
 
 
 def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
-         commit_message: str | None = None, token: str | None = None, dry_run: bool = False) -> dict:
+         commit_message: str | None = None, token: str | None = None, dry_run: bool = False,
+         base_model: str | None = None) -> dict:
     """Upload a finished conversion in `out_dir` to the Hub model repo `repo_id` (created if missing).
 
     The token comes from `token`, else HF_TOKEN, else the huggingface_hub login cache; the endpoint from HF_ENDPOINT.
     `dry_run` prints every file with its size and the model card, sends nothing, and returns the same listing.
+    `base_model` overrides the base model (Hub repo id) the card names; by default the manifest's.
     Returns {"repo_id", "url" (of the repo), "revision", "commit_id", "commit_url", "files": [{"path", "bytes"}],
     "total_bytes", "dry_run", ...}; a dry run returns "card" and "token_source" instead of url and commit.
     Raises LplrError (one line naming the fix) for an unfinished conversion, a missing or rejected token, an
@@ -42,9 +44,11 @@ def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, rev
     """
     out_dir = Path(out_dir)
     manifest = Manifest.from_json(read_manifest(out_dir))
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     files = _files_to_upload(out_dir, manifest)
-    card_text = str(build_model_card(out_dir, repo_id=repo_id))
+    if base_model is not None:
+        check_repo_id(base_model, what=opt("base_model"))
+    card_text = str(build_model_card(out_dir, repo_id=repo_id, base_model=base_model))
     card_bytes = card_text.encode("utf-8")
     listing = [{"path": rel, "bytes": path.stat().st_size} for rel, path in files]
     listing.append({"path": C.MODEL_CARD, "bytes": len(card_bytes)})
@@ -109,11 +113,12 @@ def _file_contains(path: Path, needle: bytes, chunk: int = 1 << 24) -> bool:
     return False
 
 
-def _check_repo_id(repo_id: str) -> None:
+def check_repo_id(repo_id: str, what: str | None = None) -> None:
+    """A Hub model repo id OWNER/NAME, or an LplrError naming the option (`what`, default the repo id option)."""
     if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id \
             or len(repo_id.split("/")[1]) > 96:
         raise LplrError(f"repo id {repo_id!r} is not of the form OWNER/NAME (letters, digits, '-', '_', '.'); "
-                        f"pass e.g. {opt('repo_id')} my-user/my-model-lplr")
+                        f"pass e.g. {what or opt('repo_id')} my-user/my-model-lplr")
 
 
 def _files_to_upload(out_dir: Path, manifest: Manifest) -> list[tuple[str, Path]]:

@@ -14,15 +14,18 @@ __all__ = ["inspect_checkpoint"]
 _HEADER_BYTES_PER_ENTRY = 90  # a safetensors header entry beside its name and shape digits (measured on our shards)
 
 
-def _predicted(p: TensorPlan) -> tuple[int | None, dict]:
+def _predicted(p: TensorPlan, calibrated: bool) -> tuple[int | None, dict]:
     if p.method == "copy":
         return None, {"": (dtype_name(p.dtype), p.shape)}
-    return get_method(p.method).predict(p.oriented_shape, p.dtype, p.settings)
+    rank, specs = get_method(p.method).predict(p.oriented_shape, p.dtype, p.settings, calibrated)
+    if p.experts:  # one set of parts per expert, "<e>.<part>"
+        specs = {f"{e}.{k}" if k else str(e): v for e in range(p.experts) for k, v in specs.items()}
+    return rank, specs
 
 
-def _row(p: TensorPlan) -> tuple[dict, int]:
+def _row(p: TensorPlan, calibrated: bool) -> tuple[dict, int]:
     """The row of one tensor and the header bytes its stored tensors add."""
-    rank, specs = _predicted(p)
+    rank, specs = _predicted(p, calibrated)
     nbytes = sum(math.prod(shp) * dtype_from_name(dt).itemsize for dt, shp in specs.values())
     header = sum(_HEADER_BYTES_PER_ENTRY + len(p.name) + len(suffix) + 8 * len(shp)
                  for suffix, (_, shp) in specs.items())
@@ -43,7 +46,7 @@ def inspect_checkpoint(options) -> dict:
     plans = make_plan(src.headers.values(), src.config, popts)
     rows, header_bytes = [], 0
     for p in plans:
-        row, header = _row(p)
+        row, header = _row(p, getattr(options, "calibration", None) is not None)
         rows.append(row)
         header_bytes += header
     predicted = sum(r["predicted_bytes"] or 0 for r in rows)

@@ -104,6 +104,7 @@ def load_model(path: str | Path, factored: bool = True, device: str = "cpu", dty
     factored=False loads dense reconstituted weights. Parameters are created on the meta device and never
     initialised densely, except for architectures whose module names differ from their checkpoint names (e.g.
     fused MoE experts in transformers 5): those go through transformers' own loading of the dense weights first.
+    Fused 3-D experts tensors (compressed expert by expert) are stacked back and load dense.
     """
     with ConvertedOutput(path, device, verify) as output:
         output.side_file(C.CONFIG_FILE)  # the model is built from it: checked like the shards

@@ -14,26 +14,32 @@ from .errors import LplrError
 from .io.manifest import TensorRecord
 from .methods import get_method
 
-__all__ = ["LowRankLinear", "find_module", "lowrank_for", "model_class", "params_on_meta", "set_module"]
+__all__ = ["LowRankLinear", "factors_for", "find_module", "linear_shape", "lowrank_for", "model_class", "params_on_meta",
+           "set_module"]
 
 
 class LowRankLinear(nn.Module):
-    """y = L (R x) + b with L (out x r) and R (r x in); never forms the dense weight in forward."""
+    """y = L (R x) + b with L (out x r) and R (r x in), plus Q x for a full-size backbone Q (qlr: W = Q + L R);
+    never forms L R in forward."""
 
-    def __init__(self, left: torch.Tensor, right: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, left: torch.Tensor, right: torch.Tensor, bias: torch.Tensor | None = None,
+                 base: torch.Tensor | None = None):
         super().__init__()
         self.left = nn.Parameter(left, requires_grad=False)
         self.right = nn.Parameter(right, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.base = None if base is None else nn.Parameter(base, requires_grad=False)
         self.out_features, self.rank = left.shape
         self.in_features = right.shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(nn.functional.linear(x, self.right), self.left, self.bias)
+        y = nn.functional.linear(nn.functional.linear(x, self.right), self.left, self.bias)
+        return y if self.base is None else y + nn.functional.linear(x, self.base)
 
     def to_dense(self) -> torch.Tensor:
-        """The dense (out x in) weight L R, formed only on request."""
-        return self.left @ self.right
+        """The dense (out x in) weight (Q +) L R, formed only on request."""
+        dense = self.left @ self.right
+        return dense if self.base is None else dense + self.base
 
     @property
     def weight(self) -> torch.Tensor:
@@ -42,7 +48,8 @@ class LowRankLinear(nn.Module):
         return self.to_dense()
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+        extra = ", with backbone" if self.base is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}{extra}"
 
 
 @contextlib.contextmanager
@@ -75,8 +82,9 @@ def model_class(root: Path):
         config = transformers.AutoConfig.from_pretrained(str(root))
     except (ValueError, KeyError, OSError) as e:
         raise LplrError(f"{cfg_path} cannot be read by transformers ({str(e).splitlines()[0]}); use load_state_dict")
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    for added in ("quantization_config", "transformers_weights"):  # what convert added to config.json
+        if hasattr(config, added):
+            delattr(config, added)
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:
@@ -91,9 +99,10 @@ def name_candidates(name: str, prefix: str) -> tuple[str, ...]:
     return (name, name.removeprefix(prefix + "."), f"{prefix}.{name}")
 
 
-def find_module(model: nn.Module, key: str, prefix: str) -> tuple[str, nn.Module] | None:
-    """The module a checkpoint weight `key` ("<module>.weight") belongs to, trying the base-prefix spellings."""
-    names = dict(model.named_modules())
+def find_module(model: nn.Module, key: str, prefix: str, names: dict | None = None) -> tuple[str, nn.Module] | None:
+    """The module a checkpoint weight `key` ("<module>.weight") belongs to, trying the base-prefix spellings.
+    `names` (dict(model.named_modules())) saves building it on every call."""
+    names = dict(model.named_modules()) if names is None else names
     for cand in name_candidates(key.removesuffix(".weight"), prefix):
         if cand in names:
             return cand, names[cand]
@@ -106,28 +115,48 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def linear_target(model: nn.Module, rec: TensorRecord, prefix: str) -> tuple[str, nn.Module] | None:
+def linear_target(model: nn.Module, rec: TensorRecord, prefix: str,
+                  names: dict | None = None) -> tuple[str, nn.Module] | None:
     """The nn.Linear / Conv1D module a factored weight belongs to, or None."""
     from transformers.pytorch_utils import Conv1D
 
     if not get_method(rec.method).factored or not rec.name.endswith(".weight"):
         return None
-    target = find_module(model, rec.name, prefix)
+    target = find_module(model, rec.name, prefix, names)
     return target if target is not None and isinstance(target[1], (nn.Linear, Conv1D)) else None
+
+
+def factors_for(mod: nn.Module, rec: TensorRecord, parts: dict) -> tuple[torch.Tensor, torch.Tensor,
+                                                                          torch.Tensor | None]:
+    """The float32 factors (L: out x r, R: r x in) with y = L (R x) (+ Q x) for the linear `mod` that `rec`
+    compresses, and its full-size backbone Q (out x in) when the method has one (qlr), else None."""
+    from transformers.pytorch_utils import Conv1D
+
+    method = get_method(rec.method)
+    L, R = method.decode_factors(parts, rec.info)
+    base = method.decode_base(parts, rec.info)
+    if isinstance(mod, Conv1D) and not rec.transposed:
+        L, R = R.T, L.T  # stored W (in x out) = L R  ->  y = x L R
+        base = None if base is None else base.T
+    return L, R, base
+
+
+def linear_shape(mod: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of an nn.Linear or a transformers Conv1D (whose weight is in x out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return (mod.nf, mod.weight.shape[0]) if isinstance(mod, Conv1D) else (mod.out_features, mod.in_features)
 
 
 def lowrank_for(mod: nn.Module, rec: TensorRecord, parts: dict, device, dtype: torch.dtype | None) -> LowRankLinear:
     """A LowRankLinear standing in for `mod` (bias kept when it is already loaded, else an empty placeholder)."""
-    from transformers.pytorch_utils import Conv1D
-
     from .dtypes import dtype_from_name
 
-    L, R = get_method(rec.method).decode_factors(parts, rec.info)
+    L, R, base = factors_for(mod, rec, parts)
     wdtype = dtype or dtype_from_name(rec.dtype)
-    if isinstance(mod, Conv1D) and not rec.transposed:
-        L, R = R.T, L.T  # stored W (in x out) = L R  ->  y = x L R
     bias = getattr(mod, "bias", None)
     if bias is not None:
         bias = torch.empty(bias.shape, dtype=wdtype, device=device) if bias.device.type == "meta" else \
             bias.detach().to(device, wdtype)
-    return LowRankLinear(L.to(device, wdtype).contiguous(), R.to(device, wdtype).contiguous(), bias)
+    base = None if base is None else base.to(device, wdtype).contiguous()
+    return LowRankLinear(L.to(device, wdtype).contiguous(), R.to(device, wdtype).contiguous(), bias, base)

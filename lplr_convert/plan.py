@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import bisect
 import json
 import re
 from dataclasses import dataclass, field
@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from .errors import LplrError, opt
-from .methods import RankPolicy, Settings, flat_defaults, get_method, make_settings, settings_from_flat
+from .experts import experts_in_major, is_stacked_experts
+from .methods import Settings, flat_defaults, get_method, make_settings, settings_from_flat
 from .methods.base import overlay
 
 __all__ = [
@@ -75,9 +76,14 @@ def matrix_type(name: str) -> str | None:
     rel = name[m.end():].removesuffix(".weight")
     parts = rel.split(".")
     leaf, parents = parts[-1], [p.lower() for p in parts[:-1]]
+    if "router" in parents:  # e.g. GraniteMoE's router.layer.weight
+        return "router"
     in_attn = any(w in p for p in parents for w in _ATTN_WORDS)
     if leaf.lower() in _LEAF_TYPES:
         return _LEAF_TYPES[leaf.lower()]
+    if leaf in ("input_linear", "output_linear"):  # JetMoE/GraniteMoE stacked experts (attention or MLP)
+        return ("qkv" if leaf == "input_linear" else "out_proj") if in_attn else \
+            ("fc_in" if leaf == "input_linear" else "fc_out")
     if leaf in ("dense", "c_proj", "wo", "proj"):
         if in_attn:
             return "out_proj"
@@ -175,9 +181,15 @@ class TensorPlan:
         return self.settings.method
 
     @property
+    def experts(self) -> int | None:
+        """The number of experts of a fused 3-D experts tensor (compressed expert by expert), else None."""
+        return self.shape[0] if len(self.shape) == 3 else None
+
+    @property
     def oriented_shape(self) -> tuple[int, ...]:
-        """The shape the method sees: (out, in), i.e. a Conv1D weight transposed."""
-        return (self.shape[1], self.shape[0]) if self.transposed else self.shape
+        """The shape the method sees: (out, in), i.e. a Conv1D weight transposed; one expert's for fused experts."""
+        shape = self.shape[1:] if self.experts else self.shape
+        return (shape[1], shape[0]) if self.transposed else shape
 
 
 _MATCH_KEYS = ("pattern", "layers", "types")
@@ -278,36 +290,41 @@ def _not_compressible(shape: tuple[int, ...], dtype: torch.dtype) -> str:
     return "not a 2-D float tensor"
 
 
-def stored_names(plan: TensorPlan) -> list[str]:
-    """The names `plan`'s tensor is stored under: its parts' field names as the method's `predict` gives them (with
-    a fixed rank standing in for a data-dependent one: names do not depend on the rank), else its declared parts."""
-    if plan.method == "copy":
-        return [plan.name]
-    method, settings = get_method(plan.method), plan.settings
-    if method.uses_rank and settings.rank.needs_spectrum:
-        settings = dataclasses.replace(settings, rank=RankPolicy("rank", 1))
-    try:
-        specs = method.predict(plan.oriented_shape, plan.dtype, settings)[1]
-    except LplrError:
-        specs = {}
-    return [f"{plan.name}.{k}" if k else plan.name for k in (specs or method.parts)]
+def stored_prefixes(plan: TensorPlan) -> list[tuple[str, bool]]:
+    """(prefix, whether fields may follow it) of the names a compressed tensor is stored under: "<name>.<part>"
+    (or "<name>.<part>.<field>") for each part the method declares, "<name>.<expert>.<part>..." for fused experts;
+    a part "" is stored under the head itself ("<name>" or "<name>.<expert>")."""
+    heads = [f"{plan.name}.{e}" for e in range(plan.experts)] if plan.experts else [plan.name]
+    return [(f"{h}.{part}", True) if part else (h, False) for h in heads for part in get_method(plan.method).parts]
+
+
+def _taken(sorted_names: list[str], prefix: str, fields: bool) -> str | None:
+    """A name in `sorted_names` equal to `prefix`, or (with `fields`) extending "<prefix>."."""
+    i = bisect.bisect_left(sorted_names, prefix)
+    if i < len(sorted_names) and sorted_names[i] == prefix:
+        return prefix
+    i = bisect.bisect_left(sorted_names, prefix + ".")
+    return sorted_names[i] if fields and i < len(sorted_names) and sorted_names[i].startswith(prefix + ".") else None
 
 
 def check_collisions(plans: list[TensorPlan]) -> None:
-    """Refuse a plan in which two tensors would be stored under one name (e.g. a source tensor named like another
-    tensor's stored part, `X.weight` and `X.weight.lplr_left.scale`), naming both."""
-    owner: dict[str, str] = {}
+    """Refuse a plan in which a source tensor is named like a stored part of another (e.g. `X.weight` compressed
+    and `X.weight.lplr_left.scale`), naming both: the two would share a stored name."""
+    names = sorted(p.name for p in plans)
     for p in plans:
-        for stored in stored_names(p):
-            other = owner.setdefault(stored, p.name)
-            if other != p.name:
-                raise LplrError(f"tensors {other} and {p.name} would both be stored as {stored} (a source tensor is "
-                                f"named like a stored part of another); rename one of them in the checkpoint, or "
-                                f"leave the compressed one uncompressed with {opt('exclude')}")
+        if p.method == "copy":
+            continue
+        for prefix, fields in stored_prefixes(p):
+            hit = None if prefix == p.name else _taken(names, prefix, fields)
+            if hit is not None:
+                raise LplrError(f"tensors {p.name} and {hit} would share a stored name: {hit} is named "
+                                f"like a stored part of {p.name} ({p.method}); rename it in the checkpoint, or leave "
+                                f"{p.name} uncompressed with {opt('exclude')}")
 
 
 def make_plan(headers, config: dict, options: PlanOptions) -> list[TensorPlan]:
-    """A plan for every tensor (in the order given). Tensors not selected are planned as 'copy'."""
+    """A plan for every tensor (in the order given). Tensors not selected are planned as 'copy'. A fused 3-D experts
+    tensor is planned as one tensor whose experts are compressed one by one (see `experts`)."""
     model_type = (config or {}).get("model_type", "")
     conv1d = model_type in CONV1D_MODEL_TYPES
     for label, rx in (("include", options.include), ("exclude", options.exclude)):
@@ -321,11 +338,12 @@ def make_plan(headers, config: dict, options: PlanOptions) -> list[TensorPlan]:
     for h in headers:
         name, shape, dtype = h.name, tuple(h.shape), h.dtype
         layer, mtype = block_index(name), None
-        if len(shape) == 2:
+        experts = dtype.is_floating_point and is_stacked_experts(name, shape, config)
+        if len(shape) == 2 or experts:
             mtype = matrix_type(name)
-        ok = _compressible(shape, dtype)
-        default_pick = ok and name.endswith(".weight") and layer is not None and not _LEAVE_ALONE.search(name) \
-            and mtype != "router"  # MoE routers: tiny and sensitive, left alone unless asked for
+        ok = _compressible(shape, dtype) or experts
+        default_pick = ok and (name.endswith(".weight") or experts) and layer is not None \
+            and not _LEAVE_ALONE.search(name) and mtype != "router"  # MoE routers: tiny and sensitive, left alone
         pick = default_pick
         reason = "block linear weight" if pick else (_not_compressible(shape, dtype) if not ok else "left alone")
         if options.include is not None:
@@ -343,7 +361,8 @@ def make_plan(headers, config: dict, options: PlanOptions) -> list[TensorPlan]:
                 if rule.matches(name, layer, mtype):
                     settings, reason = rule.settings, f"recipe rule {i + 1}"
                     break
-        transposed = conv1d and settings.method != "copy" and layer is not None and len(shape) == 2
+        transposed = settings.method != "copy" and (experts_in_major(config) if experts else
+                                                    conv1d and layer is not None and len(shape) == 2)
         plans.append(TensorPlan(name, shape, dtype, settings, transposed, layer, mtype, reason))
     check_collisions(plans)
     return plans

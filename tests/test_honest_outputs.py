@@ -133,7 +133,7 @@ def test_errors_inside_a_method_name_the_tensor(tmp_path, monkeypatch):
     """An LplrError a method raises while compressing (e.g. a data-dependent rank) comes out naming the tensor."""
     from lplr_convert.methods import get_method
 
-    def fail(W, settings, seed):
+    def fail(W, settings, seed, stats=None):
         raise LplrError("the spectrum is too flat for this policy; choose another")
 
     monkeypatch.setattr(get_method("lsvd"), "compress", fail)
@@ -150,10 +150,39 @@ def test_stored_name_collisions_are_refused_naming_both_tensors(tmp_path, b1):
     before = tree_state(src)
     for cmd in (["--out-path", str(tmp_path / "o"), "--no-report", "--b1", b1], ["inspect", "--b1", b1]):
         args = [*cmd, "--in-path", str(src)] if cmd[0] == "inspect" else ["--in-path", str(src), *cmd]
-        error_line(run_cli(*args), NAME, other, "both be stored as", "--exclude")
+        error_line(run_cli(*args), NAME, other, "would share a stored name", "--exclude")
     assert tree_state(src) == before and not (tmp_path / "o").exists()
     res = run_cli("--in-path", str(src), "--out-path", str(tmp_path / "o"), "--no-report", "--exclude", "up_proj")
     assert res.exit_code == 0, res.output
+
+
+def _plan(names_shapes: dict, method: str = "lplr", config: dict | None = None):
+    from lplr_convert.io.reader import TensorHeader
+    from lplr_convert.methods import flat_defaults
+    from lplr_convert.methods.base import overlay
+    from lplr_convert.plan import PlanOptions, make_plan
+
+    headers = [TensorHeader(n, shape, torch.float32, "model.safetensors") for n, shape in names_shapes.items()]
+    return make_plan(headers, config or {"model_type": "llama"}, PlanOptions(overlay(flat_defaults(),
+                                                                                        {"method": method})))
+
+
+def test_collision_rule_follows_the_stored_name_grammar():
+    """A stored name is "<name>.<part>[.<field>]" (experts: "<name>.<e>.<part>[.<field>]"); a part "" is the head
+    itself. Names merely sharing a prefix (X.weight.foo beside laser's X.weight, lplr_left-x) do not collide."""
+    ok = [({NAME: (16, 8), f"{NAME}.foo": (3,)}, "laser"), ({NAME: (16, 8), f"{NAME}.lplr_left-x": (3,)}, "lplr"),
+          ({NAME: (16, 8), f"{NAME}.lplr_leftover": (3,)}, "lplr")]
+    for tensors, method in ok:
+        _plan(tensors, method)
+    experts = "model.layers.0.mlp.experts.down_proj"
+    bad = [({NAME: (16, 8), f"{NAME}.lplr_right.packed": (3,)}, "lplr", {}),
+           ({NAME: (16, 8), f"{NAME}.lplr_q": (3,)}, "rtn", {}),
+           ({experts: (4, 16, 8), f"{experts}.2.lplr_left.zero": (3,)}, "lplr", {"num_local_experts": 4}),
+           ({experts: (4, 16, 8), f"{experts}.3": (3,)}, "laser", {"num_local_experts": 4})]
+    for tensors, method, cfg in bad:
+        first, second = tensors
+        with pytest.raises(LplrError, match=f"{first} and {second} would share a stored name"):
+            _plan(tensors, method, {"model_type": "llama", **cfg})
 
 
 def test_a_source_holding_the_tools_own_file_names_converts_and_verifies(tmp_path):

@@ -16,10 +16,11 @@ import torch
 from hub_server import VALID_TOKEN, HubServer
 from huggingface_hub import ModelCard
 from loguru import logger
+from lplr_testing import run_cli
 from safetensors.torch import save_file
 
 from lplr_convert import constants as C
-from lplr_convert.card import build_model_card
+from lplr_convert.card import base_model_of, build_model_card
 from lplr_convert.errors import IncompleteOutputError, LplrError
 from lplr_convert.hub import push
 from lplr_convert.io.manifest import integrity_hash
@@ -75,7 +76,8 @@ def make_output_dir(root: Path, *, source_repo: str | None = BASE, ev: dict | No
     manifest = {
         "format_version": C.FORMAT_VERSION, "tool": C.TOOL_NAME, "tool_version": "0.1.0", "complete": complete,
         "source": {"path": "/models/minilm", "repo_id": source_repo, "revision": None, "model_type": "bert",
-                   "architectures": ["BertModel"], "files": {"model.safetensors": "0" * 64}},
+                   "architectures": ["BertModel"], "files": {"model.safetensors": "0" * 64},
+                   "base_model": source_repo, "base_model_from": "hub" if source_repo else None},
         "options": {"command": COMMAND, "seed": 0, "device": "cpu",
                     "settings": {"method": "lplr", "b1": 8, "b2": 8, "b0": 8, "quantizer": "channel",
                                  "rank": {"kind": "rank_fraction", "value": 0.8}},
@@ -191,6 +193,45 @@ def test_card_is_honest_about_bad_numbers_and_missing_facts(tmp_path):
     assert "`encoder.layer.1.intermediate.dense.weight`" in card.text
     assert "No model-level fidelity evaluation was recorded" in card.text
     assert "`minilm`" in card.text and "# out" in card.text  # no repo id: the source's and the directory's names
+
+
+def test_base_model_is_found_in_the_bundled_minilm_and_recorded(converted, minilm_dir):
+    """The bundled copy has no Hub id; its README's usage code loads itself by repo id. config.json's
+    _name_or_path names the checkpoint it was trained from, which must not be taken for it."""
+    assert json.loads((minilm_dir / "config.json").read_text())["_name_or_path"] != BASE
+    assert base_model_of(minilm_dir) == (BASE, "source README usage")
+    out = converted("rtn")
+    source = json.loads((out / C.MANIFEST_FILE).read_text())["source"]
+    assert (source["base_model"], source["base_model_from"], source["repo_id"]) == (BASE, "source README usage", None)
+    card = build_model_card(out)
+    assert card.data.base_model == BASE and card.data.base_model_relation == "quantized"
+    assert f"[{BASE}](https://huggingface.co/{BASE})" in card.text
+
+
+def test_base_model_from_the_hub_cache_path_and_from_nothing(tmp_path):
+    snap = tmp_path / "hub" / "models--some-org--tiny.model-v2" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    assert base_model_of(snap) == ("some-org/tiny.model-v2", "hub cache path")
+    assert base_model_of(tmp_path, "org/from-hub") == ("org/from-hub", "hub")
+    (tmp_path / C.MODEL_CARD).write_text("# a card\n\n```python\nAutoModel.from_pretrained('bert-base-uncased')\n```\n")
+    assert base_model_of(tmp_path) == (None, None)  # no OWNER/NAME self-reference: nothing is guessed
+
+
+def test_base_model_override_on_convert_and_push(tmp_path, tiny_llama_dir, capsys):
+    out = tmp_path / "out"
+    res = run_cli("--in-path", str(tiny_llama_dir), "--out-path", str(out), "--method", "rtn", "--no-report",
+                  "--base-model", "me/tiny-llama")
+    assert res.exit_code == 0, res.output
+    source = json.loads((out / C.MANIFEST_FILE).read_text())["source"]
+    assert (source["base_model"], source["base_model_from"]) == ("me/tiny-llama", "given")
+    assert build_model_card(out).data.base_model == "me/tiny-llama"
+    assert build_model_card(out, base_model="other/base").data.base_model == "other/base"
+    card = push(out, "tester/m", dry_run=True, base_model="other/base")["card"]
+    assert "base_model: other/base" in card and "base_model_relation: quantized" in card
+    res = run_cli("push", "--in-path", str(out), "--repo-id", "tester/m", "--base-model", "not a repo", "--dry-run")
+    assert res.exit_code == 1 and "--base-model" in res.output and "\n" not in res.output.strip()
+    res = run_cli("--in-path", str(tiny_llama_dir), "--out-path", str(tmp_path / "o2"), "--base-model", "x")
+    assert res.exit_code == 1 and "--base-model my-user/my-model-lplr" in res.output
 
 
 # ---------------------------------------------------------------------------------------------------- push

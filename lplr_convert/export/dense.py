@@ -90,4 +90,5 @@ def _write(output: ConvertedOutput, out: Path, max_shard_size: int, side) -> Non
     if (output.root / C.CONFIG_FILE).is_file():
         config = json.loads((output.root / C.CONFIG_FILE).read_text(encoding="utf-8"))
         config.pop("quantization_config", None)
+        config.pop(C.CONFIG_WEIGHTS_KEY, None)
     copy_side_files(side, out, config)

@@ -17,7 +17,8 @@ __all__ = ["Journal", "resume_state"]
 
 # Fingerprint keys that are not command-line settings, and how a change of each is told.
 _CHANGED = {"source_files": "the source files changed", "config": "the source's config.json changed",
-            "format_version": "the output format changed (another lplr-convert version)"}
+            "format_version": "the output format changed (another lplr-convert version)",
+            "tool_version": "lplr-convert was upgraded"}
 
 
 class Journal:

@@ -60,6 +60,7 @@ class TensorRecord:
     bits_per_param: float = 0.0
     original_bits_per_param: float = 0.0
     rel_error: float = 0.0
+    output_rel_error: float | None = None  # sqrt(tr(D H D^T) / tr(W H W^T)) with calibration's H, D = W - W_hat
     energy_kept: float | None = None
     seconds: float = 0.0
     grew: bool = False

@@ -13,10 +13,9 @@ import torch
 from ..dtypes import dtype_from_name, dtype_name
 from ..errors import LplrError, opt
 from ..methods import get_method
-from ..methods.base import loaded_tensor
 from .manifest import Manifest, TensorRecord, read_manifest, sha256_file
 
-__all__ = ["ConvertedOutput", "open_output"]
+__all__ = ["ConvertedOutput", "decode_record", "loaded_tensor", "open_output"]
 
 
 def _first_line(e: BaseException) -> str:
@@ -58,14 +57,10 @@ class ConvertedOutput:
             return self._open
         self.close()
         path = self.root / shard
-        if not path.is_file():
-            raise LplrError(f"shard {shard} is missing from {self.root}; re-run the conversion (or {opt('resume')})")
         if self.verify:
-            meta = self.manifest.shards[shard]
-            if not isinstance(meta, dict) or path.stat().st_size != meta.get("bytes") or \
-                    sha256_file(path) != meta.get("sha256"):
-                raise LplrError(f"shard {shard} does not match the sha256 in the manifest (damaged or modified); "
-                                f"re-run the conversion, or re-download it")
+            self.check_shard(shard)
+        elif not path.is_file():
+            raise self._missing(shard)
         try:
             self._open = safe_open(str(path), framework="pt", device=self.device)
         except Exception as e:  # noqa: BLE001  (SafetensorError, OSError, ...)
@@ -91,6 +86,19 @@ class ConvertedOutput:
                             f"restore it, or re-run the conversion")
         return path
 
+    def _missing(self, shard: str) -> LplrError:
+        return LplrError(f"shard {shard} is missing from {self.root}; re-run the conversion (or {opt('resume')})")
+
+    def check_shard(self, shard: str) -> None:
+        """Raise LplrError unless `shard` has the size and sha256 the manifest records."""
+        path, meta = self.root / shard, self.manifest.shards.get(shard)
+        if not path.is_file():
+            raise self._missing(shard)
+        if not isinstance(meta, dict) or path.stat().st_size != meta.get("bytes") or \
+                sha256_file(path) != meta.get("sha256"):
+            raise LplrError(f"shard {shard} does not match the sha256 in the manifest (damaged or modified); "
+                            f"re-run the conversion, or re-download it")
+
     def parts(self, rec: TensorRecord) -> dict[str, torch.Tensor]:
         """Every stored tensor of one weight, keyed by suffix ("" = the weight's own name), checked against the
         manifest's dtype and shape."""
@@ -112,18 +120,7 @@ class ConvertedOutput:
 
     def dense(self, rec: TensorRecord, parts: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The decoded tensor in its source name's shape and dtype (Conv1D orientation restored)."""
-        parts = self.parts(rec) if parts is None else parts
-        try:
-            W = loaded_tensor(get_method(rec.method), parts, rec.info, rec.transposed, dtype_from_name(rec.dtype))
-        except LplrError:
-            raise
-        except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
-            raise LplrError(f"tensor {rec.name} cannot be decoded ({type(e).__name__}: {e}); the output is damaged, "
-                            f"re-run the conversion") from None
-        if list(W.shape) != list(rec.shape):
-            raise LplrError(f"tensor {rec.name} decodes to shape {list(W.shape)}, expected {rec.shape}; the output "
-                            f"is damaged, re-run the conversion")
-        return W
+        return decode_record(rec, self.parts(rec) if parts is None else parts)
 
     def iter_dense(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, dense tensor) for every tensor, in manifest order, one at a time."""
@@ -140,6 +137,35 @@ class ConvertedOutput:
                 for h in safetensors_header(self.root / shard, shard):
                     out[h.name] = (shard, h.dtype, h.shape)
         return out
+
+
+def loaded_tensor(method, parts: dict[str, torch.Tensor], info: dict, transposed: bool,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Exactly what every loader returns for one stored weight: its decoded parts (experts stacked back), the source
+    orientation (Conv1D weights and [in, out] experts transposed back), cast to the source `dtype`, contiguous, on
+    the parts' device. The conversion records the error of this tensor."""
+    from ..experts import EXPERTS_KEY, decode_experts
+
+    W = decode_experts(method, parts, info) if EXPERTS_KEY in info else method.decode(parts, info)
+    if transposed:
+        W = W.transpose(-2, -1)
+    return W.to(dtype).contiguous()
+
+
+def decode_record(rec: TensorRecord, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The dense tensor of `rec` from its stored parts (`loaded_tensor`), in its source name's shape and dtype;
+    LplrError when the parts do not decode to it."""
+    try:
+        W = loaded_tensor(get_method(rec.method), parts, rec.info, rec.transposed, dtype_from_name(rec.dtype))
+    except LplrError:
+        raise
+    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
+        raise LplrError(f"tensor {rec.name} cannot be decoded ({type(e).__name__}: {e}); the output is damaged, "
+                        f"re-run the conversion") from None
+    if list(W.shape) != list(rec.shape):
+        raise LplrError(f"tensor {rec.name} decodes to shape {list(W.shape)}, expected {rec.shape}; the output "
+                        f"is damaged, re-run the conversion")
+    return W
 
 
 def open_output(root: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True) -> ConvertedOutput:

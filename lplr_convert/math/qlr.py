@@ -19,7 +19,7 @@ from .svd import truncated_svd
 from .weighted import weighted_error
 from .whiten import Whitening, whitening, work_dtype
 
-__all__ = ["QLRResult", "Quantizer", "factored_weighted_error", "qlr"]
+__all__ = ["LowRank", "QLRResult", "Quantizer", "factored_weighted_error", "fit_low_rank", "qlr"]
 
 # quantize(M, H_M) -> (stored form, dequantized M) for a matrix M whose inputs have second moment H_M.
 Quantizer = Callable[[torch.Tensor, torch.Tensor], tuple[Any, torch.Tensor]]
@@ -60,7 +60,9 @@ def factored_weighted_error(E: torch.Tensor, L: torch.Tensor | None, R: torch.Te
 
 
 @dataclass
-class _LowRank:
+class LowRank:
+    """A quantized low-rank fit: stored and dequantized factors, and the fit's own objective."""
+
     l_stored: Any
     r_stored: Any
     L: torch.Tensor
@@ -78,21 +80,26 @@ def _whitened_residual_sq(A: torch.Tensor, L: torch.Tensor, B: torch.Tensor) -> 
     return float(acc)
 
 
-def _fit_low_rank(E: torch.Tensor, H: torch.Tensor, white: Whitening, rank: int, quantize_l: Quantizer,
-                  quantize_r: Quantizer, refits: int, svd_method: str, seed: int) -> _LowRank:
+def fit_low_rank(E: torch.Tensor, H: torch.Tensor, white: Whitening, rank: int, quantize_l: Quantizer,
+                 quantize_r: Quantizer, refits: int = 2, svd_method: str = "auto", seed: int = 0,
+                 init_left: torch.Tensor | None = None) -> LowRank:
     """Quantized rank-`rank` fit of the residual E (LPLR in the whitened space), best of `refits` rounds.
 
-    Round 1 starts from the whitened SVD (L = U Sigma, the optimal L for its R, so R H R^T = I there); later rounds
+    Round 1 starts from `init_left` when given (e.g. a whitened sketch basis, as LPLR's), else from the whitened SVD
+    (L = U Sigma, the optimal L for its R, so R H R^T = I there); later rounds
     refit L by weighted least squares against the quantized R. Each round quantizes L against R H R^T (exact: the
     output error grows by tr((L* - L_q) R H R^T (L* - L_q)^T) for the weighted-optimal L*), refits R by unweighted least
     squares against the quantized L (optimal for any H, see `whiten`) and quantizes R against H.
     """
     A = white.apply(E)
-    U, s, _ = truncated_svd(A, rank, svd_method, seed=seed)
-    L = U.mul_(s)
-    del U
+    if init_left is None:
+        U, s, _ = truncated_svd(A, rank, svd_method, seed=seed)
+        L = U.mul_(s)
+        del U
+    else:
+        L = init_left
     R = solve_normal(L, E).R
-    best: _LowRank | None = None
+    best: LowRank | None = None
     for j in range(refits):
         B = white.apply(R)
         if j:  # min_L ||A - L B||_F, B = R S: least squares on the transposed problem
@@ -102,7 +109,7 @@ def _fit_low_rank(E: torch.Tensor, H: torch.Tensor, white: Whitening, rank: int,
         r_stored, R = quantize_r(R, H)
         score = _whitened_residual_sq(A, Lq, white.apply(R))
         if best is None or score < best.score:
-            best = _LowRank(l_stored, r_stored, Lq, R, score)
+            best = LowRank(l_stored, r_stored, Lq, R, score)
     return best
 
 
@@ -124,7 +131,7 @@ def qlr(W: torch.Tensor, H: torch.Tensor, rank: int, quantize_q: Quantizer, quan
     `quantize_q(M, H)` quantizes a full-size m x n matrix against H (e.g. GPTQ), `quantize_l(L, R H R^T)` and
     `quantize_r(R, H)` the factors against their own inputs' second moments (L's input is R x); each returns
     (stored form, dequantized matrix). Candidates: Q_0 = quantize_q(W, H) with L R = 0 (returned exactly, stored form
-    included, for rank 0); then per iteration the quantized low-rank fit of W - Q (`_fit_low_rank`, `refits` rounds,
+    included, for rank 0); then per iteration the quantized low-rank fit of W - Q (`fit_low_rank`, `refits` rounds,
     SVD route `svd_method` seeded with `seed`) and the update Q = quantize_q(W - L R, H). Errors are computed in float64
     against the H given; `white` (whitening of H) may be passed to share it between weights with the same inputs.
     Computed in W's working precision (float32, or float64), on W's device; one host sync per candidate.
@@ -142,7 +149,7 @@ def qlr(W: torch.Tensor, H: torch.Tensor, rank: int, quantize_q: Quantizer, quan
         return best
     white = whitening(H) if white is None else white
     for _ in range(iters):
-        lr = _fit_low_rank(E, H, white, rank, quantize_l, quantize_r, refits, svd_method, seed)
+        lr = fit_low_rank(E, H, white, rank, quantize_l, quantize_r, refits, svd_method, seed)
         best = _keep(best, q_stored, Q, lr, _relative(factored_weighted_error(E, lr.L, lr.R, H), den))
         q_stored, Q = quantize_q(Wf - lr.L.to(Wf.dtype) @ lr.R.to(Wf.dtype), H)
         E = Wf - Q.to(Wf.dtype)
@@ -155,7 +162,7 @@ def _relative(err: torch.Tensor, den: float) -> float:
     return (max(float(err), 0.0) / max(den, torch.finfo(torch.float64).tiny)) ** 0.5
 
 
-def _keep(best: QLRResult, q_stored: Any, Q: torch.Tensor, lr: _LowRank, error: float) -> QLRResult:
+def _keep(best: QLRResult, q_stored: Any, Q: torch.Tensor, lr: LowRank, error: float) -> QLRResult:
     """Record a candidate's error; it replaces the kept iterate only if strictly better (ties keep the earlier)."""
     best.history.append(error)
     if error < best.error:

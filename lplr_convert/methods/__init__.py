@@ -4,8 +4,9 @@ A method is one module: its settings dataclass (knobs declared with `settings.kn
 from `settings`), its stored part names, and a `Method` subclass registered with `@register(name)`.
 """
 
-from . import copy, dsvd, laser, lplr, lsvd, rtn  # noqa: F401  (registration side effect)
+from . import copy, dsvd, gptq, laser, lplr, lsvd, qlr, rtn  # noqa: F401  (registration side effect)
 from .base import (
+                   InputStats,
                    Method,
                    MethodResult,
                    all_knobs,
@@ -20,6 +21,6 @@ from .settings import RANK_POLICIES, RankPolicy, Settings, knob, resolve_rank
 
 MethodSettings = make_settings  # the name earlier versions exported: MethodSettings(method="rtn", b0=4)
 
-__all__ = ["RANK_POLICIES", "Method", "MethodResult", "MethodSettings", "RankPolicy", "Settings", "all_knobs",
-           "available_methods", "flat_defaults", "get_method", "knob", "make_settings", "register", "resolve_rank",
-           "settings_from_flat"]
+__all__ = ["RANK_POLICIES", "InputStats", "Method", "MethodResult", "MethodSettings", "RankPolicy", "Settings",
+           "all_knobs", "available_methods", "flat_defaults", "get_method", "knob", "make_settings", "register",
+           "resolve_rank", "settings_from_flat"]

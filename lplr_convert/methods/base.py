@@ -17,8 +17,8 @@ import torch
 from ..errors import LplrError, opt
 from .settings import RANK_FIELD, RANK_POLICIES, RankPolicy, Settings, knob_fields
 
-__all__ = ["Method", "MethodResult", "all_knobs", "available_methods", "flat_defaults", "get_method", "layer_json",
-           "loaded_tensor", "make_settings", "overlay", "register", "settings_from_flat", "unregister"]
+__all__ = ["Candidate", "InputStats", "Method", "MethodResult", "all_knobs", "available_methods", "flat_defaults", "get_method", "knob_defaults", "layer_json",
+           "make_settings", "overlay", "register", "settings_from_flat", "unregister"]
 
 _REGISTRY: dict[str, Method] = {}
 
@@ -42,25 +42,59 @@ class MethodResult:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """One choice of a global bit budget for a weight (see `Method.candidates`)."""
+
+    changes: dict
+    bits: int
+    error: float
+
+
+@dataclass
+class InputStats:
+    """What is known of a weight's inputs: H = E[x x^T] (in x in, on the compute device) from calibration, its
+    statistic key (weights with the same key, e.g. q/k/v, see the same inputs), and a cache of what is derived from H
+    (such as its whitening), shared by those weights."""
+
+    H: torch.Tensor
+    key: str = ""
+    cache: dict = field(default_factory=dict)
+
+    def whitening(self):
+        """The whitening S S^T = H (+ shift) of H (`math.whiten.whitening`), computed once per statistic."""
+        if "whitening" not in self.cache:
+            from ..math.whiten import whitening
+
+            self.cache["whitening"] = whitening(self.H)
+        return self.cache["whitening"]
+
+
 class Method:
     """A compression method. Subclasses set `settings_cls` and `parts` and implement `compress`, `decode` and
     `predict`; `register(name)` makes them available under `name`.
 
     parts: the stored part names this method writes (a stored tensor is "<weight>.<part>" or "<weight>.<part>.<field>";
-    "" is the weight's own name); factored: stores a left and a right factor that `decode_factors` returns.
+    "" is the weight's own name); factored: stores a left and a right factor that `decode_factors` returns;
+    uses_stats: becomes activation-aware when `compress` gets calibration statistics.
     """
 
     name: str = ""
     settings_cls: type[Settings] = Settings
     parts: tuple[str, ...] = ()
     factored: bool = False
+    uses_stats: bool = False  # what it stores depends on calibration statistics when they are given
+    has_base: bool = False  # a factored method whose weight is a full-size backbone plus L R (`decode_base`)
 
     @property
     def uses_rank(self) -> bool:
         return any(f.name == RANK_FIELD for f in knob_fields(self.settings_cls))
 
-    def compress(self, W: torch.Tensor, settings: Settings, seed: int) -> MethodResult:
-        """Compress a 2-D (out x in) float tensor that already sits on the compute device."""
+    def compress(self, W: torch.Tensor, settings: Settings, seed: int,
+                 stats: InputStats | None = None) -> MethodResult:
+        """Compress a 2-D (out x in) float tensor that already sits on the compute device. `stats` (from
+        calibration) describes its inputs; a method that does not use them ignores them, and without them every
+        method works on the weight alone (as if H = I)."""
         raise NotImplementedError
 
     def decode(self, parts: dict[str, torch.Tensor], info: dict) -> torch.Tensor:
@@ -72,31 +106,34 @@ class Method:
         """The dequantized float32 factors (L, R) of a factored method."""
         raise NotImplementedError(f"method {self.name} is not factored")
 
-    def predict(self, shape: tuple[int, int], dtype: torch.dtype, settings: Settings) -> tuple[int | None, dict]:
-        """(rank or None, {suffix: (dtype name, shape)}) of what `compress` would store, computing nothing; an empty
-        dict when the stored size depends on the data."""
+    def decode_base(self, parts: dict[str, torch.Tensor], info: dict) -> torch.Tensor | None:
+        """A factored method's full-size backbone Q (W = Q + L R), float32, or None when it has none."""
+        return None
+
+    def candidates(self, W: torch.Tensor, settings: Settings, stats: InputStats | None, target: float,
+                   fixed: frozenset[str]) -> list[Candidate] | None:
+        """The choices a global bit budget may make for this weight: (knob changes, stored bits, estimated relative
+        squared output error tr(D H D^T) / tr(W H W^T), H = I without calibration), around `target` bits/param and
+        never changing a knob in `fixed` (given explicitly). None: the method has no such choices (its size is
+        fixed by its settings)."""
+        return None
+
+    def predict(self, shape: tuple[int, int], dtype: torch.dtype, settings: Settings,
+                calibrated: bool = False) -> tuple[int | None, dict]:
+        """(rank or None, {suffix: (dtype name, shape)}) of what `compress` would store (with calibration statistics
+        when `calibrated`), computing nothing; an empty dict when the stored size depends on the data."""
         raise NotImplementedError
 
 
-def loaded_tensor(method: Method, parts: dict[str, torch.Tensor], info: dict, transposed: bool,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """Exactly what every loader returns for one stored weight: `method.decode`, the source orientation (a Conv1D
-    weight transposed back), cast to the source `dtype`, contiguous, on the parts' device. The conversion records
-    the error of this tensor."""
-    W = method.decode(parts, info)
-    if transposed:
-        W = W.T
-    return W.to(dtype).contiguous()
-
-
 def _same_knob(a: dataclasses.Field, b: dataclasses.Field) -> bool:
-    keys = ("type", "choices", "optional", "help")
-    return a.default == b.default and all(a.metadata.get(k) == b.metadata.get(k) for k in keys)
+    """Two declarations of one knob are alike: same type, choices, optionality and help (defaults may differ)."""
+    return all(a.metadata.get(k) == b.metadata.get(k) for k in ("type", "choices", "optional", "help"))
 
 
 def register(name: str):
     """Class decorator: instantiate and register a method under `name`. A knob that two methods both declare must be
-    declared alike (same default, type, choices and help), since the command line offers it once."""
+    declared alike (same type, choices and help; each may have its own default), since the command line offers it
+    once."""
 
     def wrap(cls: type[Method]) -> type[Method]:
         if name in _REGISTRY:
@@ -138,12 +175,19 @@ def all_knobs() -> dict[str, dataclasses.Field]:
     return out
 
 
-def flat_defaults() -> dict[str, Any]:
-    """The flat vocabulary's defaults: method lplr, every knob's default, the rank policy as `rank` (a RankPolicy)."""
-    out: dict[str, Any] = {"method": "lplr"}
-    for name, f in all_knobs().items():
-        out[name] = f.default_factory() if f.default is dataclasses.MISSING else f.default
+def knob_defaults(name: str) -> dict[str, Any]:
+    """Method -> its default of knob `name`, for every registered method that declares it."""
+    out = {}
+    for method_name, method in sorted(_REGISTRY.items()):
+        for f in knob_fields(method.settings_cls):
+            if f.name == name:
+                out[method_name] = f.default_factory() if f.default is dataclasses.MISSING else f.default
     return out
+
+
+def flat_defaults() -> dict[str, Any]:
+    """The empty flat layer: method lplr, every knob at its method's default."""
+    return {"method": "lplr"}
 
 
 def _at(where: str, message: str) -> LplrError:
@@ -158,9 +202,10 @@ def _check_keys(changes: Mapping[str, Any], where: str) -> None:
 
 
 def overlay(layer: Mapping[str, Any], changes: Mapping[str, Any], where: str = "") -> dict[str, Any]:
-    """`layer` with `changes` applied, both in the flat vocabulary. A rank policy kind in `changes` (at most one)
-    replaces the layer's policy; a knob declared `reset_with=K` returns to its default when K changes and it does not.
-    The result holds the policy as a RankPolicy under `rank`."""
+    """`layer` with `changes` applied, both in the flat vocabulary: the values given explicitly (a knob a layer does
+    not hold takes each method's own default). A rank policy kind in `changes` (at most one) replaces the layer's
+    policy; a knob declared `reset_with=K` returns to its default when K changes and it does not. The result holds
+    the policy as a RankPolicy under `rank`."""
     _check_keys(changes, where)
     kinds = [k for k in RANK_POLICIES if k in changes and not isinstance(changes[k], RankPolicy)]
     if len(kinds) > 1:
@@ -168,7 +213,7 @@ def overlay(layer: Mapping[str, Any], changes: Mapping[str, Any], where: str = "
     out = dict(layer)
     for name, f in all_knobs().items():
         if f.metadata.get("reset_with") in changes and name not in changes:
-            out[name] = f.default
+            out.pop(name, None)
     out.update({k: v for k, v in changes.items() if k not in RANK_POLICIES})
     if kinds:
         try:

@@ -12,11 +12,11 @@ class Copy(Method):
     settings_cls = Settings
     parts = ("",)
 
-    def compress(self, W, settings, seed):
+    def compress(self, W, settings, seed, stats=None):
         return MethodResult({"": W}, {"dtype": dtype_name(W.dtype)}, W.numel() * dtype_bits(W.dtype), 0.0)
 
     def decode(self, parts, info):
         return parts[""]
 
-    def predict(self, shape, dtype, settings):
+    def predict(self, shape, dtype, settings, calibrated=False):
         return None, {"": (dtype_name(dtype), tuple(shape))}

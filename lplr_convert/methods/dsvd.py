@@ -12,11 +12,10 @@ from .base import register
 class DSVD(FactoredMethod):
     settings_cls = SvdFactoredSettings
 
-    def factors(self, Wf, r, s, seed):
+    def factors(self, Wf, r, s, seed, stats):
         m, n = Wf.shape
         U, sv, Vh = truncated_svd(Wf, r, s.svd, seed=seed)
         left, right = factor_specs(m, n, r, s)
-        qL, L = qz.quantize_dequantize(U, s.b1, left.granularity, left.channel_dim, left.group_size, Wf.dtype)
-        qR, R = qz.quantize_dequantize(sv[:, None] * Vh, s.b2, right.granularity, right.channel_dim,
-                                       right.group_size, Wf.dtype)
+        qL, L = qz.quantize_dequantize_spec(U, left, Wf.dtype)
+        qR, R = qz.quantize_dequantize_spec(sv[:, None] * Vh, right, Wf.dtype)
         return Factors(qL, qR, L, R, energy=energy_kept(Wf, sv))

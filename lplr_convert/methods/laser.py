@@ -22,7 +22,7 @@ class LASER(Method):
     settings_cls = LASERSettings
     parts = ("",)
 
-    def compress(self, W, settings, seed):
+    def compress(self, W, settings, seed, stats=None):
         Wf = float_matrix(W, self.name)
         m, n = Wf.shape
         k = resolve_rank(settings.rank, m, n, singular_values=lambda: singular_values(Wf))
@@ -35,7 +35,7 @@ class LASER(Method):
     def decode(self, parts, info):
         return parts[""].float()
 
-    def predict(self, shape, dtype, settings):
+    def predict(self, shape, dtype, settings, calibrated=False):
         m, n = shape
         k = None if settings.rank.needs_spectrum else resolve_rank(settings.rank, m, n)
         return k, {"": (dtype_name(dtype), tuple(shape))}

@@ -1,4 +1,8 @@
-"""LPLR (Saha, Srivastava, Pilanci 2023): sketch, quantize, least-squares refit, quantize."""
+"""LPLR (Saha, Srivastava, Pilanci 2023): sketch, quantize, least-squares refit, quantize.
+
+With calibration statistics the sketch is taken in the whitened space (W S Omega, H = S S^T) and the factors are
+quantized by GPTQ against their own inputs (`_common.calibrated_factors`); without them it is the published method.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,14 @@ from dataclasses import dataclass
 import torch
 
 from ..math.sketch import SKETCHES, sketch_matrix
-from ._common import FactoredMethod, FactoredSettings, quantize_left, refit
+from ..math.whiten import whitened_sketch_basis
+from ._common import CalibratedFactoredSettings, FactoredMethod, calibrated_factors, quantize_left, refit
 from .base import register
 from .settings import knob, non_negative
 
 
 @dataclass(frozen=True)
-class LPLRSettings(FactoredSettings):
+class LPLRSettings(CalibratedFactoredSettings):
     sketch: str = knob("gaussian", type=str, choices=SKETCHES, label="nondefault", help="LPLR sketch.")
     power_iters: int = knob(0, type=int, validate=non_negative, label="nondefault", help="LPLR power iterations.")
 
@@ -21,8 +26,12 @@ class LPLRSettings(FactoredSettings):
 @register("lplr")
 class LPLR(FactoredMethod):
     settings_cls = LPLRSettings
+    uses_stats = True
 
-    def factors(self, Wf, r, s, seed):
+    def factors(self, Wf, r, s, seed, stats):
+        if stats is not None:
+            basis = whitened_sketch_basis(Wf, stats.whitening(), r, seed, s.sketch, s.power_iters)
+            return calibrated_factors(Wf, r, s, seed, stats, init_left=basis)
         S = sketch_matrix(Wf.shape[1], r, seed, s.sketch, dtype=Wf.dtype, device=Wf.device)
         # Row-major Y keeps L and its codes row-major, so packing needs no transposing copy: 3.0-3.2 s against
         # 3.2-3.4 s for (S^T W^T)^T on 11008x4096, f=0.8 (the GEMMs alone run equally fast; AVX-512 machine).

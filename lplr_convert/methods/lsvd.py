@@ -1,17 +1,25 @@
-"""LSVD: L = Q(U_r S_r) from a truncated SVD, then LPLR's least-squares refit and quantization of R."""
+"""LSVD: L = Q(U_r S_r) from a truncated SVD, then LPLR's least-squares refit and quantization of R.
+
+With calibration statistics the SVD is that of the whitened W S (H = S S^T: truncation-aware, SVD-LLM) and the
+factors are quantized by GPTQ against their own inputs (`_common.calibrated_factors`); without them it is the
+published method.
+"""
 
 from __future__ import annotations
 
 from ..math.svd import energy_kept, truncated_svd
-from ._common import FactoredMethod, SvdFactoredSettings, quantize_left, refit
+from ._common import CalibratedSvdSettings, FactoredMethod, calibrated_factors, quantize_left, refit
 from .base import register
 
 
 @register("lsvd")
 class LSVD(FactoredMethod):
-    settings_cls = SvdFactoredSettings
+    settings_cls = CalibratedSvdSettings
+    uses_stats = True
 
-    def factors(self, Wf, r, s, seed):
+    def factors(self, Wf, r, s, seed, stats):
+        if stats is not None:
+            return calibrated_factors(Wf, r, s, seed, stats)
         U, sv, Vh = truncated_svd(Wf, r, s.svd, seed=seed)
         del Vh  # the refit replaces it
         energy = energy_kept(Wf, sv)

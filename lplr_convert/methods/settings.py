@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import LplrError, opt
-from ..math.quantize import ALLOWED_BITS, GRANULARITIES
+from ..math.quantize import ALLOWED_BITS, CLIPS, GRANULARITIES, SCALE_DTYPES, SCHEMES
 from ..math.svd import SVD_METHODS
 
 RANK_POLICIES = ("rank_fraction", "rank", "bits_per_param", "energy", "rho", "rate")
@@ -46,13 +46,23 @@ def knob(default: Any, *, type: type, help: str, choices: tuple | None = None, o
          reset_with: str | None = None):
     """A settings field with its declaration.
 
-    type: int, float or str (values are checked against it; bool is never an int here); choices: allowed values;
+    type: int, float, bool or str (values are checked against it; a bool is never an int here); choices: allowed values;
     optional: None is allowed; label: how the report's short description shows it ("always", "nondefault" or None
     for never); validate(key, value): raises LplrError for a bad value; section: its group in `--help`; reset_with:
     another knob whose change (in a recipe rule) returns this one to its default unless the rule sets it too.
     """
     return field(default=default, metadata=_meta(type, help, choices, optional, label, validate, section,
                                                  reset_with=reset_with))
+
+
+def redefault(group: type, name: str, default: Any = None, factory: Callable[[], Any] | None = None):
+    """The knob `name` of a shared group with another default (or `factory` of it), for a method whose own default
+    differs: a subclass declares `name: T = redefault(Group, "name", value)` (same type, choices and help; the CLI
+    then shows each method's default)."""
+    f = group.__dataclass_fields__[name]
+    if factory is not None:
+        return field(default_factory=factory, metadata=f.metadata)
+    return field(default=default, metadata=f.metadata)
 
 
 def _meta(type, help, choices=None, optional=False, label=None, validate=None, section="Method", **extra) -> dict:
@@ -92,8 +102,8 @@ class RankPolicy:
             raise LplrError(f"{opt(k)} must be a finite number, got {v!r}")
         if k in ("rank_fraction", "rho", "energy") and not 0 < v <= 1:
             raise LplrError(f"{opt(k)}={v} is outside (0, 1]; pass a fraction such as 0.8")
-        if k == "rank" and (v < 1 or int(v) != v):
-            raise LplrError(f"{opt(k)}={v} must be a positive integer")
+        if k == "rank" and (v < 0 or int(v) != v):
+            raise LplrError(f"{opt(k)}={v} must be a non-negative integer (0 only for methods with a backbone)")
         if k == "bits_per_param" and v <= 0:
             raise LplrError(f"{opt(k)}={v} must be positive")
         if k == "rate" and not 0 <= v < 10:
@@ -115,8 +125,9 @@ class RankPolicy:
 
 
 def resolve_rank(policy: RankPolicy, m: int, n: int, bits_for_rank: Callable[[int], int] | None = None,
-                 singular_values: Callable[[], torch.Tensor] | None = None) -> int:
-    """The kept rank for an m x n matrix; raises LplrError when it falls outside 1..min(m, n)."""
+                 singular_values: Callable[[], torch.Tensor] | None = None, min_rank: int = 1) -> int:
+    """The kept rank for an m x n matrix; raises LplrError when it falls outside min_rank..min(m, n) (min_rank 0
+    for a method whose low-rank part is a correction of a full-size backbone)."""
     full = min(m, n)
     v = policy.value
     if policy.kind == "rank_fraction":
@@ -136,14 +147,16 @@ def resolve_rank(policy: RankPolicy, m: int, n: int, bits_for_rank: Callable[[in
         else:  # an all-zero matrix: one component keeps all of its (zero) energy
             r = 1
     else:
-        r = _rank_for_bits(v, m, n, bits_for_rank)
-    if not 1 <= r <= full:
-        raise LplrError(f"{policy.label()} gives rank {r} for a {m}x{n} matrix, outside 1..{full}; "
-                        f"choose a policy value that keeps at least one and at most {full} components")
+        r = _rank_for_bits(v, m, n, bits_for_rank, min_rank)
+    if not min_rank <= r <= full:
+        raise LplrError(f"{policy.label()} gives rank {r} for a {m}x{n} matrix, outside {min_rank}..{full}; "
+                        f"choose a policy value that keeps at least {max(min_rank, 1) if min_rank else 0} and at "
+                        f"most {full} components")
     return r
 
 
-def _rank_for_bits(budget_per_param: float, m: int, n: int, bits_for_rank: Callable[[int], int] | None) -> int:
+def _rank_for_bits(budget_per_param: float, m: int, n: int, bits_for_rank: Callable[[int], int] | None,
+                   min_rank: int = 1) -> int:
     """The largest r with bits(r) <= B m n (bits is increasing in r)."""
     if bits_for_rank is None:
         raise LplrError(f"rank policy {opt('bits_per_param')} only applies to methods that store quantized factors "
@@ -156,10 +169,10 @@ def _rank_for_bits(budget_per_param: float, m: int, n: int, bits_for_rank: Calla
             lo = mid
         else:
             hi = mid - 1
-    if lo < 1:
-        raise LplrError(f"{opt('bits_per_param')}={budget_per_param:g} is too small for a {m}x{n} matrix: even rank 1 "
-                        f"needs {bits_for_rank(1) / (m * n):.3f} bits/param; raise the budget or lower "
-                        f"{opt('b1')}/{opt('b2')}")
+    if lo < min_rank or bits_for_rank(lo) > budget:
+        raise LplrError(f"{opt('bits_per_param')}={budget_per_param:g} is too small for a {m}x{n} matrix: even rank "
+                        f"{min_rank} needs {bits_for_rank(min_rank) / (m * n):.3f} bits/param; raise the budget or "
+                        f"lower the bit widths")
     return lo
 
 
@@ -179,11 +192,13 @@ def _check_value(f: dataclasses.Field, value: Any) -> None:
     if meta["validate"] is not None:  # first: its message names the allowed values
         meta["validate"](f.name, value)
     t = meta["type"]
-    ok = isinstance(value, t) and not isinstance(value, bool) or (t is float and isinstance(value, int)
-                                                                    and not isinstance(value, bool))
+    if t is bool:
+        ok = isinstance(value, bool)
+    else:
+        ok = not isinstance(value, bool) and (isinstance(value, t) or (t is float and isinstance(value, int)))
     if not ok:
-        raise LplrError(f"{opt(f.name)} must be {'an integer' if t is int else 'a number' if t is float else 'text'}"
-                        f", got {value!r}")
+        what = {int: "an integer", float: "a number", bool: "true or false"}.get(t, "text")
+        raise LplrError(f"{opt(f.name)} must be {what}, got {value!r}")
     if meta["choices"] is not None and value not in meta["choices"]:
         raise LplrError(f"{opt(f.name)} {value!r} is unknown; use one of {', '.join(map(str, meta['choices']))}")
 
@@ -265,14 +280,50 @@ class QuantKnobs(Settings):
                           help="Scale granularity: tensor (published min-max), channel, or group.")
     group_size: int | None = knob(None, type=int, optional=True, label="nondefault", reset_with="quantizer",
                                   help="Group size along the input dim (with quantizer group).")
+    scheme: str = knob("minmax", type=str, choices=SCHEMES, label="nondefault",
+                       help="Integer grid: minmax (published: float zero, 0 not representable), symmetric (absmax), "
+                            "asymmetric (integer zero point).")
+    scale_dtype: str = knob("float32", type=str, choices=SCALE_DTYPES, label="nondefault",
+                            help="Stored scale dtype of symmetric/asymmetric grids (minmax always stores float32).")
+    clip: str | None = knob(None, type=str, choices=CLIPS, optional=True, label="nondefault",
+                            help="Range clipping: mse searches each scale group's shrink factor (not with minmax).")
 
     def _check(self) -> None:
+        if self.scheme == "minmax" and self.clip is not None:
+            raise LplrError(f"{opt('clip')} {self.clip} needs {opt('scheme')} symmetric or asymmetric (the published "
+                            f"minmax grid does not clip)")
         if self.quantizer == "group":
             if self.group_size is None or self.group_size < 1:
                 raise LplrError(f"{opt('quantizer')} group needs {opt('group_size')} (a positive integer such as 128)")
         elif self.group_size is not None:
+            if self.group_size == type(self).__dataclass_fields__["group_size"].default:  # a method's own default
+                object.__setattr__(self, "group_size", None)  # (e.g. gptq's 128) does not apply to other granularities
+                return
             raise LplrError(f"{opt('group_size')} only applies to {opt('quantizer')} group (got {opt('quantizer')} "
                             f"{self.quantizer})")
+
+
+def _positive_fraction(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise LplrError(f"{opt(key)} {value!r} must be a number in [0, 1), e.g. 0.01")
+
+
+def positive_int(key: str, value: Any) -> None:
+    """Validator of an integer knob that must be >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LplrError(f"{opt(key)} {value!r} must be a positive integer")
+
+
+@dataclass(frozen=True)
+class GPTQKnobs(Settings):
+    """How quantization uses calibration statistics (GPTQ): used by every method that quantizes against H."""
+
+    damp: float = knob(0.01, type=float, validate=_positive_fraction, label="nondefault",
+                       help="GPTQ damping, as a fraction of H's mean diagonal (with calibration).")
+    act_order: bool = knob(False, type=bool, label="nondefault",
+                           help="GPTQ: quantize columns by decreasing H_ii (static groups; with calibration).")
+    block_size: int = knob(128, type=int, validate=positive_int, label=None,
+                           help="GPTQ: columns updated together (lazy batch updates).")
 
 
 # Help of each rank policy's option (the CLI offers one option per policy kind; a recipe one key per kind).

@@ -61,15 +61,16 @@ def _resolve_spectra(out_dir: Path, manifest: Manifest, rows: list[dict], spectr
 def _plots(out_dir: Path, manifest: Manifest, rows: list[dict], curves: dict) -> list[Path]:
     from .plots import have_matplotlib, plot_bits_per_layer, plot_error_per_layer, plot_spectrum
 
-    targets = [out_dir / C.PLOT_ERROR, out_dir / C.PLOT_BITS, out_dir / C.PLOT_SPECTRUM]
+    targets = [out_dir / C.PLOT_ERROR, out_dir / C.PLOT_OUTPUT_ERROR, out_dir / C.PLOT_BITS, out_dir / C.PLOT_SPECTRUM]
     if not have_matplotlib():
         logger.warning("matplotlib is not installed: the report has no plots (pip install 'lplr-convert[plots]')")
         return []
     src = manifest.source
     methods = sorted({r["method"] for r in rows if r["method"] != "copy"})
     subtitle = f" — {src.get('model_type') or 'model'}, {'/'.join(methods) or 'copy'}"
-    made = [plot_error_per_layer(rows, targets[0], subtitle), plot_bits_per_layer(rows, targets[1], subtitle),
-            plot_spectrum(curves, rows, targets[2], subtitle)]
+    made = [plot_error_per_layer(rows, targets[0], subtitle),
+            plot_error_per_layer(rows, targets[1], subtitle, "output_rel_error"),
+            plot_bits_per_layer(rows, targets[2], subtitle), plot_spectrum(curves, rows, targets[3], subtitle)]
     for target, path in zip(targets, made):
         if path is None:
             target.unlink(missing_ok=True)  # never leave a plot of an earlier conversion next to this report

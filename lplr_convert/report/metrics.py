@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping
 
@@ -65,11 +66,29 @@ def records_of(source: Manifest | Mapping | Iterable[TensorRecord]) -> list[Tens
     return list(source)
 
 
+def _per_expert(rec: TensorRecord) -> list[TensorRecord]:
+    """A fused-experts record as one record per expert ("name[e]"), sizes and errors its own; others as they are."""
+    experts = rec.extra.get("experts") if isinstance(rec.extra, dict) else None
+    if not experts:
+        return [rec]
+    out, n = [], len(experts)
+    for e, facts in enumerate(experts):
+        own = {k: v for k, v in rec.stored.items() if k == f"{rec.name}.{e}" or k.startswith(f"{rec.name}.{e}.")}
+        stored = sum(v["bytes"] for v in own.values())
+        params = max(_numel(rec.shape[1:]), 1)
+        out.append(dataclasses.replace(
+            rec, name=f"{rec.name}[{e}]", shape=list(rec.shape[1:]), stored=own, stored_bytes=stored,
+            original_bytes=rec.original_bytes // n, bits_per_param=8 * stored / params, rank=facts.get("rank"),
+            rel_error=facts.get("rel_error"), energy_kept=facts.get("energy_kept"), seconds=rec.seconds / n,
+            grew=stored > rec.original_bytes // n, extra={k: v for k, v in rec.extra.items() if k != "experts"}))
+    return out
+
+
 def tensor_rows(source: Manifest | Mapping | Iterable[TensorRecord]) -> list[dict]:
-    """One flat, JSON-able row per tensor record, with derived sizes and flags, and the method's knobs (one key
-    each, as the method declares them)."""
+    """One flat, JSON-able row per tensor record (per expert for fused experts, named "name[e]"), with derived
+    sizes and flags, and the method's knobs (one key each, as the method declares them)."""
     rows = []
-    for rec in records_of(source):
+    for rec in (one for whole in records_of(source) for one in _per_expert(whole)):
         shape = [int(d) for d in rec.shape]
         params = max(_numel(shape), 1)
         int8 = int8_bits_per_param(shape, rec.transposed) if rec.method != "copy" else None
@@ -93,20 +112,33 @@ def tensor_rows(source: Manifest | Mapping | Iterable[TensorRecord]) -> list[dic
             "stored_bytes": rec.stored_bytes,
             "size_ratio": rec.stored_bytes / rec.original_bytes if rec.original_bytes else None,
             "rel_error": None if rec.rel_error is None else float(rec.rel_error),
+            "output_rel_error": None if rec.output_rel_error is None else float(rec.output_rel_error),
             "energy_kept": None if rec.energy_kept is None else float(rec.energy_kept),
             "seconds": float(rec.seconds or 0.0), "flags": flags, **rec.extra,
         })
     return rows
 
 
+def _weighted_mean(rows: list[dict], key: str) -> tuple[float | None, float | None]:
+    """(parameter-weighted mean, max) of a finite per-row value, or (None, None) when no row has it."""
+    have = [r for r in rows if r.get(key) is not None and math.isfinite(r[key])]
+    params = sum(r["params"] for r in have)
+    if not params:
+        return None, None
+    return sum(r["params"] * r[key] for r in have) / params, max(r[key] for r in have)
+
+
 def aggregate(rows: list[dict]) -> dict:
-    """Totals of a group of rows: tensors, params, bytes, bits/param, size ratio, parameter-weighted error."""
+    """Totals of a group of rows: tensors, params, bytes, bits/param, size ratio, parameter-weighted errors (the
+    weight's Frobenius error, and with calibration the output error)."""
     params = sum(r["params"] for r in rows)
     orig = sum(r["original_bytes"] for r in rows)
     stored = sum(r["stored_bytes"] for r in rows)
+    out_mean, out_max = _weighted_mean(rows, "output_rel_error")
     with_err = [r for r in rows if r["rel_error"] is not None and math.isfinite(r["rel_error"])]
     err_params = sum(r["params"] for r in with_err)
     return {
+        "output_rel_error": out_mean, "max_output_rel_error": out_max,
         "tensors": len(rows), "params": params, "original_bytes": orig, "stored_bytes": stored,
         "bits_per_param": 8 * stored / params if params else None,
         "source_bits_per_param": 8 * orig / params if params else None,
@@ -150,6 +182,7 @@ def report_summary(rows: list[dict], n_slowest: int = 5) -> dict:
         "compressed_bits_per_param": comp["bits_per_param"],
         "compressed_source_bits_per_param": comp["source_bits_per_param"],
         "weighted_rel_error": comp["weighted_rel_error"], "max_rel_error": comp["max_rel_error"],
+        "output_rel_error": comp["output_rel_error"], "max_output_rel_error": comp["max_output_rel_error"],
         "seconds": total["seconds"],
         "methods": sorted({r["label"] for r in compressed}),
         "by_method": by_method, "by_matrix_type": {str(k): v for k, v in by_type.items()},

@@ -71,14 +71,21 @@ def _figure(rows: list[dict], value: str):
     return series, plt, fig, ax
 
 
-def plot_error_per_layer(rows: list[dict], path: Path, subtitle: str = "") -> Path | None:
-    """Relative Frobenius error of each compressed block tensor, one line per matrix type."""
-    made = _figure(rows, "rel_error")
+_ERROR_AXES = {"rel_error": ("relative error ‖W − Ŵ‖_F / ‖W‖_F", "Relative error per layer"),
+               "output_rel_error": ("output error √(tr(ΔHΔᵀ) / tr(WHWᵀ))",
+                                    "Output error per layer (calibration inputs)")}
+
+
+def plot_error_per_layer(rows: list[dict], path: Path, subtitle: str = "", value: str = "rel_error") -> Path | None:
+    """Relative error of each compressed block tensor, one line per matrix type: the weight's Frobenius error, or
+    (value "output_rel_error") the output error on the calibration inputs."""
+    made = _figure(rows, value)
     if made is None:
         return None
     series, plt, fig, ax = made
     outside = sum(r["method"] != "copy" and r["layer"] is None for r in rows)
-    _layer_axes(ax, series, "relative error ‖W − Ŵ‖_F / ‖W‖_F", "Relative error per layer" + subtitle, outside)
+    ylabel, title = _ERROR_AXES[value]
+    _layer_axes(ax, series, ylabel, title + subtitle, outside)
     ax.set_ylim(bottom=0)
     ax.legend(title="matrix type", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path, plt)

@@ -27,7 +27,8 @@ __all__ = [
 # The fixed columns; each knob of the methods in a report gets a column after "label" (see `csv_columns`).
 CSV_COLUMNS = ("name", "layer", "matrix_type", "shape", "dtype", "method", "label", "rank", "max_rank",
                "rank_policy", "params", "source_bits_per_param", "bits_per_param", "int8_bits_per_param",
-               "original_mb", "stored_mb", "size_ratio", "rel_error", "energy_kept", "seconds", "flags")
+               "original_mb", "stored_mb", "size_ratio", "rel_error", "output_rel_error", "energy_kept", "seconds",
+               "flags")
 _DASH = "—"
 
 
@@ -131,6 +132,9 @@ def _summary_lines(s: dict) -> list[tuple[str, str]]:
         ("bits/param, compressed tensors",
          f"{_f(s['compressed_bits_per_param'], 2)} (source {_f(s['compressed_source_bits_per_param'], 2)})"),
         ("parameter-weighted relative error", f"{_f(s['weighted_rel_error'])} (max {_f(s['max_rel_error'])})"),
+        *([("parameter-weighted output error (calibration inputs)",
+            f"{_f(s['output_rel_error'])} (max {_f(s['max_output_rel_error'])})")]
+          if s.get("output_rel_error") is not None else []),
         ("compression time", f"{s['seconds']:.1f} s"),
     ]
 
@@ -167,11 +171,12 @@ def _method_rows(s: dict, pretty) -> list[list[str]]:
             flags.append(f"{a['above_int8']} above int8")
         rows.append([m, str(a["tensors"]), f"{a['params']:,}", _f(a["bits_per_param"], 2),
                      _f(a["size_ratio"], 3), _f(a["weighted_rel_error"]) if m != "copy" else _DASH,
-                     pretty(flags)])
+                     _f(a.get("output_rel_error")) if m != "copy" else _DASH, pretty(flags)])
     return rows
 
 
-_METHOD_HEADER = ["method", "tensors", "params", "bits/param", "size ratio", "weighted rel. error", "flags"]
+_METHOD_HEADER = ["method", "tensors", "params", "bits/param", "size ratio", "weighted rel. error", "output error",
+                  "flags"]
 
 
 def summary_markdown(manifest: Manifest | dict) -> str:
@@ -179,7 +184,7 @@ def summary_markdown(manifest: Manifest | dict) -> str:
     manifest = Manifest.coerce(manifest)
     s = summary_of(manifest)
     parts = [_md_table(["", "value"], [list(x) for x in _summary_lines(s)], "lr"),
-             _md_table(_METHOD_HEADER, _method_rows(s, ", ".join), "lrrrrrl")]
+             _md_table(_METHOD_HEADER, _method_rows(s, ", ".join), "lrrrrrrl")]
     warn = _warnings(s)
     if warn:
         parts.append("\n".join(f"- ⚠ {w}" for w in warn))
@@ -217,7 +222,7 @@ def report_markdown(manifest: Manifest | dict, rows: list[dict], summary: dict, 
             f"- methods: {', '.join(f'`{m}`' for m in s['methods']) or 'none (everything copied)'}",
             f"- tool: {manifest.tool} {manifest.tool_version}, format {manifest.format_version}",
             "", "## Summary", "", _md_table(["", "value"], [list(x) for x in _summary_lines(s)], "lr"), "",
-            _md_table(_METHOD_HEADER, _method_rows(s, ", ".join), "lrrrrrl"), ""]
+            _md_table(_METHOD_HEADER, _method_rows(s, ", ".join), "lrrrrrrl"), ""]
     warn = _warnings(s)
     out += ["## Warnings", ""] + ([f"- ⚠ {w}" for w in warn] or [("- none: no tensor grew, no method exceeds the "
                                                                   "source's bits/param or int8's.")]) + [""]
@@ -228,10 +233,11 @@ def report_markdown(manifest: Manifest | dict, rows: list[dict], summary: dict, 
     if s["by_matrix_type"]:
         out += ["## Compressed tensors by matrix type", "",
                 _md_table(["matrix type", "tensors", "params", "bits/param", "size ratio", "weighted rel. error",
-                           "max rel. error"],
+                           "max rel. error", "output error"],
                           [[t if t != "None" else "other", str(a["tensors"]), f"{a['params']:,}",
                             _f(a["bits_per_param"], 2), _f(a["size_ratio"], 3), _f(a["weighted_rel_error"]),
-                            _f(a["max_rel_error"])] for t, a in s["by_matrix_type"].items()]), ""]
+                            _f(a["max_rel_error"]), _f(a.get("output_rel_error"))]
+                           for t, a in s["by_matrix_type"].items()]), ""]
     if s["slowest"]:
         out += ["Slowest tensors: " + ", ".join(f"`{n}` ({t:.2f} s)" for n, t in s["slowest"]), ""]
     if plots:
@@ -240,13 +246,14 @@ def report_markdown(manifest: Manifest | dict, rows: list[dict], summary: dict, 
     if comp:
         out += ["## Compressed tensors", "",
                 _md_table(["layer", "type", "tensor", "shape", "method", "rank", "settings", "bits/param", "stored MB",
-                           "size ratio", "rel. error", "Σσ² kept", "s", "flags"],
+                           "size ratio", "rel. error", "output error", "Σσ² kept", "s", "flags"],
                           [[_f(r["layer"]), r["matrix_type"] or _DASH, f"`{r['name']}`", _shape(r["shape"]),
                             r["method"], _f(r["rank"]), _settings_text(r), _f(r["bits_per_param"], 2),
                             _f(r["stored_mb"], 3), _f(r["size_ratio"], 3), _f(r["rel_error"]),
-                            _f(r["energy_kept"]), _f(r["seconds"], 2), _flag_text(r["flags"])]
+                            _f(r["output_rel_error"]), _f(r["energy_kept"]), _f(r["seconds"], 2),
+                            _flag_text(r["flags"])]
                            for r in sorted(comp, key=_row_order)],
-                          "rllllrlrrrrrrl"), ""]
+                          "rllllrlrrrrrrrl"), ""]
     copied = [r for r in rows if r["method"] == "copy"]
     if copied:
         big = sorted(copied, key=lambda r: -r["original_bytes"])[:5]
@@ -288,6 +295,7 @@ def compare_markdown(manifests: list, labels: list[str]) -> str:
         ["bits/param, whole model", *[_f(s["bits_per_param"], 2) for s in summaries]],
         ["bits/param, compressed tensors", *[_f(s["compressed_bits_per_param"], 2) for s in summaries]],
         ["parameter-weighted rel. error", *[_f(s["weighted_rel_error"]) for s in summaries]],
+        ["parameter-weighted output error", *[_f(s.get("output_rel_error")) for s in summaries]],
         ["tensors that grew", *[str(len(s["grown"])) for s in summaries]],
         ["tensors above int8 bits/param", *[str(len(s["above_int8"])) for s in summaries]],
     ]

@@ -13,7 +13,6 @@ import torch
 from lplr_testing import run_cli
 
 from lplr_convert import constants as C
-from lplr_convert.errors import LplrError
 from lplr_convert.io.manifest import read_manifest
 from lplr_convert.loading import load_state_dict
 from lplr_convert.math import quantize as qz
@@ -37,7 +36,7 @@ class ClippedRTN(Method):
     settings_cls = ClippedSettings
     parts = ("clipped",)
 
-    def compress(self, W, settings, seed):
+    def compress(self, W, settings, seed, stats=None):
         Wf = W.float()
         bound = settings.clip_ratio * Wf.abs().max()
         q = qz.quantize(Wf.clamp(-bound, bound), settings.b0, settings.quantizer, 0, settings.group_size)
@@ -50,7 +49,7 @@ class ClippedRTN(Method):
         fields = {k.removeprefix("clipped").lstrip("."): v for k, v in parts.items()}
         return qz.dequantize(qz.from_fields(fields, qz.QuantSpec.from_json(info["q"])))
 
-    def predict(self, shape, dtype, settings):
+    def predict(self, shape, dtype, settings, calibrated=False):
         spec = qz.QuantSpec(tuple(shape), settings.b0, settings.quantizer, 0, settings.group_size)
         return None, {f"clipped.{k}" if k else "clipped": v for k, v in qz.field_specs(spec).items()}
 
@@ -82,7 +81,7 @@ def test_a_new_method_with_a_new_knob_needs_no_package_edit(clipped, tiny_llama_
 
     for f in tiny_llama_dir.glob("*.safetensors"):
         with safe_open(str(f), "pt") as sf:
-            src.update({k: sf.get_tensor(k) for k in sf.keys()})
+            src.update({k: sf.get_tensor(k) for k in sf.keys()})  # noqa: SIM118 (safe_open is no dict)
     W = src["model.layers.0.mlp.up_proj.weight"].float()
     bound = 0.5 * W.abs().max()
     assert state["model.layers.0.mlp.up_proj.weight"].float().abs().max() <= bound * (1 + 1e-2)  # bf16 rounding

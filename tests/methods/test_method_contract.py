@@ -39,7 +39,7 @@ def _nbits(parts: dict[str, torch.Tensor]) -> int:
 
 
 def test_registry_holds_the_documented_methods():
-    assert set(available_methods()) == {"lplr", "lsvd", "dsvd", "laser", "rtn", "copy"}
+    assert set(available_methods()) == {"lplr", "lsvd", "dsvd", "laser", "rtn", "gptq", "qlr", "copy"}
 
 
 def test_unknown_method_lists_registered_names():
@@ -47,7 +47,7 @@ def test_unknown_method_lists_registered_names():
         get_method("lplrr")
     for name in available_methods():
         assert name in str(info.value)
-    with pytest.raises(LplrError, match="registered methods: copy, dsvd, laser, lplr, lsvd, rtn"):
+    with pytest.raises(LplrError, match="registered methods: copy, dsvd, gptq, laser, lplr, lsvd, qlr, rtn"):
         MethodSettings(method="svd")
 
 

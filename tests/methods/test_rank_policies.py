@@ -89,7 +89,7 @@ def test_rank_outside_the_matrix_is_a_clear_error(policy):
 
 
 @pytest.mark.parametrize("kind,value", [("rank_fraction", 0), ("rank_fraction", 1.5), ("rho", -0.1), ("energy", 2),
-                                        ("rank", 0), ("rank", 2.5), ("bits_per_param", 0), ("rate", 10),
+                                        ("rank", -1), ("rank", 2.5), ("bits_per_param", 0), ("rate", 10),
                                         ("rank_fraction", float("nan")), ("rank", True)])
 def test_bad_policy_values_are_refused(kind, value):
     with pytest.raises(LplrError, match=kind):
@@ -119,3 +119,11 @@ def test_non_matrix_input_is_a_clear_error(method, shape):
 def test_integer_input_is_a_clear_error():
     with pytest.raises(LplrError, match="floating-point"):
         get_method("lplr").compress(torch.ones(8, 8, dtype=torch.int64), MethodSettings(), 0)
+
+
+def test_rank_zero_only_where_a_backbone_carries_the_weight():
+    """Rank 0 is a valid policy (qlr: the backbone alone) but no factored method without a backbone may keep it."""
+    with pytest.raises(LplrError, match=r"outside 1\.\.30"):
+        resolve_rank(RankPolicy("rank", 0), 40, 30)
+    assert resolve_rank(RankPolicy("rank", 0), 40, 30, min_rank=0) == 0
+

@@ -1,0 +1,84 @@
+"""A global bit budget (`--target-bits-per-param B`): instead of one rank (or width) for every tensor, choose each
+compressed tensor's own so that the average stored bits/param over the compressed tensors is at most B and the
+parameter-weighted sum of the estimated relative squared output errors is as small as the allocator can make it.
+
+Pass 1 (here) reads each compressed tensor once, asks its method for its candidates (`Method.candidates`: stored
+bits and an error estimate per choice) and runs the convex-hull greedy of `math.allocate`; pass 2 (the conversion)
+compresses each tensor with its chosen settings. Tensors whose method has no choices keep their size, counted
+against the budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from loguru import logger
+from tqdm import tqdm
+
+from .errors import LplrError, opt
+from .math.allocate import BudgetError, allocate
+from .methods import InputStats, get_method
+from .plan import TensorPlan
+
+__all__ = ["allocate_plans"]
+
+
+def _fixed_bits(p: TensorPlan, calibrated: bool) -> int:
+    """Stored bits of a tensor whose size its settings fix (from the method's prediction)."""
+    from .dtypes import dtype_from_name
+
+    _, specs = get_method(p.method).predict(p.oriented_shape, p.dtype, p.settings, calibrated)
+    if not specs:
+        raise LplrError(f"{p.name}: its stored size depends on the data ({p.settings.label()}), so a global "
+                        f"{opt('target_bits_per_param')} cannot account for it; give it a fixed rank policy")
+    return 8 * sum(math.prod(shp) * dtype_from_name(dt).itemsize for dt, shp in specs.values())
+
+
+def allocate_plans(plans: list[TensorPlan], tensors: Callable[[list[str]], Iterable[tuple[str, torch.Tensor]]],
+                   stats_for: Callable[[TensorPlan], InputStats | None], target: float, fixed: frozenset[str],
+                   calibrated: bool) -> tuple[list[TensorPlan], dict]:
+    """Plans with each compressed tensor's settings changed to its allocated choice, and a summary of the allocation
+    for the manifest. `tensors(names)` yields (name, oriented float tensor on the compute device) in any order."""
+    comp = [p for p in plans if p.method != "copy" and not p.experts]
+    if not comp:
+        raise LplrError(f"{opt('target_bits_per_param')} needs tensors to compress; nothing is selected")
+    by_name = {p.name: p for p in comp}
+    cands: dict[str, list] = {}
+    for name, W in tqdm(tensors(list(by_name)), total=len(comp), desc="allocating", unit="tensor"):
+        p = by_name[name]
+        cands[name] = get_method(p.method).candidates(W, p.settings, stats_for(p), target, fixed)
+    params = sum(math.prod(p.shape) for p in comp)
+    fixed_bits = sum(_fixed_bits(p, calibrated) for p in comp if cands.get(p.name) is None)
+    chosen = [p for p in comp if cands.get(p.name) is not None]
+    budget = math.floor(target * params) - fixed_bits
+    weights = [_weight(p) for p in chosen]
+    try:
+        alloc = allocate([[(c.bits, w * c.error) for c in cands[p.name]] for p, w in zip(chosen, weights)], budget)
+    except BudgetError as e:
+        reachable = (e.minimum_bits + fixed_bits) / params
+        raise LplrError(f"{opt('target_bits_per_param')} {target:g} cannot be met: the smallest reachable average "
+                        f"is {reachable:.3f} bits/param with these settings; raise the target or lower the bit "
+                        f"widths") from None
+    new = {p.name: dataclasses.replace(p, settings=dataclasses.replace(p.settings, **cands[p.name][i].changes))
+           for p, i in zip(chosen, alloc.choice)}
+    info = {"target_bits_per_param": target, "budget_bits": budget + fixed_bits, "params": params,
+            "allocated_bits": alloc.bits + fixed_bits, "estimated_error": alloc.error,
+            "choices": {p.name: {**_jsonable(cands[p.name][i].changes), "estimated_error": cands[p.name][i].error}
+                        for p, i in zip(chosen, alloc.choice)}}
+    logger.info(f"allocated {info['allocated_bits'] / params:.3f} bits/param over {len(comp)} tensors "
+                f"(target {target:g}); estimated sum of relative squared output errors {alloc.error:.4g}")
+    return [new.get(p.name, p) for p in plans], info
+
+
+def _weight(p: TensorPlan) -> float:
+    """The objective's weight of a tensor: its parameter count, so the allocator minimises the parameter-weighted sum
+    of relative squared output errors (measured slightly better than an unweighted sum on all-MiniLM-L6-v2: qlr at
+    2.25 bits/param cosine 0.850 against 0.841; 0.9904 against 0.9902 at 4.25)."""
+    return float(math.prod(p.shape))
+
+
+def _jsonable(changes: dict) -> dict:
+    return {k: v.to_json() if hasattr(v, "to_json") else v for k, v in changes.items()}

@@ -1,0 +1,171 @@
+"""`calibrate`: input second moments H = E[x x^T] of every block linear, computed one transformer block at a time.
+
+Peak memory: one materialised block, the hidden states of the calibration set (samples x seq_len x hidden in the
+compute dtype, replaced in place batch by batch), and the statistics of the block being accumulated; finished
+blocks' statistics are on disk.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from loguru import logger
+from tqdm import tqdm
+
+from .. import __version__
+from .. import constants as C
+from ..errors import LplrError, opt
+from ..io.reader import open_source
+from .capture import (
+    Skeleton,
+    build_skeleton,
+    hidden_of,
+    output_form,
+    record_calls,
+    release_outside,
+    return_freed_memory,
+)
+from .moments import InputMoments
+from .stats import prepare_out_dir, save_block, source_files, write_manifest
+from .text import Batch, load_tokenizer, make_batches, read_text, tokenize
+
+__all__ = ["calibrate"]
+
+_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+
+
+def _check_options(samples: int, seq_len: int, batch_size: int, accumulate_dtype, compute_dtype, device) -> None:
+    for label, value, least in (("samples", samples, 1), ("seq_len", seq_len, 2), ("batch_size", batch_size, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise LplrError(f"{opt(label)} must be an integer >= {least}, got {value!r}")
+    if accumulate_dtype not in _DTYPES:
+        raise LplrError(f"{opt('accumulate_dtype')} {accumulate_dtype} is not supported; use float32 or float64")
+    if compute_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        raise LplrError(f"{opt('compute_dtype')} {compute_dtype} is not supported; use float32, float64, bfloat16 or "
+                        f"float16")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, ValueError) as e:
+        raise LplrError(f"{opt('device')} {device!r} is not usable here ({str(e).splitlines()[0][:120]}); use cpu or an "
+                        f"available cuda:N") from None
+
+
+def _max_positions(config, seq_len: int) -> int:
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(limit, int) and 0 < limit < seq_len:
+        logger.warning(f"seq_len {seq_len} exceeds the model's {limit} positions; using {limit}")
+        return limit
+    return seq_len
+
+
+def _run_block(sk: Skeleton, i: int, block, batches: list[Batch], hidden: list, calls: list, dtype) -> InputMoments:
+    """Run block i on every batch, replacing `hidden` by its outputs; returns the hooks with their moments."""
+    with InputMoments(block, f"{sk.blocks_name}.{i}", dtype) as moments:
+        for j, batch in enumerate(batches):
+            moments.start_batch(batch.attention_mask)
+            hidden[j] = hidden_of(calls[j][i].run(block, hidden[j]))
+    return moments
+
+
+def _block_stats(sk: Skeleton, moments: InputMoments, store_dtype) -> tuple[dict, dict, dict]:
+    """(tensors to save, statistics records, weight records) of one block, named by checkpoint names."""
+    tensors, stats, weights = {}, {}, {}
+    for m in moments.moments.values():
+        names = [sk.to_ckpt[f"{name}.weight"] for name in m.members]
+        key = f"{names[0].removesuffix('.weight')}.{C.CALIB_KEY_SUFFIX}"
+        tensors[key] = m.sum.div_(max(m.tokens, 1)).to(store_dtype)  # in place: no second copy of the sums
+        shape = list(m.sum.shape)
+        stats[key] = {"shape": shape, "tokens": m.tokens, "weights": names}
+        weights.update({n: {"statistic": key, "shape": shape} for n in names})
+    missing = sorted(set(moments.linears) - set(moments.leader))
+    if missing:
+        logger.warning(f"{len(missing)} linear(s) never ran on the calibration text (first: {missing[0]}); they get "
+                       f"no statistic")
+    return tensors, stats, weights
+
+
+def _materialise(sk: Skeleton, i: int):
+    block = sk.blocks[i]
+    sk.load(block, f"{sk.blocks_name}.{i}")
+    return block
+
+
+def _capture(sk: Skeleton, batches: list[Batch]) -> tuple[list, list]:
+    """Block 0's inputs and every block's recorded call, for each batch; block 0 is left materialised."""
+    h0, first = record_calls(sk, batches[0])
+    form = output_form(first[0].run(_materialise(sk, 0), h0))
+    del h0, first
+    hidden, calls = [], []
+    for batch in batches:
+        h, c = record_calls(sk, batch, form)
+        hidden.append(h)
+        calls.append(c)
+    release_outside(sk)
+    return hidden, calls
+
+
+def _header(in_path, src, sk: Skeleton, text, seqs, samples, seq_len, batch_size, acc, compute, store) -> dict:
+    config = src.config or {}
+    return {
+        C.M_FORMAT_VERSION: C.CALIB_FORMAT_VERSION, C.S_KIND: C.CALIB_KIND, C.M_TOOL: C.TOOL_NAME,
+        C.M_TOOL_VERSION: __version__, C.M_COMPLETE: True,
+        C.M_SOURCE: {"path": str(in_path), "root": str(src.root), "repo_id": src.repo_id, "commit": src.commit,
+                     "model_type": config.get("model_type"), "architecture": type(sk.model).__name__,
+                     C.M_FILES: source_files(src)},
+        C.S_TEXT: {"source": text.source, "sha256": text.sha256, "lines": len(text.lines),
+                   "packing": "chunks" if sk.causal else "lines"},
+        "samples": len(seqs), "samples_requested": samples, "tokens": sum(len(s) for s in seqs), "seq_len": seq_len,
+        "batch_size": batch_size, "dtype": _DTYPES.get(store, str(store)), "accumulate_dtype": _DTYPES[acc],
+        "compute_dtype": str(compute).removeprefix("torch."), "block_stack": sk.blocks_name,
+        "blocks": len(sk.blocks),
+    }
+
+
+def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | None = None, samples: int = 128,
+              seq_len: int = 512, batch_size: int = 8, device: str = "cpu",
+              accumulate_dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = torch.float32,
+              overwrite: bool = False) -> dict:
+    """Write the input second moments E[x x^T] of every linear in every block of `in_path` to the STATS directory
+    `out_path` and return its manifest.
+
+    The forward runs in `compute_dtype` on `device`, one block at a time; x x^T is summed over the non-padding tokens
+    in `accumulate_dtype` (float32 or float64), divided by the token count, and stored in that dtype. Linears fed the
+    same input tensor share one statistic. `text` is a .txt (a sample per line) or .jsonl (`text` field) file; None
+    uses the text bundled with the package.
+    """
+    _check_options(samples, seq_len, batch_size, accumulate_dtype, compute_dtype, device)
+    src = open_source(str(in_path))
+    out = Path(out_path)
+    cal_text = read_text(text)
+    sk = build_skeleton(src, device, compute_dtype)
+    tokenizer = load_tokenizer(src.root)
+    seq_len = _max_positions(sk.model.config, seq_len)
+    seqs = tokenize(tokenizer, cal_text.lines, sk.causal, samples, seq_len)
+    if len(seqs) < samples:
+        logger.warning(f"the calibration text gives {len(seqs)} samples of up to {seq_len} tokens, not {samples}; "
+                       f"using {len(seqs)} (pass a longer calibration text for more)")
+    prepare_out_dir(out, src.root, overwrite)
+    manifest = _header(in_path, src, sk, cal_text, seqs, samples, seq_len, batch_size, accumulate_dtype,
+                       compute_dtype, accumulate_dtype)
+    batches = make_batches(seqs, batch_size, tokenizer.pad_token_id, sk.device)
+    manifest.update({C.M_FILES: {}, C.S_STATISTICS: {}, C.S_WEIGHTS: {}})
+    with torch.no_grad():
+        hidden, calls = _capture(sk, batches)
+        for i in tqdm(range(len(sk.blocks)), desc="calibrating", unit="block"):
+            block = sk.blocks[i] if i == 0 else _materialise(sk, i)
+            moments = _run_block(sk, i, block, batches, hidden, calls, accumulate_dtype)
+            sk.blocks[i] = torch.nn.Module()  # the block's weights go with it
+            del block
+            tensors, stats, weights = _block_stats(sk, moments, accumulate_dtype)
+            del moments
+            file, record = save_block(out, i, tensors)
+            del tensors
+            return_freed_memory()
+            manifest[C.M_FILES][file] = record
+            manifest[C.S_STATISTICS].update({k: {"file": file, **v} for k, v in stats.items()})
+            manifest[C.S_WEIGHTS].update(weights)
+    write_manifest(out, manifest)
+    logger.info(f"wrote {len(manifest[C.S_STATISTICS])} statistics for {len(manifest[C.S_WEIGHTS])} weights of "
+                f"{len(sk.blocks)} blocks to {out}")
+    return manifest

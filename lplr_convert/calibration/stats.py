@@ -1,0 +1,171 @@
+"""The STATS directory: one safetensors file of input second moments per block, and `lplr_calibration.json`.
+
+Files are written under a `.partial` name, fsynced and renamed; the JSON is written last, so a directory with the
+JSON is complete. `load_calibration` reads it back lazily, one file open at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from .. import constants as C
+from ..errors import LplrError, opt
+from ..io.manifest import sha256_file, write_json_atomic
+from ..io.reader import SourceCheckpoint
+
+__all__ = ["CalibrationStats", "file_record", "load_calibration", "prepare_out_dir", "save_block", "source_files"]
+
+_OURS = re.compile(rf"({C.CALIB_FILE_PATTERN}|{re.escape(C.CALIB_MANIFEST)})({re.escape(C.PARTIAL_SUFFIX)})?")
+
+
+def prepare_out_dir(out: Path, src_root: Path, overwrite: bool) -> None:
+    """Create `out`, or empty it of an earlier STATS when `overwrite`; never deletes files this tool did not write."""
+    if out.exists() and not out.is_dir():
+        raise LplrError(f"{opt('out_path')} {out} is a file; pass a directory for the calibration statistics")
+    if out.exists() and out.resolve() == Path(src_root).resolve():
+        raise LplrError(f"{opt('out_path')} must differ from the source checkpoint directory; choose a new directory")
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    if entries:
+        if not overwrite:
+            raise LplrError(f"{opt('out_path')} {out} is not empty; pass {opt('overwrite')} to replace the calibration statistics "
+                            f"in it, or choose an empty directory")
+        ours = [p for p in entries if p.is_file() and _OURS.fullmatch(p.name)]
+        if not (out / C.CALIB_MANIFEST).is_file() and len(ours) != len(entries):
+            raise LplrError(f"{opt('out_path')} {out} is not empty and holds no calibration statistics; choose an empty "
+                            f"directory ({opt('overwrite')} only replaces an earlier STATS)")
+        for p in ours:
+            p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def file_record(path: Path) -> dict:
+    """{"sha256", "bytes"} of a file."""
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def source_files(src: SourceCheckpoint) -> dict[str, dict]:
+    """{weight file relative to the checkpoint root: {"sha256", "bytes"}} for every weight file of `src`."""
+    return {f: file_record(Path(src.root) / f) for f in src.files}
+
+
+def save_block(out: Path, block: int, tensors: dict[str, torch.Tensor]) -> tuple[str, dict]:
+    """Write one block's statistics as `lplr_stats-<block>.safetensors` (temporary name, fsync, rename)."""
+    from safetensors.torch import save_file
+
+    name = C.CALIB_FILE_TEMPLATE.format(block=block)
+    tmp = out / (name + C.PARTIAL_SUFFIX)
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={C.META_FORMAT_KEY: C.META_FORMAT_VALUE})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    record = file_record(tmp)
+    os.replace(tmp, out / name)
+    return name, {**record, "block": block}
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    write_json_atomic(out / C.CALIB_MANIFEST, manifest)
+
+
+class CalibrationStats:
+    """A STATS directory opened for reading: `statistic(weight_name)` gives E[x x^T] of that weight's input."""
+
+    def __init__(self, root: Path, manifest: dict, device: str = "cpu", verify: bool = True):
+        self.root, self.manifest, self.device, self.verify = root, manifest, device, verify
+        self.weights: dict[str, dict] = manifest[C.S_WEIGHTS]
+        self.statistics: dict[str, dict] = manifest[C.S_STATISTICS]
+        self._open, self._open_name, self._verified = None, None, set()
+
+    def __contains__(self, weight_name: str) -> bool:
+        return weight_name in self.weights
+
+    def key(self, weight_name: str) -> str:
+        """The statistic key of a checkpoint weight (weights fed the same input share one key)."""
+        self.require([weight_name])
+        return self.weights[weight_name]["statistic"]
+
+    def tokens(self, weight_name: str) -> int:
+        """How many tokens the weight's statistic averages over."""
+        return int(self.statistics[self.key(weight_name)]["tokens"])
+
+    def statistic(self, weight_name: str) -> torch.Tensor:
+        """E[x x^T] (in x in) over the calibration tokens of the input of `weight_name`, in the stored dtype."""
+        key = self.key(weight_name)
+        file = self.statistics[key]["file"]
+        if self._open_name != file:
+            self._open = self._open_file(file)
+            self._open_name = file
+        return self._open.get_tensor(key)
+
+    def _open_file(self, file: str):
+        from safetensors import safe_open
+
+        path = self.root / file
+        meta = self.manifest[C.M_FILES].get(file, {})
+        if not path.is_file():
+            raise LplrError(f"{path} is missing; re-run `lplr-convert calibrate` for {self.root}")
+        if self.verify and file not in self._verified:
+            if path.stat().st_size != meta.get("bytes") or sha256_file(path) != meta.get("sha256"):
+                raise LplrError(f"{path} does not match the sha256 in {C.CALIB_MANIFEST} (damaged or modified); "
+                                f"re-run `lplr-convert calibrate`")
+            self._verified.add(file)
+        self._open = None
+        return safe_open(str(path), framework="pt", device=str(self.device))
+
+    def close(self) -> None:
+        """Release the open statistics file (reading again reopens it)."""
+        self._open, self._open_name = None, None
+
+    def require(self, names: Iterable[str]) -> None:
+        """Raise naming the first of `names` that has no statistic."""
+        for name in names:
+            if name not in self.weights:
+                raise LplrError(f"the calibration statistics in {self.root} have none for {name}; re-run "
+                                f"`lplr-convert calibrate` on the checkpoint this weight belongs to")
+
+    def check_source(self, src: SourceCheckpoint) -> None:
+        """Raise unless `src` has exactly the weight files (names, sha256) the statistics were made from."""
+        self.check_hashes({f: sha256_file(Path(src.root) / f) for f in src.files}, src.root)
+
+    def check_hashes(self, hashes: dict[str, str], root) -> None:
+        """Raise unless the checkpoint whose weight files have these sha256 (name -> hex) is the one the statistics
+        were made from (`root` only names it in the message)."""
+        made = self.manifest[C.M_SOURCE][C.M_FILES]
+        where = f"the calibration statistics in {self.root} were made from a different checkpoint"
+        fix = f"re-run `lplr-convert calibrate` on {root}"
+        if sorted(made) != sorted(hashes):
+            raise LplrError(f"{where} (weight files {', '.join(sorted(made))}, not {', '.join(sorted(hashes))}); "
+                            f"{fix}")
+        for f, digest in hashes.items():
+            if digest != made[f]["sha256"]:
+                raise LplrError(f"{where} ({f} has another sha256); {fix}")
+
+    def digest(self) -> str:
+        """sha256 of the statistics' manifest (which holds every statistics file's sha256)."""
+        return sha256_file(self.root / C.CALIB_MANIFEST)
+
+
+def load_calibration(path: str | Path, device: str = "cpu", verify: bool = True) -> CalibrationStats:
+    """Open a STATS directory written by `calibrate`. With verify, each file's sha256 is checked when first read."""
+    root = Path(path)
+    mpath = root / C.CALIB_MANIFEST
+    rerun = f"re-run `lplr-convert calibrate --out-path {root}`"
+    if not mpath.is_file():
+        raise LplrError(f"{root} has no {C.CALIB_MANIFEST}, so it holds no finished calibration; {rerun}")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LplrError(f"{mpath} is unreadable or not valid JSON ({e}); {rerun}") from None
+    version = manifest.get(C.M_FORMAT_VERSION) if isinstance(manifest, dict) else None
+    if version is None or manifest.get(C.S_KIND) != C.CALIB_KIND:
+        raise LplrError(f"{mpath} is not an lplr-convert calibration manifest; {rerun}")
+    if str(version).split(".")[0] != C.CALIB_FORMAT_VERSION.split(".")[0]:
+        raise LplrError(f"{mpath} has format version {version}, this tool reads {C.CALIB_FORMAT_VERSION}; upgrade "
+                        f"lplr-convert or {rerun}")
+    return CalibrationStats(root, manifest, device, verify)

@@ -1,0 +1,118 @@
+"""transformers integration: the `quant_method: "lplr-convert"` quantization config and HfQuantizer, so that
+`AutoModel.from_pretrained(DST)` (and AutoModelForCausalLM, SentenceTransformer, pipelines) load a converted directory
+with the factored layers built before the weights load, equal to `lplr_convert.load_model(DST, factored=True)`.
+
+`import lplr_convert` does not import transformers: it registers these classes when transformers imports its
+quantizer registry (`transformers.quantizers.auto`), or at once if that is already imported (see `_hf_hook`).
+"""
+
+from __future__ import annotations
+
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from . import constants as C
+from .errors import LplrError
+
+__all__ = ["LplrConvertConfig", "LplrConvertHfQuantizer", "register"]
+
+
+class LplrConvertConfig(QuantizationConfigMixin):
+    """config.json's `quantization_config` of a converted directory (what convert writes; nothing to set by hand)."""
+
+    def __init__(self, format_version: str = C.FORMAT_VERSION, manifest: str = C.MANIFEST_FILE,
+                 method: str | None = None, **kwargs):
+        self.quant_method = C.QUANT_METHOD
+        self.format_version, self.manifest, self.method = str(format_version), manifest, method
+
+    def to_dict(self) -> dict:
+        return {"quant_method": C.QUANT_METHOD, "format_version": self.format_version, "manifest": self.manifest,
+                "method": self.method}
+
+
+class LplrConvertHfQuantizer(HfQuantizer):
+    """Loads an lplr-convert output inside `from_pretrained`: checks the manifest and every shard's sha256, puts a
+    meta-device LowRankLinear in place of each factored linear, and decodes the stored parts (bit-packed codes +
+    scales) into its factors, or into dense weights for rtn and for weights that are not a linear."""
+
+    requires_calibration = True  # it only loads conversions; it quantizes nothing
+
+    def __init__(self, quantization_config, **kwargs):
+        if not hasattr(HfQuantizer, "update_weight_conversions"):  # transformers 4 loads weights another way
+            raise LplrError("from_pretrained of lplr-convert outputs needs transformers 5 (tested with 5.24); upgrade "
+                            "transformers or use lplr_convert.load_model")
+        if not kwargs.get("pre_quantized", True):
+            raise LplrError("quantization_config=LplrConvertConfig() converts nothing; convert the checkpoint with "
+                            "`lplr-convert --in-path SRC --out-path DST` and load DST")
+        super().__init__(quantization_config, **kwargs)
+        major = str(quantization_config.format_version).split(".")[0]
+        if major != C.FORMAT_VERSION.split(".")[0]:
+            raise LplrError(f"this model has lplr-convert format {quantization_config.format_version}, this "
+                            f"lplr-convert reads {C.FORMAT_VERSION}; upgrade lplr-convert or re-convert")
+        self.plan = None
+
+    def validate_environment(self, device_map=None, **kwargs) -> None:
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise LplrError("device_map with 'disk' offload is not supported for lplr-convert models; use devices "
+                            "and 'cpu' only (the factors are small), or lplr-convert decompress")
+
+    def update_attn_implementation(self, config):
+        # The first hook that sees the config before transformers looks for weight files: drop the guard that makes
+        # plain transformers (without this package) fail on a missing file instead of loading random weights.
+        if getattr(config, C.CONFIG_WEIGHTS_KEY, None) == C.IMPORT_GUARD_FILE:
+            delattr(config, C.CONFIG_WEIGHTS_KEY)
+        return config
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        from .hf_convert import LoadPlan, converted_root
+
+        root = converted_root(checkpoint_files, getattr(model.config, "name_or_path", None))
+        self.plan = LoadPlan.build(model, root, checkpoint_files)
+        return model
+
+    def update_weight_conversions(self, weight_conversions, model):
+        from .hf_convert import PartsConverter, wrap_model_converters
+
+        self.plan.learn_renamings(weight_conversions, model)
+        return [*wrap_model_converters(self.plan, weight_conversions), PartsConverter(self.plan)]
+
+    def get_new_dtype(self, converter, param, dtype):
+        from .hf_convert import DecodeFirst, PartsConverter
+
+        if isinstance(converter, (PartsConverter, DecodeFirst)):
+            return None  # codes and float32 scales arrive as stored; decoding casts to the parameter's dtype
+        return super().get_new_dtype(converter, param, dtype)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        from .modeling import LowRankLinear
+
+        missing = self.plan.unloaded()
+        if missing:
+            raise LplrError(f"{len(missing)} compressed tensor(s) of {self.plan.output.root} found no place in "
+                            f"{type(model).__name__} (e.g. {missing[0]}); load it with lplr_convert.load_model")
+        for module in model.modules():
+            if isinstance(module, LowRankLinear):
+                module.requires_grad_(False)
+        self.plan.output.close()
+        return model
+
+    def is_serializable(self, **kwargs) -> bool:
+        return False  # save with lplr-convert (or write a plain checkpoint with `lplr-convert decompress`)
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def register() -> None:
+    """Register the config and quantizer with transformers under quant_method "lplr-convert" (idempotent)."""
+    if C.QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(C.QUANT_METHOD)(LplrConvertConfig)
+    if C.QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(C.QUANT_METHOD)(LplrConvertHfQuantizer)

@@ -1,0 +1,150 @@
+"""qlr: W ~ Q + L R, a full-size quantized backbone Q (GPTQ against H at b0 bits) plus a low-rank correction L R of the
+whitened residual at b1/b2 bits, refitted alternately (CALDERA, Saha et al. 2024; `math.qlr`). The best iterate by
+the output error tr(D H D^T) is kept, the backbone alone among the candidates, so it is never worse than `gptq` with
+the same backbone. Without calibration H = I (the LoftQ alternation on the weight error).
+
+The rank policy chooses the correction's rank (0 allowed: the backbone alone); `bits_per_param` counts everything
+stored, backbone included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .. import constants as C
+from ..math import quantize as qz
+from ..math.qlr import qlr
+from ..math.svd import singular_values
+from ._common import (
+    CalibratedFactoredSettings,
+    bit_choices,
+    decode_quant,
+    factor_bits,
+    factor_specs,
+    float_matrix,
+    gptq_quantizer,
+    output_energy,
+    predict_quant,
+    quant_parts,
+    quant_spec,
+    rank_grid,
+    whitened_tails,
+)
+from .base import Candidate, InputStats, Method, MethodResult, register
+from .settings import (
+    BitsKnob,
+    GPTQKnobs,
+    QuantKnobs,
+    RankKnobs,
+    RankPolicy,
+    knob,
+    positive_int,
+    redefault,
+    resolve_rank,
+)
+
+
+@dataclass(frozen=True)
+class QLRSettings(CalibratedFactoredSettings, BitsKnob):
+    """Backbone b0 bits, factors b1/b2 bits, one quantizer for all: asymmetric (integer zero point), groups of 128,
+    float16 scales, MSE clipping, GPTQ in activation order (measured best on all-MiniLM-L6-v2, README)."""
+
+    b0: int = redefault(BitsKnob, "b0", 2)
+    b1: int = redefault(CalibratedFactoredSettings, "b1", 4)
+    b2: int = redefault(CalibratedFactoredSettings, "b2", 4)
+    quantizer: str = redefault(QuantKnobs, "quantizer", "group")
+    group_size: int | None = redefault(QuantKnobs, "group_size", 128)
+    scheme: str = redefault(QuantKnobs, "scheme", "asymmetric")
+    scale_dtype: str = redefault(QuantKnobs, "scale_dtype", "float16")
+    clip: str | None = redefault(QuantKnobs, "clip", "mse")
+    act_order: bool = redefault(GPTQKnobs, "act_order", True)
+    rank: RankPolicy = redefault(RankKnobs, "rank", factory=lambda: RankPolicy("rank_fraction", 0.1))  # noqa: RUF009
+    iters: int = knob(2, type=int, validate=positive_int, label="nondefault",
+                      help="qlr: alternations of the backbone and the low-rank correction (best iterate kept).")
+
+
+@register("qlr")
+class QLR(Method):
+    settings_cls = QLRSettings
+    parts = (C.PART_QUANT, C.PART_LEFT, C.PART_RIGHT)
+    factored = True
+    has_base = True
+    uses_stats = True
+
+    def _bits(self, m: int, n: int, r: int, s) -> int:
+        return qz.stored_bits(quant_spec((m, n), s.b0, s, 0)) + (factor_bits(m, n, r, s, True) if r else 0)
+
+    def rank_for(self, W: torch.Tensor, s) -> int:
+        m, n = W.shape
+        return resolve_rank(s.rank, m, n, bits_for_rank=lambda r: self._bits(m, n, r, s),
+                            singular_values=lambda: singular_values(W), min_rank=0)
+
+    def compress(self, W, settings, seed, stats: InputStats | None = None):
+        Wf = float_matrix(W, self.name)
+        n = Wf.shape[1]
+        r = self.rank_for(Wf, settings)
+        H = stats.H.to(Wf.dtype) if stats is not None else torch.eye(n, dtype=Wf.dtype, device=Wf.device)
+        white = stats.whitening() if stats is not None else None
+        res = qlr(Wf, H, r, gptq_quantizer(lambda shape: quant_spec(shape, settings.b0, settings, 0), settings),
+                  gptq_quantizer(lambda shape: quant_spec(shape, settings.b1, settings, 0), settings),
+                  gptq_quantizer(lambda shape: quant_spec(shape, settings.b2, settings, 0), settings),
+                  iters=settings.iters, seed=seed, white=white)
+        parts = quant_parts(C.PART_QUANT, res.q_stored)
+        info = {"rank": r, "q": res.q_stored.spec.to_json(), "left": None, "right": None, "history": res.history,
+                "best": res.best}
+        bits = qz.stored_bits(res.q_stored.spec)
+        if res.l_stored is not None:
+            parts |= quant_parts(C.PART_LEFT, res.l_stored) | quant_parts(C.PART_RIGHT, res.r_stored)
+            info |= {"left": res.l_stored.spec.to_json(), "right": res.r_stored.spec.to_json()}
+            bits += qz.stored_bits(res.l_stored.spec) + qz.stored_bits(res.r_stored.spec)
+        W_hat = res.Q.to(Wf.dtype) + (res.L.to(Wf.dtype) @ res.R.to(Wf.dtype) if res.L.shape[1] else 0)
+        err = (Wf - W_hat).double().norm() / Wf.double().norm().clamp_min(1e-300)
+        kept = res.L.shape[1]
+        return MethodResult(parts, info, bits, err, kept, extra={"qlr_best_iterate": res.best})
+
+    def candidates(self, W, settings, stats, target, fixed):
+        """The backbone width of `bit_choices` (unless b0 is fixed) x correction ranks of `rank_grid`: the backbone
+        quantized by GPTQ at each width, the correction's error from the whitened residual's spectrum (unquantized
+        factors: an estimate; the compression refits and quantizes them)."""
+        Wf = float_matrix(W, self.name)
+        m, n = Wf.shape
+        den = max(output_energy(Wf, stats), 1e-300)
+        out = []
+        widths = [settings.b0] if "b0" in fixed else bit_choices(
+            target, lambda b: self._bits(m, n, 0, replace(settings, b0=b)), m * n)
+        for b in widths:
+            s = replace(settings, b0=b)
+            H = None if stats is None else stats.H.to(Wf.dtype)
+            _, Q = gptq_quantizer(lambda shape, s=s: quant_spec(shape, s.b0, s, 0), s)(Wf, H)
+            tails, _ = whitened_tails(Wf - Q.to(Wf.dtype), stats)
+            ranks = [0] if "rank" in fixed else rank_grid(min(m, n))
+            out += [Candidate({"b0": b, "rank": RankPolicy("rank", r)}, self._bits(m, n, r, s), tails[r] / den)
+                    for r in ranks]
+        return out
+
+    def decode_base(self, parts, info) -> torch.Tensor:
+        return decode_quant(C.PART_QUANT, parts, info["q"])
+
+    def decode_factors(self, parts, info):
+        if info.get("left") is None:
+            m, n = info["q"]["shape"]
+            return torch.zeros(m, 0), torch.zeros(0, n)
+        return decode_quant(C.PART_LEFT, parts, info["left"]), decode_quant(C.PART_RIGHT, parts, info["right"])
+
+    def decode(self, parts, info):
+        L, R = self.decode_factors(parts, info)
+        return self.decode_base(parts, info) + L @ R
+
+    def predict(self, shape, dtype, settings, calibrated=False):
+        m, n = shape
+        if settings.rank.needs_spectrum:
+            return None, {}
+        r = resolve_rank(settings.rank, m, n, bits_for_rank=lambda k: self._bits(m, n, k, settings), min_rank=0)
+        out = predict_quant(C.PART_QUANT, quant_spec((m, n), settings.b0, settings, 0))
+        if r:
+            left, right = factor_specs(m, n, r, settings, left_rows=True)
+            out |= predict_quant(C.PART_LEFT, left) | predict_quant(C.PART_RIGHT, right)
+        return r, out
+

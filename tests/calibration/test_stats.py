@@ -1,0 +1,127 @@
+"""The STATS directory: the bundled MiniLM end to end, the loader's checks, and what calibrate refuses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lplr_convert import constants as C
+from lplr_convert.calibration import calibrate, load_calibration
+from lplr_convert.calibration.text import load_tokenizer, read_text
+from lplr_convert.errors import LplrError
+from lplr_convert.io.reader import open_source
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+@pytest.fixture(scope="module")
+def minilm_stats(tmp_path_factory):
+    out = tmp_path_factory.mktemp("minilm_stats") / "stats"
+    return out, calibrate("bundled:all-MiniLM-L6-v2", out, samples=16, seq_len=64, batch_size=8)
+
+
+def test_minilm_statistics_are_psd_with_right_shapes_and_counts(minilm_stats, minilm_dir):
+    out, manifest = minilm_stats
+    tok = load_tokenizer(minilm_dir)
+    tokens = sum(len(tok(s, truncation=True, max_length=64)["input_ids"]) for s in read_text().lines[:16])
+    assert manifest["samples"] == 16 and manifest["tokens"] == tokens and manifest["dtype"] == "float32"
+    assert manifest[C.S_TEXT]["packing"] == "lines"
+    stats = load_calibration(out)
+    assert len(manifest[C.S_STATISTICS]) == 6 * 4 and len(stats.weights) == 6 * 6
+    for name in stats.weights:
+        H = stats.statistic(name).double()
+        assert H.shape == ((1536, 1536) if name.endswith("output.dense.weight") and ".attention." not in name
+                           else (384, 384))
+        assert torch.equal(H, H.T) and stats.tokens(name) == tokens
+        # float32 round-off of a mean of `tokens` products, stored in float32: |E_ij| <= (tokens + 1) eps
+        # sqrt(H_ii H_jj), so ||E||_2 <= ||E||_F <= (tokens + 1) eps tr(H) bounds how negative an eigenvalue can be;
+        # H + that * I is then positive definite (a Cholesky factorization, 40x cheaper than eigvalsh here)
+        shift = (tokens + 1) * EPS32 * H.trace()
+        assert torch.linalg.cholesky_ex(H + shift * torch.eye(H.shape[0], dtype=H.dtype)).info == 0
+        assert H.trace() > 0
+    q = "encoder.layer.3.attention.self.query.weight"
+    assert stats.key(q) == stats.key(q.replace("query", "value")) == "encoder.layer.3.attention.self.query.input_moment"
+
+
+def test_manifest_records_the_source_and_the_text(minilm_stats, minilm_dir):
+    from lplr_convert.io.manifest import sha256_file
+
+    _, m = minilm_stats
+    assert m[C.M_SOURCE]["model_type"] == "bert" and m[C.M_SOURCE]["path"] == "bundled:all-MiniLM-L6-v2"
+    assert m[C.M_SOURCE][C.M_FILES]["model.safetensors"]["sha256"] == sha256_file(minilm_dir / "model.safetensors")
+    assert m[C.S_TEXT]["sha256"] == read_text().sha256 and m[C.S_TEXT]["source"].endswith("calibration_text.txt")
+    assert m[C.S_WEIGHTS]["encoder.layer.0.output.dense.weight"]["shape"] == [1536, 1536]
+
+
+def test_check_source_and_require(minilm_stats, tiny_dir):
+    out, _ = minilm_stats
+    stats = load_calibration(out)
+    stats.check_source(open_source("bundled:all-MiniLM-L6-v2"))
+    for other in ("gpt2", "llama"):  # same file name but other bytes; other files
+        with pytest.raises(LplrError, match="made from a different checkpoint.*re-run `lplr-convert calibrate`"):
+            stats.check_source(open_source(str(tiny_dir(other))))
+    stats.require(["encoder.layer.0.intermediate.dense.weight"])
+    with pytest.raises(LplrError, match="none for embeddings.word_embeddings.weight"):
+        stats.require(["encoder.layer.0.intermediate.dense.weight", "embeddings.word_embeddings.weight", "x"])
+
+
+def test_damaged_stats_file_is_refused(tiny_dir, text_file, tmp_path):
+    calibrate(tiny_dir("bert"), tmp_path / "s", text=text_file, samples=2, seq_len=16)
+    with open(tmp_path / "s" / "lplr_stats-00001.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\0\0\0\1")
+    stats = load_calibration(tmp_path / "s")
+    stats.statistic("encoder.layer.0.intermediate.dense.weight")
+    with pytest.raises(LplrError, match="does not match the sha256"):
+        stats.statistic("encoder.layer.1.intermediate.dense.weight")
+
+
+@pytest.mark.parametrize("kw,words", [({"samples": 0}, "samples must be an integer >= 1"),
+                                      ({"batch_size": 0}, "batch_size"), ({"seq_len": 1}, "seq_len"),
+                                      ({"accumulate_dtype": torch.float16}, "accumulate_dtype .* use float32 or float64"),
+                                      ({"device": "nonsense"}, "device")])
+def test_bad_options_are_one_line_errors(kw, words, tiny_dir, tmp_path):
+    with pytest.raises(LplrError, match=words) as e:
+        calibrate(tiny_dir("bert"), tmp_path / "s", **kw)
+    assert "\n" not in str(e.value) and not (tmp_path / "s").exists()
+
+
+def test_bad_text_and_missing_tokenizer(tiny_dir, tmp_path):
+    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
+    (tmp_path / "t.jsonl").write_text('{"body": "x"}\n', encoding="utf-8")
+    with pytest.raises(LplrError, match="no usable line"):
+        calibrate(tiny_dir("bert"), tmp_path / "s", text=tmp_path / "empty.txt")
+    with pytest.raises(LplrError, match="no string field 'text'"):
+        calibrate(tiny_dir("bert"), tmp_path / "s", text=tmp_path / "t.jsonl")
+    src = tmp_path / "notok"
+    src.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (src / f).write_bytes((tiny_dir("bert") / f).read_bytes())
+    with pytest.raises(LplrError, match="no tokenizer files.*copy the model's tokenizer files"):
+        calibrate(src, tmp_path / "s")
+
+
+def test_out_dir_rules(tiny_dir, text_file, tmp_path):
+    path, out = tiny_dir("gpt2"), tmp_path / "s"
+    kw = {"text": text_file, "samples": 2, "seq_len": 16}
+    out.mkdir()
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(LplrError, match="not empty; pass overwrite"):
+        calibrate(path, out, **kw)
+    with pytest.raises(LplrError, match="holds no calibration statistics"):
+        calibrate(path, out, overwrite=True, **kw)
+    (out / "notes.txt").unlink()
+    calibrate(path, out, **kw)
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    (out / "lplr_stats-00007.safetensors.partial").write_bytes(b"left over")
+    with pytest.raises(LplrError, match="not empty"):
+        calibrate(path, out, **kw)
+    m = calibrate(path, out, overwrite=True, **{**kw, "samples": 3})
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["lplr_calibration.json", "lplr_stats-00000.safetensors", "lplr_stats-00001.safetensors",
+                     "notes.txt"]
+    assert json.loads((out / C.CALIB_MANIFEST).read_text())["samples"] == m["samples"] == 3
+    with pytest.raises(LplrError, match="must differ from the source"):
+        calibrate(path, path, overwrite=True, **kw)
