@@ -228,7 +228,10 @@ def overlay(layer: Mapping[str, Any], changes: Mapping[str, Any], where: str = "
 def settings_from_flat(layer: Mapping[str, Any], where: str = "") -> Settings:
     """The settings of `layer["method"]` from a flat layer (see `overlay`); knobs the method does not declare are
     ignored, since a layer carries knobs for every method."""
-    method = get_method(layer.get("method", "lplr"))
+    try:
+        method = get_method(layer.get("method", "lplr"))
+    except LplrError as e:
+        raise _at(where, e.template) from None
     names = {f.name for f in knob_fields(method.settings_cls)}
     try:
         return method.settings_cls(method=method.name, **{k: v for k, v in layer.items() if k in names})
