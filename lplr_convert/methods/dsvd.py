@@ -19,4 +19,4 @@ class DSVD(FactoredMethod):
         qL, L = qz.quantize_dequantize(U, s.b1, left.granularity, left.channel_dim, left.group_size, Wf.dtype)
         qR, R = qz.quantize_dequantize(sv[:, None] * Vh, s.b2, right.granularity, right.channel_dim,
                                        right.group_size, Wf.dtype)
-        return Factors(qL, qR, L, R, energy=energy_kept(Wf, sv))
+        return Factors(qL, qR, L, R, energy=energy_kept(Wf, sv), sv=sv)

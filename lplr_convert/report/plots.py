@@ -120,27 +120,33 @@ def plot_bits_per_layer(rows: list[dict], path: Path, subtitle: str = "") -> Pat
     return _save(fig, path, plt)
 
 
-def plot_spectrum(curves: dict[str, list[float]], rows: list[dict], path: Path, subtitle: str = "") -> Path | None:
-    """Normalized cumulative singular-value energy of a few tensors, with each tensor's kept rank marked."""
-    if not curves:
+def plot_spectrum(spectra: dict[str, dict], rows: list[dict], path: Path, subtitle: str = "") -> Path | None:
+    """Normalized cumulative singular-value energy of a few tensors, with each tensor's kept rank marked.
+
+    `spectra` maps names to spectrum records (see `report.spectra`); where a curve is only bracketed (kind "svd",
+    beyond `exact_to`) the band between its lower and upper bound is shaded and the legend says so."""
+    if not spectra:
         return None
     plt = _pyplot()
     by_name = {r["name"]: r for r in rows}
     fig, ax = plt.subplots(figsize=_SIZE)
     fractions = set()
-    for i, (name, curve) in enumerate(curves.items()):
+    for i, (name, sp) in enumerate(spectra.items()):
+        curve, color = sp["curve"], f"C{i % 10}"
         n = len(curve)
         xs = [0.0] + [(j + 1) / n for j in range(n)]
         ys = [0.0] + list(curve)
         r = by_name.get(name, {})
-        label = _short(name, r)
+        label = _short(name, r) + _kind_text(sp)
         if r.get("rank") and r.get("max_rank"):
             f = r["rank"] / r["max_rank"]
             e = ys[min(n, max(1, round(f * n)))]
             fractions.add(round(f, 3))
-            ax.plot([f], [e], marker="o", markersize=7, color=f"C{i % 10}", markeredgecolor="black", zorder=3)
+            ax.plot([f], [e], marker="o", markersize=7, color=color, markeredgecolor="black", zorder=3)
             label += f": rank {r['rank']} keeps {100 * e:.1f} %"
-        ax.plot(xs, ys, linewidth=1.6, color=f"C{i % 10}", label=label)
+        ax.plot(xs, ys, linewidth=1.6, color=color, label=label)
+        if sp.get("upper"):
+            ax.fill_between(xs, ys, [0.0] + list(sp["upper"]), color=color, alpha=0.18, linewidth=0)
     for f in sorted(fractions):
         ax.axvline(f, color="gray", linestyle=":", linewidth=1)
     ax.set_xlim(0, 1)
@@ -151,6 +157,12 @@ def plot_spectrum(curves: dict[str, list[float]], rows: list[dict], path: Path, 
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower right", title="tensor (dot: rank kept by the conversion)", title_fontsize=8)
     return _save(fig, path, plt)
+
+
+def _kind_text(sp: dict) -> str:
+    if sp.get("kind") == "svd" and sp.get("exact_to", 1.0) < 1.0:
+        return f" [method's SVD: exact to {sp['exact_to']:.2f}, band beyond]"
+    return f" [{sp.get('kind', 'exact')}]"
 
 
 def _short(name: str, row: dict) -> str:
