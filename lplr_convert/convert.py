@@ -177,6 +177,10 @@ def _cores() -> int:
 
 def _convert(opts: ConvertOptions) -> dict:
     t_start = time.perf_counter()
+    if opts.write_report:
+        from .report.plots import preload
+
+        preload()  # matplotlib's import overlaps the conversion instead of adding to the report
     devices = _devices(opts)
     popts, recipe_text = plan_options(opts)
     src = open_source(opts.in_path, opts.revision)

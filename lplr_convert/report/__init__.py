@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 from loguru import logger
@@ -119,6 +120,7 @@ def write_report(out_dir: str | os.PathLike, manifest: dict | None = None,
     those of an earlier report, else (with `read_source`) up to four representative tensors are read from the source
     checkpoint when it is reachable, else that plot is skipped. The report says which kind each curve is.
     """
+    t0 = time.perf_counter()
     out_dir = Path(out_dir)
     manifest = Manifest.coerce(read_manifest(out_dir) if manifest is None else manifest)
     rows = tensor_rows(manifest)
@@ -140,7 +142,7 @@ def write_report(out_dir: str | os.PathLike, manifest: dict | None = None,
                _write_text(out_dir / C.REPORT_CSV, rows_csv(rows)),
                _write_text(out_dir / C.REPORT_MD, report_markdown(manifest, rows, summary, [p.name for p in plots],
                                                                   note))]
-    logger.info(f"report written to {out_dir} ({len(plots)} plot(s))")
+    logger.info(f"report written to {out_dir} ({len(plots)} plot(s)) in {time.perf_counter() - t0:.2f} s")
     return written + plots
 
 

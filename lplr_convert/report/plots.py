@@ -1,12 +1,13 @@
-"""PNG plots of a report (matplotlib with the Agg backend, imported lazily)."""
+"""PNG plots of a report (matplotlib's object API on the Agg canvas, imported lazily; no pyplot, no global state)."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from .metrics import group_rows, type_sort_key
 
-__all__ = ["have_matplotlib", "plot_bits_per_layer", "plot_error_per_layer", "plot_spectrum"]
+__all__ = ["have_matplotlib", "plot_bits_per_layer", "plot_error_per_layer", "plot_spectrum", "preload"]
 
 _SIZE = (9, 4.8)
 _DPI = 120
@@ -20,13 +21,31 @@ def have_matplotlib() -> bool:
     return True
 
 
-def _pyplot():
-    import matplotlib
+def _import_backend():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    return Figure, FigureCanvasAgg
 
-    return plt
+
+def preload() -> None:
+    """Import matplotlib in a background thread (about half a second), e.g. while a conversion computes, so that the
+    report does not wait for it; does nothing without matplotlib."""
+
+    def run():
+        try:
+            _import_backend()
+        except ImportError:
+            pass
+
+    threading.Thread(target=run, name="lplr-preload-matplotlib", daemon=True).start()
+
+
+def _new_axes():
+    Figure, FigureCanvasAgg = _import_backend()
+    fig = Figure(figsize=_SIZE)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
 
 
 def _series(rows: list[dict], value: str) -> dict[str, tuple[list[int], list[float]]]:
@@ -54,21 +73,19 @@ def _layer_axes(ax, series: dict, ylabel: str, title: str, n_outside: int) -> No
                 transform=ax.transAxes, fontsize=8, color="dimgray")
 
 
-def _save(fig, path: Path, plt) -> Path:
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=_DPI)
-    plt.close(fig)
     return path
 
 
 def _figure(rows: list[dict], value: str):
-    """(series of `value`, pyplot, figure, axes), or None when no block tensor has that value."""
+    """(series of `value`, figure, axes), or None when no block tensor has that value."""
     series = _series(rows, value)
     if not series:
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=_SIZE)
-    return series, plt, fig, ax
+    fig, ax = _new_axes()
+    return series, fig, ax
 
 
 def plot_error_per_layer(rows: list[dict], path: Path, subtitle: str = "") -> Path | None:
@@ -76,12 +93,12 @@ def plot_error_per_layer(rows: list[dict], path: Path, subtitle: str = "") -> Pa
     made = _figure(rows, "rel_error")
     if made is None:
         return None
-    series, plt, fig, ax = made
+    series, fig, ax = made
     outside = sum(r["method"] != "copy" and r["layer"] is None for r in rows)
     _layer_axes(ax, series, "relative error ‖W − Ŵ‖_F / ‖W‖_F", "Relative error per layer" + subtitle, outside)
     ax.set_ylim(bottom=0)
     ax.legend(title="matrix type", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save(fig, path, plt)
+    return _save(fig, path)
 
 
 def plot_bits_per_layer(rows: list[dict], path: Path, subtitle: str = "") -> Path | None:
@@ -89,7 +106,7 @@ def plot_bits_per_layer(rows: list[dict], path: Path, subtitle: str = "") -> Pat
     made = _figure(rows, "bits_per_param")
     if made is None:
         return None
-    series, plt, fig, ax = made
+    series, fig, ax = made
     layers = sorted({x for xs, _ in series.values() for x in xs})
     width = 0.84 / len(series)
     for i, (label, (xs, ys)) in enumerate(series.items()):
@@ -117,7 +134,7 @@ def plot_bits_per_layer(rows: list[dict], path: Path, subtitle: str = "") -> Pat
         ax.text(0.0, -0.16, f"{outside} compressed tensor(s) outside transformer blocks are not shown",
                 transform=ax.transAxes, fontsize=8, color="dimgray")
     ax.legend(title="matrix type", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save(fig, path, plt)
+    return _save(fig, path)
 
 
 def plot_spectrum(spectra: dict[str, dict], rows: list[dict], path: Path, subtitle: str = "") -> Path | None:
@@ -127,9 +144,8 @@ def plot_spectrum(spectra: dict[str, dict], rows: list[dict], path: Path, subtit
     beyond `exact_to`) the band between its lower and upper bound is shaded and the legend says so."""
     if not spectra:
         return None
-    plt = _pyplot()
     by_name = {r["name"]: r for r in rows}
-    fig, ax = plt.subplots(figsize=_SIZE)
+    fig, ax = _new_axes()
     fractions = set()
     for i, (name, sp) in enumerate(spectra.items()):
         curve, color = sp["curve"], f"C{i % 10}"
@@ -156,7 +172,7 @@ def plot_spectrum(spectra: dict[str, dict], rows: list[dict], path: Path, subtit
     ax.set_title("Singular-value energy of representative tensors" + subtitle)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower right", title="tensor (dot: rank kept by the conversion)", title_fontsize=8)
-    return _save(fig, path, plt)
+    return _save(fig, path)
 
 
 def _kind_text(sp: dict) -> str:

@@ -1,0 +1,123 @@
+"""The local worker pool: byte-identical to a single-process run, a killed worker fails the run with a named error
+and --resume completes it byte-identically, and a worker's own errors reach the command line unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from lplr_testing import run_cli
+from safetensors.torch import save_file
+
+from lplr_convert import IncompleteOutputError
+from lplr_convert import constants as C
+from lplr_convert.io.manifest import read_manifest
+
+RECIPE = """\
+rules:
+  - {types: [q_proj, k_proj], method: lsvd, rank_fraction: 0.5}
+  - {types: [fc_out], method: rtn, b0: 4}
+  - {layers: [1], types: [v_proj], method: laser, rho: 0.5}
+  - {types: [fc_in], method: dsvd, rank_fraction: 0.3}
+"""
+# Loaded at the start of every interpreter that has this directory on PYTHONPATH (the spawned workers): the worker
+# that is given the named tensor kills itself with SIGKILL, as the OOM killer would.
+SITECUSTOMIZE = """\
+import os
+if os.environ.get("LPLR_TEST_KILL_TENSOR"):
+    import lplr_convert.parallel.task as task
+    _run_job = task.run_job
+    def run_job(job, t, device):
+        if job.name == os.environ["LPLR_TEST_KILL_TENSOR"]:
+            os.kill(os.getpid(), 9)
+        return _run_job(job, t, device)
+    task.run_job = run_job
+"""
+KILLED = "model.layers.1.self_attn.q_proj.weight"
+
+
+def snapshot(out: Path) -> tuple[dict, list, dict, str]:
+    """Everything a run's output is judged by: shard and index bytes, records without `seconds`, shard hashes."""
+    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())
+             if p.name.startswith("model")}
+    m = read_manifest(out)
+    return files, [{k: v for k, v in r.items() if k != "seconds"} for r in m["tensors"]], m["shards"], \
+        (out / C.SAFE_INDEX).read_text()
+
+
+def convert_args(src: Path, out: Path, recipe: Path, *extra: str) -> list[str]:
+    return ["--in-path", str(src), "--out-path", str(out), "--recipe", str(recipe), "--max-shard-size", "30KB",
+            "--seed", "3", "--no-report", *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama_dir, tmp_path_factory):
+    """A single-process run (in this process) of the tiny sharded Llama with five methods mixed by a recipe."""
+    tmp = tmp_path_factory.mktemp("pool_ref")
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    out = tmp / "out"
+    res = run_cli(*convert_args(tiny_llama_dir, out, recipe))
+    assert res.exit_code == 0, res.output
+    snap = snapshot(out)
+    assert len(snap[2]) >= 4 and {r["method"] for r in snap[1]} == {"copy", "lplr", "lsvd", "rtn", "laser", "dsvd"}
+    return recipe, snap
+
+
+def test_two_workers_write_the_same_bytes(reference, tiny_llama_dir, tmp_path):
+    recipe, ref = reference
+    out = tmp_path / "out"
+    res = run_cli(*convert_args(tiny_llama_dir, out, recipe, "--workers", "2"))
+    assert res.exit_code == 0, res.output
+    assert snapshot(out) == ref
+    opts = read_manifest(out)["options"]
+    assert opts["executor"] == "local pool" and opts["workers"] == 2 and opts["threads"] >= 1
+
+
+def test_killed_worker_fails_the_run_by_name_then_resume_completes_it(reference, tiny_llama_dir, tmp_path,
+                                                                     monkeypatch):
+    recipe, ref = reference
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("LPLR_TEST_KILL_TENSOR", KILLED)
+    out = tmp_path / "out"
+    args = convert_args(tiny_llama_dir, out, recipe, "--workers", "2")
+    res = run_cli(*args)
+    assert res.exit_code == 1
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("error: worker ") and f"was killed by SIGKILL while compressing {KILLED}" in last
+    assert "--resume" in last
+    with pytest.raises(IncompleteOutputError):
+        read_manifest(out)
+    journal = (out / C.PROGRESS_FILE).read_text()
+    assert KILLED not in journal  # nothing of the killed tensor was claimed complete
+    monkeypatch.delenv("LPLR_TEST_KILL_TENSOR")
+    res = run_cli(*args, "--resume")
+    assert res.exit_code == 0, res.output
+    assert snapshot(out) == ref
+    assert not (out / C.PROGRESS_FILE).exists()
+
+
+def test_a_workers_own_error_reaches_the_command_line_as_is(tmp_path):
+    src = tmp_path / "nan"
+    src.mkdir()
+    bad = torch.ones(8, 4)
+    bad[3, 1] = float("nan")
+    save_file({"model.layers.0.mlp.up_proj.weight": torch.ones(8, 4), "model.layers.1.mlp.up_proj.weight": bad},
+              str(src / "model.safetensors"))
+    res = run_cli("--in-path", str(src), "--out-path", str(tmp_path / "out"), "--workers", "2", "--no-report")
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines()[-1] == (
+        "error: tensor model.layers.1.mlp.up_proj.weight contains NaN or Inf; fix the checkpoint, or pass "
+        "--on-nonfinite copy to keep such tensors verbatim")
+
+
+def test_device_and_devices_contradict(tiny_llama_dir, tmp_path):
+    res = run_cli("--in-path", str(tiny_llama_dir), "--out-path", str(tmp_path / "o"), "--device", "cpu",
+                  "--devices", "cpu")
+    assert res.exit_code == 1 and "--device and --devices contradict" in res.output
