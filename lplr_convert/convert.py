@@ -156,11 +156,19 @@ def convert(opts: ConvertOptions) -> dict:
         raise
 
 
-def _devices(opts: ConvertOptions) -> list[torch.device]:
+def _devices(opts: ConvertOptions) -> list[str]:
+    """The compute devices, checked against this machine; for a Ray cluster only their names are checked (its nodes,
+    not this machine, must have them)."""
     out = []
     for d in opts.device_list():
+        if opts.ray_address:
+            try:
+                out.append(d if d == "auto" else str(torch.device(d)))
+            except RuntimeError:
+                raise LplrError(f"{opt('devices')} {d!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+            continue
         try:
-            out.append(resolve_device(d))
+            out.append(str(resolve_device(d)))
         except LplrError as e:
             if opts.devices is None:
                 raise
@@ -214,7 +222,7 @@ class _Run:
     them (in this process, a local worker pool, or Ray). This is the one writer, whichever executor computes."""
 
     def __init__(self, opts: ConvertOptions, src: SourceCheckpoint, out: Path, plans: list[TensorPlan],
-                 popts: PlanOptions, recipe_text: str | None, devices: list[torch.device], hashes: dict[str, str]):
+                 popts: PlanOptions, recipe_text: str | None, devices: list[str], hashes: dict[str, str]):
         self.opts, self.src, self.out, self.plans, self.popts = opts, src, out, plans, popts
         self.recipe_text, self.devices, self.hashes = recipe_text, devices, hashes
         self.workers = opts.worker_count()
@@ -240,7 +248,7 @@ class _Run:
         return torch.get_num_threads()
 
     def where(self) -> str:
-        devices = ",".join(str(d) for d in self.devices)
+        devices = ",".join(self.devices)
         if self.executor_kind == "in-process":
             return devices
         return f"{devices} ({self.executor_kind}, {self.workers} workers x {self.threads} threads)"
@@ -250,16 +258,15 @@ class _Run:
         if self.executor_kind == "ray":
             from .parallel.cluster import RayExecutor
 
-            return RayExecutor(self.src, o.ray_address, [str(d) for d in self.devices], self.threads, o.retries,
-                               o.workers)
+            return RayExecutor(self.src, o.ray_address, self.devices, self.threads, o.retries, o.workers)
         if self.executor_kind == "local pool":
             from .parallel.pool import LocalPool
 
-            return LocalPool(self.src, [str(d) for d in self.devices], self.workers, self.threads,
+            return LocalPool(self.src, self.devices, self.workers, self.threads,
                              os.environ.get("LOGURU_LEVEL", "INFO"))
         from .parallel.inprocess import InProcess
 
-        return InProcess(self.src, self.devices[0], o.threads)
+        return InProcess(self.src, torch.device(self.devices[0]), o.threads)
 
     def compress_all(self) -> dict[str, TensorRecord]:
         """Compress every tensor not already in a kept shard; returns every tensor's record by name."""
@@ -314,8 +321,8 @@ class _Run:
 
     def _options(self) -> dict:
         o = self.opts
-        return {"command": o.command, "seed": o.seed, "device": str(self.devices[0]),
-                "devices": [str(d) for d in self.devices], "executor": self.executor_kind, "workers": self.workers,
+        return {"command": o.command, "seed": o.seed, "device": self.devices[0], "devices": self.devices,
+                "executor": self.executor_kind, "workers": self.workers,
                 "threads": self.threads, "spectra": o.spectra,
                 "settings": layer_json(self.popts.defaults), "include": o.include, "exclude": o.exclude,
                 "layers": o.layers, "types": o.types, "recipe": self.recipe_text, "recipe_path": o.recipe,

@@ -3,12 +3,11 @@ and --resume completes it byte-identically, and a worker's own errors reach the 
 
 from __future__ import annotations
 
-import hashlib
 import os
-from pathlib import Path
 
 import pytest
 import torch
+from executor_testing import convert_args, snapshot
 from lplr_testing import run_cli
 from safetensors.torch import save_file
 
@@ -16,13 +15,6 @@ from lplr_convert import IncompleteOutputError
 from lplr_convert import constants as C
 from lplr_convert.io.manifest import read_manifest
 
-RECIPE = """\
-rules:
-  - {types: [q_proj, k_proj], method: lsvd, rank_fraction: 0.5}
-  - {types: [fc_out], method: rtn, b0: 4}
-  - {layers: [1], types: [v_proj], method: laser, rho: 0.5}
-  - {types: [fc_in], method: dsvd, rank_fraction: 0.3}
-"""
 # Loaded at the start of every interpreter that has this directory on PYTHONPATH (the spawned workers): the worker
 # that is given the named tensor kills itself with SIGKILL, as the OOM killer would.
 SITECUSTOMIZE = """\
@@ -37,34 +29,6 @@ if os.environ.get("LPLR_TEST_KILL_TENSOR"):
     task.run_job = run_job
 """
 KILLED = "model.layers.1.self_attn.q_proj.weight"
-
-
-def snapshot(out: Path) -> tuple[dict, list, dict, str]:
-    """Everything a run's output is judged by: shard and index bytes, records without `seconds`, shard hashes."""
-    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())
-             if p.name.startswith("model")}
-    m = read_manifest(out)
-    return files, [{k: v for k, v in r.items() if k != "seconds"} for r in m["tensors"]], m["shards"], \
-        (out / C.SAFE_INDEX).read_text()
-
-
-def convert_args(src: Path, out: Path, recipe: Path, *extra: str) -> list[str]:
-    return ["--in-path", str(src), "--out-path", str(out), "--recipe", str(recipe), "--max-shard-size", "30KB",
-            "--seed", "3", "--no-report", *extra]
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_llama_dir, tmp_path_factory):
-    """A single-process run (in this process) of the tiny sharded Llama with five methods mixed by a recipe."""
-    tmp = tmp_path_factory.mktemp("pool_ref")
-    recipe = tmp / "recipe.yaml"
-    recipe.write_text(RECIPE)
-    out = tmp / "out"
-    res = run_cli(*convert_args(tiny_llama_dir, out, recipe))
-    assert res.exit_code == 0, res.output
-    snap = snapshot(out)
-    assert len(snap[2]) >= 4 and {r["method"] for r in snap[1]} == {"copy", "lplr", "lsvd", "rtn", "laser", "dsvd"}
-    return recipe, snap
 
 
 def test_two_workers_write_the_same_bytes(reference, tiny_llama_dir, tmp_path):
