@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from lplr_testing import run_cli
+
 from lplr_convert import constants as C
 from lplr_convert.io.manifest import read_manifest
 
@@ -30,3 +32,13 @@ def snapshot(out: Path) -> tuple[dict, list, dict, str]:
 def convert_args(src: Path, out: Path, recipe: Path, *extra: str) -> list[str]:
     return ["--in-path", str(src), "--out-path", str(out), "--recipe", str(recipe), "--max-shard-size", "30KB",
             "--seed", "3", "--no-report", *extra]
+
+
+def run_like_reference(reference: tuple, src: Path, out: Path, *extra: str) -> dict:
+    """Run the reference's conversion with `extra` options into `out`, check that it wrote exactly the reference's
+    output, and return the run's recorded options."""
+    recipe, ref = reference
+    res = run_cli(*convert_args(src, out, recipe, *extra))
+    assert res.exit_code == 0, res.output
+    assert snapshot(out) == ref
+    return read_manifest(out)["options"]

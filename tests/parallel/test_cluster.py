@@ -15,10 +15,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ray = pytest.importorskip("ray")
 
-from executor_testing import convert_args, snapshot
-from lplr_testing import run_cli
+from executor_testing import run_like_reference
 
-from lplr_convert.io.manifest import read_manifest
 from lplr_convert.io.reader import SourceCheckpoint
 from lplr_convert.parallel.cluster import RayExecutor, SourceNotVisibleError
 
@@ -31,12 +29,7 @@ def local_ray():
 
 
 def test_a_local_ray_run_writes_the_same_bytes(local_ray, reference, tiny_llama_dir, tmp_path):
-    recipe, ref = reference
-    out = tmp_path / "out"
-    res = run_cli(*convert_args(tiny_llama_dir, out, recipe, "--ray-address", "local"))
-    assert res.exit_code == 0, res.output
-    assert snapshot(out) == ref
-    opts = read_manifest(out)["options"]
+    opts = run_like_reference(reference, tiny_llama_dir, tmp_path / "out", "--ray-address", "local")
     assert opts["executor"] == "ray" and opts["threads"] == 1
     assert local_ray.is_initialized()  # the caller's connection is left open
 

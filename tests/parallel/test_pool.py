@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from executor_testing import convert_args, snapshot
+from executor_testing import convert_args, run_like_reference, snapshot
 from lplr_testing import run_cli
 from safetensors.torch import save_file
 
@@ -32,12 +32,7 @@ KILLED = "model.layers.1.self_attn.q_proj.weight"
 
 
 def test_two_workers_write_the_same_bytes(reference, tiny_llama_dir, tmp_path):
-    recipe, ref = reference
-    out = tmp_path / "out"
-    res = run_cli(*convert_args(tiny_llama_dir, out, recipe, "--workers", "2"))
-    assert res.exit_code == 0, res.output
-    assert snapshot(out) == ref
-    opts = read_manifest(out)["options"]
+    opts = run_like_reference(reference, tiny_llama_dir, tmp_path / "out", "--workers", "2")
     assert opts["executor"] == "local pool" and opts["workers"] == 2 and opts["threads"] >= 1
 
 
