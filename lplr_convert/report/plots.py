@@ -1,4 +1,4 @@
-"""PNG plots of a report (matplotlib's object API on the Agg canvas, imported lazily; no pyplot, no global state)."""
+"""PNG plots of a report (matplotlib's object API on the Agg canvas, imported lazily: no pyplot, no global state)."""
 
 from __future__ import annotations
 
@@ -41,11 +41,24 @@ def preload() -> None:
     threading.Thread(target=run, name="lplr-preload-matplotlib", daemon=True).start()
 
 
-def _new_axes():
-    Figure, FigureCanvasAgg = _import_backend()
-    fig = Figure(figsize=_SIZE)
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots()
+class _Canvas:
+    """The two pyplot calls the plots make, on matplotlib's object API (0.15 s less import than pyplot, and no
+    global figure registry to close)."""
+
+    @staticmethod
+    def subplots(figsize):
+        Figure, FigureCanvasAgg = _import_backend()
+        fig = Figure(figsize=figsize)
+        FigureCanvasAgg(fig)
+        return fig, fig.subplots()
+
+    @staticmethod
+    def close(fig) -> None:
+        pass
+
+
+def _pyplot():
+    return _Canvas
 
 
 def _series(rows: list[dict], value: str) -> dict[str, tuple[list[int], list[float]]]:
@@ -73,19 +86,21 @@ def _layer_axes(ax, series: dict, ylabel: str, title: str, n_outside: int) -> No
                 transform=ax.transAxes, fontsize=8, color="dimgray")
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, plt) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
     return path
 
 
 def _figure(rows: list[dict], value: str):
-    """(series of `value`, figure, axes), or None when no block tensor has that value."""
+    """(series of `value`, pyplot, figure, axes), or None when no block tensor has that value."""
     series = _series(rows, value)
     if not series:
         return None
-    fig, ax = _new_axes()
-    return series, fig, ax
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=_SIZE)
+    return series, plt, fig, ax
 
 
 def plot_error_per_layer(rows: list[dict], path: Path, subtitle: str = "") -> Path | None:
@@ -93,12 +108,12 @@ def plot_error_per_layer(rows: list[dict], path: Path, subtitle: str = "") -> Pa
     made = _figure(rows, "rel_error")
     if made is None:
         return None
-    series, fig, ax = made
+    series, plt, fig, ax = made
     outside = sum(r["method"] != "copy" and r["layer"] is None for r in rows)
     _layer_axes(ax, series, "relative error ‖W − Ŵ‖_F / ‖W‖_F", "Relative error per layer" + subtitle, outside)
     ax.set_ylim(bottom=0)
     ax.legend(title="matrix type", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save(fig, path)
+    return _save(fig, path, plt)
 
 
 def plot_bits_per_layer(rows: list[dict], path: Path, subtitle: str = "") -> Path | None:
@@ -106,7 +121,7 @@ def plot_bits_per_layer(rows: list[dict], path: Path, subtitle: str = "") -> Pat
     made = _figure(rows, "bits_per_param")
     if made is None:
         return None
-    series, fig, ax = made
+    series, plt, fig, ax = made
     layers = sorted({x for xs, _ in series.values() for x in xs})
     width = 0.84 / len(series)
     for i, (label, (xs, ys)) in enumerate(series.items()):
@@ -134,7 +149,7 @@ def plot_bits_per_layer(rows: list[dict], path: Path, subtitle: str = "") -> Pat
         ax.text(0.0, -0.16, f"{outside} compressed tensor(s) outside transformer blocks are not shown",
                 transform=ax.transAxes, fontsize=8, color="dimgray")
     ax.legend(title="matrix type", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save(fig, path)
+    return _save(fig, path, plt)
 
 
 def plot_spectrum(spectra: dict[str, dict], rows: list[dict], path: Path, subtitle: str = "") -> Path | None:
@@ -144,8 +159,9 @@ def plot_spectrum(spectra: dict[str, dict], rows: list[dict], path: Path, subtit
     beyond `exact_to`) the band between its lower and upper bound is shaded and the legend says so."""
     if not spectra:
         return None
+    plt = _pyplot()
     by_name = {r["name"]: r for r in rows}
-    fig, ax = _new_axes()
+    fig, ax = plt.subplots(figsize=_SIZE)
     fractions = set()
     for i, (name, sp) in enumerate(spectra.items()):
         curve, color = sp["curve"], f"C{i % 10}"
@@ -172,7 +188,7 @@ def plot_spectrum(spectra: dict[str, dict], rows: list[dict], path: Path, subtit
     ax.set_title("Singular-value energy of representative tensors" + subtitle)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower right", title="tensor (dot: rank kept by the conversion)", title_fontsize=8)
-    return _save(fig, path)
+    return _save(fig, path, plt)
 
 
 def _kind_text(sp: dict) -> str:
