@@ -140,8 +140,8 @@ def factor_bits(m: int, n: int, r: int, s: Settings, left_rows: bool = False) ->
 @dataclass
 class Factors:
     """What `FactoredMethod.factors` produces: the stored factors, their dequantized values (exactly what a loader
-    reconstructs), the least-squares products the error can reuse (see `factor_relative_error`), and the spectrum
-    energy kept (if known)."""
+    reconstructs), the least-squares products the error can reuse (see `factor_relative_error`), the spectrum
+    energy kept and the singular values the factorization computed (if known)."""
 
     qL: qz.Quantized
     qR: qz.Quantized
@@ -151,6 +151,7 @@ class Factors:
     cross: torch.Tensor | None = None
     chol: torch.Tensor | None = None
     energy: torch.Tensor | None = None
+    sv: torch.Tensor | None = None
 
 
 def quantize_left(Wf: torch.Tensor, Y: torch.Tensor, r: int, s: Settings) -> tuple[qz.Quantized, torch.Tensor]:
@@ -159,13 +160,14 @@ def quantize_left(Wf: torch.Tensor, Y: torch.Tensor, r: int, s: Settings) -> tup
     return qz.quantize_dequantize_spec(Y, left, Wf.dtype)
 
 
-def refit(Wf: torch.Tensor, qL: qz.Quantized, L: torch.Tensor, r: int, s: Settings, energy=None) -> Factors:
+def refit(Wf: torch.Tensor, qL: qz.Quantized, L: torch.Tensor, r: int, s: Settings, energy=None,
+          sv=None) -> Factors:
     """Solve for R in least squares against the quantized left factor, quantize R (LPLR's and LSVD's second half)."""
     _, right = factor_specs(*Wf.shape, r, s)
     sol = solve_normal(L, Wf)
     qR, R = qz.quantize_dequantize_spec(sol.R, right, Wf.dtype)
     # The unquantized R is dropped with `sol` here, before the error's temporaries.
-    return Factors(qL, qR, L, R, sol.gram, sol.cross, sol.chol, energy)
+    return Factors(qL, qR, L, R, sol.gram, sol.cross, sol.chol, energy, sv)
 
 
 class FactoredMethod(Method):
@@ -193,7 +195,7 @@ class FactoredMethod(Method):
         parts = {**quant_parts(C.PART_LEFT, f.qL), **quant_parts(C.PART_RIGHT, f.qR)}
         info = {"rank": r, "left": f.qL.spec.to_json(), "right": f.qR.spec.to_json()}
         bits = qz.stored_bits(f.qL.spec) + qz.stored_bits(f.qR.spec)
-        return MethodResult(parts, info, bits, err, r, f.energy)
+        return MethodResult(parts, info, bits, err, r, f.energy, spectrum=f.sv)
 
     def decode_factors(self, parts: dict[str, torch.Tensor], info: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return (decode_quant(C.PART_LEFT, parts, info["left"]), decode_quant(C.PART_RIGHT, parts, info["right"]))

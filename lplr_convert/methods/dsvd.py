@@ -18,4 +18,4 @@ class DSVD(FactoredMethod):
         left, right = factor_specs(m, n, r, s)
         qL, L = qz.quantize_dequantize_spec(U, left, Wf.dtype)
         qR, R = qz.quantize_dequantize_spec(sv[:, None] * Vh, right, Wf.dtype)
-        return Factors(qL, qR, L, R, energy=energy_kept(Wf, sv))
+        return Factors(qL, qR, L, R, energy=energy_kept(Wf, sv), sv=sv)

@@ -25,4 +25,4 @@ class LSVD(FactoredMethod):
         energy = energy_kept(Wf, sv)
         qL, L = quantize_left(Wf, U.mul_(sv), r, s)  # U S in place: U is ours
         del U
-        return refit(Wf, qL, L, r, s, energy)
+        return refit(Wf, qL, L, r, s, energy, sv)
