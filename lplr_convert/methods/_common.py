@@ -19,7 +19,17 @@ from ..math.lstsq import solve_normal
 from ..math.qlr import fit_low_rank
 from ..math.svd import singular_values
 from .base import Candidate, InputStats, Method, MethodResult
-from .settings import FactorBits, GPTQKnobs, QuantKnobs, RankKnobs, RankPolicy, Settings, SvdKnobs, resolve_rank
+from .settings import (
+    BitsKnob,
+    FactorBits,
+    GPTQKnobs,
+    QuantKnobs,
+    RankKnobs,
+    RankPolicy,
+    Settings,
+    SvdKnobs,
+    resolve_rank,
+)
 
 CALIBRATED_REFITS = 2  # rounds of the quantized refit with calibration (the better one is kept)
 
@@ -182,15 +192,24 @@ class FactoredMethod(Method):
         return resolve_rank(s.rank, m, n, bits_for_rank=lambda r: factor_bits(m, n, r, s, calibrated),
                             singular_values=lambda: singular_values(W))
 
-    def factors(self, W: torch.Tensor, r: int, s: Settings, seed: int, stats: InputStats | None) -> Factors:
-        """The rank-r factors of float W (against `stats` when the method uses calibration)."""
+    def factors(self, W: torch.Tensor, r: int, s: Settings, seed: int) -> Factors:
+        """The rank-r factors of float W (the published method, without calibration)."""
         raise NotImplementedError
+
+    def calibrated_basis(self, W: torch.Tensor, r: int, s: Settings, seed: int,
+                         stats: InputStats) -> torch.Tensor | None:
+        """The left basis a calibrated fit starts from (None: the whitened SVD); see `calibrated_factors`."""
+        return None
 
     def compress(self, W: torch.Tensor, settings: Settings, seed: int, stats=None) -> MethodResult:
         Wf = float_matrix(W, self.name)
         calibrated = stats is not None and self.uses_stats
         r = self.rank_for(Wf, settings, calibrated)
-        f = self.factors(Wf, r, settings, seed, stats if calibrated else None)
+        if calibrated:
+            basis = self.calibrated_basis(Wf, r, settings, seed, stats)
+            f = calibrated_factors(Wf, r, settings, seed, stats, init_left=basis)
+        else:
+            f = self.factors(Wf, r, settings, seed)
         err = factor_relative_error(Wf, f.L, f.R, gram=f.gram, cross=f.cross, chol=f.chol)
         parts = {**quant_parts(C.PART_LEFT, f.qL), **quant_parts(C.PART_RIGHT, f.qR)}
         info = {"rank": r, "left": f.qL.spec.to_json(), "right": f.qR.spec.to_json()}
@@ -225,11 +244,17 @@ class FactoredMethod(Method):
         return r, {**predict_quant(C.PART_LEFT, left), **predict_quant(C.PART_RIGHT, right)}
 
 
+@dataclass(frozen=True)
+class DirectQuantSettings(BitsKnob, QuantKnobs):
+    """A directly quantized weight: its width and the quantizer."""
+
+
 class DirectQuantMethod(Method):
     """W quantized as one full-size matrix (one scale per output row or row group), stored as `PART_QUANT`.
     Subclasses say whether the quantization uses calibration statistics (`uses_stats`): GPTQ against H, or
     round-to-nearest."""
 
+    settings_cls = DirectQuantSettings
     parts = (C.PART_QUANT,)
 
     def spec(self, shape, s: Settings) -> qz.QuantSpec:

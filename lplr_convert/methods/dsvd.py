@@ -12,7 +12,7 @@ from .base import register
 class DSVD(FactoredMethod):
     settings_cls = SvdFactoredSettings
 
-    def factors(self, Wf, r, s, seed, stats):
+    def factors(self, Wf, r, s, seed):
         m, n = Wf.shape
         U, sv, Vh = truncated_svd(Wf, r, s.svd, seed=seed)
         left, right = factor_specs(m, n, r, s)
