@@ -132,6 +132,8 @@ def _place(rec: TensorRecord, module: str | None, kind: str | None) -> Placement
     elif kind != LINEAR:
         p.reason = "no nn.Linear of this name in the model transformers builds" if kind is None else \
             "Conv1D module: compressed-tensors packs nn.Linear weights"
+    elif rec.transposed or list(spec.shape) != list(rec.shape):
+        p.reason = "stored transposed against its nn.Linear"
     else:
         p.reason = pack_reason(spec)
         p.spec = None if p.reason else spec
@@ -176,7 +178,9 @@ def previous_export(out: Path) -> set[str] | None:
         files = json.loads((out / C.EXPORT_FILE).read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return {str(f) for f in files} | {C.EXPORT_FILE} if isinstance(files, list) else None
+    if not isinstance(files, list):
+        return None
+    return {str(f) for f in files} | {C.EXPORT_FILE}
 
 
 def _prepare(out: Path, overwrite: bool, previous: Callable[[Path], set[str] | None], what: str) -> None:

@@ -70,6 +70,8 @@ def _build_cases(root: Path, llama: Path, minilm: Path, gpt2: Path) -> dict[str,
                             scheme="symmetric", scale_dtype="float16", **g32),
         "gptq4_channel_asym": _case(root, "gptq4_channel_asym", llama, ct, lm, LLAMA_IDS, True, method="gptq", b0=4,
                                     quantizer="channel", scheme="asymmetric"),
+        "rtn4_tensor_asym": _case(root, "rtn4_tensor_asym", llama, ct, lm, LLAMA_IDS, False, method="rtn", b0=4,
+                                  quantizer="tensor", scheme="asymmetric"),  # int8 zero point: default path loads it
         "rtn8_channel": _case(root, "rtn8_channel", llama, ct, lm, LLAMA_IDS, False, method="rtn", b0=8,
                               quantizer="channel", scheme="symmetric", scale_dtype="float32"),
         "mixed": _case(root, "mixed", llama, ct, lm, LLAMA_IDS, False, recipe=MIXED_RECIPE),

@@ -17,7 +17,7 @@ from lplr_convert.export.compressed_tensors import pack_quantized
 from lplr_convert.math import quantize as qz
 
 pytest.importorskip("compressed_tensors")
-EXPORTED = ("rtn4_group", "gptq4_channel_asym", "rtn8_channel", "mixed", "qlr_minilm_base")
+EXPORTED = ("rtn4_group", "gptq4_channel_asym", "rtn4_tensor_asym", "rtn8_channel", "mixed", "qlr_minilm_base")
 
 
 # ----------------------------------------------------------------------------------------- packing (in-process)
