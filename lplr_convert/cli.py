@@ -270,6 +270,16 @@ def main():
 @selection_options
 @_opt("--device", type=DeviceType(), default="auto", show_default=True, section="Run",
       help="cpu, cuda, cuda:N or auto (the GPU when there is one).")
+@_opt("--devices", default=None, section="Run",
+      help="Devices of worker processes: cpu, or cuda:0,cuda:1,... (one worker each unless --workers).")
+@_opt("--workers", type=click.IntRange(min=1), default=None, section="Run",
+      help="Worker processes compressing tensors in parallel (default: one per --devices entry; 1 = this process).")
+@_opt("--threads", type=click.IntRange(min=1), default=None, section="Run",
+      help="torch threads per tensor (default: cores / workers). CPU results depend on it in the last bits: runs "
+           "with the same --threads are byte-identical, whatever --workers.")
+@_opt("--ray-address", default=None, section="Run",
+      help="Compress on a Ray cluster: auto, HOST:PORT, or local (a private instance here). Every node must see "
+           "--in-path at the same path. Needs the ray extra.")
 @_opt("--seed", type=int, default=0, show_default=True, section="Run",
       help="Global seed (per-tensor seeds derive from it).")
 @_opt("--max-shard-size", type=SizeType(), default="5GB", show_default=True, section="Output",
@@ -279,6 +289,9 @@ def main():
 @_opt("--on-nonfinite", type=click.Choice(["error", "copy"]), default="error", show_default=True, section="Run",
       help="A weight with NaN/Inf: stop with an error, or copy it verbatim.")
 @_opt("--no-report", is_flag=True, section="Output", help="Skip the report files and plots.")
+@_opt("--spectra", type=click.Choice(["estimate", "exact", "off"]), default="estimate", show_default=True,
+      section="Output", help="The report's energy curves: estimate (from the singular values the method computed; "
+      "none for lplr/rtn), exact (one Gram eigendecomposition per plotted tensor), or off.")
 @_opt("--push-to", default=None, section="Hub", help="After converting, push to this Hub repo (OWNER/NAME).")
 @hub_options
 @debug_option
@@ -288,10 +301,14 @@ def convert(**kw):
     from .convert import convert as run
 
     command = "lplr-convert " + " ".join(shlex.quote(a) for a in _redacted(sys.argv[1:]))
+    if kw["devices"] and click.get_current_context().get_parameter_source("device") == \
+            click.core.ParameterSource.COMMANDLINE:
+        raise LplrError("--device and --devices contradict each other; pass one of them")
     opts = _options(kw, out_path=kw["out_path"], seed=kw["seed"], device=kw["device"],
                     max_shard_size=kw["max_shard_size"], overwrite=kw["overwrite"], resume=kw["resume"],
                     on_nonfinite=kw["on_nonfinite"], command=command, write_report=not kw["no_report"],
-                    base_model=kw["base_model"])
+                    base_model=kw["base_model"], spectra=kw["spectra"], workers=kw["workers"], devices=kw["devices"],
+                    threads=kw["threads"], ray_address=kw["ray_address"])
     manifest = run(opts)
     _print_summary(manifest, kw["out_path"])
     if kw["push_to"]:

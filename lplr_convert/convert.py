@@ -20,25 +20,23 @@ from . import __version__
 from . import constants as C
 from .allocation import allocate_plans
 from .devices import resolve_device
-from .dtypes import dtype_name
 from .errors import LplrError, opt
-from .experts import compress_experts
 from .io.journal import Journal, resume_state
 from .io.manifest import Manifest, TensorRecord, sha256_file, write_json_atomic
 from .io.outdir import OutputLock
-from .io.prefetch import prefetched, to_host
 from .io.reader import SourceCheckpoint, open_source
 from .io.sidefiles import copy_side_files
 from .io.writer import ShardWriter
-from .math.sketch import derive_seed
-from .math.weighted import weighted_relative_error
 from .methods import InputStats, Settings, flat_defaults, get_method, make_settings
 from .methods.base import layer_json, overlay
+from .parallel.task import JobResult, TensorJob, _all_finite  # noqa: F401  (_all_finite: tests import it from here)
 from .plan import PlanOptions, TensorPlan, build_plan_options, make_plan
+from .report.spectra import SPECTRA_MODES, representative_tensors
 
 __all__ = ["ConvertOptions", "convert", "plan_options"]
 
 NONFINITE_CHOICES = ("error", "copy")
+_F32_MAX = torch.finfo(torch.float32).max
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
 
@@ -75,6 +73,12 @@ class ConvertOptions:
     command: str | None = None
     write_report: bool = True
     base_model: str | None = None  # Hub repo id the card names as base_model (default: found from the source)
+    spectra: str = "estimate"
+    workers: int | None = None
+    devices: str | None = None
+    threads: int | None = None
+    ray_address: str | None = None
+    retries: int = 3
 
     def __post_init__(self) -> None:
         if self.overwrite and self.resume:
@@ -93,6 +97,25 @@ class ConvertOptions:
         size = self.max_shard_size
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
             raise LplrError(f"{opt('max_shard_size')} {size!r} must be a positive number of bytes")
+        if self.spectra not in SPECTRA_MODES:
+            raise LplrError(f"{opt('spectra')} {self.spectra!r} is unknown; use one of {', '.join(SPECTRA_MODES)}")
+        for key, low in (("workers", 1), ("threads", 1), ("retries", 0)):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise LplrError(f"{opt(key)} {value!r} must be an integer of at least {low}")
+
+    def device_list(self) -> list[str]:
+        """The compute devices: `devices` split at commas, else `device`."""
+        if self.devices is None:
+            return [self.device]
+        items = [d.strip() for d in str(self.devices).split(",") if d.strip()]
+        if not items:
+            raise LplrError(f"{opt('devices')} {self.devices!r} names no device; use e.g. cpu or cuda:0,cuda:1")
+        return items
+
+    def worker_count(self) -> int:
+        """Worker processes (or Ray tasks under way): `workers`, else one per device."""
+        return self.workers if self.workers is not None else len(self.device_list())
 
     def layer(self) -> dict:
         """The flat settings layer of this run: the explicit values (`defaults`, else every knob of `settings`)."""
@@ -116,7 +139,8 @@ def _fingerprint(src: SourceCheckpoint, opts: ConvertOptions, popts: PlanOptions
                  stats) -> dict:
     """Everything that decides the output's bytes: resuming with any of it changed is refused."""
     settings = recorded_settings(popts)
-    return {"calibration": None if stats is None else stats.digest(),"format_version": C.FORMAT_VERSION, "tool_version": __version__, "source_files": hashes, "config": src.config, **settings,
+    return {"calibration": None if stats is None else stats.digest(), "format_version": C.FORMAT_VERSION,
+            "tool_version": __version__, "source_files": hashes, "config": src.config, **settings,
             "seed": opts.seed, "include": opts.include, "exclude": opts.exclude, "layers": opts.layers,
             "types": opts.types, "recipe": recipe_text, "max_shard_size": opts.max_shard_size,
             "on_nonfinite": opts.on_nonfinite, "target_bits_per_param": opts.target_bits_per_param}
@@ -168,65 +192,6 @@ def _preflight(plans: list[TensorPlan], calibrated: bool) -> None:
                 raise LplrError(f"{p.name}: {e.template}") from None
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    """No NaN or Inf in t. min and max propagate NaN and show an Inf: one reduction pass (10 ms on an 11008x4096
-    fp16 matrix here, against 125 ms for isfinite(t).all())."""
-    if not t.dtype.is_floating_point or t.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
-
-
-def _output_error(method, result, W: torch.Tensor, stats: InputStats) -> float:
-    """sqrt(tr(D H D^T) / tr(W H W^T)) of what is stored, D = W - decode(parts), on the compute device: the relative
-    error of the layer's outputs on the calibration inputs."""
-    W_hat = method.decode(result.parts, result.info)
-    return float(weighted_relative_error(W.float(), W_hat.float(), stats.H))
-
-
-def _process(plan: TensorPlan, t: torch.Tensor, device: torch.device, global_seed: int, on_nonfinite: str,
-             stats: InputStats | None = None):
-    """Compress one tensor on `device`: (stored tensors by full name, MethodResult, seed, nonfinite, settings used);
-    with `stats` the result's extra facts hold the output (activation-weighted) error."""
-    settings, nonfinite = plan.settings, False
-    if settings.method != "copy" and not _all_finite(t):
-        if on_nonfinite == "error":
-            raise LplrError(f"tensor {plan.name} contains NaN or Inf; fix the checkpoint, or pass "
-                            f"{opt('on_nonfinite')} copy to keep such tensors verbatim")
-        logger.warning(f"{plan.name} contains NaN/Inf: copied verbatim (on_nonfinite copy)")
-        settings, nonfinite = make_settings("copy"), True
-    seed = derive_seed(global_seed, plan.name)
-    method = get_method(settings.method)
-    if settings.method == "copy":
-        result = method.compress(t, settings, seed)
-    else:
-        W = t.to(device, non_blocking=True)  # the one host-to-device copy (from pinned memory on CUDA)
-        if plan.experts:  # per-expert compression (calibration statistics cover block linears, not fused experts)
-            result = compress_experts(method, W, settings, seed, plan.transposed)
-        else:
-            W = W.T if plan.transposed else W
-            result = method.compress(W, settings, seed, stats)
-            if stats is not None:
-                result.extra["output_rel_error"] = _output_error(method, result, W, stats)
-        result.parts = to_host(result.parts, device)
-    stored = {(f"{plan.name}.{k}" if k else plan.name): v for k, v in result.parts.items()}
-    return stored, result, seed, nonfinite, settings
-
-
-def _record(plan: TensorPlan, settings: Settings, stored: dict[str, torch.Tensor], result, seed: int,
-            seconds: float, nonfinite: bool) -> TensorRecord:
-    method = get_method(settings.method)
-    meta = {k: {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "bytes": t.numel() * t.element_size()}
-            for k, t in stored.items()}
-    return TensorRecord.build(
-        plan.name, plan.shape, dtype_name(plan.dtype), plan.dtype.itemsize, settings.to_json(), meta,
-        rank_policy=settings.rank.label() if method.uses_rank else None, layer=plan.layer,
-        matrix_type=plan.matrix_type, rank=result.rank, seed=seed, transposed=plan.transposed, reason=plan.reason,
-        rel_error=float(result.rel_error), output_rel_error=result.extra.pop("output_rel_error", None),
-        seconds=round(seconds, 4), nonfinite=nonfinite, info=result.info,
-        energy_kept=None if result.energy_kept is None else float(result.energy_kept), extra=result.extra)
-
-
 def convert(opts: ConvertOptions) -> dict:
     """Convert a checkpoint; returns the manifest document. Resumable; the manifest is written last."""
     try:
@@ -238,19 +203,50 @@ def convert(opts: ConvertOptions) -> dict:
         raise
 
 
+def _devices(opts: ConvertOptions) -> list[str]:
+    """The compute devices, checked against this machine; for a Ray cluster only their names are checked (its nodes,
+    not this machine, must have them)."""
+    out = []
+    for d in opts.device_list():
+        if opts.ray_address:
+            try:
+                out.append(d if d == "auto" else str(torch.device(d)))
+            except RuntimeError:
+                raise LplrError(f"{opt('devices')} {d!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+            continue
+        try:
+            out.append(str(resolve_device(d)))
+        except LplrError as e:
+            if opts.devices is None:
+                raise
+            raise LplrError(f"{opt('devices')}: {e.template}") from None
+    return out
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _convert(opts: ConvertOptions) -> dict:
     t_start = time.perf_counter()
-    device = resolve_device(opts.device)
+    if opts.write_report:
+        from .report.plots import preload
+
+        preload()  # matplotlib's import overlaps the conversion instead of adding to the report
+    devices = _devices(opts)
     popts, recipe_text = plan_options(opts)
     src = open_source(opts.in_path, opts.revision)
     plans = make_plan(src.headers.values(), src.config, popts)
     _preflight(plans, opts.calibration is not None)
     out = Path(opts.out_path).expanduser()
     with OutputLock.guarding(out, src.root, overwrite=opts.overwrite, resume=opts.resume):
-        n_comp = sum(p.method != "copy" for p in plans)
+        run = _Run(opts, src, out, plans, popts, recipe_text, devices, _hash_sources(src))
+        n_comp = sum(p.method != "copy" for p in run.plans)
         logger.info(f"{src.root}: {len(plans)} tensors in {len(src.files)} file(s); {n_comp} to compress with "
-                    f"{popts.settings.method if not popts.rules else 'a recipe'} on {device}")
-        run = _Run(opts, src, out, plans, popts, recipe_text, device, _hash_sources(src))
+                    f"{popts.settings.method if not popts.rules else 'a recipe'} on {run.where()}")
         records = run.compress_all()
         manifest = run.finish(records)
         manifest.summary = _summary(manifest.tensors, time.perf_counter() - t_start)
@@ -262,38 +258,90 @@ def _convert(opts: ConvertOptions) -> dict:
     return doc
 
 
+def _plan_rows(plans: list[TensorPlan]) -> list[dict]:
+    """The fields of report rows that choosing the plotted tensors needs, known before anything is computed."""
+    return [{"name": p.name, "method": p.method, "shape": list(p.shape), "layer": p.layer,
+             "matrix_type": p.matrix_type} for p in plans]
+
+
 class _Run:
-    """One conversion under way: its journal and shard writer over the planned tensors."""
+    """One conversion under way: its journal and shard writer over the planned tensors, and the executor that computes
+    them (in this process, a local worker pool, or Ray). This is the one writer, whichever executor computes."""
 
     def __init__(self, opts: ConvertOptions, src: SourceCheckpoint, out: Path, plans: list[TensorPlan],
-                 popts: PlanOptions, recipe_text: str | None, device: torch.device, hashes: dict[str, str]):
+                 popts: PlanOptions, recipe_text: str | None, devices: list[str], hashes: dict[str, str]):
         self.opts, self.src, self.out, self.plans, self.popts = opts, src, out, plans, popts
-        self.recipe_text, self.device, self.hashes = recipe_text, device, hashes
-        self.stats = _open_stats(opts.calibration, plans, hashes, src, device)
+        self.recipe_text, self.devices, self.hashes = recipe_text, devices, hashes
+        self.device = resolve_device(devices[0])  # this process's device (allocation, calibration statistics)
+        self.workers = opts.worker_count()
+        self.executor_kind = "ray" if opts.ray_address else "local pool" if self.workers > 1 else "in-process"
+        self.threads = self._threads()
+        self.stats = _open_stats(opts.calibration, plans, hashes, src, self.device)
+        if self.stats is not None and self.executor_kind != "in-process":
+            raise LplrError(f"{opt('calibration')} runs in this process (one statistic resident at a time); drop "
+                            f"{opt('workers')}/{opt('devices')}/{opt('ray_address')} for a calibrated conversion")
         self._shared: InputStats | None = None
         self.allocation = None
         if opts.target_bits_per_param is not None:
             self.plans, self.allocation = allocate_plans(
                 plans, self._oriented, self._stats_for, opts.target_bits_per_param,
                 frozenset(k for k in popts.defaults if k != "method"), self.stats is not None)
+        plotted = [] if opts.spectra == "off" else representative_tensors(_plan_rows(self.plans))
+        self.spectra = dict.fromkeys(plotted, opts.spectra)
         self.journal = Journal(out, _fingerprint(src, opts, popts, recipe_text, hashes, self.stats))
         self.journal.shards = resume_state(out, self.journal.fingerprint) if opts.resume else []
         self.journal.save()
         self.writer = ShardWriter(out, opts.max_shard_size, on_close=self.journal.on_close)
         self.writer.closed = self.journal.closed_shards()
 
+    def _threads(self) -> int:
+        """torch threads per tensor computation. On the CPU the low bits of a result depend on it (LAPACK and torch's
+        reductions split their work by thread), so a run is byte-identical to another with the same value."""
+        if self.opts.threads is not None:
+            return self.opts.threads
+        if self.executor_kind == "ray":
+            return 1
+        if self.executor_kind == "local pool":
+            return max(1, _cores() // self.workers)
+        return torch.get_num_threads()
+
+    def where(self) -> str:
+        devices = ",".join(self.devices)
+        if self.executor_kind == "in-process":
+            return devices
+        return f"{devices} ({self.executor_kind}, {self.workers} workers x {self.threads} threads)"
+
+    def _executor(self):
+        o = self.opts
+        if self.executor_kind == "ray":
+            from .parallel.cluster import RayExecutor
+
+            return RayExecutor(self.src, o.ray_address, self.devices, self.threads, o.retries, o.workers)
+        if self.executor_kind == "local pool":
+            from .parallel.pool import LocalPool
+
+            return LocalPool(self.src, self.devices, self.workers, self.threads,
+                             os.environ.get("LOGURU_LEVEL", "INFO"))
+        from .parallel.inprocess import InProcess
+
+        return InProcess(self.src, self.device, o.threads, self._stats_for)
+
     def compress_all(self) -> dict[str, TensorRecord]:
         """Compress every tensor not already in a kept shard; returns every tensor's record by name."""
         records = self.journal.records()
-        by_name = {p.name: p for p in self.plans}
-        todo = [p.name for p in self.plans if p.name not in records]
-        cuda = self.device.type == "cuda"
+        o = self.opts
+        jobs = [TensorJob(p, o.seed, o.on_nonfinite, self.spectra.get(p.name, "off")) for p in self.plans
+                if p.name not in records]
         try:
-            with tqdm(total=len(self.plans), initial=len(records), desc="converting", unit="tensor") as bar:
-                for name, t in prefetched(self.src.iter_tensors(todo, pin=cuda), enabled=cuda, pin=cuda):
-                    records[name] = self._one(by_name[name], t)
-                    del t
-                    bar.update(1)
+            with tqdm(total=len(self.plans), initial=len(records), desc="converting", unit="tensor") as bar, \
+                    self._executor() as executor:
+                results = executor.run(jobs)
+                try:
+                    for res in results:
+                        records[res.name] = self._write(res)
+                        bar.update(1)
+                finally:
+                    results.close()
             self.writer.close_shard()
         except BaseException:
             self.writer.abort()
@@ -318,16 +366,12 @@ class _Run:
             self._shared = InputStats(self.stats.statistic(plan.name).to(self.device, torch.float32), key)
         return self._shared
 
-    def _one(self, plan: TensorPlan, t: torch.Tensor) -> TensorRecord:
-        t0 = time.perf_counter()
-        stored, result, seed, nonfinite, used = _process(plan, t, self.device, self.opts.seed, self.opts.on_nonfinite,
-                                                         self._stats_for(plan))
-        shard_idx = self.writer.add_group(plan.name, stored)
-        rec = _record(plan, used, stored, result, seed, time.perf_counter() - t0, nonfinite)
-        rec.shard = shard_idx
-        self.journal.pending[plan.name] = rec
+    def _write(self, res: JobResult) -> TensorRecord:
+        rec = res.record
+        rec.shard = self.writer.add_group(res.name, res.stored)
+        self.journal.pending[res.name] = rec
         if rec.grew:
-            logger.warning(f"{plan.name}: stored form is larger than the original ({rec.bits_per_param:.2f} "
+            logger.warning(f"{res.name}: stored form is larger than the original ({rec.bits_per_param:.2f} "
                            f"bits/param vs {rec.original_bits_per_param:.0f}); done as asked")
         return rec
 
@@ -354,7 +398,8 @@ class _Run:
 
     def _options(self) -> dict:
         o = self.opts
-        return {"command": o.command, "seed": o.seed, "device": str(self.device),
+        return {"command": o.command, "seed": o.seed, "device": self.devices[0], "devices": self.devices,
+                "executor": self.executor_kind, "workers": self.workers, "threads": self.threads, "spectra": o.spectra,
                 "calibration": _stats_info(o.calibration, self.stats), "allocation": self.allocation,
                 "settings": recorded_settings(self.popts), "include": o.include, "exclude": o.exclude,
                 "layers": o.layers, "types": o.types, "recipe": self.recipe_text, "recipe_path": o.recipe,
@@ -370,8 +415,8 @@ def _summary(records: list[TensorRecord], seconds: float) -> dict:
 def _write_report(out: Path, manifest: dict) -> None:
     from .report import write_report
 
-    try:
-        write_report(out, manifest)
+    try:  # the curves come from the records; the source is never read again for them (see ConvertOptions.spectra)
+        write_report(out, manifest, read_source=False)
     except Exception as e:  # noqa: BLE001  # the conversion itself is complete; a report failure must not hide it
         logger.warning(f"the report could not be written ({type(e).__name__}: {e}); run `lplr-convert report`")
 

@@ -30,6 +30,9 @@ class LplrError(Exception):
         self.template = str(message)
         super().__init__(_MARK.sub(lambda m: m.group(1), self.template))
 
+    def __reduce__(self):  # pickled with its template, so that a worker's error still renders flags on the CLI
+        return type(self), (self.template,)
+
     def cli_message(self) -> str:
         """The message with settings named by their command-line flags."""
         return _MARK.sub(lambda m: flag(m.group(1)), self.template)

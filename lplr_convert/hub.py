@@ -26,7 +26,6 @@ __all__ = ["check_repo_id", "push"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _SKIP_SUFFIXES = (C.PARTIAL_SUFFIX,)
 _SKIP_NAMES = {C.PROGRESS_FILE, C.MODEL_CARD}  # the card replaces any README.md copied from the source
-_TEXT_SUFFIXES = (".json", ".md", ".txt", ".csv", ".yaml", ".yml", ".py", ".jinja")
 _TOKEN_FIX = "pass --token, set HF_TOKEN, or run `hf auth login`"
 
 
@@ -90,14 +89,28 @@ def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, rev
 
 
 def _refuse_leaked_token(out_dir: Path, files: list[tuple[str, Path]], card: bytes, token: str) -> None:
-    """Refuse to publish a text file (or the card) that contains the token, e.g. in a recorded command line."""
+    """Refuse to publish any file (or the card) that contains the token, e.g. in a recorded command line or a log.
+    Every file to upload is scanned, whatever its suffix or size."""
     needle = token.encode("utf-8")
     leaks = ["the generated model card"] if needle in card else []
-    leaks += [str(path) for _, path in files if path.suffix in _TEXT_SUFFIXES and path.stat().st_size < 64 << 20
-              and needle in path.read_bytes()]
+    leaks += [str(path) for _, path in files if _file_contains(path, needle)]
     if leaks:
         raise LplrError(f"{', '.join(leaks)} contains your Hub token, so it must not be published; remove the token "
                         f"from {out_dir} (and revoke it if it was shared), then push again")
+
+
+def _file_contains(path: Path, needle: bytes, chunk: int = 1 << 24) -> bool:
+    """Whether `needle` occurs in the file, read in chunks that overlap by len(needle) - 1 bytes, so an occurrence
+    split across two chunks is found."""
+    keep = len(needle) - 1
+    tail = b""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            window = tail + block
+            if needle in window:
+                return True
+            tail = window[-keep:] if keep else b""
+    return False
 
 
 def check_repo_id(repo_id: str, what: str | None = None) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
+from . import constants as C
 from .errors import LplrError
 from .io.output import ConvertedOutput
 from .modeling import linear_target, lowrank_for, model_class, name_candidates, params_on_meta, set_module
@@ -106,6 +107,7 @@ def load_model(path: str | Path, factored: bool = True, device: str = "cpu", dty
     Fused 3-D experts tensors (compressed expert by expert) are stacked back and load dense.
     """
     with ConvertedOutput(path, device, verify) as output:
+        output.side_file(C.CONFIG_FILE)  # the model is built from it: checked like the shards
         model = _load_direct(output, factored, device, dtype)
         if model is None:
             output.verify = False  # every shard was checked on the first pass

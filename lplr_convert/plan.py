@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ import torch
 
 from .errors import LplrError, opt
 from .experts import experts_in_major, is_stacked_experts
-from .methods import Settings, flat_defaults, make_settings, settings_from_flat
+from .methods import Settings, flat_defaults, get_method, make_settings, settings_from_flat
 from .methods.base import overlay
 
 __all__ = [
@@ -123,7 +124,7 @@ def parse_types(spec: str | list | None) -> set[str] | None:
         return None
     out: set[str] = set()
     for t in _items(spec):
-        if t not in TYPE_GROUPS:
+        if not isinstance(t, str) or t not in TYPE_GROUPS:
             raise LplrError(f"{opt('types')} {t!r} is unknown; use any of {', '.join(TYPE_GROUPS)}")
         out |= TYPE_GROUPS[t]
     return out
@@ -229,8 +230,11 @@ def _rule(raw, defaults: dict, where: str) -> Rule:
             re.compile(pattern)
         except re.error as e:
             raise LplrError(f"{where}: pattern {pattern!r} is not a valid regex ({e})") from None
-    layers = parse_layers(raw.get("layers"))
-    types = parse_types(raw.get("types"))
+    try:
+        layers = parse_layers(raw.get("layers"))
+        types = parse_types(raw.get("types"))
+    except LplrError as e:
+        raise LplrError(f"{where}: {e.template}") from None
     layer = overlay(defaults, {k: v for k, v in raw.items() if k not in _MATCH_KEYS}, where)
     return Rule(settings_from_flat(layer, where), pattern, tuple(layers) if layers is not None else None,
                 frozenset(types) if types is not None else None)
@@ -275,7 +279,47 @@ def build_plan_options(layer: dict, recipe: str | None = None, include: str | No
 
 
 def _compressible(shape: tuple[int, ...], dtype: torch.dtype) -> bool:
-    return len(shape) == 2 and dtype.is_floating_point and min(shape) > 0
+    """A non-empty 2-D float matrix of at least 16 bits. float8 weights are copied: an fp8 checkpoint keeps each
+    weight's scales in separate tensors (e.g. weight_scale_inv), so the 8-bit values alone are not the weight."""
+    return len(shape) == 2 and dtype.is_floating_point and dtype.itemsize >= 2 and min(shape) > 0
+
+
+def _not_compressible(shape: tuple[int, ...], dtype: torch.dtype) -> str:
+    if len(shape) == 2 and dtype.is_floating_point and dtype.itemsize == 1:
+        return "float8 weight, copied verbatim (its scales live in other tensors)"
+    return "not a 2-D float tensor"
+
+
+def stored_prefixes(plan: TensorPlan) -> list[tuple[str, bool]]:
+    """(prefix, whether fields may follow it) of the names a compressed tensor is stored under: "<name>.<part>"
+    (or "<name>.<part>.<field>") for each part the method declares, "<name>.<expert>.<part>..." for fused experts;
+    a part "" is stored under the head itself ("<name>" or "<name>.<expert>")."""
+    heads = [f"{plan.name}.{e}" for e in range(plan.experts)] if plan.experts else [plan.name]
+    return [(f"{h}.{part}", True) if part else (h, False) for h in heads for part in get_method(plan.method).parts]
+
+
+def _taken(sorted_names: list[str], prefix: str, fields: bool) -> str | None:
+    """A name in `sorted_names` equal to `prefix`, or (with `fields`) extending "<prefix>."."""
+    i = bisect.bisect_left(sorted_names, prefix)
+    if i < len(sorted_names) and sorted_names[i] == prefix:
+        return prefix
+    i = bisect.bisect_left(sorted_names, prefix + ".")
+    return sorted_names[i] if fields and i < len(sorted_names) and sorted_names[i].startswith(prefix + ".") else None
+
+
+def check_collisions(plans: list[TensorPlan]) -> None:
+    """Refuse a plan in which a source tensor is named like a stored part of another (e.g. `X.weight` compressed
+    and `X.weight.lplr_left.scale`), naming both: the two would share a stored name."""
+    names = sorted(p.name for p in plans)
+    for p in plans:
+        if p.method == "copy":
+            continue
+        for prefix, fields in stored_prefixes(p):
+            hit = None if prefix == p.name else _taken(names, prefix, fields)
+            if hit is not None:
+                raise LplrError(f"tensors {p.name} and {hit} would share a stored name: {hit} is named "
+                                f"like a stored part of {p.name} ({p.method}); rename it in the checkpoint, or leave "
+                                f"{p.name} uncompressed with {opt('exclude')}")
 
 
 def make_plan(headers, config: dict, options: PlanOptions) -> list[TensorPlan]:
@@ -301,7 +345,7 @@ def make_plan(headers, config: dict, options: PlanOptions) -> list[TensorPlan]:
         default_pick = ok and (name.endswith(".weight") or experts) and layer is not None \
             and not _LEAVE_ALONE.search(name) and mtype != "router"  # MoE routers: tiny and sensitive, left alone
         pick = default_pick
-        reason = "block linear weight" if pick else ("not a 2-D float tensor" if not ok else "left alone")
+        reason = "block linear weight" if pick else (_not_compressible(shape, dtype) if not ok else "left alone")
         if options.include is not None:
             pick = ok and re.search(options.include, name) is not None
             reason = "--include" if pick else reason
@@ -320,4 +364,5 @@ def make_plan(headers, config: dict, options: PlanOptions) -> list[TensorPlan]:
         transposed = settings.method != "copy" and (experts_in_major(config) if experts else
                                                     conv1d and layer is not None and len(shape) == 2)
         plans.append(TensorPlan(name, shape, dtype, settings, transposed, layer, mtype, reason))
+    check_collisions(plans)
     return plans

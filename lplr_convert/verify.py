@@ -11,6 +11,7 @@ from .errors import LplrError, opt
 from .io.manifest import TensorRecord, sha256_file
 from .io.output import ConvertedOutput
 from .io.reader import open_source
+from .math.error import relative_error
 
 __all__ = ["verify"]
 
@@ -60,10 +61,15 @@ def _error_problems(output: ConvertedOutput, source: str, sample: int, tolerance
     problems = []
     src = open_source(source)
     want = {r.name: r for r in _sample(output.records, sample)}
+    for name in sorted(set(want) & set(src.headers)):
+        h, rec = src.headers[name], want[name]
+        if list(h.shape) != list(rec.shape) or dtype_name(h.dtype) != rec.dtype:
+            raise LplrError(f"the source's {name} is {dtype_name(h.dtype)} {list(h.shape)}, the output's "
+                            f"{rec.dtype} {rec.shape}: {opt('source')} {source} is not the checkpoint this was "
+                            f"converted from; pass that one")
     for name, W in src.iter_tensors(list(want)):
         rec = want[name]
-        W_hat = output.dense(rec)
-        err = float((W.double() - W_hat.double()).norm() / W.double().norm().clamp_min(1e-300))
+        err = float(relative_error(W, output.dense(rec)))  # as the conversion measured it
         checked.append({"name": name, "manifest": rec.rel_error, "recomputed": err})
         if abs(err - rec.rel_error) > tolerance * max(rec.rel_error, 1e-6) + 1e-7:
             problems.append(f"tensor {name}: recomputed error {err:.6g} differs from the manifest's "

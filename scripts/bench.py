@@ -8,7 +8,11 @@ One run measures, on one device:
 3. the same for ``scripts/reference_lplr.py`` (lplr, lsvd), the speed-up reference/ours and the error ratio
    ours/reference with the tensor quantizer and the same sketch (same seed), and our lplr flop efficiency;
 4. peak resident memory of a whole ``lplr-convert`` conversion of a synthetic multi-shard LLaMA checkpoint, with small
-   and with large output shards, above the interpreter-plus-torch baseline.
+   and with large output shards, above the interpreter-plus-torch baseline;
+5. end to end, each command a fresh process, interleaved and best of the mode's repeats: the whole CLI on a checkpoint
+   of one matrix (lplr, f = 0.8, 8/8 bits) with the default report and with ``--no-report`` against a process running
+   ``scripts/reference_lplr.py`` on the same file (load, sketch, LPLR, error), the report's overhead, and
+   ``--workers 2`` against ``--workers 1`` on the multi-tensor checkpoint of (4).
 
 Every per-matrix measurement runs in a fresh subprocess: the weight is loaded, a small warm-up call initialises the
 kernels, the kernel's peak-RSS counter is reset (``/proc/self/clear_refs`` = 5), and peak memory is VmHWM after the
@@ -22,6 +26,7 @@ Usage::
     python scripts/bench.py --quick         # < 1 min on 2 cores, prints JSON lines only
     python scripts/bench.py --tiny          # seconds; the smoke test's mode
     python scripts/bench.py --device cuda   # or auto; the reference always runs on the CPU (as published)
+    python scripts/bench.py --e2e-only      # only (5): whole-process times, report overhead, workers
 
 Each measurement is printed as one JSON object per line on stdout as soon as it exists; progress goes to stderr.
 """
@@ -71,6 +76,8 @@ class Mode:
     shard_sizes: tuple[int, int]  # small and large --max-shard-size in bytes
     profile: bool
     fresh: bool = True  # one subprocess per measurement (False: one subprocess runs them all, for --tiny)
+    e2e_shape: tuple[int, int] = (11008, 4096)  # the one matrix of the end-to-end checkpoint
+    e2e_reps: int = 2  # interleaved repeats of each end-to-end command (the best is reported)
 
 
 MODES = {
@@ -79,10 +86,10 @@ MODES = {
                  (100_000_000, 50_000_000_000), True),
     "quick": Mode(((2752, 1024),), (0.8,), (8,), 2048, 2,
                   {"hidden": 512, "intermediate": 1376, "layers": 2, "vocab": 2000},
-                  (1_500_000, 50_000_000_000), False, fresh=False),
+                  (1_500_000, 50_000_000_000), False, fresh=False, e2e_shape=(2752, 1024), e2e_reps=1),
     "tiny": Mode(((192, 64),), (0.5,), (4,), 256, 2,
                  {"hidden": 64, "intermediate": 176, "layers": 1, "vocab": 128},
-                 (40_000, 50_000_000_000), False, fresh=False),
+                 (40_000, 50_000_000_000), False, fresh=False, e2e_shape=(192, 64), e2e_reps=1),
 }
 
 
@@ -269,7 +276,7 @@ def make_call(job: dict):
     if job["impl"] == "ours":
         bits = job["bits"] or 8  # laser ignores bits and quantizer
         settings = MethodSettings(method=job["method"], b1=bits, b2=bits, quantizer=job["quantizer"] or "channel",
-                                  rank=policy)
+                                  scheme="minmax", rank=policy)  # the published grid, as the reference uses
         method = get_method(job["method"])
 
         def call(W):
@@ -486,6 +493,109 @@ def bench_conversion(mode: Mode, weights: dict, work: Path, device: str = "cpu")
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# End to end: whole processes
+
+
+# What a user of the published code runs for one matrix: load it, draw the Gaussian sketch, LPLR, the error.
+_REFERENCE_PROCESS = r"""
+import importlib.util, math, sys
+import torch
+from safetensors.torch import load_file
+spec = importlib.util.spec_from_file_location("reference_lplr", sys.argv[1])
+ref = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ref)
+W = next(iter(load_file(sys.argv[2]).values()))
+m, n = W.shape
+r = math.ceil(float(sys.argv[3]) * min(m, n))
+torch.manual_seed(int(sys.argv[5]))
+S = torch.randn(n, r) / math.sqrt(r)
+W_hat = ref.lplr(W, r, int(sys.argv[4]), int(sys.argv[4]), S)
+print(ref.rel_error(W, W_hat))
+"""
+E2E_FRACTION, E2E_BITS = 0.8, 8
+
+
+def _timed(cmd: list[str], timeout: float = 3600) -> dict:
+    """Wall time of a fresh process (startup and imports included), its exit code, and the report time it logged."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout, check=False)
+    seconds = time.perf_counter() - t0
+    report = [ln for ln in proc.stderr.splitlines() if "report written to" in ln]
+    report_s = float(report[-1].rsplit(" in ", 1)[1].split()[0]) if report and " in " in report[-1] else None
+    tail = (proc.stderr.strip().splitlines() or [""])[-1]
+    return {"rc": proc.returncode, "seconds": seconds, "report_seconds": report_s, "stderr_tail": tail[-300:]}
+
+
+def _best_runs(cmds: dict[str, list[str]], reps: int) -> dict[str, dict]:
+    """Run every command `reps` times, interleaved (so that a change of load hits all alike); the best run of each,
+    with all its times."""
+    runs: dict[str, list[dict]] = {k: [] for k in cmds}
+    for rep in range(reps):
+        for key, cmd in cmds.items():
+            log(f"end to end: {key} ({rep + 1}/{reps})")
+            runs[key].append(_timed(cmd))
+    out = {}
+    for key, rs in runs.items():
+        ok = [r for r in rs if r["rc"] == 0]
+        best = min(ok, key=lambda r: r["seconds"]) if ok else rs[-1]
+        out[key] = {**best, "all_seconds": [round(r["seconds"], 3) for r in rs], "ok": bool(ok)}
+    return out
+
+
+def bench_end_to_end(mode: Mode, weights: dict, work: Path, device: str = "cpu") -> list[dict]:
+    """Whole-CLI time of one matrix with and without the report against the reference process, and --workers 2
+    against --workers 1 on the multi-tensor checkpoint (see the module doc, item 5)."""
+    from safetensors.torch import save_file
+
+    m, n = mode.e2e_shape
+    if (m, n) not in weights:
+        weights[(m, n)] = synthetic_weight(m, n)
+    one = work / "e2e-one"
+    one.mkdir(exist_ok=True)
+    save_file({"model.layers.0.mlp.up_proj.weight": weights[(m, n)]}, str(one / "model.safetensors"),
+              metadata={"format": "pt"})
+    (one / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    cli = convert_command() + ["--rank-fraction", str(E2E_FRACTION), "--b1", str(E2E_BITS), "--b2", str(E2E_BITS),
+                               "--seed", str(SEED), "--device", device, "--overwrite"]
+    cmds = {"cli_report": cli + ["--in-path", str(one), "--out-path", str(work / "e2e-report")],
+            "cli_no_report": cli + ["--in-path", str(one), "--out-path", str(work / "e2e-noreport"), "--no-report"],
+            "reference": [sys.executable, "-c", _REFERENCE_PROCESS, str(REFERENCE_PATH), str(one / "model.safetensors"),
+                          str(E2E_FRACTION), str(E2E_BITS), str(SEED)]}
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    runs = _best_runs(cmds, mode.e2e_reps)
+    rec = {"kind": "e2e", "shape": [m, n], "fraction": E2E_FRACTION, "bits": E2E_BITS, "device": device,
+           "reps": mode.e2e_reps, "loadavg_before": load_before, "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+           "runs": runs, "status": "ok" if all(r["ok"] for r in runs.values()) else "failed"}
+    if rec["status"] == "ok":
+        with_r, without, ref = (runs[k]["seconds"] for k in ("cli_report", "cli_no_report", "reference"))
+        rec.update(speedup_with_report=ref / with_r, speedup_without_report=ref / without,
+                   report_overhead=(with_r - without) / without,
+                   report_seconds=runs["cli_report"]["report_seconds"],
+                   report_share=(runs["cli_report"]["report_seconds"] or 0.0) / without)
+    return [rec, bench_workers(mode, weights, work, device)]
+
+
+def bench_workers(mode: Mode, weights: dict, work: Path, device: str = "cpu") -> dict:
+    """--workers 2 against --workers 1 (each with its default threads: cores / workers) on the multi-tensor
+    checkpoint, without the report."""
+    ckpt = work / "ckpt"
+    if not (ckpt / "config.json").exists():
+        write_checkpoint(ckpt, mode.checkpoint, weights)
+    cli = convert_command() + ["--in-path", str(ckpt), "--rank-fraction", str(E2E_FRACTION), "--seed", str(SEED),
+                               "--device", device, "--no-report", "--overwrite"]
+    cmds = {f"workers_{k}": cli + ["--out-path", str(work / f"e2e-workers-{k}"), "--workers", str(k)] for k in (1, 2)}
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    runs = _best_runs(cmds, mode.e2e_reps)
+    rec = {"kind": "e2e_workers", "checkpoint": mode.checkpoint, "device": device, "cores": os.cpu_count(),
+           "reps": mode.e2e_reps, "loadavg_before": load_before,
+           "loadavg_after": [round(x, 2) for x in os.getloadavg()], "runs": runs,
+           "status": "ok" if all(r["ok"] for r in runs.values()) else "failed"}
+    if rec["status"] == "ok":
+        rec["speedup_2_over_1"] = runs["workers_1"]["seconds"] / runs["workers_2"]["seconds"]
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Targets and report
 
 
@@ -567,6 +677,22 @@ def targets(records: list[dict], matmul_gflops: float) -> list[dict]:
         add(f"{c['method']} f={c['fraction']} {c['shape'][0]}x{c['shape'][1]} {c['bits']}-bit: error within 1% of "
             f"reference", c["error_ratio"], "abs(ratio - 1) <= 0.01", dev <= 0.01,
             f"{c['ours_rel_error']:.5f} vs {c['reference_rel_error']:.5f}")
+    for r in (r for r in records if r["kind"] == "e2e"):
+        tag = f"whole CLI, one {r['shape'][0]}x{r['shape'][1]} fp16 matrix, lplr f={r['fraction']} {r['bits']}-bit"
+        if r["status"] != "ok":
+            tails = "; ".join(f"{k}: {v['stderr_tail']}" for k, v in r["runs"].items() if not v["ok"])
+            add(f"{tag}: >= 3x faster than the reference process", None, 3.0, None, f"PENDING: {tails}")
+            continue
+        runs = r["runs"]
+        add(f"{tag}: >= 3x faster than the reference process (default report)", r["speedup_with_report"], 3.0,
+            r["speedup_with_report"] >= 3.0,
+            f"CLI {_s(runs['cli_report']['seconds'])} s (without report {_s(runs['cli_no_report']['seconds'])} s, "
+            f"{r['speedup_without_report']:.2f}x) vs reference {_s(runs['reference']['seconds'])} s; load "
+            f"{r['loadavg_before'][0]} -> {r['loadavg_after'][0]}")
+        share = r.get("report_share")
+        add(f"{tag}: the default report adds <= 10 %", r["report_overhead"], 0.10, r["report_overhead"] <= 0.10,
+            f"wall with - without report over without; the report itself took "
+            f"{_s(r['report_seconds'] or 0.0)} s in the process ({100 * (share or 0.0):.1f} %)")
     conv = {r["shards"]: r for r in records if r["kind"] == "convert"}
     for label, r in conv.items():
         if r["status"] != "ok":
@@ -602,6 +728,28 @@ def _range(xs):
 
 def _s(x):
     return f"{x:.3g}" if x < 10 else f"{x:.1f}"
+
+
+def _e2e_markdown(records: list[dict]) -> list[str]:
+    """The end-to-end section: every whole-process command's best and all times, and the workers' scaling."""
+    rows = [r for r in records if r["kind"] in ("e2e", "e2e_workers")]
+    if not rows:
+        return []
+    L = ["", "## End to end (fresh processes, imports included; best of the interleaved repeats)", "",
+         "| case | command | status | best s | all s | load before -> after |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        case = (f"one {r['shape'][0]}x{r['shape'][1]} matrix" if r["kind"] == "e2e" else
+                f"checkpoint {r['checkpoint']}, {r['cores']} cores")
+        for key, run in r["runs"].items():
+            L.append(f"| {case} | {key} | {'ok' if run['ok'] else 'FAILED: ' + run['stderr_tail']} | "
+                     f"{_s(run['seconds'])} | {', '.join(map(str, run['all_seconds']))} | "
+                     f"{r['loadavg_before'][0]} -> {r['loadavg_after'][0]} |")
+    for r in rows:
+        if r["kind"] == "e2e_workers" and r["status"] == "ok":
+            L += ["", (f"--workers 2 against --workers 1: {r['speedup_2_over_1']:.2f}x (each worker runs cores / "
+                       "workers torch threads; on a machine whose cores the GEMMs already fill, little is to be "
+                       "gained, and two extra interpreters start)")]
+    return L
 
 
 def markdown(records: list[dict]) -> str:
@@ -694,6 +842,7 @@ def markdown(records: list[dict]) -> str:
         L += ["", ("Peak RSS is wait4's ru_maxrss of the process (kernel-exact); the anon/file split is sampled every "
                   "20 ms from /proc/PID/status (RssAnon: heap and tensors; RssFile: mapped file pages such as "
                   "mmapped safetensors shards and shared libraries).")]
+    L += _e2e_markdown(records)
     for p in (r for r in records if r["kind"] == "profile"):
         L += ["", (f"## Profile: {p['impl']} {p['method']} ({p['quantizer']}) {p['shape'][0]}x{p['shape'][1]} "
                   f"f={p['fraction']} {p['bits']}-bit (torch.profiler, self time)"), ""]
@@ -734,6 +883,44 @@ def environment(mode_name: str, device: str) -> dict:
             "loadavg": [round(x, 2) for x in os.getloadavg()], "spectrum": SPECTRUM, "flops_formula": FLOPS_FORMULA}
 
 
+def _bench_matrices(mode: Mode, args, device: str, work: Path, weights: dict, emit, records: list[dict]) -> None:
+    """Items 1-3 of the module doc: every per-matrix measurement, the comparisons and the profiles."""
+    from safetensors.torch import save_file
+
+    for m, n in mode.shapes:
+        log(f"synthetic {m}x{n} weight")
+        weights[(m, n)] = synthetic_weight(m, n)
+        save_file({"weight": weights[(m, n)]}, str(work / f"w{m}x{n}.safetensors"))
+    for m, n in mode.shapes:
+        wfile = str(work / f"w{m}x{n}.safetensors")
+        for f in mode.fractions:
+            base = {"weight": wfile, "fraction": f, "seed": SEED, "device": device, "reps": args.reps,
+                    "matmul_n": mode.matmul_n}
+            jobs = [{**base, "impl": "ours", "method": "laser", "quantizer": None, "bits": None}]
+            for b in mode.bits:
+                jobs += [{**base, "impl": "ours", "method": meth, "quantizer": q, "bits": b} for meth, q in OURS]
+                jobs += [{**base, "impl": "reference", "method": meth, "quantizer": "tensor", "bits": b,
+                          "device": "cpu"} for meth in REFERENCE]
+            if not mode.fresh:
+                log(f"{len(jobs)} jobs on {m}x{n} f={f} in one subprocess")
+                for rec in run_workers(jobs):
+                    emit(rec)
+                continue
+            for job in jobs:
+                log(f"{job['impl']} {job['method']} {job['quantizer']} {m}x{n} f={f} b={job['bits']}")
+                emit(run_workers([job])[0])
+    for c in comparisons(records):
+        emit(c)
+    if mode.profile:
+        m, n = max(mode.shapes, key=lambda s: s[0] * s[1])
+        base = {"weight": str(work / f"w{m}x{n}.safetensors"), "fraction": 0.8, "seed": SEED, "bits": 8,
+                "quantizer": "tensor", "reps": 1, "profile": True}
+        for impl, meth in (("ours", "lplr"), ("reference", "lplr"), ("ours", "lsvd"), ("reference", "lsvd")):
+            log(f"profile {impl} {meth} {m}x{n}")
+            emit(run_workers([{**base, "impl": impl, "method": meth,
+                               "device": device if impl == "ours" else "cpu"}])[0])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small shapes, few configs: under a minute on 2 cores")
@@ -741,6 +928,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     ap.add_argument("--reps", type=int, default=1, help="timed calls per measurement (best is reported)")
     ap.add_argument("--no-convert", action="store_true", help="skip the whole-conversion memory measurement")
+    ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end (whole-process) measurements")
+    ap.add_argument("--e2e-only", action="store_true",
+                    help="only the end-to-end measurements (and the matmul yardstick)")
     ap.add_argument("--write", type=Path, default=None,
                     help="directory for results.jsonl and results.md (default: artifacts/bench for a full run, "
                          "nothing for --quick/--tiny)")
@@ -758,8 +948,8 @@ def main(argv: list[str] | None = None) -> int:
         records += comparisons(records)
         mm = next(r for r in records if r["kind"] == "matmul")
         records += targets(records, machine_rate(records))
-        order = {"env": 0, "matmul": 1, "matrix": 2, "compare": 3, "profile": 4, "convert": 5, "target": 6,
-                 "env_end": 7}
+        order = {"env": 0, "matmul": 1, "matrix": 2, "compare": 3, "profile": 4, "convert": 5, "e2e": 6,
+                 "e2e_workers": 6, "target": 7, "env_end": 8}
         records.sort(key=lambda r: order.get(r["kind"], 8))
         args.render.write_text("".join(json.dumps(r) + "\n" for r in records))
         args.render.with_name("results.md").write_text(markdown(records))
@@ -793,44 +983,15 @@ def main(argv: list[str] | None = None) -> int:
     emit(mm)
     with tempfile.TemporaryDirectory(prefix="lplr-bench-") as tmp:
         work = Path(tmp)
-        from safetensors.torch import save_file
-
-        weights = {}
-        for m, n in mode.shapes:
-            log(f"synthetic {m}x{n} weight")
-            weights[(m, n)] = synthetic_weight(m, n)
-            save_file({"weight": weights[(m, n)]}, str(work / f"w{m}x{n}.safetensors"))
-        for m, n in mode.shapes:
-            wfile = str(work / f"w{m}x{n}.safetensors")
-            for f in mode.fractions:
-                base = {"weight": wfile, "fraction": f, "seed": SEED, "device": device, "reps": args.reps,
-                        "matmul_n": mode.matmul_n}
-                jobs = [{**base, "impl": "ours", "method": "laser", "quantizer": None, "bits": None}]
-                for b in mode.bits:
-                    jobs += [{**base, "impl": "ours", "method": meth, "quantizer": q, "bits": b} for meth, q in OURS]
-                    jobs += [{**base, "impl": "reference", "method": meth, "quantizer": "tensor", "bits": b,
-                              "device": "cpu"} for meth in REFERENCE]
-                if not mode.fresh:
-                    log(f"{len(jobs)} jobs on {m}x{n} f={f} in one subprocess")
-                    for rec in run_workers(jobs):
-                        emit(rec)
-                    continue
-                for job in jobs:
-                    log(f"{job['impl']} {job['method']} {job['quantizer']} {m}x{n} f={f} b={job['bits']}")
-                    emit(run_workers([job])[0])
-        for c in comparisons(records):
-            emit(c)
-        if mode.profile:
-            m, n = max(mode.shapes, key=lambda s: s[0] * s[1])
-            base = {"weight": str(work / f"w{m}x{n}.safetensors"), "fraction": 0.8, "seed": SEED, "bits": 8,
-                    "quantizer": "tensor", "reps": 1, "profile": True}
-            for impl, meth in (("ours", "lplr"), ("reference", "lplr"), ("ours", "lsvd"), ("reference", "lsvd")):
-                log(f"profile {impl} {meth} {m}x{n}")
-                emit(run_workers([{**base, "impl": impl, "method": meth,
-                                   "device": device if impl == "ours" else "cpu"}])[0])
-        if not args.no_convert:
+        weights: dict = {}
+        if not args.e2e_only:
+            _bench_matrices(mode, args, device, work, weights, emit, records)
+        if not args.no_convert and not args.e2e_only:
             log("whole-conversion peak memory")
             for rec in bench_conversion(mode, weights, work, device):
+                emit(rec)
+        if not args.no_e2e:
+            for rec in bench_end_to_end(mode, weights, work, device):
                 emit(rec)
     for t in targets(records, machine_rate(records)):
         emit(t)

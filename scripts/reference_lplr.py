@@ -166,7 +166,7 @@ def _main() -> None:
                     for method, ref in refs.items():
                         ours = {}
                         for quantizer in ("tensor", "channel"):
-                            s = MethodSettings(method=method, b1=b, b2=b, quantizer=quantizer,
+                            s = MethodSettings(method=method, b1=b, b2=b, quantizer=quantizer, scheme="minmax",
                                                rank=RankPolicy("rank", r))
                             ours[quantizer] = float(get_method(method).compress(W, s, seed).rel_error)
                         print(f"{name:48s} {method:6s} {b:3d} {f:4.1f} {rel_error(W, ref):10.4f} "

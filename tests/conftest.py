@@ -87,3 +87,13 @@ def converted(tmp_path_factory, minilm_dir):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def minilm_stats(tmp_path_factory, minilm_dir) -> Path:
+    """Calibration statistics of the bundled MiniLM: 48 samples of the shipped calibration text (kept small)."""
+    from lplr_convert.calibration import calibrate
+
+    out = tmp_path_factory.mktemp("minilm_stats") / "stats"
+    calibrate(str(minilm_dir), str(out), samples=48, seq_len=64, batch_size=16)
+    return out

@@ -73,7 +73,21 @@ def test_tiny_run_emits_every_measurement(tmp_path):
         assert all(c["manifest_complete"] for c in conversions.values())
         assert all(c["peak_rss_bytes"] > 0.9 * c["baseline_rss_bytes"] for c in conversions.values())
 
+    # End to end: every whole-process command ran, the derived ratios follow from the times, targets were judged.
+    (e2e,) = by_kind["e2e"]
+    assert e2e["status"] == "ok", e2e["runs"]
+    runs = e2e["runs"]
+    assert set(runs) == {"cli_report", "cli_no_report", "reference"} and all(r["rc"] == 0 for r in runs.values())
+    assert math.isclose(e2e["speedup_with_report"], runs["reference"]["seconds"] / runs["cli_report"]["seconds"])
+    assert math.isclose(e2e["report_overhead"],
+                        runs["cli_report"]["seconds"] / runs["cli_no_report"]["seconds"] - 1)
+    assert runs["cli_report"]["report_seconds"] > 0 and runs["cli_no_report"]["report_seconds"] is None
+    assert any("faster than the reference process" in t["target"] for t in targets)
+    assert any("report adds <= 10 %" in t["target"] for t in targets)
+    (workers,) = by_kind["e2e_workers"]
+    assert workers["status"] == "ok" and set(workers["runs"]) == {"workers_1", "workers_2"}
+
     # The written files hold the same records and a table with a verdict per target.
     assert (tmp_path / "results.jsonl").read_text().strip().splitlines() == lines
     md = (tmp_path / "results.md").read_text()
-    assert "## Targets" in md and md.count("| **") >= len(targets)
+    assert "## Targets" in md and md.count("| **") >= len(targets) and "## End to end" in md

@@ -32,7 +32,8 @@ def conv(tmp_path_factory, tiny_llama_dir, tiny_gpt2_dir, minilm_dir):
     def get(model: str, method: str) -> Path:
         if (model, method) not in cache:
             out = tmp_path_factory.mktemp(f"{model}_{method}") / "out"
-            extra = ["--rank-fraction", "0.5", "--b1", "4", "--b2", "6"] if method != "rtn" else []
+            extra = ["--rank-fraction", "0.5", "--b1", "4", "--b2", "6"] if method not in ("rtn", "gptq", "qlr") else \
+                ["--rank", "4"] if method == "qlr" else []
             res = run_cli("--in-path", str(sources[model]), "--out-path", str(out), "--method", method,
                           "--no-report", *extra)
             assert res.exit_code == 0, res.output
@@ -54,7 +55,8 @@ def _n_lowrank(model) -> int:
 
 
 @pytest.mark.parametrize(("family", "method"), [("llama", "lplr"), ("llama", "rtn"), ("gpt2", "lplr"),
-                                                ("gpt2", "lsvd"), ("minilm", "lplr"), ("minilm", "rtn")])
+                                                ("gpt2", "lsvd"), ("minilm", "lplr"), ("minilm", "rtn"),
+                                                ("llama", "qlr"), ("gpt2", "qlr"), ("llama", "gptq")])
 def test_from_pretrained_equals_load_model_bit_for_bit(conv, family, method, monkeypatch):
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -69,8 +71,8 @@ def test_from_pretrained_equals_load_model_bit_for_bit(conv, family, method, mon
     model = auto.from_pretrained(dst)
     monkeypatch.undo()
     assert type(model) is type(ref) and model.training is False
-    assert _n_lowrank(model) == _n_lowrank(ref) == (0 if method == "rtn" else 14 if family == "llama" else
-                                                     8 if family == "gpt2" else 36)
+    assert _n_lowrank(model) == _n_lowrank(ref) == (0 if method in ("rtn", "gptq") else 14 if family == "llama"
+                                                     else 8 if family == "gpt2" else 36)
     assert torch.equal(_outputs(model, family), _outputs(ref, family))
     got, want = model.state_dict(), ref.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

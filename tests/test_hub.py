@@ -339,6 +339,40 @@ def test_a_token_recorded_in_the_output_is_never_published(tmp_path, hub):
     assert hub.requests == []  # refused before contacting the Hub
 
 
+@pytest.mark.parametrize("where", ["notes.log", "sub/extra.bin", "big.dat"])
+def test_a_token_in_any_file_to_upload_is_never_published(tmp_path, hub, where):
+    """Every file is scanned, whatever its suffix or size: the big one (sparse, 65 MiB, above the old 64 MiB limit)
+    holds the token across the scanner's 16 MiB chunk boundary."""
+    out = make_output_dir(tmp_path)
+    path = out / where
+    path.parent.mkdir(exist_ok=True)
+    needle = VALID_TOKEN.encode()
+    if where == "big.dat":
+        with open(path, "wb") as f:
+            f.truncate(65 << 20)
+            f.seek((1 << 24) - len(needle) // 2)
+            f.write(needle)
+    else:
+        path.write_bytes(b"\x00log line: " + needle + b"\n")
+    with pytest.raises(LplrError, match=f"{where} contains your Hub token") as err:
+        push(out, "tester/m")
+    assert VALID_TOKEN not in str(err.value)
+    assert hub.requests == []
+
+
+def test_the_chunked_token_scan_finds_every_split(tmp_path):
+    """Against `needle in data` for the token at every position and every chunk size, and for a file holding all
+    of the token but its last byte (never found)."""
+    from lplr_convert.hub import _file_contains
+
+    needle, path = b"hf_secret", tmp_path / "f"
+    for pos in range(24 - len(needle) + 1):
+        for data in (b"x" * pos + needle + b"x" * (24 - pos - len(needle)), b"x" * pos + needle[:-1]):
+            path.write_bytes(data)
+            for chunk in range(1, 12):
+                assert _file_contains(path, needle, chunk) == (needle in data), (pos, chunk, data)
+
+
 def test_token_from_argument_and_from_the_login_cache(tmp_path, hub, monkeypatch):
     from huggingface_hub import constants
 

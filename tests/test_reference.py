@@ -54,9 +54,9 @@ def _reference_error(W: torch.Tensor, method: str, bits: int, r: int | None, see
 
 def _ours(W: torch.Tensor, method: str, bits: int, fraction: float | None, quantizer: str, seed: int):
     if method == "rtn":
-        s = MethodSettings(method="rtn", b0=bits, quantizer=quantizer)
+        s = MethodSettings(method="rtn", b0=bits, quantizer=quantizer, scheme="minmax")  # the published grid
     else:
-        s = MethodSettings(method=method, b1=bits, b2=bits, quantizer=quantizer,
+        s = MethodSettings(method=method, b1=bits, b2=bits, quantizer=quantizer, scheme="minmax",
                            rank=RankPolicy("rank_fraction", fraction))
     return get_method(method).compress(W, s, seed)
 
@@ -117,7 +117,7 @@ def test_reference_quantizer_is_the_published_one():
 def test_reference_and_ours_agree_with_the_same_sketch_only():
     """'Same seed' means the same sketch: a different sketch gives a different (if similar) reference error."""
     W = torch.randn(120, 80, generator=torch.Generator().manual_seed(1))
-    s = MethodSettings(method="lplr", b1=4, b2=4, quantizer="tensor", rank=RankPolicy("rank", 30))
+    s = MethodSettings(method="lplr", b1=4, b2=4, quantizer="tensor", scheme="minmax", rank=RankPolicy("rank", 30))
     ours = float(get_method("lplr").compress(W, s, 5).rel_error)
     same = ref.rel_error(W, ref.lplr(W, 30, 4, 4, sketch_matrix(80, 30, 5)))
     other = ref.rel_error(W, ref.lplr(W, 30, 4, 4, sketch_matrix(80, 30, 6)))

@@ -17,7 +17,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from lplr_testing import run_cli
+from lplr_testing import error_line, run_cli, tiny_checkpoint
 from safetensors.torch import save_file
 
 from lplr_convert import IncompleteOutputError, LplrError, load_state_dict
@@ -170,11 +170,7 @@ def test_verify_catches_one_flipped_byte_anywhere(reference_run, tmp_path, tiny_
             shutil.rmtree(bad)
 
 
-def _ckpt(path: Path, tensors: dict, config: dict | None = None) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(config or {"model_type": "llama"}))
-    return path
+_ckpt = tiny_checkpoint
 
 
 def _weights(seed=0):
@@ -183,15 +179,7 @@ def _weights(seed=0):
             "model.layers.0.input_layernorm.weight": torch.ones(16)}
 
 
-def _bad(res, *needles):
-    """One-line error naming the problem, non-zero exit, no traceback."""
-    assert res.exit_code != 0
-    assert "Traceback" not in res.output
-    lines = [ln for ln in res.stderr.strip().splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, res.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
+_bad = error_line  # one-line error naming the problem, non-zero exit, no traceback
 
 
 def test_bad_inputs_get_one_line_errors(tmp_path):

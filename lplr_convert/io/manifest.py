@@ -68,6 +68,7 @@ class TensorRecord:
     info: dict = field(default_factory=dict)  # what decoding needs (method-specific)
     settings: dict = field(default_factory=dict)  # the method's settings (Settings.to_json)
     extra: dict = field(default_factory=dict)  # method-specific facts for reports
+    spectrum: dict | None = None  # energy curve of a tensor the report plots: {kind, curve, upper, exact_to}
 
     @property
     def numel(self) -> int:

@@ -115,7 +115,7 @@ def prepare_output(src_root: Path, out: Path, *, overwrite: bool, resume: bool) 
     listed = listed_files(out)
     if resume:
         if _progress(out) is None:
-            done = (out / C.MANIFEST_FILE).is_file()
+            done = listed is not None  # no journal: a record of ours is a finished output's valid manifest
             raise LplrError(f"{opt('out_path')} {out} " + ("already holds a finished conversion; use "
                             f"{opt('overwrite')} to redo it" if done else "is not an interrupted lplr-convert run "
                             "(no progress journal); choose an empty directory, or pass the directory of the run "

@@ -15,7 +15,7 @@ from ..errors import LplrError, opt
 from ..methods import get_method
 from .manifest import Manifest, TensorRecord, read_manifest, sha256_file
 
-__all__ = ["ConvertedOutput", "decode_record", "open_output"]
+__all__ = ["ConvertedOutput", "decode_record", "loaded_tensor", "open_output"]
 
 
 def _first_line(e: BaseException) -> str:
@@ -68,6 +68,23 @@ class ConvertedOutput:
                             f"the conversion") from None
         self._open_name = shard
         return self._open
+
+    def side_file(self, rel: str) -> Path | None:
+        """A file the conversion copied (e.g. config.json): its path, checked against the manifest's size and sha256
+        when verifying; None when the output has no such file. A file present but not listed is an LplrError."""
+        path, meta = self.root / rel, self.manifest.files.get(rel)
+        if meta is None:
+            if path.exists():
+                raise LplrError(f"{path} is not a file the manifest lists (added after the conversion); remove it or "
+                                f"re-run the conversion")
+            return None
+        if not path.is_file():
+            raise LplrError(f"{rel} is missing from {self.root} although the manifest lists it; re-run the conversion")
+        if self.verify and (not isinstance(meta, dict) or path.stat().st_size != meta.get("bytes")
+                            or sha256_file(path) != meta.get("sha256")):
+            raise LplrError(f"{path} does not match the sha256 in the manifest (modified after the conversion); "
+                            f"restore it, or re-run the conversion")
+        return path
 
     def _missing(self, shard: str) -> LplrError:
         return LplrError(f"shard {shard} is missing from {self.root}; re-run the conversion (or {opt('resume')})")
@@ -122,17 +139,24 @@ class ConvertedOutput:
         return out
 
 
-def decode_record(rec: TensorRecord, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The dense tensor of `rec` from its stored parts, in its source name's shape and dtype (Conv1D orientation
-    restored); LplrError when the parts do not decode to it."""
+def loaded_tensor(method, parts: dict[str, torch.Tensor], info: dict, transposed: bool,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Exactly what every loader returns for one stored weight: its decoded parts (experts stacked back), the source
+    orientation (Conv1D weights and [in, out] experts transposed back), cast to the source `dtype`, contiguous, on
+    the parts' device. The conversion records the error of this tensor."""
     from ..experts import EXPERTS_KEY, decode_experts
 
-    method = get_method(rec.method)
+    W = decode_experts(method, parts, info) if EXPERTS_KEY in info else method.decode(parts, info)
+    if transposed:
+        W = W.transpose(-2, -1)
+    return W.to(dtype).contiguous()
+
+
+def decode_record(rec: TensorRecord, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The dense tensor of `rec` from its stored parts (`loaded_tensor`), in its source name's shape and dtype;
+    LplrError when the parts do not decode to it."""
     try:
-        W = decode_experts(method, parts, rec.info) if EXPERTS_KEY in rec.info else method.decode(parts, rec.info)
-        if rec.transposed:
-            W = W.transpose(-2, -1)  # Conv1D weights, experts stored [in, out]
-        W = W.to(dtype_from_name(rec.dtype)).contiguous()
+        W = loaded_tensor(get_method(rec.method), parts, rec.info, rec.transposed, dtype_from_name(rec.dtype))
     except LplrError:
         raise
     except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:

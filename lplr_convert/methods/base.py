@@ -30,7 +30,8 @@ class MethodResult:
     parts: stored-name suffix -> tensor ("" means the weight's own name); info: JSON-able facts `decode` needs;
     stored_bits: exact bits on disk of every part; rel_error: ||W - W_hat||_F / ||W||_F of what is stored;
     energy_kept: fraction of sum(sigma^2) in the kept components, where known; extra: further JSON-able facts for
-    the tensor's record (method-specific).
+    the tensor's record (method-specific); spectrum: singular values of W the method computed anyway (descending, the
+    top ones or all, on the compute device), which the report's default spectra reuse; None when it computed none.
     """
 
     parts: dict[str, torch.Tensor]
@@ -40,6 +41,7 @@ class MethodResult:
     rank: int | None = None
     energy_kept: torch.Tensor | float | None = None
     extra: dict = field(default_factory=dict)
+    spectrum: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -228,7 +230,10 @@ def overlay(layer: Mapping[str, Any], changes: Mapping[str, Any], where: str = "
 def settings_from_flat(layer: Mapping[str, Any], where: str = "") -> Settings:
     """The settings of `layer["method"]` from a flat layer (see `overlay`); knobs the method does not declare are
     ignored, since a layer carries knobs for every method."""
-    method = get_method(layer.get("method", "lplr"))
+    try:
+        method = get_method(layer.get("method", "lplr"))
+    except LplrError as e:
+        raise _at(where, e.template) from None
     names = {f.name for f in knob_fields(method.settings_cls)}
     try:
         return method.settings_cls(method=method.name, **{k: v for k, v in layer.items() if k in names})

@@ -12,10 +12,10 @@ from .base import register
 class DSVD(FactoredMethod):
     settings_cls = SvdFactoredSettings
 
-    def factors(self, Wf, r, s, seed, stats):
+    def factors(self, Wf, r, s, seed):
         m, n = Wf.shape
         U, sv, Vh = truncated_svd(Wf, r, s.svd, seed=seed)
         left, right = factor_specs(m, n, r, s)
         qL, L = qz.quantize_dequantize_spec(U, left, Wf.dtype)
         qR, R = qz.quantize_dequantize_spec(sv[:, None] * Vh, right, Wf.dtype)
-        return Factors(qL, qR, L, R, energy=energy_kept(Wf, sv))
+        return Factors(qL, qR, L, R, energy=energy_kept(Wf, sv), sv=sv)

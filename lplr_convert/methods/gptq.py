@@ -13,13 +13,14 @@ from .settings import BitsKnob, GPTQKnobs, QuantKnobs, redefault
 
 @dataclass(frozen=True)
 class GPTQSettings(BitsKnob, QuantKnobs, GPTQKnobs):
-    """GPTQ W4A16 as usually meant: 4-bit, symmetric, groups of 128 inputs, float16 scales."""
+    """GPTQ W4A16 as usually meant: 4-bit, symmetric, groups of 128 inputs, float16 scales, activation order with
+    static groups."""
 
     b0: int = redefault(BitsKnob, "b0", 4)
     quantizer: str = redefault(QuantKnobs, "quantizer", "group")
     group_size: int | None = redefault(QuantKnobs, "group_size", 128)
     scheme: str = redefault(QuantKnobs, "scheme", "symmetric")
-    scale_dtype: str = redefault(QuantKnobs, "scale_dtype", "float16")
+    act_order: bool = redefault(GPTQKnobs, "act_order", True)
 
 
 @register("gptq")

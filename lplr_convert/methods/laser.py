@@ -30,7 +30,7 @@ class LASER(Method):
         stored = ((U * sv) @ Vh).to(W.dtype)
         err = relative_error(Wf, stored)
         return MethodResult({"": stored}, {"rank": k, "dtype": dtype_name(W.dtype)},
-                            stored.numel() * dtype_bits(W.dtype), err, k, energy_kept(Wf, sv))
+                            stored.numel() * dtype_bits(W.dtype), err, k, energy_kept(Wf, sv), spectrum=sv)
 
     def decode(self, parts, info):
         return parts[""].float()

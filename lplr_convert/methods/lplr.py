@@ -12,7 +12,7 @@ import torch
 
 from ..math.sketch import SKETCHES, sketch_matrix
 from ..math.whiten import whitened_sketch_basis
-from ._common import CalibratedFactoredSettings, FactoredMethod, calibrated_factors, quantize_left, refit
+from ._common import CalibratedFactoredSettings, FactoredMethod, quantize_left, refit
 from .base import register
 from .settings import knob, non_negative
 
@@ -28,10 +28,10 @@ class LPLR(FactoredMethod):
     settings_cls = LPLRSettings
     uses_stats = True
 
-    def factors(self, Wf, r, s, seed, stats):
-        if stats is not None:
-            basis = whitened_sketch_basis(Wf, stats.whitening(), r, seed, s.sketch, s.power_iters)
-            return calibrated_factors(Wf, r, s, seed, stats, init_left=basis)
+    def calibrated_basis(self, Wf, r, s, seed, stats):
+        return whitened_sketch_basis(Wf, stats.whitening(), r, seed, s.sketch, s.power_iters)
+
+    def factors(self, Wf, r, s, seed):
         S = sketch_matrix(Wf.shape[1], r, seed, s.sketch, dtype=Wf.dtype, device=Wf.device)
         # Row-major Y keeps L and its codes row-major, so packing needs no transposing copy: 3.0-3.2 s against
         # 3.2-3.4 s for (S^T W^T)^T on 11008x4096, f=0.8 (the GEMMs alone run equally fast; AVX-512 machine).

@@ -8,7 +8,7 @@ published method.
 from __future__ import annotations
 
 from ..math.svd import energy_kept, truncated_svd
-from ._common import CalibratedSvdSettings, FactoredMethod, calibrated_factors, quantize_left, refit
+from ._common import CalibratedSvdSettings, FactoredMethod, quantize_left, refit
 from .base import register
 
 
@@ -17,12 +17,10 @@ class LSVD(FactoredMethod):
     settings_cls = CalibratedSvdSettings
     uses_stats = True
 
-    def factors(self, Wf, r, s, seed, stats):
-        if stats is not None:
-            return calibrated_factors(Wf, r, s, seed, stats)
+    def factors(self, Wf, r, s, seed):
         U, sv, Vh = truncated_svd(Wf, r, s.svd, seed=seed)
         del Vh  # the refit replaces it
         energy = energy_kept(Wf, sv)
         qL, L = quantize_left(Wf, U.mul_(sv), r, s)  # U S in place: U is ours
         del U
-        return refit(Wf, qL, L, r, s, energy)
+        return refit(Wf, qL, L, r, s, energy, sv)

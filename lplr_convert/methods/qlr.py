@@ -56,8 +56,6 @@ class QLRSettings(CalibratedFactoredSettings, BitsKnob):
     b2: int = redefault(CalibratedFactoredSettings, "b2", 4)
     quantizer: str = redefault(QuantKnobs, "quantizer", "group")
     group_size: int | None = redefault(QuantKnobs, "group_size", 128)
-    scheme: str = redefault(QuantKnobs, "scheme", "asymmetric")
-    scale_dtype: str = redefault(QuantKnobs, "scale_dtype", "float16")
     clip: str | None = redefault(QuantKnobs, "clip", "mse")
     act_order: bool = redefault(GPTQKnobs, "act_order", True)
     rank: RankPolicy = redefault(RankKnobs, "rank", factory=lambda: RankPolicy("rank_fraction", 0.1))  # noqa: RUF009

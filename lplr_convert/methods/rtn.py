@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ._common import DirectQuantMethod
 from .base import register
-from .settings import BitsKnob, QuantKnobs
-
-
-@dataclass(frozen=True)
-class RTNSettings(BitsKnob, QuantKnobs):
-    pass
 
 
 @register("rtn")
 class RTN(DirectQuantMethod):
-    settings_cls = RTNSettings
+    """Each output row (or row group) quantized on its own grid, ignoring calibration statistics."""

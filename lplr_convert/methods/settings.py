@@ -141,8 +141,11 @@ def resolve_rank(policy: RankPolicy, m: int, n: int, bits_for_rank: Callable[[in
         if singular_values is None:
             raise LplrError("the energy rank policy needs the spectrum of the matrix, which this caller cannot give")
         s2 = singular_values().double().square()
-        cum = torch.cumsum(s2, 0) / s2.sum().clamp_min(torch.finfo(torch.float64).tiny)
-        r = int((cum < v - 1e-12).sum().item()) + 1
+        total = s2.sum()
+        if bool(total > 0):
+            r = int((torch.cumsum(s2, 0) / total < v - 1e-12).sum().item()) + 1
+        else:  # an all-zero matrix: one component keeps all of its (zero) energy
+            r = 1
     else:
         r = _rank_for_bits(v, m, n, bits_for_rank, min_rank)
     if not min_rank <= r <= full:
@@ -277,10 +280,10 @@ class QuantKnobs(Settings):
                           help="Scale granularity: tensor (published min-max), channel, or group.")
     group_size: int | None = knob(None, type=int, optional=True, label="nondefault", reset_with="quantizer",
                                   help="Group size along the input dim (with quantizer group).")
-    scheme: str = knob("minmax", type=str, choices=SCHEMES, label="nondefault",
+    scheme: str = knob("asymmetric", type=str, choices=SCHEMES, label="nondefault",
                        help="Integer grid: minmax (published: float zero, 0 not representable), symmetric (absmax), "
                             "asymmetric (integer zero point).")
-    scale_dtype: str = knob("float32", type=str, choices=SCALE_DTYPES, label="nondefault",
+    scale_dtype: str = knob("float16", type=str, choices=SCALE_DTYPES, label="nondefault",
                             help="Stored scale dtype of symmetric/asymmetric grids (minmax always stores float32).")
     clip: str | None = knob(None, type=str, choices=CLIPS, optional=True, label="nondefault",
                             help="Range clipping: mse searches each scale group's shrink factor (not with minmax).")

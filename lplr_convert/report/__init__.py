@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 from loguru import logger
@@ -35,27 +36,61 @@ def _write_text(path: Path, text: str) -> Path:
     return path
 
 
-def _previous_spectra(out_dir: Path, names: set[str]) -> dict[str, list[float]]:
+# How each kind of curve was obtained, as the report states it.
+SPECTRUM_KINDS = {
+    "exact": "exact: every singular value (Gram matrix and its eigenvalues in the weight's precision)",
+    "svd": "from the method's own SVD: exact up to its rank, then a band (chord = lower bound, sigma_k slope = upper "
+           "bound) where only the total energy is known",
+    "given": "curve passed by the caller",
+}
+
+
+def _curve_record(curve, kind: str = "exact") -> dict:
+    return {"kind": kind, "curve": [float(v) for v in curve], "upper": None, "exact_to": 1.0}
+
+
+def _previous_spectra(out_dir: Path, names: set[str]) -> dict[str, dict]:
     """Curves stored by an earlier rendering of this directory's report (the source may be gone since)."""
     try:
-        old = json.loads((out_dir / C.REPORT_JSON).read_text(encoding="utf-8")).get("spectra") or {}
+        old = json.loads((out_dir / C.REPORT_JSON).read_text(encoding="utf-8"))
+        curves, info = old.get("spectra") or {}, old.get("spectra_info") or {}
     except (OSError, ValueError, AttributeError):
         return {}
-    return {n: c for n, c in old.items() if n in names and isinstance(c, list) and c}
+    return {n: {**_curve_record(c), **(info.get(n) or {}), "curve": c} for n, c in curves.items()
+            if n in names and isinstance(c, list) and c}
 
 
-def _resolve_spectra(out_dir: Path, manifest: Manifest, rows: list[dict], spectra: dict | None) -> dict[str, list[float]]:
+def _resolve_spectra(out_dir: Path, manifest: Manifest, rows: list[dict], spectra: dict | None,
+                     read_source: bool) -> dict[str, dict]:
+    """name -> spectrum record: the caller's curves, else those the conversion stored in its records, else an earlier
+    report's, else (when `read_source`) exact spectra read from the source checkpoint."""
     names = {r["name"] for r in rows}
     if spectra:
-        return {n: [float(v) for v in c] for n, c in spectra.items() if n in names and len(c)}
+        return {n: _curve_record(c, "given") for n, c in spectra.items() if n in names and len(c)}
+    stored = {r.name: r.spectrum for r in manifest.tensors if r.spectrum and r.name in names}
+    if stored:
+        return stored
     prev = _previous_spectra(out_dir, {r["name"] for r in rows if r["method"] != "copy"})
-    if prev:
+    if prev or not read_source:
         return prev
     try:
-        return source_spectra(manifest, representative_tensors(rows))
+        return {n: _curve_record(c) for n, c in source_spectra(manifest, representative_tensors(rows)).items()}
     except Exception as e:  # noqa: BLE001  (a damaged or moved source must not stop the report)
         logger.warning(f"spectrum plot skipped: the source checkpoint could not be read ({type(e).__name__}: {e})")
         return {}
+
+
+def _spectra_note(manifest: Manifest, rows: list[dict], spectra: dict[str, dict]) -> str:
+    """One line saying what the spectrum plot shows, or why there is none."""
+    if spectra:
+        kinds = sorted({s["kind"] for s in spectra.values()})
+        return "Spectra: " + "; ".join(f"{k} = {SPECTRUM_KINDS.get(k, k)}" for k in kinds) + "."
+    mode = manifest.options.get("spectra")
+    if mode == "off":
+        return "Spectra: not computed (--spectra off)."
+    methods = sorted({r["method"] for r in rows if r["method"] != "copy"})
+    return (f"Spectra: none; {'/'.join(methods) or 'no method'} computes no singular values to reuse. "
+            "`--spectra exact` computes them (one Gram eigendecomposition per plotted tensor).")
 
 
 def _plots(out_dir: Path, manifest: Manifest, rows: list[dict], curves: dict) -> list[Path]:
@@ -78,30 +113,37 @@ def _plots(out_dir: Path, manifest: Manifest, rows: list[dict], curves: dict) ->
 
 
 def write_report(out_dir: str | os.PathLike, manifest: dict | None = None,
-                 spectra: dict[str, list[float]] | None = None) -> list[Path]:
+                 spectra: dict[str, list[float]] | None = None, read_source: bool = True) -> list[Path]:
     """Write lplr_report.json/.csv/.md and the PNG plots into `out_dir`; returns the paths written.
 
     `manifest` defaults to the directory's complete manifest. `spectra` maps tensor names to normalized cumulative
-    energy curves (see `energy_curve`); without it the curves of an earlier report are reused, else up to four
-    representative tensors are read from the source checkpoint when it is reachable, else that plot is skipped.
+    energy curves (see `energy_curve`); without it the curves the conversion stored in its records are used, else
+    those of an earlier report, else (with `read_source`) up to four representative tensors are read from the source
+    checkpoint when it is reachable, else that plot is skipped. The report says which kind each curve is.
     """
+    t0 = time.perf_counter()
     out_dir = Path(out_dir)
     manifest = Manifest.coerce(read_manifest(out_dir) if manifest is None else manifest)
     rows = tensor_rows(manifest)
     summary = report_summary(rows)
-    curves = _resolve_spectra(out_dir, manifest, rows, spectra)
-    plots = _plots(out_dir, manifest, rows, curves)
+    found = _resolve_spectra(out_dir, manifest, rows, spectra, read_source)
+    note = _spectra_note(manifest, rows, found)
+    plots = _plots(out_dir, manifest, rows, found)
     src, opts = manifest.source, manifest.options
     doc = {"kind": REPORT_KIND, "tool": manifest.tool, "tool_version": manifest.tool_version,
            "format_version": manifest.format_version,
            "source": {k: src.get(k) for k in ("path", "repo_id", "revision", "model_type", "architectures")},
            "command": opts.get("command"), "settings": opts.get("settings"), "summary": summary,
-           "eval": manifest.eval, "plots": [p.name for p in plots], "spectra": curves, "tensors": rows}
+           "eval": manifest.eval, "plots": [p.name for p in plots],
+           "spectra": {n: sp["curve"] for n, sp in found.items()},
+           "spectra_info": {n: {k: v for k, v in sp.items() if k != "curve"} for n, sp in found.items()},
+           "spectra_note": note, "tensors": rows}
     write_json_atomic(out_dir / C.REPORT_JSON, doc)
     written = [out_dir / C.REPORT_JSON,
                _write_text(out_dir / C.REPORT_CSV, rows_csv(rows)),
-               _write_text(out_dir / C.REPORT_MD, report_markdown(manifest, rows, summary, [p.name for p in plots]))]
-    logger.info(f"report written to {out_dir} ({len(plots)} plot(s))")
+               _write_text(out_dir / C.REPORT_MD, report_markdown(manifest, rows, summary, [p.name for p in plots],
+                                                                  note))]
+    logger.info(f"report written to {out_dir} ({len(plots)} plot(s)) in {time.perf_counter() - t0:.2f} s")
     return written + plots
 
 

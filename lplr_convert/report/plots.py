@@ -1,12 +1,13 @@
-"""PNG plots of a report (matplotlib with the Agg backend, imported lazily)."""
+"""PNG plots of a report (matplotlib's object API on the Agg canvas, imported lazily: no pyplot, no global state)."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from .metrics import group_rows, type_sort_key
 
-__all__ = ["have_matplotlib", "plot_bits_per_layer", "plot_error_per_layer", "plot_spectrum"]
+__all__ = ["have_matplotlib", "plot_bits_per_layer", "plot_error_per_layer", "plot_spectrum", "preload"]
 
 _SIZE = (9, 4.8)
 _DPI = 120
@@ -20,13 +21,44 @@ def have_matplotlib() -> bool:
     return True
 
 
+def _import_backend():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    return Figure, FigureCanvasAgg
+
+
+def preload() -> None:
+    """Import matplotlib in a background thread (about half a second), e.g. while a conversion computes, so that the
+    report does not wait for it; does nothing without matplotlib."""
+
+    def run():
+        try:
+            _import_backend()
+        except ImportError:
+            pass
+
+    threading.Thread(target=run, name="lplr-preload-matplotlib", daemon=True).start()
+
+
+class _Canvas:
+    """The two pyplot calls the plots make, on matplotlib's object API (0.15 s less import than pyplot, and no
+    global figure registry to close)."""
+
+    @staticmethod
+    def subplots(figsize):
+        Figure, FigureCanvasAgg = _import_backend()
+        fig = Figure(figsize=figsize)
+        FigureCanvasAgg(fig)
+        return fig, fig.subplots()
+
+    @staticmethod
+    def close(fig) -> None:
+        pass
+
+
 def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return _Canvas
 
 
 def _series(rows: list[dict], value: str) -> dict[str, tuple[list[int], list[float]]]:
@@ -127,27 +159,33 @@ def plot_bits_per_layer(rows: list[dict], path: Path, subtitle: str = "") -> Pat
     return _save(fig, path, plt)
 
 
-def plot_spectrum(curves: dict[str, list[float]], rows: list[dict], path: Path, subtitle: str = "") -> Path | None:
-    """Normalized cumulative singular-value energy of a few tensors, with each tensor's kept rank marked."""
-    if not curves:
+def plot_spectrum(spectra: dict[str, dict], rows: list[dict], path: Path, subtitle: str = "") -> Path | None:
+    """Normalized cumulative singular-value energy of a few tensors, with each tensor's kept rank marked.
+
+    `spectra` maps names to spectrum records (see `report.spectra`); where a curve is only bracketed (kind "svd",
+    beyond `exact_to`) the band between its lower and upper bound is shaded and the legend says so."""
+    if not spectra:
         return None
     plt = _pyplot()
     by_name = {r["name"]: r for r in rows}
     fig, ax = plt.subplots(figsize=_SIZE)
     fractions = set()
-    for i, (name, curve) in enumerate(curves.items()):
+    for i, (name, sp) in enumerate(spectra.items()):
+        curve, color = sp["curve"], f"C{i % 10}"
         n = len(curve)
         xs = [0.0] + [(j + 1) / n for j in range(n)]
         ys = [0.0] + list(curve)
         r = by_name.get(name, {})
-        label = _short(name, r)
+        label = _short(name, r) + _kind_text(sp)
         if r.get("rank") and r.get("max_rank"):
             f = r["rank"] / r["max_rank"]
             e = ys[min(n, max(1, round(f * n)))]
             fractions.add(round(f, 3))
-            ax.plot([f], [e], marker="o", markersize=7, color=f"C{i % 10}", markeredgecolor="black", zorder=3)
+            ax.plot([f], [e], marker="o", markersize=7, color=color, markeredgecolor="black", zorder=3)
             label += f": rank {r['rank']} keeps {100 * e:.1f} %"
-        ax.plot(xs, ys, linewidth=1.6, color=f"C{i % 10}", label=label)
+        ax.plot(xs, ys, linewidth=1.6, color=color, label=label)
+        if sp.get("upper"):
+            ax.fill_between(xs, ys, [0.0] + list(sp["upper"]), color=color, alpha=0.18, linewidth=0)
     for f in sorted(fractions):
         ax.axvline(f, color="gray", linestyle=":", linewidth=1)
     ax.set_xlim(0, 1)
@@ -158,6 +196,12 @@ def plot_spectrum(curves: dict[str, list[float]], rows: list[dict], path: Path, 
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower right", title="tensor (dot: rank kept by the conversion)", title_fontsize=8)
     return _save(fig, path, plt)
+
+
+def _kind_text(sp: dict) -> str:
+    if sp.get("kind") == "svd" and sp.get("exact_to", 1.0) < 1.0:
+        return f" [method's SVD: exact to {sp['exact_to']:.2f}, band beyond]"
+    return f" [{sp.get('kind', 'exact')}]"
 
 
 def _short(name: str, row: dict) -> str:

@@ -211,8 +211,10 @@ def summary_table(manifest: Manifest | dict) -> str:
     return "\n".join(lines)
 
 
-def report_markdown(manifest: Manifest | dict, rows: list[dict], summary: dict, plots: list[str]) -> str:
-    """The full Markdown report: source and command, summary, warnings, fidelity, per-type and per-tensor tables."""
+def report_markdown(manifest: Manifest | dict, rows: list[dict], summary: dict, plots: list[str],
+                    spectra_note: str = "") -> str:
+    """The full Markdown report: source and command, summary, warnings, fidelity, plots (with `spectra_note`, what
+    the spectrum plot shows), per-type and per-tensor tables."""
     manifest = Manifest.coerce(manifest)
     src, opts = manifest.source, manifest.options
     s = summary
@@ -240,8 +242,8 @@ def report_markdown(manifest: Manifest | dict, rows: list[dict], summary: dict, 
                            for t, a in s["by_matrix_type"].items()]), ""]
     if s["slowest"]:
         out += ["Slowest tensors: " + ", ".join(f"`{n}` ({t:.2f} s)" for n, t in s["slowest"]), ""]
-    if plots:
-        out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    if plots or spectra_note:
+        out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""] + ([spectra_note, ""] if spectra_note else [])
     comp = [r for r in rows if r["method"] != "copy"]
     if comp:
         out += ["## Compressed tensors", "",

@@ -116,7 +116,10 @@ def test_rtn_is_the_quantizer_with_one_scale_per_output_row():
     res = get_method("rtn").compress(W, MethodSettings(method="rtn", b0=4), 0)
     assert res.info["q"]["granularity"] == "channel" and res.info["q"]["channel_dim"] == 0
     assert tuple(res.parts["lplr_q.scale"].shape) == (40, 1)
-    assert res.stored_bits == 40 * 30 * 4 + 2 * 40 * 32
+    # default grid: asymmetric, a float16 scale and a 4-bit integer zero point per row (bit-packed: 40 x 4 bits)
+    assert res.stored_bits == 40 * 30 * 4 + 40 * 16 + 40 * 4
+    published = get_method("rtn").compress(W, MethodSettings(method="rtn", b0=4, scheme="minmax"), 0)
+    assert published.stored_bits == 40 * 30 * 4 + 2 * 40 * 32  # float32 scale and zero per row
 
 
 @pytest.mark.parametrize("W", [_matrix(dtype=torch.bfloat16), torch.arange(512).reshape(1, 512), torch.ones(7)],

@@ -54,7 +54,7 @@ def test_energy_through_a_method():
 def test_bits_per_param_counts_scales():
     """64 x 64, 8-bit channel factors: rank r costs 1024 r code bits + 128 r scale/zero bits. A 2 bits/param budget
     (8192 bits) fits r = 7 (8064 bits); counting codes only would wrongly allow r = 8."""
-    s = MethodSettings(method="lplr", rank=RankPolicy("bits_per_param", 2.0))
+    s = MethodSettings(method="lplr", scheme="minmax", rank=RankPolicy("bits_per_param", 2.0))
     assert factor_bits(64, 64, 7, s) == 7 * 1152
     assert resolve_rank(s.rank, 64, 64, bits_for_rank=lambda r: factor_bits(64, 64, r, s)) == 7
     res = get_method("lplr").compress(torch.randn(64, 64), s, 0)

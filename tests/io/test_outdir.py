@@ -1,0 +1,175 @@
+"""Output-directory policy: every path check before any deletion, --overwrite deletes only what an earlier output of
+this tool lists, --resume only continues an interrupted run, and one run at a time holds an output directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from lplr_testing import error_line, run_cli, tiny_checkpoint, tree_state
+
+from lplr_convert import constants as C
+from lplr_convert.io.outdir import OutputLock
+from lplr_convert.verify import verify
+
+
+@pytest.fixture(scope="module")
+def converted_once(tmp_path_factory):
+    base = tmp_path_factory.mktemp("outdir")
+    g = torch.Generator().manual_seed(0)
+    src = tiny_checkpoint(base / "src", {"model.layers.0.mlp.up_proj.weight": torch.randn(16, 8, generator=g),
+                                         "model.norm.weight": torch.ones(8)})
+    (src / "tokenizer.json").write_text("{}")
+    out = base / "conv"
+    res = run_cli("--in-path", str(src), "--out-path", str(out), "--no-report")
+    assert res.exit_code == 0, res.output
+    return src, out
+
+
+@pytest.fixture
+def world(converted_once, tmp_path):
+    """A fresh copy of (source, its conversion) beside a sibling directory of the user's own files."""
+    src, out = (shutil.copytree(p, tmp_path / p.name, symlinks=True) for p in converted_once)
+    sibling = tmp_path / "sibling"
+    sibling.mkdir()
+    (sibling / "notes.txt").write_text("mine")
+    return src, out, sibling
+
+
+def _refused(args, protect, *needles) -> str:
+    before = tree_state(*protect)
+    line = error_line(run_cli(*args), *needles)
+    assert tree_state(*protect) == before
+    return line
+
+
+def test_decompress_never_writes_into_or_over_its_input(world, tmp_path):
+    src, conv, sibling = world
+    base = ["decompress", "--in-path", str(conv), "--overwrite"]
+    protect = (src, conv, sibling)
+    _refused([*base, "--out-path", str(conv)], protect, "inside the input")
+    _refused([*base, "--out-path", str(tmp_path)], protect, "contains the input")  # the parent of the input
+    _refused([*base, "--out-path", str(conv / "dense")], protect, "inside the input")
+    assert not (conv / "dense").exists()
+
+
+def test_convert_never_writes_into_or_over_its_input(world, tmp_path):
+    src, conv, sibling = world
+    protect = (src, conv, sibling)
+    for out in (src, src / "sub", tmp_path):
+        _refused(["--in-path", str(src), "--out-path", str(out), "--overwrite", "--no-report"], protect, "the input")
+
+
+def test_overwrite_deletes_only_what_an_earlier_output_lists(world):
+    src, conv, sibling = world
+    args = ["--in-path", str(src), "--out-path", str(conv), "--overwrite", "--no-report"]
+    (conv / "my_notes.txt").write_text("keep me")
+    _refused(args, (src, conv, sibling), "my_notes.txt", "will not delete")
+    (conv / "my_notes.txt").unlink()
+    before = tree_state(src, sibling)
+    res = run_cli(*args)
+    assert res.exit_code == 0, res.output
+    assert tree_state(src, sibling) == before
+    verify(conv)
+
+
+def test_overwrite_refuses_a_directory_with_only_a_junk_manifest(world, tmp_path):
+    src, _, sibling = world
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / C.MANIFEST_FILE).write_text("{junk")
+    (foreign / "thesis.tex").write_text("years of work")
+    protect = (src, foreign, sibling)
+    _refused(["--in-path", str(src), "--out-path", str(foreign), "--overwrite"], protect, "not an lplr-convert output")
+    _refused(["--in-path", str(src), "--out-path", str(foreign), "--resume"], protect,
+             "not an interrupted lplr-convert run")
+
+
+def test_resume_refuses_finished_outputs_and_foreign_files(world, tmp_path):
+    src, conv, sibling = world
+    _refused(["--in-path", str(src), "--out-path", str(conv), "--resume"], (src, conv, sibling),
+             "already holds a finished conversion", "--overwrite")
+    run = tmp_path / "run"  # an interrupted run's journal beside a file of the user's
+    run.mkdir()
+    (run / C.PROGRESS_FILE).write_text('{"fingerprint": {}, "shards": [], "files": []}')
+    (run / "holiday.jpg").write_bytes(b"\xff\xd8")
+    _refused(["--in-path", str(src), "--out-path", str(run), "--resume"], (src, run, sibling), "cannot resume",
+             "holiday.jpg")
+
+
+def test_overwrite_through_a_symlink_is_refused(world, tmp_path):
+    src, conv, sibling = world
+    link = tmp_path / "link"
+    link.symlink_to(conv)
+    _refused(["--in-path", str(src), "--out-path", str(link), "--overwrite"], (src, conv, sibling),
+             "symbolic link", str(conv))
+
+
+def test_a_held_lock_refuses_a_second_run_naming_the_holder(world, tmp_path):
+    src, conv, sibling = world
+    dense = tmp_path / "dense"
+    with OutputLock(conv), OutputLock(dense):
+        for args in (["--in-path", str(src), "--out-path", str(conv), "--overwrite"],
+                     ["decompress", "--in-path", str(conv), "--out-path", str(dense), "--overwrite"]):
+            line = _refused(args, (src, conv, dense, sibling), "being written by another run")
+            assert f"pid {os.getpid()}" in line
+    run_cli("--in-path", str(src), "--out-path", str(conv), "--overwrite", "--no-report")
+    assert not (conv / C.LOCK_FILE).exists()  # a finished output carries no lock file
+
+
+# A conversion that, once its journal is written (and the lock held), announces itself and waits for a go-ahead.
+_PAUSED = r"""
+import os, sys, time
+from pathlib import Path
+import lplr_convert.convert as conv
+ready, go = Path(os.environ["READY"]), Path(os.environ["GO"])
+orig = conv._Run.compress_all
+def compress_all(self):
+    ready.write_text(str(os.getpid()))
+    deadline = time.monotonic() + 120
+    while not go.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return orig(self)
+conv._Run.compress_all = compress_all
+from lplr_convert.cli import main
+sys.argv = ["lplr-convert", *sys.argv[1:]]
+main()
+"""
+
+
+def test_two_processes_on_one_output_one_wins(world, tmp_path):
+    src, _, sibling = world
+    out = tmp_path / "out"
+    args = ["--in-path", str(src), "--out-path", str(out), "--no-report"]
+    env = dict(os.environ, LOGURU_LEVEL="WARNING", READY=str(tmp_path / "ready"), GO=str(tmp_path / "go"))
+    first = subprocess.Popen([sys.executable, "-c", _PAUSED, *args], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "ready").exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.02)
+        assert (out / C.PROGRESS_FILE).is_file()  # the first run is under way
+        before = tree_state(src, out, sibling)
+        for extra in ("--overwrite", "--resume"):
+            second = subprocess.run([sys.executable, "-m", "lplr_convert.cli", *args, extra], env=env,
+                                    capture_output=True, text=True, timeout=120, check=False)
+            assert second.returncode == 1
+            lines = [ln for ln in second.stderr.splitlines() if ln.startswith("error:")]
+            assert len(lines) == 1 and "being written by another run" in lines[0], second.stderr
+            assert f"pid {first.pid}" in lines[0]
+            assert tree_state(src, out, sibling) == before
+        (tmp_path / "go").write_text("")
+        stdout, stderr = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, stderr
+    assert "wrote" in stdout
+    assert verify(out, source=str(src))["errors_checked"]
+    assert not (out / C.LOCK_FILE).exists()

@@ -1,0 +1,76 @@
+"""Activation-aware methods, exact properties: GPTQ with H = I is RTN; qlr with rank 0 is its GPTQ backbone and is
+never worse than it; calibrated LSVD with float factors reaches the weighted Eckart-Young optimum (so it beats plain
+LSVD's weighted error); every method accepts and ignores statistics it does not use."""
+
+from __future__ import annotations
+
+import torch
+
+from lplr_convert.math.weighted import weighted_relative_error
+from lplr_convert.math.whiten import whitened_singular_values, whitening
+from lplr_convert.methods import InputStats, RankPolicy, available_methods, get_method, make_settings
+
+
+def _problem(m=48, n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(m, n, generator=g) / n**0.5
+    X = torch.randn(4 * n, n, generator=g) @ torch.diag(torch.logspace(0, -2, n)) @ torch.randn(n, n, generator=g)
+    H = (X.T @ X / X.shape[0]).float()
+    return W, H
+
+
+def _out_err(method, res, W, H):
+    return float(weighted_relative_error(W, get_method(method).decode(res.parts, res.info), H))
+
+
+def test_gptq_with_identity_statistics_is_round_to_nearest():
+    W, _ = _problem()
+    for kw in ({}, {"scheme": "asymmetric", "quantizer": "channel"}, {"b0": 3, "clip": "mse"}):
+        s = make_settings("gptq", **kw)
+        plain = get_method("gptq").compress(W, s, 0)
+        ident = get_method("gptq").compress(W, s, 0, InputStats(torch.eye(W.shape[1])))
+        rtn = get_method("rtn").compress(W, make_settings("rtn", **s.knobs()), 0)  # the same grid knobs
+        assert all(torch.equal(plain.parts[k], ident.parts[k]) for k in plain.parts)
+        assert all(torch.equal(plain.parts[k], rtn.parts[k]) for k in plain.parts)
+
+
+def test_gptq_lowers_the_output_error_against_real_statistics():
+    W, H = _problem()
+    s = make_settings("gptq", b0=3)
+    assert _out_err("gptq", get_method("gptq").compress(W, s, 0, InputStats(H)), W, H) < \
+        _out_err("gptq", get_method("gptq").compress(W, s, 0), W, H)  # a regression check (GPTQ is greedy)
+
+
+def test_qlr_rank_zero_is_its_gptq_backbone_and_never_worse_than_it():
+    W, H = _problem()
+    stats = InputStats(H)
+    base = make_settings("qlr", b0=2, rank=RankPolicy("rank", 0))
+    zero = get_method("qlr").compress(W, base, 0, stats)
+    knobs = {k: v for k, v in base.knobs().items() if k != "rank"}
+    gptq = get_method("gptq").compress(W, make_settings("gptq", **knobs), 0, stats)
+    assert set(zero.parts) == set(gptq.parts) and all(torch.equal(zero.parts[k], gptq.parts[k]) for k in zero.parts)
+    with_lr = get_method("qlr").compress(W, make_settings("qlr", b0=2, rank=RankPolicy("rank", 8)), 0, stats)
+    assert _out_err("qlr", with_lr, W, H) <= _out_err("qlr", zero, W, H) + 1e-12  # the rank-0 iterate is a candidate
+
+
+def test_calibrated_lsvd_with_float_factors_reaches_the_weighted_optimum():
+    """With 32-bit factors nothing is quantized: the whitened SVD is the optimal rank-r factorization for H, whose
+    squared relative error is the whitened spectrum's tail (Eckart-Young in the whitened space)."""
+    W, H = _problem()
+    r = 10
+    s = make_settings("lsvd", b1=32, b2=32, rank=RankPolicy("rank", r))
+    cal = get_method("lsvd").compress(W, s, 0, InputStats(H))
+    plain = get_method("lsvd").compress(W, s, 0)
+    sigma = whitened_singular_values(W, whitening(H)).double()
+    optimum = float((sigma[r:].square().sum() / sigma.square().sum()).sqrt())
+    assert abs(_out_err("lsvd", cal, W, H) - optimum) < 1e-5 * optimum + 1e-7  # float32 round-off
+    assert _out_err("lsvd", cal, W, H) < _out_err("lsvd", plain, W, H)
+
+
+def test_every_method_takes_statistics():
+    W, H = _problem()
+    for method in available_methods():
+        s = make_settings(method, rank=RankPolicy("rank", 4)) if get_method(method).uses_rank else \
+            make_settings(method)
+        res = get_method(method).compress(W, s, 0, InputStats(H))
+        assert get_method(method).decode(res.parts, res.info).shape == W.shape
