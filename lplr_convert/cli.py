@@ -17,6 +17,7 @@ import click
 from loguru import logger
 
 from . import __version__
+from . import constants as C
 from .errors import LplrError, flag
 
 RANK_SECTION = "Rank policy (one of)"
@@ -401,13 +402,24 @@ def inspect(**kw):
                f"predicted output {info['predicted_output_bytes'] / 1e6:.1f} MB{note}")
 
 
+def _rewrite_options(what: str, shards: str = "Largest output shard."):
+    """--in-path (a converted directory), --out-path, --max-shard-size and --overwrite, for commands writing `what`."""
+    opts = [_opt("--in-path", required=True, section="Input", help="An lplr-convert output directory."),
+            _opt("--out-path", required=True, type=click.Path(file_okay=False), section="Output",
+                 help=f"Where to write the {what}."),
+            _opt("--max-shard-size", type=SizeType(), default="5GB", show_default=True, section="Output", help=shards),
+            _opt("--overwrite", is_flag=True, section="Output", help=f"Replace an earlier {what} in --out-path.")]
+
+    def wrap(f):
+        for o in reversed(opts):
+            f = o(f)
+        return f
+
+    return wrap
+
+
 @main.command(cls=_Sectioned)
-@_opt("--in-path", required=True, section="Input", help="An lplr-convert output directory.")
-@_opt("--out-path", required=True, type=click.Path(file_okay=False), section="Output",
-      help="Where to write the plain checkpoint.")
-@_opt("--max-shard-size", type=SizeType(), default="5GB", show_default=True, section="Output",
-      help="Largest output shard.")
-@_opt("--overwrite", is_flag=True, section="Output", help="Replace an earlier decompress in --out-path.")
+@_rewrite_options("plain checkpoint")
 @debug_option
 @_friendly
 def decompress(**kw):
@@ -415,6 +427,24 @@ def decompress(**kw):
     from .export import decompress as run
 
     click.echo(f"wrote {run(kw['in_path'], kw['out_path'], kw['max_shard_size'], kw['overwrite'])}")
+
+
+@main.command(name="export", cls=_Sectioned)
+@_rewrite_options("export", shards="Largest output shard (compressed-tensors).")
+@_opt("--format", "fmt", required=True, type=click.Choice(C.EXPORT_FORMATS), section="Output",
+      help="compressed-tensors: packed checkpoint transformers/vLLM load; peft: qlr corrections as a LoRA adapter.")
+@_opt("--base-model", default=None, section="Output",
+      help="peft: the adapter's base_model_name_or_path (the compressed-tensors export's path or repo id).")
+@debug_option
+@_friendly
+def export_(**kw):
+    """Write a conversion in a format other tools load natively (compressed-tensors, PEFT LoRA); says what went dense."""
+    from .export import export as run
+
+    result = run(kw["in_path"], kw["out_path"], kw["fmt"], base_model=kw["base_model"],
+                 max_shard_size=kw["max_shard_size"], overwrite=kw["overwrite"])
+    for line in result.lines():
+        click.echo(line)
 
 
 @main.command(cls=_Sectioned)

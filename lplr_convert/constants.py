@@ -27,6 +27,24 @@ CONFIG_FILE = "config.json"
 CONFIG_WEIGHTS_KEY = "transformers_weights"
 IMPORT_GUARD_FILE = "lplr-convert_needs_import_lplr_convert_before_from_pretrained.safetensors"
 
+# `lplr-convert export`: the record an export writes beside its files (what it wrote, which tensors went dense, why),
+# which is also what `export --overwrite` may delete.
+EXPORT_FILE = "lplr_export.json"
+EXPORT_FORMATS = ("compressed-tensors", "peft")  # `export --format`, recorded in EXPORT_FILE
+# compressed-tensors' `pack-quantized` format (config.json quantization_config and per-module tensor suffixes).
+CT_QUANT_METHOD = EXPORT_FORMATS[0]
+CT_FORMAT = "pack-quantized"
+CT_STATUS = "compressed"
+CT_PACKED = "weight_packed"  # int32 words, each row's codes little end first (math.bitpack.pack_rows_int32)
+CT_SCALE = "weight_scale"  # (out, 1) channel, (out, groups) group, (1,) tensor
+CT_ZERO_POINT = "weight_zero_point"  # asymmetric: int32 words packed along the output dim (channel/group), int8 (1,)
+CT_SHAPE = "weight_shape"  # int64 (out, in)
+# PEFT LoRA adapter.
+PEFT_EXPORT = EXPORT_FORMATS[1]
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_KEY_PREFIX = "base_model.model."  # "<prefix><module>.lora_A.weight" (r x in), ".lora_B.weight" (out x r)
+
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"

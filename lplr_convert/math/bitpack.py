@@ -1,10 +1,11 @@
-"""Exact bit packing of b-bit codes (1 <= b <= 8) into uint8, little end first."""
+"""Exact bit packing of b-bit codes (1 <= b <= 8) into uint8, little end first; and into int32 words row by row (the
+layout of compressed-tensors' `pack-quantized` format)."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["pack", "packed_nbytes", "unpack"]
+__all__ = ["pack", "pack_rows_int32", "packed_nbytes", "unpack"]
 
 # Blocks of 8 codes handled per step by the general (3, 5, 6, 7-bit) path: bounds its int64 temporaries to ~64 MiB.
 _CHUNK_BLOCKS = 1 << 20
@@ -105,3 +106,24 @@ def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         take = min(codes.numel(), numel - first)
         out[first:first + take] = codes[:take]
     return out
+
+
+def pack_rows_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack a 2-D tensor of codes in [0, 2**bits) row by row into int32 words: (m, n) -> (m, ceil(n * bits / 32)).
+
+    Each row is one bit stream, little end first as in `pack` (code j at bits [j * bits, (j + 1) * bits)), zero-padded
+    to whole 32-bit words; word k holds bits [32 k, 32 k + 32) of its row, stored as the two's-complement int32 of
+    those 32 bits. This is compressed-tensors' dense `pack_to_int32` layout of the unsigned values (its codes plus
+    2**(bits - 1)). Exact; the words are assembled arithmetically, so the host's byte order does not matter.
+    """
+    _check_bits(bits)
+    if codes.dim() != 2:
+        raise ValueError(f"pack_rows_int32 expects a 2-D tensor of codes, got shape {tuple(codes.shape)}")
+    m, n = codes.shape
+    pad = -n % 32  # whole blocks of 32 codes: every padded row is a whole number of words
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(m, pad)], dim=1)
+    raw = pack(codes, bits).view(m, -1, 4).to(torch.int64)
+    words = raw[..., 0] | raw[..., 1] << 8 | raw[..., 2] << 16 | raw[..., 3] << 24
+    words -= (words >> 31) << 32  # unsigned 32-bit value -> two's complement
+    return words[:, : (n * bits + 31) // 32].to(torch.int32).contiguous()

@@ -35,7 +35,9 @@ Candidates whose float16 scale would not be normal are skipped.
 compressed-tensors `pack-quantized` (strategy "channel" = our channel_dim 0, "group" = our group, "tensor"): its
 signed int8 value is q = c - o; its zero point is z = zp - o (asymmetric; 0 for symmetric); `weight_scale` holds s_st
 (shape (m, 1), (m, G) or (1,)); `pack_to_int32` adds o back, so the unsigned b-bit integers in its `weight_packed`
-words are exactly our codes c (and those in its packed `weight_zero_point` exactly our zp), row by row.
+words are exactly our codes c, row by row, and those in its packed `weight_zero_point` (channel/group) exactly our zp,
+packed along the output dim (column by column); a tensor-wide zero point is stored unpacked as int8 z
+(`export.compressed_tensors`, checked against compressed-tensors 0.20.1).
 """
 
 from __future__ import annotations

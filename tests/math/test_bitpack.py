@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lplr_convert.math.bitpack import pack, packed_nbytes, unpack
+from lplr_convert.math.bitpack import pack, pack_rows_int32, packed_nbytes, unpack
 
 SHAPES = [(830, 545), (1001,), (13,), (7,), (3, 5), (1,), (0,), (0, 4)]
 
@@ -95,3 +95,33 @@ def test_chunked_packing_gives_the_same_bytes(bits, gen, monkeypatch):
     packed = pack(codes, bits)
     assert bytes(packed.tolist()) == expected
     assert torch.equal(unpack(packed, bits, 1000), codes)
+
+
+def _words_reference(codes: torch.Tensor, bits: int) -> list[list[int]]:
+    """Brute force: each row as one little-endian integer, cut into 32-bit words read as two's complement."""
+    n_words = math.ceil(codes.shape[1] * bits / 32)
+    out = []
+    for row in codes.tolist():
+        stream = sum(int(c) << (bits * j) for j, c in enumerate(row))
+        words = [(stream >> (32 * k)) & 0xFFFFFFFF for k in range(n_words)]
+        out.append([w - (1 << 32) if w >= 1 << 31 else w for w in words])
+    return out
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("shape", [(5, 33), (3, 64), (2, 7), (1, 1)], ids=str)
+def test_rows_int32_are_each_row_little_end_first(bits, shape, gen):
+    codes = _codes(shape, bits, gen)
+    words = pack_rows_int32(codes, bits)
+    assert words.dtype == torch.int32 and tuple(words.shape) == (shape[0], math.ceil(shape[1] * bits / 32))
+    assert words.tolist() == _words_reference(codes, bits)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_rows_int32_match_compressed_tensors(bits, gen):
+    """compressed-tensors packs the signed values c - 2**(b-1) after adding 2**(b-1) back: the same words."""
+    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    codes = _codes((7, 45), bits, gen)
+    signed = (codes.to(torch.int32) - (1 << (bits - 1))).to(torch.int8)
+    assert torch.equal(pack_rows_int32(codes, bits), helpers.pack_to_int32(signed, bits))
+    assert torch.equal(pack_rows_int32(codes.T.contiguous(), bits).T, helpers.pack_to_int32(signed, bits, packed_dim=0))
