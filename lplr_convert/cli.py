@@ -450,7 +450,7 @@ def export_(**kw):
 @main.command(cls=_Sectioned)
 @_opt("--in-path", "in_paths", required=True, multiple=True, section="Input",
       help="Output directory; repeat to compare several side by side.")
-@_opt("--out", default=None, type=click.Path(dir_okay=False), section="Output", help="Write the comparison here.")
+@_opt("--out", default=None, type=click.Path(dir_okay=False), section="Output", help="Write the comparison (or one directory's summary) to this file, outside the conversion directories.")
 @debug_option
 @_friendly
 def report(**kw):
@@ -458,7 +458,7 @@ def report(**kw):
     from .io.manifest import read_manifest
     from .report import compare, write_report
 
-    if len(kw["in_paths"]) == 1:
+    if len(kw["in_paths"]) == 1 and kw["out"] is None:
         for p in write_report(kw["in_paths"][0], read_manifest(kw["in_paths"][0])):
             click.echo(f"wrote {p}")
     else:

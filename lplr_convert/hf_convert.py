@@ -69,9 +69,11 @@ class LoadPlan:
     def build(cls, model: nn.Module, root: Path, checkpoint_files: list[str]) -> LoadPlan:
         """Check the directory (manifest integrity, every shard's sha256, the weight files transformers will read) and
         put a meta-device LowRankLinear in place of every linear that a factored record compresses."""
-        output = ConvertedOutput(root, verify=False)
+        output = ConvertedOutput(root)
+        output.side_file(C.CONFIG_FILE)  # the model was built from it: checked like the shards
         for shard in output.manifest.shards:
             output.check_shard(shard)
+        output.verify = False  # every shard is checked above, once
         reading = {Path(f).name for f in checkpoint_files}
         if reading != set(output.manifest.shards):
             raise LplrError(f"the weight files of {root} ({', '.join(sorted(reading))}) are not the shards its manifest "

@@ -152,6 +152,24 @@ def test_damaged_shard_is_refused(conv, tmp_path):
         AutoModelForCausalLM.from_pretrained(dst)
 
 
+def test_tampered_config_is_refused(conv, tmp_path):
+    """from_pretrained builds the model from config.json: a changed config is refused like a changed shard."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    dst = tmp_path / "copy"
+    shutil.copytree(conv("llama", "lplr"), dst)
+    cfg = dst / "config.json"
+    original = cfg.read_text()
+    cfg.write_text(original.replace('"hidden_act": "silu"', '"hidden_act": "gelu"'))
+    assert cfg.read_text() != original
+    with pytest.raises(LplrError, match=r"config\.json does not match the sha256"):
+        AutoModelForCausalLM.from_pretrained(dst)
+    cfg.write_text(original)
+    AutoModelForCausalLM.from_pretrained(dst)
+
+
 def _fresh(code: str) -> subprocess.CompletedProcess:
     """Run `code` in a new interpreter with this checkout first on the path and nothing imported."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(lplr_convert.__file__).parents[1]),

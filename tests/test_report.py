@@ -21,6 +21,7 @@ from lplr_convert.methods import MethodSettings, RankPolicy
 from lplr_convert.report import compare, energy_curve, summary_markdown, summary_table, write_report
 from lplr_convert.report.metrics import tensor_rows
 from lplr_convert.report.spectra import representative_tensors
+from lplr_testing import run_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -220,6 +221,31 @@ def test_compare_side_by_side(outputs, tmp_path):
         compare([])
     with pytest.raises(LplrError):
         compare([tmp_path])  # not an output directory
+
+
+def test_compare_refuses_to_write_inside_a_conversion(outputs, tmp_path):
+    """`report --out` inside a compared directory would replace one of its files or add one its manifest does not
+    list; it is refused before anything is written, and the output still verifies."""
+    from lplr_convert.verify import verify
+
+    src = tmp_path / "conv"
+    shutil.copytree(outputs["rtn"], src)
+    before = {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()}
+    shard = next(iter(read_manifest(src)[C.M_SHARDS]))
+    for out in (src / shard, src / "cmp.md", src):
+        with pytest.raises(LplrError, match="inside the conversion directory"):
+            compare([outputs["lplr"], src], out=out)
+    assert {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()} == before
+    verify(src)
+    with pytest.raises(LplrError, match="is a directory"):
+        compare([src], out=tmp_path)
+    # The CLI: one directory with --out writes its summary there instead of re-rendering inside it.
+    res = run_cli("report", "--in-path", str(src), "--out", str(tmp_path / "one.md"))
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "one.md").read_text() == compare([src])
+    assert {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()} == before
+    res = run_cli("report", "--in-path", str(src), "--out", str(src / "x.md"))
+    assert res.exit_code != 0 and "--out" in res.output and not (src / "x.md").exists()
 
 
 def test_without_matplotlib_the_tables_are_still_written(outputs, tmp_path, monkeypatch):

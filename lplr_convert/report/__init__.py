@@ -152,7 +152,22 @@ def compare(dirs: list, out: str | os.PathLike | None = None) -> str:
     if not dirs:
         raise LplrError(f"compare needs at least one output directory; pass {opt('in_path')} DIR (repeat it to compare)")
     manifests = [read_manifest(d) for d in dirs]
+    if out is not None:
+        _check_out_outside(Path(out), dirs)
     text = compare_markdown(manifests, dir_labels(dirs))
     if out is not None:
         _write_text(Path(out), text)
     return text
+
+
+def _check_out_outside(out: Path, dirs: list) -> None:
+    """Refuse a comparison file inside a conversion directory: it would replace one of its files or add one its
+    manifest does not list (and `verify`, the loaders and `push` would then reject or publish it)."""
+    target = out.resolve()
+    for d in dirs:
+        root = Path(d).resolve()
+        if target == root or root in target.parents:
+            raise LplrError(f"{opt('out')} {out} lies inside the conversion directory {d}; write the comparison "
+                            f"outside it (e.g. {root.parent / 'comparison.md'})")
+    if target.is_dir():
+        raise LplrError(f"{opt('out')} {out} is a directory; pass a file name such as {out / 'comparison.md'}")
