@@ -115,7 +115,7 @@ def _stored(path: Path, modules: list[str], bits: int, group_size: int) -> tuple
     where = {}
     for f in files:
         with safe_open(str(f), "pt") as h:
-            where.update({k: f for k in h})
+            where.update({k: f for k in h.keys()})  # noqa: SIM118  (safe_open is not iterable)
     counts = {"params": 0, "weight_packed": 0, "weight_scale": 0, "weight_zero_point": 0, "weight_shape": 0,
               "other": 0, "scale_dtype": None, "scale_numel": 0}
     dense, codes_scales = {}, {}
