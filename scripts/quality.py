@@ -5,7 +5,8 @@ The bundled checkpoint is calibrated once on the calibration text shipped in the
 configuration below, and the converted model's sentence embeddings are compared with the original's on a different
 text (scripts/data/heldout_sentences.txt, 420 held-out sentences by default). Bits/param counts every stored byte
 of the compressed tensors (codes, scales, zero points, factors), read from the manifest. Baselines (rtn, gptq) run
-in the same process, on the same statistics and text. llm-compressor's GPTQ is not a dependency; it is not run here.
+in the same process, on the same statistics and text. llm-compressor's GPTQ is not a dependency; it is not run here
+(scripts/llmcompressor_baseline.py runs it, from a separate venv, on the same text and evaluation).
 
     .venv/bin/python scripts/quality.py                      # full table (~15 min on 2 cores)
     .venv/bin/python scripts/quality.py --quick              # four rows (~2 min)
