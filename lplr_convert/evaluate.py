@@ -156,6 +156,13 @@ def compare_embeddings(a: torch.Tensor, b: torch.Tensor) -> dict:
     return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "neighbour_kept": float(kept)}
 
 
+def _max_length(model) -> int:
+    """Tokens per text: at most _MAX_LENGTH, and no more than the model has positions for."""
+    from .modeling import max_tokens
+
+    return min(_MAX_LENGTH, max_tokens(model) or _MAX_LENGTH)
+
+
 class _Encoder:
     """Sentence embeddings of a sentence-transformers directory, or mean-pooled hidden states of a plain encoder."""
 
@@ -173,6 +180,7 @@ class _Encoder:
             self.st = None
             self.tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True)
             self.core = AutoModel.from_pretrained(root, local_files_only=True, dtype=torch.float32).to(device)
+            self.max_length = _max_length(self.core)
         self.core.eval()
 
     @torch.inference_mode()
@@ -181,7 +189,7 @@ class _Encoder:
             return self.st.encode(texts, batch_size=_BATCH, convert_to_tensor=True, show_progress_bar=False).cpu()
         out = []
         for i in range(0, len(texts), _BATCH):
-            enc = self.tokenizer(texts[i:i + _BATCH], padding=True, truncation=True, max_length=_MAX_LENGTH,
+            enc = self.tokenizer(texts[i:i + _BATCH], padding=True, truncation=True, max_length=self.max_length,
                                  return_tensors="pt").to(self.device)
             hidden = self.core(**enc).last_hidden_state.float()
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -203,13 +211,14 @@ class _CausalLM:
             self.tokenizer.pad_token = self.tokenizer.eos_token  # pad positions are masked out below
         self.core = AutoModelForCausalLM.from_pretrained(root, local_files_only=True, dtype=torch.float32).to(device)
         self.core.eval()
+        self.max_length = _max_length(self.core)
 
     @torch.inference_mode()
     def log_probs(self, texts: list[str]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Per batch: log-probs (tokens x vocab, float32, CPU) of each next-token prediction, and the true tokens."""
         batch = _BATCH if self.tokenizer.pad_token is not None else 1
         for i in range(0, len(texts), batch):
-            enc = self.tokenizer(texts[i:i + batch], padding=batch > 1, truncation=True, max_length=_MAX_LENGTH,
+            enc = self.tokenizer(texts[i:i + batch], padding=batch > 1, truncation=True, max_length=self.max_length,
                                  return_tensors="pt").to(self.device)
             mask = enc["attention_mask"].bool()
             logits = self.core(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits

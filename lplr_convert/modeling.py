@@ -141,6 +141,21 @@ def factors_for(mod: nn.Module, rec: TensorRecord, parts: dict) -> tuple[torch.T
     return L, R, base
 
 
+def max_tokens(model: nn.Module) -> int | None:
+    """The longest token sequence `model` can embed: its config's position count (`max_position_embeddings`,
+    `n_positions` or `n_ctx`), less the offset of learned position tables whose ids start after the padding index
+    (RoBERTa-style: 514 positions, padding index 1, 512 tokens); None when the config sets no count."""
+    config = getattr(model, "config", None)
+    limit = next((v for key in ("max_position_embeddings", "n_positions", "n_ctx")
+                  if isinstance(v := getattr(config, key, None), int) and v > 0), None)
+    if limit is None:
+        return None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Embedding) and name.endswith("position_embeddings") and mod.padding_idx is not None:
+            return max(1, min(limit, mod.num_embeddings) - mod.padding_idx - 1)
+    return limit
+
+
 def linear_shape(mod: nn.Module) -> tuple[int, int]:
     """(out_features, in_features) of an nn.Linear or a transformers Conv1D (whose weight is in x out)."""
     from transformers.pytorch_utils import Conv1D

@@ -218,3 +218,40 @@ def test_evaluate_causal_end_to_end(tiny_lm_dir, tmp_path):
     assert 0 < res["kl_mean"] < 0.5 and 0 < res["top1_agreement"] <= 1
     assert read_manifest(out)[C.M_EVAL]["kl_mean"] == res["kl_mean"]
     assert "KL(original ‖ converted)" in (out / C.REPORT_MD).read_text()
+
+
+@pytest.mark.parametrize(("family", "positions", "tokens"), [("roberta", 24, 23), ("gpt2", 24, 24)])
+def test_texts_longer_than_the_models_positions_are_truncated_to_them(tmp_path, family, positions, tokens):
+    """The position table bounds every text (RoBERTa-style tables start after the padding index, here 0: 1 token fewer);
+    before, texts longer than it crashed eval with an IndexError."""
+    from calibration.tiny_checkpoints import build_with_positions
+    from transformers import AutoModel
+
+    from lplr_convert.modeling import max_tokens
+
+    src = build_with_positions(tmp_path / family, family, positions)
+    assert max_tokens(AutoModel.from_pretrained(src)) == tokens
+    long_texts = ["a fairly long sentence that has far more characters than the model has positions"] * 3
+    sd = load_file(str(src / C.SAFE_SINGLE))
+    same = evaluate_state_dict(src, sd, long_texts)
+    if family == "roberta":
+        assert same["cosine_min"] == pytest.approx(1.0, abs=1e-6)
+    else:
+        assert same["kl_mean"] == 0.0 and same["tokens"] == 3 * (tokens - 1)
+
+
+def test_max_tokens_of_real_configs():
+    """512 tokens for BERT (512 positions) and RoBERTa (514, padding index 1), 1024 for GPT-2, none when unset."""
+    import transformers
+
+    from lplr_convert.modeling import max_tokens
+
+    def build(cfg):
+        with torch.device("meta"):
+            return transformers.AutoModel.from_config(cfg)
+
+    small = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
+    assert max_tokens(build(transformers.BertConfig(**small))) == 512
+    assert max_tokens(build(transformers.RobertaConfig(**small, max_position_embeddings=514, pad_token_id=1))) == 512
+    assert max_tokens(build(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2))) == 1024
+    assert max_tokens(torch.nn.Linear(2, 2)) is None

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from lplr_testing import run_cli
 from safetensors import safe_open
 
 from lplr_convert import constants as C
@@ -21,7 +22,6 @@ from lplr_convert.methods import MethodSettings, RankPolicy
 from lplr_convert.report import compare, energy_curve, summary_markdown, summary_table, write_report
 from lplr_convert.report.metrics import tensor_rows
 from lplr_convert.report.spectra import representative_tensors
-from lplr_testing import run_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

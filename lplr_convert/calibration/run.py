@@ -17,6 +17,7 @@ from .. import __version__
 from .. import constants as C
 from ..errors import LplrError, opt
 from ..io.reader import open_source
+from ..modeling import max_tokens
 from .capture import (
     Skeleton,
     build_skeleton,
@@ -51,9 +52,9 @@ def _check_options(samples: int, seq_len: int, batch_size: int, accumulate_dtype
                         f"available cuda:N") from None
 
 
-def _max_positions(config, seq_len: int) -> int:
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if isinstance(limit, int) and 0 < limit < seq_len:
+def _max_positions(model, seq_len: int) -> int:
+    limit = max_tokens(model)
+    if limit is not None and limit < seq_len:
         logger.warning(f"seq_len {seq_len} exceeds the model's {limit} positions; using {limit}")
         return limit
     return seq_len
@@ -140,7 +141,7 @@ def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | N
     cal_text = read_text(text)
     sk = build_skeleton(src, device, compute_dtype)
     tokenizer = load_tokenizer(src.root)
-    seq_len = _max_positions(sk.model.config, seq_len)
+    seq_len = _max_positions(sk.model, seq_len)
     seqs = tokenize(tokenizer, cal_text.lines, sk.causal, samples, seq_len)
     if len(seqs) < samples:
         logger.warning(f"the calibration text gives {len(seqs)} samples of up to {seq_len} tokens, not {samples}; "

@@ -131,3 +131,14 @@ def test_padding_is_excluded(name, tiny_dir, text_file, tmp_path):
     assert m["tokens"] == sum(len(s) for s in seqs) and m["samples"] == len(seqs)
     ref = {n: (load_calibration(tmp_path / "single").statistic(n), m["tokens"]) for n in m[C.S_WEIGHTS]}
     assert_matches(load_calibration(tmp_path / "padded"), ref, m["blocks"], 160)
+
+
+def test_seq_len_is_bounded_by_the_position_table(text_file, tmp_path):
+    """A RoBERTa-style table of 24 positions whose ids start after the padding index (0) embeds 23 tokens: a longer
+    --seq-len is cut to that (with a warning), and every statistic comes from sequences of at most 23 tokens."""
+    from tiny_checkpoints import build_with_positions
+
+    src = build_with_positions(tmp_path / "roberta", "roberta", 24)
+    manifest = _calibrate(src, tmp_path / "stats", text_file, seq_len=64)
+    assert manifest["seq_len"] == 23
+    assert 0 < manifest["tokens"] <= 23 * manifest["samples"]

@@ -49,3 +49,22 @@ def build_tiny(name: str, path: Path) -> Path:
         model.save_pretrained(str(path))
     char_tokenizer(path)
     return path
+
+
+def build_with_positions(path: Path, family: str, positions: int) -> Path:
+    """A tiny random checkpoint of `family` with only `positions` positions and a character tokenizer that sets no
+    length limit of its own (so the model's table is the only bound)."""
+    import transformers
+
+    torch.manual_seed(0)
+    if family == "roberta":
+        config = transformers.RobertaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                            intermediate_size=64, max_position_embeddings=positions, pad_token_id=0)
+        model = transformers.RobertaModel(config)
+    else:
+        config = transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=1, n_head=2, n_positions=positions,
+                                         bos_token_id=2, eos_token_id=3)
+        model = transformers.GPT2LMHeadModel(config)
+    model.save_pretrained(str(path))
+    char_tokenizer(path)
+    return path
