@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .. import constants as C
-from ..errors import LplrError
+from ..errors import LplrError, opt
 from ..io.reader import SourceCheckpoint
 from ..modeling import model_class, name_candidates, params_on_meta
 from ..plan import block_index
@@ -124,6 +124,10 @@ def build_skeleton(src: SourceCheckpoint, device: str | torch.device, dtype: tor
     with params_on_meta():
         model = cls(config)
     model.eval()
+    takes = getattr(model, "main_input_name", "input_ids")
+    if takes != "input_ids":
+        raise LplrError(f"{type(model).__name__} takes {takes}, not token ids; calibrate runs text through the model, "
+                        f"so it supports text models only (convert this one without {opt('calibration')})")
     device = torch.device(device)
     for mod in model.modules():
         for name, buf in mod._buffers.items():

@@ -142,3 +142,29 @@ def test_seq_len_is_bounded_by_the_position_table(text_file, tmp_path):
     manifest = _calibrate(src, tmp_path / "stats", text_file, seq_len=64)
     assert manifest["seq_len"] == 23
     assert 0 < manifest["tokens"] <= 23 * manifest["samples"]
+
+
+def _tiny_other(path, kind: str):
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "t5":
+        model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+            vocab_size=128, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, decoder_start_token_id=0))
+    else:
+        model = transformers.ViTModel(transformers.ViTConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                             num_attention_heads=2, image_size=16, patch_size=8))
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(str(path))
+    return path
+
+
+@pytest.mark.parametrize(("kind", "needles"), [("t5", ("several block stacks", "encoder.block", "decoder.block")),
+                                              ("vit", ("ViTModel takes pixel_values", "--calibration"))])
+def test_models_calibrate_cannot_run_are_one_line_errors(kind, needles, tmp_path):
+    """An encoder-decoder (two block stacks) and a vision model (no token ids) are refused by name; nothing written."""
+    from lplr_testing import error_line, run_cli
+
+    src = _tiny_other(tmp_path / kind, kind)
+    error_line(run_cli("calibrate", "--in-path", str(src), "--out-path", str(tmp_path / "stats")), *needles)
+    assert not (tmp_path / "stats").exists()
