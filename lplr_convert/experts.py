@@ -66,10 +66,10 @@ def compress_experts(method: Method, W: torch.Tensor, settings: Settings, seed: 
         parts.update({f"{e}.{k}" if k else str(e): v for k, v in r.parts.items()})
         infos.append(r.info)
         bits += r.stored_bits
-        sq_err += float(r.rel_error) ** 2 * norm2
+        sq_err += r.error() ** 2 * norm2
         sq_norm += norm2
         energy = None if r.energy_kept is None or energy is None else energy + float(r.energy_kept) * norm2
-        rows.append({"rank": r.rank, "rel_error": float(r.rel_error),
+        rows.append({"rank": r.rank, "rel_error": r.error(),
                      "energy_kept": None if r.energy_kept is None else float(r.energy_kept)})
     rel = math.sqrt(sq_err / sq_norm) if sq_norm > 0 else 0.0
     kept = None if energy is None or sq_norm == 0 else energy / sq_norm

@@ -12,6 +12,7 @@ from torch import nn
 from . import constants as C
 from .errors import LplrError
 from .io.manifest import TensorRecord
+from .math.lowrank import product
 from .methods import get_method
 
 __all__ = ["LowRankLinear", "factors_for", "find_module", "linear_shape", "lowrank_for", "model_class", "params_on_meta",
@@ -38,8 +39,7 @@ class LowRankLinear(nn.Module):
 
     def to_dense(self) -> torch.Tensor:
         """The dense (out x in) weight (Q +) L R, formed only on request."""
-        dense = self.left @ self.right
-        return dense if self.base is None else dense + self.base
+        return product(self.left, self.right, self.base)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -12,10 +12,11 @@ import torch
 
 from ..dtypes import dtype_from_name, dtype_name
 from ..errors import LplrError, opt
+from ..math.lowrank import product_rows
 from ..methods import get_method
 from .manifest import Manifest, TensorRecord, read_manifest, sha256_file
 
-__all__ = ["ConvertedOutput", "decode_record", "loaded_tensor", "open_output"]
+__all__ = ["ConvertedOutput", "decode_record", "decoded_factors", "loaded_blocks", "loaded_tensor", "open_output"]
 
 
 def _first_line(e: BaseException) -> str:
@@ -150,6 +151,39 @@ def loaded_tensor(method, parts: dict[str, torch.Tensor], info: dict, transposed
     if transposed:
         W = W.transpose(-2, -1)
     return W.to(dtype).contiguous()
+
+
+def loaded_blocks(method, parts: dict[str, torch.Tensor], info: dict, W: torch.Tensor, transposed: bool,
+                  dtype: torch.dtype, factors: tuple | None = None,
+                  block_elements: int = 1 << 21) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Row blocks (rows of W, the same rows of `loaded_tensor`'s result) for measuring what a loader returns without
+    holding it whole; W is the source tensor as read (source orientation, on the parts' device).
+
+    2-D weights come in the method's orientation (out x in: Conv1D weights transposed, as the methods saw them). A
+    factored weight (`method.factored`, not fused experts) is decoded a block at a time by `math.lowrank`'s
+    schedule, the one its `decode` uses, from `factors` = (L, R, base or None) when the caller decoded them already:
+    the same bits as `loaded_tensor`, without the float32 product or its cast copy at full size. Anything else is
+    decoded whole by `loaded_tensor` and cut into blocks of about `block_elements`, fused experts compared as
+    [experts * rows, cols] in the source orientation."""
+    from ..experts import EXPERTS_KEY
+
+    if method.factored and EXPERTS_KEY not in info:
+        L, R, base = factors if factors is not None else decoded_factors(method, parts, info)
+        rows = W.T if transposed else W
+        for i, block in product_rows(L, R, base):
+            yield rows[i:i + block.shape[0]], block.to(dtype)
+        return
+    full = loaded_tensor(method, parts, info, transposed, dtype)
+    rows, full = (W.T, full.T) if transposed and W.dim() == 2 else (W.flatten(0, -2), full.flatten(0, -2))
+    step = max(1, block_elements // max(1, rows.shape[1]))
+    for i in range(0, rows.shape[0], step):
+        yield rows[i:i + step], full[i:i + step]
+
+
+def decoded_factors(method, parts: dict[str, torch.Tensor], info: dict) -> tuple:
+    """(L, R, base or None): the float32 factors (and Q + L R's backbone) a factored layer is built from."""
+    L, R = method.decode_factors(parts, info)
+    return L, R, method.decode_base(parts, info)
 
 
 def decode_record(rec: TensorRecord, parts: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 
 from .lstsq import gram as gram_of
 
-__all__ = ["factor_relative_error", "frobenius_sq", "relative_error"]
+__all__ = ["blocked_errors", "factor_relative_error", "frobenius_sq", "relative_error"]
 
 # Use the identity only when its computed rel^2 exceeds this many times the round-off bound (i.e. ~1 % accuracy).
 _TRUST_FACTOR = 100.0
@@ -60,6 +60,37 @@ def relative_error(W: torch.Tensor, W_hat: torch.Tensor, block_rows: int = 4096)
         num += (w - W_hat[i:i + block_rows].double()).square().sum()
         den += w.square().sum()
     return (num / den.clamp_min(torch.finfo(torch.float64).tiny)).sqrt()
+
+
+def blocked_errors(pairs, H: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """(||W - W_hat||_F / ||W||_F, sqrt(tr(D H D^T) / tr(W H W^T)) or None, whether W_hat is finite) from an
+    iterable of row blocks (W rows, W_hat rows), e.g. `io.output.loaded_blocks`; H (in x in) weights the columns.
+
+    Computed in float64 like `relative_error` (a float32 source against a near-exact reconstruction needs it; with
+    one block the two give the same bits) and `math.weighted`; a numerically indefinite H cannot make the weighted
+    error NaN (clamped at 0). One host sync at the end, whatever the number of blocks."""
+    tiny = torch.finfo(torch.float64).tiny
+    H64 = None if H is None else H.to(torch.float64)
+    acc, finite = None, None  # acc: sum d^2, sum w^2, tr(D H D^T), tr(W H W^T)
+    for w, w_hat in pairs:
+        if acc is None:
+            acc = torch.zeros(4, dtype=torch.float64, device=w.device)
+            finite = torch.ones((), dtype=torch.bool, device=w.device)
+        if w_hat.dtype.is_floating_point and w_hat.numel():
+            lo, hi = torch.aminmax(w_hat)
+            finite &= torch.isfinite(lo) & torch.isfinite(hi)
+        w64 = w.double()
+        d64 = w64 - w_hat.double()
+        acc[0] += d64.square().sum()
+        acc[1] += w64.square().sum()
+        if H64 is not None:
+            acc[2] += ((d64 @ H64) * d64).sum()
+            acc[3] += ((w64 @ H64) * w64).sum()
+    if acc is None:  # no rows
+        return torch.zeros((), dtype=torch.float64), None if H is None else torch.zeros((), dtype=torch.float64), True
+    rel = (acc[0] / acc[1].clamp_min(tiny)).sqrt()
+    out = None if H64 is None else (acc[2].clamp_min(0) / acc[3].clamp_min(tiny)).sqrt()
+    return rel, out, bool(finite)
 
 
 def _direct(W: torch.Tensor, L: torch.Tensor, R: torch.Tensor, block_rows: int = 2048) -> torch.Tensor:

@@ -8,7 +8,7 @@ method's own settings object; `all_knobs()` lists every key that some registered
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,9 @@ class MethodResult:
     """What a method produced for one weight.
 
     parts: stored-name suffix -> tensor ("" means the weight's own name); info: JSON-able facts `decode` needs;
-    stored_bits: exact bits on disk of every part; rel_error: ||W - W_hat||_F / ||W||_F of what is stored;
+    stored_bits: exact bits on disk of every part; rel_error: ||W - W_hat||_F / ||W||_F of what is stored, or None
+    with `error_fn` computing it on first use of `error()` (a method whose estimate costs real time defers it: the
+    conversion measures what a loader returns instead and drops `error_fn`);
     energy_kept: fraction of sum(sigma^2) in the kept components, where known; extra: further JSON-able facts for
     the tensor's record (method-specific); spectrum: singular values of W the method computed anyway (descending, the
     top ones or all, on the compute device), which the report's default spectra reuse; None when it computed none.
@@ -37,11 +39,20 @@ class MethodResult:
     parts: dict[str, torch.Tensor]
     info: dict
     stored_bits: int
-    rel_error: torch.Tensor | float
+    rel_error: torch.Tensor | float | None
     rank: int | None = None
     energy_kept: torch.Tensor | float | None = None
     extra: dict = field(default_factory=dict)
     spectrum: torch.Tensor | None = None
+    error_fn: Callable[[], torch.Tensor | float] | None = None
+
+    def error(self) -> float:
+        """rel_error as a float, computed by `error_fn` the first time when the method deferred it."""
+        if self.rel_error is None:
+            if self.error_fn is None:
+                raise ValueError("the relative error was neither computed nor deferred")
+            self.rel_error, self.error_fn = self.error_fn(), None
+        return float(self.rel_error)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ import torch
 
 from .. import constants as C
 from ..math import quantize as qz
+from ..math.error import relative_error
+from ..math.lowrank import product
 from ..math.qlr import qlr
 from ..math.svd import singular_values
 from ._common import (
@@ -97,10 +99,9 @@ class QLR(Method):
             parts |= quant_parts(C.PART_LEFT, res.l_stored) | quant_parts(C.PART_RIGHT, res.r_stored)
             info |= {"left": res.l_stored.spec.to_json(), "right": res.r_stored.spec.to_json()}
             bits += qz.stored_bits(res.l_stored.spec) + qz.stored_bits(res.r_stored.spec)
-        W_hat = res.Q.to(Wf.dtype) + (res.L.to(Wf.dtype) @ res.R.to(Wf.dtype) if res.L.shape[1] else 0)
-        err = (Wf - W_hat).double().norm() / Wf.double().norm().clamp_min(1e-300)
         kept = res.L.shape[1]
-        return MethodResult(parts, info, bits, err, kept, extra={"qlr_best_iterate": res.best})
+        return MethodResult(parts, info, bits, None, kept, extra={"qlr_best_iterate": res.best}, error_fn=lambda: (
+            relative_error(Wf, product(res.L.to(Wf.dtype), res.R.to(Wf.dtype), res.Q.to(Wf.dtype)))))
 
     def candidates(self, W, settings, stats, target, fixed):
         """The backbone width of `bit_choices` (unless b0 is fixed) x correction ranks of `rank_grid`: the backbone
@@ -132,8 +133,7 @@ class QLR(Method):
         return decode_quant(C.PART_LEFT, parts, info["left"]), decode_quant(C.PART_RIGHT, parts, info["right"])
 
     def decode(self, parts, info):
-        L, R = self.decode_factors(parts, info)
-        return self.decode_base(parts, info) + L @ R
+        return product(*self.decode_factors(parts, info), self.decode_base(parts, info))
 
     def predict(self, shape, dtype, settings, calibrated=False):
         m, n = shape
