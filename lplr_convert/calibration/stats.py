@@ -15,33 +15,31 @@ from pathlib import Path
 import torch
 
 from .. import constants as C
-from ..errors import LplrError, opt
+from ..errors import LplrError
 from ..io.manifest import sha256_file, write_json_atomic
+from ..io.outdir import entries, recorded_files, replaceable_output
 from ..io.reader import SourceCheckpoint
 
-__all__ = ["CalibrationStats", "file_record", "load_calibration", "prepare_out_dir", "save_block", "source_files"]
+__all__ = ["CalibrationStats", "file_record", "load_calibration", "save_block", "source_files", "stats_output"]
 
 _OURS = re.compile(rf"({C.CALIB_FILE_PATTERN}|{re.escape(C.CALIB_MANIFEST)})({re.escape(C.PARTIAL_SUFFIX)})?")
 
 
-def prepare_out_dir(out: Path, src_root: Path, overwrite: bool) -> None:
-    """Create `out`, or empty it of an earlier STATS when `overwrite`; never deletes files this tool did not write."""
-    if out.exists() and not out.is_dir():
-        raise LplrError(f"{opt('out_path')} {out} is a file; pass a directory for the calibration statistics")
-    if out.exists() and out.resolve() == Path(src_root).resolve():
-        raise LplrError(f"{opt('out_path')} must differ from the source checkpoint directory; choose a new directory")
-    entries = sorted(out.iterdir()) if out.is_dir() else []
-    if entries:
-        if not overwrite:
-            raise LplrError(f"{opt('out_path')} {out} is not empty; pass {opt('overwrite')} to replace the calibration statistics "
-                            f"in it, or choose an empty directory")
-        ours = [p for p in entries if p.is_file() and _OURS.fullmatch(p.name)]
-        if not (out / C.CALIB_MANIFEST).is_file() and len(ours) != len(entries):
-            raise LplrError(f"{opt('out_path')} {out} is not empty and holds no calibration statistics; choose an empty "
-                            f"directory ({opt('overwrite')} only replaces an earlier STATS)")
-        for p in ours:
-            p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+def _previous_stats(out: Path) -> set[str] | None:
+    """The files an earlier calibrate wrote in `out`: those its manifest lists and every file under the names it
+    writes (statistics, also partial ones from an interrupted run). None when `out` holds neither a valid manifest nor
+    such files."""
+    ours = {e for e in entries(out) if _OURS.fullmatch(e)}
+    listed = recorded_files(out / C.CALIB_MANIFEST)
+    if listed is None and not ours:
+        return None
+    return (listed or set()) | ours
+
+
+def stats_output(out: Path, src_root: Path, overwrite: bool):
+    """The STATS directory `out` checked, locked and made writable for the whole run (a context manager): outside the
+    source, new or empty, or with `overwrite` holding only an earlier STATS (exactly its files are deleted)."""
+    return replaceable_output(src_root, out, overwrite, _previous_stats, "calibration statistics")
 
 
 def file_record(path: Path) -> dict:
