@@ -254,9 +254,9 @@ def _convert(opts: ConvertOptions) -> dict:
         manifest.summary = _summary(manifest.tensors, time.perf_counter() - t_start)
         write_json_atomic(out / C.MANIFEST_FILE, manifest.seal().to_json())
         (out / C.PROGRESS_FILE).unlink(missing_ok=True)
-    doc = manifest.to_json()
-    if opts.write_report:
-        _write_report(out, doc)
+        doc = manifest.to_json()
+        if opts.write_report:  # still under the lock: no other run may start in `out` before the report is written
+            _write_report(out, doc)
     return doc
 
 

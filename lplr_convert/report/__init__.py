@@ -19,6 +19,7 @@ from .tables import compare_markdown, dir_labels, report_markdown, rows_csv, sum
 __all__ = [
     "compare",
     "energy_curve",
+    "render_report",
     "report_summary",
     "summary_markdown",
     "summary_table",
@@ -145,6 +146,17 @@ def write_report(out_dir: str | os.PathLike, manifest: dict | None = None,
                                                                   note))]
     logger.info(f"report written to {out_dir} ({len(plots)} plot(s)) in {time.perf_counter() - t0:.2f} s")
     return written + plots
+
+
+def render_report(out_dir: str | os.PathLike) -> list[Path]:
+    """Re-render the report of the finished conversion in `out_dir` from its manifest, holding the directory's lock
+    (no conversion or evaluation rewrites it meanwhile); returns the paths written."""
+    from ..io.outdir import OutputLock
+
+    out_dir = Path(out_dir)
+    read_manifest(out_dir)  # a finished conversion, before the lock creates anything in it
+    with OutputLock.updating(out_dir):
+        return write_report(out_dir, read_manifest(out_dir))
 
 
 def compare(dirs: list, out: str | os.PathLike | None = None) -> str:

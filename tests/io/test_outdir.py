@@ -230,3 +230,17 @@ def test_an_output_path_below_a_file_is_named(world, tmp_path):
     for args in (["--in-path", str(src), "--out-path", target, "--no-report"],
                  ["decompress", "--in-path", str(conv), "--out-path", target]):
         _refused(args, (src, conv, sibling), "cannot be created", "Not a directory")
+
+
+def test_eval_and_report_wait_for_no_one_while_another_run_holds_the_output(world, tmp_path):
+    """eval rewrites the manifest and the report, report rewrites the report: both hold the output's lock. Without it,
+    an eval that finished after a `convert --overwrite` of the same directory wrote the old manifest over the new
+    conversion (measured: exit 0 for both, then verify failed on 218 problems)."""
+    src, conv, sibling = world
+    with OutputLock(conv):
+        for args in (["eval", "--original", str(src), "--converted", str(conv)], ["report", "--in-path", str(conv)]):
+            _refused(args, (src, conv, sibling), "being written by another run", f"pid {os.getpid()}")
+    res = run_cli("report", "--in-path", str(conv))
+    assert res.exit_code == 0, res.output
+    assert not (conv / C.LOCK_FILE).exists()
+    verify(conv)
