@@ -154,7 +154,8 @@ def _warnings(s: dict) -> list[str]:
         out.append(f"{len(s['above_int8'])} compressed tensor(s) use more bits/param than a plain 8-bit per-channel "
                    f"RTN of the same matrix would (`--method rtn --b0 8`)")
     if s["nonfinite"]:
-        out.append(f"{len(s['nonfinite'])} tensor(s) held NaN/inf and were copied: " + _names(s["nonfinite"]))
+        out.append(f"{len(s['nonfinite'])} tensor(s) held NaN/inf or could not be compressed to finite values, and "
+                   f"were copied verbatim (each one's reason is in its manifest record): " + _names(s["nonfinite"]))
     return out
 
 
