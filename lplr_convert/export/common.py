@@ -39,15 +39,15 @@ COPIED = "copied by the conversion"
 
 def side_files_of(output: ConvertedOutput) -> list[tuple[str, Path]]:
     """The files the conversion copied from its source (config.json, tokenizer, ...): the manifest's files minus
-    the index."""
-    return [(rel, output.root / rel) for rel in sorted(output.manifest.files) if rel != C.SAFE_INDEX]
+    the index, each checked against its sha256 (a file changed after the conversion is refused, as the loaders do)."""
+    return [(rel, output.side_file(rel)) for rel in sorted(output.manifest.files) if rel != C.SAFE_INDEX]
 
 
 def plain_config(output: ConvertedOutput) -> dict | None:
     """The source's config.json as the conversion copied it, without what convert added (its quantization_config and
     the import guard); None when there is none."""
-    path = output.root / C.CONFIG_FILE
-    if not path.is_file():
+    path = output.side_file(C.CONFIG_FILE)  # checked against the manifest
+    if path is None:
         return None
     config = json.loads(path.read_text(encoding="utf-8"))
     config.pop("quantization_config", None)
@@ -147,6 +147,7 @@ def plan_export(output: ConvertedOutput) -> ExportPlan:
     """The placement of every record of `output` (module names from a meta-device model of its config.json)."""
     from ..modeling import find_module
 
+    side_files_of(output)  # checked before anything is written (config.json builds the model)
     model, prefix = _modules(output.root)
     names = dict(model.named_modules())
     placements = []
