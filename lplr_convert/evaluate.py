@@ -333,6 +333,25 @@ def evaluate_state_dict(original: str | os.PathLike, tensors: dict[str, torch.Te
             "device": device, "tensors_loaded": loaded, "seconds": round(time.perf_counter() - t0, 2)}
 
 
+def _check_is_the_source(root: Path, out: Path, source: dict) -> None:
+    """`root` must be the checkpoint `out` was converted from: the same model type and the weight files whose sha256
+    the manifest records (another checkpoint of the same shapes would give numbers about a different model)."""
+    from .io.manifest import sha256_file
+
+    src_type, orig_type = source.get("model_type"), _config(root).get("model_type")
+    if src_type and orig_type and src_type != orig_type:
+        raise LplrError(f"{opt('original')} {root} is a {orig_type} model but {out} was converted from a {src_type} "
+                        f"model; pass the checkpoint that was converted")
+    files = source.get("files") if isinstance(source.get("files"), dict) else {}
+    for rel, digest in sorted(files.items()):
+        path = root / rel
+        why = "is missing" if not path.is_file() else "differs" if sha256_file(path) != digest else None
+        if why:
+            raise LplrError(f"{opt('original')} {root} is not the checkpoint {out} was converted from: its {rel} "
+                            f"{why} (the manifest records sha256 {str(digest)[:12]}...); pass the checkpoint that was "
+                            f"converted")
+
+
 def evaluate(original: str | os.PathLike, converted: str | os.PathLike,
              text: str | os.PathLike | list[str] | None = None, device: str = "auto", max_texts: int = 256) -> dict:
     """Run the original and the converted model on `text` (default: the packaged English sentences), store the
@@ -348,11 +367,7 @@ def evaluate(original: str | os.PathLike, converted: str | os.PathLike,
         document = read_manifest(out)
         manifest = Manifest.from_json(document)
         root = _check_original(original)
-        src_type = manifest.source.get("model_type")
-        orig_type = _config(root).get("model_type")
-        if src_type and orig_type and src_type != orig_type:
-            raise LplrError(f"{opt('original')} {root} is a {orig_type} model but {out} was converted from a "
-                            f"{src_type} model; pass the checkpoint that was converted")
+        _check_is_the_source(root, out, manifest.source)
         required = {r.name for r in manifest.tensors if r.method != "copy"}
         with ConvertedOutput(out) as output:  # one tensor at a time
             result = evaluate_state_dict(root, output.iter_dense(), text, device, max_texts, required)

@@ -272,3 +272,19 @@ def test_eval_names_an_original_without_a_tokenizer(tiny_lm_dir, tmp_path):
     error_line(run_cli("eval", "--original", str(bare), "--converted", str(out)), str(bare), "no tokenizer files",
                "copy the model's tokenizer files")
     assert tree_state(bare, out) == before
+
+
+def test_eval_refuses_an_original_that_is_not_the_converted_checkpoint(converted, minilm_dir, minilm_sd, tmp_path):
+    """A MiniLM with perturbed weights (same type and shapes) was accepted as --original: eval stored cosine 0.02 in
+    the manifest as the conversion's fidelity. The original's weight files must match the sha256 the manifest
+    records; the refusal leaves both directories as they were."""
+    from lplr_testing import error_line, run_cli, tree_state
+    from safetensors.torch import save_file
+
+    other = shutil.copytree(minilm_dir, tmp_path / "other")
+    save_file(_perturbed(minilm_sd, 0.5), str(other / "model.safetensors"), metadata={"format": "pt"})
+    out = shutil.copytree(converted("rtn"), tmp_path / "conv")
+    before = tree_state(other, out)
+    error_line(run_cli("eval", "--original", str(other), "--converted", str(out)), str(other),
+               "is not the checkpoint", "model.safetensors differs", "pass the checkpoint that was converted")
+    assert tree_state(other, out) == before
