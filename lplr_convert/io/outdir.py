@@ -23,8 +23,8 @@ from ..errors import LplrError, opt
 _TEMP_SHARD = re.compile(re.escape(C.PARTIAL_SHARD_TEMPLATE.removesuffix(C.PARTIAL_SUFFIX)).replace(
     re.escape("{index:05d}"), r"\d{5}"))
 
-__all__ = ["OutputLock", "check_paths", "clear_listed", "entries", "listed_files", "prepare_output", "recorded_files",
-           "replaceable_output"]
+__all__ = ["OutputLock", "check_paths", "clear_listed", "entries", "listed_files", "owning_output", "prepare_output",
+           "recorded_files", "replaceable_output"]
 
 
 def check_paths(src_root: Path, out: Path, what: str = "out_path") -> None:
@@ -37,6 +37,21 @@ def check_paths(src_root: Path, out: Path, what: str = "out_path") -> None:
         raise LplrError(f"{opt(what)} {out} contains the input {src_root}; choose a separate directory")
     if out.exists() and not out.is_dir():
         raise LplrError(f"{opt(what)} {out} exists and is not a directory; choose a directory path")
+    owner = owning_output(out_r.parent)
+    if owner is not None:
+        raise LplrError(f"{opt(what)} {out} lies inside {owner}, an output directory of lplr-convert (its files "
+                        f"would join that output, and a push of it would publish them); choose a directory outside it")
+
+
+# The records that mark a directory as an output of this tool.
+_RECORDS = (C.MANIFEST_FILE, C.PROGRESS_FILE, C.EXPORT_FILE, C.CALIB_MANIFEST)
+
+
+def owning_output(path: Path) -> Path | None:
+    """The nearest of `path` (resolved) and its parents that holds a record of this tool (a conversion, an
+    interrupted one, an export or decompress, a STATS directory), or None."""
+    path = path.resolve()
+    return next((d for d in (path, *path.parents) if any((d / n).is_file() for n in _RECORDS)), None)
 
 
 def entries(out: Path) -> list[str]:

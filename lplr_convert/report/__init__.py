@@ -12,6 +12,7 @@ from loguru import logger
 from .. import constants as C
 from ..errors import LplrError, opt
 from ..io.manifest import Manifest, read_manifest, write_json_atomic
+from ..io.outdir import owning_output
 from .metrics import report_summary, tensor_rows
 from .spectra import energy_curve, representative_tensors, source_spectra
 from .tables import (
@@ -196,16 +197,13 @@ def _check_out_outside(out: Path, dirs: list) -> None:
     if not target.parent.is_dir():
         raise LplrError(f"{opt('out')} {out}: the directory {target.parent} does not exist; create it or choose "
                         f"another file name")
-    owner = next((d for d in target.parents if any((d / n).exists() for n in _RECORDS)), None)
+    owner = owning_output(target.parent)
     if owner is not None:
         raise LplrError(f"{opt('out')} {out} lies inside {owner}, an output directory of lplr-convert; write the "
                         f"comparison outside it (e.g. {owner.parent / 'comparison.md'})")
     if (out.exists() or out.is_symlink()) and not _earlier_comparison(out):
         raise LplrError(f"{opt('out')} {out} exists and is not an earlier comparison written by lplr-convert, so it "
                         f"is not replaced; choose a new file name")
-
-
-_RECORDS = (C.MANIFEST_FILE, C.PROGRESS_FILE, C.EXPORT_FILE, C.CALIB_MANIFEST)
 
 
 def _earlier_comparison(path: Path) -> bool:

@@ -244,3 +244,17 @@ def test_eval_and_report_wait_for_no_one_while_another_run_holds_the_output(worl
     assert res.exit_code == 0, res.output
     assert not (conv / C.LOCK_FILE).exists()
     verify(conv)
+
+
+def test_no_output_is_written_inside_another_output_of_the_tool(world, tmp_path):
+    """`convert --out-path conv/nested` exited 0 and the nested conversion joined `conv` (verify still passed, and a
+    push of conv listed nested/lplr_manifest.json for upload). Every writing command now refuses a directory inside
+    any output of this tool, before creating anything."""
+    src, conv, sibling = world
+    dense = tmp_path / "dense"
+    assert run_cli("decompress", "--in-path", str(conv), "--out-path", str(dense)).exit_code == 0
+    for out, args in ((conv / "nested", ["--in-path", str(src), "--no-report"]),
+                      (dense / "nested", ["decompress", "--in-path", str(conv)])):
+        _refused([*args, "--out-path", str(out)], (src, conv, dense, sibling), str(out),
+                 "an output directory of lplr-convert")
+        assert not out.exists()
