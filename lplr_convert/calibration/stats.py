@@ -16,12 +16,13 @@ import torch
 
 from .. import constants as C
 from ..errors import LplrError
-from ..io.manifest import sha256_file, write_json_atomic
+from ..io.manifest import is_plain_name, sha256_file, write_json_atomic
 from ..io.outdir import entries, recorded_files, replaceable_output
-from ..io.reader import SourceCheckpoint
+from ..io.reader import SourceCheckpoint, inside
 
 __all__ = ["CalibrationStats", "file_record", "load_calibration", "save_block", "source_files", "stats_output"]
 
+_CALIB_FILE = re.compile(C.CALIB_FILE_PATTERN)
 _OURS = re.compile(rf"({C.CALIB_FILE_PATTERN}|{re.escape(C.CALIB_MANIFEST)})({re.escape(C.PARTIAL_SUFFIX)})?")
 
 
@@ -166,4 +167,39 @@ def load_calibration(path: str | Path, device: str = "cpu", verify: bool = True)
     if str(version).split(".")[0] != C.CALIB_FORMAT_VERSION.split(".")[0]:
         raise LplrError(f"{mpath} has format version {version}, this tool reads {C.CALIB_FORMAT_VERSION}; upgrade "
                         f"lplr-convert or {rerun}")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise LplrError(f"{mpath} is malformed ({problem}); it is not a manifest calibrate wrote: {rerun}")
+    for file in manifest[C.M_FILES]:  # a link out of the STATS directory is not followed
+        inside((root.resolve(),), root / file, "statistics file")
     return CalibrationStats(root, manifest, device, verify)
+
+
+def _mapping_of_mappings(doc: dict, key: str) -> dict | None:
+    value = doc.get(key)
+    return value if isinstance(value, dict) and all(isinstance(v, dict) for v in value.values()) else None
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    """What makes a calibration manifest unusable (wrong types, names outside its directory, dangling references),
+    or None. Every statistics file it names must be a plain file name inside the STATS directory."""
+    files, stats = _mapping_of_mappings(manifest, C.M_FILES), _mapping_of_mappings(manifest, C.S_STATISTICS)
+    weights = _mapping_of_mappings(manifest, C.S_WEIGHTS)
+    source = manifest.get(C.M_SOURCE)
+    made = _mapping_of_mappings(source, C.M_FILES) if isinstance(source, dict) else None
+    for key, value in ((C.M_FILES, files), (C.S_STATISTICS, stats), (C.S_WEIGHTS, weights),
+                       (f"{C.M_SOURCE}.{C.M_FILES}", made)):
+        if value is None:
+            return f"{key} is not a mapping of records"
+    bad = next((f for f in files if not is_plain_name(f) or not _CALIB_FILE.fullmatch(f)), None)
+    if bad is not None:
+        return f"it names the statistics file {bad!r}, not a file of the STATS directory"
+    bad = next((k for k, v in stats.items() if v.get("file") not in files or not isinstance(v.get("tokens"), int)),
+               None)
+    if bad is not None:
+        return f"statistic {bad!r} names no listed file or has no token count"
+    bad = next((k for k, v in weights.items() if v.get("statistic") not in stats), None)
+    if bad is not None:
+        return f"weight {bad!r} names no listed statistic"
+    bad = next((k for k, v in made.items() if not isinstance(v.get("sha256"), str)), None)
+    return None if bad is None else f"source file {bad!r} has no sha256"

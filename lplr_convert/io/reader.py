@@ -18,8 +18,8 @@ from ..dtypes import ST_DTYPES
 from ..errors import LplrError, opt
 from .manifest import is_plain_name
 
-__all__ = ["BUNDLED", "WEIGHT_SUFFIXES", "SourceCheckpoint", "TensorHeader", "open_source", "resolve_source",
-           "safetensors_header"]
+__all__ = ["BUNDLED", "WEIGHT_SUFFIXES", "SourceCheckpoint", "TensorHeader", "inside", "open_source",
+           "resolve_source", "safetensors_header"]
 
 # Files that hold weights in some format; never copied verbatim into an output directory.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")

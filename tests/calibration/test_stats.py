@@ -155,3 +155,51 @@ def test_calibrate_holds_the_output_lock_and_refuses_records_naming_outside_file
     calibrate(path, out, overwrite=True, **kw)
     assert tree_state(path, sibling) == before
     load_calibration(out)
+
+
+def _outside(doc, root):  # the first statistics file moved out of the STATS directory, the manifest pointing there
+    first = min(doc[C.M_FILES])
+    (root / first).rename(root.parent / "moved.safetensors")
+    doc[C.M_FILES]["../moved.safetensors"] = doc[C.M_FILES].pop(first)
+    for v in doc[C.S_STATISTICS].values():
+        v["file"] = "../moved.safetensors" if v["file"] == first else v["file"]
+
+
+def _linked(doc, root):  # the first statistics file replaced by a link to a copy outside
+    first = root / min(doc[C.M_FILES])
+    first.rename(root.parent / "moved.safetensors")
+    first.symlink_to(root.parent / "moved.safetensors")
+
+
+MALFORMED = {
+    "file outside": (_outside, "not a file of the STATS directory"),
+    "link outside": (_linked, "a link to"),
+    "no statistics": (lambda d, r: d.pop(C.S_STATISTICS), "statistics is not a mapping"),
+    "no weights": (lambda d, r: d.pop(C.S_WEIGHTS), "weights is not a mapping"),
+    "statistic not a record": (lambda d, r: d.update({C.S_STATISTICS: dict.fromkeys(d[C.S_STATISTICS], 5)}),
+                               "statistics is not a mapping"),
+    "files a list": (lambda d, r: d.update({C.M_FILES: []}), "files is not a mapping"),
+    "weight without statistic": (lambda d, r: d.update({C.S_WEIGHTS: {k: {} for k in d[C.S_WEIGHTS]}}),
+                                 "names no listed statistic"),
+    "no source": (lambda d, r: d.pop(C.M_SOURCE), "source.files is not a mapping"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_or_escaping_stats_manifest_is_named(tiny_dir, text_file, tmp_path, case):
+    """convert --calibration with such a STATS directory read a statistics file from outside it (exit 0) or failed
+    with 'unexpected KeyError/TypeError/AttributeError'; now one line names the manifest or the file, before the
+    output directory holds anything."""
+    from lplr_testing import error_line, run_cli, tree_state
+
+    src, root = tiny_dir("bert"), tmp_path / "stats" / "s"
+    calibrate(src, root, text=text_file, samples=2, seq_len=16)
+    doc = json.loads((root / C.CALIB_MANIFEST).read_text())
+    change, needle = MALFORMED[case]
+    change(doc, root)
+    (root / C.CALIB_MANIFEST).write_text(json.dumps(doc))
+    before = tree_state(src, root.parent)
+    out = tmp_path / "out"
+    error_line(run_cli("--in-path", str(src), "--out-path", str(out), "--calibration", str(root), "--method", "gptq",
+                       "--no-report"), needle)
+    assert tree_state(src, root.parent) == before and not (out / C.MANIFEST_FILE).exists()
