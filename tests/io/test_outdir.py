@@ -258,3 +258,30 @@ def test_no_output_is_written_inside_another_output_of_the_tool(world, tmp_path)
         _refused([*args, "--out-path", str(out)], (src, conv, dense, sibling), str(out),
                  "an output directory of lplr-convert")
         assert not out.exists()
+
+
+def test_the_lock_is_taken_on_the_file_that_is_there(tmp_path, monkeypatch):
+    """A run that finishes removes its lock file. If that happens between another run's open() and flock(), the
+    second would hold a lock on a deleted file while a third locks a new one; the lock now checks that its descriptor
+    is the file at the path, and retries otherwise."""
+    import fcntl
+
+    from lplr_convert.io import outdir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    path = out / C.LOCK_FILE
+    path.write_text("pid 1 on elsewhere")
+    real, calls = fcntl.flock, []
+
+    def flock(fd, op):
+        if not calls:  # the holder finishes and a third run creates the file anew, before our flock
+            path.unlink()
+            path.write_text("")
+        calls.append(fd)
+        return real(fd, op)
+
+    monkeypatch.setattr(outdir.fcntl, "flock", flock)
+    with OutputLock(out) as lock:
+        assert len(calls) == 2 and os.fstat(lock._fd).st_ino == os.stat(path).st_ino
+        assert path.read_text() == f"pid {os.getpid()} on {os.uname().nodename}"
