@@ -455,11 +455,10 @@ def export_(**kw):
 @_friendly
 def report(**kw):
     """Re-render the report (tables, plots) from the manifest, or compare several conversions."""
-    from .io.manifest import read_manifest
-    from .report import compare, write_report
+    from .report import compare, render_report
 
     if len(kw["in_paths"]) == 1 and kw["out"] is None:
-        for p in write_report(kw["in_paths"][0], read_manifest(kw["in_paths"][0])):
+        for p in render_report(kw["in_paths"][0]):
             click.echo(f"wrote {p}")
     else:
         click.echo(compare(list(kw["in_paths"]), kw["out"]))

@@ -31,6 +31,7 @@ IMPORT_GUARD_FILE = "lplr-convert_needs_import_lplr_convert_before_from_pretrain
 # which is also what `export --overwrite` may delete.
 EXPORT_FILE = "lplr_export.json"
 EXPORT_FORMATS = ("compressed-tensors", "peft")  # `export --format`, recorded in EXPORT_FILE
+DENSE_EXPORT = "dense"  # the format `decompress` records in EXPORT_FILE
 # compressed-tensors' `pack-quantized` format (config.json quantization_config and per-module tensor suffixes).
 CT_QUANT_METHOD = EXPORT_FORMATS[0]
 CT_FORMAT = "pack-quantized"
@@ -96,3 +97,7 @@ S_KIND = "kind"
 S_TEXT = "text"
 S_STATISTICS = "statistics"
 S_WEIGHTS = "weights"
+
+# The records this tool writes beside its outputs: never copied from a source into an output (a copied record would
+# describe files of another directory).
+RECORD_FILES = (*OWN_FILES, EXPORT_FILE, CALIB_MANIFEST)

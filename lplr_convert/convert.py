@@ -7,6 +7,7 @@ manifest), `plan.py` and `methods/`.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from .devices import resolve_device
 from .errors import LplrError, opt
 from .io.journal import Journal, resume_state
 from .io.manifest import Manifest, TensorRecord, sha256_file, write_json_atomic
-from .io.outdir import OutputLock
+from .io.outdir import OutputLock, prepare_output
 from .io.reader import SourceCheckpoint, open_source
 from .io.sidefiles import copy_side_files
 from .io.writer import ShardWriter
@@ -242,7 +243,8 @@ def _convert(opts: ConvertOptions) -> dict:
     plans = make_plan(src.headers.values(), src.config, popts)
     _preflight(plans, opts.calibration is not None)
     out = Path(opts.out_path).expanduser()
-    with OutputLock.guarding(out, src.root, overwrite=opts.overwrite, resume=opts.resume):
+    prepare = functools.partial(prepare_output, src.root, out, overwrite=opts.overwrite, resume=opts.resume)
+    with OutputLock.guarding(out, src.root, prepare):
         run = _Run(opts, src, out, plans, popts, recipe_text, devices, _hash_sources(src))
         n_comp = sum(p.method != "copy" for p in run.plans)
         logger.info(f"{src.root}: {len(plans)} tensors in {len(src.files)} file(s); {n_comp} to compress with "
@@ -252,9 +254,9 @@ def _convert(opts: ConvertOptions) -> dict:
         manifest.summary = _summary(manifest.tensors, time.perf_counter() - t_start)
         write_json_atomic(out / C.MANIFEST_FILE, manifest.seal().to_json())
         (out / C.PROGRESS_FILE).unlink(missing_ok=True)
-    doc = manifest.to_json()
-    if opts.write_report:
-        _write_report(out, doc)
+        doc = manifest.to_json()
+        if opts.write_report:  # still under the lock: no other run may start in `out` before the report is written
+            _write_report(out, doc)
     return doc
 
 

@@ -22,6 +22,7 @@ import torch
 from loguru import logger
 
 from . import constants as C
+from .calibration.text import load_tokenizer
 from .errors import LplrError, opt
 
 __all__ = ["DEFAULT_TEXT", "KIND_CAUSAL", "KIND_ENCODER", "compare_embeddings", "evaluate", "evaluate_state_dict",
@@ -163,23 +164,36 @@ def _max_length(model) -> int:
     return min(_MAX_LENGTH, max_tokens(model) or _MAX_LENGTH)
 
 
+def _built(root: Path, build):
+    """What `build()` makes of the original model, or an LplrError naming the directory and why it failed."""
+    try:
+        return build()
+    except LplrError:
+        raise
+    except Exception as e:  # noqa: BLE001  (OSError, ValueError, ... from transformers or sentence-transformers)
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise LplrError(f"{opt('original')} {root}: the model cannot be built from it ({why}); pass the local "
+                        f"directory of the checkpoint that was converted") from None
+
+
 class _Encoder:
     """Sentence embeddings of a sentence-transformers directory, or mean-pooled hidden states of a plain encoder."""
 
     def __init__(self, root: Path, device: str):
         self.device = device
+        self.tokenizer = load_tokenizer(root)
         if (root / _ST_MODULES).is_file():
             from sentence_transformers import SentenceTransformer
 
-            self.st = SentenceTransformer(str(root), device=device, local_files_only=True)
+            self.st = _built(root, lambda: SentenceTransformer(str(root), device=device, local_files_only=True))
             first = self.st[0]
             self.core = getattr(first, "auto_model", None) or first.model
         else:
-            from transformers import AutoModel, AutoTokenizer
+            from transformers import AutoModel
 
             self.st = None
-            self.tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True)
-            self.core = AutoModel.from_pretrained(root, local_files_only=True, dtype=torch.float32).to(device)
+            self.core = _built(root, lambda: AutoModel.from_pretrained(root, local_files_only=True,
+                                                                       dtype=torch.float32).to(device))
             self.max_length = _max_length(self.core)
         self.core.eval()
 
@@ -202,14 +216,15 @@ class _Encoder:
 
 class _CausalLM:
     def __init__(self, root: Path, device: str):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         self.device = device
-        self.tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True)
+        self.tokenizer = load_tokenizer(root)
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token is None and self.tokenizer.eos_token is not None:
             self.tokenizer.pad_token = self.tokenizer.eos_token  # pad positions are masked out below
-        self.core = AutoModelForCausalLM.from_pretrained(root, local_files_only=True, dtype=torch.float32).to(device)
+        self.core = _built(root, lambda: AutoModelForCausalLM.from_pretrained(root, local_files_only=True,
+                                                                              dtype=torch.float32).to(device))
         self.core.eval()
         self.max_length = _max_length(self.core)
 
@@ -318,29 +333,46 @@ def evaluate_state_dict(original: str | os.PathLike, tensors: dict[str, torch.Te
             "device": device, "tensors_loaded": loaded, "seconds": round(time.perf_counter() - t0, 2)}
 
 
+def _check_is_the_source(root: Path, out: Path, source: dict) -> None:
+    """`root` must be the checkpoint `out` was converted from: the same model type and the weight files whose sha256
+    the manifest records (another checkpoint of the same shapes would give numbers about a different model)."""
+    from .io.manifest import sha256_file
+
+    src_type, orig_type = source.get("model_type"), _config(root).get("model_type")
+    if src_type and orig_type and src_type != orig_type:
+        raise LplrError(f"{opt('original')} {root} is a {orig_type} model but {out} was converted from a {src_type} "
+                        f"model; pass the checkpoint that was converted")
+    files = source.get("files") if isinstance(source.get("files"), dict) else {}
+    for rel, digest in sorted(files.items()):
+        path = root / rel
+        why = "is missing" if not path.is_file() else "differs" if sha256_file(path) != digest else None
+        if why:
+            raise LplrError(f"{opt('original')} {root} is not the checkpoint {out} was converted from: its {rel} "
+                            f"{why} (the manifest records sha256 {str(digest)[:12]}...); pass the checkpoint that was "
+                            f"converted")
+
+
 def evaluate(original: str | os.PathLike, converted: str | os.PathLike,
              text: str | os.PathLike | list[str] | None = None, device: str = "auto", max_texts: int = 256) -> dict:
     """Run the original and the converted model on `text` (default: the packaged English sentences), store the
     results in the converted directory's manifest under "eval", re-render its report, and return the results."""
     from .io.manifest import Manifest, read_manifest, write_json_atomic
+    from .io.outdir import OutputLock
     from .io.output import ConvertedOutput
     from .report import write_report
 
     out = Path(converted)
-    document = read_manifest(out)
-    manifest = Manifest.from_json(document)
-    root = _check_original(original)
-    src_type = manifest.source.get("model_type")
-    orig_type = _config(root).get("model_type")
-    if src_type and orig_type and src_type != orig_type:
-        raise LplrError(f"{opt('original')} {root} is a {orig_type} model but {out} was converted from a {src_type} "
-                        f"model; "
-                        f"pass the checkpoint that was converted")
-    required = {r.name for r in manifest.tensors if r.method != "copy"}
-    with ConvertedOutput(out) as output:  # one tensor at a time
-        result = evaluate_state_dict(root, output.iter_dense(), text, device, max_texts, required)
-    result["converted"] = str(out.resolve())
-    document[C.M_EVAL] = result  # not covered by the integrity hash: the manifest stays valid
-    write_json_atomic(out / C.MANIFEST_FILE, document)
-    write_report(out, document)
+    read_manifest(out)  # a finished conversion, before the lock creates anything in it
+    with OutputLock.updating(out):  # no convert --overwrite, export or report of `out` meanwhile
+        document = read_manifest(out)
+        manifest = Manifest.from_json(document)
+        root = _check_original(original)
+        _check_is_the_source(root, out, manifest.source)
+        required = {r.name for r in manifest.tensors if r.method != "copy"}
+        with ConvertedOutput(out) as output:  # one tensor at a time
+            result = evaluate_state_dict(root, output.iter_dense(), text, device, max_texts, required)
+        result["converted"] = str(out.resolve())
+        document[C.M_EVAL] = result  # not covered by the integrity hash: the manifest stays valid
+        write_json_atomic(out / C.MANIFEST_FILE, document)
+        write_report(out, document)
     return result

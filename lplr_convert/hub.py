@@ -56,9 +56,7 @@ def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, rev
               "total_bytes": sum(f["bytes"] for f in listing), "endpoint": _endpoint()}
 
     if dry_run:
-        result.update(dry_run=True, card=card_text, token_source=_token_source(token))
-        print(_dry_run_text(result))
-        return result
+        return _dry_run(out_dir, files, card_text, token, result)
 
     from huggingface_hub import CommitOperationAdd, HfApi, constants
 
@@ -85,6 +83,17 @@ def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, rev
                                  _default_message(manifest), revision=revision, repo_type="model")
     result.update(dry_run=False, url=str(repo_url), commit_id=info.oid, commit_url=info.commit_url)
     logger.info(f"pushed {repo_id}: {info.commit_url}")
+    return result
+
+
+def _dry_run(out_dir: Path, files: list[tuple[str, Path]], card_text: str, token: str | None, result: dict) -> dict:
+    """Print what a push would send and return the listing; what the real push would refuse for a token found in a
+    file, the dry run refuses too (when a token is known)."""
+    known = _known_token(token)
+    if known:
+        _refuse_leaked_token(out_dir, files, card_text.encode("utf-8"), known)
+    result.update(dry_run=True, card=card_text, token_source=_token_source(token))
+    print(_dry_run_text(result))
     return result
 
 
@@ -122,20 +131,25 @@ def check_repo_id(repo_id: str, what: str | None = None) -> None:
 
 
 def _files_to_upload(out_dir: Path, manifest: Manifest) -> list[tuple[str, Path]]:
-    """(path in repo, path on disk) of every file to upload, sorted; checks the shards the manifest lists."""
-    for name, info in manifest.shards.items():
-        path = out_dir / name
-        if not path.is_file():
-            raise LplrError(f"{path} is missing although {C.MANIFEST_FILE} lists it; re-run the conversion "
-                            f"with {opt('overwrite')}")
-        if info.get("bytes") is not None and path.stat().st_size != info["bytes"]:
-            raise LplrError(f"{path} has {path.stat().st_size} bytes but {C.MANIFEST_FILE} records {info['bytes']}; "
-                            f"the output was modified, re-run the conversion with {opt('overwrite')}")
+    """(path in repo, path on disk) of every file to upload, sorted. Every shard and file the manifest lists must be
+    there unchanged (sha256), and no entry may be a symbolic link (a link could make the upload read outside the
+    output)."""
+    from .verify import file_problems
+
+    problems = file_problems(out_dir, manifest)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise LplrError(f"{out_dir}: {problems[0]}{more}; the output was changed after the conversion, so it is not "
+                        f"pushed: re-run the conversion with {opt('overwrite')}")
     files = []
     for path in sorted(out_dir.rglob("*")):
         rel = path.relative_to(out_dir).as_posix()
-        if not path.is_file() or rel in _SKIP_NAMES or rel.endswith(_SKIP_SUFFIXES) \
-                or any(part.startswith(".") for part in Path(rel).parts):
+        if any(part.startswith(".") for part in Path(rel).parts):
+            continue
+        if path.is_symlink():
+            raise LplrError(f"{path} is a symbolic link (to {path.resolve()}); push uploads no link, which could "
+                            f"publish a file from outside {out_dir}: put the file itself there, or remove the link")
+        if not path.is_file() or rel in _SKIP_NAMES or rel.endswith(_SKIP_SUFFIXES):
             continue
         files.append((rel, path))
     return files
@@ -156,6 +170,15 @@ def _token_source(token: str | None) -> str | None:
     from huggingface_hub import get_token
 
     return "login cache" if get_token() else None
+
+
+def _known_token(token: str | None) -> str | None:
+    """The token a push would use (argument, HF_TOKEN, login cache), or None; never an error."""
+    if token or os.environ.get("HF_TOKEN"):
+        return token or os.environ["HF_TOKEN"]
+    from huggingface_hub import get_token
+
+    return get_token()
 
 
 def _resolve_token(token: str | None) -> str:

@@ -6,14 +6,15 @@ from pathlib import Path
 
 from loguru import logger
 
+from . import constants as C
 from .dtypes import dtype_name
 from .errors import LplrError, opt
-from .io.manifest import TensorRecord, sha256_file
+from .io.manifest import Manifest, TensorRecord, sha256_file
 from .io.output import ConvertedOutput
 from .io.reader import open_source
 from .math.error import relative_error
 
-__all__ = ["verify"]
+__all__ = ["file_problems", "verify"]
 
 
 def _sample(records: list[TensorRecord], k: int) -> list[TensorRecord]:
@@ -27,13 +28,15 @@ def _sample(records: list[TensorRecord], k: int) -> list[TensorRecord]:
     return [comp[i] for i in sorted(picked)][:k + 1]
 
 
-def _file_problems(output: ConvertedOutput) -> list[str]:
+def file_problems(root: Path, manifest: Manifest) -> list[str]:
+    """What differs between the shards and files a manifest lists and those in `root` (missing, other size or
+    sha256); empty when every one matches."""
     problems = []
-    listed = {**output.manifest.shards, **output.manifest.files}
+    listed = {**manifest.shards, **manifest.files}
     for rel, meta in sorted(listed.items()):
-        f = output.root / rel
+        f = root / rel
         if not f.is_file():
-            problems.append(f"{rel} is missing")
+            problems.append(f"{rel} is missing although {C.MANIFEST_FILE} lists it")
         elif not isinstance(meta, dict) or f.stat().st_size != meta.get("bytes") or sha256_file(f) != meta.get("sha256"):
             problems.append(f"{rel} does not match its sha256 in the manifest")
     return problems
@@ -85,7 +88,7 @@ def verify(path: str | Path, source: str | None = None, sample: int = 8, toleran
     """Recompute every file's sha256 against the manifest, check every stored tensor's presence, shape and dtype,
     and with `source` recompute the error of a sample of tensors. Raises LplrError naming the first problem."""
     with ConvertedOutput(path, verify=False) as output:
-        problems = _file_problems(output) + _tensor_problems(output)
+        problems = file_problems(output.root, output.manifest) + _tensor_problems(output)
         checked: list[dict] = []
         if source is not None and not problems:
             problems += _error_problems(output, source, sample, tolerance, checked)

@@ -255,3 +255,36 @@ def test_max_tokens_of_real_configs():
     assert max_tokens(build(transformers.RobertaConfig(**small, max_position_embeddings=514, pad_token_id=1))) == 512
     assert max_tokens(build(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2))) == 1024
     assert max_tokens(torch.nn.Linear(2, 2)) is None
+
+
+def test_eval_names_an_original_without_a_tokenizer(tiny_lm_dir, tmp_path):
+    """An original with weights and config but no tokenizer files was 'unexpected ValueError: Couldn't instantiate
+    the backend tokenizer'; now one line names the directory and the fix, and the conversion is left as it was."""
+    from lplr_testing import error_line, run_cli, tree_state
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy2(tiny_lm_dir / f, bare / f)
+    out = tmp_path / "conv"
+    assert run_cli("--in-path", str(bare), "--out-path", str(out), "--method", "rtn", "--no-report").exit_code == 0
+    before = tree_state(bare, out)
+    error_line(run_cli("eval", "--original", str(bare), "--converted", str(out)), str(bare), "no tokenizer files",
+               "copy the model's tokenizer files")
+    assert tree_state(bare, out) == before
+
+
+def test_eval_refuses_an_original_that_is_not_the_converted_checkpoint(converted, minilm_dir, minilm_sd, tmp_path):
+    """A MiniLM with perturbed weights (same type and shapes) was accepted as --original: eval stored cosine 0.02 in
+    the manifest as the conversion's fidelity. The original's weight files must match the sha256 the manifest
+    records; the refusal leaves both directories as they were."""
+    from lplr_testing import error_line, run_cli, tree_state
+    from safetensors.torch import save_file
+
+    other = shutil.copytree(minilm_dir, tmp_path / "other")
+    save_file(_perturbed(minilm_sd, 0.5), str(other / "model.safetensors"), metadata={"format": "pt"})
+    out = shutil.copytree(converted("rtn"), tmp_path / "conv")
+    before = tree_state(other, out)
+    error_line(run_cli("eval", "--original", str(other), "--converted", str(out)), str(other),
+               "is not the checkpoint", "model.safetensors differs", "pass the checkpoint that was converted")
+    assert tree_state(other, out) == before

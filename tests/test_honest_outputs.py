@@ -59,6 +59,8 @@ def test_values_near_the_dtype_limit_are_refused_or_copied_never_inf(tmp_path, d
             error_line(res, NAME, "largest |value|", "--on-nonfinite copy")
             assert not (out / C.MANIFEST_FILE).exists()
             res = run_cli(*args, "--overwrite", "--on-nonfinite", "copy")
+            said = res.stdout + res.stderr  # the summary says what happened to a finite source: no "held NaN/inf"
+            assert "could not be compressed to finite values" in said and "held NaN/inf and" not in said, said
         assert res.exit_code == 0, res.output
         got = load_state_dict(out)[NAME]
         assert bool(torch.isfinite(got).all()), method

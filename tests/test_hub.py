@@ -477,3 +477,43 @@ def test_refuses_incomplete_or_damaged_outputs_before_sending_anything(tmp_path,
     with pytest.raises(LplrError, match="not of the form OWNER/NAME"):
         push(make_output_dir(tmp_path / "c"), "no-namespace")
     assert hub.requests == []
+
+
+def test_a_dry_run_refuses_what_the_push_would_refuse_for_a_leaked_token(tmp_path, hub):
+    """The dry run listed a binary holding the token as fine to upload while the real push refused it; with a token
+    known (here HF_TOKEN) it now gives the same one-line error, and still sends nothing."""
+    from lplr_testing import error_line
+
+    out = make_output_dir(tmp_path)
+    (out / "weights.dat").write_bytes(os.urandom(5000) + VALID_TOKEN.encode() + os.urandom(100))
+    line = error_line(run_cli("push", "--in-path", str(out), "--repo-id", "tester/m", "--dry-run"),
+                      "weights.dat contains your Hub token")
+    assert VALID_TOKEN not in line and hub.requests == []
+
+
+def test_push_never_follows_a_link_nor_publishes_a_changed_output(tmp_path, hub):
+    """A link in the output (here to a file outside it) was uploaded with the target's bytes, and a config.json edited
+    after the conversion was published though verify rejects it; both are refused before anything is sent."""
+    from lplr_testing import error_line, tree_state
+
+    out = make_output_dir(tmp_path)
+    secret = tmp_path / "elsewhere" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_text("private")
+    (out / "notes.txt").symlink_to(secret)
+    before = tree_state(out, secret.parent)
+    for extra in ([], ["--dry-run"]):
+        error_line(run_cli("push", "--in-path", str(out), "--repo-id", "tester/m", *extra), "notes.txt",
+                   "symbolic link", "outside")
+    (out / "notes.txt").unlink()
+    config = json.loads((out / C.CONFIG_FILE).read_text())
+    (out / C.CONFIG_FILE).write_text(json.dumps({**config, "hidden_act": "relu"}))
+    for extra in ([], ["--dry-run"]):
+        error_line(run_cli("push", "--in-path", str(out), "--repo-id", "tester/m", *extra), "config.json",
+                   "does not match its sha256", "--overwrite")
+    assert hub.requests == [] and hub.repos == {}
+    before.pop(str(out / "notes.txt"))
+    before.pop(str(out / C.CONFIG_FILE))
+    after = tree_state(out, secret.parent)
+    after.pop(str(out / C.CONFIG_FILE))
+    assert after == before

@@ -133,6 +133,39 @@ def test_resume_refuses_changed_setting(reference_run, tmp_path):
     assert "--b1 changed" in res.stderr and "Traceback" not in res.output
 
 
+def test_resume_names_the_changed_input_not_a_setting_derived_from_it(tiny_llama_dir, tmp_path):
+    """A recipe edited between the kill and --resume was reported as '--rank changed' (a flag never passed), and a
+    changed config.json as two identical 80-character prefixes; the message now names the file and the difference,
+    and nothing in the source or the output is changed."""
+    from lplr_testing import tree_state as states
+
+    from lplr_convert.verify import verify
+
+    def tree_state(*roots):  # the lock file names its last holder (the refused run); everything else must stay
+        return {k: v for k, v in states(*roots).items() if not k.endswith(C.LOCK_FILE)}
+
+    src = Path(shutil.copytree(tiny_llama_dir, tmp_path / "src"))
+    recipe, out = tmp_path / "recipe.yaml", tmp_path / "out"
+    recipe.write_text("defaults: {method: lplr, rank_fraction: 0.5}\n")
+    config = (src / "config.json").read_text()
+    args = ["--in-path", str(src), "--out-path", str(out), "--max-shard-size", "30KB", "--recipe", str(recipe),
+            "--no-report"]
+    assert _run(args, kill=("close", 2)).returncode == -signal.SIGKILL
+    recipe.write_text("defaults: {method: lplr, rank_fraction: 0.6}\n")
+    before = tree_state(src, out)
+    line = error_line(run_cli(*args, "--resume"), "--recipe changed", "line 1", "rank_fraction: 0.5",
+                      "rank_fraction: 0.6", "--overwrite")
+    assert "--rank " not in line and tree_state(src, out) == before
+    recipe.write_text("defaults: {method: lplr, rank_fraction: 0.5}\n")
+    (src / "config.json").write_text(config.replace('"llama"', '"mistral"'))
+    before = tree_state(src, out)
+    error_line(run_cli(*args, "--resume"), "config.json changed", "model_type: llama -> mistral")
+    assert tree_state(src, out) == before
+    (src / "config.json").write_text(config)
+    assert run_cli(*args, "--resume").exit_code == 0
+    verify(out, source=str(src))
+
+
 def test_disk_full_mid_run_leaves_clearly_incomplete_output_then_resumes(reference_run, tmp_path):
     args, ref = reference_run
     out = tmp_path / "out"

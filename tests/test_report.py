@@ -248,6 +248,38 @@ def test_compare_refuses_to_write_inside_a_conversion(outputs, tmp_path):
     assert res.exit_code != 0 and "--out" in res.output and not (src / "x.md").exists()
 
 
+def test_report_out_replaces_nothing_but_an_earlier_comparison(outputs, tmp_path):
+    """`report --out` replaced whatever was there through a temporary file and a rename: a user's weights, or (as
+    root) /dev/null itself, which became a regular file. It now writes a new file or an earlier comparison only, never
+    inside any directory of this tool's, and names a missing directory."""
+    import os
+
+    from lplr_testing import error_line, tree_state
+
+    conv, other = outputs["rtn"], outputs["lplr"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "model.safetensors").write_bytes(b"my weights")
+    (mine / "link.md").symlink_to(mine / "model.safetensors")
+    special = tmp_path / "special"  # a special file, like a device node (outside `protect`: reading it would block)
+    special.mkdir()
+    os.mkfifo(special / "pipe")
+    protect = (mine, conv, other)
+    cases = {mine / "model.safetensors": "is not an earlier comparison", special / "pipe": "is not an earlier comparison",
+             mine / "link.md": "is not an earlier comparison", other / "cmp.md": "an output directory of lplr-convert",
+             tmp_path / "missing" / "cmp.md": "does not exist"}
+    for out, needle in cases.items():
+        before = tree_state(*protect)
+        error_line(run_cli("report", "--in-path", str(conv), "--out", str(out)), "--out", str(out), needle)
+        assert tree_state(*protect) == before
+    assert (special / "pipe").is_fifo() and sorted(special.iterdir()) == [special / "pipe"]
+    target = tmp_path / "cmp.md"
+    for _ in range(2):  # a new file, then the earlier comparison replaced
+        res = run_cli("report", "--in-path", str(conv), "--in-path", str(other), "--out", str(target))
+        assert res.exit_code == 0, res.output
+    assert target.read_text() == compare([conv, other])
+
+
 def test_without_matplotlib_the_tables_are_still_written(outputs, tmp_path, monkeypatch):
     out = tmp_path / "nomatplotlib"
     shutil.copytree(outputs["rtn"], out)

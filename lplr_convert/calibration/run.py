@@ -28,7 +28,7 @@ from .capture import (
     return_freed_memory,
 )
 from .moments import InputMoments
-from .stats import prepare_out_dir, save_block, source_files, write_manifest
+from .stats import save_block, source_files, stats_output, write_manifest
 from .text import Batch, load_tokenizer, make_batches, read_text, tokenize
 
 __all__ = ["calibrate"]
@@ -123,6 +123,27 @@ def _header(in_path, src, sk: Skeleton, text, seqs, samples, seq_len, batch_size
     }
 
 
+def _write_stats(out: Path, sk: Skeleton, batches: list[Batch], manifest: dict, accumulate_dtype) -> None:
+    """Run the blocks one at a time, saving each block's statistics, then the manifest (last)."""
+    manifest.update({C.M_FILES: {}, C.S_STATISTICS: {}, C.S_WEIGHTS: {}})
+    with torch.no_grad():
+        hidden, calls = _capture(sk, batches)
+        for i in tqdm(range(len(sk.blocks)), desc="calibrating", unit="block"):
+            block = sk.blocks[i] if i == 0 else _materialise(sk, i)
+            moments = _run_block(sk, i, block, batches, hidden, calls, accumulate_dtype)
+            sk.blocks[i] = torch.nn.Module()  # the block's weights go with it
+            del block
+            tensors, stats, weights = _block_stats(sk, moments, accumulate_dtype)
+            del moments
+            file, record = save_block(out, i, tensors)
+            del tensors
+            return_freed_memory()
+            manifest[C.M_FILES][file] = record
+            manifest[C.S_STATISTICS].update({k: {"file": file, **v} for k, v in stats.items()})
+            manifest[C.S_WEIGHTS].update(weights)
+    write_manifest(out, manifest)
+
+
 def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | None = None, samples: int = 128,
               seq_len: int = 512, batch_size: int = 8, device: str = "cpu",
               accumulate_dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = torch.float32,
@@ -146,27 +167,11 @@ def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | N
     if len(seqs) < samples:
         logger.warning(f"the calibration text gives {len(seqs)} samples of up to {seq_len} tokens, not {samples}; "
                        f"using {len(seqs)} (pass a longer calibration text for more)")
-    prepare_out_dir(out, src.root, overwrite)
     manifest = _header(in_path, src, sk, cal_text, seqs, samples, seq_len, batch_size, accumulate_dtype,
                        compute_dtype, accumulate_dtype)
     batches = make_batches(seqs, batch_size, tokenizer.pad_token_id, sk.device)
-    manifest.update({C.M_FILES: {}, C.S_STATISTICS: {}, C.S_WEIGHTS: {}})
-    with torch.no_grad():
-        hidden, calls = _capture(sk, batches)
-        for i in tqdm(range(len(sk.blocks)), desc="calibrating", unit="block"):
-            block = sk.blocks[i] if i == 0 else _materialise(sk, i)
-            moments = _run_block(sk, i, block, batches, hidden, calls, accumulate_dtype)
-            sk.blocks[i] = torch.nn.Module()  # the block's weights go with it
-            del block
-            tensors, stats, weights = _block_stats(sk, moments, accumulate_dtype)
-            del moments
-            file, record = save_block(out, i, tensors)
-            del tensors
-            return_freed_memory()
-            manifest[C.M_FILES][file] = record
-            manifest[C.S_STATISTICS].update({k: {"file": file, **v} for k, v in stats.items()})
-            manifest[C.S_WEIGHTS].update(weights)
-    write_manifest(out, manifest)
+    with stats_output(out, src.root, overwrite):
+        _write_stats(out, sk, batches, manifest, accumulate_dtype)
     logger.info(f"wrote {len(manifest[C.S_STATISTICS])} statistics for {len(manifest[C.S_WEIGHTS])} weights of "
                 f"{len(sk.blocks)} blocks to {out}")
     return manifest

@@ -15,33 +15,32 @@ from pathlib import Path
 import torch
 
 from .. import constants as C
-from ..errors import LplrError, opt
-from ..io.manifest import sha256_file, write_json_atomic
-from ..io.reader import SourceCheckpoint
+from ..errors import LplrError
+from ..io.manifest import is_plain_name, sha256_file, write_json_atomic
+from ..io.outdir import entries, recorded_files, replaceable_output
+from ..io.reader import SourceCheckpoint, inside
 
-__all__ = ["CalibrationStats", "file_record", "load_calibration", "prepare_out_dir", "save_block", "source_files"]
+__all__ = ["CalibrationStats", "file_record", "load_calibration", "save_block", "source_files", "stats_output"]
 
+_CALIB_FILE = re.compile(C.CALIB_FILE_PATTERN)
 _OURS = re.compile(rf"({C.CALIB_FILE_PATTERN}|{re.escape(C.CALIB_MANIFEST)})({re.escape(C.PARTIAL_SUFFIX)})?")
 
 
-def prepare_out_dir(out: Path, src_root: Path, overwrite: bool) -> None:
-    """Create `out`, or empty it of an earlier STATS when `overwrite`; never deletes files this tool did not write."""
-    if out.exists() and not out.is_dir():
-        raise LplrError(f"{opt('out_path')} {out} is a file; pass a directory for the calibration statistics")
-    if out.exists() and out.resolve() == Path(src_root).resolve():
-        raise LplrError(f"{opt('out_path')} must differ from the source checkpoint directory; choose a new directory")
-    entries = sorted(out.iterdir()) if out.is_dir() else []
-    if entries:
-        if not overwrite:
-            raise LplrError(f"{opt('out_path')} {out} is not empty; pass {opt('overwrite')} to replace the calibration statistics "
-                            f"in it, or choose an empty directory")
-        ours = [p for p in entries if p.is_file() and _OURS.fullmatch(p.name)]
-        if not (out / C.CALIB_MANIFEST).is_file() and len(ours) != len(entries):
-            raise LplrError(f"{opt('out_path')} {out} is not empty and holds no calibration statistics; choose an empty "
-                            f"directory ({opt('overwrite')} only replaces an earlier STATS)")
-        for p in ours:
-            p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+def _previous_stats(out: Path) -> set[str] | None:
+    """The files an earlier calibrate wrote in `out`: those its manifest lists and every file under the names it
+    writes (statistics, also partial ones from an interrupted run). None when `out` holds neither a valid manifest nor
+    such files."""
+    ours = {e for e in entries(out) if _OURS.fullmatch(e)}
+    listed = recorded_files(out / C.CALIB_MANIFEST)
+    if listed is None and not ours:
+        return None
+    return (listed or set()) | ours
+
+
+def stats_output(out: Path, src_root: Path, overwrite: bool):
+    """The STATS directory `out` checked, locked and made writable for the whole run (a context manager): outside the
+    source, new or empty, or with `overwrite` holding only an earlier STATS (exactly its files are deleted)."""
+    return replaceable_output(src_root, out, overwrite, _previous_stats, "calibration statistics")
 
 
 def file_record(path: Path) -> dict:
@@ -168,4 +167,39 @@ def load_calibration(path: str | Path, device: str = "cpu", verify: bool = True)
     if str(version).split(".")[0] != C.CALIB_FORMAT_VERSION.split(".")[0]:
         raise LplrError(f"{mpath} has format version {version}, this tool reads {C.CALIB_FORMAT_VERSION}; upgrade "
                         f"lplr-convert or {rerun}")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise LplrError(f"{mpath} is malformed ({problem}); it is not a manifest calibrate wrote: {rerun}")
+    for file in manifest[C.M_FILES]:  # a link out of the STATS directory is not followed
+        inside((root.resolve(),), root / file, "statistics file")
     return CalibrationStats(root, manifest, device, verify)
+
+
+def _mapping_of_mappings(doc: dict, key: str) -> dict | None:
+    value = doc.get(key)
+    return value if isinstance(value, dict) and all(isinstance(v, dict) for v in value.values()) else None
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    """What makes a calibration manifest unusable (wrong types, names outside its directory, dangling references),
+    or None. Every statistics file it names must be a plain file name inside the STATS directory."""
+    files, stats = _mapping_of_mappings(manifest, C.M_FILES), _mapping_of_mappings(manifest, C.S_STATISTICS)
+    weights = _mapping_of_mappings(manifest, C.S_WEIGHTS)
+    source = manifest.get(C.M_SOURCE)
+    made = _mapping_of_mappings(source, C.M_FILES) if isinstance(source, dict) else None
+    for key, value in ((C.M_FILES, files), (C.S_STATISTICS, stats), (C.S_WEIGHTS, weights),
+                       (f"{C.M_SOURCE}.{C.M_FILES}", made)):
+        if value is None:
+            return f"{key} is not a mapping of records"
+    bad = next((f for f in files if not is_plain_name(f) or not _CALIB_FILE.fullmatch(f)), None)
+    if bad is not None:
+        return f"it names the statistics file {bad!r}, not a file of the STATS directory"
+    bad = next((k for k, v in stats.items() if v.get("file") not in files or not isinstance(v.get("tokens"), int)),
+               None)
+    if bad is not None:
+        return f"statistic {bad!r} names no listed file or has no token count"
+    bad = next((k for k, v in weights.items() if v.get("statistic") not in stats), None)
+    if bad is not None:
+        return f"weight {bad!r} names no listed statistic"
+    bad = next((k for k, v in made.items() if not isinstance(v.get("sha256"), str)), None)
+    return None if bad is None else f"source file {bad!r} has no sha256"

@@ -1,5 +1,5 @@
 """What the exports share: where each stored tensor of a conversion goes (`plan_export`), the output-directory policy
-of a replaceable output (`locked_output`), the shards + index of a checkpoint, and the export's own record.
+of an export (`previous_export`), the shards + index of a checkpoint, and the export's own record.
 
 Placement rule, one for every format so that a compressed-tensors base and a PEFT adapter of the same conversion
 always add up to the conversion's model:
@@ -12,9 +12,7 @@ always add up to the conversion's model:
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,33 +21,33 @@ import torch
 from .. import __version__
 from .. import constants as C
 from ..dtypes import dtype_from_name
-from ..errors import LplrError, opt
 from ..experts import EXPERTS_KEY
 from ..io.manifest import TensorRecord, write_json_atomic
-from ..io.outdir import OutputLock, check_paths, clear_listed, entries
+from ..io.outdir import recorded_files
 from ..io.output import ConvertedOutput
 from ..io.writer import ShardWriter
 from ..math import quantize as qz
 from ..methods import get_method
 
-__all__ = ["ExportPlan", "ExportResult", "Placement", "base_tensor", "finish_shards", "locked_output", "pack_reason",
+__all__ = ["EXPORT_WHAT", "ExportPlan", "ExportResult", "Placement", "base_tensor", "finish_shards", "pack_reason",
            "plain_config", "plan_export", "previous_export", "side_files_of", "write_record"]
 
 LINEAR, CONV1D = "linear", "conv1d"
+EXPORT_WHAT = "export or decompress"  # what an export record lists, named in --overwrite refusals
 COPIED = "copied by the conversion"
 
 
 def side_files_of(output: ConvertedOutput) -> list[tuple[str, Path]]:
     """The files the conversion copied from its source (config.json, tokenizer, ...): the manifest's files minus
-    the index."""
-    return [(rel, output.root / rel) for rel in sorted(output.manifest.files) if rel != C.SAFE_INDEX]
+    the index, each checked against its sha256 (a file changed after the conversion is refused, as the loaders do)."""
+    return [(rel, output.side_file(rel)) for rel in sorted(output.manifest.files) if rel != C.SAFE_INDEX]
 
 
 def plain_config(output: ConvertedOutput) -> dict | None:
     """The source's config.json as the conversion copied it, without what convert added (its quantization_config and
     the import guard); None when there is none."""
-    path = output.root / C.CONFIG_FILE
-    if not path.is_file():
+    path = output.side_file(C.CONFIG_FILE)  # checked against the manifest
+    if path is None:
         return None
     config = json.loads(path.read_text(encoding="utf-8"))
     config.pop("quantization_config", None)
@@ -149,6 +147,7 @@ def plan_export(output: ConvertedOutput) -> ExportPlan:
     """The placement of every record of `output` (module names from a meta-device model of its config.json)."""
     from ..modeling import find_module
 
+    side_files_of(output)  # checked before anything is written (config.json builds the model)
     model, prefix = _modules(output.root)
     names = dict(model.named_modules())
     placements = []
@@ -173,45 +172,9 @@ def base_tensor(output: ConvertedOutput, p: Placement, parts: dict[str, torch.Te
 
 
 def previous_export(out: Path) -> set[str] | None:
-    """The files an earlier export wrote in `out`, by its record (None when `out` holds no readable record)."""
-    try:
-        files = json.loads((out / C.EXPORT_FILE).read_text(encoding="utf-8"))["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if not isinstance(files, list):
-        return None
-    return {str(f) for f in files} | {C.EXPORT_FILE}
-
-
-def _prepare(out: Path, overwrite: bool, previous: Callable[[Path], set[str] | None], what: str) -> None:
-    if not out.is_dir() or not entries(out):
-        return
-    if not overwrite:
-        raise LplrError(f"{opt('out_path')} {out} is not empty; pass {opt('overwrite')} to replace an earlier {what} "
-                        f"or choose an empty directory")
-    if out.is_symlink():
-        raise LplrError(f"{opt('out_path')} {out} is a symbolic link; {opt('overwrite')} does not delete through "
-                        f"links, pass the real directory {out.resolve()}")
-    listed = previous(out)
-    if listed is None:
-        raise LplrError(f"{opt('out_path')} {out} is not empty and holds no earlier {what}, so {opt('overwrite')} "
-                        f"will not delete it; choose an empty directory")
-    clear_listed(out, listed, f"an earlier {what} of this output")
-
-
-@contextlib.contextmanager
-def locked_output(src_root: Path, out: Path, overwrite: bool, previous: Callable[[Path], set[str] | None],
-                  what: str) -> Iterator[None]:
-    """Check the paths, lock `out`, and make it writable: new or empty, or with `overwrite` holding only an earlier
-    `what` whose files `previous(out)` lists (exactly those are deleted; anything else there refuses the run)."""
-    check_paths(src_root, out)
-    with OutputLock(out) as lock:
-        try:
-            _prepare(out, overwrite, previous, what)
-        except LplrError:
-            lock.discard()
-            raise
-        yield
+    """The files an earlier export or decompress wrote in `out`, by its record (None when `out` holds no valid
+    record)."""
+    return recorded_files(out / C.EXPORT_FILE)
 
 
 def finish_shards(writer: ShardWriter, out: Path, total_size: int) -> list[str]:

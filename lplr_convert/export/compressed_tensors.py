@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from .. import constants as C
 from ..errors import LplrError
+from ..io.outdir import replaceable_output
 from ..io.output import ConvertedOutput
 from ..io.sidefiles import copy_side_files
 from ..io.writer import ShardWriter
@@ -37,12 +38,12 @@ from ..math import quantize as qz
 from ..math.bitpack import pack_rows_int32
 from ..methods._common import parts_of
 from .common import (
+    EXPORT_WHAT,
     ExportPlan,
     ExportResult,
     Placement,
     base_tensor,
     finish_shards,
-    locked_output,
     plain_config,
     plan_export,
     previous_export,
@@ -162,7 +163,7 @@ def export_compressed_tensors(in_path: str | Path, out_path: str | Path, max_sha
             raise LplrError(f"{in_path} holds no weight compressed-tensors can store packed ({reasons[0]}); convert "
                             f"with --method rtn/gptq/qlr and --scheme symmetric/asymmetric, or use `decompress`")
         qconfig, schemes = quantization_config(plan) if packed else (None, [])
-        with locked_output(output.root, out, overwrite, previous_export, "export"):
+        with replaceable_output(output.root, out, overwrite, previous_export, EXPORT_WHAT):
             files = _write(output, plan, out, max_shard_size, qconfig)
             result = ExportResult(out, C.CT_QUANT_METHOD, str(output.root), files=files,
                                   packed=[p.rec.name for p in plan.placements if p.spec is not None],

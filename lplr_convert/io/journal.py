@@ -55,8 +55,26 @@ class Journal:
         return {r["name"]: TensorRecord.from_json(r) for s in self.shards for r in s["records"]}
 
 
+# Inputs of the plan, told first: a changed recipe or config.json also changes settings derived from it, and the
+# message should name the input the user changed, not a setting they never passed.
+_INPUTS_FIRST = ("tool_version", "format_version", "source_files", "config", "recipe", "calibration")
+
+
 def _what_changed(key: str) -> str:
     return _CHANGED.get(key, f"{opt(key)} changed")
+
+
+def _difference(old, new) -> str:
+    """The first difference between two fingerprint values, short: a mapping's first differing key, a text's first
+    differing line, else both values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        key = next(k for k in sorted(set(old) | set(new), key=str) if old.get(k) != new.get(k))
+        return f"{key}: {str(old.get(key, '(absent)'))[:60]} -> {str(new.get(key, '(absent)'))[:60]}"
+    if isinstance(old, str) and isinstance(new, str) and "\n" in old + new:
+        a, b = old.splitlines(), new.splitlines()
+        i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        return f"line {i + 1}: {(a[i] if i < len(a) else '(end)')[:60]!r} -> {(b[i] if i < len(b) else '(end)')[:60]!r}"
+    return f"was {str(old)[:80]}, now {str(new)[:80]}"
 
 
 def _load(path: Path) -> tuple[dict, list]:
@@ -74,11 +92,12 @@ def resume_state(out: Path, fingerprint: dict) -> list[dict]:
     if not path.is_file():
         return []
     old, shards = _load(path)
-    for key in sorted(set(old) | set(fingerprint)):
+    keys = set(old) | set(fingerprint)
+    for key in [*(k for k in _INPUTS_FIRST if k in keys), *sorted(keys - set(_INPUTS_FIRST))]:
         if old.get(key) != fingerprint.get(key):
-            raise LplrError(f"cannot resume in {out}: {_what_changed(key)} since the interrupted run (was "
-                            f"{str(old.get(key))[:80]}, now {str(fingerprint.get(key))[:80]}); rerun with the same "
-                            f"settings or use {opt('overwrite')}")
+            raise LplrError(f"cannot resume in {out}: {_what_changed(key)} since the interrupted run "
+                            f"({_difference(old.get(key), fingerprint.get(key))}); rerun with the same settings or "
+                            f"use {opt('overwrite')}")
     kept = []
     for s in shards:
         f = out / s["temp_name"]

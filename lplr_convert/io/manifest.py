@@ -16,12 +16,20 @@ from typing import Any
 from .. import constants as C
 from ..errors import IncompleteOutputError, LplrError, opt
 
-__all__ = ["LEGACY_KNOBS", "Manifest", "TensorRecord", "integrity_hash", "is_complete", "read_manifest",
-           "sha256_file", "write_json_atomic"]
+__all__ = ["LEGACY_KNOBS", "Manifest", "TensorRecord", "integrity_hash", "is_complete", "is_plain_name",
+           "read_manifest", "sha256_file", "write_json_atomic"]
 
 # Knobs that every record carries at top level (None where the tensor's method has no such knob), as format 1.0
 # always did; the method's full settings are in `settings`.
 LEGACY_KNOBS = ("b1", "b2", "b0", "quantizer", "group_size")
+
+
+def is_plain_name(name: object) -> bool:
+    """Whether `name` is a plain relative file path (posix, no `..`, `.` or empty parts, not absolute): the only kind
+    of name a record of this tool (manifest, journal, export record) or an index may give a file beside it."""
+    if not isinstance(name, str) or not name or name.startswith("/") or "\\" in name or "\0" in name:
+        return False
+    return all(part not in ("", ".", "..") for part in name.split("/"))
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
@@ -206,6 +214,17 @@ def _load_json(path: Path) -> dict:
     return manifest
 
 
+def _check_names(path: Path, manifest: dict) -> None:
+    """Every shard and file a manifest lists must be a plain name inside its directory (a crafted manifest must not
+    make a reader, `--overwrite` or `push` reach outside it)."""
+    for key in (C.M_SHARDS, C.M_FILES):
+        listed = manifest.get(key)
+        bad = next((n for n in listed if not is_plain_name(n)), None) if isinstance(listed, dict) else None
+        if bad is not None:
+            raise LplrError(f"{path} lists {key} entry {bad!r}, which is not a plain file name inside "
+                            f"{path.parent}; it is not a manifest this tool wrote: re-run the conversion")
+
+
 def read_manifest(out_dir: str | os.PathLike, require_complete: bool = True) -> dict:
     """The manifest document (JSON) of a converted directory, checked.
 
@@ -231,6 +250,7 @@ def read_manifest(out_dir: str | os.PathLike, require_complete: bool = True) -> 
     if require_complete and manifest.get(C.M_COMPLETE) is not True:
         raise IncompleteOutputError(f"{out_dir} holds an incomplete conversion; finish it with "
                                     f"`lplr-convert convert ... --resume`")
+    _check_names(path, manifest)
     if manifest.get(C.M_INTEGRITY) != integrity_hash(manifest):
         raise LplrError(f"{path} was modified after the conversion (its integrity hash does not match); "
                         f"re-run the conversion with {opt('overwrite')}")

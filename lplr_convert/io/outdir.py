@@ -13,7 +13,7 @@ import json
 import os
 import re
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .. import constants as C
@@ -23,7 +23,8 @@ from ..errors import LplrError, opt
 _TEMP_SHARD = re.compile(re.escape(C.PARTIAL_SHARD_TEMPLATE.removesuffix(C.PARTIAL_SUFFIX)).replace(
     re.escape("{index:05d}"), r"\d{5}"))
 
-__all__ = ["OutputLock", "check_paths", "clear_listed", "entries", "listed_files", "prepare_output"]
+__all__ = ["OutputLock", "check_paths", "clear_listed", "entries", "listed_files", "owning_output", "prepare_output",
+           "recorded_files", "replaceable_output"]
 
 
 def check_paths(src_root: Path, out: Path, what: str = "out_path") -> None:
@@ -36,6 +37,21 @@ def check_paths(src_root: Path, out: Path, what: str = "out_path") -> None:
         raise LplrError(f"{opt(what)} {out} contains the input {src_root}; choose a separate directory")
     if out.exists() and not out.is_dir():
         raise LplrError(f"{opt(what)} {out} exists and is not a directory; choose a directory path")
+    owner = owning_output(out_r.parent)
+    if owner is not None:
+        raise LplrError(f"{opt(what)} {out} lies inside {owner}, an output directory of lplr-convert (its files "
+                        f"would join that output, and a push of it would publish them); choose a directory outside it")
+
+
+# The records that mark a directory as an output of this tool.
+_RECORDS = (C.MANIFEST_FILE, C.PROGRESS_FILE, C.EXPORT_FILE, C.CALIB_MANIFEST)
+
+
+def owning_output(path: Path) -> Path | None:
+    """The nearest of `path` (resolved) and its parents that holds a record of this tool (a conversion, an
+    interrupted one, an export or decompress, a STATS directory), or None."""
+    path = path.resolve()
+    return next((d for d in (path, *path.parents) if any((d / n).is_file() for n in _RECORDS)), None)
 
 
 def entries(out: Path) -> list[str]:
@@ -49,6 +65,10 @@ def entries(out: Path) -> list[str]:
 
 
 def _progress(out: Path) -> dict | None:
+    """The journal of an interrupted run in `out`, or None when there is none or it is not one this tool wrote (its
+    fingerprint a mapping, its shards under the writer's temporary names, its files plain names inside `out`)."""
+    from .manifest import is_plain_name
+
     path = out / C.PROGRESS_FILE
     if not path.is_file():
         return None
@@ -56,7 +76,15 @@ def _progress(out: Path) -> dict | None:
         journal = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return None
-    return journal if isinstance(journal, dict) and isinstance(journal.get("shards"), list) else None
+    if not isinstance(journal, dict) or not isinstance(journal.get("fingerprint"), dict):
+        return None
+    shards, files = journal.get("shards"), journal.get("files") or []
+    if not isinstance(shards, list) or not isinstance(files, list):
+        return None
+    if not all(isinstance(s, dict) and _TEMP_SHARD.fullmatch(str(s.get("temp_name"))) for s in shards) or \
+            not all(is_plain_name(f) for f in files):
+        return None
+    return journal
 
 
 def listed_files(out: Path) -> set[str] | None:
@@ -69,7 +97,7 @@ def listed_files(out: Path) -> set[str] | None:
                                                            or _TEMP_SHARD.fullmatch(e))}
     journal = _progress(out)
     if journal is not None:
-        shards = {str(s.get("temp_name")) for s in journal["shards"] if isinstance(s, dict)}
+        shards = {str(s.get("temp_name")) for s in journal["shards"]}
         return shards | partial | {str(f) for f in journal.get("files") or []} | set(C.OWN_FILES)
     if not (out / C.MANIFEST_FILE).is_file():
         return None
@@ -85,15 +113,15 @@ def _foreign(out: Path, listed: set[str]) -> list[str]:
 
 
 def clear_listed(out: Path, listed: Iterable[str], why: str) -> None:
-    """Delete exactly `listed` below `out` (and directories left empty); refuse, deleting nothing, when `out` holds
-    any file that is not listed."""
-    listed = set(listed)
-    foreign = _foreign(out, listed)
+    """Delete the files of `listed` that lie below `out` (and directories left empty); refuse, deleting nothing, when
+    `out` holds any file that is not listed. Only entries found by walking `out` (links not followed) are deleted:
+    a record naming `../x` or an absolute path never reaches outside `out`."""
+    foreign = _foreign(out, set(listed))
     if foreign:
         raise LplrError(f"{out} holds {len(foreign)} file(s) that {why} does not list (first: {foreign[0]}), so "
                         f"{opt('overwrite')} will not delete them; move them away or choose another directory")
-    for rel in sorted(listed):
-        (out / rel).unlink(missing_ok=True)
+    for rel in entries(out):
+        (out / rel).unlink()
     for d in sorted((p for p in out.rglob("*") if p.is_dir() and not p.is_symlink()), key=lambda p: -len(p.parts)):
         if not any(d.iterdir()):
             d.rmdir()
@@ -149,17 +177,29 @@ class OutputLock:
 
     @classmethod
     @contextlib.contextmanager
-    def guarding(cls, out: Path, src_root: Path, *, overwrite: bool, resume: bool):
-        """Check the paths, take the lock, then apply `prepare_output` under it. When the directory is refused, the
-        lock file this run created is removed again, so a refused directory is left as it was."""
+    def guarding(cls, out: Path, src_root: Path, prepare: Callable[[], None]):
+        """Check the paths, take the lock, then call `prepare` (which checks and clears `out`) under it. When the
+        directory is refused, the lock file this run created is removed again, so a refused directory is left as it
+        was."""
         check_paths(src_root, out)
         with cls(out) as lock:
             try:
-                prepare_output(src_root, out, overwrite=overwrite, resume=resume)
+                prepare()
             except LplrError:
                 lock.discard()
                 raise
             yield lock
+
+    @classmethod
+    @contextlib.contextmanager
+    def updating(cls, out: Path):
+        """The lock of a command that rewrites files inside an existing output (eval's record, a re-rendered
+        report): no conversion, export or other update of `out` runs meanwhile. Its lock file goes in any case."""
+        with cls(out) as lock:
+            try:
+                yield lock
+            finally:
+                lock.discard()
 
     def discard(self) -> None:
         """Remove the lock file if this run created it (the lock itself is released on exit)."""
@@ -167,10 +207,31 @@ class OutputLock:
             (self.out / C.LOCK_FILE).unlink(missing_ok=True)
 
     def __enter__(self):
-        self.out.mkdir(parents=True, exist_ok=True)
-        path = self.out / C.LOCK_FILE
-        self.created = not path.exists()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LplrError(f"{opt('out_path')} {self.out} cannot be created ({e.strerror or e}); choose a directory "
+                            f"path you can write to") from None
+        for _ in range(8):  # the holder may finish (and remove the file) between our open and our flock
+            fd = self._locked_fd(self.out / C.LOCK_FILE)
+            if fd is not None:
+                break
+        else:
+            raise LplrError(f"{self.out} is being written by other runs one after another; wait for them to finish "
+                            f"or choose another output directory")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        self._fd = fd
+        return self
+
+    def _locked_fd(self, path: Path) -> int | None:
+        """A descriptor of `path` holding its flock, or None when the file was replaced meanwhile (try again)."""
+        existed = path.exists()
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise LplrError(f"{opt('out_path')} {self.out} is not writable ({e.strerror or e}); choose a directory "
+                            f"you can write to") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -180,10 +241,15 @@ class OutputLock:
                 raise LplrError(f"{self.out} is being written by another run ({holder}); wait for it to finish or "
                                 f"choose another output directory") from None
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-        self._fd = fd
-        return self
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            return None
+        self.created = not existed
+        return fd
 
     def __exit__(self, *exc) -> None:
         if self._fd is not None:
@@ -192,3 +258,41 @@ class OutputLock:
             os.close(self._fd)  # releases the lock
             self._fd = None
 
+
+def replaceable_output(src_root: Path, out: Path, overwrite: bool, previous: Callable[[Path], set[str] | None],
+                       what: str):
+    """Check the paths, lock `out` and make it writable (a context manager): new or empty, or with `overwrite`
+    holding only an earlier `what` whose files `previous(out)` lists (exactly those are deleted; anything else there
+    refuses the run)."""
+    return OutputLock.guarding(out, src_root, lambda: _prepare_replaceable(out, overwrite, previous, what))
+
+
+def _prepare_replaceable(out: Path, overwrite: bool, previous: Callable[[Path], set[str] | None], what: str) -> None:
+    if not out.is_dir() or not entries(out):
+        return
+    if not overwrite:
+        raise LplrError(f"{opt('out_path')} {out} is not empty; pass {opt('overwrite')} to replace an earlier {what} "
+                        f"or choose an empty directory")
+    if out.is_symlink():
+        raise LplrError(f"{opt('out_path')} {out} is a symbolic link; {opt('overwrite')} does not delete through "
+                        f"links, pass the real directory {out.resolve()}")
+    listed = previous(out)
+    if listed is None:
+        raise LplrError(f"{opt('out_path')} {out} is not empty and holds no earlier {what}, so {opt('overwrite')} "
+                        f"will not delete it; choose an empty directory")
+    clear_listed(out, listed, f"an earlier {what} of this output")
+
+
+def recorded_files(record: Path) -> set[str] | None:
+    """The files a record of this tool (JSON whose "files" is a list or mapping of names) says were written beside
+    it, plus the record itself; None when the record is missing or unreadable, or names anything but a plain file
+    inside its directory (then it is not a record this tool wrote)."""
+    from .manifest import is_plain_name
+
+    try:
+        files = json.loads(record.read_text(encoding="utf-8"))[C.M_FILES]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(files, (list, dict)) or not all(is_plain_name(f) for f in files):
+        return None
+    return {str(f) for f in files} | {record.name}

@@ -16,9 +16,10 @@ from loguru import logger
 from .. import constants as C
 from ..dtypes import ST_DTYPES
 from ..errors import LplrError, opt
+from .manifest import is_plain_name
 
-__all__ = ["BUNDLED", "WEIGHT_SUFFIXES", "SourceCheckpoint", "TensorHeader", "open_source", "resolve_source",
-           "safetensors_header"]
+__all__ = ["BUNDLED", "WEIGHT_SUFFIXES", "SourceCheckpoint", "TensorHeader", "inside", "open_source",
+           "resolve_source", "safetensors_header"]
 
 # Files that hold weights in some format; never copied verbatim into an output directory.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
@@ -98,7 +99,7 @@ def _is_side_file(rel: Path, path: Path, src: SourceCheckpoint) -> bool:
     top = len(rel.parts) == 1
     if (top and rel.name in src.weight_related) or rel.name.endswith(WEIGHT_SUFFIXES):
         return False
-    return not (top and rel.name in C.OWN_FILES)
+    return not (top and rel.name in C.RECORD_FILES)
 
 
 def source_roots(root: Path) -> tuple[Path, ...]:
@@ -326,7 +327,7 @@ def _index_files(root: Path, roots: tuple[Path, ...], index_name: str) -> tuple[
     files = sorted(set(weight_map.values()))
     for f in files:
         shard = root / f
-        if Path(f).is_absolute() or ".." in Path(f).parts:
+        if not is_plain_name(f):
             raise LplrError(f"the index {path} names shard {f}, which is not a plain path inside {root}; an index "
                             f"may only name files inside its own directory: fix or re-download it")
         if not shard.is_file():
@@ -505,7 +506,7 @@ def open_source(in_path: str, revision: str | None = None) -> SourceCheckpoint:
     src.config = _read_config(src)
     _refuse_converted(src)
     _read_headers(src, weight_map)
-    own = [n for n in C.OWN_FILES if (root / n).is_file() and not single]
+    own = [n for n in C.RECORD_FILES if (root / n).is_file() and not single]
     if own:
         logger.warning(f"{root} holds {', '.join(own)}, named like this tool's own output files; not copied")
     src.side_files()  # every side file resolves inside the source

@@ -12,13 +12,23 @@ from loguru import logger
 from .. import constants as C
 from ..errors import LplrError, opt
 from ..io.manifest import Manifest, read_manifest, write_json_atomic
+from ..io.outdir import owning_output
 from .metrics import report_summary, tensor_rows
 from .spectra import energy_curve, representative_tensors, source_spectra
-from .tables import compare_markdown, dir_labels, report_markdown, rows_csv, summary_markdown, summary_table
+from .tables import (
+    COMPARISON_HEADING,
+    compare_markdown,
+    dir_labels,
+    report_markdown,
+    rows_csv,
+    summary_markdown,
+    summary_table,
+)
 
 __all__ = [
     "compare",
     "energy_curve",
+    "render_report",
     "report_summary",
     "summary_markdown",
     "summary_table",
@@ -147,6 +157,17 @@ def write_report(out_dir: str | os.PathLike, manifest: dict | None = None,
     return written + plots
 
 
+def render_report(out_dir: str | os.PathLike) -> list[Path]:
+    """Re-render the report of the finished conversion in `out_dir` from its manifest, holding the directory's lock
+    (no conversion or evaluation rewrites it meanwhile); returns the paths written."""
+    from ..io.outdir import OutputLock
+
+    out_dir = Path(out_dir)
+    read_manifest(out_dir)  # a finished conversion, before the lock creates anything in it
+    with OutputLock.updating(out_dir):
+        return write_report(out_dir, read_manifest(out_dir))
+
+
 def compare(dirs: list, out: str | os.PathLike | None = None) -> str:
     """Markdown that puts several conversion outputs side by side; also written to `out` when given."""
     if not dirs:
@@ -161,8 +182,10 @@ def compare(dirs: list, out: str | os.PathLike | None = None) -> str:
 
 
 def _check_out_outside(out: Path, dirs: list) -> None:
-    """Refuse a comparison file inside a conversion directory: it would replace one of its files or add one its
-    manifest does not list (and `verify`, the loaders and `push` would then reject or publish it)."""
+    """Refuse a comparison file that would replace anything but an earlier comparison (a user's file, a device such as
+    /dev/null, a link), or land inside a directory of this tool's (a conversion, export or STATS directory: it would
+    replace one of its files or add one its record does not list, which `verify`, the loaders and `push` would then
+    reject or publish)."""
     target = out.resolve()
     for d in dirs:
         root = Path(d).resolve()
@@ -171,3 +194,24 @@ def _check_out_outside(out: Path, dirs: list) -> None:
                             f"outside it (e.g. {root.parent / 'comparison.md'})")
     if target.is_dir():
         raise LplrError(f"{opt('out')} {out} is a directory; pass a file name such as {out / 'comparison.md'}")
+    if not target.parent.is_dir():
+        raise LplrError(f"{opt('out')} {out}: the directory {target.parent} does not exist; create it or choose "
+                        f"another file name")
+    owner = owning_output(target.parent)
+    if owner is not None:
+        raise LplrError(f"{opt('out')} {out} lies inside {owner}, an output directory of lplr-convert; write the "
+                        f"comparison outside it (e.g. {owner.parent / 'comparison.md'})")
+    if (out.exists() or out.is_symlink()) and not _earlier_comparison(out):
+        raise LplrError(f"{opt('out')} {out} exists and is not an earlier comparison written by lplr-convert, so it "
+                        f"is not replaced; choose a new file name")
+
+
+def _earlier_comparison(path: Path) -> bool:
+    """A regular file (not a link) whose first line is the comparison heading."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.readline().rstrip(b"\r\n") == COMPARISON_HEADING.encode()
+    except OSError:
+        return False

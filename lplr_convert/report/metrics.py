@@ -30,7 +30,7 @@ __all__ = [
 MATRIX_TYPE_ORDER = ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_up", "fc_out")
 FLAG_GREW = "grew"  # stored larger than the source tensor (bits/param above the source dtype's)
 FLAG_ABOVE_INT8 = "above_int8"  # more bits/param than this tool's own 8-bit per-channel RTN of the same matrix
-FLAG_NONFINITE = "nonfinite"  # the source held NaN/inf and the tensor was copied
+FLAG_NONFINITE = "nonfinite"  # NaN/inf in the source, or no finite compressed form: the tensor was copied
 _MB = 1e6
 
 

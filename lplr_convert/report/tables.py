@@ -24,6 +24,8 @@ __all__ = [
     "summary_table",
 ]
 
+COMPARISON_HEADING = "# lplr-convert comparison"  # first line of every comparison file (`report --out`)
+
 # The fixed columns; each knob of the methods in a report gets a column after "label" (see `csv_columns`).
 CSV_COLUMNS = ("name", "layer", "matrix_type", "shape", "dtype", "method", "label", "rank", "max_rank",
                "rank_policy", "params", "source_bits_per_param", "bits_per_param", "int8_bits_per_param",
@@ -152,7 +154,8 @@ def _warnings(s: dict) -> list[str]:
         out.append(f"{len(s['above_int8'])} compressed tensor(s) use more bits/param than a plain 8-bit per-channel "
                    f"RTN of the same matrix would (`--method rtn --b0 8`)")
     if s["nonfinite"]:
-        out.append(f"{len(s['nonfinite'])} tensor(s) held NaN/inf and were copied: " + _names(s["nonfinite"]))
+        out.append(f"{len(s['nonfinite'])} tensor(s) held NaN/inf or could not be compressed to finite values, and "
+                   f"were copied verbatim (each one's reason is in its manifest record): " + _names(s["nonfinite"]))
     return out
 
 
@@ -316,6 +319,6 @@ def compare_markdown(manifests: list, labels: list[str]) -> str:
             row += [_f(a["weighted_rel_error"]), _f(a["bits_per_param"], 2)] if a else [_DASH, _DASH]
         type_rows.append(row)
     type_head = ["matrix type"] + [f"{lab} {what}" for lab in labels for what in ("rel. error", "bits/param")]
-    return "\n".join(["# lplr-convert comparison", "", "## Totals", "", _md_table(head, total_rows), "",
+    return "\n".join([COMPARISON_HEADING, "", "## Totals", "", _md_table(head, total_rows), "",
                       "## Parameter-weighted relative error and bits/param by matrix type", "",
                       _md_table(type_head, type_rows), ""])

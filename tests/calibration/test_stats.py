@@ -110,7 +110,7 @@ def test_out_dir_rules(tiny_dir, text_file, tmp_path):
     (out / "notes.txt").write_text("mine", encoding="utf-8")
     with pytest.raises(LplrError, match="not empty; pass overwrite"):
         calibrate(path, out, **kw)
-    with pytest.raises(LplrError, match="holds no calibration statistics"):
+    with pytest.raises(LplrError, match="holds no earlier calibration statistics"):
         calibrate(path, out, overwrite=True, **kw)
     (out / "notes.txt").unlink()
     calibrate(path, out, **kw)
@@ -118,10 +118,88 @@ def test_out_dir_rules(tiny_dir, text_file, tmp_path):
     (out / "lplr_stats-00007.safetensors.partial").write_bytes(b"left over")
     with pytest.raises(LplrError, match="not empty"):
         calibrate(path, out, **kw)
+    with pytest.raises(LplrError, match="notes.txt.*will not delete"):  # never mixed into, nor deleted with, STATS
+        calibrate(path, out, overwrite=True, **kw)
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "mine"
+    (out / "notes.txt").unlink()
     m = calibrate(path, out, overwrite=True, **{**kw, "samples": 3})
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["lplr_calibration.json", "lplr_stats-00000.safetensors", "lplr_stats-00001.safetensors",
-                     "notes.txt"]
+    assert names == ["lplr_calibration.json", "lplr_stats-00000.safetensors", "lplr_stats-00001.safetensors"]
     assert json.loads((out / C.CALIB_MANIFEST).read_text())["samples"] == m["samples"] == 3
-    with pytest.raises(LplrError, match="must differ from the source"):
-        calibrate(path, path, overwrite=True, **kw)
+    for inside in (path, path / "stats", path.parent):  # the source itself, inside it, or around it
+        with pytest.raises(LplrError, match="the input"):
+            calibrate(path, inside, overwrite=True, **kw)
+    assert not (path / "stats").exists()
+
+
+def test_calibrate_holds_the_output_lock_and_refuses_records_naming_outside_files(tiny_dir, text_file, tmp_path):
+    """A second writer of the same STATS directory gets the lock error (nothing changed); a calibration manifest
+    naming a file outside its directory makes --overwrite delete nothing outside it."""
+    from lplr_testing import tree_state
+
+    from lplr_convert.io.outdir import OutputLock
+
+    path, out, sibling = tiny_dir("gpt2"), tmp_path / "s", tmp_path / "sibling"
+    kw = {"text": text_file, "samples": 2, "seq_len": 16}
+    calibrate(path, out, **kw)
+    sibling.mkdir()
+    (sibling / "notes.txt").write_text("mine", encoding="utf-8")
+    before = tree_state(path, out, sibling)
+    with OutputLock(out), pytest.raises(LplrError, match="being written by another run"):
+        calibrate(path, out, overwrite=True, **kw)
+    assert tree_state(path, out, sibling) == before
+    doc = json.loads((out / C.CALIB_MANIFEST).read_text())
+    doc[C.M_FILES]["../sibling/notes.txt"] = {"sha256": "0" * 64, "bytes": 4}
+    (out / C.CALIB_MANIFEST).write_text(json.dumps(doc))
+    before = tree_state(path, sibling)
+    calibrate(path, out, overwrite=True, **kw)
+    assert tree_state(path, sibling) == before
+    load_calibration(out)
+
+
+def _outside(doc, root):  # the first statistics file moved out of the STATS directory, the manifest pointing there
+    first = min(doc[C.M_FILES])
+    (root / first).rename(root.parent / "moved.safetensors")
+    doc[C.M_FILES]["../moved.safetensors"] = doc[C.M_FILES].pop(first)
+    for v in doc[C.S_STATISTICS].values():
+        v["file"] = "../moved.safetensors" if v["file"] == first else v["file"]
+
+
+def _linked(doc, root):  # the first statistics file replaced by a link to a copy outside
+    first = root / min(doc[C.M_FILES])
+    first.rename(root.parent / "moved.safetensors")
+    first.symlink_to(root.parent / "moved.safetensors")
+
+
+MALFORMED = {
+    "file outside": (_outside, "not a file of the STATS directory"),
+    "link outside": (_linked, "a link to"),
+    "no statistics": (lambda d, r: d.pop(C.S_STATISTICS), "statistics is not a mapping"),
+    "no weights": (lambda d, r: d.pop(C.S_WEIGHTS), "weights is not a mapping"),
+    "statistic not a record": (lambda d, r: d.update({C.S_STATISTICS: dict.fromkeys(d[C.S_STATISTICS], 5)}),
+                               "statistics is not a mapping"),
+    "files a list": (lambda d, r: d.update({C.M_FILES: []}), "files is not a mapping"),
+    "weight without statistic": (lambda d, r: d.update({C.S_WEIGHTS: {k: {} for k in d[C.S_WEIGHTS]}}),
+                                 "names no listed statistic"),
+    "no source": (lambda d, r: d.pop(C.M_SOURCE), "source.files is not a mapping"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_or_escaping_stats_manifest_is_named(tiny_dir, text_file, tmp_path, case):
+    """convert --calibration with such a STATS directory read a statistics file from outside it (exit 0) or failed
+    with 'unexpected KeyError/TypeError/AttributeError'; now one line names the manifest or the file, before the
+    output directory holds anything."""
+    from lplr_testing import error_line, run_cli, tree_state
+
+    src, root = tiny_dir("bert"), tmp_path / "stats" / "s"
+    calibrate(src, root, text=text_file, samples=2, seq_len=16)
+    doc = json.loads((root / C.CALIB_MANIFEST).read_text())
+    change, needle = MALFORMED[case]
+    change(doc, root)
+    (root / C.CALIB_MANIFEST).write_text(json.dumps(doc))
+    before = tree_state(src, root.parent)
+    out = tmp_path / "out"
+    error_line(run_cli("--in-path", str(src), "--out-path", str(out), "--calibration", str(root), "--method", "gptq",
+                       "--no-report"), needle)
+    assert tree_state(src, root.parent) == before and not (out / C.MANIFEST_FILE).exists()

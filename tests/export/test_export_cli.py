@@ -67,3 +67,25 @@ def test_base_model_belongs_to_peft(exports, tmp_path):
     res = _export(exports["cases"]["rtn4_group"], tmp_path / "ct", "--format", "compressed-tensors",
                   "--base-model", "x/y")
     _error(res, "--base-model", "peft")
+
+
+@pytest.mark.parametrize("changed", [C.CONFIG_FILE, "generation_config.json"])
+def test_a_file_changed_after_the_conversion_is_refused_before_anything_is_written(exports, tmp_path, changed):
+    """decompress and export built their outputs from a config.json edited after the conversion (hidden_act silu ->
+    gelu: exit 0, the dense checkpoint carried gelu) although verify and the loaders refuse it; every copied file is
+    now checked against the manifest first, and nothing is written."""
+    import json
+    import shutil
+
+    from lplr_testing import tree_state
+
+    case = exports["cases"]["rtn4_group"]
+    src = shutil.copytree(case.dst, tmp_path / "conv")
+    doc = json.loads((src / changed).read_text())
+    (src / changed).write_text(json.dumps({**doc, "hidden_act": "gelu"}))
+    before = tree_state(src)
+    for args in (["decompress"], ["export", "--format", "compressed-tensors"], ["export", "--format", "peft"]):
+        out = tmp_path / args[-1]
+        _error(run_cli(*args, "--in-path", str(src), "--out-path", str(out)), changed,
+               "does not match the sha256 in the manifest")
+        assert not out.exists() and tree_state(src) == before

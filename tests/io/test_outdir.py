@@ -3,6 +3,7 @@ this tool lists, --resume only continues an interrupted run, and one run at a ti
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import torch
 from lplr_testing import error_line, run_cli, tiny_checkpoint, tree_state
 
 from lplr_convert import constants as C
-from lplr_convert.io.outdir import OutputLock
+from lplr_convert.io.outdir import OutputLock, clear_listed
 from lplr_convert.verify import verify
 
 
@@ -173,3 +174,114 @@ def test_two_processes_on_one_output_one_wins(world, tmp_path):
     assert "wrote" in stdout
     assert verify(out, source=str(src))["errors_checked"]
     assert not (out / C.LOCK_FILE).exists()
+
+
+def _crafted_records(out, sibling):
+    """Records of each kind this tool trusts for --overwrite, naming files outside `out` (relative and absolute)."""
+    outside = ["../" + sibling.name + "/notes.txt", str(sibling / "notes.txt")]
+    journal = {"fingerprint": {}, "shards": [{"temp_name": outside[0]}], "files": outside}
+    return {"journal": (C.PROGRESS_FILE, journal), "export record": (C.EXPORT_FILE, {"files": outside}),
+            "decompress index": (C.SAFE_INDEX, {"weight_map": {"w": outside[0]}})}
+
+
+@pytest.mark.parametrize("kind", ["journal", "export record", "decompress index"])
+@pytest.mark.parametrize("command", ["convert", "decompress"])
+def test_overwrite_never_follows_a_record_out_of_the_output(world, tmp_path, kind, command):
+    """A record naming `../sibling/notes.txt` or an absolute path is not one this tool wrote: --overwrite refuses the
+    directory, and nothing outside it (nor in it) is deleted."""
+    src, conv, sibling = world
+    out = tmp_path / "crafted"
+    out.mkdir()
+    name, doc = _crafted_records(out, sibling)[kind]
+    (out / name).write_text(json.dumps(doc))
+    args = (["--in-path", str(src), "--out-path", str(out), "--overwrite", "--no-report"] if command == "convert"
+            else ["decompress", "--in-path", str(conv), "--out-path", str(out), "--overwrite"])
+    _refused(args, (src, conv, out, sibling), str(out), "will not delete")
+
+
+def test_a_manifest_listing_a_file_outside_its_directory_is_refused(world):
+    src, conv, sibling = world
+    doc = json.loads((conv / C.MANIFEST_FILE).read_text())
+    doc[C.M_FILES]["../" + sibling.name + "/notes.txt"] = {"sha256": "0" * 64, "bytes": 4}  # not under the integrity
+    (conv / C.MANIFEST_FILE).write_text(json.dumps(doc))
+    protect = (src, conv, sibling)
+    _refused(["--in-path", str(src), "--out-path", str(conv), "--overwrite", "--no-report"], protect,
+             "not an lplr-convert output")
+    for args in (["verify", "--in-path", str(conv)], ["decompress", "--in-path", str(conv), "--out-path",
+                                                       str(sibling.parent / "dense")]):
+        _refused(args, protect, "not a plain file name inside")
+
+
+def test_clear_listed_deletes_only_entries_inside_the_output(tmp_path):
+    out, sibling = tmp_path / "out", tmp_path / "sibling"
+    out.mkdir()
+    sibling.mkdir()
+    (out / "a.txt").write_text("ours")
+    (sibling / "b.txt").write_text("theirs")
+    (out / "link").symlink_to(sibling)  # a link is removed, never followed
+    clear_listed(out, {"a.txt", "link", "../sibling/b.txt", str(sibling / "b.txt"), "link/b.txt"}, "a test record")
+    assert not out.exists() or not any(out.iterdir())
+    assert (sibling / "b.txt").read_text() == "theirs"
+
+
+def test_an_output_path_below_a_file_is_named(world, tmp_path):
+    src, conv, sibling = world
+    target = str(sibling / "notes.txt" / "out")
+    for args in (["--in-path", str(src), "--out-path", target, "--no-report"],
+                 ["decompress", "--in-path", str(conv), "--out-path", target]):
+        _refused(args, (src, conv, sibling), "cannot be created", "Not a directory")
+
+
+def test_eval_and_report_wait_for_no_one_while_another_run_holds_the_output(world, tmp_path):
+    """eval rewrites the manifest and the report, report rewrites the report: both hold the output's lock. Without it,
+    an eval that finished after a `convert --overwrite` of the same directory wrote the old manifest over the new
+    conversion (measured: exit 0 for both, then verify failed on 218 problems)."""
+    src, conv, sibling = world
+    with OutputLock(conv):
+        for args in (["eval", "--original", str(src), "--converted", str(conv)], ["report", "--in-path", str(conv)]):
+            _refused(args, (src, conv, sibling), "being written by another run", f"pid {os.getpid()}")
+    res = run_cli("report", "--in-path", str(conv))
+    assert res.exit_code == 0, res.output
+    assert not (conv / C.LOCK_FILE).exists()
+    verify(conv)
+
+
+def test_no_output_is_written_inside_another_output_of_the_tool(world, tmp_path):
+    """`convert --out-path conv/nested` exited 0 and the nested conversion joined `conv` (verify still passed, and a
+    push of conv listed nested/lplr_manifest.json for upload). Every writing command now refuses a directory inside
+    any output of this tool, before creating anything."""
+    src, conv, sibling = world
+    dense = tmp_path / "dense"
+    assert run_cli("decompress", "--in-path", str(conv), "--out-path", str(dense)).exit_code == 0
+    for out, args in ((conv / "nested", ["--in-path", str(src), "--no-report"]),
+                      (dense / "nested", ["decompress", "--in-path", str(conv)])):
+        _refused([*args, "--out-path", str(out)], (src, conv, dense, sibling), str(out),
+                 "an output directory of lplr-convert")
+        assert not out.exists()
+
+
+def test_the_lock_is_taken_on_the_file_that_is_there(tmp_path, monkeypatch):
+    """A run that finishes removes its lock file. If that happens between another run's open() and flock(), the
+    second would hold a lock on a deleted file while a third locks a new one; the lock now checks that its descriptor
+    is the file at the path, and retries otherwise."""
+    import fcntl
+
+    from lplr_convert.io import outdir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    path = out / C.LOCK_FILE
+    path.write_text("pid 1 on elsewhere")
+    real, calls = fcntl.flock, []
+
+    def flock(fd, op):
+        if not calls:  # the holder finishes and a third run creates the file anew, before our flock
+            path.unlink()
+            path.write_text("")
+        calls.append(fd)
+        return real(fd, op)
+
+    monkeypatch.setattr(outdir.fcntl, "flock", flock)
+    with OutputLock(out) as lock:
+        assert len(calls) == 2 and os.fstat(lock._fd).st_ino == os.stat(path).st_ino
+        assert path.read_text() == f"pid {os.getpid()} on {os.uname().nodename}"
