@@ -8,7 +8,6 @@ model is being loaded.
 
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from transformers.core_model_loading import ConversionOps, WeightConverter, dot_
 
 from . import constants as C
 from .errors import LplrError
+from .hf_mapping import converter_matches, renamed
 from .io.manifest import TensorRecord
 from .io.output import ConvertedOutput, decode_record
 from .methods import get_method
@@ -87,21 +87,15 @@ class LoadPlan:
     def learn_renamings(self, conversions: list, model: nn.Module) -> None:
         """The names the model's own renamings give the records (transformers applies them to every checkpoint key,
         our parts included, before any converter): aliases, and the parameters renamed records load into."""
-        from transformers.core_model_loading import WeightRenaming, apply_renamings
-
-        renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
-        used = [r._was_used for r in renamings]  # renaming marks a transform used (it decides how models save)
         prefix = getattr(model, "base_model_prefix", "") or ""
         keys = set(model.state_dict().keys())
         for rec in self.records.values():
-            renamed = apply_renamings(rec.name, renamings)
-            if renamed != rec.name:
-                self.aliases[renamed], self.renamed[rec.name] = rec.name, renamed
-                key = next((k for k in name_candidates(renamed, prefix) if k in keys), None)
+            new_name = renamed(rec.name, conversions)
+            if new_name != rec.name:
+                self.aliases[new_name], self.renamed[rec.name] = rec.name, new_name
+                key = next((k for k in name_candidates(new_name, prefix) if k in keys), None)
                 if key is not None and rec.name not in self.targets:
                     self.targets[rec.name] = _Target(key)
-        for r, flag in zip(renamings, used):
-            r._was_used = flag
 
     def model_name(self, rec: TensorRecord) -> str:
         """The record's name as the model's converters see it (after the model's renamings)."""
@@ -306,11 +300,5 @@ class DecodeFirst(_PartsMixin, WeightConverter):
 
 def wrap_model_converters(plan: LoadPlan, conversions: list) -> list:
     """The model's conversions with every converter that a packed record's name matches extended to decode it."""
-    out = []
-    for conv in conversions:
-        if isinstance(conv, WeightConverter):
-            probe = copy.deepcopy(conv)  # rename_source_key marks a converter used; the model's own stays untouched
-            if any(probe.rename_source_key(plan.model_name(rec))[1] is not None for rec in plan.records.values()):
-                conv = DecodeFirst.wrap(plan, conv)
-        out.append(conv)
-    return out
+    names = [plan.model_name(rec) for rec in plan.records.values()]
+    return [DecodeFirst.wrap(plan, conv) if converter_matches(conv, names) else conv for conv in conversions]
