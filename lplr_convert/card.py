@@ -108,7 +108,8 @@ def _body(manifest: Manifest, out_dir: Path, repo_id: str | None, base: str | No
         (f"A compressed copy of {base_text} made with {C.TOOL_NAME} {manifest.tool_version}: "
         f"{summary['n_compressed']} of {summary['n_tensors']} tensors are stored as low-rank factors with "
         f"low-precision (bit-packed) entries or as quantized matrices; the rest are copied unchanged. Loading it "
-        f"needs the `{C.TOOL_NAME}` package (plain `transformers` cannot read the factored weights)."),
+        f"needs the `{C.TOOL_NAME}` package: `import lplr_convert` before `from_pretrained` (without it, "
+        f"transformers stops on a missing file instead of loading random weights)."),
         "## Results",
         _results_text(summary),
         summary_markdown(manifest).rstrip(),
@@ -122,7 +123,7 @@ def _body(manifest: Manifest, out_dir: Path, repo_id: str | None, base: str | No
                      "--converted DST` before pushing to add one).")
     parts += ["## How it was made", "```bash\n" + str(options.get("command") or "(command not recorded)") + "\n```",
               _settings_text(options)]
-    parts += ["## How to load", _load_text(repo_id or "OWNER/NAME")]
+    parts += ["## How to load", _load_text(repo_id or "OWNER/NAME", (source.get("architectures") or [None])[0])]
     parts += ["## Files", _files_text(out_dir)]
     return "\n\n".join(p for p in parts if p)
 
@@ -146,8 +147,15 @@ def _settings_text(options: dict) -> str:
     return ("Settings: " + ", ".join(f"`{i}`" for i in items) + ".") if items else ""
 
 
-def _load_text(repo_id: str) -> str:
+def _load_text(repo_id: str, architecture: str | None) -> str:
+    cls = architecture or "AutoModel"
     return (f"```bash\npip install {C.TOOL_NAME}\n```\n\n"
+            "```python\n"
+            f"import lplr_convert  # registers quant_method \"{C.QUANT_METHOD}\" with transformers\n"
+            f"from transformers import {cls}\n\n"
+            f'model = {cls}.from_pretrained("{repo_id}")  # factored layers, built before the weights load\n'
+            "```\n\n"
+            "Or with the package's own loaders:\n\n"
             "```python\n"
             "from huggingface_hub import snapshot_download\n"
             "from lplr_convert import load_model, load_state_dict\n\n"

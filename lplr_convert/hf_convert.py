@@ -8,8 +8,8 @@ model is being loaded.
 
 from __future__ import annotations
 
-import copy
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,10 +19,19 @@ from transformers.core_model_loading import ConversionOps, WeightConverter, dot_
 
 from . import constants as C
 from .errors import LplrError
+from .hf_mapping import converter_matches, renamed
 from .io.manifest import TensorRecord
 from .io.output import ConvertedOutput, decode_record
 from .methods import get_method
-from .modeling import LowRankLinear, factors_for, linear_shape, linear_target, name_candidates, set_module
+from .modeling import (
+    LowRankLinear,
+    factors_for,
+    float32_kept,
+    linear_shape,
+    linear_target,
+    name_candidates,
+    set_module,
+)
 
 __all__ = ["DecodeFirst", "LoadPlan", "PartsConverter", "converted_root", "wrap_model_converters"]
 
@@ -64,11 +73,13 @@ class LoadPlan:
     loaded: set[str] = field(default_factory=set)
     aliases: dict[str, str] = field(default_factory=dict)  # a record's name after the model's renamings -> name
     renamed: dict[str, str] = field(default_factory=dict)  # the reverse
+    kept: Callable[[str], bool] = lambda name: False  # parameters transformers keeps in float32 (T5's wo in float16)
 
     @classmethod
-    def build(cls, model: nn.Module, root: Path, checkpoint_files: list[str]) -> LoadPlan:
+    def build(cls, model: nn.Module, root: Path, checkpoint_files: list[str], dtype=None) -> LoadPlan:
         """Check the directory (manifest integrity, every shard's sha256, the weight files transformers will read) and
-        put a meta-device LowRankLinear in place of every linear that a factored record compresses."""
+        put a meta-device LowRankLinear in place of every linear that a factored record compresses (in float32 where
+        transformers keeps the module in float32 when it loads in `dtype`)."""
         output = ConvertedOutput(root)
         output.side_file(C.CONFIG_FILE)  # the model was built from it: checked like the shards
         for shard in output.manifest.shards:
@@ -81,27 +92,22 @@ class LoadPlan:
         packed = {r.name: r for r in output.records if any(full != r.name for full in r.stored)}
         suffixes = {full[len(r.name) + 1:] for r in packed.values() for full in r.stored}
         plan = cls(output, packed, tuple(sorted(suffixes, key=len, reverse=True)))
+        plan.kept = float32_kept(model, dtype if isinstance(dtype, torch.dtype) else None)
         plan._place(model)
         return plan
 
     def learn_renamings(self, conversions: list, model: nn.Module) -> None:
         """The names the model's own renamings give the records (transformers applies them to every checkpoint key,
         our parts included, before any converter): aliases, and the parameters renamed records load into."""
-        from transformers.core_model_loading import WeightRenaming, apply_renamings
-
-        renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
-        used = [r._was_used for r in renamings]  # renaming marks a transform used (it decides how models save)
         prefix = getattr(model, "base_model_prefix", "") or ""
         keys = set(model.state_dict().keys())
         for rec in self.records.values():
-            renamed = apply_renamings(rec.name, renamings)
-            if renamed != rec.name:
-                self.aliases[renamed], self.renamed[rec.name] = rec.name, renamed
-                key = next((k for k in name_candidates(renamed, prefix) if k in keys), None)
+            new_name = renamed(rec.name, conversions)
+            if new_name != rec.name:
+                self.aliases[new_name], self.renamed[rec.name] = rec.name, new_name
+                key = next((k for k in name_candidates(new_name, prefix) if k in keys), None)
                 if key is not None and rec.name not in self.targets:
                     self.targets[rec.name] = _Target(key)
-        for r, flag in zip(renamings, used):
-            r._was_used = flag
 
     def model_name(self, rec: TensorRecord) -> str:
         """The record's name as the model's converters see it (after the model's renamings)."""
@@ -114,7 +120,7 @@ class LoadPlan:
         for rec in self.records.values():
             hit = linear_target(model, rec, prefix, names)
             if hit is not None:
-                new = _meta_lowrank(hit[1], rec)
+                new = _meta_lowrank(hit[1], rec, torch.float32 if self.kept(rec.name) else hit[1].weight.dtype)
                 set_module(model, hit[0], new)
                 # transformers initialises every module not marked as initialised, and some `_init_weights` write
                 # `child.weight` (GPT-2: c_proj), which on a LowRankLinear forms L @ R: the factored layer and its
@@ -157,7 +163,11 @@ class LoadPlan:
         W = decode_record(rec, parts)
         if target is None:  # a model converter places it (e.g. per-expert weights fused into one parameter)
             return {rec.name: W}
-        return {target.key: _cast(W, model.get_parameter(target.key).dtype)}
+        return {target.key: _cast(W, self.param_dtype(model, target.key))}
+
+    def param_dtype(self, model: nn.Module, key: str) -> torch.dtype:
+        """The dtype transformers loads parameter `key` in: the model's, or float32 where it keeps the module so."""
+        return torch.float32 if self.kept(key) else model.get_parameter(key).dtype
 
     def _check_parts(self, rec: TensorRecord, parts: dict[str, torch.Tensor]) -> None:
         want = {full[len(rec.name) + 1:] for full in rec.stored}
@@ -171,9 +181,8 @@ class LoadPlan:
                                 f"{meta['dtype']} {meta['shape']}; the output is damaged, re-run the conversion")
 
 
-def _meta_lowrank(mod: nn.Module, rec: TensorRecord) -> LowRankLinear:
+def _meta_lowrank(mod: nn.Module, rec: TensorRecord, dtype: torch.dtype) -> LowRankLinear:
     out_f, in_f = linear_shape(mod)
-    dtype = mod.weight.dtype
     bias = None if getattr(mod, "bias", None) is None else torch.empty(out_f, dtype=dtype, device="meta")
     base = torch.empty(out_f, in_f, dtype=dtype, device="meta") if get_method(rec.method).has_base else None
     return LowRankLinear(torch.empty(out_f, rec.rank, dtype=dtype, device="meta"),
@@ -297,7 +306,7 @@ class DecodeFirst(_PartsMixin, WeightConverter):
         for name, parts in self.parts_by_record([i for i in items if i[0] in self.plain_of]).items():
             W = self.plan.decode(self.plan.records[name], parts, model)[name]
             dense.setdefault(plain_of_record[name], []).append((name, W))
-        dtype = model.get_parameter(layer_name).dtype if model is not None else None
+        dtype = self.plan.param_dtype(model, layer_name) if model is not None else None
         for p, pairs in dense.items():  # checkpoint order: the order the model's operations expect
             pairs.sort(key=lambda kv: dot_natural_key(kv[0]))
             self.collected_tensors[p] = [t if dtype is None else _cast(t, dtype) for _, t in pairs]
@@ -306,11 +315,5 @@ class DecodeFirst(_PartsMixin, WeightConverter):
 
 def wrap_model_converters(plan: LoadPlan, conversions: list) -> list:
     """The model's conversions with every converter that a packed record's name matches extended to decode it."""
-    out = []
-    for conv in conversions:
-        if isinstance(conv, WeightConverter):
-            probe = copy.deepcopy(conv)  # rename_source_key marks a converter used; the model's own stays untouched
-            if any(probe.rename_source_key(plan.model_name(rec))[1] is not None for rec in plan.records.values()):
-                conv = DecodeFirst.wrap(plan, conv)
-        out.append(conv)
-    return out
+    names = [plan.model_name(rec) for rec in plan.records.values()]
+    return [DecodeFirst.wrap(plan, conv) if converter_matches(conv, names) else conv for conv in conversions]

@@ -69,11 +69,15 @@ class LplrConvertHfQuantizer(HfQuantizer):
             delattr(config, C.CONFIG_WEIGHTS_KEY)
         return config
 
+    def preprocess_model(self, model, dtype=None, **kwargs):
+        self.load_dtype = dtype  # what transformers loads in: it decides which modules stay in float32 (T5's wo)
+        return super().preprocess_model(model, dtype=dtype, **kwargs)
+
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         from .hf_convert import LoadPlan, converted_root
 
         root = converted_root(checkpoint_files, getattr(model.config, "name_or_path", None))
-        self.plan = LoadPlan.build(model, root, checkpoint_files)
+        self.plan = LoadPlan.build(model, root, checkpoint_files, getattr(self, "load_dtype", None))
         return model
 
     def update_weight_conversions(self, weight_conversions, model):

@@ -12,7 +12,16 @@ from loguru import logger
 from . import constants as C
 from .errors import LplrError
 from .io.output import ConvertedOutput
-from .modeling import linear_target, lowrank_for, model_class, name_candidates, params_on_meta, set_module
+from .modeling import (
+    config_dtype,
+    float32_kept,
+    linear_target,
+    lowrank_for,
+    model_class,
+    name_candidates,
+    params_on_meta,
+    set_module,
+)
 
 __all__ = ["iter_dense", "load_model", "load_state_dict"]
 
@@ -56,17 +65,19 @@ def _load_direct(output: ConvertedOutput, factored: bool, device: str, dtype):
     with params_on_meta():
         model = cls(config).eval()
     prefix = getattr(model, "base_model_prefix", "") or ""
+    kept = float32_kept(model, dtype or config_dtype(config))
     dense: dict[str, torch.Tensor] = {}
     replaced = 0
     for rec in output.records:
         parts = output.parts(rec)
+        want = torch.float32 if kept(rec.name) else dtype  # transformers keeps some modules in float32 (T5's wo)
         target = linear_target(model, rec, prefix) if factored else None
         if target is not None:
-            set_module(model, target[0], lowrank_for(target[1], rec, parts, device, dtype))
+            set_module(model, target[0], lowrank_for(target[1], rec, parts, device, want))
             replaced += 1
             continue
         W = output.dense(rec, parts)
-        dense[rec.name] = W.to(device, dtype) if dtype is not None and W.is_floating_point() else W.to(device)
+        dense[rec.name] = W.to(device, want) if want is not None and W.is_floating_point() else W.to(device)
     _assign_dense(model, dense, prefix)
     if any(p.device.type == "meta" for p in model.parameters()):
         return None
@@ -87,10 +98,12 @@ def _load_via_transformers(output: ConvertedOutput, factored: bool, device: str,
     replaced = 0
     if factored:
         prefix = getattr(model, "base_model_prefix", "") or ""
+        kept = float32_kept(model, dtype or config_dtype(config))
         for rec in output.records:
             target = linear_target(model, rec, prefix)
             if target is not None:
-                set_module(model, target[0], lowrank_for(target[1], rec, output.parts(rec), device, dtype))
+                want = torch.float32 if kept(rec.name) else dtype
+                set_module(model, target[0], lowrank_for(target[1], rec, output.parts(rec), device, want))
                 replaced += 1
     logger.info(f"loaded {type(model).__name__} through transformers' weight mapping with {replaced} factored layers")
     return model

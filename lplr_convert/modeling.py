@@ -4,6 +4,8 @@ factored layers in place of the linears they compress."""
 from __future__ import annotations
 
 import contextlib
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -15,8 +17,8 @@ from .io.manifest import TensorRecord
 from .math.lowrank import product
 from .methods import get_method
 
-__all__ = ["LowRankLinear", "factors_for", "find_module", "linear_shape", "lowrank_for", "model_class", "params_on_meta",
-           "set_module"]
+__all__ = ["LowRankLinear", "config_dtype", "factors_for", "find_module", "float32_kept", "linear_shape", "lowrank_for",
+           "model_class", "params_on_meta", "set_module"]
 
 
 class LowRankLinear(nn.Module):
@@ -90,6 +92,27 @@ def model_class(root: Path):
     if cls is None:
         cls = transformers.AutoModel._model_mapping[type(config)]
     return cls, config
+
+
+def config_dtype(config) -> torch.dtype | None:
+    """The dtype config.json records for the model (transformers' dtype="auto"), or None."""
+    dtype = getattr(config, "dtype", None)
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def float32_kept(model: nn.Module, dtype: torch.dtype | None) -> Callable[[str], bool]:
+    """Whether transformers keeps the parameter `name` of `model` in float32 when it loads the model in `dtype`: its
+    `_keep_in_fp32_modules` in float16, its `_keep_in_fp32_modules_strict` in float16 and bfloat16, each searched in
+    the parameter name as transformers does (T5's `wo`, DeepSeek-V3's router `gate.weight`)."""
+    keys = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) if dtype in (torch.float16,
+                                                                                          torch.bfloat16) else set()
+    if dtype == torch.float16:
+        keys |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if not keys:
+        return lambda name: False
+    pattern = re.compile("|".join(k.replace("*", ".*") for k in sorted(keys)))
+    return lambda name: pattern.search(name) is not None
 
 
 def name_candidates(name: str, prefix: str) -> tuple[str, ...]:

@@ -229,3 +229,33 @@ def test_decompressed_output_has_no_guard(conv, tmp_path):
     config = json.loads((dense / C.CONFIG_FILE).read_text())
     assert C.CONFIG_WEIGHTS_KEY not in config and "quantization_config" not in config
     assert not any(isinstance(m, LowRankLinear) for m in AutoModel.from_pretrained(dense).modules())
+
+
+@pytest.mark.parametrize("method", ["lsvd", "rtn"])
+def test_modules_transformers_keeps_in_float32_stay_float32(tmp_path, method):
+    """T5 in float16: transformers keeps `wo` in float32 (`_keep_in_fp32_modules`); every loader does the same, so
+    load_model(factored=False) equals plain transformers on the decompressed output bit for bit (it ran wo in
+    float16 before, 6e-4 of the output scale off)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(T5Config(d_model=64, d_ff=96, num_layers=1, num_heads=4, d_kv=16, vocab_size=96)) \
+        .to(torch.float16).save_pretrained(tmp_path / "src")
+    dst, dense = tmp_path / "dst", tmp_path / "dense"
+    extra = ["--rank-fraction", "0.9", "--b1", "8", "--b2", "8"] if method == "lsvd" else []
+    for args in (["--in-path", str(tmp_path / "src"), "--out-path", str(dst), "--method", method, "--no-report", *extra],
+                 ["decompress", "--in-path", str(dst), "--out-path", str(dense)]):
+        res = run_cli(*args)
+        assert res.exit_code == 0, res.output
+    models = {"from_pretrained": T5ForConditionalGeneration.from_pretrained(dst),
+              "factored": lplr_convert.load_model(dst, factored=True),
+              "dense": lplr_convert.load_model(dst, factored=False),
+              "plain": T5ForConditionalGeneration.from_pretrained(dense)}
+    for name, model in models.items():
+        wo = model.encoder.block[0].layer[1].DenseReluDense.wo
+        assert {p.dtype for p in wo.parameters()} == {torch.float32}, name
+        assert model.encoder.block[0].layer[1].DenseReluDense.wi.weight.dtype == torch.float16, name
+    ids = {"input_ids": IDS, "decoder_input_ids": IDS[:, :4]}
+    with torch.no_grad():
+        out = {name: model(**ids).logits for name, model in models.items()}
+    assert torch.equal(out["from_pretrained"], out["factored"]) and torch.equal(out["dense"], out["plain"])

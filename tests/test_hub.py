@@ -176,6 +176,7 @@ def test_card_metadata_and_content(tmp_path):
     assert "| nearest neighbour unchanged | 95.0 % |" in text and "No model-level fidelity" not in text
     assert "`rank=rank_fraction:0.8`" in text and "`seed=0`" in text
     assert 'snapshot_download("me/minilm-lplr")' in text and "load_model(path)" in text
+    assert "import lplr_convert" in text and '.from_pretrained("me/minilm-lplr")' in text
     assert "load_state_dict(path)" in text
     reparsed = ModelCard(str(card))  # what the Hub and ModelCard.load see
     assert reparsed.data.to_dict() == data.to_dict() and reparsed.text == text
@@ -215,6 +216,14 @@ def test_base_model_from_the_hub_cache_path_and_from_nothing(tmp_path):
     assert base_model_of(tmp_path, "org/from-hub") == ("org/from-hub", "hub")
     (tmp_path / C.MODEL_CARD).write_text("# a card\n\n```python\nAutoModel.from_pretrained('bert-base-uncased')\n```\n")
     assert base_model_of(tmp_path) == (None, None)  # no OWNER/NAME self-reference: nothing is guessed
+
+
+def test_base_model_is_the_repo_the_readme_loads_not_the_one_it_was_made_from(tmp_path):
+    """A fine-tune's card names its parent in `base_model` metadata and loads itself in its usage code."""
+    (tmp_path / C.MODEL_CARD).write_text(
+        "---\nlicense: apache-2.0\nbase_model: meta-llama/Llama-3.2-1B\n---\n# Tiny\nFine-tuned from "
+        "meta-llama/Llama-3.2-1B.\n```python\nmodel = AutoModelForCausalLM.from_pretrained(\"acme/tiny-llama\")\n```\n")
+    assert base_model_of(tmp_path) == ("acme/tiny-llama", "source README usage")
 
 
 def test_base_model_override_on_convert_and_push(tmp_path, tiny_llama_dir, capsys):

@@ -4,7 +4,11 @@ of an export (`previous_export`), the shards + index of a checkpoint, and the ex
 Placement rule, one for every format so that a compressed-tensors base and a PEFT adapter of the same conversion
 always add up to the conversion's model:
 - an integer-quantized full-size matrix (rtn, gptq, qlr's backbone Q) of an nn.Linear whose spec compressed-tensors
-  can express (`pack_reason`) is written packed; everything else is dense in the source dtype, with a reason;
+  can express (`pack_reason`) is written packed, in one scheme per export (`_one_scheme`); everything else is dense
+  in the source dtype, with a reason;
+- per-expert weights that transformers merges into one fused parameter on load (Mixtral's `experts.N.w1`, ...) are
+  packed like linears; a compressed-tensors base in which one of them cannot be (or a family whose modules
+  transformers rebuilds for such checkpoints into a layout the tensors do not fill) is refused (`_check_loadable`);
 - a qlr weight with a low-rank correction on an nn.Linear or a transformers Conv1D contributes its backbone Q to the
   base and L R to the adapter; on anything else (fused 3-D experts, no such module) its whole W = Q + L R is dense
   in the base and nothing goes to the adapter.
@@ -13,6 +17,7 @@ always add up to the conversion's model:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +26,7 @@ import torch
 from .. import __version__
 from .. import constants as C
 from ..dtypes import dtype_from_name
+from ..errors import LplrError
 from ..experts import EXPERTS_KEY
 from ..io.manifest import TensorRecord, write_json_atomic
 from ..io.outdir import recorded_files
@@ -30,9 +36,9 @@ from ..math import quantize as qz
 from ..methods import get_method
 
 __all__ = ["EXPORT_WHAT", "ExportPlan", "ExportResult", "Placement", "base_tensor", "finish_shards", "pack_reason",
-           "plain_config", "plan_export", "previous_export", "side_files_of", "write_record"]
+           "plain_config", "plan_export", "previous_export", "scheme_of", "side_files_of", "write_record"]
 
-LINEAR, CONV1D = "linear", "conv1d"
+LINEAR, CONV1D, MERGED = "linear", "conv1d", "merged"  # MERGED: a per-expert weight transformers fuses on load
 EXPORT_WHAT = "export or decompress"  # what an export record lists, named in --overwrite refusals
 COPIED = "copied by the conversion"
 
@@ -78,6 +84,19 @@ class ExportPlan:
     placements: list[Placement]
     linear_modules: list[str]  # every nn.Linear of the model, in model order
     architecture: str  # the model class config.json names (module names are this class's)
+    weight_readers: str | None = None  # a model class whose weight init reads packed linears' `weight` (see notes)
+
+
+def scheme_of(spec: qz.QuantSpec) -> tuple:
+    """(bits, symmetric, strategy, group_size): what one compressed-tensors config group describes."""
+    return spec.bits, spec.scheme == "symmetric", spec.granularity, spec.group_size if spec.granularity == "group" \
+        else None
+
+
+def _describe(key: tuple) -> str:
+    bits, symmetric, strategy, group_size = key
+    return f"{bits}-bit {'symmetric' if symmetric else 'asymmetric'} {strategy}" + (f" {group_size}" if group_size
+                                                                                      else "")
 
 
 def pack_reason(spec: qz.QuantSpec) -> str:
@@ -115,19 +134,21 @@ def _kind(module, rec: TensorRecord) -> str | None:
 
 
 def _place(rec: TensorRecord, module: str | None, kind: str | None) -> Placement:
+    """Where `rec` goes before the export-wide rules (one scheme, `_annotate`)."""
     method = get_method(rec.method)
     p = Placement(rec, module if kind else None, kind)
     q = rec.info.get("q") if C.PART_QUANT in method.parts and EXPERTS_KEY not in rec.info else None
     spec = qz.QuantSpec.from_json(q) if q else None
     correction = method.has_base and rec.info.get("left") is not None
-    p.adapter = correction and kind is not None
+    p.adapter = correction and kind in (LINEAR, CONV1D)
+    p.folded = correction and not p.adapter
     if rec.method == "copy":
         p.reason = COPIED
     elif EXPERTS_KEY in rec.info:
         p.reason = "fused 3-D experts tensor (compressed-tensors packs nn.Linear weights)"
     elif spec is None:
         p.reason = f"method {rec.method} stores no integer-quantized full-size matrix"
-    elif kind != LINEAR:
+    elif kind not in (LINEAR, MERGED):
         p.reason = "no nn.Linear of this name in the model transformers builds" if kind is None else \
             "Conv1D module: compressed-tensors packs nn.Linear weights"
     elif rec.transposed or list(spec.shape) != list(rec.shape):
@@ -135,27 +156,129 @@ def _place(rec: TensorRecord, module: str | None, kind: str | None) -> Placement
     else:
         p.reason = pack_reason(spec)
         p.spec = None if p.reason else spec
-    if p.adapter and p.spec is None:
-        p.reason += "; the base holds its backbone Q"
-    elif correction and not p.adapter:
-        p.folded = True
-        p.reason += "; Q + L R written dense (a LoRA adapter needs an nn.Linear or Conv1D)"
     return p
 
 
+def _one_scheme(placements: list[Placement]) -> None:
+    """Keep one packed scheme per export: transformers 5.25 decodes every module of a dequantize=True load (which
+    asymmetric weights and PEFT need) with its first config group's scheme, so a second group would load wrong
+    without an error. The scheme holding the most parameters stays packed; the others go dense, saying why."""
+    sizes: dict[tuple, int] = {}
+    for p in placements:
+        if p.spec is not None:
+            sizes[scheme_of(p.spec)] = sizes.get(scheme_of(p.spec), 0) + math.prod(p.spec.shape)
+    if len(sizes) < 2:
+        return
+    keep = max(sizes, key=sizes.get)
+    for p in placements:
+        if p.spec is not None and scheme_of(p.spec) != keep:
+            p.reason = (f"its scheme ({_describe(scheme_of(p.spec))}) is not the export's one packed scheme "
+                        f"({_describe(keep)}): transformers decodes every module with one config group's scheme")
+            p.spec = None
+
+
+def _annotate(p: Placement) -> None:
+    if p.adapter and p.spec is None:
+        p.reason += "; the base holds its backbone Q"
+    elif p.folded:
+        p.reason += "; Q + L R written dense (a LoRA adapter needs an nn.Linear or Conv1D)"
+
+
+def _check_loadable(plan: ExportPlan, model, records: list[TensorRecord], conversions: list, prefix: str) -> None:
+    """Refuse a compressed-tensors base that transformers would not load as the conversion's model: a per-expert
+    weight it merges on load that is not packed symmetric (its experts path reads only packed weights, without zero
+    points: dense ones are dropped), or modules it rebuilds for compressed-tensors checkpoints (Llama 4's fused
+    experts become per-expert linears) whose parameters no stored tensor fills (they would stay random)."""
+    from ..hf_mapping import renamed
+    from ..modeling import name_candidates
+
+    for p in plan.placements:
+        problem = _merged_problem(p)
+        if problem:
+            raise LplrError(f"{p.rec.name}: transformers merges this per-expert weight on load and, from a "
+                            f"compressed-tensors checkpoint, reads such weights only packed and symmetric ({problem}); "
+                            f"quantize every expert with rtn or gptq and scheme symmetric (e.g. a recipe rule), or use "
+                            f"decompress")
+    keys = {k for rec in records for k in name_candidates(renamed(rec.name, conversions), prefix)}
+    for name, module, new in _rebuilt_for_compressed_tensors(model):
+        missing = [f"{name}.{n}" for n, _ in new.named_parameters() if f"{name}.{n}" not in keys]
+        if missing:
+            raise LplrError(f"transformers loads {type(module).__name__} ({name}) of a compressed-tensors checkpoint "
+                            f"as {type(new).__name__}, whose parameters (e.g. {missing[0]}) no tensor of this "
+                            f"conversion fills, so they would stay random; load the conversion with from_pretrained "
+                            f"or decompress it")
+
+
+def _merged_problem(p: Placement) -> str:
+    """Why transformers cannot load the merged per-expert weight of `p` from a compressed-tensors base ("" if it
+    can, or if `p` is no such weight)."""
+    if p.kind != MERGED:
+        return ""
+    if p.folded:
+        return "a qlr correction, which neither a compressed-tensors base nor a LoRA adapter holds there"
+    if p.spec is None:
+        return p.reason
+    return "" if p.spec.scheme == "symmetric" else "asymmetric: transformers decodes packed experts without zero points"
+
+
+def _rebuilt_for_compressed_tensors(model) -> list[tuple[str, torch.nn.Module, torch.nn.Module]]:
+    """(name, module, its replacement) for each module transformers replaces before loading a compressed-tensors
+    checkpoint (`MODULES_TO_PATCH_FOR_QUANTIZATION`), built on the meta device as transformers does."""
+    try:
+        from transformers.quantizers.base import MODULES_TO_PATCH_FOR_QUANTIZATION as patches
+    except ImportError:  # a transformers without the table rebuilds nothing
+        return []
+    out = []
+    for name, module in model.named_modules():
+        entry = patches.get(type(module).__name__)
+        if entry is not None and C.CT_QUANT_METHOD in entry["quantization_methods"]:
+            with torch.device("meta"):
+                out.append((name, module, entry["module_name"](model.config.get_text_config())))
+    return out
+
+
+def _weight_readers(model, packed: list[str]) -> str | None:
+    """The model class when its weight initialisation reads `weight` of a packed linear (T5, Falcon), which
+    transformers' default compressed-tensors path removes before it initialises what the checkpoint did not fill
+    (AttributeError); None otherwise. Probed on the meta-device skeleton, whose packed weights are dropped."""
+    for name in packed:
+        model.get_submodule(name)._parameters.pop("weight", None)
+    for module in model.modules():
+        try:
+            model._init_weights(module)
+        except AttributeError:
+            return type(model).__name__
+        except Exception:  # noqa: BLE001, S112  (failing on the meta device for another reason says nothing here)
+            continue
+    return None
+
+
 def plan_export(output: ConvertedOutput) -> ExportPlan:
-    """The placement of every record of `output` (module names from a meta-device model of its config.json)."""
+    """The placement of every record of `output` (module names from a meta-device model of its config.json);
+    raises LplrError when transformers could not load the compressed-tensors base as the conversion's model."""
+    from ..hf_mapping import merged_names, model_conversions
     from ..modeling import find_module
 
     side_files_of(output)  # checked before anything is written (config.json builds the model)
     model, prefix = _modules(output.root)
     names = dict(model.named_modules())
+    conversions = model_conversions(model)
+    merged = merged_names([r.name for r in output.records if len(r.shape) == 2], conversions)
     placements = []
     for rec in output.records:
         found = find_module(model, rec.name, prefix, names) if rec.name.endswith(".weight") else None
-        placements.append(_place(rec, *(found[0], _kind(found[1], rec)) if found else (None, None)))
+        where = (rec.name.removesuffix(".weight"), MERGED) if rec.name in merged and found is None else \
+            (found[0], _kind(found[1], rec)) if found else (None, None)
+        placements.append(_place(rec, *where))
+    _one_scheme(placements)
+    for p in placements:
+        _annotate(p)
     linear = [name for name, mod in names.items() if isinstance(mod, torch.nn.Linear)]
-    return ExportPlan(placements, linear, type(model).__name__)
+    plan = ExportPlan(placements, linear, type(model).__name__)
+    if any(p.spec is not None for p in placements):
+        _check_loadable(plan, model, output.records, conversions, prefix)
+        plan.weight_readers = _weight_readers(model, [p.module for p in placements if p.spec and p.kind == LINEAR])
+    return plan
 
 
 def base_tensor(output: ConvertedOutput, p: Placement, parts: dict[str, torch.Tensor]) -> torch.Tensor:

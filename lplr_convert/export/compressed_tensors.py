@@ -16,9 +16,9 @@ compressed-tensors decodes (q - z) * s, which is our (c - zp) * s; the only diff
 in (the scale's dtype, or the model's dtype once the scale is loaded into the model's parameter), so decoded weights
 are bit-identical where that dtype holds the product (float32 models) and within one rounding to it otherwise.
 
-config.json's `quantization_config`: one config group per distinct (bits, symmetric, strategy, group_size); a single
-group targets "Linear", several groups name their modules explicitly; `ignore` lists every other nn.Linear of the
-model (vLLM needs a scheme or an ignore entry for each). Everything else is written dense in the source dtype.
+config.json's `quantization_config`: one config group (one (bits, symmetric, strategy, group_size): see
+`common._one_scheme`) targeting "Linear"; `ignore` lists every other nn.Linear of the model (vLLM needs a scheme or an
+ignore entry for each). Everything else is written dense in the source dtype.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from .. import constants as C
-from ..errors import LplrError
+from ..errors import LplrError, opt
 from ..io.outdir import replaceable_output
 from ..io.output import ConvertedOutput
 from ..io.sidefiles import copy_side_files
@@ -47,6 +47,7 @@ from .common import (
     plain_config,
     plan_export,
     previous_export,
+    scheme_of,
     side_files_of,
     write_record,
 )
@@ -72,11 +73,6 @@ def pack_quantized(q: qz.Quantized) -> dict[str, torch.Tensor]:
     return out
 
 
-def _scheme(spec: qz.QuantSpec) -> tuple:
-    return spec.bits, spec.scheme == "symmetric", spec.granularity, spec.group_size if spec.granularity == "group" \
-        else None
-
-
 def _weights(key: tuple) -> dict:
     bits, symmetric, strategy, group_size = key
     return {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": strategy, "group_size": group_size,
@@ -84,17 +80,14 @@ def _weights(key: tuple) -> dict:
 
 
 def quantization_config(plan: ExportPlan) -> tuple[dict, list[tuple]]:
-    """config.json's quantization_config for the packed placements of `plan`, and its schemes in group order."""
-    groups: dict[tuple, list[str]] = {}
-    for p in plan.placements:
-        if p.spec is not None:
-            groups.setdefault(_scheme(p.spec), []).append(p.module)
-    packed = {m for modules in groups.values() for m in modules}
-    config_groups = {f"group_{i}": {"targets": ["Linear"] if len(groups) == 1 else modules, "weights": _weights(key)}
-                     for i, (key, modules) in enumerate(groups.items())}
+    """config.json's quantization_config for the packed placements of `plan` (one scheme: `common._one_scheme`), and
+    that scheme in a list."""
+    schemes = list(dict.fromkeys(scheme_of(p.spec) for p in plan.placements if p.spec is not None))
+    packed = {p.module for p in plan.placements if p.spec is not None}
+    config_groups = {f"group_{i}": {"targets": ["Linear"], "weights": _weights(key)} for i, key in enumerate(schemes)}
     return {"quant_method": C.CT_QUANT_METHOD, "format": C.CT_FORMAT, "quantization_status": C.CT_STATUS,
             "config_groups": config_groups, "ignore": [m for m in plan.linear_modules if m not in packed],
-            "kv_cache_scheme": None}, list(groups)
+            "kv_cache_scheme": None}, schemes
 
 
 def _notes(schemes: list[tuple], plan: ExportPlan) -> list[str]:
@@ -113,6 +106,10 @@ def _notes(schemes: list[tuple], plan: ExportPlan) -> list[str]:
                      "channel scales only")
     if any(not sym and bits not in VLLM_BITS for bits, sym, *_ in schemes):
         notes.append("vLLM takes zero points (asymmetric) at 4 and 8 bits only")
+    if plan.weight_readers and any(sym or strategy == "tensor" for _, sym, strategy, _ in schemes):
+        notes.append(f"{plan.weight_readers} reads the weight of packed linears when transformers initialises it, "
+                     f"which the default compressed-tensors path removes (AttributeError: no attribute 'weight'): "
+                     f"load with CompressedTensorsConfig(dequantize=True)")
     if not schemes:
         notes.append("nothing here fits compressed-tensors' packed format: this is a plain dense checkpoint (no "
                      "quantization_config) holding the qlr backbones Q, the base of the peft export")
@@ -161,7 +158,8 @@ def export_compressed_tensors(in_path: str | Path, out_path: str | Path, max_sha
         if not packed and not any(p.adapter for p in plan.placements):
             reasons = sorted({p.reason for p in plan.placements if p.rec.method != "copy"}) or ["nothing compressed"]
             raise LplrError(f"{in_path} holds no weight compressed-tensors can store packed ({reasons[0]}); convert "
-                            f"with --method rtn/gptq/qlr and --scheme symmetric/asymmetric, or use `decompress`")
+                            f"with {opt('method')} rtn/gptq/qlr and {opt('scheme')} symmetric/asymmetric, or use "
+                            f"`decompress`")
         qconfig, schemes = quantization_config(plan) if packed else (None, [])
         with replaceable_output(output.root, out, overwrite, previous_export, EXPORT_WHAT):
             files = _write(output, plan, out, max_shard_size, qconfig)

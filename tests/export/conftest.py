@@ -40,6 +40,34 @@ class Case:
     loaded: dict | None = None  # what load_exports.py saved
 
 
+def _tiny(tmp_path_factory, name: str, arch: str, config) -> Path:
+    import transformers
+
+    torch.manual_seed(4)
+    path = tmp_path_factory.mktemp(name)
+    getattr(transformers, arch)(config).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def mixtral_dir(tmp_path_factory) -> Path:
+    """Tiny float32 Mixtral: per-expert 2-D weights in the checkpoint, fused into 3-D parameters on load."""
+    from transformers import MixtralConfig
+
+    return _tiny(tmp_path_factory, "mixtral", "MixtralForCausalLM", MixtralConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2))
+
+
+@pytest.fixture(scope="session")
+def falcon_dir(tmp_path_factory) -> Path:
+    """Tiny float32 Falcon (FalconLinear, whose weight init reads `weight`)."""
+    from transformers import FalconConfig
+
+    return _tiny(tmp_path_factory, "falcon", "FalconForCausalLM", FalconConfig(
+        vocab_size=96, hidden_size=64, num_hidden_layers=1, num_attention_heads=4))
+
+
 @pytest.fixture(scope="session")
 def llama32_dir(tmp_path_factory) -> Path:
     """Tiny float32 Llama: hidden 64, MLP 96 (groups of 32 divide every input width, groups of 64 not the MLP's)."""
@@ -62,10 +90,15 @@ def _case(root: Path, name: str, src: Path, formats: tuple[str, ...], auto: str,
     return Case(dst, outs.get("compressed-tensors"), outs.get("peft"), auto, ids, dequantize)
 
 
-def _build_cases(root: Path, llama: Path, minilm: Path, gpt2: Path) -> dict[str, Case]:
+def _build_cases(root: Path, llama: Path, minilm: Path, gpt2: Path, mixtral: Path, falcon: Path) -> dict[str, Case]:
     ct, both, lm = ("compressed-tensors",), ("compressed-tensors", "peft"), "AutoModelForCausalLM"
     g32 = {"quantizer": "group", "group_size": 32}
+    sym32 = {"method": "gptq", "b0": 4, "scheme": "symmetric", **g32}
     return {
+        # per-expert weights transformers fuses on load: packed, decoded by its experts path (float16 scales)
+        "gptq_mixtral": _case(root, "gptq_mixtral", mixtral, ct, lm, LLAMA_IDS, False, **sym32),
+        # FalconLinear's weight init reads `weight`: loads with dequantize=True, as the export's note says
+        "gptq_falcon": _case(root, "gptq_falcon", falcon, ct, lm, LLAMA_IDS, True, **sym32),
         "rtn4_group": _case(root, "rtn4_group", llama, ct, lm, LLAMA_IDS, False, method="rtn", b0=4,
                             scheme="symmetric", scale_dtype="float16", **g32),
         "gptq4_channel_asym": _case(root, "gptq4_channel_asym", llama, ct, lm, LLAMA_IDS, True, method="gptq", b0=4,
@@ -89,19 +122,22 @@ def _jobs(cases: dict[str, Case], root: Path) -> list[dict]:
     for name, c in cases.items():
         jobs.append({"name": name, "base": str(c.ct), "adapter": None if c.peft is None else str(c.peft),
                      "auto": c.auto, "dequantize": c.dequantize, "input_ids": c.ids, "result": str(root / name)})
-    # MiniLM's base alone through transformers' default (compressed) path: symmetric weights need no dequantize
-    c = cases["qlr_minilm"]
-    jobs.append({"name": "qlr_minilm_base", "base": str(c.ct), "adapter": None, "auto": c.auto, "dequantize": False,
-                 "input_ids": c.ids, "result": str(root / "qlr_minilm_base")})
+    # the other path for three of them: MiniLM's base alone through transformers' default (compressed) path
+    # (symmetric weights need no dequantize), the mixed recipe and Mixtral's experts with dequantize=True
+    for name, new, dequantize in (("qlr_minilm", "qlr_minilm_base", False), ("mixed", "mixed_dequantize", True),
+                                  ("gptq_mixtral", "gptq_mixtral_dequantize", True)):
+        c = cases[name]
+        jobs.append({"name": new, "base": str(c.ct), "adapter": None, "auto": c.auto, "dequantize": dequantize,
+                     "input_ids": c.ids, "result": str(root / new)})
     return jobs
 
 
 @pytest.fixture(scope="session")
-def exports(tmp_path_factory, llama32_dir, minilm_dir, tiny_gpt2_dir) -> dict:
+def exports(tmp_path_factory, llama32_dir, minilm_dir, tiny_gpt2_dir, mixtral_dir, falcon_dir) -> dict:
     """{case: Case} with `loaded` filled by one fresh interpreter, plus "lplr_modules": what that interpreter
     imported of lplr_convert (the base-only load of MiniLM is case "qlr_minilm_base")."""
     root = tmp_path_factory.mktemp("exports")
-    cases = _build_cases(root, llama32_dir, minilm_dir, tiny_gpt2_dir)
+    cases = _build_cases(root, llama32_dir, minilm_dir, tiny_gpt2_dir, mixtral_dir, falcon_dir)
     jobs = _jobs(cases, root / "loaded")
     (root / "loaded").mkdir()
     (root / "jobs.json").write_text(json.dumps(jobs))
@@ -112,6 +148,8 @@ def exports(tmp_path_factory, llama32_dir, minilm_dir, tiny_gpt2_dir) -> dict:
                           env=env, cwd=str(root), timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cases["qlr_minilm_base"] = Case(**{**cases["qlr_minilm"].__dict__, "peft": None, "dequantize": False})
+    cases["mixed_dequantize"] = Case(**{**cases["mixed"].__dict__, "dequantize": True})
+    cases["gptq_mixtral_dequantize"] = Case(**{**cases["gptq_mixtral"].__dict__, "dequantize": True})
     for job in jobs:
         cases[job["name"]].loaded = torch.load(job["result"], weights_only=True)
     return {"cases": cases, "lplr_modules": json.loads(proc.stdout.strip().splitlines()[-1])["lplr_modules"]}

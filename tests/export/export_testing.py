@@ -44,16 +44,27 @@ def _specs(dst) -> dict[str, qz.QuantSpec]:
 def rounded_reference(case, factored: bool = False, drop_corrections: bool = False):
     """The tool's own model (`load_model`) with each packed weight (qlr: its backbone) rounded to the precision
     compressed-tensors decodes it in: the scale's stored dtype with dequantize=True (it computes (q - z) * s there),
-    else the model's dtype (float32 here: the scales load into float32 parameters, so nothing is rounded)."""
+    else the model's dtype (float32 here: the scales load into float32 parameters, so nothing is rounded). Packed
+    per-expert weights that transformers fuses into 3-D parameters are always decoded in the scale dtype (its experts
+    path, which also leaves them in that dtype); every fused experts parameter is then made of packed experts only
+    (the export refuses anything else)."""
     from lplr_convert import load_model
 
     model = load_model(case.dst, factored=factored)
     specs = _specs(case.dst)
+    modules = dict(model.named_modules())
+    experts_dtype = None
     for name in record_of(case.ct)["packed"]:
-        mod = model.get_submodule(name.removesuffix(".weight"))
+        mod = modules.get(name.removesuffix(".weight"))
+        if mod is None:  # a per-expert weight of a fused parameter
+            experts_dtype = dtype_from_name(specs[name].scale_dtype)
+            continue
         param = mod.base if isinstance(mod, LowRankLinear) else mod.weight
         work = dtype_from_name(specs[name].scale_dtype) if case.dequantize else param.dtype
         param.data = param.data.to(work).to(param.dtype)
+    for param in model.parameters():  # transformers keeps them in that dtype (float16 experts in a float32 model)
+        if experts_dtype is not None and param.dim() == 3:
+            param.data = param.data.to(experts_dtype)
     if drop_corrections:  # each qlr layer as the nn.Linear of its backbone alone, as the base holds it
         from lplr_convert.modeling import set_module
 

@@ -15,10 +15,11 @@ import transformers
 
 
 def _base_weights(model) -> dict[str, torch.Tensor]:
-    """The base model's weights under the base model's own names (PEFT's base_layer level removed)."""
+    """The base model's weights (and fused experts parameters) under the base model's own names (PEFT's base_layer
+    level removed)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return {n.replace(".base_layer", ""): p.detach().clone() for n, p in base.named_parameters()
-            if n.endswith(".weight") and "lora_" not in n}
+            if (n.endswith(".weight") or p.dim() == 3) and "lora_" not in n}
 
 
 def run(job: dict) -> None:

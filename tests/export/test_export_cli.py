@@ -25,7 +25,8 @@ def _error(res, *needles) -> str:
 def test_prints_which_tensors_went_dense_and_why(exports, tmp_path):
     res = _export(exports["cases"]["mixed"], tmp_path / "ct", "--format", "compressed-tensors")
     assert res.exit_code == 0, res.output
-    assert "9 packed, 12 dense (7 copied by the conversion)" in res.stdout
+    assert "4 packed, 17 dense (7 copied by the conversion)" in res.stdout
+    assert "dense: model.layers.0.self_attn.q_proj.weight (its scheme (8-bit symmetric channel) is not" in res.stdout
     assert "dense: model.layers.0.self_attn.o_proj.weight (method lsvd stores no integer-quantized" in res.stdout
     assert "dense: model.layers.1.mlp.down_proj.weight (group size 64 does not divide its 96" in res.stdout
     assert "dense: model.layers.1.self_attn.v_proj.weight (minmax scheme" in res.stdout
