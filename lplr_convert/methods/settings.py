@@ -42,13 +42,13 @@ __all__ = [
 
 
 def knob(default: Any, *, type: type, help: str, choices: tuple | None = None, optional: bool = False,
-         label: str | None = None, validate: Callable[[str, Any], None] | None = None, section: str = "Method",
+         label: str | None = "nondefault", validate: Callable[[str, Any], None] | None = None, section: str = "Method",
          reset_with: str | None = None):
     """A settings field with its declaration.
 
     type: int, float, bool or str (values are checked against it; a bool is never an int here); choices: allowed values;
-    optional: None is allowed; label: how the report's short description shows it ("always", "nondefault" or None
-    for never); validate(key, value): raises LplrError for a bad value; section: its group in `--help`; reset_with:
+    optional: None is allowed; label: how the report's and `inspect`'s short description shows it ("always",
+    "nondefault" (the default: when it differs from the method's default) or None for never); validate(key, value): raises LplrError for a bad value; section: its group in `--help`; reset_with:
     another knob whose change (in a recipe rule) returns this one to its default unless the rule sets it too.
     """
     return field(default=default, metadata=_meta(type, help, choices, optional, label, validate, section,
@@ -349,4 +349,4 @@ class RankKnobs(Settings):
 class SvdKnobs(Settings):
     """The truncated SVD route."""
 
-    svd: str = knob("auto", type=str, choices=SVD_METHODS, help="Truncated SVD route (lsvd, dsvd, laser).")
+    svd: str = knob("auto", type=str, choices=SVD_METHODS, label=None, help="Truncated SVD route (lsvd, dsvd, laser).")
