@@ -179,10 +179,11 @@ _METHOD_HEADER = ["method", "tensors", "params", "bits/param", "size ratio", "we
                   "flags"]
 
 
-def summary_markdown(manifest: Manifest | dict) -> str:
-    """The summary as Markdown (for the model card): totals, per-method table, warnings, fidelity results."""
+def summary_markdown(manifest: Manifest | dict, summary: dict | None = None) -> str:
+    """The summary as Markdown (for the model card): totals, per-method table, warnings, fidelity results.
+    `summary`: the manifest's summary when the caller has computed it already (`metrics.summary_of`)."""
     manifest = Manifest.coerce(manifest)
-    s = summary_of(manifest)
+    s = summary_of(manifest) if summary is None else summary
     parts = [_md_table(["", "value"], [list(x) for x in _summary_lines(s)], "lr"),
              _md_table(_METHOD_HEADER, _method_rows(s, ", ".join), "lrrrrrrl")]
     warn = _warnings(s)
@@ -195,10 +196,11 @@ def summary_markdown(manifest: Manifest | dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def summary_table(manifest: Manifest | dict) -> str:
-    """A compact plain-text summary for the terminal: per method, totals, flagged tensors, fidelity results."""
+def summary_table(manifest: Manifest | dict, summary: dict | None = None) -> str:
+    """A compact plain-text summary for the terminal: per method, totals, flagged tensors, fidelity results.
+    `summary`: the manifest's summary when the caller has computed it already (`metrics.summary_of`)."""
     manifest = Manifest.coerce(manifest)
-    s = summary_of(manifest)
+    s = summary_of(manifest) if summary is None else summary
     rows = _method_rows(s, ", ".join)
     rows.append(["total", str(s["n_tensors"]), f"{s['params']:,}", _f(s["bits_per_param"], 2),
                  _f(s["size_ratio"], 3), _f(s["weighted_rel_error"]), ""])
