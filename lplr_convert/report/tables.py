@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import constants as C
 from ..io.manifest import Manifest
-from ..methods import all_knobs
+from ..methods import all_knobs, available_methods, get_method
 from .metrics import FLAG_ABOVE_INT8, FLAG_GREW, summary_of, type_sort_key
 
 __all__ = [
@@ -58,10 +58,13 @@ def _settings_text(row: dict) -> str:
 
 
 def csv_columns(rows: list[dict]) -> list[str]:
-    """CSV_COLUMNS plus one column per knob that the rows' methods declare (in registry order)."""
+    """CSV_COLUMNS plus one column per knob that the rows' methods declare (in registry order, after "label") and
+    one per record field they declare (`Method.record_fields`, before "seconds")."""
     knobs = [k for k in all_knobs() if k != "rank" and any(k in r for r in rows)]
-    at = CSV_COLUMNS.index("label") + 1
-    return [*CSV_COLUMNS[:at], *knobs, *CSV_COLUMNS[at:]]
+    used = {r["method"] for r in rows}
+    fields = list(dict.fromkeys(f for m in available_methods() if m in used for f in get_method(m).record_fields))
+    at, at_fields = CSV_COLUMNS.index("label") + 1, CSV_COLUMNS.index("seconds")
+    return [*CSV_COLUMNS[:at], *knobs, *CSV_COLUMNS[at:at_fields], *fields, *CSV_COLUMNS[at_fields:]]
 
 
 def _flag_text(flags: list[str]) -> str:

@@ -1,5 +1,5 @@
-"""A throw-away method with two knobs of its own (one with choices, one declared with the knob defaults: no label),
-registered from this file alone: both reach `convert --help` (the choices as a click choice), recipes, the
+"""A throw-away method with two knobs of its own (one with choices, one declared with the knob defaults: no label)
+and a record field, registered from this file alone: they reach `convert --help` (the choices as a click choice), recipes, the
 manifest, the report's CSV columns and Markdown, `inspect` (JSON and table) and the model card."""
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class ShrunkSettings(BitsKnob, QuantKnobs):
 class ShrunkRTN(Method):
     settings_cls = ShrunkSettings
     parts = ("shrunk",)
+    record_fields = ("shrunk_max",)
 
     def compress(self, W, settings, seed, stats=None):
         Wf = W.float() * settings.shrink
@@ -42,7 +43,8 @@ class ShrunkRTN(Method):
         W_hat = qz.dequantize(q)
         err = float((W.float() - W_hat).norm() / W.float().norm())
         parts = {f"shrunk.{k}" if k else "shrunk": v for k, v in qz.to_fields(q).items()}
-        return MethodResult(parts, {"q": q.spec.to_json()}, qz.stored_bits(q.spec), err)
+        return MethodResult(parts, {"q": q.spec.to_json()}, qz.stored_bits(q.spec), err,
+                            extra={"shrunk_max": float(Wf.abs().max())})
 
     def decode(self, parts, info):
         fields = {k.removeprefix("shrunk").lstrip("."): v for k, v in parts.items()}
@@ -85,11 +87,12 @@ def test_two_new_knobs_reach_help_recipe_manifest_report_inspect_and_card(shrunk
     assert rec["settings"] == {"method": NAME, "b0": 8, "quantizer": "channel", "group_size": None,
                                "scheme": "asymmetric", "scale_dtype": "float16", "clip": None, "shrink": 0.5,
                                "rounding": "toward_zero"}
+    assert rec["extra"]["shrunk_max"] > 0  # the declared record field
     assert "model.layers.0.mlp.up_proj.weight" in load_state_dict(out)
 
     with open(out / C.REPORT_CSV, newline="") as f:
         reader = csv.DictReader(f)
-        assert {"shrink", "rounding"} <= set(reader.fieldnames)
+        assert {"shrink", "rounding", "shrunk_max"} <= set(reader.fieldnames)
         rows = {r["name"]: r for r in reader}
     assert rows["model.layers.0.mlp.up_proj.weight"]["rounding"] == "toward_zero"
     md = (out / C.REPORT_MD).read_text()
