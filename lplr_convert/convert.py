@@ -26,10 +26,10 @@ from .io.manifest import Manifest, TensorRecord, sha256_file, write_json_atomic
 from .io.outdir import OutputLock
 from .io.reader import SourceCheckpoint, open_source
 from .io.sidefiles import copy_side_files
-from .io.writer import ShardWriter
+from .io.writer import DEFAULT_SHARD_BYTES, ShardWriter, write_index
 from .methods import InputStats, Settings, flat_defaults, get_method, make_settings
 from .methods.base import layer_json, overlay
-from .parallel.task import JobResult, TensorJob, _all_finite  # noqa: F401  (_all_finite: tests import it from here)
+from .parallel.task import JobResult, TensorJob
 from .plan import PlanOptions, TensorPlan, build_plan_options, make_plan
 from .report.metrics import summary_of
 from .report.spectra import SPECTRA_MODES, representative_tensors
@@ -37,8 +37,6 @@ from .report.spectra import SPECTRA_MODES, representative_tensors
 __all__ = ["ConvertOptions", "convert", "plan_options"]
 
 NONFINITE_CHOICES = ("error", "copy")
-_F32_MAX = torch.finfo(torch.float32).max
-DEFAULT_SHARD_BYTES = 5 * 10**9
 
 
 @dataclass(frozen=True)
@@ -388,8 +386,7 @@ class _Run:
         for r in ordered:
             r.shard = weight_map[next(iter(r.stored))]
         total_size = sum(v["bytes"] for r in ordered for v in r.stored.values())
-        write_json_atomic(out / C.SAFE_INDEX, {"metadata": {"total_size": total_size},
-                                               "weight_map": dict(sorted(weight_map.items()))})
+        write_index(out, weight_map, total_size)
         quant = {"quant_method": C.QUANT_METHOD, "format_version": C.FORMAT_VERSION, "manifest": C.MANIFEST_FILE,
                  "method": self.popts.settings.method}
         files = copy_side_files(side, out, {**src.config, "quantization_config": quant,

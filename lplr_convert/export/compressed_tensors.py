@@ -32,7 +32,7 @@ from .. import constants as C
 from ..errors import LplrError
 from ..io.output import ConvertedOutput
 from ..io.sidefiles import copy_side_files
-from ..io.writer import ShardWriter
+from ..io.writer import DEFAULT_SHARD_BYTES, ShardWriter
 from ..math import quantize as qz
 from ..math.bitpack import pack_rows_int32
 from ..methods._common import parts_of
@@ -52,7 +52,6 @@ from .common import (
 
 __all__ = ["export_compressed_tensors", "pack_quantized", "quantization_config"]
 
-DEFAULT_SHARD_BYTES = 5 * 10**9
 VLLM_BITS = (4, 8)  # vLLM's WNA16 kernels (pack-quantized, 16-bit activations); recent releases: 2-8 symmetric
 
 

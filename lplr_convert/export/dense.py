@@ -11,12 +11,11 @@ from tqdm import tqdm
 from .. import constants as C
 from ..io.output import ConvertedOutput
 from ..io.sidefiles import copy_side_files
-from ..io.writer import ShardWriter
+from ..io.writer import DEFAULT_SHARD_BYTES, ShardWriter
 from .common import finish_shards, locked_output, plain_config, side_files_of
 
 __all__ = ["decompress", "side_files_of"]
 
-DEFAULT_SHARD_BYTES = 5 * 10**9
 
 
 def _previous_checkpoint(side: list[tuple[str, Path]]):
