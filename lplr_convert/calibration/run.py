@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from .. import constants as C
+from ..dtypes import dtype_name
 from ..errors import LplrError, opt
 from ..io.reader import open_source
 from ..modeling import max_tokens
@@ -33,14 +34,14 @@ from .text import Batch, load_tokenizer, make_batches, read_text, tokenize
 
 __all__ = ["calibrate"]
 
-_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+ACCUMULATE_DTYPES = (torch.float32, torch.float64)
 
 
 def _check_options(samples: int, seq_len: int, batch_size: int, accumulate_dtype, compute_dtype, device) -> None:
     for label, value, least in (("samples", samples, 1), ("seq_len", seq_len, 2), ("batch_size", batch_size, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise LplrError(f"{opt(label)} must be an integer >= {least}, got {value!r}")
-    if accumulate_dtype not in _DTYPES:
+    if accumulate_dtype not in ACCUMULATE_DTYPES:
         raise LplrError(f"{opt('accumulate_dtype')} {accumulate_dtype} is not supported; use float32 or float64")
     if compute_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         raise LplrError(f"{opt('compute_dtype')} {compute_dtype} is not supported; use float32, float64, bfloat16 or "
@@ -117,8 +118,8 @@ def _header(in_path, src, sk: Skeleton, text, seqs, samples, seq_len, batch_size
         C.S_TEXT: {"source": text.source, "sha256": text.sha256, "lines": len(text.lines),
                    "packing": "chunks" if sk.causal else "lines"},
         "samples": len(seqs), "samples_requested": samples, "tokens": sum(len(s) for s in seqs), "seq_len": seq_len,
-        "batch_size": batch_size, "dtype": _DTYPES.get(store, str(store)), "accumulate_dtype": _DTYPES[acc],
-        "compute_dtype": str(compute).removeprefix("torch."), "block_stack": sk.blocks_name,
+        "batch_size": batch_size, "dtype": dtype_name(store), "accumulate_dtype": dtype_name(acc),
+        "compute_dtype": dtype_name(compute), "block_stack": sk.blocks_name,
         "blocks": len(sk.blocks),
     }
 
