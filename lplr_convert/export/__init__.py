@@ -22,7 +22,7 @@ def export(in_path: str | Path, out_path: str | Path, format: str, base_model: s
     base_model_name_or_path; `max_shard_size` (bytes) bounds compressed-tensors shards."""
     if format == C.CT_QUANT_METHOD:
         if base_model is not None:
-            raise LplrError(f"{opt('base_model')} names the base of a peft adapter; drop it for --format {format}")
+            raise LplrError(f"{opt('base_model')} names the base of a peft adapter; drop it for {opt('format')} {format}")
         return export_compressed_tensors(in_path, out_path, max_shard_size, overwrite)
     if format == C.PEFT_EXPORT:
         return export_peft(in_path, out_path, base_model, overwrite)

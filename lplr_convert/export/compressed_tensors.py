@@ -29,12 +29,13 @@ import torch
 from tqdm import tqdm
 
 from .. import constants as C
-from ..errors import LplrError
+from ..errors import LplrError, opt
 from ..io.output import ConvertedOutput
 from ..io.sidefiles import copy_side_files
 from ..io.writer import DEFAULT_SHARD_BYTES, ShardWriter
 from ..math import quantize as qz
 from ..math.bitpack import pack_rows_int32
+from ..methods import available_methods, get_method
 from ..methods._common import parts_of
 from .common import (
     ExportPlan,
@@ -148,6 +149,11 @@ def _write(output: ConvertedOutput, plan: ExportPlan, out: Path, max_shard_size:
     return files + list(copy_side_files(side_files_of(output), out, config))
 
 
+def _packable_methods() -> list[str]:
+    """The registered methods that store an integer-quantized full-size matrix (what this export packs)."""
+    return [m for m in available_methods() if C.PART_QUANT in get_method(m).parts]
+
+
 def export_compressed_tensors(in_path: str | Path, out_path: str | Path, max_shard_size: int = DEFAULT_SHARD_BYTES,
                               overwrite: bool = False) -> ExportResult:
     """Write the conversion in `in_path` as a compressed-tensors `pack-quantized` checkpoint in `out_path` (see the
@@ -159,7 +165,8 @@ def export_compressed_tensors(in_path: str | Path, out_path: str | Path, max_sha
         if not packed and not any(p.adapter for p in plan.placements):
             reasons = sorted({p.reason for p in plan.placements if p.rec.method != "copy"}) or ["nothing compressed"]
             raise LplrError(f"{in_path} holds no weight compressed-tensors can store packed ({reasons[0]}); convert "
-                            f"with --method rtn/gptq/qlr and --scheme symmetric/asymmetric, or use `decompress`")
+                            f"with {opt('method')} {'/'.join(_packable_methods())} and {opt('scheme')} "
+                            f"symmetric/asymmetric, or use `decompress`")
         qconfig, schemes = quantization_config(plan) if packed else (None, [])
         with locked_output(output.root, out, overwrite, previous_export, "export"):
             files = _write(output, plan, out, max_shard_size, qconfig)

@@ -122,7 +122,7 @@ class QuantSpec:
         check_bits(self.bits)
         _one_of("granularity", self.granularity, GRANULARITIES)
         if self.granularity == "group" and (self.group_size is None or self.group_size < 1):
-            raise ValueError("group granularity needs a positive group size (--group-size, e.g. 128)")
+            raise ValueError("group granularity needs a positive group size (group_size, e.g. 128)")
         if self.channel_dim not in (0, 1):
             raise ValueError("channel_dim must be 0 (rows) or 1 (columns)")
         _one_of("scheme", self.scheme, SCHEMES)

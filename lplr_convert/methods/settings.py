@@ -159,8 +159,9 @@ def _rank_for_bits(budget_per_param: float, m: int, n: int, bits_for_rank: Calla
                    min_rank: int = 1) -> int:
     """The largest r with bits(r) <= B m n (bits is increasing in r)."""
     if bits_for_rank is None:
-        raise LplrError(f"rank policy {opt('bits_per_param')} only applies to methods that store quantized factors "
-                        f"(lplr, lsvd, dsvd); for laser use rho, rate, rank, rank_fraction or energy")
+        raise LplrError(f"rank policy {opt('bits_per_param')} only applies to methods that store quantized factors; "
+                        f"for this method use {opt('rho')}, {opt('rate')}, {opt('rank')}, {opt('rank_fraction')} or "
+                        f"{opt('energy')}")
     budget = budget_per_param * m * n
     lo, hi = 0, min(m, n)
     while lo < hi:
