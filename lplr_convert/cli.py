@@ -337,7 +337,7 @@ def _redacted(argv: list[str]) -> list[str]:
 def _print_summary(manifest: dict, out_path: str) -> None:
     from .report import summary_table
 
-    click.echo(summary_table(manifest, manifest["summary"]))  # computed once, by the conversion
+    click.echo(summary_table(manifest, manifest[C.M_SUMMARY]))  # computed once, by the conversion
     click.echo(f"wrote {out_path}")
 
 
