@@ -61,13 +61,28 @@ def _max_positions(model, seq_len: int) -> int:
     return seq_len
 
 
-def _run_block(sk: Skeleton, i: int, block, batches: list[Batch], hidden: list, calls: list, dtype) -> InputMoments:
-    """Run block i on every batch, replacing `hidden` by its outputs; returns the hooks with their moments."""
+def _run_block(sk: Skeleton, i: int, block, positions: list[int], batches: list[Batch], hidden: list, calls: list,
+               dtype) -> InputMoments:
+    """Run block i for each of its calls (`positions` in the schedule) on every batch, replacing `hidden` by its
+    outputs; returns the hooks with their moments (accumulated over all calls: a block the forward runs several
+    times, like ALBERT's shared layer group, gets the second moment of all the inputs its weights see)."""
     with InputMoments(block, f"{sk.blocks_name}.{i}", dtype) as moments:
-        for j, batch in enumerate(batches):
-            moments.start_batch(batch.attention_mask)
-            hidden[j] = hidden_of(calls[j][i].run(block, hidden[j]))
+        for k in positions:
+            for j, batch in enumerate(batches):
+                moments.start_batch(batch.attention_mask)
+                hidden[j] = hidden_of(calls[j][k].run(block, hidden[j]))
     return moments
+
+
+def _runs(schedule: list[int]) -> list[tuple[int, list[int]]]:
+    """(block, positions of its consecutive calls) in the order the forward runs them."""
+    out: list[tuple[int, list[int]]] = []
+    for k, b in enumerate(schedule):
+        if out and out[-1][0] == b:
+            out[-1][1].append(k)
+        else:
+            out.append((b, [k]))
+    return out
 
 
 def _block_stats(sk: Skeleton, moments: InputMoments, store_dtype) -> tuple[dict, dict, dict]:
@@ -94,15 +109,21 @@ def _materialise(sk: Skeleton, i: int):
 
 
 def _capture(sk: Skeleton, batches: list[Batch]) -> tuple[list, list]:
-    """Block 0's inputs and every block's recorded call, for each batch; block 0 is left materialised."""
+    """The first block call's inputs and every recorded block call, for each batch; sets `sk.schedule` (the block
+    of each call, the same for every batch). The first block called is left materialised."""
     h0, first = record_calls(sk, batches[0])
-    form = output_form(first[0].run(_materialise(sk, 0), h0))
+    form = output_form(first[0].run(_materialise(sk, first[0].block), h0))
     del h0, first
     hidden, calls = [], []
     for batch in batches:
         h, c = record_calls(sk, batch, form)
         hidden.append(h)
         calls.append(c)
+    schedules = {tuple(call.block for call in c) for c in calls}
+    if len(schedules) > 1:
+        raise LplrError(f"{type(sk.model).__name__}'s forward calls its blocks in another order for another batch; "
+                        f"calibrate needs one order")
+    sk.schedule = list(schedules.pop())
     release_outside(sk)
     return hidden, calls
 
@@ -154,9 +175,9 @@ def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | N
     manifest.update({C.M_FILES: {}, C.S_STATISTICS: {}, C.S_WEIGHTS: {}})
     with torch.no_grad():
         hidden, calls = _capture(sk, batches)
-        for i in tqdm(range(len(sk.blocks)), desc="calibrating", unit="block"):
-            block = sk.blocks[i] if i == 0 else _materialise(sk, i)
-            moments = _run_block(sk, i, block, batches, hidden, calls, accumulate_dtype)
+        for i, positions in tqdm(_runs(sk.schedule), desc="calibrating", unit="block"):
+            block = _materialise(sk, i)  # loads only what is not loaded yet (the first block called is)
+            moments = _run_block(sk, i, block, positions, batches, hidden, calls, accumulate_dtype)
             sk.blocks[i] = torch.nn.Module()  # the block's weights go with it
             del block
             tensors, stats, weights = _block_stats(sk, moments, accumulate_dtype)
