@@ -168,13 +168,13 @@ def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | N
     if len(seqs) < samples:
         logger.warning(f"the calibration text gives {len(seqs)} samples of up to {seq_len} tokens, not {samples}; "
                        f"using {len(seqs)} (pass a longer calibration text for more)")
-    prepare_out_dir(out, src.root, overwrite)
     manifest = _header(in_path, src, sk, cal_text, seqs, samples, seq_len, batch_size, accumulate_dtype,
                        compute_dtype, accumulate_dtype)
     batches = make_batches(seqs, batch_size, tokenizer.pad_token_id, sk.device)
     manifest.update({C.M_FILES: {}, C.S_STATISTICS: {}, C.S_WEIGHTS: {}})
     with torch.no_grad():
-        hidden, calls = _capture(sk, batches)
+        hidden, calls = _capture(sk, batches)  # an architecture it cannot run is refused before anything is written
+        prepare_out_dir(out, src.root, overwrite)
         for i, positions in tqdm(_runs(sk.schedule), desc="calibrating", unit="block"):
             block = _materialise(sk, i)  # loads only what is not loaded yet (the first block called is)
             moments = _run_block(sk, i, block, positions, batches, hidden, calls, accumulate_dtype)
