@@ -59,11 +59,11 @@ class Skeleton:
         """Give `module` (model name `name`) its parameters not loaded yet, and the buffers the checkpoint stores,
         from the source."""
         wanted = {}
-        for getter in (module.named_parameters, module.named_buffers):
+        for params, getter in ((True, module.named_parameters), (False, module.named_buffers)):
             for key, t in getter(prefix=name, recurse=recurse, remove_duplicate=False):
                 ck = self.to_ckpt.get(key)
                 meta = t is not None and t.device.type == "meta"
-                if getter == module.named_parameters and not meta:
+                if params and not meta:
                     continue  # loaded already
                 if ck is not None and tuple(self.source.headers[ck].shape) == tuple(t.shape):
                     wanted[ck] = key
