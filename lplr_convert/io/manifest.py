@@ -220,7 +220,7 @@ def read_manifest(out_dir: str | os.PathLike, require_complete: bool = True) -> 
     if not path.is_file():
         if (out_dir / C.PROGRESS_FILE).exists():
             raise IncompleteOutputError(f"{out_dir} holds an interrupted conversion (no {C.MANIFEST_FILE}); "
-                                        f"finish it by running the same conversion with {opt('resume')}")
+                                        f"finish it with `lplr-convert convert ... --resume`")
         raise LplrError(f"{out_dir} has no {C.MANIFEST_FILE}; it is not an lplr-convert output directory "
                         f"(convert a checkpoint into it first)")
     manifest = _load_json(path)
@@ -229,8 +229,8 @@ def read_manifest(out_dir: str | os.PathLike, require_complete: bool = True) -> 
         raise LplrError(f"{path} has format version {manifest[C.M_FORMAT_VERSION]}, this tool reads "
                         f"{C.FORMAT_VERSION}; upgrade lplr-convert or re-convert")
     if require_complete and manifest.get(C.M_COMPLETE) is not True:
-        raise IncompleteOutputError(f"{out_dir} holds an incomplete conversion; finish it by running the same "
-                                    f"conversion with {opt('resume')}")
+        raise IncompleteOutputError(f"{out_dir} holds an incomplete conversion; finish it with "
+                                    f"`lplr-convert convert ... --resume`")
     if manifest.get(C.M_INTEGRITY) != integrity_hash(manifest):
         raise LplrError(f"{path} was modified after the conversion (its integrity hash does not match); "
                         f"re-run the conversion with {opt('overwrite')}")
