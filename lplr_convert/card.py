@@ -112,7 +112,7 @@ def _body(manifest: Manifest, out_dir: Path, repo_id: str | None, base: str | No
         f"transformers stops on a missing file instead of loading random weights)."),
         "## Results",
         _results_text(summary),
-        summary_markdown(manifest).rstrip(),
+        summary_markdown(manifest, summary).rstrip(),
     ]
     if (out_dir / C.PLOT_ERROR).is_file():  # the Hub renders images of the repo that a README links relatively
         parts.append(f"![relative error per layer and matrix type]({C.PLOT_ERROR})")
@@ -122,7 +122,7 @@ def _body(manifest: Manifest, out_dir: Path, repo_id: str | None, base: str | No
         parts.append("No model-level fidelity evaluation was recorded (run `lplr-convert eval --original SRC "
                      "--converted DST` before pushing to add one).")
     parts += ["## How it was made", "```bash\n" + str(options.get("command") or "(command not recorded)") + "\n```",
-              _settings_text(options)]
+              _settings_text(options), _applied_text(summary)]
     parts += ["## How to load", _load_text(repo_id or "OWNER/NAME", (source.get("architectures") or [None])[0])]
     parts += ["## Files", _files_text(out_dir)]
     return "\n\n".join(p for p in parts if p)
@@ -145,6 +145,13 @@ def _settings_text(options: dict) -> str:
         if options.get(key) is not None:
             items.append(f"{key}={_short(options[key])}")
     return ("Settings: " + ", ".join(f"`{i}`" for i in items) + ".") if items else ""
+
+
+def _applied_text(summary: dict) -> str:
+    """Each distinct method and settings the compressed tensors got (recipe rules included), as the report labels
+    them: every knob a method declares shows here without an edit."""
+    labels = summary.get("methods") or []
+    return ("Applied to the compressed tensors: " + ", ".join(f"`{x}`" for x in labels) + ".") if labels else ""
 
 
 def _load_text(repo_id: str, architecture: str | None) -> str:

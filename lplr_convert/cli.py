@@ -337,7 +337,7 @@ def _redacted(argv: list[str]) -> list[str]:
 def _print_summary(manifest: dict, out_path: str) -> None:
     from .report import summary_table
 
-    click.echo(summary_table(manifest))
+    click.echo(summary_table(manifest, manifest[C.M_SUMMARY]))  # computed once, by the conversion
     click.echo(f"wrote {out_path}")
 
 
@@ -362,13 +362,12 @@ def _print_summary(manifest: dict, out_path: str) -> None:
 @_friendly
 def calibrate(**kw):
     """Run the original model block by block on calibration text and store each linear's input second moment."""
-    import torch
-
     from .calibration import calibrate as run
+    from .dtypes import dtype_from_name
 
     manifest = run(kw["in_path"], kw["out_path"], text=kw["text"], samples=kw["samples"], seq_len=kw["seq_len"],
                    batch_size=kw["batch_size"], device=kw["device"],
-                   accumulate_dtype=getattr(torch, kw["accumulate_dtype"]), overwrite=kw["overwrite"])
+                   accumulate_dtype=dtype_from_name(kw["accumulate_dtype"]), overwrite=kw["overwrite"])
     click.echo(f"wrote {len(manifest['statistics'])} statistics for {len(manifest['weights'])} weights "
                f"({manifest['samples']} samples, {manifest['tokens']} tokens) to {kw['out_path']}")
 

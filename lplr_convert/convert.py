@@ -27,18 +27,17 @@ from .io.manifest import Manifest, TensorRecord, sha256_file, write_json_atomic
 from .io.outdir import OutputLock, prepare_output
 from .io.reader import SourceCheckpoint, open_source
 from .io.sidefiles import copy_side_files
-from .io.writer import ShardWriter
+from .io.writer import DEFAULT_SHARD_BYTES, ShardWriter, write_index
 from .methods import InputStats, Settings, flat_defaults, get_method, make_settings
 from .methods.base import layer_json, overlay
-from .parallel.task import JobResult, TensorJob, _all_finite  # noqa: F401  (_all_finite: tests import it from here)
+from .parallel.task import JobResult, TensorJob
 from .plan import PlanOptions, TensorPlan, build_plan_options, make_plan
+from .report.metrics import summary_of
 from .report.spectra import SPECTRA_MODES, representative_tensors
 
 __all__ = ["ConvertOptions", "convert", "plan_options"]
 
 NONFINITE_CHOICES = ("error", "copy")
-_F32_MAX = torch.finfo(torch.float32).max
-DEFAULT_SHARD_BYTES = 5 * 10**9
 
 
 @dataclass(frozen=True)
@@ -251,12 +250,13 @@ def _convert(opts: ConvertOptions) -> dict:
                     f"{popts.settings.method if not popts.rules else 'a recipe'} on {run.where()}")
         records = run.compress_all()
         manifest = run.finish(records)
-        manifest.summary = _summary(manifest.tensors, time.perf_counter() - t_start)
+        summary = summary_of(manifest.tensors)  # the one computation: manifest, report and terminal show it
+        manifest.summary = {**summary, "wall_seconds": round(time.perf_counter() - t_start, 3)}
         write_json_atomic(out / C.MANIFEST_FILE, manifest.seal().to_json())
         (out / C.PROGRESS_FILE).unlink(missing_ok=True)
         doc = manifest.to_json()
         if opts.write_report:  # still under the lock: no other run may start in `out` before the report is written
-            _write_report(out, doc)
+            _write_report(out, doc, summary)
     return doc
 
 
@@ -388,8 +388,7 @@ class _Run:
         for r in ordered:
             r.shard = weight_map[next(iter(r.stored))]
         total_size = sum(v["bytes"] for r in ordered for v in r.stored.values())
-        write_json_atomic(out / C.SAFE_INDEX, {"metadata": {"total_size": total_size},
-                                               "weight_map": dict(sorted(weight_map.items()))})
+        write_index(out, weight_map, total_size)
         quant = {"quant_method": C.QUANT_METHOD, "format_version": C.FORMAT_VERSION, "manifest": C.MANIFEST_FILE,
                  "method": self.popts.settings.method}
         files = copy_side_files(side, out, {**src.config, "quantization_config": quant,
@@ -408,17 +407,11 @@ class _Run:
                 "max_shard_size": o.max_shard_size, "on_nonfinite": o.on_nonfinite}
 
 
-def _summary(records: list[TensorRecord], seconds: float) -> dict:
-    from .report.metrics import report_summary, tensor_rows
-
-    return {**report_summary(tensor_rows(records)), "wall_seconds": round(seconds, 3)}
-
-
-def _write_report(out: Path, manifest: dict) -> None:
+def _write_report(out: Path, manifest: dict, summary: dict) -> None:
     from .report import write_report
 
     try:  # the curves come from the records; the source is never read again for them (see ConvertOptions.spectra)
-        write_report(out, manifest, read_source=False)
+        write_report(out, manifest, read_source=False, summary=summary)
     except Exception as e:  # noqa: BLE001  # the conversion itself is complete; a report failure must not hide it
         logger.warning(f"the report could not be written ({type(e).__name__}: {e}); run `lplr-convert report`")
 

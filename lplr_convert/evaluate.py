@@ -106,33 +106,49 @@ def _target_key(name: str, keys: set[str], prefix: str) -> str | None:
     return next((cand for cand in name_candidates(name, prefix) if cand in keys), None)
 
 
+def _copy_into(own: dict[str, torch.Tensor], key: str, name: str, t: torch.Tensor) -> str:
+    if tuple(own[key].shape) != tuple(t.shape):
+        raise LplrError(f"{name} has shape {tuple(t.shape)} in the converted weights but {tuple(own[key].shape)} "
+                        f"in the model built from {opt('original')}; pass the checkpoint that was converted")
+    own[key].copy_(t.to(device=own[key].device))
+    return key
+
+
 @torch.no_grad()
 def _overwrite_weights(module: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]],
                        required: set[str] | None) -> int:
     """Copy (name, tensor) pairs into the module's parameters and buffers in place; returns how many were loaded.
 
-    Names may carry or lack the model's base prefix (e.g. "bert."). Every name in `required` must land (default:
-    every floating-point tensor; integer buffers such as position ids may be absent from the model).
+    Names may carry or lack the model's base prefix (e.g. "bert."). Floating-point tensors the model has no such name
+    for (families transformers renames or fuses on load, e.g. per-expert MoE weights) are placed by transformers' own
+    loading (`modeling.mapped_by_transformers`). Every name in `required` must land (default: every floating-point
+    tensor; integer buffers such as position ids may be absent from the model).
     """
+    from .modeling import mapped_by_transformers
+
     own = module.state_dict()
     keys = set(own)
     prefix = getattr(module, "base_model_prefix", "") or ""
-    loaded, missing = 0, []
+    must = (lambda name, t: name in required) if required is not None else (lambda name, t: t.is_floating_point())
+    placed, unplaced, needed = set(), {}, False
     for name, t in tensors:
         key = _target_key(name, keys, prefix)
         if key is None:
-            if (name in required) if required is not None else t.is_floating_point():
-                missing.append(name)
+            if t.is_floating_point() or must(name, t):
+                unplaced[name] = t
+                needed |= must(name, t)
             continue
-        if tuple(own[key].shape) != tuple(t.shape):
-            raise LplrError(f"{name} has shape {tuple(t.shape)} in the converted weights but {tuple(own[key].shape)} "
-                            f"in the model built from {opt('original')}; pass the checkpoint that was converted")
-        own[key].copy_(t.to(device=own[key].device))
-        loaded += 1
+        placed.add(_copy_into(own, key, name, t))
+    missing = []
+    if needed:  # (tensors that need not land, e.g. copied ones, are the original's already)
+        mapped, missing = mapped_by_transformers(module, unplaced)
+        done = {own[k].data_ptr() for k in placed}  # never overwrite what was placed by name, or a weight tied to it
+        placed |= {_copy_into(own, k, k, t) for k, t in mapped.items() if own[k].data_ptr() not in done}
+        missing = [n for n in missing if must(n, unplaced[n])]
     if missing:
         raise LplrError(f"{len(missing)} converted tensor(s) have no place in the model built from {opt('original')} "
                         f"(first: {missing[0]}); pass the checkpoint that was converted")
-    return loaded
+    return len(placed)
 
 
 # ---------------------------------------------------------------------------------------------------- encoders

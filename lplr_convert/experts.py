@@ -70,7 +70,7 @@ def compress_experts(method: Method, W: torch.Tensor, settings: Settings, seed: 
         sq_norm += norm2
         energy = None if r.energy_kept is None or energy is None else energy + float(r.energy_kept) * norm2
         rows.append({"rank": r.rank, "rel_error": r.error(),
-                     "energy_kept": None if r.energy_kept is None else float(r.energy_kept)})
+                     "energy_kept": None if r.energy_kept is None else float(r.energy_kept), **r.extra})
     rel = math.sqrt(sq_err / sq_norm) if sq_norm > 0 else 0.0
     kept = None if energy is None or sq_norm == 0 else energy / sq_norm
     return MethodResult(parts, {EXPERTS_KEY: infos}, bits, rel, None, kept, {EXPERTS_KEY: rows})

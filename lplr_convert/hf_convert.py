@@ -18,6 +18,7 @@ from torch import nn
 from transformers.core_model_loading import ConversionOps, WeightConverter, dot_natural_key
 
 from . import constants as C
+from .dtypes import dtype_name
 from .errors import LplrError
 from .hf_mapping import converter_matches, renamed
 from .io.manifest import TensorRecord
@@ -176,7 +177,7 @@ class LoadPlan:
                             f"{sorted(want)}; load it with lplr_convert.load_model instead")
         for suffix, t in parts.items():
             meta = rec.stored[f"{rec.name}.{suffix}"]
-            if list(t.shape) != list(meta["shape"]) or str(t.dtype).removeprefix("torch.") != meta["dtype"]:
+            if list(t.shape) != list(meta["shape"]) or dtype_name(t.dtype) != meta["dtype"]:
                 raise LplrError(f"stored tensor {rec.name}.{suffix} has {t.dtype} {list(t.shape)}, the manifest says "
                                 f"{meta['dtype']} {meta['shape']}; the output is damaged, re-run the conversion")
 

@@ -49,7 +49,7 @@ class LplrConvertHfQuantizer(HfQuantizer):
                             "transformers or use lplr_convert.load_model")
         if not kwargs.get("pre_quantized", True):
             raise LplrError("quantization_config=LplrConvertConfig() converts nothing; convert the checkpoint with "
-                            "`lplr-convert --in-path SRC --out-path DST` and load DST")
+                            "lplr-convert first and load its output directory")
         super().__init__(quantization_config, **kwargs)
         major = str(quantization_config.format_version).split(".")[0]
         if major != C.FORMAT_VERSION.split(".")[0]:

@@ -46,7 +46,7 @@ def inspect_checkpoint(options) -> dict:
     plans = make_plan(src.headers.values(), src.config, popts)
     rows, header_bytes = [], 0
     for p in plans:
-        row, header = _row(p, getattr(options, "calibration", None) is not None)
+        row, header = _row(p, options.calibration is not None)
         rows.append(row)
         header_bytes += header
     predicted = sum(r["predicted_bytes"] or 0 for r in rows)

@@ -18,7 +18,7 @@ from .math.lowrank import product
 from .methods import get_method
 
 __all__ = ["LowRankLinear", "config_dtype", "factors_for", "find_module", "float32_kept", "linear_shape", "lowrank_for",
-           "model_class", "params_on_meta", "set_module"]
+           "mapped_by_transformers", "model_class", "params_on_meta", "set_module"]
 
 
 class LowRankLinear(nn.Module):
@@ -113,6 +113,27 @@ def float32_kept(model: nn.Module, dtype: torch.dtype | None) -> Callable[[str],
         return lambda name: False
     pattern = re.compile("|".join(k.replace("*", ".*") for k in sorted(keys)))
     return lambda name: pattern.search(name) is not None
+
+
+def mapped_by_transformers(model: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Checkpoint tensors whose names `model` does not have (families transformers renames or fuses on load, e.g.
+    per-expert MoE weights stacked into 3-D experts) in the model's naming, by transformers' own loading of them into
+    a model of the same class and config: ({model key: tensor}, checkpoint names it could not place)."""
+    import transformers
+
+    verbosity, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
+        other, info = type(model).from_pretrained(None, config=model.config, state_dict=tensors, dtype=dtype,
+                                                  output_loading_info=True)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.logging.enable_progress_bar()
+    missing = set(info["missing_keys"])
+    return {k: v for k, v in other.state_dict().items() if k not in missing}, sorted(info["unexpected_keys"])
 
 
 def name_candidates(name: str, prefix: str) -> tuple[str, ...]:

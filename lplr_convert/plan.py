@@ -39,14 +39,15 @@ TYPE_GROUPS = {"q_proj": {"q_proj", "qkv"}, "k_proj": {"k_proj", "qkv"}, "v_proj
 # Families whose block weights are transformers' Conv1D (stored in x out).
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 
-_BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+# ALBERT's `albert_layer_groups.N` is a block its forward runs several times (one weight shared by every layer).
+_BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|albert_layer_groups)\.(\d+)\.")
 _LEAVE_ALONE = re.compile(r"(embed|wte|wpe|norm|(^|\.)ln_|layernorm|lm_head|relative_attention_bias|position|pooler"
                           r"|(^|\.)shared\.)", re.IGNORECASE)
 _ATTN_WORDS = ("attn", "attention")
 _LEAF_TYPES = {
-    "q_proj": "q_proj", "query": "q_proj", "q": "q_proj", "wq": "q_proj", "q_lin": "q_proj",
-    "k_proj": "k_proj", "key": "k_proj", "k": "k_proj", "wk": "k_proj", "k_lin": "k_proj",
-    "v_proj": "v_proj", "value": "v_proj", "v": "v_proj", "wv": "v_proj", "v_lin": "v_proj",
+    "q_proj": "q_proj", "query": "q_proj", "q": "q_proj", "wq": "q_proj", "q_lin": "q_proj", "query_proj": "q_proj",
+    "k_proj": "k_proj", "key": "k_proj", "k": "k_proj", "wk": "k_proj", "k_lin": "k_proj", "key_proj": "k_proj",
+    "v_proj": "v_proj", "value": "v_proj", "v": "v_proj", "wv": "v_proj", "v_lin": "v_proj", "value_proj": "v_proj",
     "query_key_value": "qkv", "c_attn": "qkv", "qkv_proj": "qkv", "wqkv": "qkv", "qkv": "qkv", "in_proj": "qkv",
     "o_proj": "out_proj", "out_proj": "out_proj", "out_lin": "out_proj", "o": "out_proj",
     "gate": "router", "router": "router", "shared_expert_gate": "router",
@@ -54,7 +55,7 @@ _LEAF_TYPES = {
     "wi": "fc_in", "wi_0": "fc_in", "lin1": "fc_in", "gate_up_proj": "fc_in",
     "up_proj": "fc_up", "w3": "fc_up", "wi_1": "fc_up",
     "down_proj": "fc_out", "w2": "fc_out", "fc_out": "fc_out", "fc2": "fc_out", "dense_4h_to_h": "fc_out",
-    "lin2": "fc_out",
+    "lin2": "fc_out", "ffn_output": "fc_out", "ffn": "fc_in",
 }
 
 

@@ -33,10 +33,12 @@ def _cases():
                 "OPTForCausalLM"),
         "falcon": (lambda: T.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128),
                    "FalconForCausalLM"),
+        # one layer group whose weights every layer shares: compressed once, used by all
+        "albert": (lambda: T.AlbertConfig(**H, embedding_size=32), "AlbertForMaskedLM"),
     }
 
 
-@pytest.mark.parametrize("family", ["mistral", "gpt_neox", "t5", "mixtral", "opt", "falcon"])
+@pytest.mark.parametrize("family", ["mistral", "gpt_neox", "t5", "mixtral", "opt", "falcon", "albert"])
 def test_family_round_trip(family, tmp_path):
     import transformers
 
@@ -63,3 +65,21 @@ def test_family_round_trip(family, tmp_path):
             assert (n_lowrank > 0) == factored
             got = loaded(**kwargs).logits
             assert (got - ref).abs().max() < 2e-3 * ref.abs().max(), (family, factored)
+
+
+@pytest.mark.parametrize(("name", "layer", "mtype"), [
+    ("albert.encoder.albert_layer_groups.0.albert_layers.0.attention.query.weight", 0, "q_proj"),
+    ("albert.encoder.albert_layer_groups.0.albert_layers.0.attention.dense.weight", 0, "out_proj"),
+    ("albert.encoder.albert_layer_groups.0.albert_layers.0.ffn.weight", 0, "fc_in"),
+    ("albert.encoder.albert_layer_groups.0.albert_layers.0.ffn_output.weight", 0, "fc_out"),
+    ("albert.encoder.embedding_hidden_mapping_in.weight", None, None),
+    ("encoder.layer.1.attention.self.query_proj.weight", 1, "q_proj"),
+    ("encoder.layer.1.attention.self.key_proj.weight", 1, "k_proj"),
+    ("encoder.layer.1.attention.self.value_proj.weight", 1, "v_proj"),
+])
+def test_block_and_matrix_type_names(name, layer, mtype):
+    """ALBERT's shared layer group is block 0 (its weights are compressed, not silently copied); DeBERTa's
+    projections have their types."""
+    from lplr_convert.plan import block_index, matrix_type
+
+    assert (block_index(name), matrix_type(name)) == (layer, mtype)

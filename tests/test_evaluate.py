@@ -220,6 +220,36 @@ def test_evaluate_causal_end_to_end(tiny_lm_dir, tmp_path):
     assert "KL(original ‖ converted)" in (out / C.REPORT_MD).read_text()
 
 
+def test_evaluate_an_moe_whose_expert_weights_transformers_fuses(minilm_dir, tmp_path):
+    """Mixtral checkpoints keep per-expert 2-D weights (block_sparse_moe.experts.N.w1) that transformers fuses into
+    3-D experts on load: eval places the converted ones through transformers' own loading (before: 'no place in the
+    model'), and the model it evaluates is exactly the one load_model builds."""
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    from lplr_convert import load_model, load_state_dict
+    from lplr_convert.convert import ConvertOptions, convert
+    from lplr_convert.methods import MethodSettings
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1)
+    src, out = tmp_path / "mixtral", tmp_path / "rtn4"
+    MixtralForCausalLM(cfg).save_pretrained(str(src))
+    tok.save_pretrained(str(src))
+    doc = convert(ConvertOptions(in_path=str(src), out_path=str(out), settings=MethodSettings(method="rtn", b0=4),
+                                 write_report=False))
+    required = {r["name"] for r in doc["tensors"] if r["method"] != "copy"}
+    assert any(".experts.1.w2." in n for n in required)
+    res = evaluate(src, out, text=TEXTS[:6])
+    assert res["kind"] == "causal_lm" and res["kl_mean"] > 0
+    model = MixtralForCausalLM.from_pretrained(str(src)).eval()
+    ev._overwrite_weights(model, load_state_dict(out).items(), required)
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, load_model(out, factored=False)(input_ids=ids).logits)
+
+
 @pytest.mark.parametrize(("family", "positions", "tokens"), [("roberta", 24, 23), ("gpt2", 24, 24)])
 def test_texts_longer_than_the_models_positions_are_truncated_to_them(tmp_path, family, positions, tokens):
     """The position table bounds every text (RoBERTa-style tables start after the padding index, here 0: 1 token fewer);

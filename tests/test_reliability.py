@@ -417,7 +417,7 @@ def test_hub_repo_id_offline_is_a_clear_error(tmp_path, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])
 def test_finiteness_check_matches_isfinite(dtype, bad):
-    from lplr_convert.convert import _all_finite
+    from lplr_convert.parallel.task import _all_finite
 
     t = torch.randn(37, 23).to(dtype)
     if bad is not None:

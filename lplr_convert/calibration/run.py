@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from .. import constants as C
+from ..dtypes import dtype_name
 from ..errors import LplrError, opt
 from ..io.reader import open_source
 from ..modeling import max_tokens
@@ -33,14 +34,14 @@ from .text import Batch, load_tokenizer, make_batches, read_text, tokenize
 
 __all__ = ["calibrate"]
 
-_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+ACCUMULATE_DTYPES = (torch.float32, torch.float64)
 
 
 def _check_options(samples: int, seq_len: int, batch_size: int, accumulate_dtype, compute_dtype, device) -> None:
     for label, value, least in (("samples", samples, 1), ("seq_len", seq_len, 2), ("batch_size", batch_size, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise LplrError(f"{opt(label)} must be an integer >= {least}, got {value!r}")
-    if accumulate_dtype not in _DTYPES:
+    if accumulate_dtype not in ACCUMULATE_DTYPES:
         raise LplrError(f"{opt('accumulate_dtype')} {accumulate_dtype} is not supported; use float32 or float64")
     if compute_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         raise LplrError(f"{opt('compute_dtype')} {compute_dtype} is not supported; use float32, float64, bfloat16 or "
@@ -60,13 +61,28 @@ def _max_positions(model, seq_len: int) -> int:
     return seq_len
 
 
-def _run_block(sk: Skeleton, i: int, block, batches: list[Batch], hidden: list, calls: list, dtype) -> InputMoments:
-    """Run block i on every batch, replacing `hidden` by its outputs; returns the hooks with their moments."""
+def _run_block(sk: Skeleton, i: int, block, positions: list[int], batches: list[Batch], hidden: list, calls: list,
+               dtype) -> InputMoments:
+    """Run block i for each of its calls (`positions` in the schedule) on every batch, replacing `hidden` by its
+    outputs; returns the hooks with their moments (accumulated over all calls: a block the forward runs several
+    times, like ALBERT's shared layer group, gets the second moment of all the inputs its weights see)."""
     with InputMoments(block, f"{sk.blocks_name}.{i}", dtype) as moments:
-        for j, batch in enumerate(batches):
-            moments.start_batch(batch.attention_mask)
-            hidden[j] = hidden_of(calls[j][i].run(block, hidden[j]))
+        for k in positions:
+            for j, batch in enumerate(batches):
+                moments.start_batch(batch.attention_mask)
+                hidden[j] = hidden_of(calls[j][k].run(block, hidden[j]))
     return moments
+
+
+def _runs(schedule: list[int]) -> list[tuple[int, list[int]]]:
+    """(block, positions of its consecutive calls) in the order the forward runs them."""
+    out: list[tuple[int, list[int]]] = []
+    for k, b in enumerate(schedule):
+        if out and out[-1][0] == b:
+            out[-1][1].append(k)
+        else:
+            out.append((b, [k]))
+    return out
 
 
 def _block_stats(sk: Skeleton, moments: InputMoments, store_dtype) -> tuple[dict, dict, dict]:
@@ -93,15 +109,21 @@ def _materialise(sk: Skeleton, i: int):
 
 
 def _capture(sk: Skeleton, batches: list[Batch]) -> tuple[list, list]:
-    """Block 0's inputs and every block's recorded call, for each batch; block 0 is left materialised."""
+    """The first block call's inputs and every recorded block call, for each batch; sets `sk.schedule` (the block
+    of each call, the same for every batch). The first block called is left materialised."""
     h0, first = record_calls(sk, batches[0])
-    form = output_form(first[0].run(_materialise(sk, 0), h0))
+    form = output_form(first[0].run(_materialise(sk, first[0].block), h0))
     del h0, first
     hidden, calls = [], []
     for batch in batches:
         h, c = record_calls(sk, batch, form)
         hidden.append(h)
         calls.append(c)
+    schedules = {tuple(call.block for call in c) for c in calls}
+    if len(schedules) > 1:
+        raise LplrError(f"{type(sk.model).__name__}'s forward calls its blocks in another order for another batch; "
+                        f"calibrate needs one order")
+    sk.schedule = list(schedules.pop())
     release_outside(sk)
     return hidden, calls
 
@@ -117,20 +139,21 @@ def _header(in_path, src, sk: Skeleton, text, seqs, samples, seq_len, batch_size
         C.S_TEXT: {"source": text.source, "sha256": text.sha256, "lines": len(text.lines),
                    "packing": "chunks" if sk.causal else "lines"},
         "samples": len(seqs), "samples_requested": samples, "tokens": sum(len(s) for s in seqs), "seq_len": seq_len,
-        "batch_size": batch_size, "dtype": _DTYPES.get(store, str(store)), "accumulate_dtype": _DTYPES[acc],
-        "compute_dtype": str(compute).removeprefix("torch."), "block_stack": sk.blocks_name,
+        "batch_size": batch_size, "dtype": dtype_name(store), "accumulate_dtype": dtype_name(acc),
+        "compute_dtype": dtype_name(compute), "block_stack": sk.blocks_name,
         "blocks": len(sk.blocks),
     }
 
 
-def _write_stats(out: Path, sk: Skeleton, batches: list[Batch], manifest: dict, accumulate_dtype) -> None:
-    """Run the blocks one at a time, saving each block's statistics, then the manifest (last)."""
+def _write_stats(out: Path, sk: Skeleton, batches: list[Batch], hidden: list, calls: list, manifest: dict,
+                 accumulate_dtype) -> None:
+    """Run the blocks in the order the model calls them (`_runs`), saving each block's statistics, then the manifest
+    (last)."""
     manifest.update({C.M_FILES: {}, C.S_STATISTICS: {}, C.S_WEIGHTS: {}})
     with torch.no_grad():
-        hidden, calls = _capture(sk, batches)
-        for i in tqdm(range(len(sk.blocks)), desc="calibrating", unit="block"):
-            block = sk.blocks[i] if i == 0 else _materialise(sk, i)
-            moments = _run_block(sk, i, block, batches, hidden, calls, accumulate_dtype)
+        for i, positions in tqdm(_runs(sk.schedule), desc="calibrating", unit="block"):
+            block = _materialise(sk, i)  # loads only what is not loaded yet (the first block called is)
+            moments = _run_block(sk, i, block, positions, batches, hidden, calls, accumulate_dtype)
             sk.blocks[i] = torch.nn.Module()  # the block's weights go with it
             del block
             tensors, stats, weights = _block_stats(sk, moments, accumulate_dtype)
@@ -170,8 +193,10 @@ def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | N
     manifest = _header(in_path, src, sk, cal_text, seqs, samples, seq_len, batch_size, accumulate_dtype,
                        compute_dtype, accumulate_dtype)
     batches = make_batches(seqs, batch_size, tokenizer.pad_token_id, sk.device)
+    with torch.no_grad():
+        hidden, calls = _capture(sk, batches)  # an architecture it cannot run is refused before anything is written
     with stats_output(out, src.root, overwrite):
-        _write_stats(out, sk, batches, manifest, accumulate_dtype)
+        _write_stats(out, sk, batches, hidden, calls, manifest, accumulate_dtype)
     logger.info(f"wrote {len(manifest[C.S_STATISTICS])} statistics for {len(manifest[C.S_WEIGHTS])} weights of "
                 f"{len(sk.blocks)} blocks to {out}")
     return manifest

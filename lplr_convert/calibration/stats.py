@@ -154,7 +154,7 @@ def load_calibration(path: str | Path, device: str = "cpu", verify: bool = True)
     """Open a STATS directory written by `calibrate`. With verify, each file's sha256 is checked when first read."""
     root = Path(path)
     mpath = root / C.CALIB_MANIFEST
-    rerun = f"re-run `lplr-convert calibrate --out-path {root}`"
+    rerun = f"re-run `lplr-convert calibrate` into {root}"
     if not mpath.is_file():
         raise LplrError(f"{root} has no {C.CALIB_MANIFEST}, so it holds no finished calibration; {rerun}")
     try:

@@ -31,7 +31,7 @@ from ..experts import EXPERTS_KEY
 from ..io.manifest import TensorRecord, write_json_atomic
 from ..io.outdir import recorded_files
 from ..io.output import ConvertedOutput
-from ..io.writer import ShardWriter
+from ..io.writer import ShardWriter, write_index
 from ..math import quantize as qz
 from ..methods import get_method
 
@@ -306,8 +306,7 @@ def finish_shards(writer: ShardWriter, out: Path, total_size: int) -> list[str]:
     if len(writer.closed) == 1:
         (out / next(iter(set(weight_map.values())))).rename(out / C.SAFE_SINGLE)
         return [C.SAFE_SINGLE]
-    write_json_atomic(out / C.SAFE_INDEX, {"metadata": {"total_size": total_size},
-                                           "weight_map": dict(sorted(weight_map.items()))})
+    write_index(out, weight_map, total_size)
     return [*sorted(set(weight_map.values())), C.SAFE_INDEX]
 
 

@@ -33,9 +33,10 @@ from ..errors import LplrError, opt
 from ..io.outdir import replaceable_output
 from ..io.output import ConvertedOutput
 from ..io.sidefiles import copy_side_files
-from ..io.writer import ShardWriter
+from ..io.writer import DEFAULT_SHARD_BYTES, ShardWriter
 from ..math import quantize as qz
 from ..math.bitpack import pack_rows_int32
+from ..methods import available_methods, get_method
 from ..methods._common import parts_of
 from .common import (
     EXPORT_WHAT,
@@ -54,7 +55,6 @@ from .common import (
 
 __all__ = ["export_compressed_tensors", "pack_quantized", "quantization_config"]
 
-DEFAULT_SHARD_BYTES = 5 * 10**9
 VLLM_BITS = (4, 8)  # vLLM's WNA16 kernels (pack-quantized, 16-bit activations); recent releases: 2-8 symmetric
 
 
@@ -147,6 +147,11 @@ def _write(output: ConvertedOutput, plan: ExportPlan, out: Path, max_shard_size:
     return files + list(copy_side_files(side_files_of(output), out, config))
 
 
+def _packable_methods() -> list[str]:
+    """The registered methods that store an integer-quantized full-size matrix (what this export packs)."""
+    return [m for m in available_methods() if C.PART_QUANT in get_method(m).parts]
+
+
 def export_compressed_tensors(in_path: str | Path, out_path: str | Path, max_shard_size: int = DEFAULT_SHARD_BYTES,
                               overwrite: bool = False) -> ExportResult:
     """Write the conversion in `in_path` as a compressed-tensors `pack-quantized` checkpoint in `out_path` (see the
@@ -158,8 +163,8 @@ def export_compressed_tensors(in_path: str | Path, out_path: str | Path, max_sha
         if not packed and not any(p.adapter for p in plan.placements):
             reasons = sorted({p.reason for p in plan.placements if p.rec.method != "copy"}) or ["nothing compressed"]
             raise LplrError(f"{in_path} holds no weight compressed-tensors can store packed ({reasons[0]}); convert "
-                            f"with {opt('method')} rtn/gptq/qlr and {opt('scheme')} symmetric/asymmetric, or use "
-                            f"`decompress`")
+                            f"with {opt('method')} {'/'.join(_packable_methods())} and {opt('scheme')} "
+                            f"symmetric/asymmetric, or use `decompress`")
         qconfig, schemes = quantization_config(plan) if packed else (None, [])
         with replaceable_output(output.root, out, overwrite, previous_export, EXPORT_WHAT):
             files = _write(output, plan, out, max_shard_size, qconfig)

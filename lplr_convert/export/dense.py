@@ -11,12 +11,11 @@ from .. import constants as C
 from ..io.outdir import replaceable_output
 from ..io.output import ConvertedOutput
 from ..io.sidefiles import copy_side_files
-from ..io.writer import ShardWriter
+from ..io.writer import DEFAULT_SHARD_BYTES, ShardWriter
 from .common import EXPORT_WHAT, ExportResult, finish_shards, plain_config, previous_export, side_files_of, write_record
 
 __all__ = ["decompress", "side_files_of"]
 
-DEFAULT_SHARD_BYTES = 5 * 10**9
 
 
 def decompress(path: str | Path, out_path: str | Path, max_shard_size: int = DEFAULT_SHARD_BYTES,

@@ -241,7 +241,7 @@ def read_manifest(out_dir: str | os.PathLike, require_complete: bool = True) -> 
             raise IncompleteOutputError(f"{out_dir} holds an interrupted conversion (no {C.MANIFEST_FILE}); "
                                         f"finish it with `lplr-convert convert ... --resume`")
         raise LplrError(f"{out_dir} has no {C.MANIFEST_FILE}; it is not an lplr-convert output directory "
-                        f"(convert a checkpoint first with `lplr-convert --in-path SRC --out-path {out_dir}`)")
+                        f"(convert a checkpoint into it first)")
     manifest = _load_json(path)
     major = str(manifest[C.M_FORMAT_VERSION]).split(".")[0]
     if major != C.FORMAT_VERSION.split(".")[0]:

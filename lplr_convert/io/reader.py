@@ -488,8 +488,8 @@ def _refuse_converted(src: SourceCheckpoint) -> None:
             ours = False
     if ours:
         raise LplrError(f"{src.root} is an lplr-convert output (its tensors are stored codes and factors, not model "
-                        f"weights); decompress it first (`lplr-convert decompress --in-path {src.root} --out-path "
-                        f"DENSE`) and pass DENSE, or pass the original checkpoint")
+                        f"weights); decompress it first into a plain checkpoint and pass that, or pass the original "
+                        f"checkpoint")
 
 
 def open_source(in_path: str, revision: str | None = None) -> SourceCheckpoint:

@@ -18,9 +18,11 @@ import torch
 from .. import constants as C
 from ..dtypes import ST_CODES
 from ..errors import LplrError, opt
+from .manifest import write_json_atomic
 
-__all__ = ["ClosedShard", "ShardWriter", "serialize_header", "tensor_bytes"]
+__all__ = ["DEFAULT_SHARD_BYTES", "ClosedShard", "ShardWriter", "serialize_header", "tensor_bytes", "write_index"]
 
+DEFAULT_SHARD_BYTES = 5 * 10**9  # the largest output shard unless told otherwise (the Hub's advice: <= 20 GB)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -157,3 +159,9 @@ class ShardWriter:
             except OSError:
                 pass  # e.g. the disk is full: the partial data file stays clearly partial
             self._data = None
+
+
+def write_index(out_dir: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """`model.safetensors.index.json` as transformers writes it: total_size, then the weight map sorted by name."""
+    write_json_atomic(Path(out_dir) / C.SAFE_INDEX, {"metadata": {"total_size": total_size},
+                                                     "weight_map": dict(sorted(weight_map.items()))})

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import constants as C
+from ..dtypes import dtype_bits, dtype_from_name, dtype_name
 from . import bitpack
 
 INT_BITS = tuple(range(1, 9))
@@ -61,8 +62,6 @@ SCALE_DTYPES = ("float32", "float16")
 CLIPS = (None, "mse")
 SCALE_BITS = 32  # minmax scale and zero are stored as float32
 
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-_DTYPE_BITS = {"uint8": 8, "float16": 16, "bfloat16": 16, "float32": 32}
 _FP16_MIN_NORMAL = 2.0**-14
 _MSE_GRID, _MSE_STEPS, _MSE_NORM = 100, 80, 2.4  # shrink factors 1 - k / grid for k < steps; error sum |d|^norm
 _MSE_BATCH_ELEMENTS = 1 << 22
@@ -123,7 +122,7 @@ class QuantSpec:
         check_bits(self.bits)
         _one_of("granularity", self.granularity, GRANULARITIES)
         if self.granularity == "group" and (self.group_size is None or self.group_size < 1):
-            raise ValueError("group granularity needs a positive group size (--group-size, e.g. 128)")
+            raise ValueError("group granularity needs a positive group size (group_size, e.g. 128)")
         if self.channel_dim not in (0, 1):
             raise ValueError("channel_dim must be 0 (rows) or 1 (columns)")
         _one_of("scheme", self.scheme, SCHEMES)
@@ -292,7 +291,7 @@ def _from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[QP
         return p, grid
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     raw = torch.maximum(-lo, hi) / (levels / 2) if spec.scheme == "symmetric" else (hi - lo) / levels
-    storage = _TORCH_DTYPES[spec.scale_dtype]
+    storage = dtype_from_name(spec.scale_dtype)
     empty = raw == 0
     raw = torch.where(empty, torch.finfo(storage).eps, raw.clamp(min=_smallest(storage)))
     p = QParams(raw.to(storage))
@@ -417,7 +416,7 @@ def _quantize(x: torch.Tensor, spec: QuantSpec, dtype: torch.dtype | None) -> tu
         raise ValueError(f"matrix has shape {tuple(x.shape)} but its quantizer spec is for {tuple(spec.shape)}")
     if spec.bits in FLOAT_BITS:
         cast = _float_dtype(x, spec.bits)
-        q = Quantized(dataclasses.replace(spec, float_dtype=str(cast).removeprefix("torch.")), x.to(cast))
+        q = Quantized(dataclasses.replace(spec, float_dtype=dtype_name(cast)), x.to(cast))
         return q, None if dtype is None else q.codes.to(dtype)
     v = _view(_work_input(x), spec)
     params, grid = _fit(v, spec, x.shape[1])
@@ -495,7 +494,7 @@ def field_specs(spec: QuantSpec, float_dtype: str = "float16") -> dict[str, tupl
 
 def stored_bits(spec: QuantSpec) -> int:
     """Exact bits a quantized matrix occupies on disk: packed codes (whole bytes), scales, zeros or zero points."""
-    return sum(math.prod(shape) * _DTYPE_BITS[dtype] for dtype, shape in field_specs(spec).values())
+    return sum(math.prod(shape) * dtype_bits(dtype_from_name(dtype)) for dtype, shape in field_specs(spec).values())
 
 
 def to_fields(q: Quantized) -> dict[str, torch.Tensor]:
@@ -522,7 +521,7 @@ def _checked_field(fields: dict[str, torch.Tensor], name: str, dtype: str, shape
         return t  # its byte count is checked by unpack
     if tuple(t.shape) != shape:
         raise ValueError(f"stored scales have shape {tuple(t.shape)}, expected {shape}")
-    if str(t.dtype).removeprefix("torch.") != dtype:
+    if dtype_name(t.dtype) != dtype:
         raise ValueError(f"stored '{name}' has dtype {t.dtype}, expected {dtype}")
     return t
 

@@ -21,20 +21,19 @@ from ..math.qlr import fit_low_rank
 from ..math.svd import singular_values
 from .base import Candidate, InputStats, Method, MethodResult
 from .settings import (
-    BitsKnob,
     FactorBits,
     GPTQKnobs,
     QuantKnobs,
     RankKnobs,
     RankPolicy,
     Settings,
-    SvdKnobs,
     resolve_rank,
 )
 
 CALIBRATED_REFITS = 2  # rounds of the quantized refit with calibration (the better one is kept)
 
-__all__ = ["CalibratedFactoredSettings", "CalibratedSvdSettings", "DirectQuantMethod", "FactoredMethod", "FactoredSettings", "Factors", "SvdFactoredSettings", "decode_quant", "factor_bits",
+__all__ = ["CalibratedFactoredSettings", "DirectQuantMethod", "FactoredMethod", "FactoredSettings", "Factors",
+           "decode_quant", "factor_bits",
            "factor_specs", "float_matrix", "predict_quant", "quant_parts", "quant_spec", "quantize_left", "rank_grid", "refit", "whitened_tails"]
 
 
@@ -86,16 +85,6 @@ class FactoredSettings(FactorBits, QuantKnobs, RankKnobs):
 @dataclass(frozen=True)
 class CalibratedFactoredSettings(FactoredSettings, GPTQKnobs):
     """Factored methods that become activation-aware with calibration (whitened basis, GPTQ-quantized factors)."""
-
-
-@dataclass(frozen=True)
-class SvdFactoredSettings(FactoredSettings, SvdKnobs):
-    """Factored methods that start from a truncated SVD (dsvd)."""
-
-
-@dataclass(frozen=True)
-class CalibratedSvdSettings(CalibratedFactoredSettings, SvdKnobs):
-    """lsvd: a truncated SVD start, activation-aware with calibration."""
 
 
 def gptq_quantizer(spec_of, s: Settings):
@@ -264,17 +253,11 @@ class FactoredMethod(Method):
         return r, {**predict_quant(C.PART_LEFT, left), **predict_quant(C.PART_RIGHT, right)}
 
 
-@dataclass(frozen=True)
-class DirectQuantSettings(BitsKnob, QuantKnobs):
-    """A directly quantized weight: its width and the quantizer."""
-
-
 class DirectQuantMethod(Method):
     """W quantized as one full-size matrix (one scale per output row or row group), stored as `PART_QUANT`.
-    Subclasses say whether the quantization uses calibration statistics (`uses_stats`): GPTQ against H, or
-    round-to-nearest."""
+    Subclasses set `settings_cls` (with `BitsKnob` and `QuantKnobs`) and say whether the quantization uses
+    calibration statistics (`uses_stats`): GPTQ against H, or round-to-nearest."""
 
-    settings_cls = DirectQuantSettings
     parts = (C.PART_QUANT,)
 
     def spec(self, shape, s: Settings) -> qz.QuantSpec:

@@ -89,12 +89,15 @@ class Method:
 
     parts: the stored part names this method writes (a stored tensor is "<weight>.<part>" or "<weight>.<part>.<field>";
     "" is the weight's own name); factored: stores a left and a right factor that `decode_factors` returns;
-    uses_stats: becomes activation-aware when `compress` gets calibration statistics.
+    uses_stats: becomes activation-aware when `compress` gets calibration statistics; record_fields: the names of the
+    method-specific facts `compress` returns in `MethodResult.extra` (the tensor record's `extra`; one report column
+    each).
     """
 
     name: str = ""
     settings_cls: type[Settings] = Settings
     parts: tuple[str, ...] = ()
+    record_fields: tuple[str, ...] = ()
     factored: bool = False
     uses_stats: bool = False  # what it stores depends on calibration statistics when they are given
     has_base: bool = False  # a factored method whose weight is a full-size backbone plus L R (`decode_base`)

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..dtypes import dtype_bits, dtype_name
 from .base import Method, MethodResult, register
 from .settings import Settings
 
 
+@dataclass(frozen=True)
+class CopySettings(Settings):
+    """No knobs: the tensor is stored as it is."""
+
+
 @register("copy")
 class Copy(Method):
-    settings_cls = Settings
+    settings_cls = CopySettings
     parts = ("",)
 
     def compress(self, W, settings, seed, stats=None):

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..math import quantize as qz
 from ..math.svd import energy_kept, truncated_svd
-from ._common import FactoredMethod, Factors, SvdFactoredSettings, factor_specs
+from ._common import FactoredMethod, FactoredSettings, Factors, factor_specs
 from .base import register
+from .settings import SvdKnobs
+
+
+@dataclass(frozen=True)
+class DSVDSettings(FactoredSettings, SvdKnobs):
+    """Factor bits, quantizer and rank policy, plus the truncated SVD route (no calibration: no GPTQ knobs)."""
 
 
 @register("dsvd")
 class DSVD(FactoredMethod):
-    settings_cls = SvdFactoredSettings
+    settings_cls = DSVDSettings
 
     def factors(self, Wf, r, s, seed):
         m, n = Wf.shape

@@ -7,14 +7,22 @@ published method.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..math.svd import energy_kept, truncated_svd
-from ._common import CalibratedSvdSettings, FactoredMethod, quantize_left, refit
+from ._common import CalibratedFactoredSettings, FactoredMethod, quantize_left, refit
 from .base import register
+from .settings import SvdKnobs
+
+
+@dataclass(frozen=True)
+class LSVDSettings(CalibratedFactoredSettings, SvdKnobs):
+    """Factor bits, quantizer, rank policy and GPTQ knobs (with calibration), plus the truncated SVD route."""
 
 
 @register("lsvd")
 class LSVD(FactoredMethod):
-    settings_cls = CalibratedSvdSettings
+    settings_cls = LSVDSettings
     uses_stats = True
 
     def factors(self, Wf, r, s, seed):

@@ -69,6 +69,7 @@ class QLRSettings(CalibratedFactoredSettings, BitsKnob):
 class QLR(Method):
     settings_cls = QLRSettings
     parts = (C.PART_QUANT, C.PART_LEFT, C.PART_RIGHT)
+    record_fields = ("qlr_best_iterate",)  # which alternation was kept (0: the backbone alone)
     factored = True
     has_base = True
     uses_stats = True

@@ -42,13 +42,13 @@ __all__ = [
 
 
 def knob(default: Any, *, type: type, help: str, choices: tuple | None = None, optional: bool = False,
-         label: str | None = None, validate: Callable[[str, Any], None] | None = None, section: str = "Method",
+         label: str | None = "nondefault", validate: Callable[[str, Any], None] | None = None, section: str = "Method",
          reset_with: str | None = None):
     """A settings field with its declaration.
 
     type: int, float, bool or str (values are checked against it; a bool is never an int here); choices: allowed values;
-    optional: None is allowed; label: how the report's short description shows it ("always", "nondefault" or None
-    for never); validate(key, value): raises LplrError for a bad value; section: its group in `--help`; reset_with:
+    optional: None is allowed; label: how the report's and `inspect`'s short description shows it ("always",
+    "nondefault" (the default: when it differs from the method's default) or None for never); validate(key, value): raises LplrError for a bad value; section: its group in `--help`; reset_with:
     another knob whose change (in a recipe rule) returns this one to its default unless the rule sets it too.
     """
     return field(default=default, metadata=_meta(type, help, choices, optional, label, validate, section,
@@ -159,8 +159,9 @@ def _rank_for_bits(budget_per_param: float, m: int, n: int, bits_for_rank: Calla
                    min_rank: int = 1) -> int:
     """The largest r with bits(r) <= B m n (bits is increasing in r)."""
     if bits_for_rank is None:
-        raise LplrError(f"rank policy {opt('bits_per_param')} only applies to methods that store quantized factors "
-                        f"(lplr, lsvd, dsvd); for laser use rho, rate, rank, rank_fraction or energy")
+        raise LplrError(f"rank policy {opt('bits_per_param')} only applies to methods that store quantized factors; "
+                        f"for this method use {opt('rho')}, {opt('rate')}, {opt('rank')}, {opt('rank_fraction')} or "
+                        f"{opt('energy')}")
     budget = budget_per_param * m * n
     lo, hi = 0, min(m, n)
     while lo < hi:
@@ -349,4 +350,4 @@ class RankKnobs(Settings):
 class SvdKnobs(Settings):
     """The truncated SVD route."""
 
-    svd: str = knob("auto", type=str, choices=SVD_METHODS, help="Truncated SVD route (lsvd, dsvd, laser).")
+    svd: str = knob("auto", type=str, choices=SVD_METHODS, label=None, help="Truncated SVD route (lsvd, dsvd, laser).")

@@ -4,6 +4,7 @@ the background on CUDA."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import closing
 
 import torch
 
@@ -36,7 +37,10 @@ class InProcess:
     def run(self, jobs: list[TensorJob]) -> Iterator[JobResult]:
         by_name = {j.name: j for j in jobs}
         cuda = self.device.type == "cuda"
-        for name, t in prefetched(self.src.iter_tensors(list(by_name), pin=cuda), enabled=cuda, pin=cuda):
-            job = by_name[name]
-            yield run_job(job, t, self.device, None if self.stats_for is None else self.stats_for(job.plan))
-            del t
+        # closing(): the reader thread stops and its file closes as soon as this generator is closed or fails,
+        # whether or not the interpreter collects the prefetching generator at once.
+        with closing(prefetched(self.src.iter_tensors(list(by_name), pin=cuda), enabled=cuda, pin=cuda)) as items:
+            for name, t in items:
+                job = by_name[name]
+                yield run_job(job, t, self.device, None if self.stats_for is None else self.stats_for(job.plan))
+                del t

@@ -174,4 +174,4 @@ class LocalPool:
             raise msg[1]
         logger.debug(f"worker {w.index} traceback:\n{msg[2]}")
         raise WorkerError(f"worker {w.index} failed on {name} ({msg[1][:300]}); the output is incomplete: re-run "
-                          f"with {opt('resume')} (--debug shows the worker's traceback)")
+                          f"with {opt('resume')} (the worker's traceback is logged at debug level)")

@@ -123,19 +123,21 @@ def _plots(out_dir: Path, manifest: Manifest, rows: list[dict], curves: dict) ->
 
 
 def write_report(out_dir: str | os.PathLike, manifest: dict | None = None,
-                 spectra: dict[str, list[float]] | None = None, read_source: bool = True) -> list[Path]:
+                 spectra: dict[str, list[float]] | None = None, read_source: bool = True,
+                 summary: dict | None = None) -> list[Path]:
     """Write lplr_report.json/.csv/.md and the PNG plots into `out_dir`; returns the paths written.
 
     `manifest` defaults to the directory's complete manifest. `spectra` maps tensor names to normalized cumulative
     energy curves (see `energy_curve`); without it the curves the conversion stored in its records are used, else
     those of an earlier report, else (with `read_source`) up to four representative tensors are read from the source
     checkpoint when it is reachable, else that plot is skipped. The report says which kind each curve is.
+    `summary`: the summary of these records when the caller has computed it (`metrics.summary_of`; convert does).
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     manifest = Manifest.coerce(read_manifest(out_dir) if manifest is None else manifest)
     rows = tensor_rows(manifest)
-    summary = report_summary(rows)
+    summary = report_summary(rows) if summary is None else summary
     found = _resolve_spectra(out_dir, manifest, rows, spectra, read_source)
     note = _spectra_note(manifest, rows, found)
     plots = _plots(out_dir, manifest, rows, found)

@@ -80,7 +80,9 @@ def _per_expert(rec: TensorRecord) -> list[TensorRecord]:
             rec, name=f"{rec.name}[{e}]", shape=list(rec.shape[1:]), stored=own, stored_bytes=stored,
             original_bytes=rec.original_bytes // n, bits_per_param=8 * stored / params, rank=facts.get("rank"),
             rel_error=facts.get("rel_error"), energy_kept=facts.get("energy_kept"), seconds=rec.seconds / n,
-            grew=stored > rec.original_bytes // n, extra={k: v for k, v in rec.extra.items() if k != "experts"}))
+            grew=stored > rec.original_bytes // n,
+            extra={**{k: v for k, v in rec.extra.items() if k != "experts"},
+                   **{k: v for k, v in facts.items() if k not in ("rank", "rel_error", "energy_kept")}}))
     return out
 
 

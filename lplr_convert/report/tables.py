@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import constants as C
 from ..io.manifest import Manifest
-from ..methods import all_knobs
+from ..methods import all_knobs, available_methods, get_method
 from .metrics import FLAG_ABOVE_INT8, FLAG_GREW, summary_of, type_sort_key
 
 __all__ = [
@@ -60,10 +60,13 @@ def _settings_text(row: dict) -> str:
 
 
 def csv_columns(rows: list[dict]) -> list[str]:
-    """CSV_COLUMNS plus one column per knob that the rows' methods declare (in registry order)."""
+    """CSV_COLUMNS plus one column per knob that the rows' methods declare (in registry order, after "label") and
+    one per record field they declare (`Method.record_fields`, before "seconds")."""
     knobs = [k for k in all_knobs() if k != "rank" and any(k in r for r in rows)]
-    at = CSV_COLUMNS.index("label") + 1
-    return [*CSV_COLUMNS[:at], *knobs, *CSV_COLUMNS[at:]]
+    used = {r["method"] for r in rows}
+    fields = list(dict.fromkeys(f for m in available_methods() if m in used for f in get_method(m).record_fields))
+    at, at_fields = CSV_COLUMNS.index("label") + 1, CSV_COLUMNS.index("seconds")
+    return [*CSV_COLUMNS[:at], *knobs, *CSV_COLUMNS[at:at_fields], *fields, *CSV_COLUMNS[at_fields:]]
 
 
 def _flag_text(flags: list[str]) -> str:
@@ -182,10 +185,11 @@ _METHOD_HEADER = ["method", "tensors", "params", "bits/param", "size ratio", "we
                   "flags"]
 
 
-def summary_markdown(manifest: Manifest | dict) -> str:
-    """The summary as Markdown (for the model card): totals, per-method table, warnings, fidelity results."""
+def summary_markdown(manifest: Manifest | dict, summary: dict | None = None) -> str:
+    """The summary as Markdown (for the model card): totals, per-method table, warnings, fidelity results.
+    `summary`: the manifest's summary when the caller has computed it already (`metrics.summary_of`)."""
     manifest = Manifest.coerce(manifest)
-    s = summary_of(manifest)
+    s = summary_of(manifest) if summary is None else summary
     parts = [_md_table(["", "value"], [list(x) for x in _summary_lines(s)], "lr"),
              _md_table(_METHOD_HEADER, _method_rows(s, ", ".join), "lrrrrrrl")]
     warn = _warnings(s)
@@ -198,10 +202,11 @@ def summary_markdown(manifest: Manifest | dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def summary_table(manifest: Manifest | dict) -> str:
-    """A compact plain-text summary for the terminal: per method, totals, flagged tensors, fidelity results."""
+def summary_table(manifest: Manifest | dict, summary: dict | None = None) -> str:
+    """A compact plain-text summary for the terminal: per method, totals, flagged tensors, fidelity results.
+    `summary`: the manifest's summary when the caller has computed it already (`metrics.summary_of`)."""
     manifest = Manifest.coerce(manifest)
-    s = summary_of(manifest)
+    s = summary_of(manifest) if summary is None else summary
     rows = _method_rows(s, ", ".join)
     rows.append(["total", str(s["n_tensors"]), f"{s['params']:,}", _f(s["bits_per_param"], 2),
                  _f(s["size_ratio"], 3), _f(s["weighted_rel_error"]), ""])

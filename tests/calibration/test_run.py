@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tiny_checkpoints import TINY
+from tiny_checkpoints import ONCE, TINY
 
 from lplr_convert import constants as C
 from lplr_convert.calibration import calibrate, load_calibration
@@ -30,12 +30,13 @@ def reference(path, text, samples=SAMPLES, seq_len=SEQ, batch_size=4) -> dict[st
     seqs = tokenize(tok, read_text(text).lines, _is_causal(model.config), samples, seq_len)
     stack = model.get_submodule(TINY[name][3])
     hooks = [InputMoments(b, f"{TINY[name][3]}.{i}", torch.float64) for i, b in enumerate(stack)]
-    for h in hooks:
-        h.__enter__()
+    mask = {}
+    for h, block in zip(hooks, stack):
+        h.__enter__()  # each call of a block is one pass of its hooks (ALBERT runs its one block several times)
+        block.register_forward_pre_hook(lambda module, args, h=h: h.start_batch(mask["now"]))
     with torch.no_grad():
         for batch in make_batches(seqs, batch_size, tok.pad_token_id):
-            for h in hooks:
-                h.start_batch(batch.attention_mask)
+            mask["now"] = batch.attention_mask
             model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     out = {}
     for h in hooks:
@@ -69,7 +70,7 @@ def _calibrate(path, out, text, **kw):
     return calibrate(path, out, text=text, **kw)
 
 
-@pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.parametrize("name", ONCE)
 def test_block_by_block_equals_full_forward(name, tiny_dir, text_file, tmp_path):
     path = tiny_dir(name)
     manifest = _calibrate(path, tmp_path / "stats", text_file)
@@ -116,6 +117,27 @@ def test_conv1d_statistic_is_over_the_input(tiny_dir, text_file, tmp_path):
     assert w["transformer.h.0.mlp.c_proj.weight"]["shape"] == [192, 192]  # weight is 192 x 48
 
 
+def test_a_block_run_several_times_accumulates_all_its_inputs(tiny_dir, text_file, tmp_path):
+    """ALBERT's one layer group runs num_hidden_layers (3) times: block by block it runs 3 times too, and each shared
+    weight's statistic is E[x x^T] over the inputs of all 3 calls, as a full forward with the same hooks gives it.
+    The weights compressed with that statistic carry an output error (convert --calibration accepts them)."""
+    from lplr_convert.convert import ConvertOptions, convert
+    from lplr_convert.methods import make_settings
+
+    path = tiny_dir("albert")
+    manifest = _calibrate(path, tmp_path / "stats", text_file)
+    stats = load_calibration(tmp_path / "stats")
+    assert manifest["blocks"] == 1 and len(manifest[C.S_WEIGHTS]) == 6
+    q = "encoder.albert_layer_groups.0.albert_layers.0.attention.query.weight"
+    assert stats.tokens(q) == 3 * manifest["tokens"]  # every token, once per call
+    assert_matches(stats, reference(path, text_file), 3, 160)
+    doc = convert(ConvertOptions(str(path), str(tmp_path / "out"), settings=make_settings("gptq"),
+                                 calibration=str(tmp_path / "stats"), write_report=False))
+    comp = [r for r in doc["tensors"] if r["method"] != "copy"]
+    assert {r["name"] for r in comp} == set(manifest[C.S_WEIGHTS])
+    assert all(r["output_rel_error"] is not None and r["layer"] == 0 for r in comp)
+
+
 @pytest.mark.parametrize("name", ["bert", "llama"])
 def test_padding_is_excluded(name, tiny_dir, text_file, tmp_path):
     """Batches of 4 right-padded sequences give the statistics of one-sequence batches (no padding at all). The
@@ -151,18 +173,36 @@ def _tiny_other(path, kind: str):
     if kind == "t5":
         model = transformers.T5ForConditionalGeneration(transformers.T5Config(
             vocab_size=128, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, decoder_start_token_id=0))
+    elif kind == "mixtral":  # saved with per-expert 2-D weights, fused into 3-D experts on load
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1))
+    elif kind == "deberta_conv":  # a convolution between blocks 0 and 1 changes the hidden states
+        model = transformers.DebertaV2Model(transformers.DebertaV2Config(
+            vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=64, conv_kernel_size=3))
     else:
         model = transformers.ViTModel(transformers.ViTConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                                              num_attention_heads=2, image_size=16, patch_size=8))
     model.config.architectures = [type(model).__name__]
     model.save_pretrained(str(path))
+    if kind == "deberta_conv":
+        from tiny_checkpoints import char_tokenizer
+
+        char_tokenizer(path)
     return path
 
 
-@pytest.mark.parametrize(("kind", "needles"), [("t5", ("several block stacks", "encoder.block", "decoder.block")),
-                                              ("vit", ("ViTModel takes pixel_values", "--calibration"))])
+@pytest.mark.parametrize(("kind", "needles"), [
+    ("t5", ("several block stacks", "encoder.block", "decoder.block")),
+    ("vit", ("ViTModel takes pixel_values", "--calibration")),
+    ("mixtral", ("does not support MixtralForCausalLM", "renames or fuses", "mlp.gate.weight", "--calibration")),
+    ("deberta_conv", ("did not reach block 1 of encoder.layer", "calls encoder.conv.conv after block 0")),
+])
 def test_models_calibrate_cannot_run_are_one_line_errors(kind, needles, tmp_path):
-    """An encoder-decoder (two block stacks) and a vision model (no token ids) are refused by name; nothing written."""
+    """An encoder-decoder (two block stacks), a vision model (no token ids), an MoE whose checkpoint weights
+    transformers fuses on load, and a model that transforms the hidden states between blocks are refused by name;
+    nothing written."""
     from lplr_testing import error_line, run_cli
 
     src = _tiny_other(tmp_path / kind, kind)

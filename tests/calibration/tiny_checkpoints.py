@@ -21,7 +21,21 @@ TINY = {
                                     "sliding_window": 8,
                                     "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
                "Gemma3ForCausalLM", "model.layers"),
+    # the encoder reads its relative-position embeddings' weight directly (no module call); the position
+    # projections' inputs are those embeddings, not tokens
+    "deberta_v2": ("DebertaV2Config", {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                       "intermediate_size": 96, "relative_attention": True,
+                                       "pos_att_type": ["p2c", "c2p"], "position_buckets": 16},
+                   "DebertaV2Model", "encoder.layer"),
+    # parallel attention and MLP: the fused qkv and the MLP's first linear read one input
+    "falcon": ("FalconConfig", {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4},
+               "FalconForCausalLM", "transformer.h"),
+    # one layer group shared by every layer: the forward runs block 0 num_hidden_layers times
+    "albert": ("AlbertConfig", {"hidden_size": 48, "num_hidden_layers": 3, "num_attention_heads": 4,
+                                "intermediate_size": 96, "embedding_size": 32},
+               "AlbertModel", "encoder.albert_layer_groups"),
 }
+ONCE = [name for name in TINY if name != "albert"]  # families whose forward runs each block once
 VOCAB = 128
 
 

@@ -74,6 +74,18 @@ def test_contract(method, dtype):
     assert again.info == res.info and again.error() == res.error()
 
 
+@pytest.mark.parametrize("method", available_methods())
+def test_stored_parts_and_record_fields_are_the_declared_ones(method):
+    """What a method stores and the extra facts it records are exactly what its class declares (`parts`,
+    `record_fields`): the report's columns and the collision check read the declarations."""
+    impl = get_method(method)
+    res = impl.compress(_matrix(), _settings(method), seed=3)
+    assert set(res.extra) <= set(impl.record_fields)
+    json.dumps(res.extra)
+    heads = {k.split(".")[0] if k else "" for k in res.parts}
+    assert heads <= set(impl.parts)
+
+
 def test_lplr_seed_changes_the_sketch():
     W = _matrix()
     s = _settings("lplr")
