@@ -79,13 +79,15 @@ def blocked_errors(pairs, H: torch.Tensor | None = None) -> tuple[torch.Tensor, 
         if w_hat.dtype.is_floating_point and w_hat.numel():
             lo, hi = torch.aminmax(w_hat)
             finite &= torch.isfinite(lo) & torch.isfinite(hi)
-        w64 = w.double()
-        d64 = w64 - w_hat.double()
-        acc[0] += d64.square().sum()
-        acc[1] += w64.square().sum()
-        if H64 is not None:
-            acc[2] += ((d64 @ H64) * d64).sum()
-            acc[3] += ((w64 @ H64) * w64).sum()
+        starts, step = _row_blocks(w)  # float64 temporaries of cache size (2048-row blocks: 1.46 s vs 1.68 s here)
+        for i in starts:
+            w64 = w[i:i + step].double()
+            d64 = w64 - w_hat[i:i + step].double()
+            acc[0] += d64.square().sum()
+            acc[1] += w64.square().sum()
+            if H64 is not None:
+                acc[2] += ((d64 @ H64) * d64).sum()
+                acc[3] += ((w64 @ H64) * w64).sum()
     if acc is None:  # no rows
         return torch.zeros((), dtype=torch.float64), None if H is None else torch.zeros((), dtype=torch.float64), True
     rel = (acc[0] / acc[1].clamp_min(tiny)).sqrt()

@@ -9,10 +9,10 @@ from lplr_convert.math.lowrank import product, product_rows
 
 def test_product_is_base_plus_l_r_block_by_block():
     gen = torch.Generator().manual_seed(0)
-    L, R = torch.randn(3000, 5, generator=gen), torch.randn(5, 1024, generator=gen)
-    base = torch.randn(3000, 1024, generator=gen)
+    L, R = torch.randn(9000, 5, generator=gen), torch.randn(5, 1024, generator=gen)
+    base = torch.randn(9000, 1024, generator=gen)
     blocks = list(product_rows(L, R, base))
-    assert [i for i, _ in blocks] == [0, 2048] and sum(b.shape[0] for _, b in blocks) == 3000
+    assert [i for i, _ in blocks] == [0, 8192] and sum(b.shape[0] for _, b in blocks) == 9000
     got = product(L, R, base)
     assert torch.equal(got, torch.cat([b for _, b in blocks]))
     torch.testing.assert_close(got, base + L @ R, rtol=1e-5, atol=1e-5)
