@@ -169,11 +169,12 @@ def _check_only_listed(out: Path, listed: set[str], why: str) -> None:
 class OutputLock:
     """An exclusive lock on an output directory for the whole run (flock on a lock file inside it), naming its
     holder. A second run on the same directory gets a one-line error instead of corrupting the first. The lock file
-    is removed when the run succeeds (a run that fails or is killed leaves it; the next run takes it over). flock is
+    is removed when the run succeeds, or fails having written nothing (then a directory the run made goes too); a
+    run that fails after writing, or is killed, leaves it, and the next run takes it over. flock is
     local to one machine: on a network file system two machines are not kept apart."""
 
     def __init__(self, out: Path):
-        self.out, self._fd, self.created = out, None, False
+        self.out, self._fd, self.created, self.made_dir = out, None, False, False
 
     @classmethod
     @contextlib.contextmanager
@@ -208,6 +209,7 @@ class OutputLock:
 
     def __enter__(self):
         try:
+            self.made_dir = not self.out.exists()
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise LplrError(f"{opt('out_path')} {self.out} cannot be created ({e.strerror or e}); choose a directory "
@@ -252,11 +254,18 @@ class OutputLock:
         return fd
 
     def __exit__(self, *exc) -> None:
-        if self._fd is not None:
-            if exc[0] is None:  # a finished output carries no file of the lock's
-                (self.out / C.LOCK_FILE).unlink(missing_ok=True)
-            os.close(self._fd)  # releases the lock
-            self._fd = None
+        if self._fd is None:
+            return
+        # A finished output carries no file of the lock's, nor does a failed run that wrote nothing (its directory
+        # goes too when this run made it); a failed run that wrote something keeps it, for the next run to take over.
+        nothing = exc[0] is not None and all(p.name == C.LOCK_FILE for p in self.out.iterdir())
+        if exc[0] is None or nothing:
+            (self.out / C.LOCK_FILE).unlink(missing_ok=True)
+        os.close(self._fd)  # releases the lock
+        self._fd = None
+        if nothing and self.made_dir:
+            with contextlib.suppress(OSError):  # another run may have put something there since
+                self.out.rmdir()
 
 
 def replaceable_output(src_root: Path, out: Path, overwrite: bool, previous: Callable[[Path], set[str] | None],

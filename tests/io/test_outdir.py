@@ -285,3 +285,24 @@ def test_the_lock_is_taken_on_the_file_that_is_there(tmp_path, monkeypatch):
     with OutputLock(out) as lock:
         assert len(calls) == 2 and os.fstat(lock._fd).st_ino == os.stat(path).st_ino
         assert path.read_text() == f"pid {os.getpid()} on {os.uname().nodename}"
+
+
+def test_a_run_that_fails_having_written_nothing_leaves_nothing(world, tmp_path):
+    """A failure after the lock is taken (here: --calibration names no STATS) leaves neither the lock file nor the
+    directory the run made; an existing directory stays, empty; one the failed run wrote into keeps the lock file."""
+    src, _, sibling = world
+    before = tree_state(tmp_path)
+    out = tmp_path / "new"
+    error_line(run_cli("--in-path", str(src), "--out-path", str(out), "--no-report", "--calibration", str(sibling)),
+               "no lplr_calibration.json")
+    assert not out.exists() and tree_state(tmp_path) == before
+    existing = tmp_path / "empty"
+    existing.mkdir()
+    error_line(run_cli("--in-path", str(src), "--out-path", str(existing), "--no-report", "--calibration",
+                       str(sibling)), "no lplr_calibration.json")
+    assert existing.is_dir() and not any(existing.iterdir())
+    lock = OutputLock(existing)
+    with pytest.raises(RuntimeError), lock:
+        (existing / "partial.safetensors").write_bytes(b"x")
+        raise RuntimeError("killed mid-write")
+    assert sorted(p.name for p in existing.iterdir()) == [C.LOCK_FILE, "partial.safetensors"]
