@@ -356,7 +356,8 @@ def _print_summary(manifest: dict, out_path: str) -> None:
       help="Samples per forward pass.")
 @_opt("--accumulate-dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
       section="Run", help="Precision of the accumulated second moments (and of the stored statistics).")
-@_opt("--device", type=DeviceType(), default="cpu", show_default=True, section="Run", help="cpu, cuda, cuda:N or auto.")
+@_opt("--device", type=DeviceType(), default="auto", show_default=True, section="Run",
+      help="cpu, cuda, cuda:N or auto (the GPU when there is one); the STATS manifest records the device used.")
 @_opt("--overwrite", is_flag=True, section="Output", help="Replace earlier statistics in --out-path.")
 @debug_option
 @_friendly

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from .. import constants as C
+from ..devices import resolve_device
 from ..dtypes import dtype_name
 from ..errors import LplrError, opt
 from ..io.reader import open_source
@@ -37,7 +38,10 @@ __all__ = ["calibrate"]
 ACCUMULATE_DTYPES = (torch.float32, torch.float64)
 
 
-def _check_options(samples: int, seq_len: int, batch_size: int, accumulate_dtype, compute_dtype, device) -> None:
+def _check_options(samples: int, seq_len: int, batch_size: int, accumulate_dtype, compute_dtype,
+                   device) -> torch.device:
+    """Raises LplrError for a bad option; returns the device to run on (`auto`: the GPU when there is one)."""
+    device = resolve_device(device)
     for label, value, least in (("samples", samples, 1), ("seq_len", seq_len, 2), ("batch_size", batch_size, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise LplrError(f"{opt(label)} must be an integer >= {least}, got {value!r}")
@@ -51,6 +55,7 @@ def _check_options(samples: int, seq_len: int, batch_size: int, accumulate_dtype
     except (RuntimeError, ValueError) as e:
         raise LplrError(f"{opt('device')} {device!r} is not usable here ({str(e).splitlines()[0][:120]}); use cpu or an "
                         f"available cuda:N") from None
+    return device
 
 
 def _max_positions(model, seq_len: int) -> int:
@@ -140,7 +145,7 @@ def _header(in_path, src, sk: Skeleton, text, seqs, samples, seq_len, batch_size
                    "packing": "chunks" if sk.causal else "lines"},
         "samples": len(seqs), "samples_requested": samples, "tokens": sum(len(s) for s in seqs), "seq_len": seq_len,
         "batch_size": batch_size, "dtype": dtype_name(store), "accumulate_dtype": dtype_name(acc),
-        "compute_dtype": dtype_name(compute), "block_stack": sk.blocks_name,
+        "compute_dtype": dtype_name(compute), "device": str(sk.device), "block_stack": sk.blocks_name,
         "blocks": len(sk.blocks),
     }
 
@@ -168,18 +173,19 @@ def _write_stats(out: Path, sk: Skeleton, batches: list[Batch], hidden: list, ca
 
 
 def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | None = None, samples: int = 128,
-              seq_len: int = 512, batch_size: int = 8, device: str = "cpu",
+              seq_len: int = 512, batch_size: int = 8, device: str = "auto",
               accumulate_dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = torch.float32,
               overwrite: bool = False) -> dict:
     """Write the input second moments E[x x^T] of every linear in every block of `in_path` to the STATS directory
     `out_path` and return its manifest.
 
-    The forward runs in `compute_dtype` on `device`, one block at a time; x x^T is summed over the non-padding tokens
-    in `accumulate_dtype` (float32 or float64), divided by the token count, and stored in that dtype. Linears fed the
-    same input tensor share one statistic. `text` is a .txt (a sample per line) or .jsonl (`text` field) file; None
+    The forward runs in `compute_dtype` on `device` (auto: the GPU when there is one; the manifest records the one
+    used), one block at a time; x x^T is summed over the non-padding tokens in `accumulate_dtype` (float32 or
+    float64), divided by the token count, and stored in that dtype. Linears fed the same input tensor share one
+    statistic. `text` is a .txt (a sample per line) or .jsonl (`text` field) file; None
     uses the text bundled with the package.
     """
-    _check_options(samples, seq_len, batch_size, accumulate_dtype, compute_dtype, device)
+    device = _check_options(samples, seq_len, batch_size, accumulate_dtype, compute_dtype, device)
     src = open_source(str(in_path))
     out = Path(out_path)
     cal_text = read_text(text)

@@ -203,3 +203,15 @@ def test_a_malformed_or_escaping_stats_manifest_is_named(tiny_dir, text_file, tm
     error_line(run_cli("--in-path", str(src), "--out-path", str(out), "--calibration", str(root), "--method", "gptq",
                        "--no-report"), needle)
     assert tree_state(src, root.parent) == before and not (out / C.MANIFEST_FILE).exists()
+
+
+def test_the_command_defaults_to_auto_and_records_the_device_it_used(tiny_dir, text_file, tmp_path):
+    from lplr_testing import run_cli
+
+    assert "[default: auto]" in " ".join(run_cli("calibrate", "--help").output.split())
+    out = tmp_path / "s"
+    res = run_cli("calibrate", "--in-path", str(tiny_dir("bert")), "--out-path", str(out), "--text", str(text_file),
+                  "--samples", "2", "--seq-len", "16")
+    assert res.exit_code == 0, res.output
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert json.loads((out / C.CALIB_MANIFEST).read_text())["device"].split(":")[0] == expected
