@@ -13,7 +13,7 @@ from ..errors import LplrError, opt
 from .manifest import TensorRecord, sha256_file, write_json_atomic
 from .writer import ClosedShard
 
-__all__ = ["Journal", "resume_state"]
+__all__ = ["Journal", "check_fingerprint", "is_intact", "read_journal", "remove_except", "resume_state"]
 
 # Fingerprint keys that are not command-line settings, and how a change of each is told.
 _CHANGED = {"source_files": "the source files changed", "config": "the source's config.json changed",
@@ -60,8 +60,8 @@ class Journal:
 _INPUTS_FIRST = ("tool_version", "format_version", "source_files", "config", "recipe", "calibration")
 
 
-def _what_changed(key: str) -> str:
-    return _CHANGED.get(key, f"{opt(key)} changed")
+def _what_changed(key: str, told: dict[str, str]) -> str:
+    return told.get(key, _CHANGED.get(key, f"{opt(key)} changed"))
 
 
 def _difference(old, new) -> str:
@@ -77,12 +77,47 @@ def _difference(old, new) -> str:
     return f"was {str(old)[:80]}, now {str(new)[:80]}"
 
 
-def _load(path: Path) -> tuple[dict, list]:
+def read_journal(path: Path, keys: tuple[str, ...]) -> dict:
+    """A journal's JSON, a mapping with a fingerprint mapping and `keys`; a damaged one is a one-line error."""
     try:
         journal = json.loads(path.read_text(encoding="utf-8"))
-        return journal["fingerprint"], list(journal["shards"])
+        if not isinstance(journal["fingerprint"], dict) or any(k not in journal for k in keys):
+            raise KeyError
+        return journal
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         raise LplrError(f"{path} is damaged; start again with {opt('overwrite')}") from None
+
+
+def check_fingerprint(out: Path, old: dict, new: dict, first: tuple[str, ...] = _INPUTS_FIRST,
+                      told: dict[str, str] | None = None) -> None:
+    """Refuse to resume in `out` when the interrupted run's fingerprint `old` differs from this run's `new`, naming
+    the first difference: the keys in `first` (inputs) before the others (settings, named by their option unless
+    `told` or the common inputs describe them)."""
+    keys = set(old) | set(new)
+    for key in [*(k for k in first if k in keys), *sorted(keys - set(first))]:
+        if old.get(key) != new.get(key):
+            raise LplrError(f"cannot resume in {out}: {_what_changed(key, told or {})} since the interrupted run "
+                            f"({_difference(old.get(key), new.get(key))}); rerun with the same settings or use "
+                            f"{opt('overwrite')}")
+
+
+def is_intact(path: Path, record: dict) -> bool:
+    """Whether `path` is a file of the size and sha256 that `record` ({"bytes", "sha256"}) gives."""
+    return path.is_file() and path.stat().st_size == record.get("bytes") and sha256_file(path) == record.get("sha256")
+
+
+def remove_except(out: Path, keep: set[str]) -> None:
+    """Delete every file below `out` whose relative name is not in `keep` (nor the lock), and directories left empty:
+    what an interrupted run wrote and its journal does not vouch for is redone."""
+    for p in sorted(out.rglob("*"), key=lambda p: -len(p.parts)):
+        rel = p.relative_to(out).as_posix()
+        if rel in keep or rel == C.LOCK_FILE:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            if not any(p.iterdir()):
+                p.rmdir()
+        else:
+            p.unlink()
 
 
 def resume_state(out: Path, fingerprint: dict) -> list[dict]:
@@ -91,30 +126,14 @@ def resume_state(out: Path, fingerprint: dict) -> list[dict]:
     path = out / C.PROGRESS_FILE
     if not path.is_file():
         return []
-    old, shards = _load(path)
-    keys = set(old) | set(fingerprint)
-    for key in [*(k for k in _INPUTS_FIRST if k in keys), *sorted(keys - set(_INPUTS_FIRST))]:
-        if old.get(key) != fingerprint.get(key):
-            raise LplrError(f"cannot resume in {out}: {_what_changed(key)} since the interrupted run "
-                            f"({_difference(old.get(key), fingerprint.get(key))}); rerun with the same settings or "
-                            f"use {opt('overwrite')}")
+    journal = read_journal(path, ("shards",))
+    check_fingerprint(out, journal["fingerprint"], fingerprint)
     kept = []
-    for s in shards:
-        f = out / s["temp_name"]
-        if f.is_file() and f.stat().st_size == s["bytes"] and sha256_file(f) == s["sha256"]:
-            kept.append(s)
-        else:
+    for s in journal["shards"]:
+        if not is_intact(out / s["temp_name"], s):
             logger.warning(f"shard {s['temp_name']} is missing or damaged; redoing it and everything after it")
             break
-    keep = {s["temp_name"] for s in kept} | {C.PROGRESS_FILE, C.LOCK_FILE}
-    for p in sorted(out.rglob("*"), key=lambda p: -len(p.parts)):  # anything else it wrote is redone
-        rel = p.relative_to(out).as_posix()
-        if rel in keep:
-            continue
-        if p.is_dir() and not p.is_symlink():
-            if not any(p.iterdir()):
-                p.rmdir()
-        else:
-            p.unlink()
+        kept.append(s)
+    remove_except(out, {s["temp_name"] for s in kept} | {C.PROGRESS_FILE})
     logger.info(f"resuming: {len(kept)} finished shard(s) kept, {sum(len(s['groups']) for s in kept)} tensors skipped")
     return kept
