@@ -8,6 +8,7 @@ Tensors are appended to a data file as they arrive; when a shard fills, its head
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ from ..dtypes import ST_CODES
 from ..errors import LplrError, opt
 from .manifest import write_json_atomic
 
-__all__ = ["DEFAULT_SHARD_BYTES", "ClosedShard", "ShardWriter", "serialize_header", "tensor_bytes", "write_index"]
+__all__ = ["DEFAULT_SHARD_BYTES", "ClosedShard", "ShardWriter", "serialize_header", "tensor_bytes", "write_index",
+           "write_tensors_atomic"]
 
 DEFAULT_SHARD_BYTES = 5 * 10**9  # the largest output shard unless told otherwise (the Hub's advice: <= 20 GB)
 
@@ -41,6 +43,32 @@ def serialize_header(entries: list[tuple[str, str, list[int], int, int]], metada
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     return len(raw).to_bytes(8, "little") + raw
+
+
+def write_tensors_atomic(path: Path, tensors: list[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> dict:
+    """Write `tensors` (name, tensor; any device) as the safetensors file `path`: under a `.partial` name, fsynced,
+    renamed. Each tensor's bytes go to the file from its own memory (a device tensor is copied to the CPU one at a
+    time), hashed on the way: no second copy of the whole set, no second read. Returns {"sha256", "bytes"}."""
+    entries, start = [], 0
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        entries.append((name, ST_CODES[t.dtype], list(t.shape), start, start + nbytes))
+        start += nbytes
+    tmp = path.with_name(path.name + C.PARTIAL_SUFFIX)
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as f:
+            for buf in itertools.chain([memoryview(serialize_header(entries, metadata))],
+                                       (tensor_bytes(t) for _, t in tensors)):  # lazily: one tensor at a time
+                f.write(buf)
+                digest.update(buf)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        tmp.unlink(missing_ok=True)  # e.g. a full disk: give the space back at once
+        raise
+    os.replace(tmp, path)
+    return {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
 
 
 @dataclass
