@@ -93,6 +93,12 @@ CALIB_MANIFEST = "lplr_calibration.json"
 CALIB_FILE_TEMPLATE = "lplr_stats-{block:05d}.safetensors"
 CALIB_FILE_PATTERN = r"lplr_stats-\d{5}\.safetensors"
 CALIB_KEY_SUFFIX = "input_moment"  # statistic key: "<checkpoint module name of the first layer>.input_moment"
+# An interrupted calibrate run (`calibrate --resume`): its journal, and the hidden states after its first N block
+# runs (the input of the next), one tensor per batch; both are removed when the run completes.
+CALIB_PROGRESS = "lplr_calibration_progress.json"
+CALIB_HIDDEN_TEMPLATE = "lplr_calibration_hidden-{runs:05d}.safetensors"
+CALIB_HIDDEN_PATTERN = r"lplr_calibration_hidden-\d{5}\.safetensors"
+CALIB_HIDDEN_KEY = "hidden.{batch:05d}"
 S_KIND = "kind"
 S_TEXT = "text"
 S_STATISTICS = "statistics"
@@ -100,4 +106,4 @@ S_WEIGHTS = "weights"
 
 # The records this tool writes beside its outputs: never copied from a source into an output (a copied record would
 # describe files of another directory).
-RECORD_FILES = (*OWN_FILES, EXPORT_FILE, CALIB_MANIFEST)
+RECORD_FILES = (*OWN_FILES, EXPORT_FILE, CALIB_MANIFEST, CALIB_PROGRESS)

@@ -17,19 +17,20 @@ import torch
 from .. import constants as C
 from ..errors import LplrError
 from ..io.manifest import is_plain_name, sha256_file, write_json_atomic
-from ..io.outdir import entries, recorded_files, replaceable_output
+from ..io.outdir import Resumable, entries, recorded_files, replaceable_output
 from ..io.reader import SourceCheckpoint, inside
 
 __all__ = ["CalibrationStats", "file_record", "load_calibration", "save_block", "source_files", "stats_output"]
 
 _CALIB_FILE = re.compile(C.CALIB_FILE_PATTERN)
-_OURS = re.compile(rf"({C.CALIB_FILE_PATTERN}|{re.escape(C.CALIB_MANIFEST)})({re.escape(C.PARTIAL_SUFFIX)})?")
+_OURS = re.compile(rf"({C.CALIB_FILE_PATTERN}|{C.CALIB_HIDDEN_PATTERN}|{re.escape(C.CALIB_MANIFEST)}|"
+                   rf"{re.escape(C.CALIB_PROGRESS)})({re.escape(C.PARTIAL_SUFFIX)})?")
 
 
 def _previous_stats(out: Path) -> set[str] | None:
     """The files an earlier calibrate wrote in `out`: those its manifest lists and every file under the names it
-    writes (statistics, also partial ones from an interrupted run). None when `out` holds neither a valid manifest nor
-    such files."""
+    writes (statistics, also partial ones, the journal and hidden-state checkpoint of an interrupted run). None when
+    `out` holds neither a valid manifest nor such files."""
     ours = {e for e in entries(out) if _OURS.fullmatch(e)}
     listed = recorded_files(out / C.CALIB_MANIFEST)
     if listed is None and not ours:
@@ -37,10 +38,12 @@ def _previous_stats(out: Path) -> set[str] | None:
     return (listed or set()) | ours
 
 
-def stats_output(out: Path, src_root: Path, overwrite: bool):
+def stats_output(out: Path, src_root: Path, overwrite: bool, resume: bool = False):
     """The STATS directory `out` checked, locked and made writable for the whole run (a context manager): outside the
-    source, new or empty, or with `overwrite` holding only an earlier STATS (exactly its files are deleted)."""
-    return replaceable_output(src_root, out, overwrite, _previous_stats, "calibration statistics")
+    source, new or empty, with `overwrite` holding only an earlier STATS (exactly its files are deleted), or with
+    `resume` holding only an interrupted calibrate run (its journal says what is kept)."""
+    return replaceable_output(src_root, out, overwrite, _previous_stats, "calibration statistics",
+                              Resumable(C.CALIB_PROGRESS, C.CALIB_MANIFEST, resume))
 
 
 def file_record(path: Path) -> dict:
@@ -156,6 +159,9 @@ def load_calibration(path: str | Path, device: str = "cpu", verify: bool = True)
     mpath = root / C.CALIB_MANIFEST
     rerun = f"re-run `lplr-convert calibrate` into {root}"
     if not mpath.is_file():
+        if (root / C.CALIB_PROGRESS).is_file():
+            raise LplrError(f"{root} holds an interrupted calibrate run (no {C.CALIB_MANIFEST}); finish it with "
+                            f"`lplr-convert calibrate ... --resume`")
         raise LplrError(f"{root} has no {C.CALIB_MANIFEST}, so it holds no finished calibration; {rerun}")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))

@@ -14,6 +14,7 @@ import os
 import re
 import socket
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import constants as C
@@ -23,8 +24,8 @@ from ..errors import LplrError, opt
 _TEMP_SHARD = re.compile(re.escape(C.PARTIAL_SHARD_TEMPLATE.removesuffix(C.PARTIAL_SUFFIX)).replace(
     re.escape("{index:05d}"), r"\d{5}"))
 
-__all__ = ["OutputLock", "check_paths", "clear_listed", "entries", "listed_files", "owning_output", "prepare_output",
-           "recorded_files", "replaceable_output"]
+__all__ = ["OutputLock", "Resumable", "check_paths", "clear_listed", "entries", "listed_files", "owning_output",
+           "prepare_output", "recorded_files", "replaceable_output"]
 
 
 def check_paths(src_root: Path, out: Path, what: str = "out_path") -> None:
@@ -44,7 +45,7 @@ def check_paths(src_root: Path, out: Path, what: str = "out_path") -> None:
 
 
 # The records that mark a directory as an output of this tool.
-_RECORDS = (C.MANIFEST_FILE, C.PROGRESS_FILE, C.EXPORT_FILE, C.CALIB_MANIFEST)
+_RECORDS = (C.MANIFEST_FILE, C.PROGRESS_FILE, C.EXPORT_FILE, C.CALIB_MANIFEST, C.CALIB_PROGRESS)
 
 
 def owning_output(path: Path) -> Path | None:
@@ -268,18 +269,37 @@ class OutputLock:
                 self.out.rmdir()
 
 
+@dataclass(frozen=True)
+class Resumable:
+    """How a run that can be resumed marks its output: `journal` while interrupted, `record` once finished; `resume`
+    asks to continue the interrupted run."""
+
+    journal: str
+    record: str
+    resume: bool = False
+
+
 def replaceable_output(src_root: Path, out: Path, overwrite: bool, previous: Callable[[Path], set[str] | None],
-                       what: str):
+                       what: str, resumable: Resumable | None = None):
     """Check the paths, lock `out` and make it writable (a context manager): new or empty, or with `overwrite`
     holding only an earlier `what` whose files `previous(out)` lists (exactly those are deleted; anything else there
-    refuses the run)."""
-    return OutputLock.guarding(out, src_root, lambda: _prepare_replaceable(out, overwrite, previous, what))
+    refuses the run). With `resumable`, a directory holding its journal is an interrupted run: a plain run is
+    refused naming both ways on, and `resumable.resume` continues it (and is refused anywhere else)."""
+    return OutputLock.guarding(out, src_root, lambda: _prepare_replaceable(out, overwrite, previous, what, resumable))
 
 
-def _prepare_replaceable(out: Path, overwrite: bool, previous: Callable[[Path], set[str] | None], what: str) -> None:
+def _prepare_replaceable(out: Path, overwrite: bool, previous: Callable[[Path], set[str] | None], what: str,
+                         resumable: Resumable | None) -> None:
     if not out.is_dir() or not entries(out):
         return
+    interrupted = resumable is not None and (out / resumable.journal).is_file()
+    if resumable is not None and resumable.resume:
+        _check_resumable(out, previous, what, resumable, interrupted)
+        return
     if not overwrite:
+        if interrupted:
+            raise LplrError(f"{opt('out_path')} {out} holds an interrupted run writing {what}; pass {opt('resume')} "
+                            f"to continue it or {opt('overwrite')} to start again")
         raise LplrError(f"{opt('out_path')} {out} is not empty; pass {opt('overwrite')} to replace an earlier {what} "
                         f"or choose an empty directory")
     if out.is_symlink():
@@ -290,6 +310,19 @@ def _prepare_replaceable(out: Path, overwrite: bool, previous: Callable[[Path], 
         raise LplrError(f"{opt('out_path')} {out} is not empty and holds no earlier {what}, so {opt('overwrite')} "
                         f"will not delete it; choose an empty directory")
     clear_listed(out, listed, f"an earlier {what} of this output")
+
+
+def _check_resumable(out: Path, previous: Callable[[Path], set[str] | None], what: str, resumable: Resumable,
+                     interrupted: bool) -> None:
+    """`out` (not empty) holds an interrupted run's journal and nothing but that run's files."""
+    if interrupted:
+        _check_only_listed(out, previous(out) or set(), "the interrupted run's journal")
+    elif (out / resumable.record).is_file():
+        raise LplrError(f"{opt('out_path')} {out} already holds finished {what} ({resumable.record}); nothing to "
+                        f"resume: use it, or pass {opt('overwrite')} instead of {opt('resume')} to redo it")
+    else:
+        raise LplrError(f"{opt('out_path')} {out} is not an interrupted run writing {what} (no {resumable.journal}); "
+                        f"choose an empty directory, or pass the directory of the run to resume")
 
 
 def recorded_files(record: Path) -> set[str] | None:
