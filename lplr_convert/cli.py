@@ -229,7 +229,7 @@ def _friendly(f):
             click.echo(f"error: {e.cli_message()}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
-            click.echo("interrupted; finish a conversion later with --resume", err=True)
+            click.echo("interrupted; convert and calibrate continue later with --resume", err=True)
             sys.exit(130)
         except Exception as e:
             if debug:
@@ -359,6 +359,8 @@ def _print_summary(manifest: dict, out_path: str) -> None:
 @_opt("--device", type=DeviceType(), default="auto", show_default=True, section="Run",
       help="cpu, cuda, cuda:N or auto (the GPU when there is one); the STATS manifest records the device used.")
 @_opt("--overwrite", is_flag=True, section="Output", help="Replace earlier statistics in --out-path.")
+@_opt("--resume", is_flag=True, section="Output",
+      help="Continue an interrupted calibrate run in --out-path with the same settings (finished blocks are kept).")
 @debug_option
 @_friendly
 def calibrate(**kw):
@@ -368,7 +370,8 @@ def calibrate(**kw):
 
     manifest = run(kw["in_path"], kw["out_path"], text=kw["text"], samples=kw["samples"], seq_len=kw["seq_len"],
                    batch_size=kw["batch_size"], device=kw["device"],
-                   accumulate_dtype=dtype_from_name(kw["accumulate_dtype"]), overwrite=kw["overwrite"])
+                   accumulate_dtype=dtype_from_name(kw["accumulate_dtype"]), overwrite=kw["overwrite"],
+                   resume=kw["resume"])
     click.echo(f"wrote {len(manifest['statistics'])} statistics for {len(manifest['weights'])} weights "
                f"({manifest['samples']} samples, {manifest['tokens']} tokens) to {kw['out_path']}")
 

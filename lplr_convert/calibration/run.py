@@ -30,6 +30,7 @@ from .capture import (
     return_freed_memory,
 )
 from .moments import InputMoments
+from .resume import CalibrationJournal, add_block, fingerprint, load_hidden, resume_journal
 from .stats import save_block, source_files, stats_output, write_manifest
 from .text import Batch, load_tokenizer, make_batches, read_text, tokenize
 
@@ -75,7 +76,8 @@ def _run_block(sk: Skeleton, i: int, block, positions: list[int], batches: list[
         for k in positions:
             for j, batch in enumerate(batches):
                 moments.start_batch(batch.attention_mask)
-                hidden[j] = hidden_of(calls[j][k].run(block, hidden[j]))
+                # contiguous (a no-op for the families tested): the layout of a checkpoint reloaded on resume
+                hidden[j] = hidden_of(calls[j][k].run(block, hidden[j])).contiguous()
     return moments
 
 
@@ -150,13 +152,31 @@ def _header(in_path, src, sk: Skeleton, text, seqs, samples, seq_len, batch_size
     }
 
 
+def _restart(out: Path, sk: Skeleton, runs: list[tuple[int, list[int]]], hidden: list,
+             journal: CalibrationJournal) -> None:
+    """Skip the block runs an interrupted run finished (`journal.blocks`): their blocks are freed (the capture
+    materialised the first one) and, when runs remain, `hidden` becomes the checkpoint of the hidden states after
+    the last finished one."""
+    done = len(journal.blocks)
+    for i, _ in runs[:done]:
+        sk.blocks[i] = torch.nn.Module()
+    return_freed_memory()
+    if 0 < done < len(runs):
+        load_hidden(out, journal, hidden)
+
+
 def _write_stats(out: Path, sk: Skeleton, batches: list[Batch], hidden: list, calls: list, manifest: dict,
-                 accumulate_dtype) -> None:
-    """Run the blocks in the order the model calls them (`_runs`), saving each block's statistics, then the manifest
-    (last)."""
+                 accumulate_dtype, journal: CalibrationJournal) -> None:
+    """Run the blocks in the order the model calls them (`_runs`), from where `journal` left off, saving each block's
+    statistics and journaling it with the hidden states that feed the next, then the manifest (last)."""
     manifest.update({C.M_FILES: {}, C.S_STATISTICS: {}, C.S_WEIGHTS: {}})
+    for entry in journal.blocks:
+        add_block(manifest, entry)
+    runs, done = _runs(sk.schedule), len(journal.blocks)
+    _restart(out, sk, runs, hidden, journal)
     with torch.no_grad():
-        for i, positions in tqdm(_runs(sk.schedule), desc="calibrating", unit="block"):
+        for n, (i, positions) in enumerate(tqdm(runs[done:], desc="calibrating", unit="block", total=len(runs),
+                                                initial=done), start=done + 1):
             block = _materialise(sk, i)  # loads only what is not loaded yet (the first block called is)
             moments = _run_block(sk, i, block, positions, batches, hidden, calls, accumulate_dtype)
             sk.blocks[i] = torch.nn.Module()  # the block's weights go with it
@@ -166,16 +186,18 @@ def _write_stats(out: Path, sk: Skeleton, batches: list[Batch], hidden: list, ca
             file, record = save_block(out, i, tensors)
             del tensors
             return_freed_memory()
-            manifest[C.M_FILES][file] = record
-            manifest[C.S_STATISTICS].update({k: {"file": file, **v} for k, v in stats.items()})
-            manifest[C.S_WEIGHTS].update(weights)
+            entry = {"file": file, "record": record, "statistics": {k: {"file": file, **v} for k, v in stats.items()},
+                     "weights": weights}
+            add_block(manifest, entry)
+            journal.finished(entry, hidden if n < len(runs) else None)
     write_manifest(out, manifest)
+    journal.close()
 
 
 def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | None = None, samples: int = 128,
               seq_len: int = 512, batch_size: int = 8, device: str = "auto",
               accumulate_dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = torch.float32,
-              overwrite: bool = False) -> dict:
+              overwrite: bool = False, resume: bool = False) -> dict:
     """Write the input second moments E[x x^T] of every linear in every block of `in_path` to the STATS directory
     `out_path` and return its manifest.
 
@@ -184,7 +206,13 @@ def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | N
     float64), divided by the token count, and stored in that dtype. Linears fed the same input tensor share one
     statistic. `text` is a .txt (a sample per line) or .jsonl (`text` field) file; None
     uses the text bundled with the package.
+
+    `resume` continues an interrupted run in `out_path` with the same inputs and settings (any change refused,
+    naming it): the blocks it finished, checked by sha256, are kept, the rest run from its checkpoint of the hidden
+    states, and the result is byte-identical to an uninterrupted run.
     """
+    if overwrite and resume:
+        raise LplrError(f"{opt('overwrite')} and {opt('resume')} contradict each other; pass one of them")
     device = _check_options(samples, seq_len, batch_size, accumulate_dtype, compute_dtype, device)
     src = open_source(str(in_path))
     out = Path(out_path)
@@ -201,8 +229,11 @@ def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | N
     batches = make_batches(seqs, batch_size, tokenizer.pad_token_id, sk.device)
     with torch.no_grad():
         hidden, calls = _capture(sk, batches)  # an architecture it cannot run is refused before anything is written
-    with stats_output(out, src.root, overwrite):
-        _write_stats(out, sk, batches, hidden, calls, manifest, accumulate_dtype)
+    with stats_output(out, src.root, overwrite, resume):
+        stamp = fingerprint(manifest, src.config, seqs, sk.schedule)
+        journal = resume_journal(out, stamp, len(_runs(sk.schedule))) if resume else CalibrationJournal(out, stamp)
+        journal.save()
+        _write_stats(out, sk, batches, hidden, calls, manifest, accumulate_dtype, journal)
     logger.info(f"wrote {len(manifest[C.S_STATISTICS])} statistics for {len(manifest[C.S_WEIGHTS])} weights of "
                 f"{len(sk.blocks)} blocks to {out}")
     return manifest
