@@ -6,7 +6,6 @@ manifest), `plan.py` and `methods/`.
 
 from __future__ import annotations
 
-import errno
 import functools
 import os
 import time
@@ -24,7 +23,7 @@ from .devices import resolve_device
 from .errors import LplrError, opt
 from .io.journal import Journal, resume_state
 from .io.manifest import Manifest, TensorRecord, sha256_file, write_json_atomic
-from .io.outdir import OutputLock, prepare_output
+from .io.outdir import OutputLock, prepare_output, resumable_when_full
 from .io.reader import SourceCheckpoint, open_source
 from .io.sidefiles import copy_side_files
 from .io.writer import DEFAULT_SHARD_BYTES, ShardWriter, write_index
@@ -194,13 +193,8 @@ def _preflight(plans: list[TensorPlan], calibrated: bool) -> None:
 
 def convert(opts: ConvertOptions) -> dict:
     """Convert a checkpoint; returns the manifest document. Resumable; the manifest is written last."""
-    try:
+    with resumable_when_full(opts.out_path, "manifest"):
         return _convert(opts)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-            raise LplrError(f"writing {opts.out_path} failed ({os.strerror(e.errno)}); the output is left incomplete "
-                            f"(no manifest): free disk space, then re-run with {opt('resume')}") from None
-        raise
 
 
 def _devices(opts: ConvertOptions) -> list[str]:

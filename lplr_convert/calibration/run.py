@@ -18,6 +18,7 @@ from .. import constants as C
 from ..devices import resolve_device
 from ..dtypes import dtype_name
 from ..errors import LplrError, opt
+from ..io.outdir import resumable_when_full
 from ..io.reader import open_source
 from ..modeling import max_tokens
 from .capture import (
@@ -229,7 +230,7 @@ def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | N
     batches = make_batches(seqs, batch_size, tokenizer.pad_token_id, sk.device)
     with torch.no_grad():
         hidden, calls = _capture(sk, batches)  # an architecture it cannot run is refused before anything is written
-    with stats_output(out, src.root, overwrite, resume):
+    with stats_output(out, src.root, overwrite, resume), resumable_when_full(out, C.CALIB_MANIFEST):
         stamp = fingerprint(manifest, src.config, seqs, sk.schedule)
         journal = resume_journal(out, stamp, len(_runs(sk.schedule))) if resume else CalibrationJournal(out, stamp)
         journal.save()

@@ -7,7 +7,6 @@ JSON is complete. `load_calibration` reads it back lazily, one file open at a ti
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +18,7 @@ from ..errors import LplrError
 from ..io.manifest import is_plain_name, sha256_file, write_json_atomic
 from ..io.outdir import Resumable, entries, recorded_files, replaceable_output
 from ..io.reader import SourceCheckpoint, inside
+from ..io.writer import write_tensors_atomic
 
 __all__ = ["CalibrationStats", "file_record", "load_calibration", "save_block", "source_files", "stats_output"]
 
@@ -57,17 +57,11 @@ def source_files(src: SourceCheckpoint) -> dict[str, dict]:
 
 
 def save_block(out: Path, block: int, tensors: dict[str, torch.Tensor]) -> tuple[str, dict]:
-    """Write one block's statistics as `lplr_stats-<block>.safetensors` (temporary name, fsync, rename)."""
-    from safetensors.torch import save_file
-
+    """Write one block's statistics as `lplr_stats-<block>.safetensors` (temporary name, fsync, rename; hashed while
+    written), in the layout safetensors' save_file gives: the widest dtype first, then by name."""
     name = C.CALIB_FILE_TEMPLATE.format(block=block)
-    tmp = out / (name + C.PARTIAL_SUFFIX)
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={C.META_FORMAT_KEY: C.META_FORMAT_VALUE})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    record = file_record(tmp)
-    os.replace(tmp, out / name)
+    items = sorted(tensors.items(), key=lambda kv: (-kv[1].element_size(), kv[0]))
+    record = write_tensors_atomic(out / name, items, {C.META_FORMAT_KEY: C.META_FORMAT_VALUE})
     return name, {**record, "block": block}
 
 

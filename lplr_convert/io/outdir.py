@@ -25,7 +25,7 @@ _TEMP_SHARD = re.compile(re.escape(C.PARTIAL_SHARD_TEMPLATE.removesuffix(C.PARTI
     re.escape("{index:05d}"), r"\d{5}"))
 
 __all__ = ["OutputLock", "Resumable", "check_paths", "clear_listed", "entries", "listed_files", "owning_output",
-           "prepare_output", "recorded_files", "replaceable_output"]
+           "prepare_output", "recorded_files", "replaceable_output", "resumable_when_full"]
 
 
 def check_paths(src_root: Path, out: Path, what: str = "out_path") -> None:
@@ -338,3 +338,16 @@ def recorded_files(record: Path) -> set[str] | None:
     if not isinstance(files, (list, dict)) or not all(is_plain_name(f) for f in files):
         return None
     return {str(f) for f in files} | {record.name}
+
+
+@contextlib.contextmanager
+def resumable_when_full(out, record: str):
+    """Turn a write into `out` that fails for want of space (full disk, file size limit, quota) into a one-line error:
+    the output is incomplete (no `record`), free space and resume."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        raise LplrError(f"writing {out} failed ({os.strerror(e.errno)}); the output is left incomplete (no {record}): "
+                        f"free disk space, then re-run with {opt('resume')}") from None

@@ -199,3 +199,30 @@ def test_a_damaged_kept_file_means_every_block_is_redone(damaged, reference, int
     assert f"{damaged} is missing or damaged" in res.stderr and "every block is redone" in res.stderr
     assert "resuming: 0 of 2 block run(s) kept" in res.stderr
     assert _files(out) == reference("bert")
+
+
+def test_a_full_disk_is_a_one_line_error_and_the_run_resumes(reference, tiny_dir, text_file, tmp_path, monkeypatch):
+    """The second block's statistics file fails to write for want of space: one line says to free space and resume
+    (no traceback, no manifest, no partial file), and --resume keeps the first block."""
+    import errno
+
+    from lplr_convert.calibration import run as run_module
+
+    real, calls = run_module.save_block, []
+
+    def save_block(out, block, tensors):
+        calls.append(block)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(out, block, tensors)
+
+    out, args = tmp_path / "stats", _args(tiny_dir("bert"), tmp_path / "stats", text_file)
+    monkeypatch.setattr(run_module, "save_block", save_block)
+    error_line(run_cli("calibrate", *args), f"writing {out} failed (No space left on device); the output is left "
+               f"incomplete (no {C.CALIB_MANIFEST}): free disk space, then re-run with --resume")
+    assert sorted(_files(out)) == [C.LOCK_FILE, "lplr_calibration_hidden-00001.safetensors", C.CALIB_PROGRESS,
+                                   "lplr_stats-00000.safetensors"]
+    monkeypatch.setattr(run_module, "save_block", real)
+    res = run_cli("calibrate", *args, "--resume")
+    _ok(res)
+    assert "resuming: 1 of 2 block run(s) kept" in res.stderr and _files(out) == reference("bert")
