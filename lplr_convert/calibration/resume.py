@@ -38,6 +38,7 @@ _TOLD = {"format_version": "the statistics format changed (another lplr-convert 
          "threads": "torch's CPU thread count (OMP_NUM_THREADS) changed"}
 _STATS_FILE = re.compile(C.CALIB_FILE_PATTERN)
 _METADATA = {C.META_FORMAT_KEY: C.META_FORMAT_VALUE}
+_ENTRY = ("record", "statistics", "weights")  # the mappings of a journaled block run besides its file name
 
 
 def fingerprint(header: dict, config: dict | None, seqs: list[list[int]], schedule: list[int]) -> dict:
@@ -104,7 +105,7 @@ def _malformed(doc: dict) -> bool:
     """Whether a journal's entries are not what `CalibrationJournal` writes (files named by the STATS patterns)."""
     blocks, hidden = doc["blocks"], doc["hidden"]
     if not isinstance(blocks, list) or not all(isinstance(b, dict) and _STATS_FILE.fullmatch(str(b.get("file")))
-                                               and isinstance(b.get("record"), dict) for b in blocks):
+                                               and all(isinstance(b.get(k), dict) for k in _ENTRY) for b in blocks):
         return True
     return hidden is not None and (not isinstance(hidden, dict)
                                    or hidden.get("file") != C.CALIB_HIDDEN_TEMPLATE.format(runs=len(blocks)))

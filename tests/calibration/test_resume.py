@@ -226,3 +226,23 @@ def test_a_full_disk_is_a_one_line_error_and_the_run_resumes(reference, tiny_dir
     res = run_cli("calibrate", *args, "--resume")
     _ok(res)
     assert "resuming: 1 of 2 block run(s) kept" in res.stderr and _files(out) == reference("bert")
+
+
+@pytest.mark.parametrize("case", ["not json", "file outside", "checkpoint of another run count"])
+def test_a_damaged_journal_is_named(case, interrupted, tiny_dir, text_file, tmp_path):
+    """A journal this tool did not write as it stands (unreadable, naming a file outside the STATS patterns, or a
+    checkpoint that does not follow its last block) is refused before anything is read or deleted through it."""
+    import json
+
+    out = _copy(interrupted, tmp_path)
+    journal = out / C.CALIB_PROGRESS
+    doc = json.loads(journal.read_text(encoding="utf-8"))
+    if case == "file outside":
+        doc["blocks"][0]["file"] = "../lplr_stats-00000.safetensors"
+    elif case == "checkpoint of another run count":
+        doc["hidden"]["file"] = C.CALIB_HIDDEN_TEMPLATE.format(runs=2)
+    journal.write_text("{" if case == "not json" else json.dumps(doc), encoding="utf-8")
+    before = tree_state(out)
+    error_line(run_cli("calibrate", *_args(tiny_dir("bert"), out, text_file), "--resume"),
+               f"{journal} is damaged; start again with --overwrite")
+    assert tree_state(out) == before
