@@ -222,9 +222,10 @@ class OutputLock:
         else:
             raise LplrError(f"{self.out} is being written by other runs one after another; wait for them to finish "
                             f"or choose another output directory")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         self._fd = fd
+        with contextlib.suppress(OSError):  # the holder's name is a courtesy: a full disk must not leak the lock
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         return self
 
     def _locked_fd(self, path: Path) -> int | None:
@@ -232,6 +233,9 @@ class OutputLock:
         existed = path.exists()
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # a run that failed having written nothing removed the directory it made: again
+            self.out.mkdir(parents=True, exist_ok=True)
+            return None
         except OSError as e:
             raise LplrError(f"{opt('out_path')} {self.out} is not writable ({e.strerror or e}); choose a directory "
                             f"you can write to") from None
@@ -259,11 +263,16 @@ class OutputLock:
             return
         # A finished output carries no file of the lock's, nor does a failed run that wrote nothing (its directory
         # goes too when this run made it); a failed run that wrote something keeps it, for the next run to take over.
-        nothing = exc[0] is not None and all(p.name == C.LOCK_FILE for p in self.out.iterdir())
-        if exc[0] is None or nothing:
-            (self.out / C.LOCK_FILE).unlink(missing_ok=True)
-        os.close(self._fd)  # releases the lock
-        self._fd = None
+        nothing = False
+        try:
+            nothing = exc[0] is not None and all(p.name == C.LOCK_FILE for p in self.out.iterdir())
+            if exc[0] is None or nothing:
+                (self.out / C.LOCK_FILE).unlink(missing_ok=True)
+        except OSError:
+            nothing = False
+        finally:
+            os.close(self._fd)  # releases the lock
+            self._fd = None
         if nothing and self.made_dir:
             with contextlib.suppress(OSError):  # another run may have put something there since
                 self.out.rmdir()

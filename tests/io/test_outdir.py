@@ -306,3 +306,38 @@ def test_a_run_that_fails_having_written_nothing_leaves_nothing(world, tmp_path)
         (existing / "partial.safetensors").write_bytes(b"x")
         raise RuntimeError("killed mid-write")
     assert sorted(p.name for p in existing.iterdir()) == [C.LOCK_FILE, "partial.safetensors"]
+
+
+def test_the_lock_survives_a_failed_holder_note_and_a_vanished_directory(tmp_path, monkeypatch):
+    """Writing the holder's name into the lock file may fail (a full disk): the lock is still held, and released on
+    exit. A run that failed having written nothing may remove the directory between another run's mkdir and open:
+    the other run makes it again and takes the lock."""
+    import errno as errno_
+
+    from lplr_convert.io import outdir
+
+    out = tmp_path / "out"
+
+    def full(*a):
+        raise OSError(errno_.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outdir.os, "pwrite", full)
+    with OutputLock(out) as lock:
+        with pytest.raises(Exception, match="being written by another run"), OutputLock(out):
+            pass
+        fd = lock._fd
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed on exit
+    monkeypatch.undo()
+    real_open, calls = os.open, []
+
+    def open_(path, *a, **kw):
+        if str(path).endswith(C.LOCK_FILE):
+            if not calls:  # the other run's cleanup wins the race once
+                shutil.rmtree(out)
+            calls.append(path)
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(outdir.os, "open", open_)
+    with OutputLock(out) as lock:
+        assert len(calls) == 2 and (out / C.LOCK_FILE).is_file()
