@@ -194,11 +194,12 @@ def _manifest_problem(manifest: dict) -> str | None:
     bad = next((f for f in files if not is_plain_name(f) or not _CALIB_FILE.fullmatch(f)), None)
     if bad is not None:
         return f"it names the statistics file {bad!r}, not a file of the STATS directory"
-    bad = next((k for k, v in stats.items() if v.get("file") not in files or not isinstance(v.get("tokens"), int)),
-               None)
+    bad = next((k for k, v in stats.items() if not isinstance(v.get("file"), str) or v["file"] not in files
+                or not isinstance(v.get("tokens"), int)), None)
     if bad is not None:
         return f"statistic {bad!r} names no listed file or has no token count"
-    bad = next((k for k, v in weights.items() if v.get("statistic") not in stats), None)
+    bad = next((k for k, v in weights.items() if not isinstance(v.get("statistic"), str) or v["statistic"] not in stats),
+               None)
     if bad is not None:
         return f"weight {bad!r} names no listed statistic"
     bad = next((k for k, v in made.items() if not isinstance(v.get("sha256"), str)), None)

@@ -182,6 +182,10 @@ MALFORMED = {
     "weight without statistic": (lambda d, r: d.update({C.S_WEIGHTS: {k: {} for k in d[C.S_WEIGHTS]}}),
                                  "names no listed statistic"),
     "no source": (lambda d, r: d.pop(C.M_SOURCE), "source.files is not a mapping"),
+    "statistic naming a list": (lambda d, r: [v.update(file=[1]) for v in d[C.S_STATISTICS].values()],
+                                "names no listed file"),
+    "weight naming a dict": (lambda d, r: [v.update(statistic={}) for v in d[C.S_WEIGHTS].values()],
+                             "names no listed statistic"),
 }
 
 
