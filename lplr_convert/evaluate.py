@@ -22,7 +22,6 @@ import torch
 from loguru import logger
 
 from . import constants as C
-from .calibration.text import load_tokenizer
 from .errors import LplrError, opt
 
 __all__ = ["DEFAULT_TEXT", "KIND_CAUSAL", "KIND_ENCODER", "compare_embeddings", "evaluate", "evaluate_state_dict",
@@ -197,8 +196,7 @@ class _Encoder:
 
     def __init__(self, root: Path, device: str):
         self.device = device
-        self.tokenizer = load_tokenizer(root)
-        if (root / _ST_MODULES).is_file():
+        if (root / _ST_MODULES).is_file():  # sentence-transformers loads its own tokenizer
             from sentence_transformers import SentenceTransformer
 
             self.st = _built(root, lambda: SentenceTransformer(str(root), device=device, local_files_only=True))
@@ -207,6 +205,9 @@ class _Encoder:
         else:
             from transformers import AutoModel
 
+            from .calibration.text import load_tokenizer
+
+            self.tokenizer = load_tokenizer(root)
             self.st = None
             self.core = _built(root, lambda: AutoModel.from_pretrained(root, local_files_only=True,
                                                                        dtype=torch.float32).to(device))
@@ -233,6 +234,8 @@ class _Encoder:
 class _CausalLM:
     def __init__(self, root: Path, device: str):
         from transformers import AutoModelForCausalLM
+
+        from .calibration.text import load_tokenizer
 
         self.device = device
         self.tokenizer = load_tokenizer(root)
