@@ -33,7 +33,7 @@ from .capture import (
 )
 from .moments import InputMoments
 from .resume import CalibrationJournal, add_block, fingerprint, load_hidden, resume_journal
-from .stats import save_block, source_files, stats_output, write_manifest
+from .stats import check_stats_output, save_block, source_files, stats_output, write_manifest
 from .text import Batch, load_tokenizer, make_batches, read_text, tokenize
 
 __all__ = ["calibrate"]
@@ -218,6 +218,7 @@ def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | N
     device = _check_options(samples, seq_len, batch_size, accumulate_dtype, compute_dtype, device)
     src = open_source(str(in_path))
     out = Path(out_path)
+    check_stats_output(out, src.root, overwrite, resume)  # before hashing the source and running its embeddings
     cal_text = read_text(text)
     sk = build_skeleton(src, device, compute_dtype)
     tokenizer = load_tokenizer(src.root)

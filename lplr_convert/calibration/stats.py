@@ -16,11 +16,12 @@ import torch
 from .. import constants as C
 from ..errors import LplrError
 from ..io.manifest import is_plain_name, sha256_file, write_json_atomic
-from ..io.outdir import Resumable, entries, recorded_files, replaceable_output
+from ..io.outdir import Resumable, check_replaceable, entries, recorded_files, replaceable_output
 from ..io.reader import SourceCheckpoint, inside
 from ..io.writer import write_tensors_atomic
 
-__all__ = ["CalibrationStats", "file_record", "load_calibration", "save_block", "source_files", "stats_output"]
+__all__ = ["CalibrationStats", "check_stats_output", "file_record", "load_calibration", "save_block", "source_files",
+           "stats_output"]
 
 _CALIB_FILE = re.compile(C.CALIB_FILE_PATTERN)
 _OURS = re.compile(rf"({C.CALIB_FILE_PATTERN}|{C.CALIB_HIDDEN_PATTERN}|{re.escape(C.CALIB_MANIFEST)}|"
@@ -38,12 +39,21 @@ def _previous_stats(out: Path) -> set[str] | None:
     return (listed or set()) | ours
 
 
+_STATS_WHAT = "calibration statistics"
+
+
 def stats_output(out: Path, src_root: Path, overwrite: bool, resume: bool = False):
     """The STATS directory `out` checked, locked and made writable for the whole run (a context manager): outside the
     source, new or empty, with `overwrite` holding only an earlier STATS (exactly its files are deleted), or with
     `resume` holding only an interrupted calibrate run (its journal says what is kept)."""
-    return replaceable_output(src_root, out, overwrite, _previous_stats, "calibration statistics",
+    return replaceable_output(src_root, out, overwrite, _previous_stats, _STATS_WHAT,
                               Resumable(C.CALIB_PROGRESS, C.CALIB_MANIFEST, resume))
+
+
+def check_stats_output(out: Path, src_root: Path, overwrite: bool, resume: bool = False) -> None:
+    """What `stats_output` would refuse, refused before the long work that precedes it (nothing is written)."""
+    check_replaceable(src_root, out, overwrite, _previous_stats, _STATS_WHAT,
+                      Resumable(C.CALIB_PROGRESS, C.CALIB_MANIFEST, resume))
 
 
 def file_record(path: Path) -> dict:

@@ -24,8 +24,8 @@ from ..errors import LplrError, opt
 _TEMP_SHARD = re.compile(re.escape(C.PARTIAL_SHARD_TEMPLATE.removesuffix(C.PARTIAL_SUFFIX)).replace(
     re.escape("{index:05d}"), r"\d{5}"))
 
-__all__ = ["OutputLock", "Resumable", "check_paths", "clear_listed", "entries", "listed_files", "owning_output",
-           "prepare_output", "recorded_files", "replaceable_output", "resumable_when_full"]
+__all__ = ["OutputLock", "Resumable", "check_paths", "check_replaceable", "clear_listed", "entries", "listed_files",
+           "owning_output", "prepare_output", "recorded_files", "replaceable_output", "resumable_when_full"]
 
 
 def check_paths(src_root: Path, out: Path, what: str = "out_path") -> None:
@@ -297,8 +297,17 @@ def replaceable_output(src_root: Path, out: Path, overwrite: bool, previous: Cal
     return OutputLock.guarding(out, src_root, lambda: _prepare_replaceable(out, overwrite, previous, what, resumable))
 
 
+def check_replaceable(src_root: Path, out: Path, overwrite: bool, previous: Callable[[Path], set[str] | None],
+                      what: str, resumable: Resumable | None = None) -> None:
+    """What `replaceable_output` would refuse, refused now, without locking, creating or deleting anything: for a
+    command that has long work to do before it takes its output (calibrate hashes the source and runs the
+    embeddings first). `replaceable_output` checks again under the lock."""
+    check_paths(src_root, out)
+    _prepare_replaceable(out, overwrite, previous, what, resumable, clear=False)
+
+
 def _prepare_replaceable(out: Path, overwrite: bool, previous: Callable[[Path], set[str] | None], what: str,
-                         resumable: Resumable | None) -> None:
+                         resumable: Resumable | None, clear: bool = True) -> None:
     if not out.is_dir() or not entries(out):
         return
     interrupted = resumable is not None and (out / resumable.journal).is_file()
@@ -318,7 +327,8 @@ def _prepare_replaceable(out: Path, overwrite: bool, previous: Callable[[Path], 
     if listed is None:
         raise LplrError(f"{opt('out_path')} {out} is not empty and holds no earlier {what}, so {opt('overwrite')} "
                         f"will not delete it; choose an empty directory")
-    clear_listed(out, listed, f"an earlier {what} of this output")
+    if clear:
+        clear_listed(out, listed, f"an earlier {what} of this output")
 
 
 def _check_resumable(out: Path, previous: Callable[[Path], set[str] | None], what: str, resumable: Resumable,

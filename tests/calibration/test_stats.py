@@ -219,3 +219,24 @@ def test_the_command_defaults_to_auto_and_records_the_device_it_used(tiny_dir, t
     assert res.exit_code == 0, res.output
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert json.loads((out / C.CALIB_MANIFEST).read_text())["device"].split(":")[0] == expected
+
+
+def test_the_output_is_refused_before_the_source_is_hashed_or_run(tiny_dir, text_file, tmp_path, monkeypatch):
+    """A bad --out-path is a one-line error at once, not after the source's files are hashed and its embeddings run
+    (minutes on a large model)."""
+    from lplr_convert.calibration import run
+
+    def never(*a, **kw):
+        raise AssertionError("the source was hashed before the output was checked")
+
+    monkeypatch.setattr(run, "source_files", never)
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "mine.txt").write_text("user file")
+    for kw, needle in (({}, "is not empty"), ({"overwrite": True}, "holds no earlier"),
+                       ({"resume": True}, "is not an interrupted run")):
+        with pytest.raises(LplrError, match=needle):
+            calibrate(tiny_dir("bert"), out, text=text_file, samples=2, seq_len=16, **kw)
+    with pytest.raises(LplrError, match="inside"):
+        calibrate(tiny_dir("bert"), tiny_dir("bert") / "stats", text=text_file, samples=2, seq_len=16)
+    assert (out / "mine.txt").read_text() == "user file" and not (tiny_dir("bert") / "stats").exists()
