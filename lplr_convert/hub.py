@@ -8,6 +8,7 @@ The token is resolved here and only ever handed to huggingface_hub; it is never 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from contextlib import contextmanager
@@ -45,7 +46,8 @@ def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, rev
     out_dir = Path(out_dir)
     manifest = Manifest.from_json(read_manifest(out_dir))
     check_repo_id(repo_id)
-    files = _files_to_upload(out_dir, manifest)
+    scan = _Scan(_known_token(token))  # the listed files' sha256 and the token search in one read of each
+    files = _files_to_upload(out_dir, manifest, scan)
     if base_model is not None:
         check_repo_id(base_model, what=opt("base_model"))
     card_text = str(build_model_card(out_dir, repo_id=repo_id, base_model=base_model))
@@ -56,7 +58,7 @@ def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, rev
               "total_bytes": sum(f["bytes"] for f in listing), "endpoint": _endpoint()}
 
     if dry_run:
-        return _dry_run(out_dir, files, card_text, token, result)
+        return _dry_run(out_dir, files, card_text, token, result, scan)
 
     from huggingface_hub import CommitOperationAdd, HfApi, constants
 
@@ -64,7 +66,7 @@ def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, rev
         raise LplrError("HF_HUB_OFFLINE is set, so nothing can be pushed; unset HF_HUB_OFFLINE (and "
                         f"TRANSFORMERS_OFFLINE) to push, or pass {opt('dry_run')} to only list what would be sent")
     token = _resolve_token(token)
-    _refuse_leaked_token(out_dir, files, card_bytes, token)
+    _refuse_leaked_token(out_dir, files, card_bytes, token, scan)
 
     api = HfApi(endpoint=result["endpoint"], token=token, library_name=C.TOOL_NAME, library_version=__version__)
     with _hub_errors(result["endpoint"], repo_id, token):
@@ -86,40 +88,64 @@ def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, rev
     return result
 
 
-def _dry_run(out_dir: Path, files: list[tuple[str, Path]], card_text: str, token: str | None, result: dict) -> dict:
+def _dry_run(out_dir: Path, files: list[tuple[str, Path]], card_text: str, token: str | None, result: dict,
+            scan: _Scan) -> dict:
     """Print what a push would send and return the listing; what the real push would refuse for a token found in a
     file, the dry run refuses too (when a token is known)."""
     known = _known_token(token)
     if known:
-        _refuse_leaked_token(out_dir, files, card_text.encode("utf-8"), known)
+        _refuse_leaked_token(out_dir, files, card_text.encode("utf-8"), known, scan)
     result.update(dry_run=True, card=card_text, token_source=_token_source(token))
     print(_dry_run_text(result))
     return result
 
 
-def _refuse_leaked_token(out_dir: Path, files: list[tuple[str, Path]], card: bytes, token: str) -> None:
+def _refuse_leaked_token(out_dir: Path, files: list[tuple[str, Path]], card: bytes, token: str, scan: _Scan) -> None:
     """Refuse to publish any file (or the card) that contains the token, e.g. in a recorded command line or a log.
-    Every file to upload is scanned, whatever its suffix or size."""
+    Every file to upload is scanned, whatever its suffix or size (a file `scan` read already is not read again)."""
     needle = token.encode("utf-8")
     leaks = ["the generated model card"] if needle in card else []
-    leaks += [str(path) for _, path in files if _file_contains(path, needle)]
+    leaks += [str(path) for _, path in files if scan.contains(path, needle)]
     if leaks:
         raise LplrError(f"{', '.join(leaks)} contains your Hub token, so it must not be published; remove the token "
                         f"from {out_dir} (and revoke it if it was shared), then push again")
 
 
-def _file_contains(path: Path, needle: bytes, chunk: int = 1 << 24) -> bool:
+def _file_contains(path: Path, needle: bytes | None, chunk: int = 1 << 24, digest=None) -> bool:
     """Whether `needle` occurs in the file, read in chunks that overlap by len(needle) - 1 bytes, so an occurrence
-    split across two chunks is found."""
-    keep = len(needle) - 1
-    tail = b""
+    split across two chunks is found; `digest` (a hashlib object), when given, is fed the whole file on the way."""
+    keep = len(needle) - 1 if needle else 0
+    tail, found = b"", False
     with open(path, "rb") as f:
         while block := f.read(chunk):
-            window = tail + block
-            if needle in window:
-                return True
-            tail = window[-keep:] if keep else b""
-    return False
+            if digest is not None:
+                digest.update(block)
+            if needle and not found:
+                window = tail + block
+                found = needle in window
+                tail = window[-keep:] if keep else b""
+            if found and digest is None:
+                break
+    return found
+
+
+class _Scan:
+    """sha256 of a file and the search for `needle` (the token a push would use, if known) in one read; remembers
+    what it found, so that the token check reads only files the hashing did not."""
+
+    def __init__(self, token: str | None):
+        self.needle = token.encode("utf-8") if token else None
+        self.found: dict[Path, bool] = {}
+
+    def sha256(self, path: Path) -> str:
+        digest = hashlib.sha256()
+        self.found[path] = _file_contains(path, self.needle, digest=digest)
+        return digest.hexdigest()
+
+    def contains(self, path: Path, needle: bytes) -> bool:
+        if needle == self.needle and path in self.found:
+            return self.found[path]
+        return _file_contains(path, needle)
 
 
 def check_repo_id(repo_id: str, what: str | None = None) -> None:
@@ -130,13 +156,13 @@ def check_repo_id(repo_id: str, what: str | None = None) -> None:
                         f"pass e.g. {what or opt('repo_id')} my-user/my-model-lplr")
 
 
-def _files_to_upload(out_dir: Path, manifest: Manifest) -> list[tuple[str, Path]]:
+def _files_to_upload(out_dir: Path, manifest: Manifest, scan: _Scan) -> list[tuple[str, Path]]:
     """(path in repo, path on disk) of every file to upload, sorted. Every shard and file the manifest lists must be
-    there unchanged (sha256), and no entry may be a symbolic link (a link could make the upload read outside the
-    output)."""
+    there unchanged (sha256, by `scan`), and no entry may be a symbolic link (a link could make the upload read
+    outside the output)."""
     from .verify import file_problems
 
-    problems = file_problems(out_dir, manifest)
+    problems = file_problems(out_dir, manifest, scan.sha256)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise LplrError(f"{out_dir}: {problems[0]}{more}; the output was changed after the conversion, so it is not "
@@ -182,14 +208,10 @@ def _known_token(token: str | None) -> str | None:
 
 
 def _resolve_token(token: str | None) -> str:
-    if token:
-        return token
-    from huggingface_hub import get_token
-
-    token = get_token()
-    if not token:
+    known = _known_token(token)
+    if not known:
         raise LplrError(f"no Hugging Face token found; {_TOKEN_FIX} (the token needs write access)")
-    return token
+    return known
 
 
 def _default_message(manifest: Manifest) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from loguru import logger
@@ -28,16 +29,16 @@ def _sample(records: list[TensorRecord], k: int) -> list[TensorRecord]:
     return [comp[i] for i in sorted(picked)][:k + 1]
 
 
-def file_problems(root: Path, manifest: Manifest) -> list[str]:
+def file_problems(root: Path, manifest: Manifest, digest: Callable[[Path], str] = sha256_file) -> list[str]:
     """What differs between the shards and files a manifest lists and those in `root` (missing, other size or
-    sha256); empty when every one matches."""
+    sha256 by `digest`); empty when every one matches."""
     problems = []
     listed = {**manifest.shards, **manifest.files}
     for rel, meta in sorted(listed.items()):
         f = root / rel
         if not f.is_file():
             problems.append(f"{rel} is missing although {C.MANIFEST_FILE} lists it")
-        elif not isinstance(meta, dict) or f.stat().st_size != meta.get("bytes") or sha256_file(f) != meta.get("sha256"):
+        elif not isinstance(meta, dict) or f.stat().st_size != meta.get("bytes") or digest(f) != meta.get("sha256"):
             problems.append(f"{rel} does not match its sha256 in the manifest")
     return problems
 

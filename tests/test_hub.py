@@ -23,7 +23,7 @@ from lplr_convert import constants as C
 from lplr_convert.card import base_model_of, build_model_card
 from lplr_convert.errors import IncompleteOutputError, LplrError
 from lplr_convert.hub import push
-from lplr_convert.io.manifest import integrity_hash
+from lplr_convert.io.manifest import Manifest, integrity_hash
 
 BASE = "sentence-transformers/all-MiniLM-L6-v2"
 COMMAND = "lplr-convert convert --in-path /models/minilm --out-path /tmp/minilm-lplr --method lplr --b1 8 --b2 8"
@@ -526,3 +526,27 @@ def test_push_never_follows_a_link_nor_publishes_a_changed_output(tmp_path, hub)
     after = tree_state(out, secret.parent)
     after.pop(str(out / C.CONFIG_FILE))
     assert after == before
+
+
+def test_a_push_reads_each_listed_file_once_for_its_hash_and_the_token(tmp_path, hub, monkeypatch):
+    """The manifest's sha256 check and the token search share one read of each listed file (two full passes over a
+    large model's shards before); a listed file holding the token is still refused."""
+    import builtins
+
+    from lplr_convert import hub as hub_module
+
+    out = make_output_dir(tmp_path)
+    listed = {out / rel for rel in Manifest.from_json(json.loads((out / C.MANIFEST_FILE).read_text())).shards}
+    reads: dict[Path, int] = {}
+
+    def counting_open(path, mode="r", *a, **kw):
+        if "b" in mode and Path(path) in listed:
+            reads[Path(path)] = reads.get(Path(path), 0) + 1
+        return builtins.open(path, mode, *a, **kw)
+
+    from lplr_convert.io import manifest as manifest_module
+
+    for module in (hub_module, manifest_module):  # the token search, and sha256_file where it is used instead
+        monkeypatch.setattr(module, "open", counting_open, raising=False)
+    push(out, "tester/m", dry_run=True)  # with HF_TOKEN set: the dry run searches for it as the push would
+    assert listed and reads == dict.fromkeys(listed, 1)
