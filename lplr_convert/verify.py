@@ -10,7 +10,7 @@ from loguru import logger
 from . import constants as C
 from .dtypes import dtype_name
 from .errors import LplrError, opt
-from .io.manifest import Manifest, TensorRecord, sha256_file
+from .io.manifest import Manifest, TensorRecord, is_intact, sha256_file
 from .io.output import ConvertedOutput
 from .io.reader import open_source
 from .math.error import relative_error
@@ -38,7 +38,7 @@ def file_problems(root: Path, manifest: Manifest, digest: Callable[[Path], str] 
         f = root / rel
         if not f.is_file():
             problems.append(f"{rel} is missing although {C.MANIFEST_FILE} lists it")
-        elif not isinstance(meta, dict) or f.stat().st_size != meta.get("bytes") or digest(f) != meta.get("sha256"):
+        elif not is_intact(f, meta, digest):
             problems.append(f"{rel} does not match its sha256 in the manifest")
     return problems
 

@@ -22,8 +22,8 @@ from loguru import logger
 from .. import __version__
 from .. import constants as C
 from ..errors import LplrError, opt
-from ..io.journal import check_fingerprint, is_intact, read_journal, remove_except
-from ..io.manifest import write_json_atomic
+from ..io.journal import check_fingerprint, read_journal, remove_except
+from ..io.manifest import is_intact, write_json_atomic
 from ..io.writer import write_tensors_atomic
 
 __all__ = ["CalibrationJournal", "add_block", "fingerprint", "load_hidden", "resume_journal"]

@@ -15,7 +15,7 @@ import torch
 
 from .. import constants as C
 from ..errors import LplrError
-from ..io.manifest import is_plain_name, sha256_file, write_json_atomic
+from ..io.manifest import is_intact, is_plain_name, sha256_file, write_json_atomic
 from ..io.outdir import Resumable, check_replaceable, entries, recorded_files, replaceable_output
 from ..io.reader import SourceCheckpoint, inside
 from ..io.writer import write_tensors_atomic
@@ -117,7 +117,7 @@ class CalibrationStats:
         if not path.is_file():
             raise LplrError(f"{path} is missing; re-run `lplr-convert calibrate` for {self.root}")
         if self.verify and file not in self._verified:
-            if path.stat().st_size != meta.get("bytes") or sha256_file(path) != meta.get("sha256"):
+            if not is_intact(path, meta):
                 raise LplrError(f"{path} does not match the sha256 in {C.CALIB_MANIFEST} (damaged or modified); "
                                 f"re-run `lplr-convert calibrate`")
             self._verified.add(file)

@@ -10,10 +10,10 @@ from loguru import logger
 
 from .. import constants as C
 from ..errors import LplrError, opt
-from .manifest import TensorRecord, sha256_file, write_json_atomic
+from .manifest import TensorRecord, is_intact, write_json_atomic
 from .writer import ClosedShard
 
-__all__ = ["Journal", "check_fingerprint", "is_intact", "read_journal", "remove_except", "resume_state"]
+__all__ = ["Journal", "check_fingerprint", "read_journal", "remove_except", "resume_state"]
 
 # Fingerprint keys that are not command-line settings, and how a change of each is told.
 _CHANGED = {"source_files": "the source files changed", "config": "the source's config.json changed",
@@ -99,11 +99,6 @@ def check_fingerprint(out: Path, old: dict, new: dict, first: tuple[str, ...] = 
             raise LplrError(f"cannot resume in {out}: {_what_changed(key, told or {})} since the interrupted run "
                             f"({_difference(old.get(key), new.get(key))}); rerun with the same settings or use "
                             f"{opt('overwrite')}")
-
-
-def is_intact(path: Path, record: dict) -> bool:
-    """Whether `path` is a file of the size and sha256 that `record` ({"bytes", "sha256"}) gives."""
-    return path.is_file() and path.stat().st_size == record.get("bytes") and sha256_file(path) == record.get("sha256")
 
 
 def remove_except(out: Path, keep: set[str]) -> None:

@@ -8,7 +8,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from typing import Any
 from .. import constants as C
 from ..errors import IncompleteOutputError, LplrError, opt
 
-__all__ = ["LEGACY_KNOBS", "Manifest", "TensorRecord", "integrity_hash", "is_complete", "is_plain_name",
+__all__ = ["LEGACY_KNOBS", "Manifest", "TensorRecord", "integrity_hash", "is_complete", "is_intact", "is_plain_name",
            "read_manifest", "sha256_file", "write_json_atomic"]
 
 # Knobs that every record carries at top level (None where the tensor's method has no such knob), as format 1.0
@@ -39,6 +39,13 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def is_intact(path: Path, record, digest: Callable[[Path], str] = sha256_file) -> bool:
+    """Whether `path` is a file of the size and sha256 (by `digest`) that `record` ({"bytes", "sha256"}) gives; a
+    record that is not a mapping vouches for nothing."""
+    return isinstance(record, dict) and path.is_file() and path.stat().st_size == record.get("bytes") \
+        and digest(path) == record.get("sha256")
 
 
 @dataclass

@@ -14,7 +14,7 @@ from ..dtypes import dtype_from_name, dtype_name
 from ..errors import LplrError, opt
 from ..math.lowrank import product_rows
 from ..methods import get_method
-from .manifest import Manifest, TensorRecord, read_manifest, sha256_file
+from .manifest import Manifest, TensorRecord, is_intact, read_manifest
 
 __all__ = ["ConvertedOutput", "decode_record", "decoded_factors", "loaded_blocks", "loaded_tensor", "open_output"]
 
@@ -81,8 +81,7 @@ class ConvertedOutput:
             return None
         if not path.is_file():
             raise LplrError(f"{rel} is missing from {self.root} although the manifest lists it; re-run the conversion")
-        if self.verify and (not isinstance(meta, dict) or path.stat().st_size != meta.get("bytes")
-                            or sha256_file(path) != meta.get("sha256")):
+        if self.verify and not is_intact(path, meta):
             raise LplrError(f"{path} does not match the sha256 in the manifest (modified after the conversion); "
                             f"restore it, or re-run the conversion")
         return path
@@ -95,8 +94,7 @@ class ConvertedOutput:
         path, meta = self.root / shard, self.manifest.shards.get(shard)
         if not path.is_file():
             raise self._missing(shard)
-        if not isinstance(meta, dict) or path.stat().st_size != meta.get("bytes") or \
-                sha256_file(path) != meta.get("sha256"):
+        if not is_intact(path, meta):
             raise LplrError(f"shard {shard} does not match the sha256 in the manifest (damaged or modified); "
                             f"re-run the conversion, or re-download it")
 
