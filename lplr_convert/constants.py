@@ -107,3 +107,6 @@ S_WEIGHTS = "weights"
 # The records this tool writes beside its outputs: never copied from a source into an output (a copied record would
 # describe files of another directory).
 RECORD_FILES = (*OWN_FILES, EXPORT_FILE, CALIB_MANIFEST, CALIB_PROGRESS)
+# The records that mark a directory as an output of this tool (a conversion, an export or decompress, STATS), finished
+# or interrupted.
+MARKER_FILES = (MANIFEST_FILE, PROGRESS_FILE, EXPORT_FILE, CALIB_MANIFEST, CALIB_PROGRESS)

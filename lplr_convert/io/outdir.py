@@ -44,15 +44,13 @@ def check_paths(src_root: Path, out: Path, what: str = "out_path") -> None:
                         f"would join that output, and a push of it would publish them); choose a directory outside it")
 
 
-# The records that mark a directory as an output of this tool.
-_RECORDS = (C.MANIFEST_FILE, C.PROGRESS_FILE, C.EXPORT_FILE, C.CALIB_MANIFEST, C.CALIB_PROGRESS)
 
 
 def owning_output(path: Path) -> Path | None:
     """The nearest of `path` (resolved) and its parents that holds a record of this tool (a conversion, an
     interrupted one, an export or decompress, a STATS directory), or None."""
     path = path.resolve()
-    return next((d for d in (path, *path.parents) if any((d / n).is_file() for n in _RECORDS)), None)
+    return next((d for d in (path, *path.parents) if any((d / n).is_file() for n in C.MARKER_FILES)), None)
 
 
 def entries(out: Path) -> list[str]:

@@ -152,8 +152,7 @@ def loaded_tensor(method, parts: dict[str, torch.Tensor], info: dict, transposed
 
 
 def loaded_blocks(method, parts: dict[str, torch.Tensor], info: dict, W: torch.Tensor, transposed: bool,
-                  dtype: torch.dtype, factors: tuple | None = None,
-                  block_elements: int = 1 << 21) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  dtype: torch.dtype, factors: tuple | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Row blocks (rows of W, the same rows of `loaded_tensor`'s result) for measuring what a loader returns without
     holding it whole; W is the source tensor as read (source orientation, on the parts' device).
 
@@ -161,8 +160,7 @@ def loaded_blocks(method, parts: dict[str, torch.Tensor], info: dict, W: torch.T
     factored weight (`method.factored`, not fused experts) is decoded a block at a time by `math.lowrank`'s
     schedule, the one its `decode` uses, from `factors` = (L, R, base or None) when the caller decoded them already:
     the same bits as `loaded_tensor`, without the float32 product or its cast copy at full size. Anything else is
-    decoded whole by `loaded_tensor` and cut into blocks of about `block_elements`, fused experts compared as
-    [experts * rows, cols] in the source orientation."""
+    decoded whole by `loaded_tensor` (one pair; fused experts as [experts * rows, cols] in the source orientation)."""
     from ..experts import EXPERTS_KEY
 
     if method.factored and EXPERTS_KEY not in info:
@@ -172,10 +170,7 @@ def loaded_blocks(method, parts: dict[str, torch.Tensor], info: dict, W: torch.T
             yield rows[i:i + block.shape[0]], block.to(dtype)
         return
     full = loaded_tensor(method, parts, info, transposed, dtype)
-    rows, full = (W.T, full.T) if transposed and W.dim() == 2 else (W.flatten(0, -2), full.flatten(0, -2))
-    step = max(1, block_elements // max(1, rows.shape[1]))
-    for i in range(0, rows.shape[0], step):
-        yield rows[i:i + step], full[i:i + step]
+    yield (W.T, full.T) if transposed and W.dim() == 2 else (W.flatten(0, -2), full.flatten(0, -2))
 
 
 def decoded_factors(method, parts: dict[str, torch.Tensor], info: dict) -> tuple:

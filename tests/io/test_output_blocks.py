@@ -25,13 +25,12 @@ def test_blocks_are_the_loaded_tensor_in_the_methods_orientation(method, knobs, 
     impl = get_method(method)
     res = impl.compress(W.T if transposed else W, make_settings(method, **knobs), 7)
     loaded = loaded_tensor(impl, res.parts, res.info, transposed, dtype)
-    for step in (1, 5, 1 << 20):  # block_elements (non-factored): one row, several rows, everything at once
-        pairs = list(loaded_blocks(impl, res.parts, res.info, W, transposed, dtype, block_elements=step))
-        rows = torch.cat([w for w, _ in pairs])
-        got = torch.cat([b for _, b in pairs])
-        assert got.dtype == dtype
-        assert torch.equal(rows, W.T if transposed else W)
-        assert torch.equal(got, loaded.T if transposed else loaded)
+    pairs = list(loaded_blocks(impl, res.parts, res.info, W, transposed, dtype))
+    rows = torch.cat([w for w, _ in pairs])
+    got = torch.cat([b for _, b in pairs])
+    assert got.dtype == dtype
+    assert torch.equal(rows, W.T if transposed else W)
+    assert torch.equal(got, loaded.T if transposed else loaded)
 
 
 def test_fused_experts_blocks_are_the_stacked_loaded_tensor():
@@ -40,7 +39,7 @@ def test_fused_experts_blocks_are_the_stacked_loaded_tensor():
     impl = get_method("lplr")
     res = compress_experts(impl, W, make_settings("lplr", rank_fraction=0.5), 9, True)
     loaded = loaded_tensor(impl, res.parts, res.info, True, torch.float16)
-    pairs = list(loaded_blocks(impl, res.parts, res.info, W, True, torch.float16, block_elements=20))
+    pairs = list(loaded_blocks(impl, res.parts, res.info, W, True, torch.float16))
     assert torch.equal(torch.cat([b for _, b in pairs]), loaded.flatten(0, -2))
     assert torch.equal(torch.cat([w for w, _ in pairs]), W.flatten(0, -2))
 
