@@ -4,6 +4,11 @@ Normal equations solved by a Cholesky factorization G = L^T L = C C^T. G and L^T
 working precision (GEMM speed); when the Cholesky diagonal shows L too ill-conditioned for that precision, they are
 re-formed in float64 (row blocks, no full float64 copy of W). A diagonal shift grows from the round-off level when L
 is numerically rank-deficient, and a float64 pseudo-inverse is the last resort.
+
+When L is a quantized matrix of at most 8 bits with one scale per column (`quantize.column_affine`), G comes from the
+integer Gram of its codes (`code_gram`): exact integer sums (torch._int_mm) turned into G in float64, on a CPU with
+VNNI int8 kernels. That is more accurate than the float32 G and faster: 0.19 s against 0.73 s for an 11008 x 3277 L
+on the 2-core AVX-512 machine of the benchmark.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["NormalSolution", "gram", "solve_normal"]
+from .quantize import Quantized, column_affine
+
+__all__ = ["NormalSolution", "code_cross", "code_gram", "gram", "integer_matmul", "solve_normal"]
 
 # Re-form the normal equations in float64 when eps(dtype) * cond(G) exceeds this (cond estimated from Cholesky).
 _REFINE_ABOVE = 1e-4
@@ -32,21 +39,117 @@ class NormalSolution:
     chol: torch.Tensor | None = None  # lower C with C C^T = gram (None when the pseudo-inverse was needed)
 
 
-def gram(L: torch.Tensor, blocks: int = 4, min_rank: int = 1024) -> torch.Tensor:
+def gram(L: torch.Tensor, blocks: int = 4, min_rank: int = 1024, mm=torch.matmul) -> torch.Tensor:
     """L^T L computing only the block upper triangle (0.625x the flops of a full product for 4 blocks).
 
-    Each entry is the same dot product over the rows as in `L.T @ L`; the lower blocks are mirrored.
+    Each entry is the same dot product over the rows as in `mm(L.T, L)`; the lower blocks are mirrored. `mm`:
+    the matrix product (torch._int_mm for int8 L, whose Gram is int32).
     """
     r = L.shape[1]
     if r < min_rank:
-        return L.T @ L
+        return mm(L.T, L)
     edges = [round(i * r / blocks) for i in range(blocks + 1)]
-    G = torch.empty(r, r, dtype=L.dtype, device=L.device)
+    G = None
     for a, b in itertools.pairwise(edges):
-        blk = L[:, a:b].T @ L[:, a:]
+        blk = mm(L[:, a:b].T, L[:, a:])
+        if G is None:
+            G = torch.empty(r, r, dtype=blk.dtype, device=L.device)
         G[a:b, a:] = blk
         G[a:, a:b] = blk.T
     return G
+
+
+# Rows per integer Gram: a sum of 2**16 products of int8 codes (|c| <= 128) stays within int32.
+_INT_ROWS = 1 << 16
+
+
+def integer_matmul(device: torch.device | str) -> bool:
+    """torch._int_mm is fast on `device`: a CPU with VNNI int8 instructions. (CUDA has int8 products too, with shape
+    constraints this code does not meet in general; it keeps the float32 Gram there.)"""
+    device = torch.device(device)
+    return device.type == "cpu" and bool(getattr(torch.cpu, "_is_vnni_supported", lambda: False)())
+
+
+def code_gram(q: Quantized) -> torch.Tensor | None:
+    """L^T L (float64) for L = dequantize(q), from the exact integer Gram of q's codes, or None where that does not
+    apply (more than 8 bits, scales per row or group, float casts, no fast integer product).
+
+    With C the codes less 128 (int8) and L = C diag(s) + 1 u^T column by column (u = z + 128 s for
+    `column_affine`'s (s, z)): L^T L = diag(s) C^T C diag(s) + (s * v) u^T + u (s * v)^T + m u u^T, v = C^T 1.
+    C^T C is exact (int32 sums of row blocks, added in float64), so G carries only the rounding of those float64
+    products; it is the Gram of the exact affine values, which dequantize's float32 L rounds once more per entry.
+    """
+    if q.spec.bits > 8 or not integer_matmul(q.codes.device):
+        return None
+    affine = column_affine(q)
+    if affine is None:
+        return None
+    s, z = (t.to(q.codes.device) for t in affine)
+    m, r = q.codes.shape
+    C = torch.bitwise_xor(q.codes, 128).view(torch.int8)  # uint8 c -> int8 c - 128
+    K = None
+    for i in range(0, m, _INT_ROWS):
+        blk = gram(C[i:i + _INT_ROWS], mm=torch._int_mm).double()
+        K = blk if K is None else K.add_(blk)
+    sv = s * C.sum(0, dtype=torch.int64).double()
+    u = z + 128 * s
+    G = K.mul_(torch.outer(s, s))  # every term symmetric bit for bit (Cholesky reads one triangle)
+    w = torch.outer(sv, u)
+    G += w + w.T
+    G += torch.outer(u, u).mul_(m)
+    return G
+
+
+# Integer limbs of W in `code_cross`: three int8 digits (base 128) of each column's fixed-point value.
+_LIMBS = 3
+_CROSS_BLOCK_ELEMENTS = 1 << 23  # columns of W per block: at most this many float32 temporaries (32 MiB)
+
+
+def _int8_limbs(X: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(a, [N_0, N_1, N_2]) with X = (N_0 + N_1 / 128 + N_2 / 128**2) a + E column by column: a a power of two per
+    column with |X| <= 127 a, N_t int8 digits (truncated: all exact float32 steps), |E| < a / 128**2 (21 bits below
+    the column's largest entry; exact for a float16 column whose entries span less than 2**10)."""
+    amax = X.abs().amax(dim=0, keepdim=True).double()
+    a = torch.exp2(torch.ceil(torch.log2(amax.clamp_min(torch.finfo(torch.float64).tiny) / 127))).to(X.dtype)
+    T = X / a
+    limbs = []
+    for t in range(_LIMBS):
+        limbs.append(T.to(torch.int8))  # truncation towards zero
+        if t + 1 < _LIMBS:
+            T = T.frac_().mul_(128)
+    return a.double().reshape(-1), limbs
+
+
+def code_cross(q: Quantized, W: torch.Tensor) -> torch.Tensor | None:
+    """L^T W (float64) for L = dequantize(q) from integer products, or None where `code_gram` would be None.
+
+    L^T W = diag(s) C^T W + u (1^T W) (as in `code_gram`), with C^T W from W's `_int8_limbs`: three exact int8
+    products per block of columns, summed exactly in float64. The result is L^T W~ for W~ = W less its limb
+    residual E (|E| < 2**-21 of each column's largest |entry|), where a float32 product rounds every sum at 2**-24
+    relative; 1^T W is summed in float64 from W itself. Three int8 products run in 0.57 s where the float32 one
+    takes 1.35 s for an 11008 x 3277 L and an 11008 x 4096 W here.
+    """
+    if q.spec.bits > 8 or not integer_matmul(q.codes.device) or W.dtype not in (torch.float32, torch.float64):
+        return None
+    affine = column_affine(q)
+    if affine is None:
+        return None
+    s, z = (t.to(q.codes.device) for t in affine)
+    m, n = W.shape
+    Ct = torch.bitwise_xor(q.codes, 128).view(torch.int8).T
+    out = torch.empty(q.codes.shape[1], n, dtype=torch.float64, device=W.device)
+    step = max(1, _CROSS_BLOCK_ELEMENTS // max(1, m))
+    for j in range(0, n, step):
+        a, limbs = _int8_limbs(W[:, j:j + step])
+        acc = out[:, j:j + step]
+        acc.zero_()
+        for t, N in enumerate(limbs):
+            for i in range(0, m, _INT_ROWS):
+                acc.add_(torch._int_mm(Ct[:, i:i + _INT_ROWS], N[i:i + _INT_ROWS]).double(), alpha=128.0**-t)
+        acc.mul_(a)
+    out.mul_(s[:, None])
+    out.addr_(z + 128 * s, W.sum(0, dtype=torch.float64))
+    return out
 
 
 def _gram64(L: torch.Tensor, W: torch.Tensor, block_rows: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,10 +194,13 @@ def _solve(chol: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(chol, y, upper=False, left=False).mT
 
 
-def solve_normal(L: torch.Tensor, W: torch.Tensor) -> NormalSolution:
-    """Solve min_R ||L R - W||_F for R (r x n), L being m x r and W m x n; R comes back in L's dtype."""
-    G = gram(L)
-    cross = L.T @ W
+def solve_normal(L: torch.Tensor, W: torch.Tensor, codes: Quantized | None = None) -> NormalSolution:
+    """Solve min_R ||L R - W||_F for R (r x n), L being m x r and W m x n; R comes back in L's dtype. `codes`: the
+    quantized matrix L was decoded from, when there is one (its Gram may come from the codes: `code_gram`)."""
+    G = None if codes is None else code_gram(codes)
+    G = gram(L) if G is None else G.to(L.dtype)
+    cross = None if codes is None else code_cross(codes, W)
+    cross = L.T @ W if cross is None else cross.to(L.dtype)
     if L.dtype != torch.float64:
         chol, info = torch.linalg.cholesky_ex(G)
         if _well_conditioned(chol, info):

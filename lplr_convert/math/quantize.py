@@ -75,6 +75,7 @@ __all__ = [
     "QuantSpec",
     "Quantized",
     "check_bits",
+    "column_affine",
     "dequantize",
     "field_specs",
     "fit_grid",
@@ -476,6 +477,25 @@ def dequantize(q: Quantized, dtype: torch.dtype = torch.float32) -> torch.Tensor
     params = q.params.map(lambda t: t.unsqueeze(2)) if spec.granularity == "group" else q.params
     t = _view(q.codes.to(work), spec)
     return _unview(_grid(params, spec, work).values_(t), spec.shape).to(dtype)
+
+
+def column_affine(q: Quantized) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(s, z), float64 vectors over the columns, with `dequantize(q)` = codes * s + z column by column (each entry
+    up to the rounding of dequantize's working precision), when q holds integer codes with one parameter set per
+    column (granularity channel, channel_dim 1) or per tensor; None for float casts, rows and groups."""
+    spec = q.spec
+    per_column = spec.granularity == "channel" and spec.channel_dim == 1
+    if spec.bits in FLOAT_BITS or not (per_column or spec.granularity == "tensor"):
+        return None
+    n = spec.shape[1]
+    s = q.scale.double().reshape(-1).expand(n)
+    if spec.scheme == "minmax":
+        z = q.zero.double().reshape(-1).expand(n)
+    elif spec.scheme == "symmetric":
+        z = -(1 << (spec.bits - 1)) * s
+    else:
+        z = -q.zero_point.double().reshape(-1).expand(n) * s
+    return s.contiguous(), z.contiguous()
 
 
 def field_specs(spec: QuantSpec, float_dtype: str = "float16") -> dict[str, tuple[str, tuple[int, ...]]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -152,6 +152,7 @@ class Factors:
     chol: torch.Tensor | None = None
     energy: torch.Tensor | None = None
     sv: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)  # the method's record fields (`MethodResult.extra`)
 
 
 def quantize_left(Wf: torch.Tensor, Y: torch.Tensor, r: int, s: Settings) -> tuple[qz.Quantized, torch.Tensor]:
@@ -164,7 +165,7 @@ def refit(Wf: torch.Tensor, qL: qz.Quantized, L: torch.Tensor, r: int, s: Settin
           sv=None) -> Factors:
     """Solve for R in least squares against the quantized left factor, quantize R (LPLR's and LSVD's second half)."""
     _, right = factor_specs(*Wf.shape, r, s)
-    sol = solve_normal(L, Wf)
+    sol = solve_normal(L, Wf, qL)
     qR, R = qz.quantize_dequantize_spec(sol.R, right, Wf.dtype)
     # The unquantized R is dropped with `sol` here, before the error's temporaries.
     return Factors(qL, qR, L, R, sol.gram, sol.cross, sol.chol, energy, sv)
@@ -205,7 +206,7 @@ class FactoredMethod(Method):
         bits = qz.stored_bits(f.qL.spec) + qz.stored_bits(f.qR.spec)
         # Deferred: the identity reuses the solve's products (0.37 s on an 11008x4096 matrix), which a conversion
         # does not need, as it measures the decoded tensor.
-        return MethodResult(parts, info, bits, None, r, f.energy, spectrum=f.sv, error_fn=lambda: factor_relative_error(
+        return MethodResult(parts, info, bits, None, r, f.energy, spectrum=f.sv, extra=f.extra, error_fn=lambda: factor_relative_error(
             Wf, f.L, f.R, gram=f.gram, cross=f.cross, chol=f.chol))
 
     def decode_factors(self, parts: dict[str, torch.Tensor], info: dict) -> tuple[torch.Tensor, torch.Tensor]:
