@@ -72,3 +72,67 @@ def test_sparse_sketch_rows(r):
 def test_unknown_sketch_is_refused():
     with pytest.raises(ValueError, match="gaussian, sparse"):
         sketch_matrix(4, 2, 0, "hadamard")
+
+
+def test_sketch_product_in_float32_is_the_plain_product():
+    from lplr_convert.math.sketch import sketch_product
+
+    g = torch.Generator().manual_seed(3)
+    W, S = torch.randn(50, 120, generator=g), sketch_matrix(120, 30, 9)
+    Y, used = sketch_product(W, S, "float32")
+    assert used == "float32" and torch.equal(Y, W @ S)
+    Y64, used = sketch_product(W.double(), S, "auto")  # auto never lowers a float64 matrix
+    assert used == "float64" and torch.equal(Y64, W.double() @ S.double())
+
+
+def test_sketch_product_in_bfloat16_is_within_its_rounding_bound():
+    """W, S and the product each rounded to bfloat16 (unit round-off u = 2**-8), sums in float32 inside the GEMM:
+    |Y - W S| <= (3u + u**2 + n 2**-23) |W| |S| entry by entry."""
+    from lplr_convert.math.sketch import sketch_product
+
+    g = torch.Generator().manual_seed(4)
+    n = 120
+    W = torch.randn(50, n, generator=g) * torch.logspace(-2, 2, n)
+    S = sketch_matrix(n, 30, 11)
+    Y, used = sketch_product(W, S, "bfloat16")
+    assert used == "bfloat16" and Y.dtype == torch.float32
+    u = 2.0**-8
+    scale = W.double().abs() @ S.double().abs()
+    err = (Y.double() - W.double() @ S.double()).abs()
+    assert bool((err <= (3 * u + u * u + n * 2.0**-23) * scale).all())
+    assert float(err.max()) > 0  # it is a different product: the bound is what holds, not equality
+
+
+def test_sketch_product_auto_follows_the_device_and_rejects_unknown_precisions():
+    from lplr_convert.math.sketch import native_bfloat16, sketch_product
+
+    W, S = torch.randn(20, 16), sketch_matrix(16, 8, 1)
+    assert sketch_product(W, S, "auto")[1] == ("bfloat16" if native_bfloat16("cpu") else "float32")
+    with pytest.raises(ValueError, match="sketch precision 'half' is unknown"):
+        sketch_product(W, S, "half")
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_lplr_quantizes_the_sketch_product_it_records(precision):
+    """L's codes are those of quantizing `sketch_product` in the chosen precision, and the record says which."""
+    from lplr_convert.math import quantize as qz
+    from lplr_convert.math.sketch import sketch_product
+    from lplr_convert.methods import MethodSettings, RankPolicy, get_method
+    from lplr_convert.methods._common import factor_specs
+
+    W = torch.randn(90, 70, generator=torch.Generator().manual_seed(6))
+    s = MethodSettings(method="lplr", b1=8, b2=8, rank=RankPolicy("rank", 20), sketch_precision=precision)
+    res = get_method("lplr").compress(W, s, 13)
+    assert res.extra["sketch_precision"] == precision
+    Y, _ = sketch_product(W, sketch_matrix(70, 20, 13), precision)
+    left, _ = factor_specs(90, 70, 20, s)
+    stored = qz.from_fields({k.split(".", 1)[1]: v for k, v in res.parts.items() if k.startswith("lplr_left.")}, left)
+    assert torch.equal(stored.codes, qz.quantize_spec(Y, left).codes)
+
+
+def test_lplr_auto_keeps_float32_for_float_factors():
+    from lplr_convert.methods import MethodSettings, RankPolicy, get_method
+
+    W = torch.randn(40, 30, generator=torch.Generator().manual_seed(8))
+    s = MethodSettings(method="lplr", b1=16, b2=16, rank=RankPolicy("rank", 10))
+    assert get_method("lplr").compress(W, s, 1).extra["sketch_precision"] == "float32"
