@@ -74,13 +74,18 @@ def test_code_cross_is_exact_for_float16_columns_of_moderate_range(gen):
     assert torch.equal(code_cross(q, W), L.double().T @ W.double())
 
 
-def test_code_cross_blocks_give_the_same_bits(gen, monkeypatch):
+def test_code_cross_column_blocks_give_the_same_bits_and_row_blocks_stay_within_the_bound(gen, monkeypatch):
     q, L = _left(gen)
     W = torch.randn(300, 90, generator=gen)
     whole = code_cross(q, W)
-    monkeypatch.setattr(lstsq, "_INT_ROWS", 128)
     monkeypatch.setattr(lstsq, "_CROSS_BLOCK_ELEMENTS", 300 * 17)  # 17-column blocks, a short last one
-    assert torch.equal(code_cross(q, W), whole)
+    assert torch.equal(code_cross(q, W), whole)  # each column's limbs do not depend on its neighbours
+    monkeypatch.setattr(lstsq, "_INT_ROWS", 128)  # 3 row blocks with their own scales (no larger than the column's)
+    X = code_cross(q, W)
+    exact = L.double().T @ W.double()
+    a = 2 * W.abs().amax(dim=0).double() / 127
+    bound = L.double().abs().T @ torch.ones(300, 90, dtype=torch.float64) * (a / 128**2)
+    assert bool(((X - exact).abs() <= bound).all())
 
 
 @pytest.mark.parametrize("spec", [qz.QuantSpec((64, 24), 16, float_dtype="float16"),
