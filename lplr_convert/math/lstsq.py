@@ -70,14 +70,25 @@ def integer_matmul(device: torch.device | str) -> bool:
     return device.type == "cpu" and bool(getattr(torch.cpu, "_is_vnni_supported", lambda: False)())
 
 
-def code_gram(q: Quantized) -> torch.Tensor | None:
-    """L^T L (float64) for L = dequantize(q), from the exact integer Gram of q's codes, or None where that does not
-    apply (more than 8 bits, scales per row or group, float casts, no fast integer product).
+def _column_sums(X: torch.Tensor, dtype: torch.dtype, block_elements: int = 1 << 22) -> torch.Tensor:
+    """1^T X in `dtype`, a block of rows at a time (X.sum(0, dtype=...) would first convert all of X to `dtype`)."""
+    acc = torch.zeros(X.shape[1], dtype=dtype, device=X.device)
+    step = max(1, block_elements // max(1, X.shape[1]))
+    for i in range(0, X.shape[0], step):
+        acc += X[i:i + step].sum(0, dtype=dtype)
+    return acc
+
+
+def code_gram(q: Quantized, dtype: torch.dtype = torch.float64) -> torch.Tensor | None:
+    """L^T L for L = dequantize(q), from the exact integer Gram of q's codes, in `dtype` (formed in float64, rounded
+    once), or None where that does not apply (more than 8 bits, scales per row or group, float casts, no fast
+    integer product).
 
     With C the codes less 128 (int8) and L = C diag(s) + 1 u^T column by column (u = z + 128 s for
     `column_affine`'s (s, z)): L^T L = diag(s) C^T C diag(s) + (s * v) u^T + u (s * v)^T + m u u^T, v = C^T 1.
-    C^T C is exact (int32 sums of row blocks, added in float64), so G carries only the rounding of those float64
-    products; it is the Gram of the exact affine values, which dequantize's float32 L rounds once more per entry.
+    C^T C is exact (int32 sums of row blocks of 2**16), so G carries only float64 rounding; it is the Gram of the
+    exact affine values, which dequantize's float32 L rounds once more per entry. Assembled a block of rows at a
+    time (no float64 r x r temporary beyond the integer Gram's own size), symmetric bit for bit.
     """
     if q.spec.bits > 8 or not integer_matmul(q.codes.device):
         return None
@@ -87,22 +98,27 @@ def code_gram(q: Quantized) -> torch.Tensor | None:
     s, z = (t.to(q.codes.device) for t in affine)
     m, r = q.codes.shape
     C = torch.bitwise_xor(q.codes, 128).view(torch.int8)  # uint8 c -> int8 c - 128
-    K = None
-    for i in range(0, m, _INT_ROWS):
-        blk = gram(C[i:i + _INT_ROWS], mm=torch._int_mm).double()
-        K = blk if K is None else K.add_(blk)
-    sv = s * C.sum(0, dtype=torch.int64).double()
+    K = gram(C[:_INT_ROWS], mm=torch._int_mm)  # int32; the sum of several row blocks in int64
+    for i in range(_INT_ROWS, m, _INT_ROWS):
+        K = K.long() if K.dtype == torch.int32 else K
+        K += gram(C[i:i + _INT_ROWS], mm=torch._int_mm)
+    sv = s * _column_sums(C, torch.int64).double()
     u = z + 128 * s
-    G = K.mul_(torch.outer(s, s))  # every term symmetric bit for bit (Cholesky reads one triangle)
-    w = torch.outer(sv, u)
-    G += w + w.T
-    G += torch.outer(u, u).mul_(m)
+    G = torch.empty(r, r, dtype=dtype, device=C.device)
+    step = max(1, (1 << 20) // max(1, r))
+    for a in range(0, r, step):
+        b = min(r, a + step)
+        # Each term is symmetric bit for bit: K_ij (s_i s_j), (sv_i u_j + u_i sv_j) and m (u_i u_j).
+        blk = K[a:b].double().mul_(torch.outer(s[a:b], s))
+        blk += torch.outer(sv[a:b], u) + torch.outer(u[a:b], sv)
+        blk += torch.outer(u[a:b], u).mul_(m)
+        G[a:b] = blk
     return G
 
 
 # Integer limbs of W in `code_cross`: three int8 digits (base 128) of each column's fixed-point value.
 _LIMBS = 3
-_CROSS_BLOCK_ELEMENTS = 1 << 23  # columns of W per block: at most this many float32 temporaries (32 MiB)
+_CROSS_BLOCK_ELEMENTS = 1 << 22  # columns of W per block: at most this many float32 temporaries (16 MiB)
 
 
 def _int8_limbs(X: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -120,15 +136,16 @@ def _int8_limbs(X: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return a.double().reshape(-1), limbs
 
 
-def code_cross(q: Quantized, W: torch.Tensor) -> torch.Tensor | None:
-    """L^T W (float64) for L = dequantize(q) from integer products, or None where `code_gram` would be None.
+def code_cross(q: Quantized, W: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor | None:
+    """L^T W for L = dequantize(q) from integer products, in `dtype` (formed in float64, rounded once), or None
+    where `code_gram` would be None or W is not float32/float64.
 
     L^T W = diag(s) C^T W + u (1^T W) (as in `code_gram`), with C^T W from W's `_int8_limbs` per block (up to 2**16
     rows by 2**23 / rows columns): three exact int8 products per block, summed exactly in float64, the row blocks'
     sums added in float64. The result is L^T W~ for W~ = W less its limb residual E (|E| < 2**-21 of the largest
     |entry| of the column within its row block), where a float32 product rounds every sum at 2**-24 relative;
-    1^T W is summed in float64 from W itself. Three int8 products run in 0.57 s where the float32 one
-    takes 1.35 s for an 11008 x 3277 L and an 11008 x 4096 W here.
+    1^T W is summed in float64 from W itself. 0.8 s where the float32 product takes 1.4 s for an 11008 x 3277 L
+    and an 11008 x 4096 W here; the float64 temporaries are one column block's.
     """
     if q.spec.bits > 8 or not integer_matmul(q.codes.device) or W.dtype not in (torch.float32, torch.float64):
         return None
@@ -136,23 +153,27 @@ def code_cross(q: Quantized, W: torch.Tensor) -> torch.Tensor | None:
     if affine is None:
         return None
     s, z = (t.to(q.codes.device) for t in affine)
+    u = z + 128 * s
     m, n = W.shape
+    colsum = _column_sums(W, torch.float64)
     # C^T a row block at a time, each made contiguous once (together the size of the codes), for every column block
     codes_t = [torch.bitwise_xor(q.codes[i:i + _INT_ROWS], 128).view(torch.int8).T.contiguous()
                for i in range(0, m, _INT_ROWS)]
-    out = torch.zeros(q.codes.shape[1], n, dtype=torch.float64, device=W.device)
+    out = torch.empty(q.codes.shape[1], n, dtype=dtype, device=W.device)
     step = max(1, _CROSS_BLOCK_ELEMENTS // max(1, min(m, _INT_ROWS)))
     for j in range(0, n, step):
-        acc = out[:, j:j + step]
+        acc = None
         for b, Ct in enumerate(codes_t):
             # Limbs of each (row block, column block) with their own scales: every block's product is exact.
-            a, limbs = _int8_limbs(W[b * _INT_ROWS:(b + 1) * _INT_ROWS, j:j + step])
+            Wb = W[b * _INT_ROWS:(b + 1) * _INT_ROWS, j:j + step]
+            a, limbs = _int8_limbs(Wb)
             part = torch._int_mm(Ct, limbs[0]).double()
             for t, N in enumerate(limbs[1:], 1):
                 part.add_(torch._int_mm(Ct, N).double(), alpha=128.0**-t)
-            acc.add_(part.mul_(a))
-    out.mul_(s[:, None])
-    out.addr_(z + 128 * s, W.sum(0, dtype=torch.float64))
+            part.mul_(a)
+            acc = part if acc is None else acc.add_(part)
+        acc.mul_(s[:, None]).add_(torch.outer(u, colsum[j:j + step]))  # one rounding each: layout-free
+        out[:, j:j + step] = acc
     return out
 
 
@@ -201,10 +222,10 @@ def _solve(chol: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 def solve_normal(L: torch.Tensor, W: torch.Tensor, codes: Quantized | None = None) -> NormalSolution:
     """Solve min_R ||L R - W||_F for R (r x n), L being m x r and W m x n; R comes back in L's dtype. `codes`: the
     quantized matrix L was decoded from, when there is one (its Gram may come from the codes: `code_gram`)."""
-    G = None if codes is None else code_gram(codes)
-    G = gram(L) if G is None else G.to(L.dtype)
-    cross = None if codes is None else code_cross(codes, W)
-    cross = L.T @ W if cross is None else cross.to(L.dtype)
+    G = None if codes is None else code_gram(codes, L.dtype)
+    G = gram(L) if G is None else G
+    cross = None if codes is None else code_cross(codes, W, L.dtype)
+    cross = L.T @ W if cross is None else cross
     if L.dtype != torch.float64:
         chol, info = torch.linalg.cholesky_ex(G)
         if _well_conditioned(chol, info):
