@@ -40,7 +40,7 @@ PER_BUDGET = [
     ("lplr, 4/4 (no calibration)", False, {"method": "lplr", "b1": 4, "b2": 4}),
 ]
 FIXED = [
-    ("lplr rf 0.8, 8/8, published grid", False, {"method": "lplr", "scheme": "minmax"}),
+    ("lplr rf 0.8, 8/8, published grid", False, {"method": "lplr", "scheme": "minmax", "sketch_precision": "float32"}),
     ("lsvd rf 0.8, 8/8, published grid", False, {"method": "lsvd", "scheme": "minmax"}),
     ("lsvd rf 0.8, 8/8, calibrated", True, {"method": "lsvd"}),
     ("rtn 8-bit per channel", False, {"method": "rtn", "b0": 8}),

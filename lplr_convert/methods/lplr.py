@@ -23,7 +23,8 @@ class LPLRSettings(CalibratedFactoredSettings):
     power_iters: int = knob(0, type=int, validate=non_negative, label="nondefault", help="LPLR power iterations.")
     sketch_precision: str = knob(
         "auto", type=str, choices=SKETCH_PRECISIONS, label="nondefault",
-        help="Arithmetic of LPLR's sketch product W S, which is quantized to b1 bits next: auto takes bfloat16 when "
+        help="Arithmetic of LPLR's sketch product W S (without calibration), which is quantized to b1 bits next: "
+             "auto takes bfloat16 when "
              "b1 <= 8 and the device multiplies bfloat16 natively (about 4x faster on such a CPU; the error moves "
              "less than between seeds), float32 otherwise. The tensor record's sketch_precision says which was used.")
 
