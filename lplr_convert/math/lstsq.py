@@ -5,10 +5,10 @@ working precision (GEMM speed); when the Cholesky diagonal shows L too ill-condi
 re-formed in float64 (row blocks, no full float64 copy of W). A diagonal shift grows from the round-off level when L
 is numerically rank-deficient, and a float64 pseudo-inverse is the last resort.
 
-When L is a quantized matrix of at most 8 bits with one scale per column (`quantize.column_affine`), G comes from the
-integer Gram of its codes (`code_gram`): exact integer sums (torch._int_mm) turned into G in float64, on a CPU with
-VNNI int8 kernels. That is more accurate than the float32 G and faster: 0.19 s against 0.73 s for an 11008 x 3277 L
-on the 2-core AVX-512 machine of the benchmark.
+When L is a quantized matrix of at most 8 bits with one scale per column (`quantize.column_affine`), G and L^T W come
+from integer products of its codes (`code_gram`, `code_cross`: exact int8 sums, torch._int_mm, formed in float64), on
+a CPU with VNNI int8 kernels. They are at least as accurate as the float32 products and faster: 0.24 s against 0.73 s
+and 0.8 s against 1.4 s for an 11008 x 3277 L and an 11008 x 4096 W on the 2-core AVX-512 machine of the benchmark.
 """
 
 from __future__ import annotations
@@ -70,6 +70,20 @@ def integer_matmul(device: torch.device | str) -> bool:
     return device.type == "cpu" and bool(getattr(torch.cpu, "_is_vnni_supported", lambda: False)())
 
 
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    """t with the strides (columns, 1) of a fresh row-major matrix. `contiguous()` is not enough: it keeps any stride
+    of a dimension of size 1 (a 1 x 3 transpose of a 3 x 1 matrix keeps strides (1, 1))."""
+    if t.stride() == (t.shape[1], 1):
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+
+
+def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch._int_mm (int8 x int8 -> exact int32) on row-major operands: on other strides it can return wrong sums
+    (the 1 x 3 transpose of a 3 x 1 matrix, strides (1, 1), gave 1113702368 for 34194 here, torch 2.13 CPU)."""
+    return torch._int_mm(_row_major(a), _row_major(b))
+
+
 def _column_sums(X: torch.Tensor, dtype: torch.dtype, block_elements: int = 1 << 22) -> torch.Tensor:
     """1^T X in `dtype`, a block of rows at a time (X.sum(0, dtype=...) would first convert all of X to `dtype`)."""
     acc = torch.zeros(X.shape[1], dtype=dtype, device=X.device)
@@ -90,7 +104,7 @@ def code_gram(q: Quantized, dtype: torch.dtype = torch.float64) -> torch.Tensor 
     exact affine values, which dequantize's float32 L rounds once more per entry. Assembled a block of rows at a
     time (no float64 r x r temporary beyond the integer Gram's own size), symmetric bit for bit.
     """
-    if q.spec.bits > 8 or not integer_matmul(q.codes.device):
+    if q.spec.bits > 8 or not q.codes.numel() or not integer_matmul(q.codes.device):
         return None
     affine = column_affine(q)
     if affine is None:
@@ -98,10 +112,10 @@ def code_gram(q: Quantized, dtype: torch.dtype = torch.float64) -> torch.Tensor 
     s, z = (t.to(q.codes.device) for t in affine)
     m, r = q.codes.shape
     C = torch.bitwise_xor(q.codes, 128).view(torch.int8)  # uint8 c -> int8 c - 128
-    K = gram(C[:_INT_ROWS], mm=torch._int_mm)  # int32; the sum of several row blocks in int64
+    K = gram(C[:_INT_ROWS], mm=_int_mm)  # int32; the sum of several row blocks in int64
     for i in range(_INT_ROWS, m, _INT_ROWS):
         K = K.long() if K.dtype == torch.int32 else K
-        K += gram(C[i:i + _INT_ROWS], mm=torch._int_mm)
+        K += gram(C[i:i + _INT_ROWS], mm=_int_mm)
     sv = s * _column_sums(C, torch.int64).double()
     u = z + 128 * s
     G = torch.empty(r, r, dtype=dtype, device=C.device)
@@ -141,13 +155,14 @@ def code_cross(q: Quantized, W: torch.Tensor, dtype: torch.dtype = torch.float64
     where `code_gram` would be None or W is not float32/float64.
 
     L^T W = diag(s) C^T W + u (1^T W) (as in `code_gram`), with C^T W from W's `_int8_limbs` per block (up to 2**16
-    rows by 2**23 / rows columns): three exact int8 products per block, summed exactly in float64, the row blocks'
+    rows by 2**22 / rows columns): three exact int8 products per block, summed exactly in float64, the row blocks'
     sums added in float64. The result is L^T W~ for W~ = W less its limb residual E (|E| < 2**-21 of the largest
     |entry| of the column within its row block), where a float32 product rounds every sum at 2**-24 relative;
     1^T W is summed in float64 from W itself. 0.8 s where the float32 product takes 1.4 s for an 11008 x 3277 L
     and an 11008 x 4096 W here; the float64 temporaries are one column block's.
     """
-    if q.spec.bits > 8 or not integer_matmul(q.codes.device) or W.dtype not in (torch.float32, torch.float64):
+    if q.spec.bits > 8 or not q.codes.numel() or not integer_matmul(q.codes.device) or \
+            W.dtype not in (torch.float32, torch.float64):
         return None
     affine = column_affine(q)
     if affine is None:
@@ -167,9 +182,9 @@ def code_cross(q: Quantized, W: torch.Tensor, dtype: torch.dtype = torch.float64
             # Limbs of each (row block, column block) with their own scales: every block's product is exact.
             Wb = W[b * _INT_ROWS:(b + 1) * _INT_ROWS, j:j + step]
             a, limbs = _int8_limbs(Wb)
-            part = torch._int_mm(Ct, limbs[0]).double()
+            part = _int_mm(Ct, limbs[0]).double()
             for t, N in enumerate(limbs[1:], 1):
-                part.add_(torch._int_mm(Ct, N).double(), alpha=128.0**-t)
+                part.add_(_int_mm(Ct, N).double(), alpha=128.0**-t)
             part.mul_(a)
             acc = part if acc is None else acc.add_(part)
         acc.mul_(s[:, None]).add_(torch.outer(u, colsum[j:j + step]))  # one rounding each: layout-free

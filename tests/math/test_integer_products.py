@@ -112,3 +112,20 @@ def test_solve_normal_with_codes_reaches_the_least_squares_optimum(gen):
     # The same solve without the codes (float32 products) reaches the same optimum.
     R32 = solve_normal(L, W).R
     assert float((W.double() - L.double() @ R32.double()).norm()) <= opt * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("m,r,n", [(3, 1, 1), (1, 1, 1), (1, 5, 2), (17, 3, 9), (40, 1200, 7)])
+def test_integer_products_of_small_and_degenerate_shapes(gen, m, r, n):
+    """One column (a 1 x m transpose whose strides torch._int_mm misread), one row, and the blocked Gram (r >= 1024)."""
+    q, L = _left(gen, m=m, r=r)
+    W = torch.randn(m, n, generator=gen)
+    G, X = code_gram(q), code_cross(q, W)
+    exact = L.double().T @ L.double()
+    assert float((G - exact).abs().max()) <= 1e-12 * max(float(exact.abs().max()), 1e-300)
+    assert float((X - L.double().T @ W.double()).abs().max()) <= 1e-5 * max(float((L.abs().T @ W.abs()).max()), 1e-30)
+
+
+def test_integer_products_step_aside_for_an_empty_factor():
+    q = qz.Quantized(qz.QuantSpec((0, 4), 8, "channel", 1), torch.zeros(0, 4, dtype=torch.uint8),
+                     torch.ones(1, 4), torch.zeros(1, 4))
+    assert code_gram(q) is None and code_cross(q, torch.zeros(0, 3)) is None
