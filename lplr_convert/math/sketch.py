@@ -53,8 +53,8 @@ def native_bfloat16(device: torch.device | str) -> bool:
     """The device multiplies bfloat16 matrices in hardware: a CUDA device that supports bfloat16, or a CPU with
     AVX512-BF16 or AMX (elsewhere a bfloat16 product can be far slower than a float32 one)."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cuda":  # not counting emulation (a pre-Ampere GPU's bfloat16 is slower than its float32)
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
     if device.type == "cpu":
         probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(bool(getattr(torch.cpu, p, lambda: False)()) for p in probes)
