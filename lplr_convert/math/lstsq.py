@@ -93,6 +93,19 @@ def _column_sums(X: torch.Tensor, dtype: torch.dtype, block_elements: int = 1 <<
     return acc
 
 
+def _centered_codes(q: Quantized) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(C, s, u) with dequantize(q) = C diag(s) + 1 u^T column by column: C the codes less 128 as int8, s and u float64
+    on the codes' device (u = z + 128 s for `column_affine`'s (s, z)); None where the integer products do not apply
+    (more than 8 bits, scales per row or group, float casts, no rows, no fast integer product)."""
+    if q.spec.bits > 8 or not q.codes.numel() or not integer_matmul(q.codes.device):
+        return None
+    affine = column_affine(q)
+    if affine is None:
+        return None
+    s, z = (t.to(q.codes.device) for t in affine)
+    return torch.bitwise_xor(q.codes, 128).view(torch.int8), s, z + 128 * s  # uint8 c -> int8 c - 128
+
+
 def code_gram(q: Quantized, dtype: torch.dtype = torch.float64) -> torch.Tensor | None:
     """L^T L for L = dequantize(q), from the exact integer Gram of q's codes, in `dtype` (formed in float64, rounded
     once), or None where that does not apply (more than 8 bits, scales per row or group, float casts, no fast
@@ -104,20 +117,16 @@ def code_gram(q: Quantized, dtype: torch.dtype = torch.float64) -> torch.Tensor 
     exact affine values, which dequantize's float32 L rounds once more per entry. Assembled a block of rows at a
     time (no float64 r x r temporary beyond the integer Gram's own size), symmetric bit for bit.
     """
-    if q.spec.bits > 8 or not q.codes.numel() or not integer_matmul(q.codes.device):
+    centered = _centered_codes(q)
+    if centered is None:
         return None
-    affine = column_affine(q)
-    if affine is None:
-        return None
-    s, z = (t.to(q.codes.device) for t in affine)
-    m, r = q.codes.shape
-    C = torch.bitwise_xor(q.codes, 128).view(torch.int8)  # uint8 c -> int8 c - 128
+    C, s, u = centered
+    m, r = C.shape
     K = gram(C[:_INT_ROWS], mm=_int_mm)  # int32; the sum of several row blocks in int64
     for i in range(_INT_ROWS, m, _INT_ROWS):
         K = K.long() if K.dtype == torch.int32 else K
         K += gram(C[i:i + _INT_ROWS], mm=_int_mm)
     sv = s * _column_sums(C, torch.int64).double()
-    u = z + 128 * s
     G = torch.empty(r, r, dtype=dtype, device=C.device)
     step = max(1, (1 << 20) // max(1, r))
     for a in range(0, r, step):
@@ -161,20 +170,15 @@ def code_cross(q: Quantized, W: torch.Tensor, dtype: torch.dtype = torch.float64
     1^T W is summed in float64 from W itself. 0.8 s where the float32 product takes 1.4 s for an 11008 x 3277 L
     and an 11008 x 4096 W here; the float64 temporaries are one column block's.
     """
-    if q.spec.bits > 8 or not q.codes.numel() or not integer_matmul(q.codes.device) or \
-            W.dtype not in (torch.float32, torch.float64):
+    centered = None if W.dtype not in (torch.float32, torch.float64) else _centered_codes(q)
+    if centered is None:
         return None
-    affine = column_affine(q)
-    if affine is None:
-        return None
-    s, z = (t.to(q.codes.device) for t in affine)
-    u = z + 128 * s
+    C, s, u = centered
     m, n = W.shape
     colsum = _column_sums(W, torch.float64)
-    # C^T a row block at a time, each made contiguous once (together the size of the codes), for every column block
-    codes_t = [torch.bitwise_xor(q.codes[i:i + _INT_ROWS], 128).view(torch.int8).T.contiguous()
-               for i in range(0, m, _INT_ROWS)]
-    out = torch.empty(q.codes.shape[1], n, dtype=dtype, device=W.device)
+    # C^T a row block at a time, each made row-major once (together the size of the codes), for every column block
+    codes_t = [_row_major(C[i:i + _INT_ROWS].T) for i in range(0, m, _INT_ROWS)]
+    out = torch.empty(C.shape[1], n, dtype=dtype, device=W.device)
     step = max(1, _CROSS_BLOCK_ELEMENTS // max(1, min(m, _INT_ROWS)))
     for j in range(0, n, step):
         acc = None
