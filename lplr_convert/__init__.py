@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from . import _hf_hook
+from .hf import _hook as _hf_hook
 from .errors import IncompleteOutputError, LplrError
 from .methods import MethodSettings, RankPolicy, available_methods, get_method, make_settings
 
@@ -27,12 +27,12 @@ __all__ = [
 
 def __getattr__(name):  # heavy modules load lazily
     if name == "convert":
-        from .convert import convert
+        from .pipeline.convert import convert
         return convert
     if name in ("calibrate", "load_calibration"):
         from . import calibration
         return getattr(calibration, name)
     if name in ("load_state_dict", "load_model"):
-        from . import loading
+        from .hf import loading
         return getattr(loading, name)
     raise AttributeError(name)

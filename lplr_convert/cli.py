@@ -198,7 +198,7 @@ def _warn_unused(method: str, given: list[str]) -> None:
 
 
 def _options(kw, **extra):
-    from .convert import ConvertOptions
+    from .pipeline.convert import ConvertOptions
     from .methods import settings_from_flat
 
     layer = _layer(kw)
@@ -298,7 +298,7 @@ def main():
 @_friendly
 def convert(**kw):
     """Convert a checkpoint (the default command)."""
-    from .convert import convert as run
+    from .pipeline.convert import convert as run
 
     command = "lplr-convert " + " ".join(shlex.quote(a) for a in _redacted(sys.argv[1:]))
     if kw["devices"] and click.get_current_context().get_parameter_source("device") == \
@@ -312,7 +312,7 @@ def convert(**kw):
     manifest = run(opts)
     _print_summary(manifest, kw["out_path"])
     if kw["push_to"]:
-        from .hub import push
+        from .publish.hub import push
 
         result = push(kw["out_path"], kw["push_to"], private=kw["private"], token=kw["token"])  # card: manifest's
         click.echo(f"pushed to {result.get('url', kw['push_to'])}")
@@ -386,7 +386,7 @@ def inspect(**kw):
     """Show what a checkpoint holds, what each tensor would get, and the predicted output size (computes nothing)."""
     import json
 
-    from .inspection import inspect_checkpoint
+    from .pipeline.inspect import inspect_checkpoint
 
     info = inspect_checkpoint(_options(kw))
     if kw["as_json"]:
@@ -504,7 +504,7 @@ def eval_(**kw):
 @_friendly
 def push(**kw):
     """Push a converted directory to the Hugging Face Hub with a generated model card."""
-    from .hub import push as run
+    from .publish.hub import push as run
 
     result = run(kw["in_path"], kw["repo_id"], private=kw["private"], revision=kw["revision"],
                  commit_message=kw["commit_message"], token=kw["token"], dry_run=kw["dry_run"],

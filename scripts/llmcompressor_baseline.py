@@ -78,7 +78,7 @@ def _versions() -> dict:
 
 def _tool_targets(src: str) -> list[str]:
     """Names of the tensors the tool compresses by default (a round-to-nearest conversion, no calibration)."""
-    from lplr_convert.convert import ConvertOptions, convert
+    from lplr_convert.pipeline.convert import ConvertOptions, convert
     from lplr_convert.io.manifest import Manifest
     from lplr_convert.methods import flat_defaults, settings_from_flat
     from lplr_convert.methods.base import overlay

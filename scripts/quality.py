@@ -58,7 +58,7 @@ def _configs(quick: bool) -> list[tuple[str, bool, dict, float | None]]:
 
 
 def _run(src: str, stats: str, text: Path, label: str, calibrated: bool, layer: dict, budget: float | None) -> dict:
-    from lplr_convert.convert import ConvertOptions, convert
+    from lplr_convert.pipeline.convert import ConvertOptions, convert
     from lplr_convert.evaluate import evaluate_state_dict
     from lplr_convert.io.output import ConvertedOutput
     from lplr_convert.methods import flat_defaults, settings_from_flat

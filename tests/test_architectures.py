@@ -80,6 +80,6 @@ def test_family_round_trip(family, tmp_path):
 def test_block_and_matrix_type_names(name, layer, mtype):
     """ALBERT's shared layer group is block 0 (its weights are compressed, not silently copied); DeBERTa's
     projections have their types."""
-    from lplr_convert.plan import block_index, matrix_type
+    from lplr_convert.pipeline.plan import block_index, matrix_type
 
     assert (block_index(name), matrix_type(name)) == (layer, mtype)

@@ -13,7 +13,7 @@ from lplr_testing import run_cli
 
 from lplr_convert import constants as C
 from lplr_convert.io.manifest import read_manifest
-from lplr_convert.loading import load_model, load_state_dict
+from lplr_convert.hf.loading import load_model, load_state_dict
 
 
 def _one_line_error(res, *needles):

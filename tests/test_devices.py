@@ -9,7 +9,7 @@ import torch
 from lplr_testing import run_cli
 
 from lplr_convert import constants as C
-from lplr_convert.convert import ConvertOptions
+from lplr_convert.pipeline.convert import ConvertOptions
 from lplr_convert.devices import resolve_device
 from lplr_convert.errors import LplrError
 from lplr_convert.evaluate import evaluate

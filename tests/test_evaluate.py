@@ -208,7 +208,7 @@ def test_evaluate_writes_the_manifest_and_report(converted, minilm_dir, tiny_lm_
 
 
 def test_evaluate_causal_end_to_end(tiny_lm_dir, tmp_path):
-    from lplr_convert.convert import ConvertOptions, convert
+    from lplr_convert.pipeline.convert import ConvertOptions, convert
     from lplr_convert.methods import MethodSettings
 
     out = tmp_path / "rtn4"
@@ -227,7 +227,7 @@ def test_evaluate_an_moe_whose_expert_weights_transformers_fuses(minilm_dir, tmp
     from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
 
     from lplr_convert import load_model, load_state_dict
-    from lplr_convert.convert import ConvertOptions, convert
+    from lplr_convert.pipeline.convert import ConvertOptions, convert
     from lplr_convert.methods import MethodSettings
 
     tok = AutoTokenizer.from_pretrained(minilm_dir)
@@ -257,7 +257,7 @@ def test_texts_longer_than_the_models_positions_are_truncated_to_them(tmp_path, 
     from calibration.tiny_checkpoints import build_with_positions
     from transformers import AutoModel
 
-    from lplr_convert.modeling import max_tokens
+    from lplr_convert.hf.modeling import max_tokens
 
     src = build_with_positions(tmp_path / family, family, positions)
     assert max_tokens(AutoModel.from_pretrained(src)) == tokens
@@ -274,7 +274,7 @@ def test_max_tokens_of_real_configs():
     """512 tokens for BERT (512 positions) and RoBERTa (514, padding index 1), 1024 for GPT-2, none when unset."""
     import transformers
 
-    from lplr_convert.modeling import max_tokens
+    from lplr_convert.hf.modeling import max_tokens
 
     def build(cfg):
         with torch.device("meta"):

@@ -14,7 +14,7 @@ from lplr_testing import run_cli
 from lplr_convert import constants as C
 from lplr_convert import load_model
 from lplr_convert.io.reader import open_source
-from lplr_convert.plan import build_plan_options, make_plan
+from lplr_convert.pipeline.plan import build_plan_options, make_plan
 from lplr_convert.report.metrics import tensor_rows
 
 H = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -204,8 +204,8 @@ def test_mixtral_per_expert_weights_through_from_pretrained(tmp_path):
 def test_factored_experts_predicted_exactly_and_loaded_dense(built, tmp_path):
     """lplr on experts: inspect predicts each fused tensor's stored bytes exactly; the loaders decode the experts to
     dense (no per-expert factored module) while attention stays factored, and from_pretrained equals load_model."""
-    from lplr_convert.convert import ConvertOptions
-    from lplr_convert.inspection import inspect_checkpoint
+    from lplr_convert.pipeline.convert import ConvertOptions
+    from lplr_convert.pipeline.inspect import inspect_checkpoint
     from lplr_convert.methods import make_settings
 
     model, src = built("gpt_oss")

@@ -16,9 +16,9 @@ from lplr_testing import tiny_checkpoint
 
 from lplr_convert import LplrError
 from lplr_convert import constants as C
-from lplr_convert.convert import ConvertOptions, convert
+from lplr_convert.pipeline.convert import ConvertOptions, convert
 from lplr_convert.dtypes import ST_DTYPES
-from lplr_convert.inspection import inspect_checkpoint
+from lplr_convert.pipeline.inspect import inspect_checkpoint
 from lplr_convert.verify import verify
 
 NAMES = ["model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.weight", "model.norm.weight",

@@ -18,7 +18,7 @@ from lplr_testing import run_cli
 import lplr_convert
 from lplr_convert import constants as C
 from lplr_convert.errors import LplrError
-from lplr_convert.modeling import LowRankLinear
+from lplr_convert.hf.modeling import LowRankLinear
 
 IDS = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(1))
 
@@ -122,7 +122,7 @@ def test_dtype_casts_factors_like_load_model(conv, dtype):
 def test_unsupported_uses_are_one_line_errors(conv, tiny_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lplr_convert.hf_quantizer import LplrConvertConfig
+    from lplr_convert.hf.quantizer import LplrConvertConfig
 
     dst = conv("llama", "lplr")
     disk = {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu",

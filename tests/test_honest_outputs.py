@@ -166,7 +166,7 @@ def _plan(names_shapes: dict, method: str = "lplr", config: dict | None = None):
     from lplr_convert.io.reader import TensorHeader
     from lplr_convert.methods import flat_defaults
     from lplr_convert.methods.base import overlay
-    from lplr_convert.plan import PlanOptions, make_plan
+    from lplr_convert.pipeline.plan import PlanOptions, make_plan
 
     headers = [TensorHeader(n, shape, torch.float32, "model.safetensors") for n, shape in names_shapes.items()]
     return make_plan(headers, config or {"model_type": "llama"}, PlanOptions(overlay(flat_defaults(),

@@ -20,9 +20,9 @@ from lplr_testing import run_cli
 from safetensors.torch import save_file
 
 from lplr_convert import constants as C
-from lplr_convert.card import base_model_of, build_model_card
+from lplr_convert.publish.card import base_model_of, build_model_card
 from lplr_convert.errors import IncompleteOutputError, LplrError
-from lplr_convert.hub import push
+from lplr_convert.publish.hub import push
 from lplr_convert.io.manifest import Manifest, integrity_hash
 
 BASE = "sentence-transformers/all-MiniLM-L6-v2"
@@ -293,7 +293,7 @@ def test_push_resumes_after_a_failed_lfs_upload_and_skips_unchanged_files(tmp_pa
 def test_real_conversion_round_trips_through_the_hub(tmp_path, lfs_hub, tiny_llama_dir):
     """A real conversion (report and plots included) pushed, rebuilt from what the Hub stored, loads identically."""
     from lplr_convert import load_state_dict
-    from lplr_convert.convert import ConvertOptions, convert
+    from lplr_convert.pipeline.convert import ConvertOptions, convert
 
     out = tmp_path / "tiny-llama-lplr"
     convert(ConvertOptions(in_path=str(tiny_llama_dir), out_path=str(out), command="lplr-convert ... (test)"))
@@ -372,7 +372,7 @@ def test_a_token_in_any_file_to_upload_is_never_published(tmp_path, hub, where):
 def test_the_chunked_token_scan_finds_every_split(tmp_path):
     """Against `needle in data` for the token at every position and every chunk size, and for a file holding all
     of the token but its last byte (never found)."""
-    from lplr_convert.hub import _file_contains
+    from lplr_convert.publish.hub import _file_contains
 
     needle, path = b"hf_secret", tmp_path / "f"
     for pos in range(24 - len(needle) + 1):
@@ -533,7 +533,7 @@ def test_a_push_reads_each_listed_file_once_for_its_hash_and_the_token(tmp_path,
     large model's shards before); a listed file holding the token is still refused."""
     import builtins
 
-    from lplr_convert import hub as hub_module
+    from lplr_convert.publish import hub as hub_module
 
     out = make_output_dir(tmp_path)
     listed = {out / rel for rel in Manifest.from_json(json.loads((out / C.MANIFEST_FILE).read_text())).shards}

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from lplr_convert import constants as C
 from lplr_convert.io.manifest import read_manifest
-from lplr_convert.loading import load_state_dict
+from lplr_convert.hf.loading import load_state_dict
 
 REPO = "owner/tiny"
 TOKENIZER_FILES = {  # tokenizer-ish files a real repo carries next to the weights (all downloaded and copied)

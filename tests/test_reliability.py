@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Runs the real CLI in a child process that SIGKILLs itself at a chosen point.
 _KILLER = r"""
 import os, signal, sys
-import lplr_convert.convert as conv
+import lplr_convert.pipeline.convert as conv
 from lplr_convert.io import writer
 where, n = os.environ["KILL_WHERE"], int(os.environ["KILL_AT"])
 count = [0]
@@ -417,7 +417,7 @@ def test_hub_repo_id_offline_is_a_clear_error(tmp_path, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])
 def test_finiteness_check_matches_isfinite(dtype, bad):
-    from lplr_convert.parallel.task import _all_finite
+    from lplr_convert.pipeline.task import _all_finite
 
     t = torch.randn(37, 23).to(dtype)
     if bad is not None:

@@ -15,7 +15,7 @@ from lplr_testing import run_cli
 from safetensors import safe_open
 
 from lplr_convert import constants as C
-from lplr_convert.convert import ConvertOptions, convert
+from lplr_convert.pipeline.convert import ConvertOptions, convert
 from lplr_convert.errors import LplrError
 from lplr_convert.io.manifest import read_manifest
 from lplr_convert.methods import MethodSettings, RankPolicy

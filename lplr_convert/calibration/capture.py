@@ -32,8 +32,8 @@ from torch import nn
 from .. import constants as C
 from ..errors import LplrError, opt
 from ..io.reader import SourceCheckpoint
-from ..modeling import model_class, name_candidates, params_on_meta
-from ..plan import block_index
+from ..hf.modeling import model_class, name_candidates, params_on_meta
+from ..pipeline.plan import block_index
 from .text import Batch
 
 __all__ = ["BlockCall", "Skeleton", "build_skeleton", "record_calls", "release_outside", "return_freed_memory"]

@@ -21,7 +21,7 @@ from ..dtypes import dtype_name
 from ..errors import LplrError, opt
 from ..io.outdir import resumable_when_full
 from ..io.reader import open_source
-from ..modeling import max_tokens
+from ..hf.modeling import max_tokens
 from .capture import (
     Skeleton,
     build_skeleton,

@@ -27,7 +27,7 @@ from .. import __version__
 from .. import constants as C
 from ..dtypes import dtype_from_name
 from ..errors import LplrError
-from ..experts import EXPERTS_KEY
+from ..pipeline.experts import EXPERTS_KEY
 from ..io.manifest import TensorRecord, write_json_atomic
 from ..io.outdir import recorded_files
 from ..io.output import ConvertedOutput
@@ -115,7 +115,7 @@ def pack_reason(spec: qz.QuantSpec) -> str:
 
 def _modules(root: Path):
     """(meta-device model of config.json's architecture, its base_model_prefix)."""
-    from ..modeling import model_class, params_on_meta
+    from ..hf.modeling import model_class, params_on_meta
 
     cls, config = model_class(root)
     with params_on_meta():
@@ -189,8 +189,8 @@ def _check_loadable(plan: ExportPlan, model, records: list[TensorRecord], conver
     weight it merges on load that is not packed symmetric (its experts path reads only packed weights, without zero
     points: dense ones are dropped), or modules it rebuilds for compressed-tensors checkpoints (Llama 4's fused
     experts become per-expert linears) whose parameters no stored tensor fills (they would stay random)."""
-    from ..hf_mapping import renamed
-    from ..modeling import name_candidates
+    from ..hf.mapping import renamed
+    from ..hf.modeling import name_candidates
 
     for p in plan.placements:
         problem = _merged_problem(p)
@@ -256,8 +256,8 @@ def _weight_readers(model, packed: list[str]) -> str | None:
 def plan_export(output: ConvertedOutput) -> ExportPlan:
     """The placement of every record of `output` (module names from a meta-device model of its config.json);
     raises LplrError when transformers could not load the compressed-tensors base as the conversion's model."""
-    from ..hf_mapping import merged_names, model_conversions
-    from ..modeling import find_module
+    from ..hf.mapping import merged_names, model_conversions
+    from ..hf.modeling import find_module
 
     side_files_of(output)  # checked before anything is written (config.json builds the model)
     model, prefix = _modules(output.root)

@@ -143,7 +143,7 @@ def loaded_tensor(method, parts: dict[str, torch.Tensor], info: dict, transposed
     """Exactly what every loader returns for one stored weight: its decoded parts (experts stacked back), the source
     orientation (Conv1D weights and [in, out] experts transposed back), cast to the source `dtype`, contiguous, on
     the parts' device. The conversion records the error of this tensor."""
-    from ..experts import EXPERTS_KEY, decode_experts
+    from ..pipeline.experts import EXPERTS_KEY, decode_experts
 
     W = decode_experts(method, parts, info) if EXPERTS_KEY in info else method.decode(parts, info)
     if transposed:
@@ -161,7 +161,7 @@ def loaded_blocks(method, parts: dict[str, torch.Tensor], info: dict, W: torch.T
     schedule, the one its `decode` uses, from `factors` = (L, R, base or None) when the caller decoded them already:
     the same bits as `loaded_tensor`, without the float32 product or its cast copy at full size. Anything else is
     decoded whole by `loaded_tensor` (one pair; fused experts as [experts * rows, cols] in the source orientation)."""
-    from ..experts import EXPERTS_KEY
+    from ..pipeline.experts import EXPERTS_KEY
 
     if method.factored and EXPERTS_KEY not in info:
         L, R, base = factors if factors is not None else decoded_factors(method, parts, info)

@@ -121,7 +121,7 @@ def test_a_block_run_several_times_accumulates_all_its_inputs(tiny_dir, text_fil
     """ALBERT's one layer group runs num_hidden_layers (3) times: block by block it runs 3 times too, and each shared
     weight's statistic is E[x x^T] over the inputs of all 3 calls, as a full forward with the same hooks gives it.
     The weights compressed with that statistic carry an output error (convert --calibration accepts them)."""
-    from lplr_convert.convert import ConvertOptions, convert
+    from lplr_convert.pipeline.convert import ConvertOptions, convert
     from lplr_convert.methods import make_settings
 
     path = tiny_dir("albert")

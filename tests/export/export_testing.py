@@ -11,13 +11,13 @@ from lplr_convert import constants as C
 from lplr_convert.dtypes import dtype_from_name
 from lplr_convert.io.manifest import read_manifest
 from lplr_convert.math import quantize as qz
-from lplr_convert.modeling import LowRankLinear
+from lplr_convert.hf.modeling import LowRankLinear
 
 
 def convert_to(src: Path, out: Path, method: str = "rtn", recipe: str | None = None, layers: str | None = None,
                types: str | None = None, **knobs) -> Path:
     """Convert through the library (no calibration: gptq and qlr then use H = I)."""
-    from lplr_convert.convert import ConvertOptions, convert
+    from lplr_convert.pipeline.convert import ConvertOptions, convert
     from lplr_convert.methods import make_settings
 
     recipe_path = None
@@ -66,7 +66,7 @@ def rounded_reference(case, factored: bool = False, drop_corrections: bool = Fal
         if experts_dtype is not None and param.dim() == 3:
             param.data = param.data.to(experts_dtype)
     if drop_corrections:  # each qlr layer as the nn.Linear of its backbone alone, as the base holds it
-        from lplr_convert.modeling import set_module
+        from lplr_convert.hf.modeling import set_module
 
         for name, mod in list(model.named_modules()):
             if isinstance(mod, LowRankLinear):

@@ -127,7 +127,7 @@ def test_a_held_lock_refuses_a_second_run_naming_the_holder(world, tmp_path):
 _PAUSED = r"""
 import os, sys, time
 from pathlib import Path
-import lplr_convert.convert as conv
+import lplr_convert.pipeline.convert as conv
 ready, go = Path(os.environ["READY"]), Path(os.environ["GO"])
 orig = conv._Run.compress_all
 def compress_all(self):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lplr_convert.experts import compress_experts
+from lplr_convert.pipeline.experts import compress_experts
 from lplr_convert.io.output import loaded_blocks, loaded_tensor
 from lplr_convert.math.error import blocked_errors, relative_error
 from lplr_convert.math.weighted import weighted_relative_error

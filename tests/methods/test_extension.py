@@ -14,7 +14,7 @@ from lplr_testing import run_cli
 
 from lplr_convert import constants as C
 from lplr_convert.io.manifest import read_manifest
-from lplr_convert.loading import load_state_dict
+from lplr_convert.hf.loading import load_state_dict
 from lplr_convert.math import quantize as qz
 from lplr_convert.methods import Method, MethodResult, available_methods, knob, register
 from lplr_convert.methods.base import unregister

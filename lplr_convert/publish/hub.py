@@ -16,11 +16,11 @@ from pathlib import Path
 
 from loguru import logger
 
-from . import __version__
-from . import constants as C
+from .. import __version__
+from .. import constants as C
 from .card import build_model_card
-from .errors import LplrError, opt
-from .io.manifest import Manifest, read_manifest
+from ..errors import LplrError, opt
+from ..io.manifest import Manifest, read_manifest
 
 __all__ = ["check_repo_id", "push"]
 
@@ -160,7 +160,7 @@ def _files_to_upload(out_dir: Path, manifest: Manifest, scan: _Scan) -> list[tup
     """(path in repo, path on disk) of every file to upload, sorted. Every shard and file the manifest lists must be
     there unchanged (sha256, by `scan`), and no entry may be a symbolic link (a link could make the upload read
     outside the output)."""
-    from .verify import file_problems
+    from ..verify import file_problems
 
     problems = file_problems(out_dir, manifest, scan.sha256)
     if problems:

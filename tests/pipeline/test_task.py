@@ -8,8 +8,8 @@ import torch
 from lplr_convert.io.manifest import TensorRecord
 from lplr_convert.io.writer import tensor_bytes
 from lplr_convert.methods import make_settings
-from lplr_convert.parallel.task import JobResult, TensorJob, pack_result, run_job, unpack_result
-from lplr_convert.plan import TensorPlan
+from lplr_convert.pipeline.task import JobResult, TensorJob, pack_result, run_job, unpack_result
+from lplr_convert.pipeline.plan import TensorPlan
 
 
 def test_pack_round_trips_awkward_parts_exactly():

@@ -3,7 +3,7 @@
 with the factored layers built before the weights load, equal to `lplr_convert.load_model(DST, factored=True)`.
 
 `import lplr_convert` does not import transformers: it registers these classes when transformers imports its
-quantizer registry (`transformers.quantizers.auto`), or at once if that is already imported (see `_hf_hook`).
+quantizer registry (`transformers.quantizers.auto`), or at once if that is already imported (see `_hook`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from . import constants as C
-from .errors import LplrError
+from .. import constants as C
+from ..errors import LplrError
 
 __all__ = ["LplrConvertConfig", "LplrConvertHfQuantizer", "register"]
 
@@ -74,20 +74,20 @@ class LplrConvertHfQuantizer(HfQuantizer):
         return super().preprocess_model(model, dtype=dtype, **kwargs)
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        from .hf_convert import LoadPlan, converted_root
+        from .converters import LoadPlan, converted_root
 
         root = converted_root(checkpoint_files, getattr(model.config, "name_or_path", None))
         self.plan = LoadPlan.build(model, root, checkpoint_files, getattr(self, "load_dtype", None))
         return model
 
     def update_weight_conversions(self, weight_conversions, model):
-        from .hf_convert import PartsConverter, wrap_model_converters
+        from .converters import PartsConverter, wrap_model_converters
 
         self.plan.learn_renamings(weight_conversions, model)
         return [*wrap_model_converters(self.plan, weight_conversions), PartsConverter(self.plan)]
 
     def get_new_dtype(self, converter, param, dtype):
-        from .hf_convert import DecodeFirst, PartsConverter
+        from .converters import DecodeFirst, PartsConverter
 
         if isinstance(converter, (PartsConverter, DecodeFirst)):
             return None  # codes and float32 scales arrive as stored; decoding casts to the parameter's dtype
@@ -120,3 +120,6 @@ def register() -> None:
         register_quantization_config(C.QUANT_METHOD)(LplrConvertConfig)
     if C.QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(C.QUANT_METHOD)(LplrConvertHfQuantizer)
+
+
+register()  # importing this module directly (before the hook saw the registry) registers too

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from . import constants as C
-from .errors import LplrError
-from .io.output import ConvertedOutput
+from .. import constants as C
+from ..errors import LplrError
+from ..io.output import ConvertedOutput
 from .modeling import (
     config_dtype,
     float32_kept,

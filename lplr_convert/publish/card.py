@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from . import constants as C
-from .io.manifest import Manifest, read_manifest
+from .. import constants as C
+from ..io.manifest import Manifest, read_manifest
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
@@ -97,8 +97,8 @@ def _recorded_base(source: dict) -> str | None:
 
 
 def _body(manifest: Manifest, out_dir: Path, repo_id: str | None, base: str | None) -> str:
-    from .report import summary_markdown
-    from .report.metrics import summary_of
+    from ..report import summary_markdown
+    from ..report.metrics import summary_of
 
     source, options = manifest.source, manifest.options
     summary = summary_of(manifest)

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from loguru import logger
 
-from ..errors import LplrError, opt
-from ..io.reader import SourceCheckpoint
+from ...errors import LplrError, opt
+from ...io.reader import SourceCheckpoint
 from . import WorkerError
 from .ordered import in_order
-from .task import JobResult, TensorJob, pack_result, read_tensor, run_job, unpack_result
+from ..task import JobResult, TensorJob, pack_result, read_tensor, run_job, unpack_result
 
 __all__ = ["RayExecutor", "SourceNotVisibleError", "ray_job"]
 
@@ -47,7 +47,7 @@ def ray_job(src: SourceCheckpoint, job: TensorJob, device: str, threads: int) ->
     import numpy as np
     import torch
 
-    from ..devices import resolve_device
+    from ...devices import resolve_device
 
     host, seen = _probe(str(src.root / src.files[0]))
     if not seen:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
-from .dtypes import dtype_from_name, dtype_name
-from .io.reader import open_source
-from .methods import get_method
+from ..dtypes import dtype_from_name, dtype_name
+from ..io.reader import open_source
+from ..methods import get_method
 from .plan import TensorPlan, build_plan_options, make_plan
 
 __all__ = ["inspect_checkpoint"]

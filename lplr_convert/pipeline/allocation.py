@@ -18,9 +18,9 @@ import torch
 from loguru import logger
 from tqdm import tqdm
 
-from .errors import LplrError, opt
-from .math.allocate import BudgetError, allocate
-from .methods import InputStats, get_method
+from ..errors import LplrError, opt
+from ..math.allocate import BudgetError, allocate
+from ..methods import InputStats, get_method
 from .plan import TensorPlan
 
 __all__ = ["allocate_plans"]
@@ -28,7 +28,7 @@ __all__ = ["allocate_plans"]
 
 def _fixed_bits(p: TensorPlan, calibrated: bool) -> int:
     """Stored bits of a tensor whose size its settings fix (from the method's prediction)."""
-    from .dtypes import dtype_from_name
+    from ..dtypes import dtype_from_name
 
     _, specs = get_method(p.method).predict(p.oriented_shape, p.dtype, p.settings, calibrated)
     if not specs:

@@ -1,7 +1,7 @@
 """The pipeline: source reader -> plan -> method on the device -> shard writer -> index, manifest, report.
 
 Orchestration only: the pieces live in `io/` (reader, writer, journal, output-directory policy, side files,
-manifest), `plan.py` and `methods/`.
+manifest), `pipeline/plan.py` and `methods/`.
 """
 
 from __future__ import annotations
@@ -16,23 +16,23 @@ import torch
 from loguru import logger
 from tqdm import tqdm
 
-from . import __version__
-from . import constants as C
+from .. import __version__
+from .. import constants as C
 from .allocation import allocate_plans
-from .devices import resolve_device
-from .errors import LplrError, opt
-from .io.journal import Journal, resume_state
-from .io.manifest import Manifest, TensorRecord, sha256_file, write_json_atomic
-from .io.outdir import OutputLock, prepare_output, resumable_when_full
-from .io.reader import SourceCheckpoint, open_source
-from .io.sidefiles import copy_side_files
-from .io.writer import DEFAULT_SHARD_BYTES, ShardWriter, write_index
-from .methods import InputStats, Settings, flat_defaults, get_method, make_settings
-from .methods.base import layer_json, overlay
-from .parallel.task import JobResult, TensorJob
+from ..devices import resolve_device
+from ..errors import LplrError, opt
+from ..io.journal import Journal, resume_state
+from ..io.manifest import Manifest, TensorRecord, sha256_file, write_json_atomic
+from ..io.outdir import OutputLock, prepare_output, resumable_when_full
+from ..io.reader import SourceCheckpoint, open_source
+from ..io.sidefiles import copy_side_files
+from ..io.writer import DEFAULT_SHARD_BYTES, ShardWriter, write_index
+from ..methods import InputStats, Settings, flat_defaults, get_method, make_settings
+from ..methods.base import layer_json, overlay
+from .task import JobResult, TensorJob
 from .plan import PlanOptions, TensorPlan, build_plan_options, make_plan
-from .report.metrics import summary_of
-from .report.spectra import SPECTRA_MODES, representative_tensors
+from ..report.metrics import summary_of
+from ..report.spectra import SPECTRA_MODES, representative_tensors
 
 __all__ = ["ConvertOptions", "convert", "plan_options"]
 
@@ -86,7 +86,7 @@ class ConvertOptions:
             raise LplrError(f"{opt('on_nonfinite')} {self.on_nonfinite!r} is unknown; use one of "
                             f"{', '.join(NONFINITE_CHOICES)}")
         if self.base_model is not None:
-            from .hub import check_repo_id
+            from ..publish.hub import check_repo_id
 
             check_repo_id(self.base_model, what=opt("base_model"))
         target = self.target_bits_per_param
@@ -146,7 +146,7 @@ def _fingerprint(src: SourceCheckpoint, opts: ConvertOptions, popts: PlanOptions
 
 
 def _source_info(src: SourceCheckpoint, hashes: dict, base_model: str | None) -> dict:
-    from .card import base_model_of
+    from ..publish.card import base_model_of
 
     found, where = (base_model, "given") if base_model else base_model_of(src.root, src.repo_id)
     return {"path": None if src.repo_id else str(src.root), "repo_id": src.repo_id, "revision": src.revision,
@@ -159,7 +159,7 @@ def _open_stats(path: str | None, plans: list[TensorPlan], hashes: dict[str, str
     """The calibration statistics of a run, checked: made from this checkpoint, one for every compressed tensor."""
     if path is None:
         return None
-    from .calibration import load_calibration
+    from ..calibration import load_calibration
 
     stats = load_calibration(path, device=str(device))
     stats.check_hashes(hashes, src.root)
@@ -227,7 +227,7 @@ def _cores() -> int:
 def _convert(opts: ConvertOptions) -> dict:
     t_start = time.perf_counter()
     if opts.write_report:
-        from .report.plots import preload
+        from ..report.plots import preload
 
         preload()  # matplotlib's import overlaps the conversion instead of adding to the report
     devices = _devices(opts)
@@ -310,15 +310,15 @@ class _Run:
     def _executor(self):
         o = self.opts
         if self.executor_kind == "ray":
-            from .parallel.cluster import RayExecutor
+            from .executors.cluster import RayExecutor
 
             return RayExecutor(self.src, o.ray_address, self.devices, self.threads, o.retries, o.workers)
         if self.executor_kind == "local pool":
-            from .parallel.pool import LocalPool
+            from .executors.pool import LocalPool
 
             return LocalPool(self.src, self.devices, self.workers, self.threads,
                              os.environ.get("LOGURU_LEVEL", "INFO"))
-        from .parallel.inprocess import InProcess
+        from .executors.inprocess import InProcess
 
         return InProcess(self.src, self.device, o.threads, self._stats_for)
 
@@ -402,7 +402,7 @@ class _Run:
 
 
 def _write_report(out: Path, manifest: dict, summary: dict) -> None:
-    from .report import write_report
+    from ..report import write_report
 
     try:  # the curves come from the records; the source is never read again for them (see ConvertOptions.spectra)
         write_report(out, manifest, read_source=False, summary=summary)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from lplr_convert.parallel.ordered import in_order
+from lplr_convert.pipeline.executors.ordered import in_order
 
 
 @pytest.mark.parametrize("ahead,slots", [(1, 1), (2, 2), (4, 2), (6, 3)])

@@ -2,7 +2,7 @@
 where), the meta-device LowRankLinear layers put in before loading, and the weight converters that turn stored parts
 (bit-packed codes + scales) into the parameters of those layers, or into dense weights.
 
-Imports transformers' loading internals (`core_model_loading`); `hf_quantizer` imports this module only when a
+Imports transformers' loading internals (`core_model_loading`); `hf.quantizer` imports this module only when a
 model is being loaded.
 """
 
@@ -17,13 +17,13 @@ import torch
 from torch import nn
 from transformers.core_model_loading import ConversionOps, WeightConverter, dot_natural_key
 
-from . import constants as C
-from .dtypes import dtype_name
-from .errors import LplrError
-from .hf_mapping import converter_matches, renamed
-from .io.manifest import TensorRecord
-from .io.output import ConvertedOutput, decode_record
-from .methods import get_method
+from .. import constants as C
+from ..dtypes import dtype_name
+from ..errors import LplrError
+from .mapping import converter_matches, renamed
+from ..io.manifest import TensorRecord
+from ..io.output import ConvertedOutput, decode_record
+from ..methods import get_method
 from .modeling import (
     LowRankLinear,
     factors_for,

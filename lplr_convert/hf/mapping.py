@@ -1,6 +1,6 @@
 """How transformers 5 maps checkpoint names onto a model: the model's renamings (applied to every checkpoint key first)
 and its converters, which merge several checkpoint tensors into one parameter (e.g. Mixtral's per-expert
-`experts.N.w1.weight` into one fused `experts.gate_up_proj`). Shared by `from_pretrained` (`hf_convert`) and the
+`experts.N.w1.weight` into one fused `experts.gate_up_proj`). Shared by `from_pretrained` (`hf.converters`) and the
 exports, which must know where transformers puts each stored tensor.
 """
 

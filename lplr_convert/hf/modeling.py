@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import constants as C
-from .errors import LplrError
-from .io.manifest import TensorRecord
-from .math.lowrank import product
-from .methods import get_method
+from .. import constants as C
+from ..errors import LplrError
+from ..io.manifest import TensorRecord
+from ..math.lowrank import product
+from ..methods import get_method
 
 __all__ = ["LowRankLinear", "config_dtype", "factors_for", "find_module", "float32_kept", "linear_shape", "lowrank_for",
            "mapped_by_transformers", "model_class", "params_on_meta", "set_module"]
@@ -209,7 +209,7 @@ def linear_shape(mod: nn.Module) -> tuple[int, int]:
 
 def lowrank_for(mod: nn.Module, rec: TensorRecord, parts: dict, device, dtype: torch.dtype | None) -> LowRankLinear:
     """A LowRankLinear standing in for `mod` (bias kept when it is already loaded, else an empty placeholder)."""
-    from .dtypes import dtype_from_name
+    from ..dtypes import dtype_from_name
 
     L, R, base = factors_for(mod, rec, parts)
     wdtype = dtype or dtype_from_name(rec.dtype)

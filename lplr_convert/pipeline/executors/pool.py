@@ -20,11 +20,11 @@ from multiprocessing.connection import Connection, wait
 
 from loguru import logger
 
-from ..errors import LplrError, opt
-from ..io.reader import SourceCheckpoint
+from ...errors import LplrError, opt
+from ...io.reader import SourceCheckpoint
 from . import WorkerError
 from .ordered import in_order
-from .task import JobResult, TensorJob, pack_result, read_tensor, run_job, unpack_result
+from ..task import JobResult, TensorJob, pack_result, read_tensor, run_job, unpack_result
 
 __all__ = ["LocalPool", "worker_main"]
 
@@ -34,7 +34,7 @@ _STOP_SECONDS = 10.0
 def _setup_worker(device: str, threads: int, log_level: str):
     import torch
 
-    from ..devices import resolve_device
+    from ...devices import resolve_device
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides what an interrupt stops
     torch.set_num_threads(threads)

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 
 import torch
 
-from .math.sketch import derive_seed
-from .methods import Method, MethodResult, Settings
+from ..math.sketch import derive_seed
+from ..methods import Method, MethodResult, Settings
 
 __all__ = ["IN_MAJOR_MODEL_TYPES", "compress_experts", "decode_experts", "expert_count", "experts_in_major",
            "is_stacked_experts"]

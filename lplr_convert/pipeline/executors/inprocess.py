@@ -8,9 +8,9 @@ from contextlib import closing
 
 import torch
 
-from ..io.prefetch import prefetched
-from ..io.reader import SourceCheckpoint
-from .task import JobResult, TensorJob, run_job
+from ...io.prefetch import prefetched
+from ...io.reader import SourceCheckpoint
+from ..task import JobResult, TensorJob, run_job
 
 __all__ = ["InProcess"]
 

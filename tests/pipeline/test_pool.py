@@ -20,7 +20,7 @@ from lplr_convert.io.manifest import read_manifest
 SITECUSTOMIZE = """\
 import os
 if os.environ.get("LPLR_TEST_KILL_TENSOR"):
-    import lplr_convert.parallel.task as task
+    import lplr_convert.pipeline.task as task
     _run_job = task.run_job
     def run_job(job, t, device):
         if job.name == os.environ["LPLR_TEST_KILL_TENSOR"]:

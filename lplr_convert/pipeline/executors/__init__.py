@@ -5,7 +5,7 @@ driving process) writes the same shards, names and bytes whichever executor comp
 
 from __future__ import annotations
 
-from ..errors import LplrError
+from ...errors import LplrError
 
 __all__ = ["WorkerError"]
 

@@ -18,7 +18,7 @@ ray = pytest.importorskip("ray")
 from executor_testing import run_like_reference
 
 from lplr_convert.io.reader import SourceCheckpoint
-from lplr_convert.parallel.cluster import RayExecutor, SourceNotVisibleError
+from lplr_convert.pipeline.executors.cluster import RayExecutor, SourceNotVisibleError
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,10 @@ _TARGET = "transformers.quantizers.auto"
 
 
 def _register() -> None:
-    from .hf_quantizer import register
+    quantizer = sys.modules.get(f"{__package__}.quantizer")
+    if quantizer is not None and not hasattr(quantizer, "register"):
+        return  # the quantizer module itself is being imported (it imported the registry): it registers at its end
+    from .quantizer import register
 
     register()
 
