@@ -37,7 +37,7 @@ from ..io.writer import DEFAULT_SHARD_BYTES, ShardWriter
 from ..math import quantize as qz
 from ..math.bitpack import pack_rows_int32
 from ..methods import available_methods, get_method
-from ..methods._common import parts_of
+from ..methods.base import part_fields
 from .common import (
     EXPORT_WHAT,
     ExportPlan,
@@ -124,7 +124,7 @@ def _tensors(output: ConvertedOutput, p: Placement) -> dict[str, torch.Tensor]:
     parts = output.parts(p.rec)
     if p.spec is None:
         return {p.rec.name: base_tensor(output, p, parts)}
-    q = qz.from_fields(parts_of(C.PART_QUANT, parts), p.spec)
+    q = qz.from_fields(part_fields(C.PART_QUANT, parts), p.spec)
     stem = p.rec.name.removesuffix(".weight")
     return {f"{stem}.{k}": t for k, t in pack_quantized(q).items()}
 

@@ -19,7 +19,7 @@ from ..math.lowrank import product
 from ..math.lstsq import solve_normal
 from ..math.qlr import fit_low_rank
 from ..math.svd import singular_values
-from .base import Candidate, InputStats, Method, MethodResult
+from .base import Candidate, InputStats, Method, MethodResult, PackedLayout, QuantPart
 from .settings import (
     FactorBits,
     GPTQKnobs,
@@ -57,20 +57,8 @@ def quant_parts(part: str, q: qz.Quantized) -> dict[str, torch.Tensor]:
     return {part_name(part, f): t for f, t in qz.to_fields(q).items()}
 
 
-def parts_of(part: str, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The fields of one quantized part, keyed by field name."""
-    out = {}
-    for suffix, t in parts.items():
-        if suffix == part:
-            out[""] = t
-        elif suffix.startswith(part + "."):
-            out[suffix[len(part) + 1:]] = t
-    return out
-
-
 def decode_quant(part: str, parts: dict[str, torch.Tensor], spec_json: dict) -> torch.Tensor:
-    spec = qz.QuantSpec.from_json(spec_json)
-    return qz.dequantize(qz.from_fields(parts_of(part, parts), spec))
+    return QuantPart.of(part, spec_json).dequantized(parts)
 
 
 def predict_quant(part: str, spec: qz.QuantSpec) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -212,6 +200,10 @@ class FactoredMethod(Method):
     def decode_factors(self, parts: dict[str, torch.Tensor], info: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return (decode_quant(C.PART_LEFT, parts, info["left"]), decode_quant(C.PART_RIGHT, parts, info["right"]))
 
+    def layout(self, info: dict) -> PackedLayout:
+        return PackedLayout(left=QuantPart.of(C.PART_LEFT, info["left"]),
+                            right=QuantPart.of(C.PART_RIGHT, info["right"]))
+
     def decode(self, parts: dict[str, torch.Tensor], info: dict) -> torch.Tensor:
         return product(*self.decode_factors(parts, info))
 
@@ -273,6 +265,9 @@ class DirectQuantMethod(Method):
 
     def decode(self, parts, info):
         return decode_quant(C.PART_QUANT, parts, info["q"])
+
+    def layout(self, info: dict) -> PackedLayout:
+        return PackedLayout(backbone=QuantPart.of(C.PART_QUANT, info["q"]))
 
     def predict(self, shape, dtype, settings, calibrated=False):
         return None, predict_quant(C.PART_QUANT, self.spec(shape, settings))

@@ -15,10 +15,12 @@ from typing import Any
 import torch
 
 from ..errors import LplrError, opt
+from ..math import quantize as qz
 from .settings import RANK_FIELD, RANK_POLICIES, RankPolicy, Settings, knob_fields
 
-__all__ = ["Candidate", "InputStats", "Method", "MethodResult", "all_knobs", "available_methods", "flat_defaults", "get_method", "knob_defaults", "layer_json",
-           "make_settings", "overlay", "register", "settings_from_flat", "unregister"]
+__all__ = ["Candidate", "InputStats", "Method", "MethodResult", "PackedLayout", "QuantPart", "all_knobs",
+           "available_methods", "flat_defaults", "get_method", "knob_defaults", "layer_json", "make_settings", "overlay",
+           "part_fields", "register", "settings_from_flat", "unregister"]
 
 _REGISTRY: dict[str, Method] = {}
 
@@ -62,6 +64,75 @@ class Candidate:
     changes: dict
     bits: int
     error: float
+
+
+def part_fields(part: str, parts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The stored fields of one part of a weight, keyed by field name ("" for a float part stored under the part's
+    own suffix): {"packed": ..., "scale": ..., "zero_point": ...} of "<part>.<field>" suffixes."""
+    out = {}
+    for suffix, t in parts.items():
+        if suffix == part:
+            out[""] = t
+        elif suffix.startswith(part + "."):
+            out[suffix[len(part) + 1:]] = t
+    return out
+
+
+@dataclass(frozen=True)
+class QuantPart:
+    """One stored matrix of a weight: its part name (`constants.PART_*`) and how it is stored (`QuantSpec`: integer
+    codes of 1-8 bits with their scales and zero points, or a 16/32-bit float matrix)."""
+
+    part: str
+    spec: qz.QuantSpec
+
+    @classmethod
+    def of(cls, part: str, spec_json: Mapping | None) -> QuantPart | None:
+        return None if spec_json is None else cls(part, qz.QuantSpec.from_json(dict(spec_json)))
+
+    def fields(self, parts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This part's stored fields among a weight's `parts` (suffix -> tensor)."""
+        return part_fields(self.part, parts)
+
+    def quantized(self, parts: Mapping[str, torch.Tensor]) -> qz.Quantized:
+        """The stored codes and parameters, checked against the spec (`math.quantize.from_fields`)."""
+        return qz.from_fields(self.fields(parts), self.spec)
+
+    def dequantized(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The float32 matrix this part decodes to."""
+        return qz.dequantize(self.quantized(parts))
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """What loaders, runtimes and exporters need to know of a stored weight, in the methods' (out x in) orientation:
+    W = Q + L R, each term optional. `backbone` is a full-size matrix Q (rtn, gptq, qlr), `left`/`right` the low-rank
+    factors L (out x r) and R (r x in) (lplr, lsvd, dsvd, qlr's correction; None for qlr at rank 0)."""
+
+    backbone: QuantPart | None = None
+    left: QuantPart | None = None
+    right: QuantPart | None = None
+
+    def __post_init__(self) -> None:
+        if (self.left is None) != (self.right is None):
+            raise ValueError("a low-rank layout needs both factors")
+        if self.backbone is None and self.left is None:
+            raise ValueError("a layout stores a backbone, factors, or both")
+
+    @property
+    def low_rank(self) -> bool:
+        return self.left is not None
+
+    @property
+    def rank(self) -> int:
+        return self.left.spec.shape[1] if self.left is not None else 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in) of the weight."""
+        if self.backbone is not None:
+            return tuple(self.backbone.spec.shape)
+        return self.left.spec.shape[0], self.right.spec.shape[1]
 
 
 @dataclass
@@ -124,6 +195,12 @@ class Method:
 
     def decode_base(self, parts: dict[str, torch.Tensor], info: dict) -> torch.Tensor | None:
         """A factored method's full-size backbone Q (W = Q + L R), float32, or None when it has none."""
+        return None
+
+    def layout(self, info: dict) -> PackedLayout | None:
+        """How a stored weight with this `info` is made of quantized matrices (W = Q + L R, see `PackedLayout`), for
+        the loaders' runtime modules and the exporters; None when it is stored as one dense tensor (laser, copy) or
+        in a form they do not handle (fused experts). The one place a method says what its parts mean."""
         return None
 
     def candidates(self, W: torch.Tensor, settings: Settings, stats: InputStats | None, target: float,

@@ -34,7 +34,7 @@ from ._common import (
     rank_grid,
     whitened_tails,
 )
-from .base import Candidate, InputStats, Method, MethodResult, register
+from .base import Candidate, InputStats, Method, MethodResult, PackedLayout, QuantPart, register
 from .settings import (
     BitsKnob,
     GPTQKnobs,
@@ -123,6 +123,10 @@ class QLR(Method):
             out += [Candidate({"b0": b, "rank": RankPolicy("rank", r)}, self._bits(m, n, r, s), tails[r] / den)
                     for r in ranks]
         return out
+
+    def layout(self, info):
+        return PackedLayout(backbone=QuantPart.of(C.PART_QUANT, info["q"]), left=QuantPart.of(C.PART_LEFT, info["left"]),
+                            right=QuantPart.of(C.PART_RIGHT, info["right"]))
 
     def decode_base(self, parts, info) -> torch.Tensor:
         return decode_quant(C.PART_QUANT, parts, info["q"])
