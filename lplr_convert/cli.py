@@ -6,9 +6,7 @@ declarations (see `methods.settings.knob`), so a newly registered method's knobs
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import shlex
 import sys
 from functools import wraps
@@ -19,11 +17,9 @@ from loguru import logger
 from . import __version__
 from . import constants as C
 from .errors import LplrError, flag
+from .pipeline.options import RANK_SECTION, DeviceType, SizeType
 
-RANK_SECTION = "Rank policy (one of)"
 SECTION_ORDER = ("Input", "Output", "Method", RANK_SECTION, "Selection", "Run", "Hub", "Other")
-_SIZE_UNITS = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-               "TB": 10**12, "K": 10**3, "M": 10**6, "G": 10**9, "B": 1}
 
 
 class _Opt(click.Option):
@@ -85,11 +81,12 @@ def _default_text(defaults: dict) -> str:
 
 
 class _PlanCommand(_Sectioned):
-    """A command that takes the method, knob and rank options (generated when the command runs)."""
+    """A command that takes the run options of its name and the method, knob and rank options (generated when the
+    command runs)."""
 
     def get_params(self, ctx):
         params = super().get_params(ctx)
-        return params[:-1] + _knob_params() + params[-1:]  # help stays last
+        return _run_params(self.name) + params[:-1] + _knob_params() + params[-1:]  # help stays last
 
 
 class _DefaultGroup(click.Group):
@@ -114,65 +111,31 @@ class _DefaultGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
-class SizeType(click.ParamType):
-    """A byte size: '5GB', '500MB', '2GiB' or a plain byte count."""
-
-    name = "size"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        text = str(value).strip().upper().replace(" ", "")
-        unit = next((u for u in _SIZE_UNITS if text.endswith(u)), "")
-        number = text[: len(text) - len(unit)]
-        try:
-            amount = float(number) * _SIZE_UNITS.get(unit, 1)
-        except ValueError:
-            amount = math.nan
-        if not re.fullmatch(r"[0-9]*\.?[0-9]+(E[+-]?[0-9]+)?", number) or not math.isfinite(amount) or amount < 1:
-            self.fail(f"{value!r} is not a positive size; use e.g. 5GB, 500MB or a byte count", param, ctx)
-        return int(amount)
-
-
-class DeviceType(click.ParamType):
-    """cpu, cuda, cuda:N or auto, checked against this machine."""
-
-    name = "device"
-
-    def convert(self, value, param, ctx):
-        from .devices import resolve_device
-
-        try:
-            resolve_device(value)
-        except LplrError as e:
-            self.fail(e.cli_message(), param, ctx)
-        return value
-
-
 def _opt(*decls, section="Other", **kw):
     return click.option(*decls, cls=_Opt, section=section, **kw)
 
 
-def selection_options(f):
-    """Selection and recipe options shared by `convert` and `inspect`."""
-    opts = [
-        _opt("--include", default=None, section="Selection", help="Regex: compress the 2-D float tensors it matches."),
-        _opt("--exclude", default=None, section="Selection", help="Regex: leave matching tensors alone."),
-        _opt("--layers", default=None, section="Selection", help="Block indices, e.g. '0,3,5-7' (-1 = all)."),
-        _opt("--types", default=None, section="Selection",
-             help="LASER matrix types: fc_in, fc_out, fc_up, mlp, q_proj, k_proj, v_proj, out_proj, attn."),
-        _opt("--recipe", type=click.Path(dir_okay=False), default=None, section="Selection",
-             help="YAML/JSON rules: pattern/layers/types -> method + settings."),
-        _opt("--target-bits-per-param", type=click.FloatRange(min=0, min_open=True, max=64), default=None,
-             section=RANK_SECTION, help="Global budget: each tensor's rank/width allocated so the compressed tensors "
-                                        "average at most this many stored bits/param."),
-        _opt("--calibration", type=click.Path(file_okay=False), default=None, section="Method",
-             help="STATS from `lplr-convert calibrate` of this checkpoint: activation-aware methods, output errors."),
-        _opt("--revision", default=None, section="Input", help="Hub revision when --in-path is a repo id."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+def _run_params(command: str) -> list[click.Parameter]:
+    """The run options of `command` (`convert` or `inspect`), generated from their declarations
+    (`pipeline.options.ConvertOptions`) when the command runs."""
+    from .pipeline.options import option_fields
+
+    params: list[click.Parameter] = []
+    for fd in option_fields(command):
+        m = fd.metadata
+        name = m["flag"] or fd.name
+        kw = {"help": m["help"], "section": m["section"]}
+        if m["is_flag"]:
+            kw["is_flag"] = True
+        elif m["required"]:
+            kw["required"] = True
+        else:
+            kw["default"] = m["cli_default"] if m["cli_default"] is not None else fd.default
+            kw["show_default"] = m["show_default"]
+        if m["click_type"] is not None:
+            kw["type"] = m["click_type"]
+        params.append(_Opt([flag(name), name], **kw))
+    return params
 
 
 def _layer(kw: dict) -> dict:
@@ -197,15 +160,13 @@ def _warn_unused(method: str, given: list[str]) -> None:
         logger.warning(f"{', '.join(unused)} do(es) not apply to --method {method} and is ignored")
 
 
-def _options(kw, **extra):
-    from .pipeline.convert import ConvertOptions
+def _options(kw: dict, which: str, **values):
+    """The ConvertOptions of command `which` from click's arguments (see `_run_params`)."""
+    from .pipeline.options import ConvertOptions
     from .methods import settings_from_flat
 
     layer = _layer(kw)
-    return ConvertOptions(in_path=kw["in_path"], out_path=extra.pop("out_path", ""), settings=settings_from_flat(layer),
-                          defaults=layer, include=kw["include"], exclude=kw["exclude"], layers=kw["layers"],
-                          types=kw["types"], recipe=kw["recipe"], revision=kw["revision"],
-                          calibration=kw["calibration"], target_bits_per_param=kw["target_bits_per_param"], **extra)
+    return ConvertOptions.from_cli(kw, which, settings=settings_from_flat(layer), defaults=layer, **values)
 
 
 def _setup_logging(debug: bool) -> None:
@@ -264,36 +225,9 @@ def main():
 
 
 @main.command(cls=_PlanCommand)
-@_opt("--in-path", required=True, section="Input",
-      help="Checkpoint dir, .safetensors/.bin file, Hub repo id, or bundled:all-MiniLM-L6-v2.")
-@_opt("--out-path", required=True, type=click.Path(file_okay=False), section="Output", help="Output directory.")
-@selection_options
-@_opt("--device", type=DeviceType(), default="auto", show_default=True, section="Run",
-      help="cpu, cuda, cuda:N or auto (the GPU when there is one).")
-@_opt("--devices", default=None, section="Run",
-      help="Devices of worker processes: cpu, or cuda:0,cuda:1,... (one worker each unless --workers).")
-@_opt("--workers", type=click.IntRange(min=1), default=None, section="Run",
-      help="Worker processes compressing tensors in parallel (default: one per --devices entry; 1 = this process).")
-@_opt("--threads", type=click.IntRange(min=1), default=None, section="Run",
-      help="torch threads per tensor (default: cores / workers). CPU results depend on it in the last bits: runs "
-           "with the same --threads are byte-identical, whatever --workers.")
-@_opt("--ray-address", default=None, section="Run",
-      help="Compress on a Ray cluster: auto, HOST:PORT, or local (a private instance here). Every node must see "
-           "--in-path at the same path. Needs the ray extra.")
-@_opt("--seed", type=int, default=0, show_default=True, section="Run",
-      help="Global seed (per-tensor seeds derive from it).")
-@_opt("--max-shard-size", type=SizeType(), default="5GB", show_default=True, section="Output",
-      help="Largest output shard, e.g. 5GB, 500MB.")
-@_opt("--overwrite", is_flag=True, section="Output", help="Replace an earlier lplr-convert output in --out-path.")
-@_opt("--resume", is_flag=True, section="Output", help="Continue an interrupted conversion with the same settings.")
-@_opt("--on-nonfinite", type=click.Choice(["error", "copy"]), default="error", show_default=True, section="Run",
-      help="A weight with NaN/Inf: stop with an error, or copy it verbatim.")
-@_opt("--no-report", is_flag=True, section="Output", help="Skip the report files and plots.")
-@_opt("--spectra", type=click.Choice(["estimate", "exact", "off"]), default="estimate", show_default=True,
-      section="Output", help="The report's energy curves: estimate (from the singular values the method computed; "
-      "none for lplr/rtn), exact (one Gram eigendecomposition per plotted tensor), or off.")
 @_opt("--push-to", default=None, section="Hub", help="After converting, push to this Hub repo (OWNER/NAME).")
-@hub_options
+@_opt("--token", default=None, section="Hub", help="Hub token (else HF_TOKEN or the login cache). Never printed.")
+@_opt("--private", is_flag=True, section="Hub", help="Create the Hub repo as private.")
 @debug_option
 @_friendly
 def convert(**kw):
@@ -304,12 +238,7 @@ def convert(**kw):
     if kw["devices"] and click.get_current_context().get_parameter_source("device") == \
             click.core.ParameterSource.COMMANDLINE:
         raise LplrError("--device and --devices contradict each other; pass one of them")
-    opts = _options(kw, out_path=kw["out_path"], seed=kw["seed"], device=kw["device"],
-                    max_shard_size=kw["max_shard_size"], overwrite=kw["overwrite"], resume=kw["resume"],
-                    on_nonfinite=kw["on_nonfinite"], command=command, write_report=not kw["no_report"],
-                    base_model=kw["base_model"], spectra=kw["spectra"], workers=kw["workers"], devices=kw["devices"],
-                    threads=kw["threads"], ray_address=kw["ray_address"])
-    manifest = run(opts)
+    manifest = run(_options(kw, "convert", command=command))
     _print_summary(manifest, kw["out_path"])
     if kw["push_to"]:
         from .publish.hub import push
@@ -377,8 +306,6 @@ def calibrate(**kw):
 
 
 @main.command(cls=_PlanCommand)
-@_opt("--in-path", required=True, section="Input", help="Checkpoint to inspect.")
-@selection_options
 @_opt("--json", "as_json", is_flag=True, section="Output", help="Print JSON instead of a table.")
 @debug_option
 @_friendly
@@ -388,7 +315,7 @@ def inspect(**kw):
 
     from .pipeline.inspect import inspect_checkpoint
 
-    info = inspect_checkpoint(_options(kw))
+    info = inspect_checkpoint(_options(kw, "inspect"))
     if kw["as_json"]:
         click.echo(json.dumps(info, indent=2))
         return

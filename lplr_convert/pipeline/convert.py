@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,102 +25,16 @@ from ..io.manifest import Manifest, TensorRecord, sha256_file, write_json_atomic
 from ..io.outdir import OutputLock, prepare_output, resumable_when_full
 from ..io.reader import SourceCheckpoint, open_source
 from ..io.sidefiles import copy_side_files
-from ..io.writer import DEFAULT_SHARD_BYTES, ShardWriter, write_index
-from ..methods import InputStats, Settings, flat_defaults, get_method, make_settings
-from ..methods.base import layer_json, overlay
+from ..io.writer import ShardWriter, write_index
+from ..methods import InputStats, get_method
+from ..methods.base import layer_json
+from .options import ConvertOptions, fingerprint_options, recorded_options
 from .task import JobResult, TensorJob
 from .plan import PlanOptions, TensorPlan, build_plan_options, make_plan
 from ..report.metrics import summary_of
-from ..report.spectra import SPECTRA_MODES, representative_tensors
+from ..report.spectra import representative_tensors
 
 __all__ = ["ConvertOptions", "convert", "plan_options"]
-
-NONFINITE_CHOICES = ("error", "copy")
-
-
-@dataclass(frozen=True)
-class ConvertOptions:
-    """Every option of a conversion, validated; `command` is the command line recorded in the manifest.
-
-    `settings` is the method and knobs for the selected weights. `defaults` (optional) is a flat layer of knobs for
-    every method (see `methods.base.overlay`), which recipe rules start from; the command line passes all its knobs
-    there. `max_shard_size` is in bytes. `calibration` is a STATS directory written by `calibrate` from the same
-    checkpoint: methods that use it become activation-aware, and every compressed tensor's record gets its
-    activation-weighted error. `target_bits_per_param` allocates each compressed tensor's rank or width under one
-    global budget (`allocation.allocate_plans`).
-    """
-
-    in_path: str
-    out_path: str
-    settings: Settings = field(default_factory=make_settings)
-    defaults: dict | None = None
-    seed: int = 0
-    device: str = "auto"  # resolved when the run starts; the manifest records the device used
-    include: str | None = None
-    exclude: str | None = None
-    layers: str | None = None
-    types: str | None = None
-    recipe: str | None = None
-    max_shard_size: int = DEFAULT_SHARD_BYTES
-    calibration: str | None = None
-    target_bits_per_param: float | None = None
-    overwrite: bool = False
-    resume: bool = False
-    revision: str | None = None
-    on_nonfinite: str = "error"
-    command: str | None = None
-    write_report: bool = True
-    base_model: str | None = None  # Hub repo id the card names as base_model (default: found from the source)
-    spectra: str = "estimate"
-    workers: int | None = None
-    devices: str | None = None
-    threads: int | None = None
-    ray_address: str | None = None
-    retries: int = 3
-
-    def __post_init__(self) -> None:
-        if self.overwrite and self.resume:
-            raise LplrError(f"{opt('overwrite')} and {opt('resume')} contradict each other; pass one of them")
-        if self.on_nonfinite not in NONFINITE_CHOICES:
-            raise LplrError(f"{opt('on_nonfinite')} {self.on_nonfinite!r} is unknown; use one of "
-                            f"{', '.join(NONFINITE_CHOICES)}")
-        if self.base_model is not None:
-            from ..publish.hub import check_repo_id
-
-            check_repo_id(self.base_model, what=opt("base_model"))
-        target = self.target_bits_per_param
-        if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
-                                   or not 0 < target < 64):
-            raise LplrError(f"{opt('target_bits_per_param')} {target!r} must be a number of bits/param in (0, 64)")
-        size = self.max_shard_size
-        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-            raise LplrError(f"{opt('max_shard_size')} {size!r} must be a positive number of bytes")
-        if self.spectra not in SPECTRA_MODES:
-            raise LplrError(f"{opt('spectra')} {self.spectra!r} is unknown; use one of {', '.join(SPECTRA_MODES)}")
-        for key, low in (("workers", 1), ("threads", 1), ("retries", 0)):
-            value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-                raise LplrError(f"{opt(key)} {value!r} must be an integer of at least {low}")
-
-    def device_list(self) -> list[str]:
-        """The compute devices: `devices` split at commas, else `device`."""
-        if self.devices is None:
-            return [self.device]
-        items = [d.strip() for d in str(self.devices).split(",") if d.strip()]
-        if not items:
-            raise LplrError(f"{opt('devices')} {self.devices!r} names no device; use e.g. cpu or cuda:0,cuda:1")
-        return items
-
-    def worker_count(self) -> int:
-        """Worker processes (or Ray tasks under way): `workers`, else one per device."""
-        return self.workers if self.workers is not None else len(self.device_list())
-
-    def layer(self) -> dict:
-        """The flat settings layer of this run: the explicit values (`defaults`, else every knob of `settings`)."""
-        if self.defaults is not None:
-            return overlay(flat_defaults(), self.defaults)
-        return overlay(flat_defaults(), {"method": self.settings.method, **self.settings.knobs()})
-
 
 def recorded_settings(popts: PlanOptions) -> dict:
     """The run's settings as the manifest records them: the default method's full settings plus every other knob
@@ -134,15 +47,11 @@ def plan_options(opts: ConvertOptions) -> tuple[PlanOptions, str | None]:
     return build_plan_options(opts.layer(), opts.recipe, opts.include, opts.exclude, opts.layers, opts.types)
 
 
-def _fingerprint(src: SourceCheckpoint, opts: ConvertOptions, popts: PlanOptions, recipe_text, hashes,
-                 stats) -> dict:
-    """Everything that decides the output's bytes: resuming with any of it changed is refused."""
-    settings = recorded_settings(popts)
-    return {"calibration": None if stats is None else stats.digest(), "format_version": C.FORMAT_VERSION,
-            "tool_version": __version__, "source_files": hashes, "config": src.config, **settings,
-            "seed": opts.seed, "include": opts.include, "exclude": opts.exclude, "layers": opts.layers,
-            "types": opts.types, "recipe": recipe_text, "max_shard_size": opts.max_shard_size,
-            "on_nonfinite": opts.on_nonfinite, "target_bits_per_param": opts.target_bits_per_param}
+def _fingerprint(src: SourceCheckpoint, popts: PlanOptions, hashes, options: dict) -> dict:
+    """Everything that decides the output's bytes: resuming with any of it changed is refused. `options`: the run
+    options declared to decide them (`options.fingerprint_options`)."""
+    return {"format_version": C.FORMAT_VERSION, "tool_version": __version__, "source_files": hashes,
+            "config": src.config, **recorded_settings(popts), **options}
 
 
 def _source_info(src: SourceCheckpoint, hashes: dict, base_model: str | None) -> dict:
@@ -284,7 +193,7 @@ class _Run:
                 frozenset(k for k in popts.defaults if k != "method"), self.stats is not None)
         plotted = [] if opts.spectra == "off" else representative_tensors(_plan_rows(self.plans))
         self.spectra = dict.fromkeys(plotted, opts.spectra)
-        self.journal = Journal(out, _fingerprint(src, opts, popts, recipe_text, hashes, self.stats))
+        self.journal = Journal(out, _fingerprint(src, popts, hashes, fingerprint_options(opts, self._effective(True))))
         self.journal.shards = resume_state(out, self.journal.fingerprint) if opts.resume else []
         self.journal.save()
         self.writer = ShardWriter(out, opts.max_shard_size, on_close=self.journal.on_close)
@@ -391,14 +300,19 @@ class _Run:
         return Manifest(tool_version=__version__, complete=True, source=_source_info(src, self.hashes, self.opts.base_model),
                         options=self._options(), tensors=ordered, shards=shard_files, files=files)
 
+    def _effective(self, fingerprint: bool = False) -> dict:
+        """The run options' effective values where they differ from the given ones (resolved devices, the threads a
+        default resolved to, the recipe's text and the calibration's digest (fingerprint) or description
+        (manifest))."""
+        calibration = (None if self.stats is None else self.stats.digest()) if fingerprint else \
+            _stats_info(self.opts.calibration, self.stats)
+        return {"device": self.devices[0], "devices": self.devices, "workers": self.workers, "threads": self.threads,
+                "calibration": calibration, **({"recipe": self.recipe_text} if fingerprint else {})}
+
     def _options(self) -> dict:
-        o = self.opts
-        return {"command": o.command, "seed": o.seed, "device": self.devices[0], "devices": self.devices,
-                "executor": self.executor_kind, "workers": self.workers, "threads": self.threads, "spectra": o.spectra,
-                "calibration": _stats_info(o.calibration, self.stats), "allocation": self.allocation,
-                "settings": recorded_settings(self.popts), "include": o.include, "exclude": o.exclude,
-                "layers": o.layers, "types": o.types, "recipe": self.recipe_text, "recipe_path": o.recipe,
-                "max_shard_size": o.max_shard_size, "on_nonfinite": o.on_nonfinite}
+        """The manifest's `options`: the recorded run options and what the run made of them."""
+        return {**recorded_options(self.opts, self._effective()), "executor": self.executor_kind,
+                "allocation": self.allocation, "settings": recorded_settings(self.popts), "recipe": self.recipe_text}
 
 
 def _write_report(out: Path, manifest: dict, summary: dict) -> None:
