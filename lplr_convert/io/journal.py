@@ -18,7 +18,10 @@ __all__ = ["Journal", "check_fingerprint", "read_journal", "remove_except", "res
 # Fingerprint keys that are not command-line settings, and how a change of each is told.
 _CHANGED = {"source_files": "the source files changed", "config": "the source's config.json changed",
             "format_version": "the output format changed (another lplr-convert version)",
-            "tool_version": "lplr-convert was upgraded"}
+            "tool_version": "lplr-convert was upgraded",
+            "executor": "the executor (in-process, local pool or ray, from --workers/--devices/--ray-address) changed",
+            "arithmetic": "the compute device's automatic arithmetic (bfloat16 sketch, int8 products) changed",
+            "allocation": "the global allocation (--target-bits-per-param) chose differently"}
 
 
 class Journal:

@@ -47,11 +47,33 @@ def plan_options(opts: ConvertOptions) -> tuple[PlanOptions, str | None]:
     return build_plan_options(opts.layer(), opts.recipe, opts.include, opts.exclude, opts.layers, opts.types)
 
 
-def _fingerprint(src: SourceCheckpoint, popts: PlanOptions, hashes, options: dict) -> dict:
+def _fingerprint(src: SourceCheckpoint, popts: PlanOptions, hashes, options: dict, run: dict) -> dict:
     """Everything that decides the output's bytes: resuming with any of it changed is refused. `options`: the run
-    options declared to decide them (`options.fingerprint_options`)."""
+    options declared to decide them, at their effective values (`options.fingerprint_options`: the devices resolved,
+    the threads a default resolved to); `run`: what the run made of them (the executor, the devices' automatic
+    arithmetic, the global allocation's choices)."""
     return {"format_version": C.FORMAT_VERSION, "tool_version": __version__, "source_files": hashes,
-            "config": src.config, **recorded_settings(popts), **options}
+            "config": src.config, **recorded_settings(popts), **options, **run}
+
+
+def _arithmetic(devices: list[str], ray: bool) -> dict | None:
+    """Per compute device, the automatic choices of arithmetic that change a result's bits: the sketch product in
+    bfloat16 (`math.sketch.native_bfloat16`, lplr's sketch_precision auto) and the exact int8 Gram products
+    (`math.lstsq.integer_matmul`). None on a Ray cluster, whose nodes this process cannot probe."""
+    if ray:
+        return None
+    from ..math.lstsq import integer_matmul
+    from ..math.sketch import native_bfloat16
+
+    return {d: {"native_bfloat16": native_bfloat16(d), "integer_matmul": integer_matmul(d)} for d in devices}
+
+
+def _allocated(allocation: dict | None) -> dict | None:
+    """The global allocation's choice of each tensor (its knob changes; not the estimated errors, whose last bits
+    follow this process's threads)."""
+    if allocation is None:
+        return None
+    return {name: {k: v for k, v in c.items() if k != "estimated_error"} for name, c in allocation["choices"].items()}
 
 
 def _source_info(src: SourceCheckpoint, hashes: dict, base_model: str | None) -> dict:
@@ -193,7 +215,10 @@ class _Run:
                 frozenset(k for k in popts.defaults if k != "method"), self.stats is not None)
         plotted = [] if opts.spectra == "off" else representative_tensors(_plan_rows(self.plans))
         self.spectra = dict.fromkeys(plotted, opts.spectra)
-        self.journal = Journal(out, _fingerprint(src, popts, hashes, fingerprint_options(opts, self._effective(True))))
+        run = {"executor": self.executor_kind, "arithmetic": _arithmetic(devices, bool(opts.ray_address)),
+               "allocation": _allocated(self.allocation)}
+        self.journal = Journal(out, _fingerprint(src, popts, hashes, fingerprint_options(opts, self._effective(True)),
+                                                 run))
         self.journal.shards = resume_state(out, self.journal.fingerprint) if opts.resume else []
         self.journal.save()
         self.writer = ShardWriter(out, opts.max_shard_size, on_close=self.journal.on_close)

@@ -170,15 +170,16 @@ class ConvertOptions:
     revision: str | None = run_option(None, section="Input", commands=_BOTH,
                                       help="Hub revision when --in-path is a repo id.")
     # Run
-    device: str = run_option("auto", click_type=DeviceType(), show_default=True, record=True,
+    device: str = run_option("auto", click_type=DeviceType(), show_default=True, fingerprint=True, record=True,
                              help="cpu, cuda, cuda:N or auto (the GPU when there is one).")
-    devices: str | None = run_option(None, record=True,
+    devices: str | None = run_option(None, fingerprint=True, record=True,
                                      help="Devices of worker processes: cpu, or cuda:0,cuda:1,... (one worker each "
                                           "unless --workers).")
     workers: int | None = run_option(None, click_type=click.IntRange(min=1), validate=_at_least(1), record=True,
                                      help="Worker processes compressing tensors in parallel (default: one per "
                                           "--devices entry; 1 = this process).")
-    threads: int | None = run_option(None, click_type=click.IntRange(min=1), validate=_at_least(1), record=True,
+    threads: int | None = run_option(None, click_type=click.IntRange(min=1), validate=_at_least(1), fingerprint=True,
+                                     record=True,
                                      help="torch threads per tensor (default: cores / workers). CPU results depend on "
                                           "it in the last bits: runs with the same --threads are byte-identical, "
                                           "whatever --workers.")
@@ -203,7 +204,8 @@ class ConvertOptions:
     write_report: bool = run_option(True, section="Output", is_flag=True, flag="no_report", invert=True,
                                     help="Skip the report files and plots.")
     spectra: str = run_option("estimate", section="Output", click_type=click.Choice(SPECTRA_MODES), show_default=True,
-                              validate=_one_of(SPECTRA_MODES), record=True,
+                              validate=_one_of(SPECTRA_MODES), fingerprint=True,
+                              record=True,
                               help="The report's energy curves: estimate (from the singular values the method "
                                    "computed; none for lplr/rtn), exact (one Gram eigendecomposition per plotted "
                                    "tensor), or off.")
