@@ -163,10 +163,8 @@ def _warn_unused(method: str, given: list[str]) -> None:
 def _options(kw: dict, which: str, **values):
     """The ConvertOptions of command `which` from click's arguments (see `_run_params`)."""
     from .pipeline.options import ConvertOptions
-    from .methods import settings_from_flat
 
-    layer = _layer(kw)
-    return ConvertOptions.from_cli(kw, which, settings=settings_from_flat(layer), defaults=layer, **values)
+    return ConvertOptions.from_cli(kw, which, layer=_layer(kw), **values)
 
 
 def _setup_logging(debug: bool) -> None:

@@ -61,14 +61,13 @@ def _run(src: str, stats: str, text: Path, label: str, calibrated: bool, layer: 
     from lplr_convert.pipeline.convert import ConvertOptions, convert
     from lplr_convert.evaluate import evaluate_state_dict
     from lplr_convert.io.output import ConvertedOutput
-    from lplr_convert.methods import flat_defaults, settings_from_flat
+    from lplr_convert.methods import flat_defaults
     from lplr_convert.methods.base import overlay
 
     flat = overlay(flat_defaults(), layer)
     out = Path(tempfile.mkdtemp(prefix="lplr_quality_")) / "out"
     t0 = time.perf_counter()
-    manifest = convert(ConvertOptions(in_path=src, out_path=str(out), settings=settings_from_flat(flat),
-                                      defaults=flat, calibration=stats if calibrated else None, device="cpu",
+    manifest = convert(ConvertOptions(in_path=src, out_path=str(out), layer=flat, calibration=stats if calibrated else None, device="cpu",
                                       target_bits_per_param=budget, write_report=False))
     seconds = time.perf_counter() - t0
     with ConvertedOutput(out) as o:

@@ -209,10 +209,9 @@ def test_evaluate_writes_the_manifest_and_report(converted, minilm_dir, tiny_lm_
 
 def test_evaluate_causal_end_to_end(tiny_lm_dir, tmp_path):
     from lplr_convert.pipeline.convert import ConvertOptions, convert
-    from lplr_convert.methods import MethodSettings
 
     out = tmp_path / "rtn4"
-    convert(ConvertOptions(in_path=str(tiny_lm_dir), out_path=str(out), settings=MethodSettings(method="rtn", b0=4)))
+    convert(ConvertOptions(in_path=str(tiny_lm_dir), out_path=str(out), layer={"method": "rtn", "b0": 4}))
     res = evaluate(tiny_lm_dir, out, text=TEXTS[:12])
     assert res["kind"] == "causal_lm" and res["text_source"] == "list"
     assert 0 < res["kl_mean"] < 0.5 and 0 < res["top1_agreement"] <= 1
@@ -228,7 +227,6 @@ def test_evaluate_an_moe_whose_expert_weights_transformers_fuses(minilm_dir, tmp
 
     from lplr_convert import load_model, load_state_dict
     from lplr_convert.pipeline.convert import ConvertOptions, convert
-    from lplr_convert.methods import MethodSettings
 
     tok = AutoTokenizer.from_pretrained(minilm_dir)
     torch.manual_seed(0)
@@ -237,7 +235,7 @@ def test_evaluate_an_moe_whose_expert_weights_transformers_fuses(minilm_dir, tmp
     src, out = tmp_path / "mixtral", tmp_path / "rtn4"
     MixtralForCausalLM(cfg).save_pretrained(str(src))
     tok.save_pretrained(str(src))
-    doc = convert(ConvertOptions(in_path=str(src), out_path=str(out), settings=MethodSettings(method="rtn", b0=4),
+    doc = convert(ConvertOptions(in_path=str(src), out_path=str(out), layer={"method": "rtn", "b0": 4},
                                  write_report=False))
     required = {r["name"] for r in doc["tensors"] if r["method"] != "copy"}
     assert any(".experts.1.w2." in n for n in required)

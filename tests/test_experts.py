@@ -206,14 +206,13 @@ def test_factored_experts_predicted_exactly_and_loaded_dense(built, tmp_path):
     dense (no per-expert factored module) while attention stays factored, and from_pretrained equals load_model."""
     from lplr_convert.pipeline.convert import ConvertOptions
     from lplr_convert.pipeline.inspect import inspect_checkpoint
-    from lplr_convert.methods import make_settings
 
     model, src = built("gpt_oss")
     out = tmp_path / "out"
     args = ["--method", "lplr", "--rank-fraction", "0.25", "--b1", "4", "--b2", "4", "--no-report"]
     assert run_cli("--in-path", str(src), "--out-path", str(out), *args).exit_code == 0
-    settings = make_settings("lplr", rank_fraction=0.25, b1=4, b2=4)
-    predicted = {r["name"]: r for r in inspect_checkpoint(ConvertOptions(str(src), "", settings=settings))["tensors"]}
+    layer = {"method": "lplr", "rank_fraction": 0.25, "b1": 4, "b2": 4}
+    predicted = {r["name"]: r for r in inspect_checkpoint(ConvertOptions(str(src), "", layer=layer))["tensors"]}
     records = json.loads((out / C.MANIFEST_FILE).read_text())["tensors"]
     fused = [r for r in records if r["info"].get("experts")]
     assert len(fused) == 4 and all(predicted[r["name"]]["predicted_bytes"] == r["stored_bytes"] for r in fused)

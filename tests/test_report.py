@@ -18,7 +18,7 @@ from lplr_convert import constants as C
 from lplr_convert.pipeline.convert import ConvertOptions, convert
 from lplr_convert.errors import LplrError
 from lplr_convert.io.manifest import read_manifest
-from lplr_convert.methods import MethodSettings, RankPolicy
+from lplr_convert.methods import RankPolicy
 from lplr_convert.report import compare, energy_curve, summary_markdown, summary_table, write_report
 from lplr_convert.report.metrics import tensor_rows
 from lplr_convert.report.spectra import representative_tensors
@@ -34,15 +34,15 @@ def _numel(shape) -> int:
 def outputs(tmp_path_factory, tiny_llama_dir):
     """The bf16 tiny Llama converted three ways (report writing off, so the tests call write_report themselves)."""
     runs = {
-        "lplr": MethodSettings(method="lplr", rank=RankPolicy("rank_fraction", 0.8)),
-        "rtn": MethodSettings(method="rtn", b0=8),
-        "grown": MethodSettings(method="lplr", b1=16, b2=16, rank=RankPolicy("rank_fraction", 1.0)),
+        "lplr": {"method": "lplr", "rank": RankPolicy("rank_fraction", 0.8)},
+        "rtn": {"method": "rtn", "b0": 8},
+        "grown": {"method": "lplr", "b1": 16, "b2": 16, "rank": RankPolicy("rank_fraction", 1.0)},
     }
     base = tmp_path_factory.mktemp("report")
     out = {}
-    for name, settings in runs.items():
+    for name, layer in runs.items():
         d = base / name
-        convert(ConvertOptions(in_path=str(tiny_llama_dir), out_path=str(d), settings=settings, write_report=False,
+        convert(ConvertOptions(in_path=str(tiny_llama_dir), out_path=str(d), layer=layer, write_report=False,
                                command=f"lplr-convert convert --method {name}"))
         out[name] = d
     return out

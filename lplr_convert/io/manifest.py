@@ -16,12 +16,14 @@ from typing import Any
 from .. import constants as C
 from ..errors import IncompleteOutputError, LplrError, opt
 
-__all__ = ["LEGACY_KNOBS", "Manifest", "TensorRecord", "integrity_hash", "is_complete", "is_intact", "is_plain_name",
-           "read_manifest", "sha256_file", "write_json_atomic"]
+__all__ = ["Manifest", "TensorRecord", "integrity_hash", "is_complete", "is_intact", "is_plain_name",
+           "read_manifest", "sha256_file", "upgrade_record", "write_json_atomic"]
 
-# Knobs that every record carries at top level (None where the tensor's method has no such knob), as format 1.0
-# always did; the method's full settings are in `settings`.
-LEGACY_KNOBS = ("b1", "b2", "b0", "quantizer", "group_size")
+
+def _settings_copy():
+    """A record field that repeats one knob of the record's `settings` (None where the tensor's method has no such
+    knob): written as format 1.0 always did, never read back (`settings` is the one form)."""
+    return field(default=None, metadata={"settings_copy": True})
 
 
 def is_plain_name(name: object) -> bool:
@@ -59,11 +61,11 @@ class TensorRecord:
     layer: int | None = None
     matrix_type: str | None = None
     rank: int | None = None
-    b1: int | None = None
-    b2: int | None = None
-    b0: int | None = None
-    quantizer: str | None = None
-    group_size: int | None = None
+    b1: int | None = _settings_copy()
+    b2: int | None = _settings_copy()
+    b0: int | None = _settings_copy()
+    quantizer: str | None = _settings_copy()
+    group_size: int | None = _settings_copy()
     rank_policy: str | None = None
     seed: int = 0
     transposed: bool = False
@@ -99,7 +101,7 @@ class TensorRecord:
         original = math.prod(shape) * itemsize
         stored_bytes = sum(v["bytes"] for v in stored.values())
         return cls(name=name, shape=list(shape), dtype=dtype, method=settings["method"], rank_policy=rank_policy,
-                   **{k: settings.get(k) for k in LEGACY_KNOBS}, stored=stored, original_bytes=original,
+                   **{k: settings.get(k) for k in _copied_knobs()}, stored=stored, original_bytes=original,
                    stored_bytes=stored_bytes, bits_per_param=8 * stored_bytes / numel,
                    original_bits_per_param=8 * original / numel, grew=stored_bytes > original, settings=settings,
                    **facts)
@@ -115,13 +117,23 @@ class TensorRecord:
                             f"damaged, re-run the conversion")
         names = {f.name for f in dataclasses.fields(cls)}
         try:
-            rec = cls(**{k: v for k, v in d.items() if k in names})
+            return cls(**{k: v for k, v in upgrade_record(d).items() if k in names})
         except TypeError as e:
             raise LplrError(f"a tensor record of the manifest is malformed ({e}); re-run the conversion") from None
-        if not rec.settings:  # written before records carried their settings
-            rec.settings = {"method": rec.method, **{k: getattr(rec, k) for k in LEGACY_KNOBS
-                                                     if getattr(rec, k) is not None}}
-        return rec
+
+
+def _copied_knobs() -> tuple[str, ...]:
+    """The knobs a record repeats at top level (its `_settings_copy` fields)."""
+    return tuple(f.name for f in dataclasses.fields(TensorRecord) if f.metadata.get("settings_copy"))
+
+
+def upgrade_record(d: Mapping[str, Any]) -> dict:
+    """A tensor record's JSON as this version reads it, from any earlier one: the one place old records are
+    upgraded. Records written before they carried their `settings` get them from the knobs repeated at top level."""
+    d = dict(d)
+    if not d.get("settings"):
+        d["settings"] = {"method": d.get("method"), **{k: d[k] for k in _copied_knobs() if d.get(k) is not None}}
+    return d
 
 
 @dataclass

@@ -19,8 +19,6 @@ from .base import (
 )
 from .settings import RANK_POLICIES, RankPolicy, Settings, knob, resolve_rank
 
-MethodSettings = make_settings  # the name earlier versions exported: MethodSettings(method="rtn", b0=4)
-
-__all__ = ["RANK_POLICIES", "InputStats", "Method", "MethodResult", "MethodSettings", "RankPolicy", "Settings",
+__all__ = ["RANK_POLICIES", "InputStats", "Method", "MethodResult", "RankPolicy", "Settings",
            "all_knobs", "available_methods", "flat_defaults", "get_method", "knob", "make_settings", "register",
            "resolve_rank", "settings_from_flat"]

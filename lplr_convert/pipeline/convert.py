@@ -44,7 +44,7 @@ def recorded_settings(popts: PlanOptions) -> dict:
 
 def plan_options(opts: ConvertOptions) -> tuple[PlanOptions, str | None]:
     """The plan options of a run and the recipe's text (recorded in the manifest)."""
-    return build_plan_options(opts.layer(), opts.recipe, opts.include, opts.exclude, opts.layers, opts.types)
+    return build_plan_options(opts.layer, opts.recipe, opts.include, opts.exclude, opts.layers, opts.types)
 
 
 def _fingerprint(src: SourceCheckpoint, popts: PlanOptions, hashes, options: dict, run: dict) -> dict:

@@ -40,7 +40,7 @@ def _row(p: TensorPlan, calibrated: bool) -> tuple[dict, int]:
 def inspect_checkpoint(options) -> dict:
     """The plan of `options` (a ConvertOptions; its out_path is not used) over the checkpoint at its in_path, with
     each tensor's method, settings, predicted rank and stored size, and the predicted output size."""
-    popts, _ = build_plan_options(options.layer(), options.recipe, options.include, options.exclude,
+    popts, _ = build_plan_options(options.layer, options.recipe, options.include, options.exclude,
                                   options.layers, options.types)
     src = open_source(options.in_path, options.revision)
     plans = make_plan(src.headers.values(), src.config, popts)

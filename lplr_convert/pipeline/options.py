@@ -135,16 +135,16 @@ _IN_PATH_HELP = "Checkpoint dir, .safetensors/.bin file, Hub repo id, or bundled
 class ConvertOptions:
     """Every option of a conversion, validated; `command` is the command line recorded in the manifest.
 
-    `settings` is the method and knobs for the selected weights. `defaults` (optional) is a flat layer of knobs for
-    every method (see `methods.base.overlay`), which recipe rules start from; the command line passes all its knobs
-    there. The other fields are run options (`run_option`): see each one's help.
+    `layer` is the method and knobs of the selected weights as a flat layer (the one form of settings, see
+    `methods.base.overlay`: e.g. {"method": "rtn", "b0": 4}; the values given explicitly, which recipe rules start
+    from and a global bit budget leaves alone), validated by the method's settings class on creation. The other
+    fields are run options (`run_option`): see each one's help.
     """
 
     in_path: str = run_option(help=_IN_PATH_HELP, section="Input", commands=_BOTH, required=True)
     out_path: str = run_option(help="Output directory.", section="Output", click_type=click.Path(file_okay=False),
                                required=True)
-    settings: Any = None  # a Settings; None: the default method's defaults
-    defaults: dict | None = None
+    layer: Mapping[str, Any] | None = None  # None: the default method at its defaults
     # Selection (shared with `inspect`)
     include: str | None = run_option(None, section="Selection", commands=_BOTH, fingerprint=True, record=True,
                                      help="Regex: compress the 2-D float tensors it matches.")
@@ -216,6 +216,12 @@ class ConvertOptions:
                                      help="The command line recorded in the manifest.")
 
     def __post_init__(self) -> None:
+        from ..methods import flat_defaults, settings_from_flat
+        from ..methods.base import overlay
+
+        layer = overlay(flat_defaults(), self.layer or {})
+        settings_from_flat(layer)  # validated by the method's settings class
+        object.__setattr__(self, "layer", layer)
         if self.overwrite and self.resume:
             raise LplrError(f"{opt('overwrite')} and {opt('resume')} contradict each other; pass one of them")
         for f in option_fields():
@@ -226,7 +232,7 @@ class ConvertOptions:
     @classmethod
     def from_cli(cls, kw: Mapping[str, Any], which: str, **values: Any) -> ConvertOptions:
         """The options of command `which` from click's keyword arguments (each option under its field's or flag's name);
-        `values` are the fields the command line does not give (settings, the recorded command line)."""
+        `values` are the fields the command line does not give (the settings layer, the recorded command line)."""
         for f in option_fields(which):
             key = f.metadata["flag"] or f.name
             if key in kw:
@@ -246,16 +252,6 @@ class ConvertOptions:
     def worker_count(self) -> int:
         """Worker processes (or Ray tasks under way): `workers`, else one per device."""
         return self.workers if self.workers is not None else len(self.device_list())
-
-    def layer(self) -> dict:
-        """The flat settings layer of this run: the explicit values (`defaults`, else every knob of `settings`)."""
-        from ..methods import flat_defaults, make_settings
-        from ..methods.base import overlay
-
-        if self.defaults is not None:
-            return overlay(flat_defaults(), self.defaults)
-        settings = self.settings if self.settings is not None else make_settings()
-        return overlay(flat_defaults(), {"method": settings.method, **settings.knobs()})
 
 
 def option_fields(command: str | None = None) -> list[dataclasses.Field]:
