@@ -146,15 +146,16 @@ def _layer(kw: dict) -> dict:
     given = {k: kw[k] for k in (*all_knobs(), *RANK_POLICIES) if kw.get(k) is not None}
     layer = overlay(flat_defaults(), {"method": kw["method"], **given})
     if not kw.get("recipe"):
-        _warn_unused(kw["method"], [k for k in given if k not in RANK_POLICIES])
+        _warn_unused(kw["method"], list(given))
     return layer
 
 
 def _warn_unused(method: str, given: list[str]) -> None:
-    from .methods import get_method
+    from .methods import RANK_POLICIES, get_method
     from .methods.settings import knob_fields
 
-    own = {f.name for f in knob_fields(get_method(method).settings_cls)}
+    impl = get_method(method)
+    own = {f.name for f in knob_fields(impl.settings_cls)} | (set(RANK_POLICIES) if impl.uses_rank else set())
     unused = [flag(k) for k in given if k not in own]
     if unused:
         logger.warning(f"{', '.join(unused)} do(es) not apply to --method {method} and is ignored")
@@ -308,7 +309,9 @@ def calibrate(**kw):
 @debug_option
 @_friendly
 def inspect(**kw):
-    """Show what a checkpoint holds, what each tensor would get, and the predicted output size (computes nothing)."""
+    """Show what a checkpoint holds, what each tensor would get, and the predicted output size: convert's own plan
+    (compresses nothing; with --target-bits-per-param it reads every compressed tensor once to allocate, as convert
+    does)."""
     import json
 
     from .pipeline.inspect import inspect_checkpoint

@@ -34,7 +34,7 @@ from .plan import PlanOptions, TensorPlan, build_plan_options, make_plan
 from ..report.metrics import summary_of
 from ..report.spectra import representative_tensors
 
-__all__ = ["ConvertOptions", "convert", "plan_options"]
+__all__ = ["ConvertOptions", "StatsFor", "allocated", "convert", "hash_sources", "open_stats", "plan_options"]
 
 def recorded_settings(popts: PlanOptions) -> dict:
     """The run's settings as the manifest records them: the default method's full settings plus every other knob
@@ -86,7 +86,7 @@ def _source_info(src: SourceCheckpoint, hashes: dict, base_model: str | None) ->
             "base_model": found, "base_model_from": where}
 
 
-def _open_stats(path: str | None, plans: list[TensorPlan], hashes: dict[str, str], src: SourceCheckpoint, device):
+def open_stats(path: str | None, plans: list[TensorPlan], hashes: dict[str, str], src: SourceCheckpoint, device):
     """The calibration statistics of a run, checked: made from this checkpoint, one for every compressed tensor."""
     if path is None:
         return None
@@ -107,9 +107,49 @@ def _stats_info(path: str | None, stats) -> dict | None:
             "tokens": m.get("tokens"), "seq_len": m.get("seq_len")}
 
 
-def _hash_sources(src: SourceCheckpoint) -> dict[str, str]:
+def hash_sources(src: SourceCheckpoint) -> dict[str, str]:
     return {f: sha256_file(src.root / f) for f in tqdm(src.files, desc="hashing source", unit="file",
                                                         disable=len(src.files) < 2)}
+
+
+class StatsFor:
+    """The input statistics of a compressed tensor (None without calibration), one H resident at a time: weights
+    sharing it share its cache (e.g. the whitening of q/k/v's common input)."""
+
+    def __init__(self, stats, device):
+        self.stats, self.device, self._shared = stats, device, None
+
+    def __call__(self, plan: TensorPlan) -> InputStats | None:
+        if self.stats is None or plan.method == "copy" or plan.experts:
+            return None
+        key = self.stats.key(plan.name)
+        if self._shared is None or self._shared.key != key:
+            self._shared = None
+            self._shared = InputStats(self.stats.statistic(plan.name).to(self.device, torch.float32), key)
+        return self._shared
+
+
+def _oriented(src: SourceCheckpoint, plans: list[TensorPlan], device):
+    """tensors(names): (name, float tensor on `device` in (out, in) orientation) of the named source tensors."""
+    by_name = {p.name: p for p in plans}
+
+    def tensors(names: list[str]):
+        for name, t in src.iter_tensors(names):
+            W = t.to(device).float()
+            yield name, W.T if by_name[name].transposed else W
+
+    return tensors
+
+
+def allocated(opts: ConvertOptions, popts: PlanOptions, src: SourceCheckpoint, plans: list[TensorPlan], device,
+              stats_for: StatsFor) -> tuple[list[TensorPlan], dict | None]:
+    """The plans with a global budget's choices (`allocation.allocate_plans`, reading every compressed tensor once)
+    and the allocation's summary; the plans as they are without `target_bits_per_param`. `convert` and `inspect`
+    both plan through here."""
+    if opts.target_bits_per_param is None:
+        return plans, None
+    return allocate_plans(plans, _oriented(src, plans, device), stats_for, opts.target_bits_per_param,
+                          frozenset(k for k in popts.defaults if k != "method"), stats_for.stats is not None)
 
 
 def _preflight(plans: list[TensorPlan], calibrated: bool) -> None:
@@ -169,7 +209,7 @@ def _convert(opts: ConvertOptions) -> dict:
     out = Path(opts.out_path).expanduser()
     prepare = functools.partial(prepare_output, src.root, out, overwrite=opts.overwrite, resume=opts.resume)
     with OutputLock.guarding(out, src.root, prepare):
-        run = _Run(opts, src, out, plans, popts, recipe_text, devices, _hash_sources(src))
+        run = _Run(opts, src, out, plans, popts, recipe_text, devices, hash_sources(src))
         n_comp = sum(p.method != "copy" for p in run.plans)
         logger.info(f"{src.root}: {len(plans)} tensors in {len(src.files)} file(s); {n_comp} to compress with "
                     f"{popts.settings.method if not popts.rules else 'a recipe'} on {run.where()}")
@@ -203,16 +243,12 @@ class _Run:
         self.workers = opts.worker_count()
         self.executor_kind = "ray" if opts.ray_address else "local pool" if self.workers > 1 else "in-process"
         self.threads = self._threads()
-        self.stats = _open_stats(opts.calibration, plans, hashes, src, self.device)
+        self.stats = open_stats(opts.calibration, plans, hashes, src, self.device)
         if self.stats is not None and self.executor_kind != "in-process":
             raise LplrError(f"{opt('calibration')} runs in this process (one statistic resident at a time); drop "
                             f"{opt('workers')}/{opt('devices')}/{opt('ray_address')} for a calibrated conversion")
-        self._shared: InputStats | None = None
-        self.allocation = None
-        if opts.target_bits_per_param is not None:
-            self.plans, self.allocation = allocate_plans(
-                plans, self._oriented, self._stats_for, opts.target_bits_per_param,
-                frozenset(k for k in popts.defaults if k != "method"), self.stats is not None)
+        self._stats_for = StatsFor(self.stats, self.device)
+        self.plans, self.allocation = allocated(opts, popts, src, plans, self.device, self._stats_for)
         plotted = [] if opts.spectra == "off" else representative_tensors(_plan_rows(self.plans))
         self.spectra = dict.fromkeys(plotted, opts.spectra)
         run = {"executor": self.executor_kind, "arithmetic": _arithmetic(devices, bool(opts.ray_address)),
@@ -277,24 +313,6 @@ class _Run:
             self.writer.abort()
             raise
         return records
-
-    def _oriented(self, names: list[str]):
-        """(name, float tensor on the compute device in (out, in) orientation) of the named source tensors."""
-        by_name = {p.name: p for p in self.plans}
-        for name, t in self.src.iter_tensors(names):
-            W = t.to(self.device).float()
-            yield name, W.T if by_name[name].transposed else W
-
-    def _stats_for(self, plan: TensorPlan) -> InputStats | None:
-        """The input statistics of a compressed tensor (one H resident at a time; weights sharing it share its
-        cache, e.g. the whitening of q/k/v's common input)."""
-        if self.stats is None or plan.method == "copy" or plan.experts:
-            return None
-        key = self.stats.key(plan.name)
-        if self._shared is None or self._shared.key != key:
-            self._shared = None
-            self._shared = InputStats(self.stats.statistic(plan.name).to(self.device, torch.float32), key)
-        return self._shared
 
     def _write(self, res: JobResult) -> TensorRecord:
         rec = res.record
