@@ -23,20 +23,24 @@ SECTION_ORDER = ("Input", "Output", "Method", RANK_SECTION, "Selection", "Run", 
 
 
 class _Opt(click.Option):
-    """An option that remembers its help section."""
+    """An option that remembers its help section (and, for a method's knob, the methods declaring it)."""
 
-    def __init__(self, *args, section: str = "Other", **kwargs):
+    def __init__(self, *args, section: str = "Other", knob_of: set[str] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.section = section
+        self.section, self.knob_of = section, knob_of
 
 
 class _Sectioned(click.Command):
     """Help output grouped by section."""
 
+    def shown(self, ctx, param) -> bool:
+        """Whether `--help` lists `param`."""
+        return True
+
     def format_options(self, ctx, formatter):
         sections: dict[str, list] = {}
         for p in self.get_params(ctx):
-            rec = p.get_help_record(ctx)
+            rec = p.get_help_record(ctx) if self.shown(ctx, p) else None
             if rec:
                 sections.setdefault(getattr(p, "section", "Other"), []).append(rec)
         order = {name: i for i, name in enumerate(SECTION_ORDER)}
@@ -45,30 +49,50 @@ class _Sectioned(click.Command):
                 formatter.write_dl(rows)
 
 
-def _knob_params() -> list[click.Parameter]:
-    """`--method`, one option per knob of the registered methods, and one per rank policy kind."""
-    from .methods import all_knobs, available_methods
+def _knob_params(method: str | None = None) -> list[click.Parameter]:
+    """`--method`, one option per knob of the registered methods, and one per rank policy kind; each knob option
+    knows the methods that declare it (`knob_of`), and shows `method`'s default when one is given."""
+    from .methods import all_knobs, available_methods, get_method
     from .methods.base import knob_defaults
-    from .methods.settings import RANK_HELP
+    from .methods.settings import RANK_HELP, knob_fields
 
     methods = [m for m in available_methods() if m != "copy"]
+    owners: dict[str, set[str]] = {}
+    for m in methods:
+        for f in knob_fields(get_method(m).settings_cls):
+            owners.setdefault(f.name, set()).add(m)
     params: list[click.Parameter] = [_Opt(["--method"], type=click.Choice(methods), default="lplr", show_default=True,
                                           section="Method", help="Compression method for the selected weights.")]
     for name, f in all_knobs().items():
         meta = f.metadata
         if meta.get("rank_policy"):
             continue
-        text = f"{meta['help']} {_default_text(knob_defaults(name))}"
+        defaults = knob_defaults(name)
+        text = f"{meta['help']} {_default_text({method: defaults[method]} if method in defaults else defaults)}"
         if meta["type"] is bool:
             params.append(_Opt([f"{flag(name)}/--no-{flag(name)[2:]}", name], default=None, section=meta["section"],
-                               help=text))
+                               help=text, knob_of=owners.get(name, set())))
             continue
         kind = click.Choice([str(c) for c in meta["choices"] if c is not None]) if meta["choices"] else \
             {int: click.INT, float: click.FLOAT}.get(meta["type"], click.STRING)
-        params.append(_Opt([flag(name), name], type=kind, default=None, section=meta["section"], help=text))
+        params.append(_Opt([flag(name), name], type=kind, default=None, section=meta["section"], help=text,
+                           knob_of=owners.get(name, set())))
+    ranked = {m for m in methods if get_method(m).uses_rank}
     for kind, (text, typ) in RANK_HELP.items():
-        params.append(_Opt([flag(kind), kind], type=typ, default=None, section=RANK_SECTION, help=text))
+        params.append(_Opt([flag(kind), kind], type=typ, default=None, section=RANK_SECTION, help=text,
+                           knob_of=ranked))
     return params
+
+
+def _method_in(args: list[str]) -> str | None:
+    """The registered method `--method` names among raw arguments, if any (help is shown before parsing)."""
+    from .methods import available_methods
+
+    for i, a in enumerate(args):
+        value = args[i + 1] if a == "--method" and i + 1 < len(args) else a[9:] if a.startswith("--method=") else None
+        if value in available_methods():
+            return value
+    return None
 
 
 def _default_text(defaults: dict) -> str:
@@ -86,7 +110,26 @@ class _PlanCommand(_Sectioned):
 
     def get_params(self, ctx):
         params = super().get_params(ctx)
-        return _run_params(self.name) + params[:-1] + _knob_params() + params[-1:]  # help stays last
+        method = ctx.meta.get("lplr_method")
+        return _run_params(self.name) + params[:-1] + _knob_params(method) + params[-1:]  # help stays last
+
+    def parse_args(self, ctx, args):
+        ctx.meta["lplr_method"] = _method_in(args)  # before --help (eager) is acted on
+        return super().parse_args(ctx, args)
+
+    def shown(self, ctx, param) -> bool:
+        """A knob is listed with `--method X --help` when X declares it, never in the plain `--help` (which lists the
+        methods instead)."""
+        owners = getattr(param, "knob_of", None)
+        return owners is None or ctx.meta.get("lplr_method") in owners
+
+    def format_options(self, ctx, formatter):
+        super().format_options(ctx, formatter)
+        if ctx.meta.get("lplr_method") is None:
+            from .methods import available_methods, get_method
+
+            with formatter.section("Methods (--method NAME --help lists NAME's knobs)"):
+                formatter.write_dl([(m, get_method(m).summary()) for m in available_methods() if m != "copy"])
 
 
 class _DefaultGroup(click.Group):

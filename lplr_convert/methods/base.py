@@ -173,6 +173,15 @@ class Method:
     uses_stats: bool = False  # what it stores depends on calibration statistics when they are given
     has_base: bool = False  # a factored method whose weight is a full-size backbone plus L R (`decode_base`)
 
+    def summary(self) -> str:
+        """One line describing the method (`convert --help`): the start of its module's docstring (60 characters)."""
+        import sys
+
+        doc = " ".join((sys.modules[type(self).__module__].__doc__ or self.name).split("\n\n")[0].split())
+        if len(doc) <= 60:
+            return doc
+        return doc[:60].rsplit(" ", 1)[0].rstrip(",;:.") + "..."
+
     @property
     def uses_rank(self) -> bool:
         return any(f.name == RANK_FIELD for f in knob_fields(self.settings_cls))
