@@ -403,9 +403,26 @@ def decompress(**kw):
     click.echo(f"wrote {run(kw['in_path'], kw['out_path'], kw['max_shard_size'], kw['overwrite'])}")
 
 
+class _ExportFormats(click.Choice):
+    """The registered export formats (`export.register_format`), looked up when the command runs."""
+
+    def __init__(self):
+        super().__init__(())
+
+    @property
+    def choices(self):
+        from .export import export_formats
+
+        return tuple(export_formats())
+
+    @choices.setter
+    def choices(self, value):
+        pass
+
+
 @main.command(name="export", cls=_Sectioned)
 @_rewrite_options("export", shards="Largest output shard (compressed-tensors).")
-@_opt("--format", "fmt", required=True, type=click.Choice(C.EXPORT_FORMATS), section="Output",
+@_opt("--format", "fmt", required=True, type=_ExportFormats(), section="Output",
       help="compressed-tensors: packed checkpoint transformers/vLLM load; peft: qlr corrections as a LoRA adapter.")
 @_opt("--base-model", default=None, section="Output",
       help="peft: the adapter's base_model_name_or_path (the compressed-tensors export's path or repo id).")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from ..io.output import ConvertedOutput
 from ..io.writer import ShardWriter, write_index
 from ..math import quantize as qz
 from ..methods import get_method
+from ..methods.base import PackedLayout
 
 __all__ = ["EXPORT_WHAT", "ExportPlan", "ExportResult", "Placement", "base_tensor", "finish_shards", "pack_reason",
            "plain_config", "plan_export", "previous_export", "scheme_of", "side_files_of", "write_record"]
@@ -61,6 +63,37 @@ def plain_config(output: ConvertedOutput) -> dict | None:
     return config
 
 
+# ---------------------------------------------------------------------------------------------------- formats
+
+_FORMATS: dict[str, Callable[..., ExportResult]] = {}
+
+
+def register_format(name: str):
+    """Decorator: `fn(in_path, out_path, *, base_model, max_shard_size, overwrite) -> ExportResult` writes the export
+    format `name` (`export --format name`), as `methods.register` makes a method available."""
+
+    def wrap(fn):
+        if name in _FORMATS:
+            raise ValueError(f"export format {name!r} is registered twice")
+        _FORMATS[name] = fn
+        return fn
+
+    return wrap
+
+
+def export_formats() -> list[str]:
+    """The registered export formats."""
+    return sorted(_FORMATS)
+
+
+def get_format(name: str) -> Callable[..., ExportResult]:
+    """The writer of export format `name`; an unknown name lists the registered ones."""
+    try:
+        return _FORMATS[name]
+    except (KeyError, TypeError):
+        raise LplrError(f"export format {name!r} is unknown; use one of {', '.join(export_formats())}") from None
+
+
 # ------------------------------------------------------------------------------------------------- placement
 
 
@@ -77,6 +110,7 @@ class Placement:
     reason: str = ""
     adapter: bool = False
     folded: bool = False  # a qlr correction written dense into the base (its module cannot take a LoRA adapter)
+    layout: PackedLayout | None = None  # what the method declares the record's parts to be (`Method.layout`)
 
 
 @dataclass
@@ -135,17 +169,19 @@ def _kind(module, rec: TensorRecord) -> str | None:
 
 def _place(rec: TensorRecord, module: str | None, kind: str | None) -> Placement:
     """Where `rec` goes before the export-wide rules (one scheme, `_annotate`)."""
-    method = get_method(rec.method)
     p = Placement(rec, module if kind else None, kind)
-    q = rec.info.get("q") if C.PART_QUANT in method.parts and EXPERTS_KEY not in rec.info else None
-    spec = qz.QuantSpec.from_json(q) if q else None
-    correction = method.has_base and rec.info.get("left") is not None
+    p.layout = None if rec.method == "copy" or EXPERTS_KEY in rec.info else get_method(rec.method).layout(rec.info)
+    backbone = p.layout.backbone if p.layout is not None else None
+    spec = backbone.spec if backbone is not None else None
+    correction = backbone is not None and p.layout.low_rank
     p.adapter = correction and kind in (LINEAR, CONV1D)
     p.folded = correction and not p.adapter
     if rec.method == "copy":
         p.reason = COPIED
     elif EXPERTS_KEY in rec.info:
         p.reason = "fused 3-D experts tensor (compressed-tensors packs nn.Linear weights)"
+    elif p.layout is None:
+        p.reason = f"method {rec.method} declares no packed layout (Method.layout): stored as one dense tensor"
     elif spec is None:
         p.reason = f"method {rec.method} stores no integer-quantized full-size matrix"
     elif kind not in (LINEAR, MERGED):
@@ -286,7 +322,7 @@ def base_tensor(output: ConvertedOutput, p: Placement, parts: dict[str, torch.Te
     correction goes to the adapter, else the decoded weight."""
     if not p.adapter:
         return output.dense(p.rec, parts)
-    Q = get_method(p.rec.method).decode_base(parts, p.rec.info)
+    Q = p.layout.backbone.dequantized(parts)
     Q = Q.T if p.rec.transposed else Q  # Conv1D weights stored out x in
     return Q.to(dtype_from_name(p.rec.dtype)).contiguous()
 

@@ -36,8 +36,6 @@ from ..io.sidefiles import copy_side_files
 from ..io.writer import DEFAULT_SHARD_BYTES, ShardWriter
 from ..math import quantize as qz
 from ..math.bitpack import pack_rows_int32
-from ..methods import available_methods, get_method
-from ..methods.base import part_fields
 from .common import (
     EXPORT_WHAT,
     ExportPlan,
@@ -48,6 +46,7 @@ from .common import (
     plain_config,
     plan_export,
     previous_export,
+    register_format,
     scheme_of,
     side_files_of,
     write_record,
@@ -124,7 +123,7 @@ def _tensors(output: ConvertedOutput, p: Placement) -> dict[str, torch.Tensor]:
     parts = output.parts(p.rec)
     if p.spec is None:
         return {p.rec.name: base_tensor(output, p, parts)}
-    q = qz.from_fields(part_fields(C.PART_QUANT, parts), p.spec)
+    q = p.layout.backbone.quantized(parts)
     stem = p.rec.name.removesuffix(".weight")
     return {f"{stem}.{k}": t for k, t in pack_quantized(q).items()}
 
@@ -147,11 +146,6 @@ def _write(output: ConvertedOutput, plan: ExportPlan, out: Path, max_shard_size:
     return files + list(copy_side_files(side_files_of(output), out, config))
 
 
-def _packable_methods() -> list[str]:
-    """The registered methods that store an integer-quantized full-size matrix (what this export packs)."""
-    return [m for m in available_methods() if C.PART_QUANT in get_method(m).parts]
-
-
 def export_compressed_tensors(in_path: str | Path, out_path: str | Path, max_shard_size: int = DEFAULT_SHARD_BYTES,
                               overwrite: bool = False) -> ExportResult:
     """Write the conversion in `in_path` as a compressed-tensors `pack-quantized` checkpoint in `out_path` (see the
@@ -163,8 +157,8 @@ def export_compressed_tensors(in_path: str | Path, out_path: str | Path, max_sha
         if not packed and not any(p.adapter for p in plan.placements):
             reasons = sorted({p.reason for p in plan.placements if p.rec.method != "copy"}) or ["nothing compressed"]
             raise LplrError(f"{in_path} holds no weight compressed-tensors can store packed ({reasons[0]}); convert "
-                            f"with {opt('method')} {'/'.join(_packable_methods())} and {opt('scheme')} "
-                            f"symmetric/asymmetric, or use `decompress`")
+                            f"with a {opt('method')} whose layout has an integer-quantized full-size matrix and "
+                            f"{opt('scheme')} symmetric/asymmetric, or use `decompress`")
         qconfig, schemes = quantization_config(plan) if packed else (None, [])
         with replaceable_output(output.root, out, overwrite, previous_export, EXPORT_WHAT):
             files = _write(output, plan, out, max_shard_size, qconfig)
@@ -175,3 +169,11 @@ def export_compressed_tensors(in_path: str | Path, out_path: str | Path, max_sha
             write_record(result)
     return result
 
+
+
+@register_format(C.CT_QUANT_METHOD)
+def _export(in_path, out_path, *, base_model=None, max_shard_size=DEFAULT_SHARD_BYTES, overwrite=False):
+    if base_model is not None:
+        raise LplrError(f"{opt('base_model')} names the base of a peft adapter; drop it for {opt('format')} "
+                        f"{C.CT_QUANT_METHOD}")
+    return export_compressed_tensors(in_path, out_path, max_shard_size, overwrite)

@@ -27,7 +27,6 @@ from ..dtypes import dtype_from_name
 from ..errors import LplrError
 from ..io.outdir import replaceable_output
 from ..io.output import ConvertedOutput
-from ..methods import get_method
 from .common import (
     CONV1D,
     EXPORT_WHAT,
@@ -36,6 +35,7 @@ from .common import (
     Placement,
     plan_export,
     previous_export,
+    register_format,
     write_record,
 )
 
@@ -45,7 +45,8 @@ __all__ = ["adapter_config", "export_peft", "lora_factors"]
 def lora_factors(output: ConvertedOutput, p: Placement) -> tuple[torch.Tensor, torch.Tensor]:
     """(lora_A, lora_B) = (R: r x in, L: out x r) of `p`'s module in nn.Linear orientation, in the source dtype."""
     rec = p.rec
-    L, R = get_method(rec.method).decode_factors(output.parts(rec), rec.info)
+    parts = output.parts(rec)
+    L, R = p.layout.left.dequantized(parts), p.layout.right.dequantized(parts)
     if p.kind == CONV1D and not rec.transposed:  # stored W (in x out) = L R, so the module computes x -> R^T (L^T x)
         L, R = R.T, L.T
     dtype = dtype_from_name(rec.dtype)
@@ -110,3 +111,8 @@ def export_peft(in_path: str | Path, out_path: str | Path, base_model: str | Non
                                   files=[C.PEFT_CONFIG_FILE, C.PEFT_WEIGHTS_FILE])
             write_record(result)
     return result
+
+
+@register_format(C.PEFT_EXPORT)
+def _export(in_path, out_path, *, base_model=None, max_shard_size=None, overwrite=False):
+    return export_peft(in_path, out_path, base_model, overwrite)
