@@ -7,6 +7,7 @@ manifest), `pipeline/plan.py` and `methods/`.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from .. import __version__
 from .. import constants as C
 from .allocation import allocate_plans
 from ..devices import resolve_device
+from ..dtypes import dtype_name
 from ..errors import LplrError, opt
 from ..io.journal import Journal, resume_state
 from ..io.manifest import Manifest, TensorRecord, sha256_file, write_json_atomic
@@ -285,10 +287,16 @@ class _Run:
         plotted = [] if opts.spectra == "off" else representative_tensors(_plan_rows(self.plans))
         self.spectra = dict.fromkeys(plotted, opts.spectra)
         self.journal = Journal(out, _fingerprint(src, opts, popts, recipe_text, hashes, self.stats))
-        self.journal.shards = resume_state(out, self.journal.fingerprint) if opts.resume else []
+        self.journal.shards = resume_state(out, self.journal.fingerprint, self._expected()) if opts.resume else []
         self.journal.save()
         self.writer = ShardWriter(out, opts.max_shard_size, on_close=self.journal.on_close)
         self.writer.closed = self.journal.closed_shards()
+
+    def _expected(self) -> dict[str, dict]:
+        """What a journal's record of each planned tensor must say (JSON values): see `io.journal.resume_state`."""
+        return {p.name: {"shape": list(p.shape), "dtype": dtype_name(p.dtype), "method": p.method,
+                         "settings": json.loads(json.dumps(p.settings.to_json())), "transposed": p.transposed}
+                for p in self.plans}
 
     def _threads(self) -> int:
         """torch threads per tensor computation. On the CPU the low bits of a result depend on it (LAPACK and torch's
