@@ -265,7 +265,8 @@ def main():
 
 @main.command(cls=_PlanCommand)
 @_opt("--in-path", required=True, section="Input",
-      help="Checkpoint dir, .safetensors/.bin file, Hub repo id, or bundled:all-MiniLM-L6-v2.")
+      help="Checkpoint dir, .safetensors/.bin file, Hub repo id, or bundled:all-MiniLM-L6-v2. A Hub download gives up "
+           "after LPLR_NETWORK_TIMEOUT seconds (default 60) without an answer.")
 @_opt("--out-path", required=True, type=click.Path(file_okay=False), section="Output", help="Output directory.")
 @selection_options
 @_opt("--device", type=DeviceType(), default="auto", show_default=True, section="Run",
@@ -279,7 +280,8 @@ def main():
            "with the same --threads are byte-identical, whatever --workers.")
 @_opt("--ray-address", default=None, section="Run",
       help="Compress on a Ray cluster: auto, HOST:PORT, or local (a private instance here). Every node must see "
-           "--in-path at the same path. Needs the ray extra.")
+           "--in-path at the same path. Needs the ray extra. Joining gives up after LPLR_NETWORK_TIMEOUT seconds "
+           "(default 60) without an answer.")
 @_opt("--seed", type=int, default=0, show_default=True, section="Run",
       help="Global seed (per-tensor seeds derive from it).")
 @_opt("--max-shard-size", type=SizeType(), default="5GB", show_default=True, section="Output",
@@ -503,7 +505,10 @@ def eval_(**kw):
 @debug_option
 @_friendly
 def push(**kw):
-    """Push a converted directory to the Hugging Face Hub with a generated model card."""
+    """Push a converted directory to the Hugging Face Hub with a generated model card.
+
+    Each wait for the Hub gives up after LPLR_NETWORK_TIMEOUT seconds (default 60) without an answer.
+    """
     from .publish.hub import push as run
 
     result = run(kw["in_path"], kw["repo_id"], private=kw["private"], revision=kw["revision"],

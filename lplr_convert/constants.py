@@ -110,3 +110,9 @@ RECORD_FILES = (*OWN_FILES, EXPORT_FILE, CALIB_MANIFEST, CALIB_PROGRESS)
 # The records that mark a directory as an output of this tool (a conversion, an export or decompress, STATS), finished
 # or interrupted.
 MARKER_FILES = (MANIFEST_FILE, PROGRESS_FILE, EXPORT_FILE, CALIB_MANIFEST, CALIB_PROGRESS)
+
+# Every network wait of the tool (Hub requests of push and of --in-path OWNER/NAME, connecting to a Ray cluster) ends
+# after this many seconds without an answer (default NETWORK_TIMEOUT_DEFAULT) in a one-line error. huggingface_hub's
+# own file transfers also honour HF_HUB_ETAG_TIMEOUT and HF_HUB_DOWNLOAD_TIMEOUT.
+NETWORK_TIMEOUT_ENV = "LPLR_NETWORK_TIMEOUT"
+NETWORK_TIMEOUT_DEFAULT = 60.0
