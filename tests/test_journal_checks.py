@@ -115,7 +115,7 @@ def test_hand_edited_journal_is_redone_not_trusted(interrupted, tmp_path, edit):
     assert res.exit_code == 0, res.output
     assert "cannot be kept" in res.stderr and "redoing it" in res.stderr, res.stderr
     assert _shards(out) == _shards(ref)
-    strip = lambda m: [{k: v for k, v in r.items() if k != "seconds"} for r in m["tensors"]]  # noqa: E731
+    strip = lambda m: [{k: v for k, v in r.items() if k != "seconds"} for r in m["tensors"]]
     assert strip(read_manifest(out)) == strip(read_manifest(ref))
     assert set(load_state_dict(out)) == set(load_state_dict(ref))
 

@@ -43,8 +43,8 @@ def test_a_source_the_nodes_cannot_see_is_a_named_error(local_ray, tmp_path):
 
 def test_a_running_cluster_passes_the_join_probe(local_ray):
     """The bounded join's HTTP/2 greeting (issue 24) is answered at once by a real cluster's GCS."""
-    from lplr_convert.pipeline.executors.cluster import _H2_GREETING
     from lplr_convert.io.network import probe_address
+    from lplr_convert.pipeline.executors.cluster import _H2_GREETING
 
     address = local_ray.get_runtime_context().gcs_address
     probe_address(address, "--ray-address", "no fix", greeting=_H2_GREETING)  # raises on no answer
