@@ -162,10 +162,13 @@ def _open_stats(path: str | None, plans: list[TensorPlan], hashes: dict[str, str
     if path is None:
         return None
     from ..calibration import load_calibration
+    from ..calibration.coverage import warn_thin_statistics
 
     stats = load_calibration(path, device=str(device))
     stats.check_hashes(hashes, src.root)
-    stats.require(p.name for p in plans if p.method != "copy" and not p.experts)
+    used = [p.name for p in plans if p.method != "copy" and not p.experts]
+    stats.require(used)
+    warn_thin_statistics(stats.statistics, str(path), {stats.key(n) for n in used})
     return stats
 
 
@@ -374,6 +377,11 @@ class _Run:
         rec = res.record
         rec.shard = self.writer.add_group(res.name, res.stored)
         self.journal.pending[res.name] = rec
+        if rec.output_rel_error is not None and self.stats is not None:  # calibrated
+            from ..calibration.coverage import worse_than_uncalibrated
+
+            worse_than_uncalibrated(res.name, rec.method, rec.rel_error, self.stats.tokens(res.name),
+                                    self.stats.statistics[self.stats.key(res.name)]["shape"][-1])
         if rec.grew:
             logger.warning(f"{res.name}: stored form is larger than the original ({rec.bits_per_param:.2f} "
                            f"bits/param vs {rec.original_bits_per_param:.0f}); done as asked")
