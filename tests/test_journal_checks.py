@@ -8,36 +8,16 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from lplr_testing import run_cli
+from lplr_testing import run_cli, run_cli_child
 
 from lplr_convert import constants as C
 from lplr_convert import load_state_dict
 from lplr_convert.io.manifest import read_manifest
-
-# The real CLI in a child process that SIGKILLs itself before the n-th tensor is written.
-_KILLER = r"""
-import os, signal, sys
-from lplr_convert.io import writer
-n, count = int(os.environ["KILL_AT"]), [0]
-orig = writer.ShardWriter.add_group
-def add_group(self, *a, **k):
-    count[0] += 1
-    if count[0] == n:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return orig(self, *a, **k)
-writer.ShardWriter.add_group = add_group
-from lplr_convert.cli import main
-sys.argv = ["lplr-convert", *sys.argv[1:]]
-main()
-"""
 
 
 def _shards(out: Path) -> dict[str, str]:
@@ -52,9 +32,7 @@ def interrupted(tiny_llama_dir, tmp_path_factory):
     ref = base / "ref"
     assert run_cli(*args, "--out-path", str(ref)).exit_code == 0
     killed = base / "killed"
-    env = dict(os.environ, LOGURU_LEVEL="WARNING", KILL_AT="20")
-    proc = subprocess.run([sys.executable, "-c", _KILLER, *args, "--out-path", str(killed)], env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
+    proc = run_cli_child(*args, "--out-path", str(killed), KILL_AT="20")
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert len(json.loads((killed / C.PROGRESS_FILE).read_text())["shards"]) >= 3
     return args, ref, killed

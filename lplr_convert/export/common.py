@@ -40,7 +40,8 @@ from ..math import quantize as qz
 from ..methods import get_method
 
 __all__ = ["EXPORT_RETRY", "EXPORT_WHAT", "ExportPlan", "ExportResult", "Placement", "base_tensor", "exporting",
-           "finish_shards", "pack_reason", "plain_config", "plan_export", "previous_export", "scheme_of", "side_files_of", "write_record"]
+           "finish_shards", "pack_reason", "plain_config", "plan_export", "previous_export", "scheme_of",
+           "side_files_of", "write_record"]
 
 LINEAR, CONV1D, MERGED = "linear", "conv1d", "merged"  # MERGED: a per-expert weight transformers fuses on load
 EXPORT_WHAT = "export or decompress"  # what an export record lists, named in --overwrite refusals

@@ -4,42 +4,16 @@ progress marker by which `--overwrite` knows the leftovers as its own and replac
 
 from __future__ import annotations
 
-import os
-import resource
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from lplr_testing import error_line, run_cli
+from lplr_testing import error_line, run_cli, run_cli_child
 
 from lplr_convert import constants as C
 from lplr_convert import load_state_dict
-
-# The real CLI in a child process that SIGKILLs itself before its n-th tensor is written (KILL_AT), or runs under a
-# file-size limit (FSIZE bytes), as a full disk would stop it.
-_CHILD = r"""
-import os, resource, signal, sys
-if os.environ.get("FSIZE"):
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    n = int(os.environ["FSIZE"])
-    resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))
-if os.environ.get("KILL_AT"):
-    from lplr_convert.io import writer
-    n, count = int(os.environ["KILL_AT"]), [0]
-    orig = writer.ShardWriter.add_group
-    def add_group(self, *a, **k):
-        count[0] += 1
-        if count[0] == n:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return orig(self, *a, **k)
-    writer.ShardWriter.add_group = add_group
-from lplr_convert.cli import main
-sys.argv = ["lplr-convert", *sys.argv[1:]]
-main()
-"""
 
 COMMANDS = {"decompress": ["decompress"], "compressed-tensors": ["export", "--format", "compressed-tensors"]}
 
@@ -54,8 +28,7 @@ def conversion(tiny_llama_dir, tmp_path_factory) -> Path:
 
 
 def _child(args: list[str], **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", _CHILD, *args], env=dict(os.environ, LOGURU_LEVEL="WARNING", **env),
-                          capture_output=True, text=True, timeout=300, check=False)
+    return run_cli_child(*args, **env)
 
 
 def _last_error(proc) -> str:
@@ -88,7 +61,7 @@ def test_overwrite_replaces_the_leftovers_of_a_killed_run(conversion, tmp_path, 
     error_line(run_cli(*args, "--out-path", str(out)), "not empty", "--overwrite")
     res = run_cli(*args, "--out-path", str(out), "--overwrite")
     assert res.exit_code == 0, res.output
-    files = lambda d: {p.name: p.read_bytes() for p in d.iterdir() if p.name != C.EXPORT_FILE}  # noqa: E731
+    files = lambda d: {p.name: p.read_bytes() for p in d.iterdir() if p.name != C.EXPORT_FILE}
     assert files(out) == files(ref)  # exactly an uninterrupted run's files: no leftover, no marker
     assert not (out / C.EXPORT_PROGRESS).exists()
 
