@@ -491,7 +491,10 @@ def eval_(**kw):
 @debug_option
 @_friendly
 def push(**kw):
-    """Push a converted directory to the Hugging Face Hub with a generated model card."""
+    """Push a converted directory to the Hugging Face Hub with a generated model card.
+
+    Each wait for the Hub gives up after LPLR_NETWORK_TIMEOUT seconds (default 60) without an answer.
+    """
     from .publish.hub import push as run
 
     result = run(kw["in_path"], kw["repo_id"], private=kw["private"], revision=kw["revision"],

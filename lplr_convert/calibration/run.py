@@ -31,6 +31,7 @@ from .capture import (
     release_outside,
     return_freed_memory,
 )
+from .coverage import warn_thin_statistics
 from .moments import InputMoments
 from .resume import CalibrationJournal, add_block, fingerprint, load_hidden, resume_journal
 from .stats import check_stats_output, save_block, source_files, stats_output, write_manifest
@@ -232,6 +233,7 @@ def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | N
         journal = resume_journal(out, stamp, len(_runs(sk.schedule))) if resume else CalibrationJournal(out, stamp)
         journal.save()
         _write_stats(out, sk, batches, hidden, calls, manifest, accumulate_dtype, journal)
+    warn_thin_statistics(manifest[C.S_STATISTICS], str(out))
     logger.info(f"wrote {len(manifest[C.S_STATISTICS])} statistics for {len(manifest[C.S_WEIGHTS])} weights of "
                 f"{len(sk.blocks)} blocks to {out}")
     return manifest

@@ -16,9 +16,13 @@ always add up to the conversion's model:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 from collections.abc import Callable
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,15 +34,16 @@ from ..dtypes import dtype_from_name
 from ..errors import LplrError
 from ..pipeline.experts import EXPERTS_KEY
 from ..io.manifest import TensorRecord, write_json_atomic
-from ..io.outdir import recorded_files
+from ..io.outdir import clear_listed, entries, recorded_files, replaceable_output
 from ..io.output import ConvertedOutput
 from ..io.writer import ShardWriter, write_index
 from ..math import quantize as qz
 from ..methods import get_method
 from ..methods.base import PackedLayout
 
-__all__ = ["EXPORT_WHAT", "ExportPlan", "ExportResult", "Placement", "base_tensor", "finish_shards", "pack_reason",
-           "plain_config", "plan_export", "previous_export", "scheme_of", "side_files_of", "write_record"]
+__all__ = ["EXPORT_RETRY", "EXPORT_WHAT", "ExportPlan", "ExportResult", "Placement", "base_tensor", "exporting",
+           "finish_shards", "pack_reason", "plain_config", "plan_export", "previous_export", "scheme_of",
+           "side_files_of", "write_record"]
 
 LINEAR, CONV1D, MERGED = "linear", "conv1d", "merged"  # MERGED: a per-expert weight transformers fuses on load
 EXPORT_WHAT = "export or decompress"  # what an export record lists, named in --overwrite refusals
@@ -330,10 +335,45 @@ def base_tensor(output: ConvertedOutput, p: Placement, parts: dict[str, torch.Te
 # ------------------------------------------------------------------------------------------ output directories
 
 
+# How an export goes on after a failed write: it removes what it wrote, so the command is simply run again.
+EXPORT_RETRY = "run the command again (the partial output was removed)"
+# Shard files of the writer: partial, data, temporary and final names.
+_SHARD_FILE = re.compile(r"model-\d{5}(-of-\d{5})?\.safetensors(\.partial)?(\.data)?")
+
+
 def previous_export(out: Path) -> set[str] | None:
-    """The files an earlier export or decompress wrote in `out`, by its record (None when `out` holds no valid
-    record)."""
-    return recorded_files(out / C.EXPORT_FILE)
+    """The files an earlier export or decompress wrote in `out`: by its record, or, for one that was killed before
+    writing it, by its progress marker (the names it announced, their temporary names, and the shard writer's
+    files). None when `out` holds neither (it is not an export of this tool)."""
+    listed = recorded_files(out / C.EXPORT_FILE)
+    if listed is not None:
+        return listed | {C.EXPORT_PROGRESS}
+    announced = recorded_files(out / C.EXPORT_PROGRESS)
+    if announced is None:
+        return None
+    shards = {e for e in entries(out) if _SHARD_FILE.fullmatch(e)}
+    return announced | {f + C.PARTIAL_SUFFIX for f in announced} | shards
+
+
+@contextlib.contextmanager
+def exporting(src_root: Path, out: Path, overwrite: bool, names: list[str]):
+    """The output directory of an export or decompress, locked and cleared (an earlier export, or the leftovers of
+    one that was killed, are replaced with `overwrite`). A progress marker listing `names` (every file it may write
+    besides the shards) is written first and removed after the record. When the export fails (a full disk, a file
+    size limit, an error, an interrupt), everything it wrote is removed, which gives the space back and leaves no
+    output that looks usable; a write that failed for want of space is one line naming the fix."""
+    with replaceable_output(src_root, out, overwrite, previous_export, EXPORT_WHAT):
+        try:
+            write_json_atomic(out / C.EXPORT_PROGRESS, {"tool": C.TOOL_NAME, C.M_FILES: sorted(
+                {*names, C.EXPORT_FILE, C.SAFE_SINGLE, C.SAFE_INDEX})})
+            yield
+            (out / C.EXPORT_PROGRESS).unlink()
+        except BaseException as e:
+            clear_listed(out, entries(out), "this export")  # all of it is this run's: `out` held nothing else
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise LplrError(f"writing {out} failed ({os.strerror(e.errno)}); free disk space and "
+                                f"{EXPORT_RETRY}") from None
+            raise
 
 
 def finish_shards(writer: ShardWriter, out: Path, total_size: int) -> list[str]:

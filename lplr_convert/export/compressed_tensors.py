@@ -30,22 +30,21 @@ from tqdm import tqdm
 
 from .. import constants as C
 from ..errors import LplrError, opt
-from ..io.outdir import replaceable_output
 from ..io.output import ConvertedOutput
 from ..io.sidefiles import copy_side_files
 from ..io.writer import DEFAULT_SHARD_BYTES, ShardWriter
 from ..math import quantize as qz
 from ..math.bitpack import pack_rows_int32
 from .common import (
-    EXPORT_WHAT,
+    EXPORT_RETRY,
     ExportPlan,
     ExportResult,
     Placement,
     base_tensor,
+    exporting,
     finish_shards,
     plain_config,
     plan_export,
-    previous_export,
     register_format,
     scheme_of,
     side_files_of,
@@ -130,7 +129,7 @@ def _tensors(output: ConvertedOutput, p: Placement) -> dict[str, torch.Tensor]:
 
 def _write(output: ConvertedOutput, plan: ExportPlan, out: Path, max_shard_size: int,
            qconfig: dict | None) -> list[str]:
-    writer = ShardWriter(out, max_shard_size)
+    writer = ShardWriter(out, max_shard_size, retry=EXPORT_RETRY)
     total = 0
     for p in tqdm(plan.placements, desc="exporting", unit="tensor"):
         tensors = _tensors(output, p)
@@ -160,7 +159,7 @@ def export_compressed_tensors(in_path: str | Path, out_path: str | Path, max_sha
                             f"with a {opt('method')} whose layout has an integer-quantized full-size matrix and "
                             f"{opt('scheme')} symmetric/asymmetric, or use `decompress`")
         qconfig, schemes = quantization_config(plan) if packed else (None, [])
-        with replaceable_output(output.root, out, overwrite, previous_export, EXPORT_WHAT):
+        with exporting(output.root, out, overwrite, [rel for rel, _ in side_files_of(output)]):
             files = _write(output, plan, out, max_shard_size, qconfig)
             result = ExportResult(out, C.CT_QUANT_METHOD, str(output.root), files=files,
                                   packed=[p.rec.name for p in plan.placements if p.spec is not None],

@@ -25,16 +25,14 @@ import torch
 from .. import constants as C
 from ..dtypes import dtype_from_name
 from ..errors import LplrError
-from ..io.outdir import replaceable_output
 from ..io.output import ConvertedOutput
 from .common import (
     CONV1D,
-    EXPORT_WHAT,
     ExportPlan,
     ExportResult,
     Placement,
+    exporting,
     plan_export,
-    previous_export,
     register_format,
     write_record,
 )
@@ -97,7 +95,7 @@ def export_peft(in_path: str | Path, out_path: str | Path, base_model: str | Non
         targets = [p for p in plan.placements if p.adapter]
         if not targets:
             raise _refusal(in_path, plan)
-        with replaceable_output(output.root, out, overwrite, previous_export, EXPORT_WHAT):
+        with exporting(output.root, out, overwrite, [C.PEFT_CONFIG_FILE, C.PEFT_WEIGHTS_FILE]):
             tensors, ranks = {}, {}
             for p in targets:
                 A, B = lora_factors(output, p)

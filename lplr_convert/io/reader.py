@@ -16,6 +16,7 @@ from loguru import logger
 from .. import constants as C
 from ..dtypes import ST_DTYPES
 from ..errors import LplrError, opt
+from .network import hub_timeout, is_timeout, network_timeout, timeout_hint
 from .manifest import is_plain_name
 
 __all__ = ["BUNDLED", "WEIGHT_SUFFIXES", "SourceCheckpoint", "TensorHeader", "inside", "open_source",
@@ -370,21 +371,27 @@ def _download(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        info = HfApi().model_info(repo_id, revision=revision, files_metadata=False)
-        commit = info.sha
-        files = [s.rfilename for s in (info.siblings or [])] or HfApi().list_repo_files(repo_id, revision=commit)
-        allow = list(HUB_ALLOW)
-        if not any(f.endswith(".safetensors") for f in files):
-            allow += ["*.bin"]
-        logger.info(f"downloading {repo_id}@{commit or revision or 'main'} from the Hub")
-        return Path(snapshot_download(repo_id, revision=commit or revision, allow_patterns=allow)), commit
+        with hub_timeout():
+            info = HfApi().model_info(repo_id, revision=revision, files_metadata=False)
+            commit = info.sha
+            files = [s.rfilename for s in (info.siblings or [])] or HfApi().list_repo_files(repo_id, revision=commit)
+            allow = list(HUB_ALLOW)
+            if not any(f.endswith(".safetensors") for f in files):
+                allow += ["*.bin"]
+            logger.info(f"downloading {repo_id}@{commit or revision or 'main'} from the Hub")
+            return Path(snapshot_download(repo_id, revision=commit or revision, allow_patterns=allow)), commit
     except RevisionNotFoundError:
         raise LplrError(f"revision {revision!r} does not exist in {repo_id} on the Hub; pass an existing branch, "
                         f"tag or commit id with {opt('revision')}") from None
     except RepositoryNotFoundError:
         raise LplrError(f"{repo_id} was not found on the Hub (or your token cannot read it); check the repo id, or "
                         f"set HF_TOKEN for a private or gated repo") from None
+    except LplrError:
+        raise
     except Exception as e:  # noqa: BLE001  (every client failure becomes one line)
+        if is_timeout(e):
+            raise LplrError(f"cannot fetch {repo_id} from the Hub: {timeout_hint(network_timeout())}; check your "
+                            f"connection and HF_ENDPOINT, or download it and pass the local directory") from None
         kind = type(e).__name__
         msg = str(e).strip().splitlines()[0] if str(e).strip() else kind
         raise LplrError(f"cannot fetch {repo_id} from the Hub ({kind}: {msg[:160]}); check the repo id and your "

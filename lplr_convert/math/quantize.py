@@ -226,8 +226,11 @@ class Grid:
 
 
 def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """View (m, n) as (m, G, g), padding the last group by repeating the row's last value."""
+    """View (m, n) as (m, G, g), padding the last group by repeating the row's last value. A group size above n is one
+    group per row, viewed as (m, 1, n): padding it to the group size would only cost memory (64 x 1e8 floats for a
+    64 x 128 matrix) for values that no parameter depends on (the max and min repeat, mse clipping masks them)."""
     m, n = x.shape
+    group_size = min(group_size, max(n, 1))
     groups = math.ceil(n / group_size)
     pad = groups * group_size - n
     if pad:

@@ -40,9 +40,10 @@ from .settings import (
     GPTQKnobs,
     QuantKnobs,
     RankKnobs,
+    MAX_ITERATIONS,
     RankPolicy,
+    iteration_count,
     knob,
-    positive_int,
     redefault,
     resolve_rank,
 )
@@ -61,8 +62,9 @@ class QLRSettings(CalibratedFactoredSettings, BitsKnob):
     clip: str | None = redefault(QuantKnobs, "clip", "mse")
     act_order: bool = redefault(GPTQKnobs, "act_order", True)
     rank: RankPolicy = redefault(RankKnobs, "rank", factory=lambda: RankPolicy("rank_fraction", 0.1))  # noqa: RUF009
-    iters: int = knob(2, type=int, validate=positive_int, label="nondefault",
-                      help="qlr: alternations of the backbone and the low-rank correction (best iterate kept).")
+    iters: int = knob(2, type=int, validate=iteration_count(1), label="nondefault",
+                      help=f"qlr: alternations of the backbone and the low-rank correction (best iterate kept; "
+                           f"1-{MAX_ITERATIONS}).")
 
 
 @register("qlr")

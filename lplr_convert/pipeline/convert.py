@@ -7,6 +7,7 @@ manifest), `pipeline/plan.py` and `methods/`.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from .. import __version__
 from .. import constants as C
 from .allocation import allocate_plans
 from ..devices import resolve_device
+from ..dtypes import dtype_name
 from ..errors import LplrError, opt
 from ..io.journal import Journal, resume_state
 from ..io.manifest import Manifest, TensorRecord, sha256_file, write_json_atomic
@@ -91,10 +93,13 @@ def open_stats(path: str | None, plans: list[TensorPlan], hashes: dict[str, str]
     if path is None:
         return None
     from ..calibration import load_calibration
+    from ..calibration.coverage import warn_thin_statistics
 
     stats = load_calibration(path, device=str(device))
     stats.check_hashes(hashes, src.root)
-    stats.require(p.name for p in plans if p.method != "copy" and not p.experts)
+    used = [p.name for p in plans if p.method != "copy" and not p.experts]
+    stats.require(used)
+    warn_thin_statistics(stats.statistics, str(path), {stats.key(n) for n in used})
     return stats
 
 
@@ -255,10 +260,16 @@ class _Run:
                "allocation": _allocated(self.allocation)}
         self.journal = Journal(out, _fingerprint(src, popts, hashes, fingerprint_options(opts, self._effective(True)),
                                                  run))
-        self.journal.shards = resume_state(out, self.journal.fingerprint) if opts.resume else []
+        self.journal.shards = resume_state(out, self.journal.fingerprint, self._expected()) if opts.resume else []
         self.journal.save()
         self.writer = ShardWriter(out, opts.max_shard_size, on_close=self.journal.on_close)
         self.writer.closed = self.journal.closed_shards()
+
+    def _expected(self) -> dict[str, dict]:
+        """What a journal's record of each planned tensor must say (JSON values): see `io.journal.resume_state`."""
+        return {p.name: {"shape": list(p.shape), "dtype": dtype_name(p.dtype), "method": p.method,
+                         "settings": json.loads(json.dumps(p.settings.to_json())), "transposed": p.transposed}
+                for p in self.plans}
 
     def _threads(self) -> int:
         """torch threads per tensor computation. On the CPU the low bits of a result depend on it (LAPACK and torch's
@@ -318,6 +329,11 @@ class _Run:
         rec = res.record
         rec.shard = self.writer.add_group(res.name, res.stored)
         self.journal.pending[res.name] = rec
+        if rec.output_rel_error is not None and self.stats is not None:  # calibrated
+            from ..calibration.coverage import worse_than_uncalibrated
+
+            worse_than_uncalibrated(res.name, rec.method, rec.rel_error, self.stats.tokens(res.name),
+                                    self.stats.statistics[self.stats.key(res.name)]["shape"][-1])
         if rec.grew:
             logger.warning(f"{res.name}: stored form is larger than the original ({rec.bits_per_param:.2f} "
                            f"bits/param vs {rec.original_bits_per_param:.0f}); done as asked")

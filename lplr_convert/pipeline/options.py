@@ -128,7 +128,8 @@ def _check_repo_id(key: str, value: Any) -> None:
         check_repo_id(value, what=opt(key))
 
 
-_IN_PATH_HELP = "Checkpoint dir, .safetensors/.bin file, Hub repo id, or bundled:all-MiniLM-L6-v2."
+_IN_PATH_HELP = ("Checkpoint dir, .safetensors/.bin file, Hub repo id, or bundled:all-MiniLM-L6-v2. A Hub download "
+                 "gives up after LPLR_NETWORK_TIMEOUT seconds (default 60) without an answer.")
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,8 @@ class ConvertOptions:
                                           "whatever --workers.")
     ray_address: str | None = run_option(None, help="Compress on a Ray cluster: auto, HOST:PORT, or local (a private "
                                                     "instance here). Every node must see --in-path at the same path. "
-                                                    "Needs the ray extra.")
+                                                    "Needs the ray extra. Joining gives up after "
+                                                    "LPLR_NETWORK_TIMEOUT seconds (default 60) without an answer.")
     seed: int = run_option(0, click_type=int, show_default=True, fingerprint=True, record=True,
                            help="Global seed (per-tensor seeds derive from it).")
     on_nonfinite: str = run_option("error", click_type=click.Choice(NONFINITE_CHOICES), show_default=True,

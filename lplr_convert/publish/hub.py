@@ -21,6 +21,7 @@ from .. import constants as C
 from .card import build_model_card
 from ..errors import LplrError, opt
 from ..io.manifest import Manifest, read_manifest
+from ..io.network import hub_timeout, is_timeout, network_timeout, timeout_hint
 
 __all__ = ["check_repo_id", "push"]
 
@@ -69,7 +70,7 @@ def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, rev
     _refuse_leaked_token(out_dir, files, card_bytes, token, scan)
 
     api = HfApi(endpoint=result["endpoint"], token=token, library_name=C.TOOL_NAME, library_version=__version__)
-    with _hub_errors(result["endpoint"], repo_id, token):
+    with hub_timeout(), _hub_errors(result["endpoint"], repo_id, token):
         api.whoami(token=token)  # fail early, before any upload, on a token the Hub rejects
         repo_url = api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model")
         if private and api.repo_info(repo_id, repo_type="model").private is False:
@@ -252,6 +253,9 @@ def _explain(exc: BaseException, endpoint: str, repo_id: str) -> str | None:
     from huggingface_hub.errors import HfHubHTTPError
 
     again = "then re-run the same push to continue (files already on the Hub are skipped)"
+    if is_timeout(exc):
+        return f"the Hub at {endpoint} stopped answering: {timeout_hint(network_timeout())}; check the network or " \
+               f"HF_ENDPOINT, {again}"
     for e in _chain(exc):
         if isinstance(e, HfHubHTTPError) and getattr(e, "response", None) is not None:
             status = e.response.status_code
