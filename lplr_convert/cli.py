@@ -518,13 +518,15 @@ def push(**kw):
 @_opt("--source", default=None, section="Input", help="The original checkpoint: recompute a sample of errors.")
 @_opt("--sample", type=click.IntRange(min=1), default=8, show_default=True, section="Run",
       help="Tensors whose error is recomputed.")
+@_opt("--full", is_flag=True, section="Run", help="Decode every tensor whole (default: its parts, cheaply).")
 @debug_option
 @_friendly
 def verify(**kw):
-    """Check every output file's sha256 and every stored tensor against the manifest (and errors vs --source)."""
+    """Check every byte of the manifest, every file in the output, every record's parts (and the source by sha256 and
+    errors vs --source)."""
     from .verify import verify as run
 
-    result = run(kw["in_path"], kw["source"], kw["sample"])
+    result = run(kw["in_path"], kw["source"], kw["sample"], full=kw["full"])
     extra = f", {len(result['errors_checked'])} errors recomputed" if kw["source"] else ""
     click.echo(f"ok: {result['files']} files and {result['tensors']} tensors match the manifest{extra}")
 

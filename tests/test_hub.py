@@ -71,8 +71,8 @@ def make_output_dir(root: Path, *, source_repo: str | None = BASE, ev: dict | No
     (out / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
     (out / C.MODEL_CARD).write_text(SOURCE_README)
     (out / "stray.safetensors.partial").write_bytes(b"leftover of an interrupted write")
-    files = {p: {"sha256": sha256(out / p), "bytes": (out / p).stat().st_size}
-             for p in (C.CONFIG_FILE, "tokenizer.json", "1_Pooling/config.json", C.MODEL_CARD)}
+    files = {p: {"sha256": sha256(out / p), "bytes": (out / p).stat().st_size}  # the index too, as convert lists it
+             for p in (C.CONFIG_FILE, "tokenizer.json", "1_Pooling/config.json", C.MODEL_CARD, C.SAFE_INDEX)}
     manifest = {
         "format_version": C.FORMAT_VERSION, "tool": C.TOOL_NAME, "tool_version": "0.1.0", "complete": complete,
         "source": {"path": "/models/minilm", "repo_id": source_repo, "revision": None, "model_type": "bert",

@@ -15,7 +15,7 @@ import torch
 
 from .. import constants as C
 from ..errors import LplrError
-from ..io.manifest import is_intact, is_plain_name, sha256_file, write_json_atomic
+from ..io.manifest import file_record, is_intact, is_plain_name, sha256_file, write_json_atomic
 from ..io.outdir import Resumable, check_replaceable, entries, recorded_files, replaceable_output
 from ..io.reader import SourceCheckpoint, inside
 from ..io.writer import write_tensors_atomic
@@ -54,11 +54,6 @@ def check_stats_output(out: Path, src_root: Path, overwrite: bool, resume: bool 
     """What `stats_output` would refuse, refused before the long work that precedes it (nothing is written)."""
     check_replaceable(src_root, out, overwrite, _previous_stats, _STATS_WHAT,
                       Resumable(C.CALIB_PROGRESS, C.CALIB_MANIFEST, resume))
-
-
-def file_record(path: Path) -> dict:
-    """{"sha256", "bytes"} of a file."""
-    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
 def source_files(src: SourceCheckpoint) -> dict[str, dict]:
