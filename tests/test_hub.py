@@ -550,3 +550,47 @@ def test_a_push_reads_each_listed_file_once_for_its_hash_and_the_token(tmp_path,
         monkeypatch.setattr(module, "open", counting_open, raising=False)
     push(out, "tester/m", dry_run=True)  # with HF_TOKEN set: the dry run searches for it as the push would
     assert listed and reads == dict.fromkeys(listed, 1)
+
+
+def test_push_holds_the_output_s_lock_against_a_convert_overwrite_in_another_process(tmp_path, hub, tiny_llama_dir,
+                                                                                     monkeypatch):
+    """A `convert --overwrite` of the directory started (in another process) while push uploads it is refused, so the
+    repo gets one conversion whole (its weights with its own card and manifest); and a push started while another
+    process writes the directory is refused before anything is sent."""
+    from huggingface_hub import HfApi
+
+    from lplr_convert.pipeline.convert import ConvertOptions, convert
+
+    out = tmp_path / "tiny"
+    convert(ConvertOptions(in_path=str(tiny_llama_dir), out_path=str(out), write_report=False))
+    before = snapshot(out)
+    rival: list[subprocess.CompletedProcess] = []
+    commit = HfApi.create_commit
+
+    def commit_while_a_rival_converts(self, *a, **kw):
+        rival.append(subprocess.run(
+            [sys.executable, "-m", "lplr_convert.cli", "--in-path", str(tiny_llama_dir), "--out-path", str(out),
+             "--overwrite", "--method", "rtn", "--no-report"], capture_output=True, text=True, timeout=300))
+        return commit(self, *a, **kw)
+
+    monkeypatch.setattr(HfApi, "create_commit", commit_while_a_rival_converts)
+    push(out, "tester/tiny")
+    assert rival[0].returncode != 0 and "being written by another run" in rival[0].stderr, rival[0].stderr
+    assert "Traceback" not in rival[0].stderr
+    assert snapshot(out) == before  # the rival changed nothing
+    assert_pushed(hub, "tester/tiny", out, base=None)  # what was pushed is this one conversion
+    assert not (out / C.LOCK_FILE).exists()
+
+    holder = subprocess.Popen(  # another process writing the directory (as convert, eval or report do)
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from lplr_convert.io.outdir import "
+         "OutputLock\nwith OutputLock.updating(Path(sys.argv[1])):\n print('locked', flush=True); time.sleep(60)",
+         str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        requests = len(hub.requests)
+        with pytest.raises(LplrError, match="being written by another run .*pid"):
+            push(out, "tester/tiny")
+        assert len(hub.requests) == requests
+    finally:
+        holder.kill()
+        holder.wait()
