@@ -77,7 +77,7 @@ def model_kind(original: str | os.PathLike) -> str:
 def _config(root: Path) -> dict:
     try:
         return json.loads((root / C.CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         raise LplrError(f"{root} has no readable {C.CONFIG_FILE}; pass {opt('original')} the local directory of the "
                         f"source model") from None
 

@@ -6,7 +6,6 @@ manifest records of every weight file) and a sample of recomputed errors."""
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,12 +14,12 @@ from loguru import logger
 from . import constants as C
 from .dtypes import dtype_name
 from .errors import LplrError, opt
-from .io.manifest import Manifest, TensorRecord, digest_problems, is_intact, sha256_file
+from .io.manifest import Manifest, TensorRecord, digest_problems, is_intact, not_a_file, sha256_file
 from .io.output import ConvertedOutput, record_problem
 from .io.reader import open_source
 from .math.error import relative_error
 
-__all__ = ["check_is_the_source", "file_problems", "not_a_file", "record_problems", "unlisted_files", "verify"]
+__all__ = ["check_is_the_source", "file_problems", "record_problems", "unlisted_files", "verify"]
 
 # The report's files: a manifest written before the report was listed in it does not list them.
 _REPORT_NAMES = frozenset({C.REPORT_JSON, C.REPORT_CSV, C.REPORT_MD, C.PLOT_ERROR, C.PLOT_OUTPUT_ERROR, C.PLOT_BITS,
@@ -38,24 +37,6 @@ def _sample(records: list[TensorRecord], k: int) -> list[TensorRecord]:
     return [comp[i] for i in sorted(picked)][:k + 1]
 
 
-def not_a_file(path: Path) -> str | None:
-    """Why `path` is not a regular file of the output ("is missing", "is a symbolic link", "is a directory", ...), or
-    None when it is one. Links are never followed: one could point outside the output."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return "is missing"
-    except OSError as e:
-        return f"cannot be read ({e.strerror or e})"
-    if stat.S_ISLNK(mode):
-        return f"is a symbolic link (to {os.readlink(path)}), which no reader of this tool follows"
-    if stat.S_ISDIR(mode):
-        return "is a directory, not a file"
-    if not stat.S_ISREG(mode):
-        return "is not a regular file (a FIFO, socket or device)"
-    return None
-
-
 def _listed(manifest: Manifest) -> dict[str, dict]:
     return {**manifest.shards, **manifest.files, **manifest.report}
 
@@ -64,9 +45,12 @@ def file_problems(root: Path, manifest: Manifest, digest: Callable[[Path], str] 
     """What differs between the shards and files a manifest lists (the report's too) and those in `root` (missing,
     not a regular file, other size or sha256 by `digest`); empty when every one matches."""
     problems = []
+    from .io.reader import source_roots
+
+    roots = source_roots(root)
     for rel, meta in sorted(_listed(manifest).items()):
         f = root / rel
-        why = not_a_file(f)
+        why = not_a_file(f, roots)
         if why is not None:
             problems.append(f"{rel} {why} although {C.MANIFEST_FILE} lists it")
         elif not is_intact(f, meta, digest):

@@ -183,3 +183,50 @@ def test_a_shard_that_is_a_link_or_a_directory_is_named_as_such(out, tmp_path, k
         (out / shard).mkdir()
     with pytest.raises(LplrError, match="is a symbolic link" if kind == "link" else "is a directory"):
         verify(out)
+
+
+@pytest.mark.parametrize("which", ["shard", C.CONFIG_FILE, C.SAFE_INDEX])
+def test_no_loader_follows_a_link_out_of_the_output(out, tmp_path, which):
+    import lplr_convert  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    from lplr_convert import load_model
+    from lplr_convert.export.dense import decompress
+
+    rel = next(iter(_doc(out)[C.M_SHARDS])) if which == "shard" else which
+    moved = tmp_path / "elsewhere" / rel
+    moved.parent.mkdir()
+    shutil.move(out / rel, moved)
+    (out / rel).symlink_to(moved)
+    loaders = [lambda: load_model(out), lambda: verify(out), lambda: AutoModelForCausalLM.from_pretrained(str(out))]
+    if which != C.SAFE_INDEX:  # decompress never reads the index (it writes its own)
+        loaders.append(lambda: decompress(out, tmp_path / "dense"))
+    for load in loaders:
+        with pytest.raises(LplrError, match="symbolic link .* out of the output"):
+            load()
+    (out / rel).unlink()
+    inside = out / "inside"
+    inside.mkdir()
+    shutil.move(moved, inside / rel)
+    (out / rel).symlink_to(Path("inside") / rel)  # a link within the output is read (Hub snapshots link to blobs)
+    load_model(out)
+
+
+@pytest.mark.parametrize("edit", [lambda r: r["info"]["left"].update(bits=9),
+                                  lambda r: r["info"]["right"].update(shape=[3, 5])])
+def test_loaders_name_an_undecodable_record_in_one_line(out, edit):
+    import lplr_convert  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    from lplr_convert import load_model
+
+    _records(out, edit)
+    for load in (lambda: load_model(out), lambda: AutoModelForCausalLM.from_pretrained(str(out)),
+                 lambda: load_model(out, factored=False)):
+        with pytest.raises(LplrError, match="the output is damaged"):
+            load()
+
+
+def test_a_deeply_nested_manifest_is_a_one_line_error(out):
+    (out / C.MANIFEST_FILE).write_text('{"format_version": "1.0", "x": ' + "[" * 100000 + "]" * 100000 + "}")
+    error_line(run_cli("verify", "--in-path", str(out)), "nested too deeply")

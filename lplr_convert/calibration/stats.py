@@ -164,8 +164,9 @@ def load_calibration(path: str | Path, device: str = "cpu", verify: bool = True)
         raise LplrError(f"{root} has no {C.CALIB_MANIFEST}, so it holds no finished calibration; {rerun}")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LplrError(f"{mpath} is unreadable or not valid JSON ({e}); {rerun}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise LplrError(f"{mpath} is unreadable or not valid JSON ({why}); {rerun}") from None
     version = manifest.get(C.M_FORMAT_VERSION) if isinstance(manifest, dict) else None
     if version is None or manifest.get(C.S_KIND) != C.CALIB_KIND:
         raise LplrError(f"{mpath} is not an lplr-convert calibration manifest; {rerun}")

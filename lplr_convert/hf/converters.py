@@ -84,6 +84,7 @@ class LoadPlan:
         transformers keeps the module in float32 when it loads in `dtype`)."""
         output = ConvertedOutput(root)
         output.side_file(C.CONFIG_FILE)  # the model was built from it: checked like the shards
+        output.side_file(C.SAFE_INDEX)  # transformers reads it: never through a link
         for shard in output.manifest.shards:
             output.check_shard(shard)
         output.verify = False  # every shard is checked above, once

@@ -121,6 +121,7 @@ def load_model(path: str | Path, factored: bool = True, device: str = "cpu", dty
     """
     with ConvertedOutput(path, device, verify) as output:
         output.side_file(C.CONFIG_FILE)  # the model is built from it: checked like the shards
+        output.side_file(C.SAFE_INDEX)
         model = _load_direct(output, factored, device, dtype)
         if model is None:
             output.verify = False  # every shard was checked on the first pass

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from .. import constants as C
 from ..errors import IncompleteOutputError, LplrError, opt
 
 __all__ = ["LEGACY_KNOBS", "Manifest", "TensorRecord", "digest_problems", "file_record", "integrity_hash", "is_complete", "is_intact",
-           "is_plain_name", "read_manifest", "seal_digests", "sha256_file", "write_json_atomic"]
+           "is_plain_name", "not_a_file", "read_manifest", "seal_digests", "sha256_file", "write_json_atomic"]
 
 # Knobs that every record carries at top level (None where the tensor's method has no such knob), as format 1.0
 # always did; the method's full settings are in `settings`.
@@ -44,6 +45,31 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
 def file_record(path: str | os.PathLike) -> dict:
     """{"sha256", "bytes"} of a file, as the manifest lists files."""
     return {"sha256": sha256_file(path), "bytes": Path(path).stat().st_size}
+
+
+def not_a_file(path: Path, roots: tuple[Path, ...] = ()) -> str | None:
+    """Why `path` is not a regular file of the output ("is missing", "is a symbolic link", "is a directory", ...), or
+    None when it is one. A link is followed only to a regular file inside one of `roots` (resolved directories: the
+    output, a Hub cache snapshot's blobs): one pointing out of the output is never read."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return "is missing"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if stat.S_ISLNK(mode):
+        try:
+            real = Path(path).resolve(strict=True)
+        except (OSError, RuntimeError):  # dangling, or a loop
+            return f"is a symbolic link (to {os.readlink(path)}) that leads to no file"
+        if any(real == r or r in real.parents for r in roots):
+            return not_a_file(real)
+        return f"is a symbolic link (to {real}) out of the output, which no reader of this tool follows"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file (a FIFO, socket or device)"
+    return None
 
 
 def is_intact(path: Path, record, digest: Callable[[Path], str] = sha256_file) -> bool:
@@ -259,8 +285,9 @@ def is_complete(out_dir: str | os.PathLike) -> bool:
 def _load_json(path: Path) -> dict:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LplrError(f"{path} is unreadable or not valid JSON ({e}); re-run the conversion with "
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise LplrError(f"{path} is unreadable or not valid JSON ({why}); re-run the conversion with "
                         f"{opt('overwrite')}") from None
     if not isinstance(manifest, dict) or manifest.get(C.M_FORMAT_VERSION) is None:
         raise LplrError(f"{path} is not an lplr-convert manifest; re-run the conversion with {opt('overwrite')}")

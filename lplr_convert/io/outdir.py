@@ -73,7 +73,7 @@ def _progress(out: Path) -> dict | None:
         return None
     try:
         journal = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None
     if not isinstance(journal, dict) or not isinstance(journal.get("fingerprint"), dict):
         return None
@@ -389,7 +389,7 @@ def recorded_files(record: Path) -> set[str] | None:
 
     try:
         files = json.loads(record.read_text(encoding="utf-8"))[C.M_FILES]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError):
         return None
     if not isinstance(files, (list, dict)) or not all(is_plain_name(f) for f in files):
         return None

@@ -16,7 +16,7 @@ from ..dtypes import dtype_from_name, dtype_name
 from ..errors import LplrError, opt
 from ..math.lowrank import product_rows
 from ..methods import get_method
-from .manifest import Manifest, TensorRecord, is_intact, read_manifest
+from .manifest import Manifest, TensorRecord, is_intact, not_a_file, read_manifest
 
 # A record's quantized parts: the info key of each one's spec and the stored part it describes.
 _SPEC_PARTS = {"q": C.PART_QUANT, "left": C.PART_LEFT, "right": C.PART_RIGHT}
@@ -34,7 +34,10 @@ class ConvertedOutput:
 
     def __init__(self, root: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True,
                  check_records: bool = True):
+        from .reader import source_roots
+
         self.root = Path(root)
+        self.roots = source_roots(self.root)  # where a link in the output may lead (itself, a Hub snapshot's blobs)
         self.document = read_manifest(self.root)
         self.manifest = Manifest.from_json(self.document)
         for rec in self.records if check_records else ():  # no I/O: a loader names a broken record up front
@@ -71,7 +74,7 @@ class ConvertedOutput:
         path = self.root / shard
         if self.verify:
             self.check_shard(shard)
-        elif not path.is_file():
+        elif not_a_file(path, self.roots) is not None:
             raise self._missing(shard)
         try:
             self._open = safe_open(str(path), framework="pt", device=self.device)
@@ -90,20 +93,22 @@ class ConvertedOutput:
                 raise LplrError(f"{path} is not a file the manifest lists (added after the conversion); remove it or "
                                 f"re-run the conversion")
             return None
-        if not path.is_file():
-            raise LplrError(f"{rel} is missing from {self.root} although the manifest lists it; re-run the conversion")
+        why = not_a_file(path, self.roots)
+        if why is not None:
+            raise LplrError(f"{rel} {why} in {self.root}, although the manifest lists it; re-run the conversion")
         if self.verify and not is_intact(path, meta):
             raise LplrError(f"{path} does not match the sha256 in the manifest (modified after the conversion); "
                             f"restore it, or re-run the conversion")
         return path
 
     def _missing(self, shard: str) -> LplrError:
-        return LplrError(f"shard {shard} is missing from {self.root}; re-run the conversion (or {opt('resume')})")
+        why = not_a_file(self.root / shard, self.roots) or "is missing"
+        return LplrError(f"shard {shard} {why} in {self.root}; re-run the conversion (or {opt('resume')})")
 
     def check_shard(self, shard: str) -> None:
         """Raise LplrError unless `shard` has the size and sha256 the manifest records."""
         path, meta = self.root / shard, self.manifest.shards.get(shard)
-        if not path.is_file():
+        if not_a_file(path, self.roots) is not None:
             raise self._missing(shard)
         if not is_intact(path, meta):
             raise LplrError(f"shard {shard} does not match the sha256 in the manifest (damaged or modified); "

@@ -64,7 +64,7 @@ def _previous_spectra(out_dir: Path, names: set[str]) -> dict[str, dict]:
     try:
         old = json.loads((out_dir / C.REPORT_JSON).read_text(encoding="utf-8"))
         curves, info = old.get("spectra") or {}, old.get("spectra_info") or {}
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return {}
     return {n: {**_curve_record(c), **(info.get(n) or {}), "curve": c} for n, c in curves.items()
             if n in names and isinstance(c, list) and c}
