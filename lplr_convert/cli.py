@@ -6,6 +6,7 @@ declarations (see `methods.settings.knob`), so a newly registered method's knobs
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
@@ -228,12 +229,16 @@ def _friendly(f):
                 raise
             click.echo(f"error: {e.cli_message()}", err=True)
             sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted; convert and calibrate continue later with --resume", err=True)
+        except KeyboardInterrupt as e:
+            click.echo(str(e) or "interrupted; convert and calibrate continue later with --resume", err=True)
             sys.exit(130)
         except Exception as e:
             if debug:
                 raise
+            if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:
+                click.echo(f"error: a path is too long for the file system ({str(e.filename)[:80]}...); choose a "
+                           f"shorter path", err=True)
+                sys.exit(1)
             text = str(e).strip().splitlines()[0] if str(e).strip() else ""
             click.echo(f"error: unexpected {type(e).__name__}: {text[:300]} (re-run with --debug for details)",
                        err=True)

@@ -124,7 +124,7 @@ def record_problems(output: ConvertedOutput) -> list[str]:
 def _stored_problem(output: ConvertedOutput, rec: TensorRecord, packed: dict[str, tuple[int, int]]) -> str | None:
     import torch
 
-    for full, meta in rec.stored.items():
+    for full in rec.stored:
         if full in packed:
             bits, count = packed[full]
             used = count * bits % 8

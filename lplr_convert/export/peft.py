@@ -25,7 +25,7 @@ import torch
 from .. import constants as C
 from ..dtypes import dtype_from_name
 from ..errors import LplrError
-from ..io.outdir import replaceable_output
+from ..io.outdir import output_path, replaceable_output
 from ..io.output import ConvertedOutput
 from ..methods import get_method
 from .common import (
@@ -90,7 +90,7 @@ def export_peft(in_path: str | Path, out_path: str | Path, base_model: str | Non
     `out_path` is replaced."""
     from safetensors.torch import save_file
 
-    out = Path(out_path).expanduser()
+    out = output_path(out_path)
     with ConvertedOutput(in_path) as output:
         plan = plan_export(output)
         targets = [p for p in plan.placements if p.adapter]

@@ -12,7 +12,6 @@ from loguru import logger
 from .. import constants as C
 from ..errors import LplrError
 from ..io.output import ConvertedOutput
-from .tying import tie_as_transformers
 from .modeling import (
     config_dtype,
     float32_kept,
@@ -23,6 +22,7 @@ from .modeling import (
     params_on_meta,
     set_module,
 )
+from .tying import tie_as_transformers
 
 __all__ = ["iter_dense", "load_model", "load_state_dict"]
 

@@ -25,7 +25,15 @@ _TEMP_SHARD = re.compile(re.escape(C.PARTIAL_SHARD_TEMPLATE.removesuffix(C.PARTI
     re.escape("{index:05d}"), r"\d{5}"))
 
 __all__ = ["OutputLock", "Resumable", "check_paths", "check_replaceable", "clear_listed", "entries", "listed_files",
-           "owning_output", "prepare_output", "recorded_files", "replaceable_output", "resumable_when_full"]
+           "output_path", "owning_output", "prepare_output", "recorded_files", "replaceable_output", "resumable_when_full"]
+
+
+def output_path(value, what: str = "out_path") -> Path:
+    """The output directory a command was given (`~` expanded); an empty one (which would mean the current
+    directory) is an LplrError."""
+    if value is None or not str(value).strip():
+        raise LplrError(f"{opt(what)} is empty; pass the directory to write, e.g. {opt(what)} ./model-lplr")
+    return Path(value).expanduser()
 
 
 def check_paths(src_root: Path, out: Path, what: str = "out_path") -> None:

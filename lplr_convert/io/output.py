@@ -21,7 +21,8 @@ from .manifest import Manifest, TensorRecord, is_intact, not_a_file, read_manife
 # A record's quantized parts: the info key of each one's spec and the stored part it describes.
 _SPEC_PARTS = {"q": C.PART_QUANT, "left": C.PART_LEFT, "right": C.PART_RIGHT}
 
-__all__ = ["ConvertedOutput", "decode_record", "record_problem", "decoded_factors", "loaded_blocks", "loaded_tensor", "open_output"]
+__all__ = ["ConvertedOutput", "decode_record", "decoded_factors", "loaded_blocks", "loaded_tensor", "open_output",
+           "record_problem"]
 
 
 def _first_line(e: BaseException) -> str:
@@ -242,8 +243,8 @@ def record_problem(rec: TensorRecord) -> tuple[str | None, dict]:
         meta = rec.stored.get(rec.name)
         if len(rec.stored) != 1 or not isinstance(meta, dict) or list(meta.get("shape", ())) != list(rec.shape) or \
                 rec.method == "copy" and meta.get("dtype") != rec.dtype:
-            return f"stores {sorted(rec.stored)[0]} as {meta and meta.get('dtype')} {meta and meta.get('shape')}, " \
-                   f"not the {rec.dtype} {rec.shape} tensor it records", {}
+            what = f"{meta.get('dtype')} {meta.get('shape')}" if isinstance(meta, dict) else "something else"
+            return f"stores {min(rec.stored)} as {what}, not the {rec.dtype} {rec.shape} tensor it records", {}
         return None, {}
     if EXPERTS_KEY in rec.info:  # fused experts: decoded in full only (`full`)
         return None, {}

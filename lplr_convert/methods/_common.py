@@ -223,7 +223,9 @@ class FactoredMethod(Method):
         whose quantization noise the spectrum does not show (all-MiniLM-L6-v2, lplr 4/4 at 8.25 bits/param: cosine
         0.009 with the tail alone, 0.19 with the term; at 4.25: 0.436 and 0.486). With calibration that measurement
         costs GPTQ on every factor (50x the conversion's time here) for little (lsvd 4/4 at 4.25: 0.838 without,
-        0.843 with it), so the tail alone is used."""
+        0.843 with it), so the tail alone is used. A rank given explicitly (`rank` in `fixed`) is kept: no choices."""
+        if "rank" in fixed:
+            return None
         Wf = float_matrix(W, self.name)
         m, n = Wf.shape
         calibrated = stats is not None and self.uses_stats

@@ -23,7 +23,7 @@ from ..devices import resolve_device
 from ..errors import LplrError, opt
 from ..io.journal import Journal, resume_state
 from ..io.manifest import Manifest, TensorRecord, sha256_file, write_json_atomic
-from ..io.outdir import OutputLock, prepare_output, resumable_when_full
+from ..io.outdir import OutputLock, output_path, prepare_output, resumable_when_full
 from ..io.reader import SourceCheckpoint, open_source
 from ..io.sidefiles import copy_side_files
 from ..io.writer import DEFAULT_SHARD_BYTES, ShardWriter, write_index
@@ -235,7 +235,7 @@ def _convert(opts: ConvertOptions) -> dict:
     src = open_source(opts.in_path, opts.revision)
     plans = make_plan(src.headers.values(), src.config, popts)
     _preflight(plans, opts.calibration is not None)
-    out = Path(opts.out_path).expanduser()
+    out = output_path(opts.out_path)
     prepare = functools.partial(prepare_output, src.root, out, overwrite=opts.overwrite, resume=opts.resume)
     with OutputLock.guarding(out, src.root, prepare):
         run = _Run(opts, src, out, plans, popts, recipe_text, devices, _hash_sources(src))

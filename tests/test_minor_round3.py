@@ -1,0 +1,54 @@
+"""Issue 24's minor list: each a named one-line error or a correct result."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from lplr_testing import error_line, run_cli, tiny_checkpoint
+
+NAME = "model.layers.0.mlp.up_proj.weight"
+
+
+@pytest.fixture
+def src(tmp_path):
+    return tiny_checkpoint(tmp_path / "src", {NAME: torch.randn(32, 16)})
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--method", "laser", "--rho", "0.5", "--target-bits-per-param", "4"], ["laser", "nothing to allocate"]),
+    (["--method", "lplr", "--rank", "4", "--target-bits-per-param", "4"], ["--rank", "nothing to allocate"]),
+])
+def test_a_budget_with_nothing_to_size_is_named(tmp_path, src, args, needles):
+    out = tmp_path / "out"
+    error_line(run_cli("--in-path", str(src), "--out-path", str(out), "--no-report", *args),
+               "--target-bits-per-param", *needles)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_rank_given_beside_a_budget_is_kept_where_other_tensors_can_be_sized(tmp_path):
+    import json
+
+    src = tiny_checkpoint(tmp_path / "src", {NAME: torch.randn(32, 16), "model.layers.0.mlp.down_proj.weight":
+                                             torch.randn(16, 32)})
+    out = tmp_path / "out"
+    res = run_cli("--in-path", str(src), "--out-path", str(out), "--no-report", "--method", "qlr", "--rank", "3",
+                  "--target-bits-per-param", "12")
+    assert res.exit_code == 0, res.output
+    ranks = {t["rank"] for t in json.loads((out / "lplr_manifest.json").read_text())["tensors"]}
+    assert ranks == {3}
+
+
+@pytest.mark.parametrize("command", [[], ["calibrate"]])
+def test_an_empty_out_path_is_refused(tmp_path, src, command, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    error_line(run_cli(*command, "--in-path", str(src), "--out-path", ""), "--out-path is empty")
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_a_path_too_long_is_a_one_line_error(tmp_path, src):
+    error_line(run_cli("--in-path", str(src), "--out-path", str(tmp_path / ("x" * 300)), "--no-report"),
+               "path is too long", "shorter path")
+    error_line(run_cli("verify", "--in-path", str(tmp_path / ("y" * 300))), "too long")
