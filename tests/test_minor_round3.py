@@ -52,3 +52,26 @@ def test_a_path_too_long_is_a_one_line_error(tmp_path, src):
     error_line(run_cli("--in-path", str(src), "--out-path", str(tmp_path / ("x" * 300)), "--no-report"),
                "path is too long", "shorter path")
     error_line(run_cli("verify", "--in-path", str(tmp_path / ("y" * 300))), "too long")
+
+
+def test_ctrl_c_during_the_report_says_the_conversion_is_complete_and_leaves_no_truncated_plot(tmp_path, src,
+                                                                                               monkeypatch):
+    from matplotlib.figure import Figure
+
+    from lplr_convert import constants as C
+    from lplr_convert.verify import verify
+
+    def interrupted(self, fname, *a, **kw):
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG\r\n")  # a few bytes, then the user's Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", interrupted)
+    out = tmp_path / "out"
+    res = run_cli("--in-path", str(src), "--out-path", str(out), "--method", "rtn")
+    assert res.exit_code == 130 and "Traceback" not in res.output
+    assert "complete" in res.stderr and "lplr-convert report" in res.stderr and "--resume needed" in res.stderr
+    assert not [p for p in out.iterdir() if p.suffix == ".png" or p.name.endswith(C.PARTIAL_SUFFIX)]
+    monkeypatch.undo()
+    assert run_cli("report", "--in-path", str(out)).exit_code == 0
+    verify(out)

@@ -406,6 +406,10 @@ def _write_report(out: Path, manifest: dict, summary: dict) -> None:
 
     try:  # the curves come from the records; the source is never read again for them (see ConvertOptions.spectra)
         write_report(out, manifest, read_source=False, summary=summary)
+    except KeyboardInterrupt:  # the conversion is complete: nothing to resume, only the report to write again
+        raise KeyboardInterrupt(f"interrupted while writing the report; the conversion in {out} is complete (no "
+                                f"--resume needed): write the report with `lplr-convert report --in-path {out}`") \
+            from None
     except Exception as e:  # noqa: BLE001  # the conversion itself is complete; a report failure must not hide it
         logger.warning(f"the report could not be written ({type(e).__name__}: {e}); run `lplr-convert report`")
 
