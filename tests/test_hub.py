@@ -594,3 +594,36 @@ def test_push_holds_the_output_s_lock_against_a_convert_overwrite_in_another_pro
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_the_token_never_leaves_through_an_echoing_server_a_commit_message_or_a_file_name(tmp_path, hub, capfd):
+    """A server whose error body echoes the request's headers: the error (and its --debug traceback) holds no token;
+    a commit message, revision or file name holding the token is refused before anything is sent."""
+    import traceback
+
+    out = make_output_dir(tmp_path)
+    handle = hub.handle
+
+    def echoing(method, raw_path, headers, body):
+        if method == "POST" and "/commit/" in raw_path:
+            return 400, {"error": f"bad request; you sent Authorization: {headers.get('Authorization')}"}, {}
+        return handle(method, raw_path, headers, body)
+
+    hub.handle = echoing
+    with pytest.raises(LplrError) as err:
+        push(out, "tester/m")
+    assert VALID_TOKEN not in "".join(traceback.format_exception(err.value)) and "<token>" in str(err.value)
+    with pytest.raises(LplrError) as err:  # --debug: the traceback is printed, and holds no token
+        run_cli("push", "--in-path", str(out), "--repo-id", "tester/m", "--debug")
+    assert VALID_TOKEN not in "".join(traceback.format_exception(err.value))
+    assert VALID_TOKEN not in capfd.readouterr().err
+    hub.handle = handle
+    n = len(hub.requests)
+    for kw in ({"commit_message": f"pushed with {VALID_TOKEN}"}, {"revision": VALID_TOKEN}):
+        with pytest.raises(LplrError, match="contains your Hub token") as err:
+            push(out, "tester/m", **kw)
+        assert VALID_TOKEN not in str(err.value)
+    (out / f"notes-{VALID_TOKEN}.txt").write_text("hello")
+    with pytest.raises(LplrError, match="file name .* contains your Hub token") as err:
+        push(out, "tester/m")
+    assert VALID_TOKEN not in str(err.value) and len(hub.requests) == n

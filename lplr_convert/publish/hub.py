@@ -66,8 +66,9 @@ def _push(out_dir: Path, repo_id: str, private: bool, revision: str | None, comm
     result = {"repo_id": repo_id, "revision": revision or "main", "private": private, "files": listing,
               "total_bytes": sum(f["bytes"] for f in listing), "endpoint": _endpoint()}
 
+    sent = {opt("commit_message"): commit_message, opt("revision"): revision, "the repo id": repo_id}
     if dry_run:
-        return _dry_run(out_dir, manifest, files, card_text, token, result, scan)
+        return _dry_run(out_dir, manifest, files, card_text, token, result, scan, sent)
 
     from huggingface_hub import CommitOperationAdd, HfApi, constants
 
@@ -75,7 +76,7 @@ def _push(out_dir: Path, repo_id: str, private: bool, revision: str | None, comm
         raise LplrError("HF_HUB_OFFLINE is set, so nothing can be pushed; unset HF_HUB_OFFLINE (and "
                         f"TRANSFORMERS_OFFLINE) to push, or pass {opt('dry_run')} to only list what would be sent")
     token = _resolve_token(token)
-    _refuse_leaked_token(out_dir, files, card_bytes, token, scan)
+    _refuse_leaked_token(out_dir, files, card_bytes, token, scan, sent)
     _refuse_unlisted(out_dir, manifest)
 
     api = HfApi(endpoint=result["endpoint"], token=token, library_name=C.TOOL_NAME, library_version=__version__)
@@ -99,22 +100,29 @@ def _push(out_dir: Path, repo_id: str, private: bool, revision: str | None, comm
 
 
 def _dry_run(out_dir: Path, manifest: Manifest, files: list[tuple[str, Path]], card_text: str, token: str | None,
-             result: dict, scan: _Scan) -> dict:
+             result: dict, scan: _Scan, sent: dict[str, str | None]) -> dict:
     """Print what a push would send and return the listing; what the real push would refuse for a token found in a
     file, the dry run refuses too (when a token is known)."""
     known = _known_token(token)
     if known:
-        _refuse_leaked_token(out_dir, files, card_text.encode("utf-8"), known, scan)
+        _refuse_leaked_token(out_dir, files, card_text.encode("utf-8"), known, scan, sent)
     _refuse_unlisted(out_dir, manifest)
     result.update(dry_run=True, card=card_text, token_source=_token_source(token))
     print(_dry_run_text(result))
     return result
 
 
-def _refuse_leaked_token(out_dir: Path, files: list[tuple[str, Path]], card: bytes, token: str, scan: _Scan) -> None:
+def _refuse_leaked_token(out_dir: Path, files: list[tuple[str, Path]], card: bytes, token: str, scan: _Scan,
+                         sent: dict[str, str | None] | None = None) -> None:
     """Refuse to publish any file (or the card) that contains the token, e.g. in a recorded command line or a log.
-    Every file to upload is scanned, whatever its suffix or size (a file `scan` read already is not read again)."""
+    Every file to upload is scanned, whatever its suffix or size (a file `scan` read already is not read again); its
+    name, and every other text the push sends (`sent`: commit message, revision, repo id), must not hold it either."""
     needle = token.encode("utf-8")
+    named = [what for what, text in (sent or {}).items() if text and token in text]
+    named += [f"the file name {rel.replace(token, '<token>')!r}" for rel, _ in files if token in rel]
+    if named:
+        raise LplrError(f"{named[0]} contains your Hub token, so it must not be published; remove the token from it "
+                        f"(and revoke the token if it was shared), then push again")
     leaks = ["the generated model card"] if needle in card else []
     leaks += [str(path) for _, path in files if scan.contains(path, needle)]
     if leaks:
@@ -270,9 +278,14 @@ def _hub_errors(endpoint: str, repo_id: str, token: str):
         raise
     except Exception as e:
         message = _explain(e, endpoint, repo_id)
-        if message is None:
+        if message is None and not any(token in str(x) or token in repr(getattr(x, "args", ()))
+                                       for x in _chain(e)):
             raise
-        raise LplrError(" ".join(message.replace(token, "<token>").split())) from e
+        if message is None:
+            message = f"the push to {repo_id} failed ({type(e).__name__}); re-run it, or report this as a bug"
+        # never chained: a server's error body may echo the request's headers, token included (--debug prints the
+        # chain)
+        raise LplrError(" ".join(message.replace(token, "<token>").split())) from None
 
 
 def _explain(exc: BaseException, endpoint: str, repo_id: str) -> str | None:
