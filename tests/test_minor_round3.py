@@ -75,3 +75,19 @@ def test_ctrl_c_during_the_report_says_the_conversion_is_complete_and_leaves_no_
     monkeypatch.undo()
     assert run_cli("report", "--in-path", str(out)).exit_code == 0
     verify(out)
+
+
+@pytest.mark.parametrize("scheme", ["symmetric", "asymmetric"])
+def test_float16_scales_that_would_underflow_fall_back_to_float32(scheme):
+    from lplr_convert.math import quantize as qz
+
+    torch.manual_seed(0)
+    W = torch.randn(64, 128) * 1e-7
+    spec = qz.QuantSpec((64, 128), 8, scheme=scheme, scale_dtype="float16")
+    q = qz.quantize_spec(W, spec)
+    err = float((qz.dequantize(q) - W).norm() / W.norm())
+    exact = qz.quantize_spec(W, qz.QuantSpec((64, 128), 8, scheme=scheme, scale_dtype="float32"))
+    assert q.spec.scale_dtype == "float32" and q.scale.dtype == torch.float32  # the spec says what is stored
+    assert err < 0.01 and err == pytest.approx(float((qz.dequantize(exact) - W).norm() / W.norm()))
+    normal = qz.quantize_spec(W * 1e6, spec)  # scales well inside float16 stay float16
+    assert normal.spec.scale_dtype == "float16"
