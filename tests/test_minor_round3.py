@@ -91,3 +91,31 @@ def test_float16_scales_that_would_underflow_fall_back_to_float32(scheme):
     assert err < 0.01 and err == pytest.approx(float((qz.dequantize(exact) - W).norm() / W.norm()))
     normal = qz.quantize_spec(W * 1e6, spec)  # scales well inside float16 stay float16
     assert normal.spec.scale_dtype == "float16"
+
+
+@pytest.mark.parametrize("suffix,text", [(".yaml", "method: rtn\nmethod: lplr\n"),
+                                         (".json", '{"defaults": {"method": "rtn", "method": "lplr"}}')])
+def test_a_recipe_that_repeats_a_key_is_refused(tmp_path, src, suffix, text):
+    recipe = tmp_path / f"r{suffix}"
+    recipe.write_text(text)
+    error_line(run_cli("--in-path", str(src), "--out-path", str(tmp_path / "out"), "--recipe", str(recipe)),
+               "'method' appears twice")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+@pytest.mark.parametrize("tensors,needles", [
+    ({"w": torch.zeros(2), "x": _Evil()}, ["refused by the safe loader", "posix.system"]),
+    ({NAME: torch.eye(4).to_sparse()}, ["sparse", NAME, "dense"]),
+    ({NAME: torch.empty(4, 4, device="meta")}, ["meta tensor", NAME]),
+])
+def test_bin_files_with_code_sparse_or_meta_tensors_are_named(tmp_path, tensors, needles):
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save(tensors, src / "pytorch_model.bin")
+    (src / "config.json").write_text('{"model_type": "llama"}')
+    line = error_line(run_cli("--in-path", str(src), "--out-path", str(tmp_path / "out"), "--no-report"), *needles)
+    assert "damaged" not in line and "unexpected" not in line
