@@ -119,3 +119,15 @@ def test_bin_files_with_code_sparse_or_meta_tensors_are_named(tmp_path, tensors,
     (src / "config.json").write_text('{"model_type": "llama"}')
     line = error_line(run_cli("--in-path", str(src), "--out-path", str(tmp_path / "out"), "--no-report"), *needles)
     assert "damaged" not in line and "unexpected" not in line
+
+
+def test_damp_0_on_singular_statistics_is_named():
+    from lplr_convert.errors import LplrError
+    from lplr_convert.methods import get_method, make_settings
+    from lplr_convert.methods.base import InputStats
+
+    torch.manual_seed(0)
+    X = torch.randn(4, 16)
+    H = X.T @ X / 4  # 4 tokens for 16 inputs: rank 4, no dead input
+    with pytest.raises(LplrError, match="singular.*--damp 0.*larger --damp"):
+        get_method("gptq").compress(torch.randn(8, 16), make_settings("gptq", damp=0.0), 0, InputStats(H, "k"))

@@ -123,6 +123,17 @@ class CalibrationStats:
         """Release the open statistics file (reading again reopens it)."""
         self._open, self._open_name = None, None
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Statistic key -> its stored shape, read from the files' headers (no data is read)."""
+        from ..io.reader import safetensors_header
+
+        out = {}
+        for file in self.manifest[C.M_FILES]:
+            path = self.root / file
+            if path.is_file():
+                out.update({h.name: tuple(h.shape) for h in safetensors_header(path, file)})
+        return out
+
     def require(self, names: Iterable[str]) -> None:
         """Raise naming the first of `names` that has no statistic."""
         for name in names:

@@ -95,7 +95,13 @@ def gptq_quantizer(spec_of, s: Settings):
         spec = spec_of(tuple(M.shape))
         if H is None:
             return qz.quantize_dequantize_spec(M, spec, _work(M))
-        return gptq(M, H, spec, damp=s.damp, block_size=s.block_size, act_order=s.act_order)
+        try:
+            return gptq(M, H, spec, damp=s.damp, block_size=s.block_size, act_order=s.act_order)
+        except ValueError as e:
+            if "positive definite" not in str(e):
+                raise
+            raise LplrError(f"the calibration statistics of this weight are singular, and --damp {s.damp:g} adds too "
+                            f"little to invert them; pass a larger --damp (the default is 0.01)") from None
 
     return quantize
 

@@ -163,7 +163,16 @@ def _open_stats(path: str | None, plans: list[TensorPlan], hashes: dict[str, str
 
     stats = load_calibration(path, device=str(device))
     stats.check_hashes(hashes, src.root)
-    stats.require(p.name for p in plans if p.method != "copy" and not p.experts)
+    used = [p for p in plans if p.method != "copy" and not p.experts]
+    stats.require(p.name for p in used)
+    shapes = stats.shapes()  # every width checked before any work (a wrong one failed mid-run)
+    for p in used:
+        n = p.oriented_shape[-1]
+        got = shapes.get(stats.key(p.name))
+        if got != (n, n):
+            raise LplrError(f"the calibration statistic of {p.name} in {path} is {list(got) if got else 'missing'}, "
+                            f"but its input is {n} wide (needs [{n}, {n}]); the statistics belong to another model: "
+                            f"re-run `lplr-convert calibrate` on this checkpoint")
     return stats
 
 
