@@ -6,6 +6,7 @@ declarations (see `methods.settings.knob`), so a newly registered method's knobs
 
 from __future__ import annotations
 
+import errno
 import os
 import shlex
 import sys
@@ -231,12 +232,16 @@ def _friendly(f):
                 raise
             click.echo(f"error: {e.cli_message()}", err=True)
             sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted; convert and calibrate continue later with --resume", err=True)
+        except KeyboardInterrupt as e:
+            click.echo(str(e) or "interrupted; convert and calibrate continue later with --resume", err=True)
             sys.exit(130)
         except Exception as e:
             if debug:
                 raise
+            if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:
+                click.echo(f"error: a path is too long for the file system ({str(e.filename)[:80]}...); choose a "
+                           f"shorter path", err=True)
+                sys.exit(1)
             text = str(e).strip().splitlines()[0] if str(e).strip() else ""
             click.echo(f"error: unexpected {type(e).__name__}: {text[:300]} (re-run with --debug for details)",
                        err=True)
@@ -509,13 +514,15 @@ def push(**kw):
 @_opt("--source", default=None, section="Input", help="The original checkpoint: recompute a sample of errors.")
 @_opt("--sample", type=click.IntRange(min=1), default=8, show_default=True, section="Run",
       help="Tensors whose error is recomputed.")
+@_opt("--full", is_flag=True, section="Run", help="Decode every tensor whole (default: its parts, cheaply).")
 @debug_option
 @_friendly
 def verify(**kw):
-    """Check every output file's sha256 and every stored tensor against the manifest (and errors vs --source)."""
+    """Check every byte of the manifest, every file in the output, every record's parts (and the source by sha256 and
+    errors vs --source)."""
     from .verify import verify as run
 
-    result = run(kw["in_path"], kw["source"], kw["sample"])
+    result = run(kw["in_path"], kw["source"], kw["sample"], full=kw["full"])
     extra = f", {len(result['errors_checked'])} errors recomputed" if kw["source"] else ""
     click.echo(f"ok: {result['files']} files and {result['tensors']} tensors match the manifest{extra}")
 

@@ -86,6 +86,8 @@ M_FILES = "files"
 M_COMPLETE = "complete"
 M_EVAL = "eval"
 M_INTEGRITY = "integrity"  # sha256 of the canonical JSON of tensors + shards
+M_REPORT = "report"  # the report files written after the manifest: {name: {sha256, bytes}}
+M_DIGESTS = "digests"  # {top-level key: sha256 of its canonical JSON} for every other key: the whole manifest
 
 TOOL_NAME = "lplr-convert"
 

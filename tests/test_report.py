@@ -287,3 +287,26 @@ def test_without_matplotlib_the_tables_are_still_written(outputs, tmp_path, monk
     paths = write_report(out)
     assert {p.name for p in paths} == {C.REPORT_JSON, C.REPORT_CSV, C.REPORT_MD}
     assert json.loads((out / C.REPORT_JSON).read_text())["plots"] == []
+
+
+def test_spectra_are_not_read_from_a_source_replaced_since_the_conversion(outputs, tiny_llama_dir, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(outputs["lplr"], out)
+    for f in (C.REPORT_JSON, C.PLOT_SPECTRUM):
+        (out / f).unlink(missing_ok=True)
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama_dir, src)
+    manifest = read_manifest(out)
+    manifest[C.M_SOURCE]["path"] = str(src)
+    for r in manifest[C.M_TENSORS]:
+        r["spectrum"] = None  # as a conversion run with --spectra off
+    from safetensors.torch import load_file, save_file
+
+    for shard in sorted(src.glob("*.safetensors")):  # the same names and shapes, other values
+        save_file({k: v + 1 for k, v in load_file(str(shard)).items()}, str(shard), metadata={"format": "pt"})
+    write_report(out, manifest)
+    doc = json.loads((out / C.REPORT_JSON).read_text())
+    assert doc["spectra"] == {} and not (out / C.PLOT_SPECTRUM).exists()
+    manifest[C.M_SOURCE]["path"] = str(tiny_llama_dir)  # the source as converted: read
+    write_report(out, manifest)
+    assert len(json.loads((out / C.REPORT_JSON).read_text())["spectra"]) == 4

@@ -19,7 +19,7 @@ from .. import constants as C
 from ..devices import resolve_device
 from ..dtypes import dtype_name
 from ..errors import LplrError, opt
-from ..io.outdir import resumable_when_full
+from ..io.outdir import output_path, resumable_when_full
 from ..io.reader import open_source
 from ..hf.modeling import max_tokens
 from .capture import (
@@ -213,7 +213,7 @@ def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | N
         raise LplrError(f"{opt('overwrite')} and {opt('resume')} contradict each other; pass one of them")
     device = _check_options(samples, seq_len, batch_size, accumulate_dtype, compute_dtype, device)
     src = open_source(str(in_path))
-    out = Path(out_path)
+    out = output_path(out_path)
     check_stats_output(out, src.root, overwrite, resume)  # before hashing the source and running its embeddings
     cal_text = read_text(text)
     sk = build_skeleton(src, device, compute_dtype)

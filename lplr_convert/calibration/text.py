@@ -51,8 +51,9 @@ def _jsonl_lines(path: Path, raw: list[str]) -> list[str]:
             continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LplrError(f"line {i} of {path} is not valid JSON ({e.msg}); give one {{\"text\": ...}} object per "
+        except (json.JSONDecodeError, RecursionError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else e.msg
+            raise LplrError(f"line {i} of {path} is not valid JSON ({why}); give one {{\"text\": ...}} object per "
                             f"line") from None
         if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
             raise LplrError(f"line {i} of {path} has no string field 'text'; give one {{\"text\": ...}} object per "

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from .. import constants as C
 from ..errors import LplrError, opt
+from ..io.outdir import output_path
 from ..io.output import ConvertedOutput
 from ..io.sidefiles import copy_side_files
 from ..io.writer import DEFAULT_SHARD_BYTES, ShardWriter
@@ -149,7 +150,7 @@ def export_compressed_tensors(in_path: str | Path, out_path: str | Path, max_sha
                               overwrite: bool = False) -> ExportResult:
     """Write the conversion in `in_path` as a compressed-tensors `pack-quantized` checkpoint in `out_path` (see the
     module docstring). With `overwrite`, only an earlier export in `out_path` is replaced."""
-    out = Path(out_path).expanduser()
+    out = output_path(out_path)
     with ConvertedOutput(in_path) as output:
         plan = plan_export(output)
         packed = any(p.spec is not None for p in plan.placements)

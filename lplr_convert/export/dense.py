@@ -8,6 +8,7 @@ from loguru import logger
 from tqdm import tqdm
 
 from .. import constants as C
+from ..io.outdir import output_path
 from ..io.output import ConvertedOutput
 from ..io.sidefiles import copy_side_files
 from ..io.writer import DEFAULT_SHARD_BYTES, ShardWriter
@@ -24,7 +25,7 @@ def decompress(path: str | Path, out_path: str | Path, max_shard_size: int = DEF
     `max_shard_size` is in bytes. The files written are recorded in `lplr_export.json` (written last); with
     `overwrite`, only an earlier decompress or export whose record lists every file in `out_path` is replaced.
     """
-    out = Path(out_path).expanduser()
+    out = output_path(out_path)
     with ConvertedOutput(path) as output:
         side = side_files_of(output)
         with exporting(output.root, out, overwrite, [rel for rel, _ in side]):

@@ -24,7 +24,8 @@ import torch
 
 from .. import constants as C
 from ..dtypes import dtype_from_name
-from ..errors import LplrError
+from ..errors import LplrError, opt
+from ..io.outdir import output_path
 from ..io.output import ConvertedOutput
 from .common import (
     CONV1D,
@@ -82,6 +83,19 @@ def _notes(plan: ExportPlan, base_model: str | None) -> list[str]:
     return notes
 
 
+def _check_base_model(base_model: str | None) -> None:
+    """`base_model` (the adapter's base_model_name_or_path) is a local directory or a Hub repo id OWNER/NAME."""
+    if base_model is None or str(base_model).strip() and Path(str(base_model)).expanduser().is_dir():
+        return
+    from ..publish.hub import check_repo_id
+
+    try:
+        check_repo_id(base_model)
+    except LplrError:
+        raise LplrError(f"{opt('base_model')} {base_model!r} is neither a local directory nor a Hub repo id "
+                        f"OWNER/NAME; pass the path or repo id of the dense export the adapter applies to") from None
+
+
 def export_peft(in_path: str | Path, out_path: str | Path, base_model: str | None = None,
                 overwrite: bool = False) -> ExportResult:
     """Write the qlr low-rank corrections of the conversion in `in_path` as a PEFT LoRA adapter in `out_path` (see
@@ -89,7 +103,8 @@ def export_peft(in_path: str | Path, out_path: str | Path, base_model: str | Non
     `out_path` is replaced."""
     from safetensors.torch import save_file
 
-    out = Path(out_path).expanduser()
+    _check_base_model(base_model)
+    out = output_path(out_path)
     with ConvertedOutput(in_path) as output:
         plan = plan_export(output)
         targets = [p for p in plan.placements if p.adapter]

@@ -21,6 +21,7 @@ from .. import constants as C
 from ..dtypes import dtype_name
 from ..errors import LplrError
 from .mapping import converter_matches, renamed
+from .tying import untie_replaced
 from ..io.manifest import TensorRecord
 from ..io.output import ConvertedOutput, decode_record
 from ..methods import get_method
@@ -83,6 +84,7 @@ class LoadPlan:
         transformers keeps the module in float32 when it loads in `dtype`)."""
         output = ConvertedOutput(root)
         output.side_file(C.CONFIG_FILE)  # the model was built from it: checked like the shards
+        output.side_file(C.SAFE_INDEX)  # transformers reads it: never through a link
         for shard in output.manifest.shards:
             output.check_shard(shard)
         output.verify = False  # every shard is checked above, once
@@ -123,6 +125,7 @@ class LoadPlan:
             if hit is not None:
                 new = _meta_lowrank(hit[1], rec, torch.float32 if self.kept(rec.name) else hit[1].weight.dtype)
                 set_module(model, hit[0], new)
+                untie_replaced(model, hit[0])
                 # transformers initialises every module not marked as initialised, and some `_init_weights` write
                 # `child.weight` (GPT-2: c_proj), which on a LowRankLinear forms L @ R: the factored layer and its
                 # parent are loaded whole from the checkpoint, so neither is initialised.

@@ -22,6 +22,7 @@ from .modeling import (
     params_on_meta,
     set_module,
 )
+from .tying import tie_as_transformers
 
 __all__ = ["iter_dense", "load_model", "load_state_dict"]
 
@@ -43,7 +44,7 @@ def load_state_dict(path: str | Path, device: str = "cpu", verify: bool = True) 
     return dict(iter_dense(path, device, verify))
 
 
-def _assign_dense(model, dense: dict[str, torch.Tensor], prefix: str) -> None:
+def _assign_dense(model, dense: dict[str, torch.Tensor], prefix: str, replaced: set[str] = frozenset()) -> None:
     keys_now = set(model.state_dict().keys())
     remapped = {}
     for k, v in dense.items():
@@ -53,8 +54,7 @@ def _assign_dense(model, dense: dict[str, torch.Tensor], prefix: str) -> None:
         else:
             remapped[cand] = v
     model.load_state_dict(remapped, strict=False, assign=True)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
+    tie_as_transformers(model, set(remapped), replaced)
 
 
 def _load_direct(output: ConvertedOutput, factored: bool, device: str, dtype):
@@ -67,21 +67,21 @@ def _load_direct(output: ConvertedOutput, factored: bool, device: str, dtype):
     prefix = getattr(model, "base_model_prefix", "") or ""
     kept = float32_kept(model, dtype or config_dtype(config))
     dense: dict[str, torch.Tensor] = {}
-    replaced = 0
+    replaced: set[str] = set()  # the weights of modules replaced by factored layers
     for rec in output.records:
         parts = output.parts(rec)
         want = torch.float32 if kept(rec.name) else dtype  # transformers keeps some modules in float32 (T5's wo)
         target = linear_target(model, rec, prefix) if factored else None
         if target is not None:
             set_module(model, target[0], lowrank_for(target[1], rec, parts, device, want))
-            replaced += 1
+            replaced.add(f"{target[0]}.weight")
             continue
         W = output.dense(rec, parts)
         dense[rec.name] = W.to(device, want) if want is not None and W.is_floating_point() else W.to(device)
-    _assign_dense(model, dense, prefix)
+    _assign_dense(model, dense, prefix, replaced)
     if any(p.device.type == "meta" for p in model.parameters()):
         return None
-    logger.info(f"loaded {type(model).__name__} with {replaced} factored layers")
+    logger.info(f"loaded {type(model).__name__} with {len(replaced)} factored layers")
     return model
 
 
@@ -121,6 +121,7 @@ def load_model(path: str | Path, factored: bool = True, device: str = "cpu", dty
     """
     with ConvertedOutput(path, device, verify) as output:
         output.side_file(C.CONFIG_FILE)  # the model is built from it: checked like the shards
+        output.side_file(C.SAFE_INDEX)
         model = _load_direct(output, factored, device, dtype)
         if model is None:
             output.verify = False  # every shard was checked on the first pass

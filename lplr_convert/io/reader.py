@@ -222,13 +222,20 @@ def _load_bin(path: Path) -> dict:
     if bad is not None:
         raise LplrError(f"{path} has a tensor under the {type(bad).__name__} key {bad!r}; tensor names must be "
                         f"strings: save the model's state_dict() instead")
+    odd = next((k for k, v in sd.items() if v.layout != torch.strided or v.device.type == "meta"), None)
+    if odd is not None:
+        t = sd[odd]
+        kind = "a meta tensor (shape only, no values)" if t.device.type == "meta" else f"a {t.layout} tensor"
+        raise LplrError(f"{path} stores {odd} as {kind}; only dense tensors with values can be converted: save the "
+                        f"model's dense state_dict() (e.g. `t.to_dense()`, weights materialized) instead")
     return sd
 
 
 def _refusal(e: pickle.UnpicklingError) -> str:
     """The line of torch's weights_only refusal that names what was refused."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    named = [ln.removeprefix("WeightsUnpickler error:").strip() for ln in lines if "Unsupported" in ln]
+    named = [ln.removeprefix("WeightsUnpickler error:").strip() for ln in lines  # torch 2.x words it both ways
+             if "unsupported" in ln.lower() or "blocked" in ln.lower()]
     return (named or lines or ["unsupported content"])[0][:160]
 
 

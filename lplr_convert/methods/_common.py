@@ -83,7 +83,13 @@ def gptq_quantizer(spec_of, s: Settings):
         spec = spec_of(tuple(M.shape))
         if H is None:
             return qz.quantize_dequantize_spec(M, spec, _work(M))
-        return gptq(M, H, spec, damp=s.damp, block_size=s.block_size, act_order=s.act_order)
+        try:
+            return gptq(M, H, spec, damp=s.damp, block_size=s.block_size, act_order=s.act_order)
+        except ValueError as e:
+            if "positive definite" not in str(e):
+                raise
+            raise LplrError(f"the calibration statistics of this weight are singular, and --damp {s.damp:g} adds too "
+                            f"little to invert them; pass a larger --damp (the default is 0.01)") from None
 
     return quantize
 
@@ -215,7 +221,9 @@ class FactoredMethod(Method):
         whose quantization noise the spectrum does not show (all-MiniLM-L6-v2, lplr 4/4 at 8.25 bits/param: cosine
         0.009 with the tail alone, 0.19 with the term; at 4.25: 0.436 and 0.486). With calibration that measurement
         costs GPTQ on every factor (50x the conversion's time here) for little (lsvd 4/4 at 4.25: 0.838 without,
-        0.843 with it), so the tail alone is used."""
+        0.843 with it), so the tail alone is used. A rank given explicitly (`rank` in `fixed`) is kept: no choices."""
+        if "rank" in fixed:
+            return None
         Wf = float_matrix(W, self.name)
         m, n = Wf.shape
         calibrated = stats is not None and self.uses_stats

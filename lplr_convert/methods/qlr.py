@@ -121,9 +121,12 @@ class QLR(Method):
             H = None if stats is None else stats.H.to(Wf.dtype)
             _, Q = gptq_quantizer(lambda shape, s=s: quant_spec(shape, s.b0, s, 0), s)(Wf, H)
             tails, _ = whitened_tails(Wf - Q.to(Wf.dtype), stats)
-            ranks = [0] if "rank" in fixed else rank_grid(min(m, n))
+            if "rank" in fixed:  # the rank given is kept: only the backbone's width is chosen
+                r = resolve_rank(s.rank, m, n, bits_for_rank=lambda k, s=s: self._bits(m, n, k, s), min_rank=0)
+                out.append(Candidate({"b0": b}, self._bits(m, n, r, s), tails[r] / den))
+                continue
             out += [Candidate({"b0": b, "rank": RankPolicy("rank", r)}, self._bits(m, n, r, s), tails[r] / den)
-                    for r in ranks]
+                    for r in rank_grid(min(m, n))]
         return out
 
     def layout(self, info):

@@ -24,7 +24,7 @@ from ..dtypes import dtype_name
 from ..errors import LplrError, opt
 from ..io.journal import Journal, resume_state
 from ..io.manifest import Manifest, TensorRecord, sha256_file, write_json_atomic
-from ..io.outdir import OutputLock, prepare_output, resumable_when_full
+from ..io.outdir import OutputLock, output_path, prepare_output, resumable_when_full
 from ..io.reader import SourceCheckpoint, open_source
 from ..io.sidefiles import copy_side_files
 from ..io.writer import ShardWriter, write_index
@@ -97,9 +97,17 @@ def open_stats(path: str | None, plans: list[TensorPlan], hashes: dict[str, str]
 
     stats = load_calibration(path, device=str(device))
     stats.check_hashes(hashes, src.root)
-    used = [p.name for p in plans if p.method != "copy" and not p.experts]
-    stats.require(used)
-    warn_thin_statistics(stats.statistics, str(path), {stats.key(n) for n in used})
+    used = [p for p in plans if p.method != "copy" and not p.experts]
+    stats.require(p.name for p in used)
+    shapes = stats.shapes()  # every width checked before any work (a wrong one failed mid-run)
+    for p in used:
+        n = p.oriented_shape[-1]
+        got = shapes.get(stats.key(p.name))
+        if got != (n, n):
+            raise LplrError(f"the calibration statistic of {p.name} in {path} is {list(got) if got else 'missing'}, "
+                            f"but its input is {n} wide (needs [{n}, {n}]); the statistics belong to another model: "
+                            f"re-run `lplr-convert calibrate` on this checkpoint")
+    warn_thin_statistics(stats.statistics, str(path), {stats.key(p.name) for p in used})
     return stats
 
 
@@ -211,7 +219,7 @@ def _convert(opts: ConvertOptions) -> dict:
     src = open_source(opts.in_path, opts.revision)
     plans = make_plan(src.headers.values(), src.config, popts)
     _preflight(plans, opts.calibration is not None)
-    out = Path(opts.out_path).expanduser()
+    out = output_path(opts.out_path)
     prepare = functools.partial(prepare_output, src.root, out, overwrite=opts.overwrite, resume=opts.resume)
     with OutputLock.guarding(out, src.root, prepare):
         run = _Run(opts, src, out, plans, popts, recipe_text, devices, hash_sources(src))
@@ -379,6 +387,10 @@ def _write_report(out: Path, manifest: dict, summary: dict) -> None:
 
     try:  # the curves come from the records; the source is never read again for them (see ConvertOptions.spectra)
         write_report(out, manifest, read_source=False, summary=summary)
+    except KeyboardInterrupt:  # the conversion is complete: nothing to resume, only the report to write again
+        raise KeyboardInterrupt(f"interrupted while writing the report; the conversion in {out} is complete (no "
+                                f"--resume needed): write the report with `lplr-convert report --in-path {out}`") \
+            from None
     except Exception as e:  # noqa: BLE001  # the conversion itself is complete; a report failure must not hide it
         logger.warning(f"the report could not be written ({type(e).__name__}: {e}); run `lplr-convert report`")
 

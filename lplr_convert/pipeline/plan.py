@@ -229,6 +229,36 @@ class TensorPlan:
 _MATCH_KEYS = ("pattern", "layers", "types")
 
 
+def _unique_keys(pairs: list) -> dict:
+    """A JSON object whose keys are unique (a repeated key would silently override the first)."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"the key {key!r} appears twice; keep one")
+        seen[key] = value
+    return seen
+
+
+def _load_yaml_unique(text: str):
+    """yaml.safe_load, refusing a mapping that repeats a key (YAML keeps the last one silently)."""
+    import yaml
+
+    class _Unique(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        keys = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in keys:
+                raise ValueError(f"the key {key!r} appears twice (line {key_node.start_mark.line + 1}); keep one")
+            keys.add(key)
+        return loader.construct_mapping(node, deep)
+
+    _Unique.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=_Unique)  # noqa: S506  (a SafeLoader subclass)
+
+
 def _read_recipe(path: Path):
     try:
         text = path.read_text(encoding="utf-8")
@@ -238,11 +268,9 @@ def _read_recipe(path: Path):
         raise LplrError(f"{opt('recipe')} {path}: cannot read it ({e.strerror or e})") from None
     try:
         if path.suffix.lower() == ".json":
-            return json.loads(text)
-        import yaml
-
-        return yaml.safe_load(text)
-    except Exception as e:  # noqa: BLE001  (yaml and json parse errors)
+            return json.loads(text, object_pairs_hook=_unique_keys)
+        return _load_yaml_unique(text)
+    except Exception as e:  # noqa: BLE001  (yaml and json parse errors, a duplicate key)
         raise LplrError(f"{opt('recipe')} {path} is not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'} "
                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
