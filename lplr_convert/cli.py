@@ -347,7 +347,14 @@ def _print_summary(manifest: dict, out_path: str) -> None:
 @_opt("--out-path", required=True, type=click.Path(file_okay=False), section="Output",
       help="Directory for the statistics (STATS).")
 @_opt("--text", default=None, type=click.Path(dir_okay=False), section="Input",
-      help=".txt (one sample per line) or .jsonl (a 'text' field per line); default: text shipped with the package.")
+      help=".txt (one sample per line) or .jsonl (a 'text' field per line), optionally .gz; default: text shipped "
+           "with the package (sentences; for causal LMs also public-domain books, ~300k tokens).")
+@_opt("--dataset", default=None, section="Input",
+      help="NAME[:CONFIG][:SPLIT] read with the `datasets` library (extra 'datasets'): a local directory (save_to_disk, "
+           "or .json/.jsonl/.parquet/.txt files) or a Hub dataset id; SPLIT defaults to train, e.g. "
+           "wikitext:wikitext-2-raw-v1:train or ./corpus::validation.")
+@_opt("--text-column", default=None, section="Input",
+      help="Column of --dataset to read; default: 'text', else the only string column.")
 @_opt("--samples", type=click.IntRange(min=1), default=128, show_default=True, section="Run",
       help="Calibration samples (sequences).")
 @_opt("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, section="Run",
@@ -368,7 +375,8 @@ def calibrate(**kw):
     from .calibration import calibrate as run
     from .dtypes import dtype_from_name
 
-    manifest = run(kw["in_path"], kw["out_path"], text=kw["text"], samples=kw["samples"], seq_len=kw["seq_len"],
+    manifest = run(kw["in_path"], kw["out_path"], text=kw["text"], dataset=kw["dataset"],
+                   text_column=kw["text_column"], samples=kw["samples"], seq_len=kw["seq_len"],
                    batch_size=kw["batch_size"], device=kw["device"],
                    accumulate_dtype=dtype_from_name(kw["accumulate_dtype"]), overwrite=kw["overwrite"],
                    resume=kw["resume"])

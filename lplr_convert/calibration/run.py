@@ -34,7 +34,7 @@ from .capture import (
 from .moments import InputMoments
 from .resume import CalibrationJournal, add_block, fingerprint, load_hidden, resume_journal
 from .stats import check_stats_output, save_block, source_files, stats_output, write_manifest
-from .text import Batch, load_tokenizer, make_batches, read_text, tokenize
+from .text import Batch, CalibrationText, default_text, load_tokenizer, make_batches, read_dataset, read_text, tokenize
 
 __all__ = ["calibrate"]
 
@@ -132,6 +132,27 @@ def _capture(sk: Skeleton, batches: list[Batch]) -> tuple[list, list]:
     return hidden, calls
 
 
+def _check_enough(text: CalibrationText, seqs: list[list[int]], causal: bool, samples: int, seq_len: int) -> None:
+    """A dataset must give what was asked (`samples` samples; for a causal LM, each of seq_len tokens): one line
+    otherwise. A text file that gives less is used as it is, with a warning saying what is used (and the manifest
+    records it: samples, tokens, longest_sample)."""
+    tokens = sum(len(s) for s in seqs)
+    full = len(seqs) >= samples and (not causal or all(len(s) == seq_len for s in seqs[:samples]))
+    if full:
+        return
+    got = (f"{len(seqs)} sample(s) of at most {max(len(s) for s in seqs)} tokens ({tokens} tokens)" if causal
+           else f"{len(seqs)} sample(s) ({tokens} tokens)")
+    asked = f"{samples} samples of {seq_len} tokens" if causal else f"{samples} samples"
+    if text.dataset is not None:
+        raise LplrError(f"dataset {text.source} (column {text.dataset['column']!r}) gives {got}, fewer than the "
+                        f"{asked} asked; pass a larger split or dataset, or lower {opt('samples')} or "
+                        f"{opt('seq_len')}")
+    short = causal and len(seqs) == 1 and len(seqs[0]) < seq_len
+    logger.warning(f"the calibration text {text.source} gives {got}, not {asked}"
+                   + (f" (the whole text is shorter than seq_len {seq_len})" if short else "")
+                   + "; using what it gives (pass a longer calibration text for more)")
+
+
 def _header(in_path, src, sk: Skeleton, text, seqs, samples, seq_len, batch_size, acc, compute, store) -> dict:
     config = src.config or {}
     return {
@@ -141,8 +162,10 @@ def _header(in_path, src, sk: Skeleton, text, seqs, samples, seq_len, batch_size
                      "model_type": config.get("model_type"), "architecture": type(sk.model).__name__,
                      C.M_FILES: source_files(src)},
         C.S_TEXT: {"source": text.source, "sha256": text.sha256, "lines": len(text.lines),
-                   "packing": "chunks" if sk.causal else "lines"},
+                   "packing": "chunks" if sk.causal else "lines",
+                   **({"dataset": text.dataset} if text.dataset is not None else {})},
         "samples": len(seqs), "samples_requested": samples, "tokens": sum(len(s) for s in seqs), "seq_len": seq_len,
+        "longest_sample": max(len(s) for s in seqs), "shortest_sample": min(len(s) for s in seqs),
         "batch_size": batch_size, "dtype": dtype_name(store), "accumulate_dtype": dtype_name(acc),
         "compute_dtype": dtype_name(compute), "device": str(sk.device), "block_stack": sk.blocks_name,
         "blocks": len(sk.blocks),
@@ -191,7 +214,8 @@ def _write_stats(out: Path, sk: Skeleton, batches: list[Batch], hidden: list, ca
     journal.close()
 
 
-def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | None = None, samples: int = 128,
+def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | None = None,
+              dataset: str | None = None, text_column: str | None = None, samples: int = 128,
               seq_len: int = 512, batch_size: int = 8, device: str = "auto",
               accumulate_dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = torch.float32,
               overwrite: bool = False, resume: bool = False) -> dict:
@@ -201,8 +225,11 @@ def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | N
     The forward runs in `compute_dtype` on `device` (auto: the GPU when there is one; the manifest records the one
     used), one block at a time; x x^T is summed over the non-padding tokens in `accumulate_dtype` (float32 or
     float64), divided by the token count, and stored in that dtype. Linears fed the same input tensor share one
-    statistic. `text` is a .txt (a sample per line) or .jsonl (`text` field) file; None
-    uses the text bundled with the package.
+    statistic. `text` is a .txt (a sample per line) or .jsonl (`text` field) file, either may be gzip-compressed;
+    `dataset` is NAME[:CONFIG][:SPLIT] read with the `datasets` library (a local directory or a Hub id; the column
+    `text_column`, else 'text', else the only string column), and must give `samples` full samples; with neither,
+    the text bundled with the package (`text.default_text`: sentences for an encoder, sentences and public-domain
+    books for a causal LM). The manifest's `text` records what was used.
 
     `resume` continues an interrupted run in `out_path` with the same inputs and settings (any change refused,
     naming it): the blocks it finished, checked by sha256, are kept, the rest run from its checkpoint of the hidden
@@ -214,14 +241,18 @@ def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | N
     src = open_source(str(in_path))
     out = Path(out_path)
     check_stats_output(out, src.root, overwrite, resume)  # before hashing the source and running its embeddings
-    cal_text = read_text(text)
+    if text is not None and dataset is not None:
+        raise LplrError(f"{opt('text')} and {opt('dataset')} are two sources of calibration text; pass one of them")
+    if text_column is not None and dataset is None:
+        raise LplrError(f"{opt('text_column')} names a column of {opt('dataset')}; pass a dataset, or drop it")
+    # a bad text or dataset is refused before the model is read
+    cal_text = read_dataset(dataset, text_column) if dataset is not None else read_text(text) if text else None
     sk = build_skeleton(src, device, compute_dtype)
+    cal_text = default_text(sk.causal) if cal_text is None else cal_text
     tokenizer = load_tokenizer(src.root)
     seq_len = _max_positions(sk.model, seq_len)
     seqs = tokenize(tokenizer, cal_text.lines, sk.causal, samples, seq_len)
-    if len(seqs) < samples:
-        logger.warning(f"the calibration text gives {len(seqs)} samples of up to {seq_len} tokens, not {samples}; "
-                       f"using {len(seqs)} (pass a longer calibration text for more)")
+    _check_enough(cal_text, seqs, sk.causal, samples, seq_len)
     manifest = _header(in_path, src, sk, cal_text, seqs, samples, seq_len, batch_size, accumulate_dtype,
                        compute_dtype, accumulate_dtype)
     batches = make_batches(seqs, batch_size, tokenizer.pad_token_id, sk.device)
