@@ -365,6 +365,10 @@ def _print_summary(manifest: dict, out_path: str) -> None:
       section="Run", help="Precision of the accumulated second moments (and of the stored statistics).")
 @_opt("--device", type=DeviceType(), default="auto", show_default=True, section="Run",
       help="cpu, cuda, cuda:N or auto (the GPU when there is one); the STATS manifest records the device used.")
+@_opt("--sequential", default=None, type=click.Path(dir_okay=False), section="Run",
+      help="Sequential calibration: a recipe (YAML/JSON, as for convert --recipe) of how the blocks will be "
+           "compressed; each block's statistics then come from the outputs of the blocks before it compressed that "
+           "way (as llm-compressor does). Convert afterwards with the same --recipe and --calibration.")
 @_opt("--overwrite", is_flag=True, section="Output", help="Replace earlier statistics in --out-path.")
 @_opt("--resume", is_flag=True, section="Output",
       help="Continue an interrupted calibrate run in --out-path with the same settings (finished blocks are kept).")
@@ -375,7 +379,14 @@ def calibrate(**kw):
     from .calibration import calibrate as run
     from .dtypes import dtype_from_name
 
-    manifest = run(kw["in_path"], kw["out_path"], text=kw["text"], dataset=kw["dataset"],
+    sequential = None
+    if kw["sequential"] is not None:
+        from .pipeline.convert import ConvertOptions
+        from .pipeline.sequential import CompressedBlocks
+
+        sequential = CompressedBlocks(ConvertOptions(in_path=kw["in_path"], out_path="", recipe=kw["sequential"],
+                                                     device=kw["device"]))
+    manifest = run(kw["in_path"], kw["out_path"], sequential=sequential, text=kw["text"], dataset=kw["dataset"],
                    text_column=kw["text_column"], samples=kw["samples"], seq_len=kw["seq_len"],
                    batch_size=kw["batch_size"], device=kw["device"],
                    accumulate_dtype=dtype_from_name(kw["accumulate_dtype"]), overwrite=kw["overwrite"],

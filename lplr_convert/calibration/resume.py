@@ -36,7 +36,8 @@ _TOLD = {"format_version": "the statistics format changed (another lplr-convert 
          "text": "the calibration text changed", "dataset": "the calibration dataset (name, config, split, column or "
          "fingerprint) changed", "token_ids": "the calibration samples' token ids changed (another "
          "tokenizer?)", "schedule": "the order in which the model calls its blocks changed",
-         "threads": "torch's CPU thread count (OMP_NUM_THREADS) changed"}
+         "threads": "torch's CPU thread count (OMP_NUM_THREADS) changed",
+         "sequential": "the sequential calibration's transform (method and settings) changed"}
 _STATS_FILE = re.compile(C.CALIB_FILE_PATTERN)
 _METADATA = {C.META_FORMAT_KEY: C.META_FORMAT_VALUE}
 _ENTRY = ("record", "statistics", "weights")  # the mappings of a journaled block run besides its file name
@@ -57,7 +58,7 @@ def fingerprint(header: dict, config: dict | None, seqs: list[list[int]], schedu
             "token_ids": hashlib.sha256(json.dumps(seqs, separators=(",", ":")).encode()).hexdigest(),
             "schedule": list(schedule), "batch_size": header["batch_size"],
             "accumulate_dtype": header["accumulate_dtype"], "compute_dtype": header["compute_dtype"],
-            "device": header["device"], "threads": torch.get_num_threads() if cpu else None}
+            "device": header["device"], "sequential": header.get("sequential"), "threads": torch.get_num_threads() if cpu else None}
 
 
 def add_block(manifest: dict, entry: dict) -> None:

@@ -9,6 +9,7 @@ their memory (`resume.CalibrationJournal`), with no copy.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from loguru import logger
@@ -31,12 +32,12 @@ from .capture import (
     release_outside,
     return_freed_memory,
 )
-from .moments import InputMoments
+from .moments import InputMoments, linear_types
 from .resume import CalibrationJournal, add_block, fingerprint, load_hidden, resume_journal
 from .stats import check_stats_output, save_block, source_files, stats_output, write_manifest
 from .text import Batch, CalibrationText, default_text, load_tokenizer, make_batches, read_dataset, read_text, tokenize
 
-__all__ = ["calibrate"]
+__all__ = ["BlockTransform", "calibrate"]
 
 ACCUMULATE_DTYPES = (torch.float32, torch.float64)
 
@@ -104,6 +105,35 @@ def _block_stats(sk: Skeleton, moments: InputMoments, store_dtype) -> tuple[dict
         logger.warning(f"{len(missing)} linear(s) never ran on the calibration text (first: {missing[0]}); they get "
                        f"no statistic")
     return tensors, stats, weights
+
+
+class BlockTransform(Protocol):
+    """Sequential calibration: what replaces a block's weights once its statistics are measured, before its outputs
+    feed the next block. `record` (JSON) goes into the manifest and the resume fingerprint."""
+
+    record: dict
+
+    def __call__(self, weights: dict[str, torch.Tensor], statistics: dict[str, torch.Tensor]
+                 ) -> dict[str, torch.Tensor]:
+        """New values of (some of) `weights` (checkpoint name -> the block's weight), given each one's statistic H."""
+        ...
+
+
+def _propagate_transformed(sk: Skeleton, i: int, block, positions: list[int], inputs: list, hidden: list,
+                           calls: list, tensors: dict, stats: dict, transform: BlockTransform) -> None:
+    """Replace block i's linear weights by `transform`'s values (given the statistics just measured) and run the
+    block again on its `inputs`: `hidden` becomes the outputs of the transformed block (the inputs of the next)."""
+    H = {name: tensors[key] for key, rec in stats.items() for name in rec["weights"]}
+    prefix = f"{sk.blocks_name}.{i}."
+    params = {sk.to_ckpt[f"{prefix}{n}.weight"]: m.weight for n, m in block.named_modules()
+              if isinstance(m, linear_types()) and f"{prefix}{n}.weight" in sk.to_ckpt}
+    new = transform({n: w.detach() for n, w in params.items() if n in H}, {n: H[n] for n in params if n in H})
+    for name, value in new.items():
+        params[name].data.copy_(value.to(params[name].dtype).reshape(params[name].shape))
+    for j, h in enumerate(inputs):
+        for k in positions:
+            h = hidden_of(calls[j][k].run(block, h)).contiguous()
+        hidden[j] = h
 
 
 def _materialise(sk: Skeleton, i: int):
@@ -186,9 +216,11 @@ def _restart(out: Path, sk: Skeleton, runs: list[tuple[int, list[int]]], hidden:
 
 
 def _write_stats(out: Path, sk: Skeleton, batches: list[Batch], hidden: list, calls: list, manifest: dict,
-                 accumulate_dtype, journal: CalibrationJournal) -> None:
+                 accumulate_dtype, journal: CalibrationJournal, transform: BlockTransform | None = None) -> None:
     """Run the blocks in the order the model calls them (`_runs`), from where `journal` left off, saving each block's
-    statistics and journaling it with the hidden states that feed the next, then the manifest (last)."""
+    statistics and journaling it with the hidden states that feed the next, then the manifest (last). With a
+    `transform` (sequential calibration) the next block is fed the outputs of this block with its weights
+    transformed (`_propagate_transformed`), not of the original block."""
     manifest.update({C.M_FILES: {}, C.S_STATISTICS: {}, C.S_WEIGHTS: {}})
     for entry in journal.blocks:
         add_block(manifest, entry)
@@ -198,11 +230,17 @@ def _write_stats(out: Path, sk: Skeleton, batches: list[Batch], hidden: list, ca
         for n, (i, positions) in enumerate(tqdm(runs[done:], desc="calibrating", unit="block", total=len(runs),
                                                 initial=done), start=done + 1):
             block = _materialise(sk, i)  # loads only what is not loaded yet (the first block called is)
+            inputs = None if transform is None else [h.clone() for h in hidden]
             moments = _run_block(sk, i, block, positions, batches, hidden, calls, accumulate_dtype)
-            sk.blocks[i] = torch.nn.Module()  # the block's weights go with it
-            del block
+            if transform is None:
+                sk.blocks[i] = torch.nn.Module()  # the block's weights go with it
+                del block
             tensors, stats, weights = _block_stats(sk, moments, accumulate_dtype)
             del moments
+            if transform is not None:
+                _propagate_transformed(sk, i, block, positions, inputs, hidden, calls, tensors, stats, transform)
+                sk.blocks[i] = torch.nn.Module()
+                del block, inputs
             file, record = save_block(out, i, tensors)
             del tensors
             return_freed_memory()
@@ -218,7 +256,7 @@ def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | N
               dataset: str | None = None, text_column: str | None = None, samples: int = 128,
               seq_len: int = 512, batch_size: int = 8, device: str = "auto",
               accumulate_dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = torch.float32,
-              overwrite: bool = False, resume: bool = False) -> dict:
+              overwrite: bool = False, resume: bool = False, sequential: BlockTransform | None = None) -> dict:
     """Write the input second moments E[x x^T] of every linear in every block of `in_path` to the STATS directory
     `out_path` and return its manifest.
 
@@ -230,6 +268,10 @@ def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | N
     `text_column`, else 'text', else the only string column), and must give `samples` full samples; with neither,
     the text bundled with the package (`text.default_text`: sentences for an encoder, sentences and public-domain
     books for a causal LM). The manifest's `text` records what was used.
+
+    `sequential` (a `BlockTransform`, e.g. `pipeline.sequential.CompressedBlocks`): each block's statistics are
+    taken from the outputs of the blocks before it with their weights transformed (compressed, then decoded), as
+    llm-compressor's sequential pipeline does; the manifest's `sequential` records the transform.
 
     `resume` continues an interrupted run in `out_path` with the same inputs and settings (any change refused,
     naming it): the blocks it finished, checked by sha256, are kept, the rest run from its checkpoint of the hidden
@@ -255,6 +297,7 @@ def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | N
     _check_enough(cal_text, seqs, sk.causal, samples, seq_len)
     manifest = _header(in_path, src, sk, cal_text, seqs, samples, seq_len, batch_size, accumulate_dtype,
                        compute_dtype, accumulate_dtype)
+    manifest["sequential"] = None if sequential is None else sequential.record
     batches = make_batches(seqs, batch_size, tokenizer.pad_token_id, sk.device)
     with torch.no_grad():
         hidden, calls = _capture(sk, batches)  # an architecture it cannot run is refused before anything is written
@@ -262,7 +305,7 @@ def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | N
         stamp = fingerprint(manifest, src.config, seqs, sk.schedule)
         journal = resume_journal(out, stamp, len(_runs(sk.schedule))) if resume else CalibrationJournal(out, stamp)
         journal.save()
-        _write_stats(out, sk, batches, hidden, calls, manifest, accumulate_dtype, journal)
+        _write_stats(out, sk, batches, hidden, calls, manifest, accumulate_dtype, journal, sequential)
     logger.info(f"wrote {len(manifest[C.S_STATISTICS])} statistics for {len(manifest[C.S_WEIGHTS])} weights of "
                 f"{len(sk.blocks)} blocks to {out}")
     return manifest
