@@ -3,7 +3,8 @@
 Peak memory: one materialised block, the hidden states of the calibration set (samples x seq_len x hidden in the
 compute dtype, replaced in place batch by batch), and the statistics of the block being accumulated; finished
 blocks' statistics are on disk. After each block those hidden states are checkpointed for `--resume` straight from
-their memory (`resume.CalibrationJournal`), with no copy.
+their memory (`resume.CalibrationJournal`), with no copy. Sequential calibration (`sequential=`) holds a second copy
+of the hidden states (the block's inputs, run again through the block with its transformed weights).
 """
 
 from __future__ import annotations

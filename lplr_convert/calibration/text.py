@@ -154,7 +154,9 @@ class _Rows(Sequence):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return list(itertools.islice(self, index.start, index.stop, index.step))
-        return next(itertools.islice(self, index, None))
+        for value in itertools.islice(self, index, None):
+            return value
+        raise IndexError(f"row {index} of {len(self)} (blank rows skipped)")
 
 
 def _text_column(ds, label: str, column: str | None) -> str:
