@@ -323,7 +323,14 @@ def _print_summary(manifest: dict, out_path: str) -> None:
 @_opt("--out-path", required=True, type=click.Path(file_okay=False), section="Output",
       help="Directory for the statistics (STATS).")
 @_opt("--text", default=None, type=click.Path(dir_okay=False), section="Input",
-      help=".txt (one sample per line) or .jsonl (a 'text' field per line); default: text shipped with the package.")
+      help=".txt (one sample per line) or .jsonl (a 'text' field per line), optionally .gz; default: text shipped "
+           "with the package (sentences; for causal LMs also public-domain books, ~300k tokens).")
+@_opt("--dataset", default=None, section="Input",
+      help="NAME[:CONFIG][:SPLIT] read with the `datasets` library (extra 'datasets'): a local directory (save_to_disk, "
+           "or .json/.jsonl/.parquet/.txt files) or a Hub dataset id; SPLIT defaults to train, e.g. "
+           "wikitext:wikitext-2-raw-v1:train or ./corpus::validation.")
+@_opt("--text-column", default=None, section="Input",
+      help="Column of --dataset to read; default: 'text', else the only string column.")
 @_opt("--samples", type=click.IntRange(min=1), default=128, show_default=True, section="Run",
       help="Calibration samples (sequences).")
 @_opt("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, section="Run",
@@ -334,6 +341,10 @@ def _print_summary(manifest: dict, out_path: str) -> None:
       section="Run", help="Precision of the accumulated second moments (and of the stored statistics).")
 @_opt("--device", type=DeviceType(), default="auto", show_default=True, section="Run",
       help="cpu, cuda, cuda:N or auto (the GPU when there is one); the STATS manifest records the device used.")
+@_opt("--sequential", default=None, type=click.Path(dir_okay=False), section="Run",
+      help="Sequential calibration: a recipe (YAML/JSON, as for convert --recipe) of how the blocks will be "
+           "compressed; each block's statistics then come from the outputs of the blocks before it compressed that "
+           "way (as llm-compressor does). Convert afterwards with the same --recipe and --calibration.")
 @_opt("--overwrite", is_flag=True, section="Output", help="Replace earlier statistics in --out-path.")
 @_opt("--resume", is_flag=True, section="Output",
       help="Continue an interrupted calibrate run in --out-path with the same settings (finished blocks are kept).")
@@ -344,7 +355,15 @@ def calibrate(**kw):
     from .calibration import calibrate as run
     from .dtypes import dtype_from_name
 
-    manifest = run(kw["in_path"], kw["out_path"], text=kw["text"], samples=kw["samples"], seq_len=kw["seq_len"],
+    sequential = None
+    if kw["sequential"] is not None:
+        from .pipeline.convert import ConvertOptions
+        from .pipeline.sequential import CompressedBlocks
+
+        sequential = CompressedBlocks(ConvertOptions(in_path=kw["in_path"], out_path="", recipe=kw["sequential"],
+                                                     device=kw["device"]))
+    manifest = run(kw["in_path"], kw["out_path"], sequential=sequential, text=kw["text"], dataset=kw["dataset"],
+                   text_column=kw["text_column"], samples=kw["samples"], seq_len=kw["seq_len"],
                    batch_size=kw["batch_size"], device=kw["device"],
                    accumulate_dtype=dtype_from_name(kw["accumulate_dtype"]), overwrite=kw["overwrite"],
                    resume=kw["resume"])
