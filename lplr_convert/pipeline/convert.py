@@ -6,6 +6,7 @@ manifest), `pipeline/plan.py` and `methods/`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -28,6 +29,7 @@ from ..io.reader import SourceCheckpoint, open_source
 from ..io.sidefiles import copy_side_files
 from ..io.writer import DEFAULT_SHARD_BYTES, ShardWriter, write_index
 from ..methods import InputStats, Settings, flat_defaults, get_method, make_settings
+from ..methods._common import BACKBONES
 from ..methods.base import layer_json, overlay
 from .task import JobResult, TensorJob
 from .plan import PlanOptions, TensorPlan, build_plan_options, make_plan
@@ -260,6 +262,18 @@ def _plan_rows(plans: list[TensorPlan]) -> list[dict]:
              "matrix_type": p.matrix_type} for p in plans]
 
 
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    """torch uses `threads` threads meanwhile (unchanged when None)."""
+    saved = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 class _Run:
     """One conversion under way: its journal and shard writer over the planned tensors, and the executor that computes
     them (in this process, a local worker pool, or Ray). This is the one writer, whichever executor computes."""
@@ -279,9 +293,12 @@ class _Run:
         self._shared: InputStats | None = None
         self.allocation = None
         if opts.target_bits_per_param is not None:
-            self.plans, self.allocation = allocate_plans(
-                plans, self._oriented, self._stats_for, opts.target_bits_per_param,
-                frozenset(k for k in popts.defaults if k != "method"), self.stats is not None)
+            # With --threads, in as many threads as the conversion: the same low bits, so that what the first pass
+            # computes can be reused by it (`methods._common.BACKBONES`), and the same allocation whatever --workers.
+            with _torch_threads(opts.threads):
+                self.plans, self.allocation = allocate_plans(
+                    plans, self._oriented, self._stats_for, opts.target_bits_per_param,
+                    frozenset(k for k in popts.defaults if k != "method"), self.stats is not None)
         plotted = [] if opts.spectra == "off" else representative_tensors(_plan_rows(self.plans))
         self.spectra = dict.fromkeys(plotted, opts.spectra)
         self.journal = Journal(out, _fingerprint(src, opts, popts, recipe_text, hashes, self.stats))
@@ -342,6 +359,8 @@ class _Run:
         except BaseException:
             self.writer.abort()
             raise
+        finally:
+            BACKBONES.clear()  # a budget's backbones the conversion did not take
         return records
 
     def _oriented(self, names: list[str]):
