@@ -41,7 +41,9 @@ _MB = 1e6
 # gptq asym+mse 2.25 output 0.166 (0.82), calibrated lsvd 2.25 0.194 (0.70), gptq sym 2.25 0.261 (0.38); weight error
 # rtn 3.25 0.231 (0.84), lplr 8/8 rf 0.8 0.259 (0.77), lplr 4/4 0.44-0.77 (< 0.45). Known miss: a min-max grid's
 # float zero (rtn 4-bit per channel, published grid: weight error 0.149, cosine 0.29) shows in the output error only.
-RUIN_OUTPUT_CAUSAL, RUIN_WEIGHT_CAUSAL = 0.10, 0.25
+# The whole of SmolLM2 at rtn 4-bit g128 has output error 0.109 for 1.42x, so the decoder threshold sits above it:
+# gptq 3-bit (0.116 on three layers, 8.7x) is a known miss there, which `eval` catches.
+RUIN_OUTPUT_CAUSAL, RUIN_WEIGHT_CAUSAL = 0.15, 0.25
 RUIN_OUTPUT_ENCODER, RUIN_WEIGHT_ENCODER = 0.18, 0.25
 
 
