@@ -316,3 +316,30 @@ def test_eval_refuses_an_original_that_is_not_the_converted_checkpoint(converted
     error_line(run_cli("eval", "--original", str(other), "--converted", str(out)), str(other),
                "is not the checkpoint", "model.safetensors differs", "pass the checkpoint that was converted")
     assert tree_state(other, out) == before
+
+
+def test_decoder_quality_benchmark_runs_on_a_tiny_causal_lm(tiny_lm_dir, tmp_path):
+    """scripts/quality.py --model: every row carries perplexities of the same float model on the same held-out
+    tokens, bits/param within its budget, and errors (the output error from the statistics it calibrated)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "quality.py"), "--model", str(tiny_lm_dir),
+                           "--samples", "4", "--seq-len", "32", "--eval-tokens", "200", "--budgets", "4.25",
+                           "--rows", "rtn sym g128,lplr published", "--write", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=root, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    meta, recs = rows[0]["meta"], rows[1:]
+    assert meta["text"] == "heldout_prose.txt" and meta["tokens"] >= 200
+    assert [r["label"] for r in recs] == ["rtn sym g128", "lplr published (8/8, rf 0.8)"]
+    assert len({r["perplexity_float"] for r in recs}) == 1 and len({r["tokens"] for r in recs}) == 1
+    rtn, lplr = recs
+    assert rtn["bits_per_param"] <= 4.25 and lplr["bits_per_param"] > 8
+    for r in recs:
+        assert r["ppl_ratio"] == r["perplexity"] / r["perplexity_float"] and r["kl_mean"] >= 0
+        assert 0 < r["weighted_rel_error"] < 1 and 0 < r["output_rel_error"] < 1.5
+    assert "| ≤ 4.25 | rtn sym g128 |" in (tmp_path / "results.md").read_text()

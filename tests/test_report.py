@@ -310,3 +310,54 @@ def test_spectra_are_not_read_from_a_source_replaced_since_the_conversion(output
     manifest[C.M_SOURCE]["path"] = str(tiny_llama_dir)  # the source as converted: read
     write_report(out, manifest)
     assert len(json.loads((out / C.REPORT_JSON).read_text())["spectra"]) == 4
+
+
+def test_a_conversion_whose_errors_predict_collapse_is_flagged_with_a_better_setting(tmp_path, tiny_llama_dir):
+    """A causal LM whose compressed tensors' weight error is far above what decoders survive: the terminal summary,
+    the Markdown summary (the card's) and the report say RUINED and name calibrated qlr under a budget."""
+    from lplr_convert.report.metrics import RUIN_THRESHOLDS, summary_of
+
+    out = tmp_path / "o"
+    convert(ConvertOptions(in_path=str(tiny_llama_dir), out_path=str(out), write_report=False,
+                           layer={"method": "lplr", "rank_fraction": 0.1}))
+    manifest = read_manifest(out)
+    s = summary_of(manifest)
+    assert s["weighted_rel_error"] > RUIN_THRESHOLDS["causal_lm"][1]  # the premise
+    text = summary_table(manifest)
+    line = next(ln for ln in text.splitlines() if "RUINED" in ln)
+    assert line.startswith("WARNING:") and "weight error" in line and "decoder LLM" in line
+    assert "calibrate" in line and "--method qlr" in line and "--target-bits-per-param 4.25" in line
+    assert "RUINED" in summary_markdown(manifest)
+    write_report(out)
+    assert "RUINED" in (out / C.REPORT_MD).read_text()
+
+
+def test_the_verdict_reads_the_output_error_first_and_names_the_next_step():
+    from lplr_convert.report.metrics import RUIN_THRESHOLDS, ruin_verdict
+
+    out_t, w_t = RUIN_THRESHOLDS["causal_lm"]
+    assert ruin_verdict({"weighted_rel_error": w_t * 0.99, "output_rel_error": None}, causal=True) is None
+    v = ruin_verdict({"weighted_rel_error": w_t * 0.5, "output_rel_error": out_t * 1.01}, causal=True,
+                     calibrated=True, method="qlr", target=2.25)
+    assert v["measure"] == "output error" and v["advice"] == "raise the budget (--target-bits-per-param 4.25)"
+    v = ruin_verdict({"weighted_rel_error": 0.9, "output_rel_error": out_t * 1.01}, causal=True, calibrated=True,
+                     method="gptq")
+    assert "--method qlr --target-bits-per-param 4.25 and the same --calibration" in v["advice"]
+    # An encoder survives errors a decoder does not (all-MiniLM-L6-v2 against SmolLM2, NOTES.md).
+    enc_out, enc_w = RUIN_THRESHOLDS["encoder"]
+    assert enc_out > out_t and enc_w >= w_t
+    assert ruin_verdict({"weighted_rel_error": 0.9, "output_rel_error": out_t * 1.01}, causal=False) is None
+
+
+def test_eval_says_ruined_from_the_measured_perplexity_or_cosine():
+    from lplr_convert.report.tables import eval_items
+
+    def verdict(ev):
+        return dict(eval_items(ev))["verdict"]
+
+    lm = {"kind": "causal_lm", "perplexity_original": 12.38}
+    assert verdict({**lm, "perplexity_converted": 14.77}).startswith("close (perplexity 1.19x")
+    assert verdict({**lm, "perplexity_converted": 32.01}).startswith("degraded")
+    assert verdict({**lm, "perplexity_converted": 340539.0}).startswith("RUINED (perplexity 27,507x")
+    assert verdict({"kind": "encoder", "cosine_mean": 0.99}).startswith("close")
+    assert verdict({"kind": "encoder", "cosine_mean": 0.44}) == "RUINED (mean cosine 0.440)"

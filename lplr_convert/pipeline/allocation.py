@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ..errors import LplrError, opt
 from ..math.allocate import BudgetError, allocate
 from ..methods import InputStats, get_method
+from ..methods._common import BACKBONES
 from .plan import TensorPlan
 
 __all__ = ["allocate_plans"]
@@ -57,6 +58,7 @@ def allocate_plans(plans: list[TensorPlan], tensors: Callable[[list[str]], Itera
         raise LplrError(f"{opt('target_bits_per_param')} has nothing to allocate: {why}; drop one of them, or use a "
                         f"method the budget can size (lplr, lsvd, dsvd, qlr, rtn, gptq)")
     by_name = {p.name: p for p in comp}
+    BACKBONES.clear()  # what this pass computes and the conversion reuses (`methods._common.BackboneMemo`)
     cands: dict[str, list] = {}
     for name, W in tqdm(tensors(list(by_name)), total=len(comp), desc="allocating", unit="tensor"):
         p = by_name[name]

@@ -6,6 +6,7 @@ manifest), `pipeline/plan.py` and `methods/`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -29,6 +30,7 @@ from ..io.reader import SourceCheckpoint, open_source
 from ..io.sidefiles import copy_side_files
 from ..io.writer import ShardWriter, write_index
 from ..methods import InputStats, get_method
+from ..methods._common import BACKBONES
 from ..methods.base import layer_json
 from .options import ConvertOptions, fingerprint_options, recorded_options
 from .task import JobResult, TensorJob
@@ -161,8 +163,11 @@ def allocated(opts: ConvertOptions, popts: PlanOptions, src: SourceCheckpoint, p
     both plan through here."""
     if opts.target_bits_per_param is None:
         return plans, None
-    return allocate_plans(plans, _oriented(src, plans, device), stats_for, opts.target_bits_per_param,
-                          frozenset(k for k in popts.defaults if k != "method"), stats_for.stats is not None)
+    # With --threads, in as many threads as the conversion: the same low bits, so that what the first pass computes
+    # can be reused by it (`methods._common.BACKBONES`), and the same allocation whatever --workers.
+    with _torch_threads(opts.threads):
+        return allocate_plans(plans, _oriented(src, plans, device), stats_for, opts.target_bits_per_param,
+                              frozenset(k for k in popts.defaults if k != "method"), stats_for.stats is not None)
 
 
 def _preflight(plans: list[TensorPlan], calibrated: bool) -> None:
@@ -242,6 +247,18 @@ def _plan_rows(plans: list[TensorPlan]) -> list[dict]:
     """The fields of report rows that choosing the plotted tensors needs, known before anything is computed."""
     return [{"name": p.name, "method": p.method, "shape": list(p.shape), "layer": p.layer,
              "matrix_type": p.matrix_type} for p in plans]
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    """torch uses `threads` threads meanwhile (unchanged when None)."""
+    saved = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 class _Run:
@@ -331,6 +348,8 @@ class _Run:
         except BaseException:
             self.writer.abort()
             raise
+        finally:
+            BACKBONES.clear()  # a budget's backbones the conversion did not take
         return records
 
     def _write(self, res: JobResult) -> TensorRecord:

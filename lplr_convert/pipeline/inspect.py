@@ -9,6 +9,7 @@ from ..dtypes import dtype_from_name, dtype_name
 from ..devices import resolve_device
 from ..io.reader import open_source
 from ..methods import get_method
+from ..methods._common import BACKBONES
 from .convert import StatsFor, allocated, hash_sources, open_stats, plan_options
 from .plan import TensorPlan, make_plan
 
@@ -51,7 +52,10 @@ def inspect_checkpoint(options) -> dict:
     if options.target_bits_per_param is not None:
         device = resolve_device(options.device_list()[0])
         stats = open_stats(options.calibration, plans, hash_sources(src), src, device)
-        plans, _ = allocated(options, popts, src, plans, device, StatsFor(stats, device))
+        try:
+            plans, _ = allocated(options, popts, src, plans, device, StatsFor(stats, device))
+        finally:
+            BACKBONES.clear()  # kept for a conversion that does not follow
     rows, header_bytes = [], 0
     for p in plans:
         row, header = _row(p, options.calibration is not None)
