@@ -87,7 +87,7 @@ class PackedMatrix(nn.Module):
     or x @ M (x: (t, m)) for 2-D x; no more than one tile of the dense M exists at a time."""
 
     def __init__(self, spec: qz.QuantSpec, fields: Mapping[str, torch.Tensor], transpose: bool = True,
-                 kernel: str = "auto", where: str = ""):
+                 kernel: str | None = None, where: str = ""):
         super().__init__()
         self.spec, self.transpose, self.where = spec, transpose, where
         self.kernel = "tiled"
@@ -99,7 +99,7 @@ class PackedMatrix(nn.Module):
             self.set_kernel(_choose(check_kernel(kernel), spec, transpose, device, where))
 
     @classmethod
-    def meta(cls, spec: qz.QuantSpec, transpose: bool = True, kernel: str = "auto", where: str = "",
+    def meta(cls, spec: qz.QuantSpec, transpose: bool = True, kernel: str | None = None, where: str = "",
              device: torch.device | str = "cpu") -> PackedMatrix:
         """The module as it will be loaded on `device` (same buffer names, shapes and dtypes), on the meta device."""
         fields = {f: torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
@@ -216,7 +216,7 @@ class PackedLinear(nn.Module):
     forms it (`to_dense()` is the explicit spelling)."""
 
     def __init__(self, layout: PackedLayout, parts: Mapping[str, torch.Tensor] | None, bias: torch.Tensor | None = None,
-                 conv1d: bool = False, kernel: str = "auto", where: str = "", device: torch.device | str = "cpu",
+                 conv1d: bool = False, kernel: str | None = None, where: str = "", device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32):
         super().__init__()
         self.conv1d, self.dtype = conv1d, dtype
