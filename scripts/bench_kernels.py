@@ -82,7 +82,7 @@ def main() -> None:
                         continue  # seconds per call (measured on the small shapes); the tiled path runs prefill
                     x = torch.randn(t, n, generator=torch.Generator().manual_seed(1)).to(dtype)
                     reps = args.reps * 4 if t == 1 else args.reps
-                    sec = best(lambda: fn(x), reps)
+                    sec = best(lambda fn=fn, x=x: fn(x), reps)
                     rows.append({"shape": [m, n], "tokens": t, "variant": name, "ms": sec * 1e3})
                     print(f"{m:6d}x{n:<6d} t={t:<4d} {name:28s} {sec * 1e3:9.3f} ms", flush=True)
     meta = {"threads": torch.get_num_threads(), "loadavg": os.getloadavg(), "torch": torch.__version__,

@@ -82,9 +82,8 @@ class LplrConvertHfQuantizer(HfQuantizer):
         return super().preprocess_model(model, dtype=dtype, **kwargs)
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        from .converters import LoadPlan, converted_root
-
         from ..runtime.modules import check_kernel
+        from .converters import LoadPlan, converted_root
 
         config = self.quantization_config
         packed = not getattr(config, "dequantize", False)
@@ -125,7 +124,7 @@ class LplrConvertHfQuantizer(HfQuantizer):
         """transformers drops the quantizer of a model loaded with `dequantize=True`; ours stays attached, since the
         float modules (LowRankLinear) are still no plain checkpoint: save_pretrained keeps refusing, and the config
         keeps saying where the model came from."""
-        return None
+        return
 
     def is_serializable(self, **kwargs) -> bool:
         return False  # save with lplr-convert (or write a plain checkpoint with `lplr-convert decompress`)

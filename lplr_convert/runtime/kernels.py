@@ -28,8 +28,24 @@ from .. import constants as C
 from ..math import bitpack
 from ..math import quantize as qz
 
-__all__ = ["INT4PACK_GROUPS", "codes_rows", "dequantize_rows", "int4pack_available", "int4pack_codes", "int4pack_packed", "int4pack_segments", "int4pack_linear", "int4pack_scales_zeros",
-           "int4pack_weight", "int8pack_codes", "int8pack_linear", "int8pack_offset", "int8pack_weight", "tile_rows", "tiled_matmul"]
+__all__ = [
+    "INT4PACK_GROUPS",
+    "codes_rows",
+    "dequantize_rows",
+    "int4pack_available",
+    "int4pack_codes",
+    "int4pack_linear",
+    "int4pack_packed",
+    "int4pack_scales_zeros",
+    "int4pack_segments",
+    "int4pack_weight",
+    "int8pack_codes",
+    "int8pack_linear",
+    "int8pack_offset",
+    "int8pack_weight",
+    "tile_rows",
+    "tiled_matmul",
+]
 
 TILE_BYTES = 4 << 20  # one decoded tile of a matrix: at most this many bytes of working precision (or 8 rows)
 INT4PACK_GROUPS = (256, 128, 64, 32)
@@ -62,7 +78,7 @@ def dequantize_rows(spec: qz.QuantSpec, fields: dict[str, torch.Tensor], start: 
                     dtype: torch.dtype, codes: torch.Tensor | None = None) -> torch.Tensor:
     """Rows [start, stop) of `dequantize(from_fields(fields, spec), dtype)`, bit for bit, decoding only those rows
     (`start` a multiple of 8), from the flat packing or from those rows' `codes` when given."""
-    m, n = spec.shape
+    n = spec.shape[1]
     if spec.bits in qz.FLOAT_BITS:
         return fields[C.FIELD_FLOAT][start:stop].to(dtype)
     rows = stop - start
@@ -174,7 +190,7 @@ def int4pack_weight(packed: torch.Tensor, spec: qz.QuantSpec, segments: list[tup
                     ) -> list[torch.Tensor]:
     """The stored 4-bit codes of each column segment in the CPU int4pack layout ((m, width / 2) uint8: together the
     same bytes as stored), 64 rows at a time."""
-    m, n = spec.shape
+    m = spec.shape[0]
     outs = [torch.empty(m, (b - a) // 2, dtype=torch.uint8, device=packed.device) for a, b, _ in segments]
     for i in range(0, m, _INT4PACK_ROWS):
         j = min(m, i + _INT4PACK_ROWS)
@@ -208,7 +224,7 @@ def int4pack_scales_zeros(spec: qz.QuantSpec, fields: dict[str, torch.Tensor], s
     """The kernel's scales-and-zeros of each segment ((width / group, m, 2) in `dtype`) from the stored parameters:
     w = (c - 8) s + z with z = 0 (symmetric), (8 - zp) s (asymmetric), lo + 8 s (minmax), computed in float32 (exact
     for float16 scales: (8 - zp) s has at most 15 significant bits)."""
-    m, n = spec.shape
+    m = spec.shape[0]
     s = fields[C.FIELD_SCALE].float()
     if spec.scheme == "symmetric":
         z = torch.zeros_like(s)

@@ -182,6 +182,8 @@ class PackedMatrix(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec
+        if self.kernel != "tiled" and x.device.type != "cpu":  # placed on another device without `.to()`
+            self.set_kernel("tiled")
         if self.kernel == "int4pack" and x.dtype != torch.float32 and x.shape[0] <= INT4PACK_MAX_TOKENS:
             return K.int4pack_linear(x, self._kernel_weights(), self.segments,
                                      K.int4pack_scales_zeros(spec, self.fields(), self.segments, x.dtype))

@@ -102,7 +102,7 @@ def test_int4pack_runs_the_stored_codes(m, n, gran, group, scheme):
 
 
 def test_int4pack_refuses_what_it_cannot_run():
-    spec = lambda *a, **k: qz.QuantSpec(*a, **k)  # noqa: E731
+    spec = lambda *a, **k: qz.QuantSpec(*a, **k)
     assert K.int4pack_segments(spec((64, 64), 3, "group", 0, 32)) is None  # not 4-bit
     assert K.int4pack_segments(spec((40, 64), 4, "group", 0, 32)) is None  # rows not a multiple of 16
     assert K.int4pack_segments(spec((64, 64), 4, "group", 0, 16)) is None  # group the kernel lacks

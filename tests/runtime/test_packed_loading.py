@@ -16,7 +16,7 @@ from lplr_testing import run_cli
 import lplr_convert
 from lplr_convert import constants as C
 from lplr_convert.errors import LplrError
-from lplr_convert.hf.modeling import LowRankLinear, packed_layout
+from lplr_convert.hf.modeling import packed_layout
 from lplr_convert.io.manifest import integrity_hash, read_manifest
 from lplr_convert.runtime.modules import PackedLinear
 
@@ -107,7 +107,7 @@ def test_load_model_is_packed_and_equals_the_float_modules(conv, family, method)
     # float rounding of two products of different association, through the whole model (bf16 llama: its precision)
     tol = 2e-2 if family == "llama" else 1e-4
     assert torch.allclose(a.float(), b.float(), atol=tol * b.abs().max().item(), rtol=0), (a - b).abs().max()
-    held, stored, rest, dense = _memory(packed, dst)
+    held, stored, _, _ = _memory(packed, dst)
     assert held <= 1.05 * stored, (held, stored)
     assert held == stored  # the kernels' layouts are the same bytes; scales and zero points stay as stored
 
@@ -124,7 +124,7 @@ def test_from_pretrained_is_packed_like_load_model_bit_for_bit(conv, family, met
     ref = lplr_convert.load_model(dst)
     model = auto.from_pretrained(dst)
     assert type(model) is type(ref) and model.training is False
-    kinds = lambda mdl: [(n, m.kernels) for n, m in mdl.named_modules() if isinstance(m, PackedLinear)]  # noqa: E731
+    kinds = lambda mdl: [(n, m.kernels) for n, m in mdl.named_modules() if isinstance(m, PackedLinear)]
     assert kinds(model) == kinds(ref) and len(kinds(ref)) == _layouts(dst)
     got, want = model.state_dict(), ref.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
@@ -143,7 +143,7 @@ def test_kernel_argument_reaches_every_loader(conv, monkeypatch):
     from lplr_convert.hf.quantizer import LplrConvertConfig
 
     dst = conv("llama", "rtn4")
-    kernels = lambda mdl: {k for m in mdl.modules() if isinstance(m, PackedLinear) for k in m.kernels}  # noqa: E731
+    kernels = lambda mdl: {k for m in mdl.modules() if isinstance(m, PackedLinear) for k in m.kernels}
     assert kernels(lplr_convert.load_model(dst)) == {"int4pack"}
     assert kernels(lplr_convert.load_model(dst, kernel="tiled")) == {"tiled"}
     assert kernels(AutoModelForCausalLM.from_pretrained(dst, quantization_config=LplrConvertConfig(kernel="tiled"))) \
@@ -236,3 +236,25 @@ def test_truncated_shard_is_refused(conv, tmp_path):
     shard.write_bytes(shard.read_bytes()[:-64])
     with pytest.raises(LplrError, match=f"shard {shard.name}"):
         lplr_convert.load_model(out)
+
+
+def test_mixtral_attention_runs_packed_and_its_experts_load_dense(tmp_path):
+    """Mixtral's 2-D per-expert weights are fused by transformers 5 on load: they load dense (decoded inside the
+    model's own merge); q, k, v, o run packed; from_pretrained equals load_model bit for bit."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.MixtralConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                          vocab_size=96, max_position_embeddings=64, num_key_value_heads=2, num_local_experts=4,
+                          num_experts_per_tok=2)
+    T.MixtralForCausalLM(cfg).save_pretrained(tmp_path / "src")
+    out = tmp_path / "out"
+    assert run_cli("--in-path", str(tmp_path / "src"), "--out-path", str(out), "--no-report").exit_code == 0
+    hf, ref = T.AutoModelForCausalLM.from_pretrained(out), lplr_convert.load_model(out)
+    for model in (hf, ref):
+        assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 8  # q, k, v, o of two blocks
+        assert not any(isinstance(m, PackedLinear) for m in model.model.layers[0].mlp.modules())
+    with torch.no_grad():
+        assert torch.equal(hf(IDS).logits, ref(IDS).logits)
+        floats = lplr_convert.load_model(out, packed=False)(IDS).logits
+    assert torch.allclose(ref(IDS).logits, floats, atol=1e-4 * floats.abs().max().item())

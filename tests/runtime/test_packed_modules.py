@@ -154,3 +154,20 @@ def test_packed_bytes_are_the_stored_bytes():
         held = sum(b.numel() * b.element_size() for b in mod.buffers())
         stored = sum(t.numel() * t.element_size() for t in res.parts.values())
         assert held == stored, (method, knobs, held, stored)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_modules_run_on_cuda(dtype):
+    """Moved to a GPU, the CPU layouts go back to the stored packing and the tiled path runs there."""
+    for method, knobs in CASES:
+        m, res = _compressed(method, knobs)
+        ref = _float_module(m, res, None).to("cuda", dtype)
+        mod = PackedLinear(m.layout(res.info), res.parts, None).to("cuda")
+        assert set(mod.kernels) == {"tiled"}
+        x = torch.randn(3, IN, device="cuda").to(dtype)
+        with torch.no_grad():
+            y, want = mod(x), ref(x)
+        err = (y.double() - want.double()).abs().cpu()
+        assert (err <= _bound(x.cpu().float(), mod.cpu(), 8 * torch.finfo(dtype).eps)).all(), (method, knobs)
