@@ -174,7 +174,8 @@ class LoadPlan:
         self.loaded.add(rec.name)
         if target is not None and target.layout is not None:
             device = next(iter(parts.values())).device
-            new = packed_for(target.module, rec, target.layout, parts, device, None, self.kernel)
+            dtype = model.get_submodule(target.name).dtype  # what the meta module was built for: the same kernels
+            new = packed_for(target.module, rec, target.layout, parts, device, dtype, self.kernel)
             return {f"{target.name}.{k}": v for k, v in new.state_dict().items() if k != "bias"}
         if target is not None and target.module is not None:
             L, R, base = factors_for(target.module, rec, parts)

@@ -69,15 +69,21 @@ def _runs(kernel: str, spec: qz.QuantSpec, transpose: bool, device: torch.device
     return False
 
 
-def _choose(asked: str, spec: qz.QuantSpec, transpose: bool, device: torch.device, where: str) -> str:
+def _choose(asked: str, spec: qz.QuantSpec, transpose: bool, device: torch.device, where: str,
+            dtype: torch.dtype | None = None) -> str:
+    """The kernel for one matrix: the one asked for where it can run it (else a warning and the automatic choice);
+    automatically, the CPU kernel that is faster than the tiled path for decode-sized inputs of the model's dtype
+    `dtype` (measured, scripts/bench_kernels.py): int4pack for bfloat16/float16 (its float32 path is slower than
+    the tiled one), int8pack for float32/float16 (its bfloat16 path is wrong in torch 2.13), else tiled."""
     if asked != "auto":
         if _runs(asked, spec, transpose, device):
             return asked
         logger.warning(f"kernel {asked} cannot run {where} ({spec.bits}-bit {spec.granularity}, {tuple(spec.shape)} "
                        f"on {device.type}); using the automatic choice")
-    for name in ("int4pack", "int8pack"):
-        if _runs(name, spec, transpose, device):
-            return name
+    if dtype != torch.float32 and _runs("int4pack", spec, transpose, device):
+        return "int4pack"
+    if dtype != torch.bfloat16 and _runs("int8pack", spec, transpose, device):
+        return "int8pack"
     return "tiled"
 
 
@@ -87,7 +93,7 @@ class PackedMatrix(nn.Module):
     or x @ M (x: (t, m)) for 2-D x; no more than one tile of the dense M exists at a time."""
 
     def __init__(self, spec: qz.QuantSpec, fields: Mapping[str, torch.Tensor], transpose: bool = True,
-                 kernel: str | None = None, where: str = ""):
+                 kernel: str | None = None, where: str = "", dtype: torch.dtype | None = None):
         super().__init__()
         self.spec, self.transpose, self.where = spec, transpose, where
         self.kernel = "tiled"
@@ -96,16 +102,16 @@ class PackedMatrix(nn.Module):
         self.segments = None
         device = next(iter(fields.values())).device
         if device.type != "meta":
-            self.set_kernel(_choose(check_kernel(kernel), spec, transpose, device, where))
+            self.set_kernel(_choose(check_kernel(kernel), spec, transpose, device, where, dtype))
 
     @classmethod
     def meta(cls, spec: qz.QuantSpec, transpose: bool = True, kernel: str | None = None, where: str = "",
-             device: torch.device | str = "cpu") -> PackedMatrix:
+             device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> PackedMatrix:
         """The module as it will be loaded on `device` (same buffer names, shapes and dtypes), on the meta device."""
         fields = {f: torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
                   for f, (dtype, shape) in qz.field_specs(spec, spec.float_dtype or "float16").items()}
         mod = cls(spec, fields, transpose, where=where)
-        kernel = _choose(check_kernel(kernel), spec, transpose, torch.device(device), where)
+        kernel = _choose(check_kernel(kernel), spec, transpose, torch.device(device), where, dtype)
         mod._relayout(kernel, meta=True)
         return mod
 
@@ -230,8 +236,8 @@ class PackedLinear(nn.Module):
             if part is None:
                 return None
             if parts is None:
-                return PackedMatrix.meta(part.spec, not conv1d, kernel, where, device)
-            return PackedMatrix(part.spec, part.fields(parts), not conv1d, kernel, where)
+                return PackedMatrix.meta(part.spec, not conv1d, kernel, where, device, dtype)
+            return PackedMatrix(part.spec, part.fields(parts), not conv1d, kernel, where, dtype)
 
         self.backbone = make(layout.backbone)
         # y = L (R x): R first; in Conv1D orientation x L first

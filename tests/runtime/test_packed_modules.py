@@ -64,7 +64,7 @@ def _bound(x: torch.Tensor, mod: PackedLinear, rel: float) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("method,knobs", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
-@pytest.mark.parametrize("kernel", ["auto", "tiled"])
+@pytest.mark.parametrize("kernel", ["auto", "tiled", "int4pack", "int8pack"])
 def test_packed_forward_equals_the_float_module(method, knobs, kernel):
     m, res = _compressed(method, knobs)
     bias = torch.randn(OUT)
@@ -112,11 +112,14 @@ def test_conv1d_orientation_runs_the_transposed_product():
 
 def test_kernel_choice_is_recorded_overridable_and_falls_back(monkeypatch):
     m, res = _compressed(*CASES[0])
-    mod = PackedLinear(m.layout(res.info), res.parts)
+    mod = PackedLinear(m.layout(res.info), res.parts, dtype=torch.bfloat16)
     assert mod.kernels == ["int4pack"] and "kernel=int4pack" in repr(mod)
     assert kernel_counts([mod]) == {"int4pack": 1}
+    # float32 models: int4pack's float32 path is slower than the tiled one (scripts/bench_kernels.py)
+    assert PackedLinear(m.layout(res.info), res.parts, dtype=torch.float32).kernels == ["tiled"]
+    assert PackedLinear(m.layout(res.info), res.parts, kernel="int4pack").kernels == ["int4pack"]
     monkeypatch.setenv(ENV_KERNEL, "tiled")
-    assert PackedLinear(m.layout(res.info), res.parts).kernels == ["tiled"]
+    assert PackedLinear(m.layout(res.info), res.parts, dtype=torch.bfloat16).kernels == ["tiled"]
     monkeypatch.setenv(ENV_KERNEL, "fastest")
     with pytest.raises(LplrError, match="kernel 'fastest' is unknown; use one of auto, tiled, int4pack, int8pack"):
         PackedLinear(m.layout(res.info), res.parts)
@@ -137,7 +140,8 @@ def test_moving_off_the_cpu_puts_the_codes_back_as_stored():
     """The CPU layouts hold the same bytes; relaid to the stored packing (as on another device), the module still
     computes the same product."""
     m, res = _compressed(*CASES[0])
-    mod = PackedLinear(m.layout(res.info), res.parts)
+    mod = PackedLinear(m.layout(res.info), res.parts, dtype=torch.bfloat16)
+    assert mod.kernels == ["int4pack"]
     x = torch.randn(4, IN)
     y = mod(x)
     stored = mod.backbone.stored()
