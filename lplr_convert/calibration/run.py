@@ -21,9 +21,9 @@ from .. import constants as C
 from ..devices import resolve_device
 from ..dtypes import dtype_name
 from ..errors import LplrError, opt
+from ..hf.modeling import max_tokens
 from ..io.outdir import output_path, resumable_when_full
 from ..io.reader import open_source
-from ..hf.modeling import max_tokens
 from .capture import (
     Skeleton,
     build_skeleton,

@@ -20,9 +20,9 @@ import contextlib
 import errno
 import json
 import math
-from collections.abc import Callable
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +32,6 @@ from .. import __version__
 from .. import constants as C
 from ..dtypes import dtype_from_name
 from ..errors import LplrError
-from ..pipeline.experts import EXPERTS_KEY
 from ..io.manifest import TensorRecord, write_json_atomic
 from ..io.outdir import clear_listed, entries, recorded_files, replaceable_output
 from ..io.output import ConvertedOutput
@@ -40,6 +39,7 @@ from ..io.writer import ShardWriter, write_index
 from ..math import quantize as qz
 from ..methods import get_method
 from ..methods.base import PackedLayout
+from ..pipeline.experts import EXPERTS_KEY
 
 __all__ = ["EXPORT_RETRY", "EXPORT_WHAT", "ExportPlan", "ExportResult", "Placement", "base_tensor", "exporting",
            "finish_shards", "pack_reason", "plain_config", "plan_export", "previous_export", "scheme_of",

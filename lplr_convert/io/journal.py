@@ -10,8 +10,8 @@ from pathlib import Path
 from loguru import logger
 
 from .. import constants as C
-from ..errors import LplrError, opt
 from ..dtypes import dtype_name
+from ..errors import LplrError, opt
 from .manifest import TensorRecord, is_intact, write_json_atomic
 from .reader import safetensors_header
 from .writer import ClosedShard

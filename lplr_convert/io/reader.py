@@ -16,8 +16,8 @@ from loguru import logger
 from .. import constants as C
 from ..dtypes import ST_DTYPES
 from ..errors import LplrError, opt
-from .network import hub_timeout, is_timeout, network_timeout, timeout_hint
 from .manifest import is_plain_name
+from .network import hub_timeout, is_timeout, network_timeout, timeout_hint
 
 __all__ = ["BUNDLED", "WEIGHT_SUFFIXES", "SourceCheckpoint", "TensorHeader", "inside", "open_source",
            "resolve_source", "safetensors_header"]

@@ -37,11 +37,11 @@ from ._common import (
 )
 from .base import Candidate, InputStats, Method, MethodResult, PackedLayout, QuantPart, register
 from .settings import (
+    MAX_ITERATIONS,
     BitsKnob,
     GPTQKnobs,
     QuantKnobs,
     RankKnobs,
-    MAX_ITERATIONS,
     RankPolicy,
     iteration_count,
     knob,

@@ -19,7 +19,6 @@ from tqdm import tqdm
 
 from .. import __version__
 from .. import constants as C
-from .allocation import allocate_plans
 from ..devices import resolve_device
 from ..dtypes import dtype_name
 from ..errors import LplrError, opt
@@ -32,11 +31,12 @@ from ..io.writer import ShardWriter, write_index
 from ..methods import InputStats, get_method
 from ..methods._common import BACKBONES
 from ..methods.base import layer_json
-from .options import ConvertOptions, fingerprint_options, recorded_options
-from .task import JobResult, TensorJob
-from .plan import PlanOptions, TensorPlan, build_plan_options, make_plan
 from ..report.metrics import summary_of
 from ..report.spectra import representative_tensors
+from .allocation import allocate_plans
+from .options import ConvertOptions, fingerprint_options, recorded_options
+from .plan import PlanOptions, TensorPlan, build_plan_options, make_plan
+from .task import JobResult, TensorJob
 
 __all__ = ["ConvertOptions", "StatsFor", "allocated", "convert", "hash_sources", "open_stats", "plan_options"]
 

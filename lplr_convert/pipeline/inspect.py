@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 
-from ..dtypes import dtype_from_name, dtype_name
 from ..devices import resolve_device
+from ..dtypes import dtype_from_name, dtype_name
 from ..io.reader import open_source
 from ..methods import get_method
 from ..methods._common import BACKBONES

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from ..errors import LplrError, opt
-from .experts import experts_in_major, is_stacked_experts
 from ..methods import Settings, flat_defaults, get_method, make_settings, settings_from_flat
 from ..methods.base import overlay
+from .experts import experts_in_major, is_stacked_experts
 
 __all__ = [
     "CONV1D_MODEL_TYPES",

@@ -18,10 +18,10 @@ from loguru import logger
 
 from .. import __version__
 from .. import constants as C
-from .card import build_model_card
 from ..errors import LplrError, opt
 from ..io.manifest import Manifest, read_manifest
 from ..io.network import hub_timeout, is_timeout, network_timeout, timeout_hint
+from .card import build_model_card
 
 __all__ = ["check_repo_id", "push"]
 

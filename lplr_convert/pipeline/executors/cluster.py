@@ -24,9 +24,9 @@ from loguru import logger
 from ...errors import LplrError, opt
 from ...io.network import probe_address
 from ...io.reader import SourceCheckpoint
+from ..task import JobResult, TensorJob, pack_result, read_tensor, run_job, unpack_result
 from . import WorkerError
 from .ordered import in_order
-from ..task import JobResult, TensorJob, pack_result, read_tensor, run_job, unpack_result
 
 __all__ = ["RayExecutor", "SourceNotVisibleError", "ray_job"]
 
