@@ -19,8 +19,9 @@ Configurations (``--configs``; default: all that apply to the model):
 - ours, converted with the ``lplr-convert`` CLI (cached under ``--work-dir``, reused when complete and made by the
   same command) and loaded by ``lplr_convert.load_model(DST)`` (``--loader from-pretrained``:
   ``AutoModelForCausalLM.from_pretrained(DST)`` after ``import lplr_convert``), i.e. whatever the checked-out tree's
-  loader builds: ``rtn-4`` (groups of 128), ``gptq-4`` (calibrated), ``qlr-4.25`` and ``qlr-2.25`` (calibrated where
-  the model has a tokenizer, global budget in bits/param), ``lplr`` (<= 4.25 bits/param per tensor, factors 8/8 bits),
+  loader builds: ``rtn-4`` (groups of 128), ``gptq-4`` (calibrated), ``qlr-4.25`` and ``qlr-2.25`` (where the model
+  has a tokenizer: calibrated, a global budget in bits/param; without: uncalibrated, b0 4 / 2 and the budget per
+  tensor, since the global allocation without calibration costs minutes per 7B-shaped tensor), ``lplr`` (<= 4.25 bits/param per tensor, factors 8/8 bits),
   and for each qlr its backbone alone (``qlr-4.25-backbone``: ``--method qlr --rank 0`` at the b0 the budgeted qlr
   conversion chose, without calibration: the same modules with no correction, which is what decode speed needs);
 - peers (from a separate venv, ``--peers-python``; ``--setup-peers`` builds it): ``hqq-4-g64`` (HQQLinear 4-bit,
@@ -83,6 +84,7 @@ class Config:
     kind: str  # original | ours | peer
     dtype: str | None = None  # originals: their dtype; ours: dtype= for the loader (None: --ours-dtype)
     convert: tuple[str, ...] = ()  # ours: CLI options after --in-path/--out-path
+    uncalibrated: tuple[str, ...] | None = None  # ours: the options instead on a model without a tokenizer
     calibrated: bool = False  # ours: pass --calibration STATS where the model has a tokenizer
     backbone_of: str | None = None  # ours: qlr --rank 0 at the b0 that config chose
     same_as: str | None = None  # ours: load that configuration's conversion (with another dtype)
@@ -97,9 +99,13 @@ CONFIGS = {c.name: c for c in (
     Config("rtn-4", "ours", convert=("--method", "rtn", "--b0", "4", "--quantizer", "group", "--group-size", "128")),
     Config("rtn-4-bf16", "ours", dtype="bfloat16", same_as="rtn-4"),
     Config("gptq-4", "ours", convert=("--method", "gptq", "--b0", "4"), calibrated=True),
-    Config("qlr-4.25", "ours", convert=("--method", "qlr", "--target-bits-per-param", "4.25"), calibrated=True),
+    # Without calibration the global budget's allocation costs minutes per 7B-shaped tensor (the residual's spectrum
+    # at each candidate width): there each tensor gets the budget (--bits-per-param) at the width the rule gives.
+    Config("qlr-4.25", "ours", convert=("--method", "qlr", "--target-bits-per-param", "4.25"), calibrated=True,
+           uncalibrated=("--method", "qlr", "--b0", "4", "--bits-per-param", "4.25")),
     Config("qlr-4.25-backbone", "ours", backbone_of="qlr-4.25"),
-    Config("qlr-2.25", "ours", convert=("--method", "qlr", "--target-bits-per-param", "2.25"), calibrated=True),
+    Config("qlr-2.25", "ours", convert=("--method", "qlr", "--target-bits-per-param", "2.25"), calibrated=True,
+           uncalibrated=("--method", "qlr", "--b0", "2", "--bits-per-param", "2.25")),
     Config("qlr-2.25-backbone", "ours", backbone_of="qlr-2.25"),
     Config("lplr", "ours", convert=("--method", "lplr", "--bits-per-param", "4.25")),
     Config("hqq-4-g64", "peer", peer="hqq", backend="PYTORCH_COMPILE"),
@@ -557,8 +563,10 @@ def convert(cfg: Config, src: Path, work: Path, stats: Path | None, device: str,
         widths = backbone_recipe(done[cfg.backbone_of], recipe)
         log(f"{cfg.name}: backbone widths {widths} (b0: tensors) from {cfg.backbone_of}")
         opts = ["--method", "qlr", "--rank", "0", "--recipe", str(recipe)]
+    elif cfg.calibrated and stats:
+        opts = [*cfg.convert, "--calibration", str(stats)]
     else:
-        opts = list(cfg.convert) + (["--calibration", str(stats)] if cfg.calibrated and stats else [])
+        opts = list(cfg.uncalibrated if cfg.uncalibrated is not None else cfg.convert)
     cmd = ["convert", "--in-path", str(src), "--out-path", str(out), *opts, "--no-report", "--device", device,
            *(["--threads", str(threads)] if threads else [])]
     stamp = work / f"{cfg.name}.cmd.json"
