@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from lplr_convert import constants as C
 from lplr_convert import evaluate as ev
 from lplr_convert.errors import LplrError
+from lplr_convert.verify import verify
 from lplr_convert.evaluate import compare_embeddings, evaluate, evaluate_state_dict, load_texts, model_kind
 from lplr_convert.io.manifest import read_manifest
 
@@ -196,6 +197,10 @@ def test_evaluate_writes_the_manifest_and_report(converted, minilm_dir, tiny_lm_
         after = read_manifest(out)  # still complete and intact
         assert after.pop(C.M_EVAL) == res
         before.pop(C.M_EVAL)
+        verify(out)  # the digests were resealed and the re-rendered report's files listed: nothing else changed
+        assert set(after.pop(C.M_REPORT)) >= {C.REPORT_MD, C.REPORT_JSON}
+        for doc in (after, before):
+            doc.pop(C.M_DIGESTS), doc.pop(C.M_REPORT, None)
         assert after == before
         md = (out / C.REPORT_MD).read_text()
         assert "## Fidelity" in md and f"{res['cosine_mean']:.4f}" in md
