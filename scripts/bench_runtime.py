@@ -186,6 +186,7 @@ class ByteCounter:
 
     def __init__(self):
         self.seen: set[tuple[int, int]] = set()
+        self.visited: set[int] = set()  # objects walked (cycles)
         self.total = 0
 
     def add(self, t) -> int:
@@ -204,13 +205,16 @@ class ByteCounter:
         return added
 
     def walk(self, obj, depth: int = 0) -> int:
-        """Tensors reachable from a non-module object: containers and plain attributes, a few levels deep."""
+        """Tensors reachable from a non-module object: containers and plain attributes, a few levels deep (e.g.
+        module -> _parameters -> Params4bit -> quant_state -> absmax)."""
         import torch
 
-        if isinstance(obj, torch.Tensor):
-            return self.add(obj) + (self.walk(vars(obj), depth + 1) if depth < 3 and vars(obj) else 0)
-        if depth >= 3 or isinstance(obj, (str, bytes, int, float, bool, type(None), torch.nn.Module)):
+        if depth >= 6 or id(obj) in self.visited or isinstance(obj, (str, bytes, int, float, bool, type(None),
+                                                                          torch.nn.Module)):
             return 0
+        self.visited.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            return self.add(obj) + (self.walk(vars(obj), depth + 1) if vars(obj) else 0)
         if isinstance(obj, dict):
             return sum(self.walk(v, depth + 1) for v in obj.values())
         if isinstance(obj, (list, tuple, set)):
