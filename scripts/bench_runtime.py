@@ -26,10 +26,13 @@ Configurations (``--configs``; default: all that apply to the model):
   conversion chose, without calibration: the same modules with no correction, which is what decode speed needs);
 - peers (from a separate venv, ``--peers-python``; ``--setup-peers`` builds it): ``hqq-4-g64`` (HQQLinear 4-bit,
   groups of 64, backend PYTORCH_COMPILE, its fastest on CPU; ``hqq-4-g64-pytorch`` the plain backend),
-  ``torchao-int4`` (int4 weight-only, groups of 128: the CPU tinygemm layout ``Int4OpaqueTensor`` on CPU,
+  ``torchao-int4`` (int4 weight-only, groups of 64: the CPU tinygemm layout ``Int4OpaqueTensor`` on CPU,
   ``Int4WeightOnlyConfig`` on CUDA), ``bnb-nf4`` (bitsandbytes ``Linear4bit`` nf4, blocks of 64). Each quantizes the
   decoder blocks' linears of the original loaded in ``--peer-dtype`` (the same tensors our conversions compress:
-  embeddings, norms and the head stay as they are).
+  embeddings, norms and the head stay as they are). What installs and what does not: PEER_NOTES.
+
+On ``llama7b-blocks`` qlr and gptq are opt-in (``--configs``): uncalibrated qlr took more than 9 minutes for one
+4096 x 4096 tensor under load, and gptq needs calibration text, which a random model has no tokenizer for.
 
 Models: ``smollm2`` (real SmolLM2-135M-Instruct, float32 safetensors; its publisher quantized it to 4 bits in blocks
 of 32, GGUF Q4_1, so 4-bit results on it are flattering for quality, not for speed) and ``llama7b-blocks`` (a
@@ -113,11 +116,12 @@ CONFIGS = {c.name: c for c in (
     Config("torchao-int4", "peer", peer="torchao"),
     Config("bnb-nf4", "peer", peer="bnb"),
 )}
-DEFAULT_CONFIGS = {  # hqq-4-g64-pytorch is opt-in (seconds per token on the 7B-shaped blocks)
+DEFAULT_CONFIGS = {  # hqq-4-g64-pytorch is opt-in (its plain backend dequantizes every weight at every call)
     "smollm2": ("float32", "bfloat16", "rtn-4", "rtn-4-bf16", "gptq-4", "qlr-4.25", "qlr-4.25-backbone", "qlr-2.25",
                 "qlr-2.25-backbone", "lplr", "hqq-4-g64", "torchao-int4", "bnb-nf4"),
-    "llama7b-blocks": ("float32", "bfloat16", "rtn-4", "rtn-4-bf16", "qlr-4.25", "qlr-4.25-backbone", "qlr-2.25",
-                       "qlr-2.25-backbone", "lplr", "hqq-4-g64", "torchao-int4", "bnb-nf4"),
+    # qlr is opt-in on the 7B-shaped blocks: without calibration one 4096 x 4096 tensor was not converted after 9 min
+    # (load average ~20 on 2 cores), so 28 tensors per budget are not "quick" (issue 21: qlr there where it is quick).
+    "llama7b-blocks": ("float32", "bfloat16", "rtn-4", "rtn-4-bf16", "lplr", "hqq-4-g64", "torchao-int4", "bnb-nf4"),
     "tiny": ("float32", "bfloat16", "rtn-4", "gptq-4", "qlr-4.25", "qlr-4.25-backbone", "lplr"),
 }
 
@@ -182,6 +186,7 @@ class ByteCounter:
 
     def __init__(self):
         self.seen: set[tuple[int, int]] = set()
+        self.visited: set[int] = set()  # objects walked (cycles)
         self.total = 0
 
     def add(self, t) -> int:
@@ -200,13 +205,16 @@ class ByteCounter:
         return added
 
     def walk(self, obj, depth: int = 0) -> int:
-        """Tensors reachable from a non-module object: containers and plain attributes, a few levels deep."""
+        """Tensors reachable from a non-module object: containers and plain attributes, a few levels deep (e.g.
+        module -> _parameters -> Params4bit -> quant_state -> absmax)."""
         import torch
 
-        if isinstance(obj, torch.Tensor):
-            return self.add(obj) + (self.walk(vars(obj), depth + 1) if depth < 3 and vars(obj) else 0)
-        if depth >= 3 or isinstance(obj, (str, bytes, int, float, bool, type(None), torch.nn.Module)):
+        if depth >= 6 or id(obj) in self.visited or isinstance(obj, (str, bytes, int, float, bool, type(None),
+                                                                          torch.nn.Module)):
             return 0
+        self.visited.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            return self.add(obj) + (self.walk(vars(obj), depth + 1) if vars(obj) else 0)
         if isinstance(obj, dict):
             return sum(self.walk(v, depth + 1) for v in obj.values())
         if isinstance(obj, (list, tuple, set)):
@@ -287,14 +295,16 @@ def load_peer(job: dict, model, dtype, device: str) -> tuple[dict, float]:
         if device == "cpu":
             from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
 
-            cfg = PrototypeInt4WeightOnlyConfig(group_size=128)
+            cfg = PrototypeInt4WeightOnlyConfig(group_size=64)  # 128 divides no SmolLM2 width but 1536
         else:
             from torchao.quantization import Int4WeightOnlyConfig
+            from torchao.quantization.quantize_.workflows import Int4PackingFormat
 
-            cfg = Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
+            cfg = Int4WeightOnlyConfig(group_size=64, int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D)
         quantize_(model, cfg, filter_fn=lambda m, fqn: id(m) in keep)
         new = [m for _, m in linears]
-        version = {"torchao": torchao.__version__, "torchao_config": type(cfg).__name__}
+        skipped = sum(type(m.weight) in (torch.Tensor, torch.nn.Parameter) for m in new)  # shapes it cannot group
+        version = {"torchao": torchao.__version__, "torchao_config": type(cfg).__name__, "torchao_skipped": skipped}
     elif peer == "bnb":
         import bitsandbytes as bnb
 
@@ -739,6 +749,24 @@ def markdown(doc: dict) -> str:
     return "\n".join(L) + "\n"
 
 
+PEER_NOTES = """\
+Peers (separate venv, `--setup-peers`: the product venv's torch and transformers through a .pth file, each peer
+installed with `pip install --no-deps`, so none can replace torch 2.13.0 CPU nor become a dependency of the product):
+
+- HQQ 0.2.8.post1 (sdist, built with DISABLE_CUDA=1; needs einops and termcolor): HQQLinear 4-bit, groups of 64,
+  scale and zero per group in the compute dtype. Its CPU backends: PYTORCH (dequantize per call), PYTORCH_COMPILE
+  (the same through torch.compile: the fastest here, measured on one 1024 x 2816 linear); ATEN needs the hqq_aten
+  extension, which is not built (CUDA), and falls back. Its torchao_int4/gemlite/bitblas/marlin backends are GPU-only.
+- torchao 0.18.0 (wheel; its CUDA extensions fail to load on this CPU machine, which the int4 CPU path does not
+  use): on CPU `PrototypeInt4WeightOnlyConfig(group_size=128)` gives Int4OpaqueTensor, which packs for and calls
+  aten `_weight_int4pack_mm_for_cpu` (the 0.18 `Int4WeightOnlyConfig` formats target GPU kernels). Groups of 64:
+  with 128 it leaves every linear whose input width is not a multiple (SmolLM2's 576) in bfloat16, silently
+  (measured: 13.06 bits/param held in SmolLM2's linears); `torchao_skipped` in results.json counts such linears.
+- bitsandbytes 0.50.2 (wheel, ships its CPU library): `Linear4bit` nf4, blocks of 64. Its optimized CPU 4-bit
+  matmul is fetched from the Hugging Face Hub (kernels-community/quantization-bitsandbytes, needs the `kernels`
+  package), which this machine cannot reach: it runs its PyTorch fallback, so its speed here is not its best.
+"""
+
 MEANINGS = """\
 What each number means:
 
@@ -775,7 +803,7 @@ def notes(doc: dict) -> str:
         + (" (other work was running: timings are noisy and preliminary)." if max(env["loadavg"]) > env["cores"] * 0.5
            else "."), "",
         *[f"- {m['model']}: {m['description']}" + (f" {m['note']}." if m.get("note") else "") for m in doc["models"]],
-        "", *([doc["note"], ""] if doc.get("note") else []), MEANINGS,
+        "", *([doc["note"], ""] if doc.get("note") else []), MEANINGS, *([PEER_NOTES] if doc.get("peer_setup") else []),
         "Tables: results.md; every measurement: results.json.", ""])
 
 
