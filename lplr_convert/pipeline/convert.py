@@ -36,6 +36,7 @@ from ..report.spectra import representative_tensors
 
 __all__ = ["ConvertOptions", "StatsFor", "allocated", "convert", "hash_sources", "open_stats", "plan_options"]
 
+
 def recorded_settings(popts: PlanOptions) -> dict:
     """The run's settings as the manifest records them: the default method's full settings plus every other knob
     given explicitly (which recipe rules may use)."""
