@@ -40,6 +40,7 @@ from .task import JobResult, TensorJob
 
 __all__ = ["ConvertOptions", "StatsFor", "allocated", "convert", "hash_sources", "open_stats", "plan_options"]
 
+
 def recorded_settings(popts: PlanOptions) -> dict:
     """The run's settings as the manifest records them: the default method's full settings plus every other knob
     given explicitly (which recipe rules may use)."""

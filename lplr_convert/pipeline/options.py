@@ -79,8 +79,9 @@ def run_option(default: Any = None, *, help: str, section: str = "Run", click_ty
     help/section: its `--help` text and group; click_type: its click type (a click.ParamType or a Python type;
     `None` for text); commands: the commands offering it (() for a library-only option); fingerprint: it decides the
     output's bytes, so a resume with another value is refused, naming it; record: the manifest's `options` records
-    it (under this key when a string); validate(key, value): raises LplrError for a bad value (also when the library is called directly);
-    show_default/cli_default: the default as the command line shows and parses it (e.g. "5GB"); is_flag: a boolean
+    it (under this key when a string); validate(key, value): raises LplrError for a bad value (also when the library
+    is called directly); show_default/cli_default: the default as the command line shows and parses it (e.g. "5GB");
+    is_flag: a boolean
     switch; flag: the switch's own name when it is not the field's (`--no-report` of write_report, with `invert`);
     required: the command line requires it.
     """
