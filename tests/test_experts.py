@@ -206,7 +206,6 @@ def test_mixtral_per_expert_weights_through_from_pretrained(tmp_path):
 def test_factored_experts_predicted_exactly_and_loaded_dense(built, tmp_path):
     """lplr on experts: inspect predicts each fused tensor's stored bytes exactly; the loaders decode the experts to
     dense (no per-expert factored module) while attention stays factored, and from_pretrained equals load_model."""
-    from lplr_convert.methods import make_settings
     from lplr_convert.pipeline.convert import ConvertOptions
     from lplr_convert.pipeline.inspect import inspect_checkpoint
 
