@@ -15,7 +15,7 @@ from .. import constants as C
 from ..dtypes import dtype_from_name, dtype_name
 from ..errors import LplrError, opt
 from ..math.lowrank import product_rows
-from ..methods import get_method
+from ..methods import Method, get_method
 from .manifest import Manifest, TensorRecord, is_intact, not_a_file, read_manifest
 
 # A record's quantized parts: the info key of each one's spec and the stored part it describes.
@@ -234,7 +234,7 @@ def record_problem(rec: TensorRecord) -> tuple[str | None, dict]:
     if not rec.stored:
         return "stores no tensor", {}
     try:
-        get_method(rec.method)
+        method = get_method(rec.method)
     except LplrError as e:
         return str(e), {}
     if not isinstance(rec.info, dict) or not isinstance(rec.shape, list):
@@ -246,8 +246,8 @@ def record_problem(rec: TensorRecord) -> tuple[str | None, dict]:
             what = f"{meta.get('dtype')} {meta.get('shape')}" if isinstance(meta, dict) else "something else"
             return f"stores {min(rec.stored)} as {what}, not the {rec.dtype} {rec.shape} tensor it records", {}
         return None, {}
-    if EXPERTS_KEY in rec.info:  # fused experts: decoded in full only (`full`)
-        return None, {}
+    if EXPERTS_KEY in rec.info or type(method).layout is Method.layout:
+        return None, {}  # fused experts, or a method that declares no stored matrices: decoded in full only (`full`)
     if len(rec.shape) != 2:
         return f"is a compressed tensor of shape {rec.shape}, not a matrix", {}
     m, n = rec.shape[::-1] if rec.transposed else rec.shape
