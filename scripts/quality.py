@@ -231,7 +231,7 @@ def llm_main(args) -> int:
     from lplr_convert.errors import LplrError
     from lplr_convert.evaluate import evaluate_state_dict
     from lplr_convert.io.output import ConvertedOutput
-    from lplr_convert.methods import flat_defaults, settings_from_flat
+    from lplr_convert.methods import flat_defaults
     from lplr_convert.methods.base import overlay
     from lplr_convert.pipeline.convert import ConvertOptions, convert
 
@@ -257,8 +257,8 @@ def llm_main(args) -> int:
         load0 = os.getloadavg()[0]
         t0 = time.perf_counter()
         try:
-            manifest = convert(ConvertOptions(in_path=src, out_path=str(out), settings=settings_from_flat(flat),
-                                              defaults=flat, calibration=stats if calibrated else None, device="cpu",
+            manifest = convert(ConvertOptions(in_path=src, out_path=str(out), layer=flat,
+                                              calibration=stats if calibrated else None, device="cpu",
                                               target_bits_per_param=budget, write_report=False))
         except LplrError as e:  # e.g. a budget no width of this grid fits: said in the table
             rec = {"label": label, "budget": budget, "settings": layer, "error": str(e).splitlines()[0]}

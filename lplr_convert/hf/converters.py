@@ -135,6 +135,7 @@ class LoadPlan:
                 dtype = torch.float32 if self.kept(rec.name) else mod.weight.dtype
                 new = packed_for(mod, rec, layout, None, "cpu", dtype, self.kernel)
                 set_module(model, name, new)
+                untie_replaced(model, name)
                 new._is_hf_initialized = True  # loaded whole from the checkpoint (see below)
                 model.get_submodule(name.rpartition(".")[0])._is_hf_initialized = True
                 first = next(k for k in new.state_dict() if k != "bias")

@@ -85,10 +85,10 @@ def gptq_quantizer(spec_of, s: Settings, stats: InputStats | None = None):
         spec = spec_of(tuple(M.shape))
         if H is None:
             return qz.quantize_dequantize_spec(M, spec, _work(M))
-        factor = None
-        if stats is not None and H is stats.H and spec.bits not in qz.FLOAT_BITS:
-            factor = stats.gptq_factor(s.damp, s.act_order, _work(M))
         try:
+            factor = None
+            if stats is not None and H is stats.H and spec.bits not in qz.FLOAT_BITS:
+                factor = stats.gptq_factor(s.damp, s.act_order, _work(M))
             return gptq(M, H, spec, damp=s.damp, block_size=s.block_size, act_order=s.act_order, factor=factor)
         except ValueError as e:
             if "positive definite" not in str(e):

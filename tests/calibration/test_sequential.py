@@ -12,7 +12,6 @@ from safetensors.torch import load_file, save_file
 
 from lplr_convert import constants as C
 from lplr_convert.calibration import calibrate, load_calibration
-from lplr_convert.methods import make_settings
 from lplr_convert.pipeline.convert import ConvertOptions
 from lplr_convert.pipeline.sequential import CompressedBlocks, calibrate_sequential
 
@@ -21,7 +20,7 @@ KW = {"samples": 4, "seq_len": 24, "batch_size": 2}
 
 def test_sequential_statistics_follow_the_compressed_blocks(tiny_dir, text_file, tmp_path):
     src = tiny_dir("llama")
-    opts = ConvertOptions(in_path=str(src), out_path=str(tmp_path / "conv"), settings=make_settings("gptq", b0=2))
+    opts = ConvertOptions(in_path=str(src), out_path=str(tmp_path / "conv"), layer={"method": "gptq", "b0": 2})
     plain = calibrate(src, tmp_path / "plain", text=text_file, **KW)
     seq = calibrate_sequential(opts, tmp_path / "seq", text=text_file, **KW)
     assert seq["sequential"]["method"] == "gptq" and plain["sequential"] is None
