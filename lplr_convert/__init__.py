@@ -2,16 +2,15 @@
 
 __version__ = "0.1.0"
 
-from .hf import _hook as _hf_hook
 from .errors import IncompleteOutputError, LplrError
-from .methods import MethodSettings, RankPolicy, available_methods, get_method, make_settings
+from .hf import _hook as _hf_hook
+from .methods import RankPolicy, available_methods, get_method, make_settings
 
 _hf_hook.install()  # from_pretrained of converted directories (registered when transformers loads its quantizers)
 
 __all__ = [
     "IncompleteOutputError",
     "LplrError",
-    "MethodSettings",
     "RankPolicy",
     "__version__",
     "available_methods",

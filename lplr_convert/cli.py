@@ -6,9 +6,8 @@ declarations (see `methods.settings.knob`), so a newly registered method's knobs
 
 from __future__ import annotations
 
-import math
+import errno
 import os
-import re
 import shlex
 import sys
 from functools import wraps
@@ -19,28 +18,30 @@ from loguru import logger
 from . import __version__
 from . import constants as C
 from .errors import LplrError, flag
+from .pipeline.options import RANK_SECTION, DeviceType, SizeType
 
-RANK_SECTION = "Rank policy (one of)"
 SECTION_ORDER = ("Input", "Output", "Method", RANK_SECTION, "Selection", "Run", "Hub", "Other")
-_SIZE_UNITS = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-               "TB": 10**12, "K": 10**3, "M": 10**6, "G": 10**9, "B": 1}
 
 
 class _Opt(click.Option):
-    """An option that remembers its help section."""
+    """An option that remembers its help section (and, for a method's knob, the methods declaring it)."""
 
-    def __init__(self, *args, section: str = "Other", **kwargs):
+    def __init__(self, *args, section: str = "Other", knob_of: set[str] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.section = section
+        self.section, self.knob_of = section, knob_of
 
 
 class _Sectioned(click.Command):
     """Help output grouped by section."""
 
+    def shown(self, ctx, param) -> bool:
+        """Whether `--help` lists `param`."""
+        return True
+
     def format_options(self, ctx, formatter):
         sections: dict[str, list] = {}
         for p in self.get_params(ctx):
-            rec = p.get_help_record(ctx)
+            rec = p.get_help_record(ctx) if self.shown(ctx, p) else None
             if rec:
                 sections.setdefault(getattr(p, "section", "Other"), []).append(rec)
         order = {name: i for i, name in enumerate(SECTION_ORDER)}
@@ -49,30 +50,50 @@ class _Sectioned(click.Command):
                 formatter.write_dl(rows)
 
 
-def _knob_params() -> list[click.Parameter]:
-    """`--method`, one option per knob of the registered methods, and one per rank policy kind."""
-    from .methods import all_knobs, available_methods
+def _knob_params(method: str | None = None) -> list[click.Parameter]:
+    """`--method`, one option per knob of the registered methods, and one per rank policy kind; each knob option
+    knows the methods that declare it (`knob_of`), and shows `method`'s default when one is given."""
+    from .methods import all_knobs, available_methods, get_method
     from .methods.base import knob_defaults
-    from .methods.settings import RANK_HELP
+    from .methods.settings import RANK_HELP, knob_fields
 
     methods = [m for m in available_methods() if m != "copy"]
+    owners: dict[str, set[str]] = {}
+    for m in methods:
+        for f in knob_fields(get_method(m).settings_cls):
+            owners.setdefault(f.name, set()).add(m)
     params: list[click.Parameter] = [_Opt(["--method"], type=click.Choice(methods), default="lplr", show_default=True,
                                           section="Method", help="Compression method for the selected weights.")]
     for name, f in all_knobs().items():
         meta = f.metadata
         if meta.get("rank_policy"):
             continue
-        text = f"{meta['help']} {_default_text(knob_defaults(name))}"
+        defaults = knob_defaults(name)
+        text = f"{meta['help']} {_default_text({method: defaults[method]} if method in defaults else defaults)}"
         if meta["type"] is bool:
             params.append(_Opt([f"{flag(name)}/--no-{flag(name)[2:]}", name], default=None, section=meta["section"],
-                               help=text))
+                               help=text, knob_of=owners.get(name, set())))
             continue
         kind = click.Choice([str(c) for c in meta["choices"] if c is not None]) if meta["choices"] else \
             {int: click.INT, float: click.FLOAT}.get(meta["type"], click.STRING)
-        params.append(_Opt([flag(name), name], type=kind, default=None, section=meta["section"], help=text))
+        params.append(_Opt([flag(name), name], type=kind, default=None, section=meta["section"], help=text,
+                           knob_of=owners.get(name, set())))
+    ranked = {m for m in methods if get_method(m).uses_rank}
     for kind, (text, typ) in RANK_HELP.items():
-        params.append(_Opt([flag(kind), kind], type=typ, default=None, section=RANK_SECTION, help=text))
+        params.append(_Opt([flag(kind), kind], type=typ, default=None, section=RANK_SECTION, help=text,
+                           knob_of=ranked))
     return params
+
+
+def _method_in(args: list[str]) -> str | None:
+    """The registered method `--method` names among raw arguments, if any (help is shown before parsing)."""
+    from .methods import available_methods
+
+    for i, a in enumerate(args):
+        value = args[i + 1] if a == "--method" and i + 1 < len(args) else a[9:] if a.startswith("--method=") else None
+        if value in available_methods():
+            return value
+    return None
 
 
 def _default_text(defaults: dict) -> str:
@@ -85,11 +106,31 @@ def _default_text(defaults: dict) -> str:
 
 
 class _PlanCommand(_Sectioned):
-    """A command that takes the method, knob and rank options (generated when the command runs)."""
+    """A command that takes the run options of its name and the method, knob and rank options (generated when the
+    command runs)."""
 
     def get_params(self, ctx):
         params = super().get_params(ctx)
-        return params[:-1] + _knob_params() + params[-1:]  # help stays last
+        method = ctx.meta.get("lplr_method")
+        return _run_params(self.name) + params[:-1] + _knob_params(method) + params[-1:]  # help stays last
+
+    def parse_args(self, ctx, args):
+        ctx.meta["lplr_method"] = _method_in(args)  # before --help (eager) is acted on
+        return super().parse_args(ctx, args)
+
+    def shown(self, ctx, param) -> bool:
+        """A knob is listed with `--method X --help` when X declares it, never in the plain `--help` (which lists the
+        methods instead)."""
+        owners = getattr(param, "knob_of", None)
+        return owners is None or ctx.meta.get("lplr_method") in owners
+
+    def format_options(self, ctx, formatter):
+        super().format_options(ctx, formatter)
+        if ctx.meta.get("lplr_method") is None:
+            from .methods import available_methods, get_method
+
+            with formatter.section("Methods (--method NAME --help lists NAME's knobs)"):
+                formatter.write_dl([(m, get_method(m).summary()) for m in available_methods() if m != "copy"])
 
 
 class _DefaultGroup(click.Group):
@@ -114,65 +155,31 @@ class _DefaultGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
-class SizeType(click.ParamType):
-    """A byte size: '5GB', '500MB', '2GiB' or a plain byte count."""
-
-    name = "size"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        text = str(value).strip().upper().replace(" ", "")
-        unit = next((u for u in _SIZE_UNITS if text.endswith(u)), "")
-        number = text[: len(text) - len(unit)]
-        try:
-            amount = float(number) * _SIZE_UNITS.get(unit, 1)
-        except ValueError:
-            amount = math.nan
-        if not re.fullmatch(r"[0-9]*\.?[0-9]+(E[+-]?[0-9]+)?", number) or not math.isfinite(amount) or amount < 1:
-            self.fail(f"{value!r} is not a positive size; use e.g. 5GB, 500MB or a byte count", param, ctx)
-        return int(amount)
-
-
-class DeviceType(click.ParamType):
-    """cpu, cuda, cuda:N or auto, checked against this machine."""
-
-    name = "device"
-
-    def convert(self, value, param, ctx):
-        from .devices import resolve_device
-
-        try:
-            resolve_device(value)
-        except LplrError as e:
-            self.fail(e.cli_message(), param, ctx)
-        return value
-
-
 def _opt(*decls, section="Other", **kw):
     return click.option(*decls, cls=_Opt, section=section, **kw)
 
 
-def selection_options(f):
-    """Selection and recipe options shared by `convert` and `inspect`."""
-    opts = [
-        _opt("--include", default=None, section="Selection", help="Regex: compress the 2-D float tensors it matches."),
-        _opt("--exclude", default=None, section="Selection", help="Regex: leave matching tensors alone."),
-        _opt("--layers", default=None, section="Selection", help="Block indices, e.g. '0,3,5-7' (-1 = all)."),
-        _opt("--types", default=None, section="Selection",
-             help="LASER matrix types: fc_in, fc_out, fc_up, mlp, q_proj, k_proj, v_proj, out_proj, attn."),
-        _opt("--recipe", type=click.Path(dir_okay=False), default=None, section="Selection",
-             help="YAML/JSON rules: pattern/layers/types -> method + settings."),
-        _opt("--target-bits-per-param", type=click.FloatRange(min=0, min_open=True, max=64), default=None,
-             section=RANK_SECTION, help="Global budget: each tensor's rank/width allocated so the compressed tensors "
-                                        "average at most this many stored bits/param."),
-        _opt("--calibration", type=click.Path(file_okay=False), default=None, section="Method",
-             help="STATS from `lplr-convert calibrate` of this checkpoint: activation-aware methods, output errors."),
-        _opt("--revision", default=None, section="Input", help="Hub revision when --in-path is a repo id."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+def _run_params(command: str) -> list[click.Parameter]:
+    """The run options of `command` (`convert` or `inspect`), generated from their declarations
+    (`pipeline.options.ConvertOptions`) when the command runs."""
+    from .pipeline.options import option_fields
+
+    params: list[click.Parameter] = []
+    for fd in option_fields(command):
+        m = fd.metadata
+        name = m["flag"] or fd.name
+        kw = {"help": m["help"], "section": m["section"]}
+        if m["is_flag"]:
+            kw["is_flag"] = True
+        elif m["required"]:
+            kw["required"] = True
+        else:
+            kw["default"] = m["cli_default"] if m["cli_default"] is not None else fd.default
+            kw["show_default"] = m["show_default"]
+        if m["click_type"] is not None:
+            kw["type"] = m["click_type"]
+        params.append(_Opt([flag(name), name], **kw))
+    return params
 
 
 def _layer(kw: dict) -> dict:
@@ -183,29 +190,26 @@ def _layer(kw: dict) -> dict:
     given = {k: kw[k] for k in (*all_knobs(), *RANK_POLICIES) if kw.get(k) is not None}
     layer = overlay(flat_defaults(), {"method": kw["method"], **given})
     if not kw.get("recipe"):
-        _warn_unused(kw["method"], [k for k in given if k not in RANK_POLICIES])
+        _warn_unused(kw["method"], list(given))
     return layer
 
 
 def _warn_unused(method: str, given: list[str]) -> None:
-    from .methods import get_method
+    from .methods import RANK_POLICIES, get_method
     from .methods.settings import knob_fields
 
-    own = {f.name for f in knob_fields(get_method(method).settings_cls)}
+    impl = get_method(method)
+    own = {f.name for f in knob_fields(impl.settings_cls)} | (set(RANK_POLICIES) if impl.uses_rank else set())
     unused = [flag(k) for k in given if k not in own]
     if unused:
         logger.warning(f"{', '.join(unused)} do(es) not apply to --method {method} and is ignored")
 
 
-def _options(kw, **extra):
-    from .pipeline.convert import ConvertOptions
-    from .methods import settings_from_flat
+def _options(kw: dict, which: str, **values):
+    """The ConvertOptions of command `which` from click's arguments (see `_run_params`)."""
+    from .pipeline.options import ConvertOptions
 
-    layer = _layer(kw)
-    return ConvertOptions(in_path=kw["in_path"], out_path=extra.pop("out_path", ""), settings=settings_from_flat(layer),
-                          defaults=layer, include=kw["include"], exclude=kw["exclude"], layers=kw["layers"],
-                          types=kw["types"], recipe=kw["recipe"], revision=kw["revision"],
-                          calibration=kw["calibration"], target_bits_per_param=kw["target_bits_per_param"], **extra)
+    return ConvertOptions.from_cli(kw, which, layer=_layer(kw), **values)
 
 
 def _setup_logging(debug: bool) -> None:
@@ -228,12 +232,16 @@ def _friendly(f):
                 raise
             click.echo(f"error: {e.cli_message()}", err=True)
             sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted; convert and calibrate continue later with --resume", err=True)
+        except KeyboardInterrupt as e:
+            click.echo(str(e) or "interrupted; convert and calibrate continue later with --resume", err=True)
             sys.exit(130)
         except Exception as e:
             if debug:
                 raise
+            if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:
+                click.echo(f"error: a path is too long for the file system ({str(e.filename)[:80]}...); choose a "
+                           f"shorter path", err=True)
+                sys.exit(1)
             text = str(e).strip().splitlines()[0] if str(e).strip() else ""
             click.echo(f"error: unexpected {type(e).__name__}: {text[:300]} (re-run with --debug for details)",
                        err=True)
@@ -264,36 +272,9 @@ def main():
 
 
 @main.command(cls=_PlanCommand)
-@_opt("--in-path", required=True, section="Input",
-      help="Checkpoint dir, .safetensors/.bin file, Hub repo id, or bundled:all-MiniLM-L6-v2.")
-@_opt("--out-path", required=True, type=click.Path(file_okay=False), section="Output", help="Output directory.")
-@selection_options
-@_opt("--device", type=DeviceType(), default="auto", show_default=True, section="Run",
-      help="cpu, cuda, cuda:N or auto (the GPU when there is one).")
-@_opt("--devices", default=None, section="Run",
-      help="Devices of worker processes: cpu, or cuda:0,cuda:1,... (one worker each unless --workers).")
-@_opt("--workers", type=click.IntRange(min=1), default=None, section="Run",
-      help="Worker processes compressing tensors in parallel (default: one per --devices entry; 1 = this process).")
-@_opt("--threads", type=click.IntRange(min=1), default=None, section="Run",
-      help="torch threads per tensor (default: cores / workers). CPU results depend on it in the last bits: runs "
-           "with the same --threads are byte-identical, whatever --workers.")
-@_opt("--ray-address", default=None, section="Run",
-      help="Compress on a Ray cluster: auto, HOST:PORT, or local (a private instance here). Every node must see "
-           "--in-path at the same path. Needs the ray extra.")
-@_opt("--seed", type=int, default=0, show_default=True, section="Run",
-      help="Global seed (per-tensor seeds derive from it).")
-@_opt("--max-shard-size", type=SizeType(), default="5GB", show_default=True, section="Output",
-      help="Largest output shard, e.g. 5GB, 500MB.")
-@_opt("--overwrite", is_flag=True, section="Output", help="Replace an earlier lplr-convert output in --out-path.")
-@_opt("--resume", is_flag=True, section="Output", help="Continue an interrupted conversion with the same settings.")
-@_opt("--on-nonfinite", type=click.Choice(["error", "copy"]), default="error", show_default=True, section="Run",
-      help="A weight with NaN/Inf: stop with an error, or copy it verbatim.")
-@_opt("--no-report", is_flag=True, section="Output", help="Skip the report files and plots.")
-@_opt("--spectra", type=click.Choice(["estimate", "exact", "off"]), default="estimate", show_default=True,
-      section="Output", help="The report's energy curves: estimate (from the singular values the method computed; "
-      "none for lplr/rtn), exact (one Gram eigendecomposition per plotted tensor), or off.")
 @_opt("--push-to", default=None, section="Hub", help="After converting, push to this Hub repo (OWNER/NAME).")
-@hub_options
+@_opt("--token", default=None, section="Hub", help="Hub token (else HF_TOKEN or the login cache). Never printed.")
+@_opt("--private", is_flag=True, section="Hub", help="Create the Hub repo as private.")
 @debug_option
 @_friendly
 def convert(**kw):
@@ -304,12 +285,7 @@ def convert(**kw):
     if kw["devices"] and click.get_current_context().get_parameter_source("device") == \
             click.core.ParameterSource.COMMANDLINE:
         raise LplrError("--device and --devices contradict each other; pass one of them")
-    opts = _options(kw, out_path=kw["out_path"], seed=kw["seed"], device=kw["device"],
-                    max_shard_size=kw["max_shard_size"], overwrite=kw["overwrite"], resume=kw["resume"],
-                    on_nonfinite=kw["on_nonfinite"], command=command, write_report=not kw["no_report"],
-                    base_model=kw["base_model"], spectra=kw["spectra"], workers=kw["workers"], devices=kw["devices"],
-                    threads=kw["threads"], ray_address=kw["ray_address"])
-    manifest = run(opts)
+    manifest = run(_options(kw, "convert", command=command))
     _print_summary(manifest, kw["out_path"])
     if kw["push_to"]:
         from .publish.hub import push
@@ -347,7 +323,14 @@ def _print_summary(manifest: dict, out_path: str) -> None:
 @_opt("--out-path", required=True, type=click.Path(file_okay=False), section="Output",
       help="Directory for the statistics (STATS).")
 @_opt("--text", default=None, type=click.Path(dir_okay=False), section="Input",
-      help=".txt (one sample per line) or .jsonl (a 'text' field per line); default: text shipped with the package.")
+      help=".txt (one sample per line) or .jsonl (a 'text' field per line), optionally .gz; default: text shipped "
+           "with the package (sentences; for causal LMs also public-domain books, ~300k tokens).")
+@_opt("--dataset", default=None, section="Input",
+      help="NAME[:CONFIG][:SPLIT] read with the `datasets` library (extra 'datasets'): a local directory (save_to_disk, "
+           "or .json/.jsonl/.parquet/.txt files) or a Hub dataset id; SPLIT defaults to train, e.g. "
+           "wikitext:wikitext-2-raw-v1:train or ./corpus::validation.")
+@_opt("--text-column", default=None, section="Input",
+      help="Column of --dataset to read; default: 'text', else the only string column.")
 @_opt("--samples", type=click.IntRange(min=1), default=128, show_default=True, section="Run",
       help="Calibration samples (sequences).")
 @_opt("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, section="Run",
@@ -358,6 +341,10 @@ def _print_summary(manifest: dict, out_path: str) -> None:
       section="Run", help="Precision of the accumulated second moments (and of the stored statistics).")
 @_opt("--device", type=DeviceType(), default="auto", show_default=True, section="Run",
       help="cpu, cuda, cuda:N or auto (the GPU when there is one); the STATS manifest records the device used.")
+@_opt("--sequential", default=None, type=click.Path(dir_okay=False), section="Run",
+      help="Sequential calibration: a recipe (YAML/JSON, as for convert --recipe) of how the blocks will be "
+           "compressed; each block's statistics then come from the outputs of the blocks before it compressed that "
+           "way (as llm-compressor does). Convert afterwards with the same --recipe and --calibration.")
 @_opt("--overwrite", is_flag=True, section="Output", help="Replace earlier statistics in --out-path.")
 @_opt("--resume", is_flag=True, section="Output",
       help="Continue an interrupted calibrate run in --out-path with the same settings (finished blocks are kept).")
@@ -368,7 +355,15 @@ def calibrate(**kw):
     from .calibration import calibrate as run
     from .dtypes import dtype_from_name
 
-    manifest = run(kw["in_path"], kw["out_path"], text=kw["text"], samples=kw["samples"], seq_len=kw["seq_len"],
+    sequential = None
+    if kw["sequential"] is not None:
+        from .pipeline.convert import ConvertOptions
+        from .pipeline.sequential import CompressedBlocks
+
+        sequential = CompressedBlocks(ConvertOptions(in_path=kw["in_path"], out_path="", recipe=kw["sequential"],
+                                                     device=kw["device"]))
+    manifest = run(kw["in_path"], kw["out_path"], sequential=sequential, text=kw["text"], dataset=kw["dataset"],
+                   text_column=kw["text_column"], samples=kw["samples"], seq_len=kw["seq_len"],
                    batch_size=kw["batch_size"], device=kw["device"],
                    accumulate_dtype=dtype_from_name(kw["accumulate_dtype"]), overwrite=kw["overwrite"],
                    resume=kw["resume"])
@@ -377,18 +372,18 @@ def calibrate(**kw):
 
 
 @main.command(cls=_PlanCommand)
-@_opt("--in-path", required=True, section="Input", help="Checkpoint to inspect.")
-@selection_options
 @_opt("--json", "as_json", is_flag=True, section="Output", help="Print JSON instead of a table.")
 @debug_option
 @_friendly
 def inspect(**kw):
-    """Show what a checkpoint holds, what each tensor would get, and the predicted output size (computes nothing)."""
+    """Show what a checkpoint holds, what each tensor would get, and the predicted output size: convert's own plan
+    (compresses nothing; with --target-bits-per-param it reads every compressed tensor once to allocate, as convert
+    does)."""
     import json
 
     from .pipeline.inspect import inspect_checkpoint
 
-    info = inspect_checkpoint(_options(kw))
+    info = inspect_checkpoint(_options(kw, "inspect"))
     if kw["as_json"]:
         click.echo(json.dumps(info, indent=2))
         return
@@ -432,9 +427,26 @@ def decompress(**kw):
     click.echo(f"wrote {run(kw['in_path'], kw['out_path'], kw['max_shard_size'], kw['overwrite'])}")
 
 
+class _ExportFormats(click.Choice):
+    """The registered export formats (`export.register_format`), looked up when the command runs."""
+
+    def __init__(self):
+        super().__init__(())
+
+    @property
+    def choices(self):
+        from .export import export_formats
+
+        return tuple(export_formats())
+
+    @choices.setter
+    def choices(self, value):
+        pass
+
+
 @main.command(name="export", cls=_Sectioned)
 @_rewrite_options("export", shards="Largest output shard (compressed-tensors).")
-@_opt("--format", "fmt", required=True, type=click.Choice(C.EXPORT_FORMATS), section="Output",
+@_opt("--format", "fmt", required=True, type=_ExportFormats(), section="Output",
       help="compressed-tensors: packed checkpoint transformers/vLLM load; peft: qlr corrections as a LoRA adapter.")
 @_opt("--base-model", default=None, section="Output",
       help="peft: the adapter's base_model_name_or_path (the compressed-tensors export's path or repo id).")
@@ -503,7 +515,10 @@ def eval_(**kw):
 @debug_option
 @_friendly
 def push(**kw):
-    """Push a converted directory to the Hugging Face Hub with a generated model card."""
+    """Push a converted directory to the Hugging Face Hub with a generated model card.
+
+    Each wait for the Hub gives up after LPLR_NETWORK_TIMEOUT seconds (default 60) without an answer.
+    """
     from .publish.hub import push as run
 
     result = run(kw["in_path"], kw["repo_id"], private=kw["private"], revision=kw["revision"],
@@ -518,13 +533,15 @@ def push(**kw):
 @_opt("--source", default=None, section="Input", help="The original checkpoint: recompute a sample of errors.")
 @_opt("--sample", type=click.IntRange(min=1), default=8, show_default=True, section="Run",
       help="Tensors whose error is recomputed.")
+@_opt("--full", is_flag=True, section="Run", help="Decode every tensor whole (default: its parts, cheaply).")
 @debug_option
 @_friendly
 def verify(**kw):
-    """Check every output file's sha256 and every stored tensor against the manifest (and errors vs --source)."""
+    """Check every byte of the manifest, every file in the output, every record's parts (and the source by sha256 and
+    errors vs --source)."""
     from .verify import verify as run
 
-    result = run(kw["in_path"], kw["source"], kw["sample"])
+    result = run(kw["in_path"], kw["source"], kw["sample"], full=kw["full"])
     extra = f", {len(result['errors_checked'])} errors recomputed" if kw["source"] else ""
     click.echo(f"ok: {result['files']} files and {result['tensors']} tensors match the manifest{extra}")
 

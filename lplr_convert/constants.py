@@ -30,6 +30,9 @@ IMPORT_GUARD_FILE = "lplr-convert_needs_import_lplr_convert_before_from_pretrain
 # `lplr-convert export`: the record an export writes beside its files (what it wrote, which tensors went dense, why),
 # which is also what `export --overwrite` may delete.
 EXPORT_FILE = "lplr_export.json"
+# Written first by an export or decompress, removed after EXPORT_FILE: the names it may write, so that `--overwrite`
+# knows the leftovers of one that was killed as its own.
+EXPORT_PROGRESS = "lplr_export_progress.json"
 EXPORT_FORMATS = ("compressed-tensors", "peft")  # `export --format`, recorded in EXPORT_FILE
 DENSE_EXPORT = "dense"  # the format `decompress` records in EXPORT_FILE
 # compressed-tensors' `pack-quantized` format (config.json quantization_config and per-module tensor suffixes).
@@ -83,6 +86,8 @@ M_FILES = "files"
 M_COMPLETE = "complete"
 M_EVAL = "eval"
 M_INTEGRITY = "integrity"  # sha256 of the canonical JSON of tensors + shards
+M_REPORT = "report"  # the report files written after the manifest: {name: {sha256, bytes}}
+M_DIGESTS = "digests"  # {top-level key: sha256 of its canonical JSON} for every other key: the whole manifest
 
 TOOL_NAME = "lplr-convert"
 
@@ -106,7 +111,13 @@ S_WEIGHTS = "weights"
 
 # The records this tool writes beside its outputs: never copied from a source into an output (a copied record would
 # describe files of another directory).
-RECORD_FILES = (*OWN_FILES, EXPORT_FILE, CALIB_MANIFEST, CALIB_PROGRESS)
+RECORD_FILES = (*OWN_FILES, EXPORT_FILE, EXPORT_PROGRESS, CALIB_MANIFEST, CALIB_PROGRESS)
 # The records that mark a directory as an output of this tool (a conversion, an export or decompress, STATS), finished
 # or interrupted.
-MARKER_FILES = (MANIFEST_FILE, PROGRESS_FILE, EXPORT_FILE, CALIB_MANIFEST, CALIB_PROGRESS)
+MARKER_FILES = (MANIFEST_FILE, PROGRESS_FILE, EXPORT_FILE, EXPORT_PROGRESS, CALIB_MANIFEST, CALIB_PROGRESS)
+
+# Every network wait of the tool (Hub requests of push and of --in-path OWNER/NAME, connecting to a Ray cluster) ends
+# after this many seconds without an answer (default NETWORK_TIMEOUT_DEFAULT) in a one-line error. huggingface_hub's
+# own file transfers also honour HF_HUB_ETAG_TIMEOUT and HF_HUB_DOWNLOAD_TIMEOUT.
+NETWORK_TIMEOUT_ENV = "LPLR_NETWORK_TIMEOUT"
+NETWORK_TIMEOUT_DEFAULT = 60.0

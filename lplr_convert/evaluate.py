@@ -77,7 +77,7 @@ def model_kind(original: str | os.PathLike) -> str:
 def _config(root: Path) -> dict:
     try:
         return json.loads((root / C.CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         raise LplrError(f"{root} has no readable {C.CONFIG_FILE}; pass {opt('original')} the local directory of the "
                         f"source model") from None
 
@@ -355,27 +355,20 @@ def evaluate_state_dict(original: str | os.PathLike, tensors: dict[str, torch.Te
 def _check_is_the_source(root: Path, out: Path, source: dict) -> None:
     """`root` must be the checkpoint `out` was converted from: the same model type and the weight files whose sha256
     the manifest records (another checkpoint of the same shapes would give numbers about a different model)."""
-    from .io.manifest import sha256_file
+    from .verify import check_is_the_source
 
     src_type, orig_type = source.get("model_type"), _config(root).get("model_type")
     if src_type and orig_type and src_type != orig_type:
         raise LplrError(f"{opt('original')} {root} is a {orig_type} model but {out} was converted from a {src_type} "
                         f"model; pass the checkpoint that was converted")
-    files = source.get("files") if isinstance(source.get("files"), dict) else {}
-    for rel, digest in sorted(files.items()):
-        path = root / rel
-        why = "is missing" if not path.is_file() else "differs" if sha256_file(path) != digest else None
-        if why:
-            raise LplrError(f"{opt('original')} {root} is not the checkpoint {out} was converted from: its {rel} "
-                            f"{why} (the manifest records sha256 {str(digest)[:12]}...); pass the checkpoint that was "
-                            f"converted")
+    check_is_the_source(root, out, source, "original")
 
 
 def evaluate(original: str | os.PathLike, converted: str | os.PathLike,
              text: str | os.PathLike | list[str] | None = None, device: str = "auto", max_texts: int = 256) -> dict:
     """Run the original and the converted model on `text` (default: the packaged English sentences), store the
     results in the converted directory's manifest under "eval", re-render its report, and return the results."""
-    from .io.manifest import Manifest, read_manifest, write_json_atomic
+    from .io.manifest import Manifest, read_manifest, seal_digests, write_json_atomic
     from .io.outdir import OutputLock
     from .io.output import ConvertedOutput
     from .report import write_report
@@ -392,6 +385,6 @@ def evaluate(original: str | os.PathLike, converted: str | os.PathLike,
             result = evaluate_state_dict(root, output.iter_dense(), text, device, max_texts, required)
         result["converted"] = str(out.resolve())
         document[C.M_EVAL] = result  # not covered by the integrity hash: the manifest stays valid
-        write_json_atomic(out / C.MANIFEST_FILE, document)
+        write_json_atomic(out / C.MANIFEST_FILE, seal_digests(document))
         write_report(out, document)
     return result

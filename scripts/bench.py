@@ -270,7 +270,7 @@ def make_call(job: dict):
     """A function W -> (rel_error, rank) running the job's method on W."""
     from lplr_convert.math.error import relative_error
     from lplr_convert.math.sketch import sketch_matrix
-    from lplr_convert.methods import MethodSettings, RankPolicy, get_method, resolve_rank
+    from lplr_convert.methods import RankPolicy, get_method, make_settings, resolve_rank
 
     policy = RankPolicy("rank_fraction", job["fraction"])
     if job["impl"] == "ours":
@@ -278,7 +278,7 @@ def make_call(job: dict):
         # The published grid and arithmetic, as the reference uses: a float32 sketch product (the CLI's default
         # takes bfloat16 where the CPU has it, which the end-to-end measurement times).
         extra = {"sketch_precision": "float32"} if job["method"] == "lplr" else {}
-        settings = MethodSettings(method=job["method"], b1=bits, b2=bits, quantizer=job["quantizer"] or "channel",
+        settings = make_settings(method=job["method"], b1=bits, b2=bits, quantizer=job["quantizer"] or "channel",
                                   scheme="minmax", rank=policy, **extra)
         method = get_method(job["method"])
 

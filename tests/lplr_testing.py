@@ -54,3 +54,37 @@ def tiny_checkpoint(path: Path, tensors: dict, config: dict | None = None) -> Pa
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(config or {"model_type": "llama"}))
     return path
+
+
+# The real CLI in a child process: with FSIZE (bytes) under that file-size limit, as a full disk would stop it; with
+# KILL_AT = n it SIGKILLs itself before the shard writer takes its n-th tensor.
+_CHILD_CLI = r"""
+import os, resource, signal, sys
+if os.environ.get("FSIZE"):
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    n = int(os.environ["FSIZE"])
+    resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))
+if os.environ.get("KILL_AT"):
+    from lplr_convert.io import writer
+    n, count = int(os.environ["KILL_AT"]), [0]
+    orig = writer.ShardWriter.add_group
+    def add_group(self, *a, **k):
+        count[0] += 1
+        if count[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return orig(self, *a, **k)
+    writer.ShardWriter.add_group = add_group
+from lplr_convert.cli import main
+sys.argv = ["lplr-convert", *sys.argv[1:]]
+main()
+"""
+
+
+def run_cli_child(*args: str, **env: str):
+    """`lplr-convert ARGS` in a child process (see _CHILD_CLI for FSIZE and KILL_AT); the CompletedProcess."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", _CHILD_CLI, *args],
+                          env=dict(os.environ, LOGURU_LEVEL="WARNING", **env), capture_output=True, text=True,
+                          timeout=300, check=False)

@@ -95,3 +95,15 @@ def test_uncalibrated_budget_for_factored_methods(tmp_path, minilm_dir):
     assert len({r["rank"] for r in comp}) > 1  # ranks differ by tensor: allocated, not uniform
     assert all(r["output_rel_error"] is None for r in comp)
     assert set(load_state_dict(out)) >= {r["name"] for r in comp}
+
+
+def test_statistics_of_the_wrong_width_are_refused_before_any_work(tmp_path, minilm_dir, minilm_stats):
+    stats = shutil.copytree(minilm_stats, tmp_path / "stats")
+    doc = json.loads((stats / C.CALIB_MANIFEST).read_text())
+    narrow = doc["weights"]["encoder.layer.3.attention.self.query.weight"]["statistic"]  # 384 wide
+    doc["weights"]["encoder.layer.3.output.dense.weight"]["statistic"] = narrow  # its input is 1536 wide
+    (stats / C.CALIB_MANIFEST).write_text(json.dumps(doc))
+    res = run_cli("--in-path", str(minilm_dir), "--out-path", str(tmp_path / "o"), "--method", "gptq",
+                  "--calibration", str(stats), "--no-report")
+    _one_line_error(res, "encoder.layer.3.output.dense.weight", "[384, 384]", "1536 wide", "calibrate")
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

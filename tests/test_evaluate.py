@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from lplr_convert import constants as C
 from lplr_convert import evaluate as ev
 from lplr_convert.errors import LplrError
+from lplr_convert.verify import verify
 from lplr_convert.evaluate import compare_embeddings, evaluate, evaluate_state_dict, load_texts, model_kind
 from lplr_convert.io.manifest import read_manifest
 
@@ -196,6 +197,10 @@ def test_evaluate_writes_the_manifest_and_report(converted, minilm_dir, tiny_lm_
         after = read_manifest(out)  # still complete and intact
         assert after.pop(C.M_EVAL) == res
         before.pop(C.M_EVAL)
+        verify(out)  # the digests were resealed and the re-rendered report's files listed: nothing else changed
+        assert set(after.pop(C.M_REPORT)) >= {C.REPORT_MD, C.REPORT_JSON}
+        for doc in (after, before):
+            doc.pop(C.M_DIGESTS), doc.pop(C.M_REPORT, None)
         assert after == before
         md = (out / C.REPORT_MD).read_text()
         assert "## Fidelity" in md and f"{res['cosine_mean']:.4f}" in md
@@ -209,10 +214,9 @@ def test_evaluate_writes_the_manifest_and_report(converted, minilm_dir, tiny_lm_
 
 def test_evaluate_causal_end_to_end(tiny_lm_dir, tmp_path):
     from lplr_convert.pipeline.convert import ConvertOptions, convert
-    from lplr_convert.methods import MethodSettings
 
     out = tmp_path / "rtn4"
-    convert(ConvertOptions(in_path=str(tiny_lm_dir), out_path=str(out), settings=MethodSettings(method="rtn", b0=4)))
+    convert(ConvertOptions(in_path=str(tiny_lm_dir), out_path=str(out), layer={"method": "rtn", "b0": 4}))
     res = evaluate(tiny_lm_dir, out, text=TEXTS[:12])
     assert res["kind"] == "causal_lm" and res["text_source"] == "list"
     assert 0 < res["kl_mean"] < 0.5 and 0 < res["top1_agreement"] <= 1
@@ -228,7 +232,6 @@ def test_evaluate_an_moe_whose_expert_weights_transformers_fuses(minilm_dir, tmp
 
     from lplr_convert import load_model, load_state_dict
     from lplr_convert.pipeline.convert import ConvertOptions, convert
-    from lplr_convert.methods import MethodSettings
 
     tok = AutoTokenizer.from_pretrained(minilm_dir)
     torch.manual_seed(0)
@@ -237,7 +240,7 @@ def test_evaluate_an_moe_whose_expert_weights_transformers_fuses(minilm_dir, tmp
     src, out = tmp_path / "mixtral", tmp_path / "rtn4"
     MixtralForCausalLM(cfg).save_pretrained(str(src))
     tok.save_pretrained(str(src))
-    doc = convert(ConvertOptions(in_path=str(src), out_path=str(out), settings=MethodSettings(method="rtn", b0=4),
+    doc = convert(ConvertOptions(in_path=str(src), out_path=str(out), layer={"method": "rtn", "b0": 4},
                                  write_report=False))
     required = {r["name"] for r in doc["tensors"] if r["method"] != "copy"}
     assert any(".experts.1.w2." in n for n in required)
@@ -318,3 +321,30 @@ def test_eval_refuses_an_original_that_is_not_the_converted_checkpoint(converted
     error_line(run_cli("eval", "--original", str(other), "--converted", str(out)), str(other),
                "is not the checkpoint", "model.safetensors differs", "pass the checkpoint that was converted")
     assert tree_state(other, out) == before
+
+
+def test_decoder_quality_benchmark_runs_on_a_tiny_causal_lm(tiny_lm_dir, tmp_path):
+    """scripts/quality.py --model: every row carries perplexities of the same float model on the same held-out
+    tokens, bits/param within its budget, and errors (the output error from the statistics it calibrated)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "quality.py"), "--model", str(tiny_lm_dir),
+                           "--samples", "4", "--seq-len", "32", "--eval-tokens", "200", "--budgets", "4.25",
+                           "--rows", "rtn sym g128,lplr published", "--write", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=root, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    meta, recs = rows[0]["meta"], rows[1:]
+    assert meta["text"] == "heldout_prose.txt" and meta["tokens"] >= 200
+    assert [r["label"] for r in recs] == ["rtn sym g128", "lplr published (8/8, rf 0.8)"]
+    assert len({r["perplexity_float"] for r in recs}) == 1 and len({r["tokens"] for r in recs}) == 1
+    rtn, lplr = recs
+    assert rtn["bits_per_param"] <= 4.25 and lplr["bits_per_param"] > 8
+    for r in recs:
+        assert r["ppl_ratio"] == r["perplexity"] / r["perplexity_float"] and r["kl_mean"] >= 0
+        assert 0 < r["weighted_rel_error"] < 1 and 0 < r["output_rel_error"] < 1.5
+    assert "| ≤ 4.25 | rtn sym g128 |" in (tmp_path / "results.md").read_text()

@@ -13,6 +13,7 @@ from lplr_testing import run_cli
 
 from lplr_convert import constants as C
 from lplr_convert import load_model
+from lplr_convert.hf.quantizer import LplrConvertConfig
 from lplr_convert.io.reader import open_source
 from lplr_convert.pipeline.plan import build_plan_options, make_plan
 from lplr_convert.report.metrics import tensor_rows
@@ -194,8 +195,9 @@ def test_mixtral_per_expert_weights_through_from_pretrained(tmp_path):
     model.save_pretrained(tmp_path / "src")
     out = tmp_path / "out"
     assert run_cli("--in-path", str(tmp_path / "src"), "--out-path", str(out), "--no-report").exit_code == 0
-    hf = T.AutoModelForCausalLM.from_pretrained(out)
-    ref = load_model(out)
+    # the float modules (the packed default: tests/runtime/test_packed_loading.py)
+    hf = T.AutoModelForCausalLM.from_pretrained(out, quantization_config=LplrConvertConfig(dequantize=True))
+    ref = load_model(out, packed=False)
     with torch.no_grad():
         assert torch.equal(hf(IDS).logits, ref(IDS).logits)
     assert sum(type(m).__name__ == "LowRankLinear" for m in hf.modules()) == 8  # q, k, v, o of two blocks
@@ -206,19 +208,20 @@ def test_factored_experts_predicted_exactly_and_loaded_dense(built, tmp_path):
     dense (no per-expert factored module) while attention stays factored, and from_pretrained equals load_model."""
     from lplr_convert.pipeline.convert import ConvertOptions
     from lplr_convert.pipeline.inspect import inspect_checkpoint
-    from lplr_convert.methods import make_settings
 
     model, src = built("gpt_oss")
     out = tmp_path / "out"
     args = ["--method", "lplr", "--rank-fraction", "0.25", "--b1", "4", "--b2", "4", "--no-report"]
     assert run_cli("--in-path", str(src), "--out-path", str(out), *args).exit_code == 0
-    settings = make_settings("lplr", rank_fraction=0.25, b1=4, b2=4)
-    predicted = {r["name"]: r for r in inspect_checkpoint(ConvertOptions(str(src), "", settings=settings))["tensors"]}
+    layer = {"method": "lplr", "rank_fraction": 0.25, "b1": 4, "b2": 4}
+    predicted = {r["name"]: r for r in inspect_checkpoint(ConvertOptions(str(src), "", layer=layer))["tensors"]}
     records = json.loads((out / C.MANIFEST_FILE).read_text())["tensors"]
     fused = [r for r in records if r["info"].get("experts")]
     assert len(fused) == 4 and all(predicted[r["name"]]["predicted_bytes"] == r["stored_bytes"] for r in fused)
     assert all(e["rank"] == 16 for r in fused for e in r["extra"]["experts"])  # ceil(0.25 * min(64, 96 or 192))
-    factored, hf = load_model(out), type(model).from_pretrained(out)
+    # the float modules (the packed default: tests/runtime/test_packed_loading.py)
+    factored = load_model(out, packed=False)
+    hf = type(model).from_pretrained(out, quantization_config=LplrConvertConfig(dequantize=True))
     assert not any(type(m).__name__ == "LowRankLinear" for m in hf.model.layers[0].mlp.modules())
     assert sum(type(m).__name__ == "LowRankLinear" for m in hf.modules()) == 8  # q, k, v, o of two blocks
     with torch.no_grad():

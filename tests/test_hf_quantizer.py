@@ -23,6 +23,14 @@ from lplr_convert.hf.modeling import LowRankLinear
 IDS = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(1))
 
 
+def _float(**kwargs) -> dict:
+    """from_pretrained's arguments for the float modules (transformers' `dequantize=True` convention), which this
+    file compares with `load_model(DST, factored=True)`; the packed default is tested in tests/runtime."""
+    from lplr_convert.hf.quantizer import LplrConvertConfig
+
+    return {"quantization_config": LplrConvertConfig(dequantize=True), **kwargs}
+
+
 @pytest.fixture(scope="module")
 def conv(tmp_path_factory, tiny_llama_dir, tiny_gpt2_dir, minilm_dir):
     """(source model, method) -> converted directory, converted once per module."""
@@ -68,7 +76,7 @@ def test_from_pretrained_equals_load_model_bit_for_bit(conv, family, method, mon
 
     monkeypatch.setattr(LowRankLinear, "to_dense", no_dense)  # loading must never build L @ R
     auto = AutoModel if family == "minilm" else AutoModelForCausalLM
-    model = auto.from_pretrained(dst)
+    model = auto.from_pretrained(dst, **_float())
     monkeypatch.undo()
     assert type(model) is type(ref) and model.training is False
     assert _n_lowrank(model) == _n_lowrank(ref) == (0 if method in ("rtn", "gptq") else 14 if family == "llama"
@@ -92,7 +100,7 @@ def test_sentence_transformer_loads_the_factored_model(conv, minilm_dir):
     b = SentenceTransformer(str(minilm_dir), device="cpu").encode(texts, convert_to_tensor=True)
     # 8-bit per-channel RTN keeps MiniLM's embeddings at cosine ~0.9996 (README); 0.999 leaves room for 3 texts
     assert torch.nn.functional.cosine_similarity(a, b).min() > 0.999
-    factored = SentenceTransformer(str(conv("minilm", "lplr")), device="cpu")
+    factored = SentenceTransformer(str(conv("minilm", "lplr")), device="cpu", model_kwargs=_float())
     assert _n_lowrank(factored[0].auto_model) == 36
 
 
@@ -104,9 +112,9 @@ def test_device_maps_place_the_factors(conv, kwargs):
     if "device_map" in kwargs:
         pytest.importorskip("accelerate")  # transformers needs it for any device_map
     dst = conv("llama", "lplr")
-    model = AutoModelForCausalLM.from_pretrained(dst, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(dst, **_float(**kwargs))
     assert model.model.layers[0].self_attn.q_proj.left.device == torch.device("cpu")
-    assert torch.equal(_outputs(model, "llama"), _outputs(lplr_convert.load_model(dst), "llama"))
+    assert torch.equal(_outputs(model, "llama"), _outputs(lplr_convert.load_model(dst, packed=False), "llama"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -114,9 +122,10 @@ def test_dtype_casts_factors_like_load_model(conv, dtype):
     from transformers import AutoModelForCausalLM
 
     dst = conv("llama", "lplr")  # stored from bf16
-    model = AutoModelForCausalLM.from_pretrained(dst, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(dst, **_float(dtype=dtype))
     assert model.model.layers[0].mlp.up_proj.right.dtype == dtype == model.model.norm.weight.dtype
-    assert torch.equal(_outputs(model, "llama"), _outputs(lplr_convert.load_model(dst, dtype=dtype), "llama"))
+    assert torch.equal(_outputs(model, "llama"), _outputs(lplr_convert.load_model(dst, dtype=dtype, packed=False),
+                                                          "llama"))
 
 
 def test_unsupported_uses_are_one_line_errors(conv, tiny_llama_dir, tmp_path):
@@ -247,7 +256,7 @@ def test_modules_transformers_keeps_in_float32_stay_float32(tmp_path, method):
                  ["decompress", "--in-path", str(dst), "--out-path", str(dense)]):
         res = run_cli(*args)
         assert res.exit_code == 0, res.output
-    models = {"from_pretrained": T5ForConditionalGeneration.from_pretrained(dst),
+    models = {"from_pretrained": T5ForConditionalGeneration.from_pretrained(dst, **_float()),
               "factored": lplr_convert.load_model(dst, factored=True),
               "dense": lplr_convert.load_model(dst, factored=False),
               "plain": T5ForConditionalGeneration.from_pretrained(dense)}

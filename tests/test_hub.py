@@ -71,8 +71,8 @@ def make_output_dir(root: Path, *, source_repo: str | None = BASE, ev: dict | No
     (out / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
     (out / C.MODEL_CARD).write_text(SOURCE_README)
     (out / "stray.safetensors.partial").write_bytes(b"leftover of an interrupted write")
-    files = {p: {"sha256": sha256(out / p), "bytes": (out / p).stat().st_size}
-             for p in (C.CONFIG_FILE, "tokenizer.json", "1_Pooling/config.json", C.MODEL_CARD)}
+    files = {p: {"sha256": sha256(out / p), "bytes": (out / p).stat().st_size}  # the index too, as convert lists it
+             for p in (C.CONFIG_FILE, "tokenizer.json", "1_Pooling/config.json", C.MODEL_CARD, C.SAFE_INDEX)}
     manifest = {
         "format_version": C.FORMAT_VERSION, "tool": C.TOOL_NAME, "tool_version": "0.1.0", "complete": complete,
         "source": {"path": "/models/minilm", "repo_id": source_repo, "revision": None, "model_type": "bert",
@@ -550,3 +550,80 @@ def test_a_push_reads_each_listed_file_once_for_its_hash_and_the_token(tmp_path,
         monkeypatch.setattr(module, "open", counting_open, raising=False)
     push(out, "tester/m", dry_run=True)  # with HF_TOKEN set: the dry run searches for it as the push would
     assert listed and reads == dict.fromkeys(listed, 1)
+
+
+def test_push_holds_the_output_s_lock_against_a_convert_overwrite_in_another_process(tmp_path, hub, tiny_llama_dir,
+                                                                                     monkeypatch):
+    """A `convert --overwrite` of the directory started (in another process) while push uploads it is refused, so the
+    repo gets one conversion whole (its weights with its own card and manifest); and a push started while another
+    process writes the directory is refused before anything is sent."""
+    from huggingface_hub import HfApi
+
+    from lplr_convert.pipeline.convert import ConvertOptions, convert
+
+    out = tmp_path / "tiny"
+    convert(ConvertOptions(in_path=str(tiny_llama_dir), out_path=str(out), write_report=False))
+    before = snapshot(out)
+    rival: list[subprocess.CompletedProcess] = []
+    commit = HfApi.create_commit
+
+    def commit_while_a_rival_converts(self, *a, **kw):
+        rival.append(subprocess.run(
+            [sys.executable, "-m", "lplr_convert.cli", "--in-path", str(tiny_llama_dir), "--out-path", str(out),
+             "--overwrite", "--method", "rtn", "--no-report"], capture_output=True, text=True, timeout=300))
+        return commit(self, *a, **kw)
+
+    monkeypatch.setattr(HfApi, "create_commit", commit_while_a_rival_converts)
+    push(out, "tester/tiny")
+    assert rival[0].returncode != 0 and "being written by another run" in rival[0].stderr, rival[0].stderr
+    assert "Traceback" not in rival[0].stderr
+    assert snapshot(out) == before  # the rival changed nothing
+    assert_pushed(hub, "tester/tiny", out, base=None)  # what was pushed is this one conversion
+    assert not (out / C.LOCK_FILE).exists()
+
+    holder = subprocess.Popen(  # another process writing the directory (as convert, eval or report do)
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from lplr_convert.io.outdir import "
+         "OutputLock\nwith OutputLock.updating(Path(sys.argv[1])):\n print('locked', flush=True); time.sleep(60)",
+         str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        requests = len(hub.requests)
+        with pytest.raises(LplrError, match="being written by another run .*pid"):
+            push(out, "tester/tiny")
+        assert len(hub.requests) == requests
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_the_token_never_leaves_through_an_echoing_server_a_commit_message_or_a_file_name(tmp_path, hub, capfd):
+    """A server whose error body echoes the request's headers: the error (and its --debug traceback) holds no token;
+    a commit message, revision or file name holding the token is refused before anything is sent."""
+    import traceback
+
+    out = make_output_dir(tmp_path)
+    handle = hub.handle
+
+    def echoing(method, raw_path, headers, body):
+        if method == "POST" and "/commit/" in raw_path:
+            return 400, {"error": f"bad request; you sent Authorization: {headers.get('Authorization')}"}, {}
+        return handle(method, raw_path, headers, body)
+
+    hub.handle = echoing
+    with pytest.raises(LplrError) as err:
+        push(out, "tester/m")
+    assert VALID_TOKEN not in "".join(traceback.format_exception(err.value)) and "<token>" in str(err.value)
+    with pytest.raises(LplrError) as err:  # --debug: the traceback is printed, and holds no token
+        run_cli("push", "--in-path", str(out), "--repo-id", "tester/m", "--debug")
+    assert VALID_TOKEN not in "".join(traceback.format_exception(err.value))
+    assert VALID_TOKEN not in capfd.readouterr().err
+    hub.handle = handle
+    n = len(hub.requests)
+    for kw in ({"commit_message": f"pushed with {VALID_TOKEN}"}, {"revision": VALID_TOKEN}):
+        with pytest.raises(LplrError, match="contains your Hub token") as err:
+            push(out, "tester/m", **kw)
+        assert VALID_TOKEN not in str(err.value)
+    (out / f"notes-{VALID_TOKEN}.txt").write_text("hello")
+    with pytest.raises(LplrError, match="file name .* contains your Hub token") as err:
+        push(out, "tester/m")
+    assert VALID_TOKEN not in str(err.value) and len(hub.requests) == n

@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from lplr_convert.math.error import relative_error
 from lplr_convert.math.sketch import derive_seed, sketch_matrix
-from lplr_convert.methods import MethodSettings, RankPolicy, get_method
+from lplr_convert.methods import RankPolicy, get_method, make_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["encoder.layer.0.attention.self.query.weight", "encoder.layer.0.intermediate.dense.weight",
@@ -54,9 +54,9 @@ def _reference_error(W: torch.Tensor, method: str, bits: int, r: int | None, see
 
 def _ours(W: torch.Tensor, method: str, bits: int, fraction: float | None, quantizer: str, seed: int):
     if method == "rtn":
-        s = MethodSettings(method="rtn", b0=bits, quantizer=quantizer, scheme="minmax")  # the published grid
+        s = make_settings(method="rtn", b0=bits, quantizer=quantizer, scheme="minmax")  # the published grid
     else:
-        s = MethodSettings(method=method, b1=bits, b2=bits, quantizer=quantizer, scheme="minmax",
+        s = make_settings(method=method, b1=bits, b2=bits, quantizer=quantizer, scheme="minmax",
                            rank=RankPolicy("rank_fraction", fraction))
     return get_method(method).compress(W, s, seed)
 
@@ -119,7 +119,7 @@ def test_reference_and_ours_agree_with_the_same_sketch_only():
     published arithmetic is a float32 sketch product (the default takes bfloat16 where the CPU has it: its errors
     move by less than between sketches, `math.sketch.sketch_product`)."""
     W = torch.randn(120, 80, generator=torch.Generator().manual_seed(1))
-    s = MethodSettings(method="lplr", b1=4, b2=4, quantizer="tensor", scheme="minmax", rank=RankPolicy("rank", 30),
+    s = make_settings(method="lplr", b1=4, b2=4, quantizer="tensor", scheme="minmax", rank=RankPolicy("rank", 30),
                        sketch_precision="float32")
     ours = get_method("lplr").compress(W, s, 5).error()
     same = ref.rel_error(W, ref.lplr(W, 30, 4, 4, sketch_matrix(80, 30, 5)))

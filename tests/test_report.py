@@ -18,7 +18,7 @@ from lplr_convert import constants as C
 from lplr_convert.pipeline.convert import ConvertOptions, convert
 from lplr_convert.errors import LplrError
 from lplr_convert.io.manifest import read_manifest
-from lplr_convert.methods import MethodSettings, RankPolicy
+from lplr_convert.methods import RankPolicy
 from lplr_convert.report import compare, energy_curve, summary_markdown, summary_table, write_report
 from lplr_convert.report.metrics import tensor_rows
 from lplr_convert.report.spectra import representative_tensors
@@ -34,15 +34,15 @@ def _numel(shape) -> int:
 def outputs(tmp_path_factory, tiny_llama_dir):
     """The bf16 tiny Llama converted three ways (report writing off, so the tests call write_report themselves)."""
     runs = {
-        "lplr": MethodSettings(method="lplr", rank=RankPolicy("rank_fraction", 0.8)),
-        "rtn": MethodSettings(method="rtn", b0=8),
-        "grown": MethodSettings(method="lplr", b1=16, b2=16, rank=RankPolicy("rank_fraction", 1.0)),
+        "lplr": {"method": "lplr", "rank": RankPolicy("rank_fraction", 0.8)},
+        "rtn": {"method": "rtn", "b0": 8},
+        "grown": {"method": "lplr", "b1": 16, "b2": 16, "rank": RankPolicy("rank_fraction", 1.0)},
     }
     base = tmp_path_factory.mktemp("report")
     out = {}
-    for name, settings in runs.items():
+    for name, layer in runs.items():
         d = base / name
-        convert(ConvertOptions(in_path=str(tiny_llama_dir), out_path=str(d), settings=settings, write_report=False,
+        convert(ConvertOptions(in_path=str(tiny_llama_dir), out_path=str(d), layer=layer, write_report=False,
                                command=f"lplr-convert convert --method {name}"))
         out[name] = d
     return out
@@ -287,3 +287,77 @@ def test_without_matplotlib_the_tables_are_still_written(outputs, tmp_path, monk
     paths = write_report(out)
     assert {p.name for p in paths} == {C.REPORT_JSON, C.REPORT_CSV, C.REPORT_MD}
     assert json.loads((out / C.REPORT_JSON).read_text())["plots"] == []
+
+
+def test_spectra_are_not_read_from_a_source_replaced_since_the_conversion(outputs, tiny_llama_dir, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(outputs["lplr"], out)
+    for f in (C.REPORT_JSON, C.PLOT_SPECTRUM):
+        (out / f).unlink(missing_ok=True)
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama_dir, src)
+    manifest = read_manifest(out)
+    manifest[C.M_SOURCE]["path"] = str(src)
+    for r in manifest[C.M_TENSORS]:
+        r["spectrum"] = None  # as a conversion run with --spectra off
+    from safetensors.torch import load_file, save_file
+
+    for shard in sorted(src.glob("*.safetensors")):  # the same names and shapes, other values
+        save_file({k: v + 1 for k, v in load_file(str(shard)).items()}, str(shard), metadata={"format": "pt"})
+    write_report(out, manifest)
+    doc = json.loads((out / C.REPORT_JSON).read_text())
+    assert doc["spectra"] == {} and not (out / C.PLOT_SPECTRUM).exists()
+    manifest[C.M_SOURCE]["path"] = str(tiny_llama_dir)  # the source as converted: read
+    write_report(out, manifest)
+    assert len(json.loads((out / C.REPORT_JSON).read_text())["spectra"]) == 4
+
+
+def test_a_conversion_whose_errors_predict_collapse_is_flagged_with_a_better_setting(tmp_path, tiny_llama_dir):
+    """A causal LM whose compressed tensors' weight error is far above what decoders survive: the terminal summary,
+    the Markdown summary (the card's) and the report say RUINED and name calibrated qlr under a budget."""
+    from lplr_convert.report.metrics import RUIN_THRESHOLDS, summary_of
+
+    out = tmp_path / "o"
+    convert(ConvertOptions(in_path=str(tiny_llama_dir), out_path=str(out), write_report=False,
+                           layer={"method": "lplr", "rank_fraction": 0.1}))
+    manifest = read_manifest(out)
+    s = summary_of(manifest)
+    assert s["weighted_rel_error"] > RUIN_THRESHOLDS["causal_lm"][1]  # the premise
+    text = summary_table(manifest)
+    line = next(ln for ln in text.splitlines() if "RUINED" in ln)
+    assert line.startswith("WARNING:") and "weight error" in line and "decoder LLM" in line
+    assert "calibrate" in line and "--method qlr" in line and "--target-bits-per-param 4.25" in line
+    assert "RUINED" in summary_markdown(manifest)
+    write_report(out)
+    assert "RUINED" in (out / C.REPORT_MD).read_text()
+
+
+def test_the_verdict_reads_the_output_error_first_and_names_the_next_step():
+    from lplr_convert.report.metrics import RUIN_THRESHOLDS, ruin_verdict
+
+    out_t, w_t = RUIN_THRESHOLDS["causal_lm"]
+    assert ruin_verdict({"weighted_rel_error": w_t * 0.99, "output_rel_error": None}, causal=True) is None
+    v = ruin_verdict({"weighted_rel_error": w_t * 0.5, "output_rel_error": out_t * 1.01}, causal=True,
+                     calibrated=True, method="qlr", target=2.25)
+    assert v["measure"] == "output error" and v["advice"] == "raise the budget (--target-bits-per-param 4.25)"
+    v = ruin_verdict({"weighted_rel_error": 0.9, "output_rel_error": out_t * 1.01}, causal=True, calibrated=True,
+                     method="gptq")
+    assert "--method qlr --target-bits-per-param 4.25 and the same --calibration" in v["advice"]
+    # An encoder survives errors a decoder does not (all-MiniLM-L6-v2 against SmolLM2, NOTES.md).
+    enc_out, enc_w = RUIN_THRESHOLDS["encoder"]
+    assert enc_out > out_t and enc_w >= w_t
+    assert ruin_verdict({"weighted_rel_error": 0.9, "output_rel_error": out_t * 1.01}, causal=False) is None
+
+
+def test_eval_says_ruined_from_the_measured_perplexity_or_cosine():
+    from lplr_convert.report.tables import eval_items
+
+    def verdict(ev):
+        return dict(eval_items(ev))["verdict"]
+
+    lm = {"kind": "causal_lm", "perplexity_original": 12.38}
+    assert verdict({**lm, "perplexity_converted": 14.77}).startswith("close (perplexity 1.19x")
+    assert verdict({**lm, "perplexity_converted": 32.01}).startswith("degraded")
+    assert verdict({**lm, "perplexity_converted": 340539.0}).startswith("RUINED (perplexity 27,507x")
+    assert verdict({"kind": "encoder", "cosine_mean": 0.99}).startswith("close")
+    assert verdict({"kind": "encoder", "cosine_mean": 0.44}) == "RUINED (mean cosine 0.440)"

@@ -31,8 +31,8 @@ from torch import nn
 
 from .. import constants as C
 from ..errors import LplrError, opt
-from ..io.reader import SourceCheckpoint
 from ..hf.modeling import model_class, name_candidates, params_on_meta
+from ..io.reader import SourceCheckpoint
 from ..pipeline.plan import block_index
 from .text import Batch
 

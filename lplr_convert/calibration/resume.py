@@ -29,13 +29,15 @@ from ..io.writer import write_tensors_atomic
 __all__ = ["CalibrationJournal", "add_block", "fingerprint", "load_hidden", "resume_journal"]
 
 # Inputs first (see io.journal.check_fingerprint), and how a change of each key that is no option is told.
-_FIRST = ("tool_version", "format_version", "torch", "transformers", "source_files", "config", "text", "samples",
-          "seq_len", "token_ids", "schedule")
+_FIRST = ("tool_version", "format_version", "torch", "transformers", "source_files", "config", "text", "dataset",
+          "samples", "seq_len", "token_ids", "schedule")
 _TOLD = {"format_version": "the statistics format changed (another lplr-convert version)",
          "torch": "the installed torch changed", "transformers": "the installed transformers changed",
-         "text": "the calibration text changed", "token_ids": "the calibration samples' token ids changed (another "
+         "text": "the calibration text changed", "dataset": "the calibration dataset (name, config, split, column or "
+         "fingerprint) changed", "token_ids": "the calibration samples' token ids changed (another "
          "tokenizer?)", "schedule": "the order in which the model calls its blocks changed",
-         "threads": "torch's CPU thread count (OMP_NUM_THREADS) changed"}
+         "threads": "torch's CPU thread count (OMP_NUM_THREADS) changed",
+         "sequential": "the sequential calibration's transform (method and settings) changed"}
 _STATS_FILE = re.compile(C.CALIB_FILE_PATTERN)
 _METADATA = {C.META_FORMAT_KEY: C.META_FORMAT_VALUE}
 _ENTRY = ("record", "statistics", "weights")  # the mappings of a journaled block run besides its file name
@@ -51,11 +53,12 @@ def fingerprint(header: dict, config: dict | None, seqs: list[list[int]], schedu
     return {"format_version": header[C.M_FORMAT_VERSION], "tool_version": __version__, "torch": torch.__version__,
             "transformers": transformers.__version__,
             "source_files": {f: r["sha256"] for f, r in src[C.M_FILES].items()}, "config": config,
-            "text": header[C.S_TEXT]["sha256"], "samples": header["samples"], "seq_len": header["seq_len"],
+            "text": header[C.S_TEXT]["sha256"], "dataset": header[C.S_TEXT].get("dataset"),
+            "samples": header["samples"], "seq_len": header["seq_len"],
             "token_ids": hashlib.sha256(json.dumps(seqs, separators=(",", ":")).encode()).hexdigest(),
             "schedule": list(schedule), "batch_size": header["batch_size"],
             "accumulate_dtype": header["accumulate_dtype"], "compute_dtype": header["compute_dtype"],
-            "device": header["device"], "threads": torch.get_num_threads() if cpu else None}
+            "device": header["device"], "sequential": header.get("sequential"), "threads": torch.get_num_threads() if cpu else None}
 
 
 def add_block(manifest: dict, entry: dict) -> None:

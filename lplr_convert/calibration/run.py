@@ -3,12 +3,14 @@
 Peak memory: one materialised block, the hidden states of the calibration set (samples x seq_len x hidden in the
 compute dtype, replaced in place batch by batch), and the statistics of the block being accumulated; finished
 blocks' statistics are on disk. After each block those hidden states are checkpointed for `--resume` straight from
-their memory (`resume.CalibrationJournal`), with no copy.
+their memory (`resume.CalibrationJournal`), with no copy. Sequential calibration (`sequential=`) holds a second copy
+of the hidden states (the block's inputs, run again through the block with its transformed weights).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from loguru import logger
@@ -19,9 +21,9 @@ from .. import constants as C
 from ..devices import resolve_device
 from ..dtypes import dtype_name
 from ..errors import LplrError, opt
-from ..io.outdir import resumable_when_full
-from ..io.reader import open_source
 from ..hf.modeling import max_tokens
+from ..io.outdir import output_path, resumable_when_full
+from ..io.reader import open_source
 from .capture import (
     Skeleton,
     build_skeleton,
@@ -31,12 +33,13 @@ from .capture import (
     release_outside,
     return_freed_memory,
 )
-from .moments import InputMoments
+from .coverage import warn_thin_statistics
+from .moments import InputMoments, linear_types
 from .resume import CalibrationJournal, add_block, fingerprint, load_hidden, resume_journal
 from .stats import check_stats_output, save_block, source_files, stats_output, write_manifest
-from .text import Batch, load_tokenizer, make_batches, read_text, tokenize
+from .text import Batch, CalibrationText, default_text, load_tokenizer, make_batches, read_dataset, read_text, tokenize
 
-__all__ = ["calibrate"]
+__all__ = ["BlockTransform", "calibrate"]
 
 ACCUMULATE_DTYPES = (torch.float32, torch.float64)
 
@@ -106,6 +109,35 @@ def _block_stats(sk: Skeleton, moments: InputMoments, store_dtype) -> tuple[dict
     return tensors, stats, weights
 
 
+class BlockTransform(Protocol):
+    """Sequential calibration: what replaces a block's weights once its statistics are measured, before its outputs
+    feed the next block. `record` (JSON) goes into the manifest and the resume fingerprint."""
+
+    record: dict
+
+    def __call__(self, weights: dict[str, torch.Tensor], statistics: dict[str, torch.Tensor]
+                 ) -> dict[str, torch.Tensor]:
+        """New values of (some of) `weights` (checkpoint name -> the block's weight), given each one's statistic H."""
+        ...
+
+
+def _propagate_transformed(sk: Skeleton, i: int, block, positions: list[int], inputs: list, hidden: list,
+                           calls: list, tensors: dict, stats: dict, transform: BlockTransform) -> None:
+    """Replace block i's linear weights by `transform`'s values (given the statistics just measured) and run the
+    block again on its `inputs`: `hidden` becomes the outputs of the transformed block (the inputs of the next)."""
+    H = {name: tensors[key] for key, rec in stats.items() for name in rec["weights"]}
+    prefix = f"{sk.blocks_name}.{i}."
+    params = {sk.to_ckpt[f"{prefix}{n}.weight"]: m.weight for n, m in block.named_modules()
+              if isinstance(m, linear_types()) and f"{prefix}{n}.weight" in sk.to_ckpt}
+    new = transform({n: w.detach() for n, w in params.items() if n in H}, {n: H[n] for n in params if n in H})
+    for name, value in new.items():
+        params[name].data.copy_(value.to(params[name].dtype).reshape(params[name].shape))
+    for j, h in enumerate(inputs):
+        for k in positions:
+            h = hidden_of(calls[j][k].run(block, h)).contiguous()
+        hidden[j] = h
+
+
 def _materialise(sk: Skeleton, i: int):
     block = sk.blocks[i]
     sk.load(block, f"{sk.blocks_name}.{i}")
@@ -132,6 +164,27 @@ def _capture(sk: Skeleton, batches: list[Batch]) -> tuple[list, list]:
     return hidden, calls
 
 
+def _check_enough(text: CalibrationText, seqs: list[list[int]], causal: bool, samples: int, seq_len: int) -> None:
+    """A dataset must give what was asked (`samples` samples; for a causal LM, each of seq_len tokens): one line
+    otherwise. A text file that gives less is used as it is, with a warning saying what is used (and the manifest
+    records it: samples, tokens, longest_sample)."""
+    tokens = sum(len(s) for s in seqs)
+    full = len(seqs) >= samples and (not causal or all(len(s) == seq_len for s in seqs[:samples]))
+    if full:
+        return
+    got = (f"{len(seqs)} sample(s) of at most {max(len(s) for s in seqs)} tokens ({tokens} tokens)" if causal
+           else f"{len(seqs)} sample(s) ({tokens} tokens)")
+    asked = f"{samples} samples of {seq_len} tokens" if causal else f"{samples} samples"
+    if text.dataset is not None:
+        raise LplrError(f"dataset {text.source} (column {text.dataset['column']!r}) gives {got}, fewer than the "
+                        f"{asked} asked; pass a larger split or dataset, or lower {opt('samples')} or "
+                        f"{opt('seq_len')}")
+    short = causal and len(seqs) == 1 and len(seqs[0]) < seq_len
+    logger.warning(f"the calibration text {text.source} gives {got}, not {asked}"
+                   + (f" (the whole text is shorter than seq_len {seq_len})" if short else "")
+                   + "; using what it gives (pass a longer calibration text for more)")
+
+
 def _header(in_path, src, sk: Skeleton, text, seqs, samples, seq_len, batch_size, acc, compute, store) -> dict:
     config = src.config or {}
     return {
@@ -141,8 +194,10 @@ def _header(in_path, src, sk: Skeleton, text, seqs, samples, seq_len, batch_size
                      "model_type": config.get("model_type"), "architecture": type(sk.model).__name__,
                      C.M_FILES: source_files(src)},
         C.S_TEXT: {"source": text.source, "sha256": text.sha256, "lines": len(text.lines),
-                   "packing": "chunks" if sk.causal else "lines"},
+                   "packing": "chunks" if sk.causal else "lines",
+                   **({"dataset": text.dataset} if text.dataset is not None else {})},
         "samples": len(seqs), "samples_requested": samples, "tokens": sum(len(s) for s in seqs), "seq_len": seq_len,
+        "longest_sample": max(len(s) for s in seqs), "shortest_sample": min(len(s) for s in seqs),
         "batch_size": batch_size, "dtype": dtype_name(store), "accumulate_dtype": dtype_name(acc),
         "compute_dtype": dtype_name(compute), "device": str(sk.device), "block_stack": sk.blocks_name,
         "blocks": len(sk.blocks),
@@ -163,9 +218,11 @@ def _restart(out: Path, sk: Skeleton, runs: list[tuple[int, list[int]]], hidden:
 
 
 def _write_stats(out: Path, sk: Skeleton, batches: list[Batch], hidden: list, calls: list, manifest: dict,
-                 accumulate_dtype, journal: CalibrationJournal) -> None:
+                 accumulate_dtype, journal: CalibrationJournal, transform: BlockTransform | None = None) -> None:
     """Run the blocks in the order the model calls them (`_runs`), from where `journal` left off, saving each block's
-    statistics and journaling it with the hidden states that feed the next, then the manifest (last)."""
+    statistics and journaling it with the hidden states that feed the next, then the manifest (last). With a
+    `transform` (sequential calibration) the next block is fed the outputs of this block with its weights
+    transformed (`_propagate_transformed`), not of the original block."""
     manifest.update({C.M_FILES: {}, C.S_STATISTICS: {}, C.S_WEIGHTS: {}})
     for entry in journal.blocks:
         add_block(manifest, entry)
@@ -175,11 +232,17 @@ def _write_stats(out: Path, sk: Skeleton, batches: list[Batch], hidden: list, ca
         for n, (i, positions) in enumerate(tqdm(runs[done:], desc="calibrating", unit="block", total=len(runs),
                                                 initial=done), start=done + 1):
             block = _materialise(sk, i)  # loads only what is not loaded yet (the first block called is)
+            inputs = None if transform is None else [h.clone() for h in hidden]
             moments = _run_block(sk, i, block, positions, batches, hidden, calls, accumulate_dtype)
-            sk.blocks[i] = torch.nn.Module()  # the block's weights go with it
-            del block
+            if transform is None:
+                sk.blocks[i] = torch.nn.Module()  # the block's weights go with it
+                del block
             tensors, stats, weights = _block_stats(sk, moments, accumulate_dtype)
             del moments
+            if transform is not None:
+                _propagate_transformed(sk, i, block, positions, inputs, hidden, calls, tensors, stats, transform)
+                sk.blocks[i] = torch.nn.Module()
+                del block, inputs
             file, record = save_block(out, i, tensors)
             del tensors
             return_freed_memory()
@@ -191,18 +254,26 @@ def _write_stats(out: Path, sk: Skeleton, batches: list[Batch], hidden: list, ca
     journal.close()
 
 
-def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | None = None, samples: int = 128,
+def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | None = None,
+              dataset: str | None = None, text_column: str | None = None, samples: int = 128,
               seq_len: int = 512, batch_size: int = 8, device: str = "auto",
               accumulate_dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = torch.float32,
-              overwrite: bool = False, resume: bool = False) -> dict:
+              overwrite: bool = False, resume: bool = False, sequential: BlockTransform | None = None) -> dict:
     """Write the input second moments E[x x^T] of every linear in every block of `in_path` to the STATS directory
     `out_path` and return its manifest.
 
     The forward runs in `compute_dtype` on `device` (auto: the GPU when there is one; the manifest records the one
     used), one block at a time; x x^T is summed over the non-padding tokens in `accumulate_dtype` (float32 or
     float64), divided by the token count, and stored in that dtype. Linears fed the same input tensor share one
-    statistic. `text` is a .txt (a sample per line) or .jsonl (`text` field) file; None
-    uses the text bundled with the package.
+    statistic. `text` is a .txt (a sample per line) or .jsonl (`text` field) file, either may be gzip-compressed;
+    `dataset` is NAME[:CONFIG][:SPLIT] read with the `datasets` library (a local directory or a Hub id; the column
+    `text_column`, else 'text', else the only string column), and must give `samples` full samples; with neither,
+    the text bundled with the package (`text.default_text`: sentences for an encoder, sentences and public-domain
+    books for a causal LM). The manifest's `text` records what was used.
+
+    `sequential` (a `BlockTransform`, e.g. `pipeline.sequential.CompressedBlocks`): each block's statistics are
+    taken from the outputs of the blocks before it with their weights transformed (compressed, then decoded), as
+    llm-compressor's sequential pipeline does; the manifest's `sequential` records the transform.
 
     `resume` continues an interrupted run in `out_path` with the same inputs and settings (any change refused,
     naming it): the blocks it finished, checked by sha256, are kept, the rest run from its checkpoint of the hidden
@@ -212,18 +283,23 @@ def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | N
         raise LplrError(f"{opt('overwrite')} and {opt('resume')} contradict each other; pass one of them")
     device = _check_options(samples, seq_len, batch_size, accumulate_dtype, compute_dtype, device)
     src = open_source(str(in_path))
-    out = Path(out_path)
+    out = output_path(out_path)
     check_stats_output(out, src.root, overwrite, resume)  # before hashing the source and running its embeddings
-    cal_text = read_text(text)
+    if text is not None and dataset is not None:
+        raise LplrError(f"{opt('text')} and {opt('dataset')} are two sources of calibration text; pass one of them")
+    if text_column is not None and dataset is None:
+        raise LplrError(f"{opt('text_column')} names a column of {opt('dataset')}; pass a dataset, or drop it")
+    # a bad text or dataset is refused before the model is read
+    cal_text = read_dataset(dataset, text_column) if dataset is not None else read_text(text) if text else None
     sk = build_skeleton(src, device, compute_dtype)
+    cal_text = default_text(sk.causal) if cal_text is None else cal_text
     tokenizer = load_tokenizer(src.root)
     seq_len = _max_positions(sk.model, seq_len)
     seqs = tokenize(tokenizer, cal_text.lines, sk.causal, samples, seq_len)
-    if len(seqs) < samples:
-        logger.warning(f"the calibration text gives {len(seqs)} samples of up to {seq_len} tokens, not {samples}; "
-                       f"using {len(seqs)} (pass a longer calibration text for more)")
+    _check_enough(cal_text, seqs, sk.causal, samples, seq_len)
     manifest = _header(in_path, src, sk, cal_text, seqs, samples, seq_len, batch_size, accumulate_dtype,
                        compute_dtype, accumulate_dtype)
+    manifest["sequential"] = None if sequential is None else sequential.record
     batches = make_batches(seqs, batch_size, tokenizer.pad_token_id, sk.device)
     with torch.no_grad():
         hidden, calls = _capture(sk, batches)  # an architecture it cannot run is refused before anything is written
@@ -231,7 +307,8 @@ def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | N
         stamp = fingerprint(manifest, src.config, seqs, sk.schedule)
         journal = resume_journal(out, stamp, len(_runs(sk.schedule))) if resume else CalibrationJournal(out, stamp)
         journal.save()
-        _write_stats(out, sk, batches, hidden, calls, manifest, accumulate_dtype, journal)
+        _write_stats(out, sk, batches, hidden, calls, manifest, accumulate_dtype, journal, sequential)
+    warn_thin_statistics(manifest[C.S_STATISTICS], str(out))
     logger.info(f"wrote {len(manifest[C.S_STATISTICS])} statistics for {len(manifest[C.S_WEIGHTS])} weights of "
                 f"{len(sk.blocks)} blocks to {out}")
     return manifest

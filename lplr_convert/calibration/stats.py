@@ -15,7 +15,7 @@ import torch
 
 from .. import constants as C
 from ..errors import LplrError
-from ..io.manifest import is_intact, is_plain_name, sha256_file, write_json_atomic
+from ..io.manifest import file_record, is_intact, is_plain_name, sha256_file, write_json_atomic
 from ..io.outdir import Resumable, check_replaceable, entries, recorded_files, replaceable_output
 from ..io.reader import SourceCheckpoint, inside
 from ..io.writer import write_tensors_atomic
@@ -54,11 +54,6 @@ def check_stats_output(out: Path, src_root: Path, overwrite: bool, resume: bool 
     """What `stats_output` would refuse, refused before the long work that precedes it (nothing is written)."""
     check_replaceable(src_root, out, overwrite, _previous_stats, _STATS_WHAT,
                       Resumable(C.CALIB_PROGRESS, C.CALIB_MANIFEST, resume))
-
-
-def file_record(path: Path) -> dict:
-    """{"sha256", "bytes"} of a file."""
-    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
 def source_files(src: SourceCheckpoint) -> dict[str, dict]:
@@ -128,6 +123,17 @@ class CalibrationStats:
         """Release the open statistics file (reading again reopens it)."""
         self._open, self._open_name = None, None
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Statistic key -> its stored shape, read from the files' headers (no data is read)."""
+        from ..io.reader import safetensors_header
+
+        out = {}
+        for file in self.manifest[C.M_FILES]:
+            path = self.root / file
+            if path.is_file():
+                out.update({h.name: tuple(h.shape) for h in safetensors_header(path, file)})
+        return out
+
     def require(self, names: Iterable[str]) -> None:
         """Raise naming the first of `names` that has no statistic."""
         for name in names:
@@ -169,8 +175,9 @@ def load_calibration(path: str | Path, device: str = "cpu", verify: bool = True)
         raise LplrError(f"{root} has no {C.CALIB_MANIFEST}, so it holds no finished calibration; {rerun}")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LplrError(f"{mpath} is unreadable or not valid JSON ({e}); {rerun}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise LplrError(f"{mpath} is unreadable or not valid JSON ({why}); {rerun}") from None
     version = manifest.get(C.M_FORMAT_VERSION) if isinstance(manifest, dict) else None
     if version is None or manifest.get(C.S_KIND) != C.CALIB_KIND:
         raise LplrError(f"{mpath} is not an lplr-convert calibration manifest; {rerun}")

@@ -5,26 +5,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import constants as C
-from ..errors import LplrError, opt
-from .common import ExportResult
+from .common import ExportResult, export_formats, get_format, register_format
 from .compressed_tensors import DEFAULT_SHARD_BYTES, export_compressed_tensors
 from .dense import decompress
 from .peft import export_peft
 
-__all__ = ["ExportResult", "decompress", "export", "export_compressed_tensors", "export_peft"]
+__all__ = ["ExportResult", "decompress", "export", "export_compressed_tensors", "export_formats", "export_peft",
+           "get_format", "register_format"]
 
 
 def export(in_path: str | Path, out_path: str | Path, format: str, base_model: str | None = None,
            max_shard_size: int = DEFAULT_SHARD_BYTES, overwrite: bool = False) -> ExportResult:
-    """Export the conversion in `in_path` to `out_path` as `format` ("compressed-tensors" or "peft"; see
-    `export_compressed_tensors` and `export_peft`). `base_model` (peft only) becomes the adapter's
-    base_model_name_or_path; `max_shard_size` (bytes) bounds compressed-tensors shards."""
-    if format == C.CT_QUANT_METHOD:
-        if base_model is not None:
-            raise LplrError(f"{opt('base_model')} names the base of a peft adapter; drop it for {opt('format')} "
-                            f"{format}")
-        return export_compressed_tensors(in_path, out_path, max_shard_size, overwrite)
-    if format == C.PEFT_EXPORT:
-        return export_peft(in_path, out_path, base_model, overwrite)
-    raise LplrError(f"export format {format!r} is unknown; use one of {', '.join(C.EXPORT_FORMATS)}")
+    """Export the conversion in `in_path` to `out_path` as `format`, a registered export format (`register_format`:
+    "compressed-tensors", "peft"; see `export_compressed_tensors` and `export_peft`). `base_model` (peft only) becomes
+    the adapter's base_model_name_or_path; `max_shard_size` (bytes) bounds compressed-tensors shards."""
+    return get_format(format)(in_path, out_path, base_model=base_model, max_shard_size=max_shard_size,
+                              overwrite=overwrite)

@@ -16,8 +16,13 @@ always add up to the conversion's model:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
+import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,16 +32,18 @@ from .. import __version__
 from .. import constants as C
 from ..dtypes import dtype_from_name
 from ..errors import LplrError
-from ..pipeline.experts import EXPERTS_KEY
 from ..io.manifest import TensorRecord, write_json_atomic
-from ..io.outdir import recorded_files
+from ..io.outdir import clear_listed, entries, recorded_files, replaceable_output
 from ..io.output import ConvertedOutput
 from ..io.writer import ShardWriter, write_index
 from ..math import quantize as qz
 from ..methods import get_method
+from ..methods.base import PackedLayout
+from ..pipeline.experts import EXPERTS_KEY
 
-__all__ = ["EXPORT_WHAT", "ExportPlan", "ExportResult", "Placement", "base_tensor", "finish_shards", "pack_reason",
-           "plain_config", "plan_export", "previous_export", "scheme_of", "side_files_of", "write_record"]
+__all__ = ["EXPORT_RETRY", "EXPORT_WHAT", "ExportPlan", "ExportResult", "Placement", "base_tensor", "exporting",
+           "finish_shards", "pack_reason", "plain_config", "plan_export", "previous_export", "scheme_of",
+           "side_files_of", "write_record"]
 
 LINEAR, CONV1D, MERGED = "linear", "conv1d", "merged"  # MERGED: a per-expert weight transformers fuses on load
 EXPORT_WHAT = "export or decompress"  # what an export record lists, named in --overwrite refusals
@@ -61,6 +68,37 @@ def plain_config(output: ConvertedOutput) -> dict | None:
     return config
 
 
+# ---------------------------------------------------------------------------------------------------- formats
+
+_FORMATS: dict[str, Callable[..., ExportResult]] = {}
+
+
+def register_format(name: str):
+    """Decorator: `fn(in_path, out_path, *, base_model, max_shard_size, overwrite) -> ExportResult` writes the export
+    format `name` (`export --format name`), as `methods.register` makes a method available."""
+
+    def wrap(fn):
+        if name in _FORMATS:
+            raise ValueError(f"export format {name!r} is registered twice")
+        _FORMATS[name] = fn
+        return fn
+
+    return wrap
+
+
+def export_formats() -> list[str]:
+    """The registered export formats."""
+    return sorted(_FORMATS)
+
+
+def get_format(name: str) -> Callable[..., ExportResult]:
+    """The writer of export format `name`; an unknown name lists the registered ones."""
+    try:
+        return _FORMATS[name]
+    except (KeyError, TypeError):
+        raise LplrError(f"export format {name!r} is unknown; use one of {', '.join(export_formats())}") from None
+
+
 # ------------------------------------------------------------------------------------------------- placement
 
 
@@ -77,6 +115,7 @@ class Placement:
     reason: str = ""
     adapter: bool = False
     folded: bool = False  # a qlr correction written dense into the base (its module cannot take a LoRA adapter)
+    layout: PackedLayout | None = None  # what the method declares the record's parts to be (`Method.layout`)
 
 
 @dataclass
@@ -135,17 +174,19 @@ def _kind(module, rec: TensorRecord) -> str | None:
 
 def _place(rec: TensorRecord, module: str | None, kind: str | None) -> Placement:
     """Where `rec` goes before the export-wide rules (one scheme, `_annotate`)."""
-    method = get_method(rec.method)
     p = Placement(rec, module if kind else None, kind)
-    q = rec.info.get("q") if C.PART_QUANT in method.parts and EXPERTS_KEY not in rec.info else None
-    spec = qz.QuantSpec.from_json(q) if q else None
-    correction = method.has_base and rec.info.get("left") is not None
+    p.layout = None if rec.method == "copy" or EXPERTS_KEY in rec.info else get_method(rec.method).layout(rec.info)
+    backbone = p.layout.backbone if p.layout is not None else None
+    spec = backbone.spec if backbone is not None else None
+    correction = backbone is not None and p.layout.low_rank
     p.adapter = correction and kind in (LINEAR, CONV1D)
     p.folded = correction and not p.adapter
     if rec.method == "copy":
         p.reason = COPIED
     elif EXPERTS_KEY in rec.info:
         p.reason = "fused 3-D experts tensor (compressed-tensors packs nn.Linear weights)"
+    elif p.layout is None:
+        p.reason = f"method {rec.method} declares no packed layout (Method.layout): stored as one dense tensor"
     elif spec is None:
         p.reason = f"method {rec.method} stores no integer-quantized full-size matrix"
     elif kind not in (LINEAR, MERGED):
@@ -286,7 +327,7 @@ def base_tensor(output: ConvertedOutput, p: Placement, parts: dict[str, torch.Te
     correction goes to the adapter, else the decoded weight."""
     if not p.adapter:
         return output.dense(p.rec, parts)
-    Q = get_method(p.rec.method).decode_base(parts, p.rec.info)
+    Q = p.layout.backbone.dequantized(parts)
     Q = Q.T if p.rec.transposed else Q  # Conv1D weights stored out x in
     return Q.to(dtype_from_name(p.rec.dtype)).contiguous()
 
@@ -294,10 +335,45 @@ def base_tensor(output: ConvertedOutput, p: Placement, parts: dict[str, torch.Te
 # ------------------------------------------------------------------------------------------ output directories
 
 
+# How an export goes on after a failed write: it removes what it wrote, so the command is simply run again.
+EXPORT_RETRY = "run the command again (the partial output was removed)"
+# Shard files of the writer: partial, data, temporary and final names.
+_SHARD_FILE = re.compile(r"model-\d{5}(-of-\d{5})?\.safetensors(\.partial)?(\.data)?")
+
+
 def previous_export(out: Path) -> set[str] | None:
-    """The files an earlier export or decompress wrote in `out`, by its record (None when `out` holds no valid
-    record)."""
-    return recorded_files(out / C.EXPORT_FILE)
+    """The files an earlier export or decompress wrote in `out`: by its record, or, for one that was killed before
+    writing it, by its progress marker (the names it announced, their temporary names, and the shard writer's
+    files). None when `out` holds neither (it is not an export of this tool)."""
+    listed = recorded_files(out / C.EXPORT_FILE)
+    if listed is not None:
+        return listed | {C.EXPORT_PROGRESS}
+    announced = recorded_files(out / C.EXPORT_PROGRESS)
+    if announced is None:
+        return None
+    shards = {e for e in entries(out) if _SHARD_FILE.fullmatch(e)}
+    return announced | {f + C.PARTIAL_SUFFIX for f in announced} | shards
+
+
+@contextlib.contextmanager
+def exporting(src_root: Path, out: Path, overwrite: bool, names: list[str]):
+    """The output directory of an export or decompress, locked and cleared (an earlier export, or the leftovers of
+    one that was killed, are replaced with `overwrite`). A progress marker listing `names` (every file it may write
+    besides the shards) is written first and removed after the record. When the export fails (a full disk, a file
+    size limit, an error, an interrupt), everything it wrote is removed, which gives the space back and leaves no
+    output that looks usable; a write that failed for want of space is one line naming the fix."""
+    with replaceable_output(src_root, out, overwrite, previous_export, EXPORT_WHAT):
+        try:
+            write_json_atomic(out / C.EXPORT_PROGRESS, {"tool": C.TOOL_NAME, C.M_FILES: sorted(
+                {*names, C.EXPORT_FILE, C.SAFE_SINGLE, C.SAFE_INDEX})})
+            yield
+            (out / C.EXPORT_PROGRESS).unlink()
+        except BaseException as e:
+            clear_listed(out, entries(out), "this export")  # all of it is this run's: `out` held nothing else
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise LplrError(f"writing {out} failed ({os.strerror(e.errno)}); free disk space and "
+                                f"{EXPORT_RETRY}") from None
+            raise
 
 
 def finish_shards(writer: ShardWriter, out: Path, total_size: int) -> list[str]:

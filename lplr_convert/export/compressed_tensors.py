@@ -30,24 +30,23 @@ from tqdm import tqdm
 
 from .. import constants as C
 from ..errors import LplrError, opt
-from ..io.outdir import replaceable_output
+from ..io.outdir import output_path
 from ..io.output import ConvertedOutput
 from ..io.sidefiles import copy_side_files
 from ..io.writer import DEFAULT_SHARD_BYTES, ShardWriter
 from ..math import quantize as qz
 from ..math.bitpack import pack_rows_int32
-from ..methods import available_methods, get_method
-from ..methods.base import part_fields
 from .common import (
-    EXPORT_WHAT,
+    EXPORT_RETRY,
     ExportPlan,
     ExportResult,
     Placement,
     base_tensor,
+    exporting,
     finish_shards,
     plain_config,
     plan_export,
-    previous_export,
+    register_format,
     scheme_of,
     side_files_of,
     write_record,
@@ -124,14 +123,14 @@ def _tensors(output: ConvertedOutput, p: Placement) -> dict[str, torch.Tensor]:
     parts = output.parts(p.rec)
     if p.spec is None:
         return {p.rec.name: base_tensor(output, p, parts)}
-    q = qz.from_fields(part_fields(C.PART_QUANT, parts), p.spec)
+    q = p.layout.backbone.quantized(parts)
     stem = p.rec.name.removesuffix(".weight")
     return {f"{stem}.{k}": t for k, t in pack_quantized(q).items()}
 
 
 def _write(output: ConvertedOutput, plan: ExportPlan, out: Path, max_shard_size: int,
            qconfig: dict | None) -> list[str]:
-    writer = ShardWriter(out, max_shard_size)
+    writer = ShardWriter(out, max_shard_size, retry=EXPORT_RETRY)
     total = 0
     for p in tqdm(plan.placements, desc="exporting", unit="tensor"):
         tensors = _tensors(output, p)
@@ -147,26 +146,21 @@ def _write(output: ConvertedOutput, plan: ExportPlan, out: Path, max_shard_size:
     return files + list(copy_side_files(side_files_of(output), out, config))
 
 
-def _packable_methods() -> list[str]:
-    """The registered methods that store an integer-quantized full-size matrix (what this export packs)."""
-    return [m for m in available_methods() if C.PART_QUANT in get_method(m).parts]
-
-
 def export_compressed_tensors(in_path: str | Path, out_path: str | Path, max_shard_size: int = DEFAULT_SHARD_BYTES,
                               overwrite: bool = False) -> ExportResult:
     """Write the conversion in `in_path` as a compressed-tensors `pack-quantized` checkpoint in `out_path` (see the
     module docstring). With `overwrite`, only an earlier export in `out_path` is replaced."""
-    out = Path(out_path).expanduser()
+    out = output_path(out_path)
     with ConvertedOutput(in_path) as output:
         plan = plan_export(output)
         packed = any(p.spec is not None for p in plan.placements)
         if not packed and not any(p.adapter for p in plan.placements):
             reasons = sorted({p.reason for p in plan.placements if p.rec.method != "copy"}) or ["nothing compressed"]
             raise LplrError(f"{in_path} holds no weight compressed-tensors can store packed ({reasons[0]}); convert "
-                            f"with {opt('method')} {'/'.join(_packable_methods())} and {opt('scheme')} "
-                            f"symmetric/asymmetric, or use `decompress`")
+                            f"with a {opt('method')} whose layout has an integer-quantized full-size matrix and "
+                            f"{opt('scheme')} symmetric/asymmetric, or use `decompress`")
         qconfig, schemes = quantization_config(plan) if packed else (None, [])
-        with replaceable_output(output.root, out, overwrite, previous_export, EXPORT_WHAT):
+        with exporting(output.root, out, overwrite, [rel for rel, _ in side_files_of(output)]):
             files = _write(output, plan, out, max_shard_size, qconfig)
             result = ExportResult(out, C.CT_QUANT_METHOD, str(output.root), files=files,
                                   packed=[p.rec.name for p in plan.placements if p.spec is not None],
@@ -175,3 +169,11 @@ def export_compressed_tensors(in_path: str | Path, out_path: str | Path, max_sha
             write_record(result)
     return result
 
+
+
+@register_format(C.CT_QUANT_METHOD)
+def _export(in_path, out_path, *, base_model=None, max_shard_size=DEFAULT_SHARD_BYTES, overwrite=False):
+    if base_model is not None:
+        raise LplrError(f"{opt('base_model')} names the base of a peft adapter; drop it for {opt('format')} "
+                        f"{C.CT_QUANT_METHOD}")
+    return export_compressed_tensors(in_path, out_path, max_shard_size, overwrite)

@@ -24,18 +24,17 @@ import torch
 
 from .. import constants as C
 from ..dtypes import dtype_from_name
-from ..errors import LplrError
-from ..io.outdir import replaceable_output
+from ..errors import LplrError, opt
+from ..io.outdir import output_path
 from ..io.output import ConvertedOutput
-from ..methods import get_method
 from .common import (
     CONV1D,
-    EXPORT_WHAT,
     ExportPlan,
     ExportResult,
     Placement,
+    exporting,
     plan_export,
-    previous_export,
+    register_format,
     write_record,
 )
 
@@ -45,7 +44,8 @@ __all__ = ["adapter_config", "export_peft", "lora_factors"]
 def lora_factors(output: ConvertedOutput, p: Placement) -> tuple[torch.Tensor, torch.Tensor]:
     """(lora_A, lora_B) = (R: r x in, L: out x r) of `p`'s module in nn.Linear orientation, in the source dtype."""
     rec = p.rec
-    L, R = get_method(rec.method).decode_factors(output.parts(rec), rec.info)
+    parts = output.parts(rec)
+    L, R = p.layout.left.dequantized(parts), p.layout.right.dequantized(parts)
     if p.kind == CONV1D and not rec.transposed:  # stored W (in x out) = L R, so the module computes x -> R^T (L^T x)
         L, R = R.T, L.T
     dtype = dtype_from_name(rec.dtype)
@@ -83,6 +83,19 @@ def _notes(plan: ExportPlan, base_model: str | None) -> list[str]:
     return notes
 
 
+def _check_base_model(base_model: str | None) -> None:
+    """`base_model` (the adapter's base_model_name_or_path) is a local directory or a Hub repo id OWNER/NAME."""
+    if base_model is None or str(base_model).strip() and Path(str(base_model)).expanduser().is_dir():
+        return
+    from ..publish.hub import check_repo_id
+
+    try:
+        check_repo_id(base_model)
+    except LplrError:
+        raise LplrError(f"{opt('base_model')} {base_model!r} is neither a local directory nor a Hub repo id "
+                        f"OWNER/NAME; pass the path or repo id of the dense export the adapter applies to") from None
+
+
 def export_peft(in_path: str | Path, out_path: str | Path, base_model: str | None = None,
                 overwrite: bool = False) -> ExportResult:
     """Write the qlr low-rank corrections of the conversion in `in_path` as a PEFT LoRA adapter in `out_path` (see
@@ -90,13 +103,14 @@ def export_peft(in_path: str | Path, out_path: str | Path, base_model: str | Non
     `out_path` is replaced."""
     from safetensors.torch import save_file
 
-    out = Path(out_path).expanduser()
+    _check_base_model(base_model)
+    out = output_path(out_path)
     with ConvertedOutput(in_path) as output:
         plan = plan_export(output)
         targets = [p for p in plan.placements if p.adapter]
         if not targets:
             raise _refusal(in_path, plan)
-        with replaceable_output(output.root, out, overwrite, previous_export, EXPORT_WHAT):
+        with exporting(output.root, out, overwrite, [C.PEFT_CONFIG_FILE, C.PEFT_WEIGHTS_FILE]):
             tensors, ranks = {}, {}
             for p in targets:
                 A, B = lora_factors(output, p)
@@ -110,3 +124,8 @@ def export_peft(in_path: str | Path, out_path: str | Path, base_model: str | Non
                                   files=[C.PEFT_CONFIG_FILE, C.PEFT_WEIGHTS_FILE])
             write_record(result)
     return result
+
+
+@register_format(C.PEFT_EXPORT)
+def _export(in_path, out_path, *, base_model=None, max_shard_size=None, overwrite=False):
+    return export_peft(in_path, out_path, base_model, overwrite)

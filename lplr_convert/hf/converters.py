@@ -20,10 +20,10 @@ from transformers.core_model_loading import ConversionOps, WeightConverter, dot_
 from .. import constants as C
 from ..dtypes import dtype_name
 from ..errors import LplrError
-from .mapping import converter_matches, renamed
 from ..io.manifest import TensorRecord
 from ..io.output import ConvertedOutput, decode_record
 from ..methods import get_method
+from .mapping import converter_matches, renamed
 from .modeling import (
     LowRankLinear,
     factors_for,
@@ -31,8 +31,11 @@ from .modeling import (
     linear_shape,
     linear_target,
     name_candidates,
+    packed_for,
+    packed_target,
     set_module,
 )
+from .tying import untie_replaced
 
 __all__ = ["DecodeFirst", "LoadPlan", "PartsConverter", "converted_root", "wrap_model_converters"]
 
@@ -60,7 +63,9 @@ def converted_root(checkpoint_files: list[str] | None, name_or_path: str | None)
 @dataclass
 class _Target:
     key: str  # the model parameter the record's parts load into ("<module>.left" for a factored layer)
-    module: nn.Module | None = None  # the linear a LowRankLinear replaced (for factored records)
+    module: nn.Module | None = None  # the linear a LowRankLinear or PackedLinear replaced
+    layout: object = None  # the stored matrices (PackedLayout) of a record loaded into a PackedLinear
+    name: str = ""  # that PackedLinear's module name
 
 
 @dataclass
@@ -75,14 +80,19 @@ class LoadPlan:
     aliases: dict[str, str] = field(default_factory=dict)  # a record's name after the model's renamings -> name
     renamed: dict[str, str] = field(default_factory=dict)  # the reverse
     kept: Callable[[str], bool] = lambda name: False  # parameters transformers keeps in float32 (T5's wo in float16)
+    packed: bool = True  # PackedLinear modules (else float LowRankLinear / dense weights: `dequantize=True`)
+    kernel: str | None = None
 
     @classmethod
-    def build(cls, model: nn.Module, root: Path, checkpoint_files: list[str], dtype=None) -> LoadPlan:
+    def build(cls, model: nn.Module, root: Path, checkpoint_files: list[str], dtype=None, packed: bool = True,
+              kernel: str | None = None) -> LoadPlan:
         """Check the directory (manifest integrity, every shard's sha256, the weight files transformers will read) and
-        put a meta-device LowRankLinear in place of every linear that a factored record compresses (in float32 where
-        transformers keeps the module in float32 when it loads in `dtype`)."""
+        put a meta-device PackedLinear in place of every linear whose weight is stored as quantized matrices (with
+        `packed`), else a meta-device LowRankLinear in place of every linear that a factored record compresses (in
+        float32 where transformers keeps the module in float32 when it loads in `dtype`)."""
         output = ConvertedOutput(root)
         output.side_file(C.CONFIG_FILE)  # the model was built from it: checked like the shards
+        output.side_file(C.SAFE_INDEX)  # transformers reads it: never through a link
         for shard in output.manifest.shards:
             output.check_shard(shard)
         output.verify = False  # every shard is checked above, once
@@ -90,9 +100,9 @@ class LoadPlan:
         if reading != set(output.manifest.shards):
             raise LplrError(f"the weight files of {root} ({', '.join(sorted(reading))}) are not the shards its manifest "
                             f"lists; the directory was modified, re-run the conversion")
-        packed = {r.name: r for r in output.records if any(full != r.name for full in r.stored)}
-        suffixes = {full[len(r.name) + 1:] for r in packed.values() for full in r.stored}
-        plan = cls(output, packed, tuple(sorted(suffixes, key=len, reverse=True)))
+        records = {r.name: r for r in output.records if any(full != r.name for full in r.stored)}
+        suffixes = {full[len(r.name) + 1:] for r in records.values() for full in r.stored}
+        plan = cls(output, records, tuple(sorted(suffixes, key=len, reverse=True)), packed=packed, kernel=kernel)
         plan.kept = float32_kept(model, dtype if isinstance(dtype, torch.dtype) else None)
         plan._place(model)
         return plan
@@ -119,10 +129,23 @@ class LoadPlan:
         names = dict(model.named_modules())
         keys = set(model.state_dict().keys())
         for rec in self.records.values():
+            packed = packed_target(model, rec, prefix, names) if self.packed else None
+            if packed is not None:
+                name, mod, layout = packed
+                dtype = torch.float32 if self.kept(rec.name) else mod.weight.dtype
+                new = packed_for(mod, rec, layout, None, "cpu", dtype, self.kernel)
+                set_module(model, name, new)
+                untie_replaced(model, name)
+                new._is_hf_initialized = True  # loaded whole from the checkpoint (see below)
+                model.get_submodule(name.rpartition(".")[0])._is_hf_initialized = True
+                first = next(k for k in new.state_dict() if k != "bias")
+                self.targets[rec.name] = _Target(f"{name}.{first}", mod, layout, name)
+                continue
             hit = linear_target(model, rec, prefix, names)
             if hit is not None:
                 new = _meta_lowrank(hit[1], rec, torch.float32 if self.kept(rec.name) else hit[1].weight.dtype)
                 set_module(model, hit[0], new)
+                untie_replaced(model, hit[0])
                 # transformers initialises every module not marked as initialised, and some `_init_weights` write
                 # `child.weight` (GPT-2: c_proj), which on a LowRankLinear forms L @ R: the factored layer and its
                 # parent are loaded whole from the checkpoint, so neither is initialised.
@@ -153,6 +176,11 @@ class LoadPlan:
         self._check_parts(rec, parts)
         target = self.targets.get(rec.name)
         self.loaded.add(rec.name)
+        if target is not None and target.layout is not None:
+            device = next(iter(parts.values())).device
+            dtype = model.get_submodule(target.name).dtype  # what the meta module was built for: the same kernels
+            new = packed_for(target.module, rec, target.layout, parts, device, dtype, self.kernel)
+            return {f"{target.name}.{k}": v for k, v in new.state_dict().items() if k != "bias"}
         if target is not None and target.module is not None:
             L, R, base = factors_for(target.module, rec, parts)
             module = target.key.removesuffix(".left")

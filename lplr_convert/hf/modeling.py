@@ -219,3 +219,55 @@ def lowrank_for(mod: nn.Module, rec: TensorRecord, parts: dict, device, dtype: t
             bias.detach().to(device, wdtype)
     base = None if base is None else base.to(device, wdtype).contiguous()
     return LowRankLinear(L.to(device, wdtype).contiguous(), R.to(device, wdtype).contiguous(), bias, base)
+
+
+def packed_layout(rec: TensorRecord):
+    """The stored matrices (`PackedLayout`) of a 2-D weight record, or None where its method stores it dense (laser,
+    copy) or it is no matrix (fused experts, vectors)."""
+    if len(rec.shape) != 2 or not rec.name.endswith(".weight"):
+        return None
+    try:
+        return get_method(rec.method).layout(rec.info)
+    except (KeyError, TypeError, ValueError) as e:
+        raise LplrError(f"tensor {rec.name}: its manifest record does not describe its stored matrices "
+                        f"({type(e).__name__}: {e}); the output is damaged, re-run the conversion") from None
+
+
+def packed_target(model: nn.Module, rec: TensorRecord, prefix: str, names: dict | None = None):
+    """(module name, module, layout) of the nn.Linear / Conv1D that a record with stored matrices belongs to, or
+    None (a dense record, or a weight that is no linear's)."""
+    from transformers.pytorch_utils import Conv1D
+
+    layout = packed_layout(rec)
+    if layout is None:
+        return None
+    target = find_module(model, rec.name, prefix, names)
+    if target is None or not isinstance(target[1], (nn.Linear, Conv1D)):
+        return None
+    return target[0], target[1], layout
+
+
+def packed_for(mod: nn.Module, rec: TensorRecord, layout, parts: dict | None, device, dtype: torch.dtype | None,
+               kernel: str | None = None):
+    """A PackedLinear standing in for the linear `mod` that `rec` stores (its stored fields as buffers, checked
+    against the manifest's specs), or its meta-device twin when `parts` is None. The bias is kept when already loaded,
+    else an empty placeholder."""
+    from transformers.pytorch_utils import Conv1D
+
+    from ..dtypes import dtype_from_name
+    from ..runtime.modules import PackedLinear, check_parts
+
+    conv1d = isinstance(mod, Conv1D) and not rec.transposed
+    out_f, in_f = linear_shape(mod)
+    want = (in_f, out_f) if conv1d else (out_f, in_f)
+    if tuple(layout.shape) != want:
+        raise LplrError(f"tensor {rec.name}: the manifest stores a {list(layout.shape)} matrix, {type(mod).__name__} "
+                        f"takes {list(want)}; the weights do not match config.json, re-run the conversion")
+    if parts is not None:
+        check_parts(rec.name, layout, parts)
+    wdtype = dtype or dtype_from_name(rec.dtype)
+    bias = getattr(mod, "bias", None)
+    if bias is not None:
+        bias = torch.empty(bias.shape, dtype=wdtype, device=device if parts is not None else "meta") \
+            if bias.device.type == "meta" else bias.detach().to(device, wdtype)
+    return PackedLinear(layout, parts, bias, conv1d, kernel=kernel, where=rec.name, device=device, dtype=wdtype)

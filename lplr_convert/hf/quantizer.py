@@ -24,12 +24,20 @@ __all__ = ["LplrConvertConfig", "LplrConvertHfQuantizer", "register"]
 
 
 class LplrConvertConfig(QuantizationConfigMixin):
-    """config.json's `quantization_config` of a converted directory (what convert writes; nothing to set by hand)."""
+    """config.json's `quantization_config` of a converted directory (what convert writes), plus two loading
+    attributes a caller may pass as `from_pretrained(DST, quantization_config=LplrConvertConfig(...))`:
+    `dequantize=True` loads float modules (LowRankLinear for factored weights, dense ones otherwise: what
+    `load_model(DST, packed=False)` gives) instead of the packed runtime modules; `kernel` picks the packed modules'
+    kernel ("auto", "tiled", "int4pack", "int8pack"; default $LPLR_KERNEL or "auto")."""
 
     def __init__(self, format_version: str = C.FORMAT_VERSION, manifest: str = C.MANIFEST_FILE,
-                 method: str | None = None, **kwargs):
+                 method: str | None = None, dequantize: bool = False, kernel: str | None = None, **kwargs):
         self.quant_method = C.QUANT_METHOD
         self.format_version, self.manifest, self.method = str(format_version), manifest, method
+        self.dequantize, self.kernel = bool(dequantize), kernel
+
+    def get_loading_attributes(self) -> dict:
+        return {"dequantize": self.dequantize, "kernel": self.kernel}
 
     def to_dict(self) -> dict:
         return {"quant_method": C.QUANT_METHOD, "format_version": self.format_version, "manifest": self.manifest,
@@ -74,10 +82,14 @@ class LplrConvertHfQuantizer(HfQuantizer):
         return super().preprocess_model(model, dtype=dtype, **kwargs)
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        from ..runtime.modules import check_kernel
         from .converters import LoadPlan, converted_root
 
+        config = self.quantization_config
+        packed = not getattr(config, "dequantize", False)
+        kernel = check_kernel(getattr(config, "kernel", None)) if packed else None
         root = converted_root(checkpoint_files, getattr(model.config, "name_or_path", None))
-        self.plan = LoadPlan.build(model, root, checkpoint_files, getattr(self, "load_dtype", None))
+        self.plan = LoadPlan.build(model, root, checkpoint_files, getattr(self, "load_dtype", None), packed, kernel)
         return model
 
     def update_weight_conversions(self, weight_conversions, model):
@@ -94,6 +106,7 @@ class LplrConvertHfQuantizer(HfQuantizer):
         return super().get_new_dtype(converter, param, dtype)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        from ..runtime.modules import PackedLinear, log_kernel_counts
         from .modeling import LowRankLinear
 
         missing = self.plan.unloaded()
@@ -101,10 +114,17 @@ class LplrConvertHfQuantizer(HfQuantizer):
             raise LplrError(f"{len(missing)} compressed tensor(s) of {self.plan.output.root} found no place in "
                             f"{type(model).__name__} (e.g. {missing[0]}); load it with lplr_convert.load_model")
         for module in model.modules():
-            if isinstance(module, LowRankLinear):
+            if isinstance(module, (LowRankLinear, PackedLinear)):
                 module.requires_grad_(False)
         self.plan.output.close()
+        log_kernel_counts(model)
         return model
+
+    def remove_quantization_config(self, model):
+        """transformers drops the quantizer of a model loaded with `dequantize=True`; ours stays attached, since the
+        float modules (LowRankLinear) are still no plain checkpoint: save_pretrained keeps refusing, and the config
+        keeps saying where the model came from."""
+        return
 
     def is_serializable(self, **kwargs) -> bool:
         return False  # save with lplr-convert (or write a plain checkpoint with `lplr-convert decompress`)
@@ -115,7 +135,13 @@ class LplrConvertHfQuantizer(HfQuantizer):
 
 
 def register() -> None:
-    """Register the config and quantizer with transformers under quant_method "lplr-convert" (idempotent)."""
+    """Register the config and quantizer with transformers under quant_method "lplr-convert" (idempotent), and let a
+    config passed to from_pretrained set the loading attributes (`dequantize`, `kernel`) as transformers does for its
+    own quantizers that have them (Mxfp4Config(dequantize=True))."""
+    from transformers.quantizers import auto
+
+    if LplrConvertConfig not in auto.LOADING_ATTRIBUTES_CONFIG_TYPES:
+        auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*auto.LOADING_ATTRIBUTES_CONFIG_TYPES, LplrConvertConfig)
     if C.QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(C.QUANT_METHOD)(LplrConvertConfig)
     if C.QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:

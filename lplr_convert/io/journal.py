@@ -4,13 +4,16 @@ and the other files it announced before writing them. `--resume` keeps what the 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from loguru import logger
 
 from .. import constants as C
+from ..dtypes import dtype_name
 from ..errors import LplrError, opt
 from .manifest import TensorRecord, is_intact, write_json_atomic
+from .reader import safetensors_header
 from .writer import ClosedShard
 
 __all__ = ["Journal", "check_fingerprint", "read_journal", "remove_except", "resume_state"]
@@ -18,7 +21,10 @@ __all__ = ["Journal", "check_fingerprint", "read_journal", "remove_except", "res
 # Fingerprint keys that are not command-line settings, and how a change of each is told.
 _CHANGED = {"source_files": "the source files changed", "config": "the source's config.json changed",
             "format_version": "the output format changed (another lplr-convert version)",
-            "tool_version": "lplr-convert was upgraded"}
+            "tool_version": "lplr-convert was upgraded",
+            "executor": "the executor (in-process, local pool or ray, from --workers/--devices/--ray-address) changed",
+            "arithmetic": "the compute device's automatic arithmetic (bfloat16 sketch, int8 products) changed",
+            "allocation": "the global allocation (--target-bits-per-param) chose differently"}
 
 
 class Journal:
@@ -115,18 +121,71 @@ def remove_except(out: Path, keep: set[str]) -> None:
             p.unlink()
 
 
-def resume_state(out: Path, fingerprint: dict) -> list[dict]:
-    """Finished shards of an interrupted run that are intact on disk (checked by hash); everything else the run
-    wrote is removed (`prepare_output` has checked that the directory holds nothing but that run's files)."""
+def _shard_problem(out: Path, s, index: int, expected: Mapping[str, dict], kept: set[str]) -> str | None:
+    """Why the journal's entry `s` for the `index`-th finished shard cannot be kept, or None: it must name the file
+    this run writes as that shard, intact by size and sha256, whose header lists exactly the stored tensors of its
+    records; each record must be of a tensor this run plans (same shape, dtype, orientation and settings, or copied
+    verbatim), not kept in an earlier shard, and recorded in this shard. A journal edited by hand, or by another
+    version, is checked against what it names before anything is kept."""
+    if not isinstance(s, dict) or not isinstance(s.get("records"), list) or not isinstance(s.get("groups"), list) \
+            or not isinstance(s.get("names"), list):
+        return "its entry is malformed"
+    temp = C.PARTIAL_SHARD_TEMPLATE.format(index=index).removesuffix(C.PARTIAL_SUFFIX)
+    if s.get("index") != index or s.get("temp_name") != temp:
+        return f"its entry names shard {s.get('index')!r} file {s.get('temp_name')!r} where shard {index} is {temp}"
+    if not is_intact(out / temp, s):
+        return "it is missing or damaged"
+    try:
+        header = {h.name: (dtype_name(h.dtype), list(h.shape)) for h in safetensors_header(out / temp, temp)}
+        records = [TensorRecord.from_json(r) for r in s["records"]]
+    except LplrError as e:
+        return e.template
+    groups = [r.name for r in records]
+    if groups != s["groups"] or len(set(groups)) != len(groups) or sorted(header) != sorted(s["names"]):
+        return "its records, tensor groups and file header disagree"
+    stored: dict[str, tuple[str, list]] = {}
+    for r in records:
+        plan = expected.get(r.name)
+        if plan is None:
+            return f"it records tensor {r.name!r}, which this run does not plan"
+        if r.name in kept:
+            return f"tensor {r.name} is recorded twice"
+        if r.shard != index:
+            return f"tensor {r.name} is recorded in shard {r.shard!r}"
+        same = r.method == "copy" and r.nonfinite or r.method == plan["method"] and \
+            r.settings == plan["settings"] and r.transposed == plan["transposed"]
+        if list(r.shape) != plan["shape"] or r.dtype != plan["dtype"] or not same:
+            return f"the record of {r.name} does not match this run's plan for it"
+        for key, meta in r.stored.items():
+            if key != r.name and not key.startswith(r.name + ".") or key in stored or not isinstance(meta, dict):
+                return f"the record of {r.name} names stored tensor {key!r}"
+            stored[key] = (meta.get("dtype"), meta.get("shape"))
+        kept.add(r.name)
+    if stored != header:
+        return "its records do not describe the tensors its file holds"
+    return None
+
+
+def resume_state(out: Path, fingerprint: dict, expected: Mapping[str, dict]) -> list[dict]:
+    """Finished shards of an interrupted run that are intact on disk (checked by hash) and consistent with this run's
+    plan (`expected`: tensor name -> {shape, dtype, method, settings, transposed}, JSON values; see `_shard_problem`);
+    the first that is not is redone with everything after it (a warning names it and why), and everything else the
+    run wrote is removed (`prepare_output` has checked that the directory holds nothing but that run's files)."""
     path = out / C.PROGRESS_FILE
     if not path.is_file():
         return []
     journal = read_journal(path, ("shards",))
     check_fingerprint(out, journal["fingerprint"], fingerprint)
-    kept = []
-    for s in journal["shards"]:
-        if not is_intact(out / s["temp_name"], s):
-            logger.warning(f"shard {s['temp_name']} is missing or damaged; redoing it and everything after it")
+    shards = journal["shards"] if isinstance(journal["shards"], list) else [None]
+    kept, names = [], set()
+    for i, s in enumerate(shards, 1):
+        try:
+            why = _shard_problem(out, s, i, expected, names)
+        except (TypeError, ValueError, AttributeError, KeyError):
+            why = "its entry is malformed"
+        if why is not None:
+            logger.warning(f"{C.PROGRESS_FILE}: finished shard {i} cannot be kept ({why}); redoing it and everything "
+                           f"after it")
             break
         kept.append(s)
     remove_except(out, {s["temp_name"] for s in kept} | {C.PROGRESS_FILE})

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +17,15 @@ from typing import Any
 from .. import constants as C
 from ..errors import IncompleteOutputError, LplrError, opt
 
-__all__ = ["LEGACY_KNOBS", "Manifest", "TensorRecord", "integrity_hash", "is_complete", "is_intact", "is_plain_name",
-           "read_manifest", "sha256_file", "write_json_atomic"]
+__all__ = ["Manifest", "TensorRecord", "digest_problems", "file_record", "integrity_hash", "is_complete", "is_intact",
+           "is_plain_name", "not_a_file", "read_manifest", "seal_digests", "sha256_file", "upgrade_record",
+           "write_json_atomic"]
 
-# Knobs that every record carries at top level (None where the tensor's method has no such knob), as format 1.0
-# always did; the method's full settings are in `settings`.
-LEGACY_KNOBS = ("b1", "b2", "b0", "quantizer", "group_size")
+
+def _settings_copy():
+    """A record field that repeats one knob of the record's `settings` (None where the tensor's method has no such
+    knob): written as format 1.0 always did, never read back (`settings` is the one form)."""
+    return field(default=None, metadata={"settings_copy": True})
 
 
 def is_plain_name(name: object) -> bool:
@@ -39,6 +43,36 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def file_record(path: str | os.PathLike) -> dict:
+    """{"sha256", "bytes"} of a file, as the manifest lists files."""
+    return {"sha256": sha256_file(path), "bytes": Path(path).stat().st_size}
+
+
+def not_a_file(path: Path, roots: tuple[Path, ...] = ()) -> str | None:
+    """Why `path` is not a regular file of the output ("is missing", "is a symbolic link", "is a directory", ...), or
+    None when it is one. A link is followed only to a regular file inside one of `roots` (resolved directories: the
+    output, a Hub cache snapshot's blobs): one pointing out of the output is never read."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return "is missing"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if stat.S_ISLNK(mode):
+        try:
+            real = Path(path).resolve(strict=True)
+        except (OSError, RuntimeError):  # dangling, or a loop
+            return f"is a symbolic link (to {os.readlink(path)}) that leads to no file"
+        if any(real == r or r in real.parents for r in roots):
+            return not_a_file(real)
+        return f"is a symbolic link (to {real}) out of the output, which no reader of this tool follows"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file (a FIFO, socket or device)"
+    return None
 
 
 def is_intact(path: Path, record, digest: Callable[[Path], str] = sha256_file) -> bool:
@@ -59,11 +93,11 @@ class TensorRecord:
     layer: int | None = None
     matrix_type: str | None = None
     rank: int | None = None
-    b1: int | None = None
-    b2: int | None = None
-    b0: int | None = None
-    quantizer: str | None = None
-    group_size: int | None = None
+    b1: int | None = _settings_copy()
+    b2: int | None = _settings_copy()
+    b0: int | None = _settings_copy()
+    quantizer: str | None = _settings_copy()
+    group_size: int | None = _settings_copy()
     rank_policy: str | None = None
     seed: int = 0
     transposed: bool = False
@@ -99,7 +133,7 @@ class TensorRecord:
         original = math.prod(shape) * itemsize
         stored_bytes = sum(v["bytes"] for v in stored.values())
         return cls(name=name, shape=list(shape), dtype=dtype, method=settings["method"], rank_policy=rank_policy,
-                   **{k: settings.get(k) for k in LEGACY_KNOBS}, stored=stored, original_bytes=original,
+                   **{k: settings.get(k) for k in _copied_knobs()}, stored=stored, original_bytes=original,
                    stored_bytes=stored_bytes, bits_per_param=8 * stored_bytes / numel,
                    original_bits_per_param=8 * original / numel, grew=stored_bytes > original, settings=settings,
                    **facts)
@@ -115,13 +149,23 @@ class TensorRecord:
                             f"damaged, re-run the conversion")
         names = {f.name for f in dataclasses.fields(cls)}
         try:
-            rec = cls(**{k: v for k, v in d.items() if k in names})
+            return cls(**{k: v for k, v in upgrade_record(d).items() if k in names})
         except TypeError as e:
             raise LplrError(f"a tensor record of the manifest is malformed ({e}); re-run the conversion") from None
-        if not rec.settings:  # written before records carried their settings
-            rec.settings = {"method": rec.method, **{k: getattr(rec, k) for k in LEGACY_KNOBS
-                                                     if getattr(rec, k) is not None}}
-        return rec
+
+
+def _copied_knobs() -> tuple[str, ...]:
+    """The knobs a record repeats at top level (its `_settings_copy` fields)."""
+    return tuple(f.name for f in dataclasses.fields(TensorRecord) if f.metadata.get("settings_copy"))
+
+
+def upgrade_record(d: Mapping[str, Any]) -> dict:
+    """A tensor record's JSON as this version reads it, from any earlier one: the one place old records are
+    upgraded. Records written before they carried their `settings` get them from the knobs repeated at top level."""
+    d = dict(d)
+    if not d.get("settings"):
+        d["settings"] = {"method": d.get("method"), **{k: d[k] for k in _copied_knobs() if d.get(k) is not None}}
+    return d
 
 
 @dataclass
@@ -139,20 +183,25 @@ class Manifest:
     files: dict[str, dict] = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
     eval: dict | None = None
+    report: dict[str, dict] = field(default_factory=dict)  # report files written after the manifest
     integrity: str | None = None
+    digests: dict[str, str] | None = None  # per top-level key (None: a manifest written before digests existed)
 
     def to_json(self) -> dict:
-        """The JSON document, keys in the documented order, integrity last."""
+        """The JSON document, keys in the documented order, integrity and the digests last."""
         doc = {C.M_FORMAT_VERSION: self.format_version, C.M_TOOL: self.tool, C.M_TOOL_VERSION: self.tool_version,
                C.M_COMPLETE: self.complete, C.M_SOURCE: self.source, C.M_OPTIONS: self.options,
                C.M_TENSORS: [r.to_json() for r in self.tensors], C.M_SHARDS: self.shards, C.M_FILES: self.files,
-               C.M_SUMMARY: self.summary, C.M_EVAL: self.eval}
+               C.M_SUMMARY: self.summary, C.M_EVAL: self.eval, C.M_REPORT: self.report}
         doc[C.M_INTEGRITY] = self.integrity
+        if self.digests is not None:
+            doc[C.M_DIGESTS] = self.digests
         return doc
 
     def seal(self) -> Manifest:
-        """Set the integrity hash from the tensor records and shard hashes."""
+        """Set the integrity hash from the tensor records and shard hashes, and the digest of every section."""
         self.integrity = integrity_hash(self.to_json())
+        self.digests = section_digests(self.to_json())
         return self
 
     @classmethod
@@ -165,7 +214,8 @@ class Manifest:
                    source=_mapping(doc, C.M_SOURCE), options=_mapping(doc, C.M_OPTIONS),
                    tensors=[TensorRecord.from_json(t) for t in tensors], shards=_mapping(doc, C.M_SHARDS),
                    files=_mapping(doc, C.M_FILES), summary=_mapping(doc, C.M_SUMMARY), eval=doc.get(C.M_EVAL),
-                   integrity=doc.get(C.M_INTEGRITY))
+                   report=_mapping(doc, C.M_REPORT), integrity=doc.get(C.M_INTEGRITY),
+                   digests=doc.get(C.M_DIGESTS) if isinstance(doc.get(C.M_DIGESTS), dict) else None)
 
     @classmethod
     def coerce(cls, manifest: Manifest | Mapping) -> Manifest:
@@ -187,6 +237,41 @@ def integrity_hash(manifest: Mapping) -> str:
     """sha256 over the parts of a manifest the loader trusts: the tensor records and the shard hashes."""
     payload = {C.M_TENSORS: manifest.get(C.M_TENSORS), C.M_SHARDS: manifest.get(C.M_SHARDS)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _canonical(value) -> bytes:
+    """The canonical JSON of a value as it reads back from a file (keys sorted, no spaces)."""
+    return json.dumps(json.loads(json.dumps(value)), sort_keys=True, separators=(",", ":")).encode()
+
+
+def section_digests(doc: Mapping) -> dict[str, str]:
+    """sha256 of the canonical JSON of every top-level key of a manifest document but the digests themselves: with
+    them, every byte that matters of the manifest is covered (integrity covers only tensors + shards, for the
+    loaders, as format 1.0 always did)."""
+    return {k: hashlib.sha256(_canonical(v)).hexdigest() for k, v in doc.items() if k != C.M_DIGESTS}
+
+
+def seal_digests(doc: dict) -> dict:
+    """Set the digests of a manifest document changed after the conversion by this tool (eval, the report's files);
+    a manifest written before digests existed stays without them (they would vouch for what no digest checked)."""
+    if C.M_DIGESTS in doc:
+        doc[C.M_DIGESTS] = section_digests(doc)
+    return doc
+
+
+def digest_problems(doc: Mapping) -> list[str] | None:
+    """What differs between a manifest document and its digests (sections changed, added or removed after the
+    conversion); None for a manifest written before digests existed."""
+    digests = doc.get(C.M_DIGESTS)
+    if digests is None:
+        return None
+    if not isinstance(digests, dict):
+        return [f"the manifest's {C.M_DIGESTS!r} is not a mapping (modified after the conversion)"]
+    now = section_digests(doc)
+    changed = sorted(k for k in set(now) | set(digests) if now.get(k) != digests.get(k))
+    return [f"the manifest's {k!r} section was " + ("added" if k not in digests else "removed" if k not in now else
+                                                    "modified") + " after the conversion (its digest does not match)"
+            for k in changed]
 
 
 def write_json_atomic(path: str | os.PathLike, obj, indent: int | None = 2, sort_keys: bool = False) -> None:
@@ -213,8 +298,9 @@ def is_complete(out_dir: str | os.PathLike) -> bool:
 def _load_json(path: Path) -> dict:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LplrError(f"{path} is unreadable or not valid JSON ({e}); re-run the conversion with "
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise LplrError(f"{path} is unreadable or not valid JSON ({why}); re-run the conversion with "
                         f"{opt('overwrite')}") from None
     if not isinstance(manifest, dict) or manifest.get(C.M_FORMAT_VERSION) is None:
         raise LplrError(f"{path} is not an lplr-convert manifest; re-run the conversion with {opt('overwrite')}")

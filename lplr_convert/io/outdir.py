@@ -25,7 +25,15 @@ _TEMP_SHARD = re.compile(re.escape(C.PARTIAL_SHARD_TEMPLATE.removesuffix(C.PARTI
     re.escape("{index:05d}"), r"\d{5}"))
 
 __all__ = ["OutputLock", "Resumable", "check_paths", "check_replaceable", "clear_listed", "entries", "listed_files",
-           "owning_output", "prepare_output", "recorded_files", "replaceable_output", "resumable_when_full"]
+           "output_path", "owning_output", "prepare_output", "recorded_files", "replaceable_output", "resumable_when_full"]
+
+
+def output_path(value, what: str = "out_path") -> Path:
+    """The output directory a command was given (`~` expanded); an empty one (which would mean the current
+    directory) is an LplrError."""
+    if value is None or not str(value).strip():
+        raise LplrError(f"{opt(what)} is empty; pass the directory to write, e.g. {opt(what)} ./model-lplr")
+    return Path(value).expanduser()
 
 
 def check_paths(src_root: Path, out: Path, what: str = "out_path") -> None:
@@ -73,7 +81,7 @@ def _progress(out: Path) -> dict | None:
         return None
     try:
         journal = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None
     if not isinstance(journal, dict) or not isinstance(journal.get("fingerprint"), dict):
         return None
@@ -172,8 +180,25 @@ class OutputLock:
     run that fails after writing, or is killed, leaves it, and the next run takes it over. flock is
     local to one machine: on a network file system two machines are not kept apart."""
 
-    def __init__(self, out: Path):
-        self.out, self._fd, self.created, self.made_dir = out, None, False, False
+    def __init__(self, out: Path, shared: bool = False):
+        self.out, self._fd, self.created, self.made_dir, self.shared = out, None, False, False, shared
+
+    @classmethod
+    @contextlib.contextmanager
+    def reading(cls, out: Path):
+        """A shared lock for a command that reads a whole output and must see one conversion (push): no conversion,
+        export or update of `out` starts meanwhile (nor does this start during one); readers share it. Where the lock
+        file cannot be made (a read-only directory), no one can write there either, and none is taken."""
+        lock = cls(out, shared=True)
+        try:
+            lock.__enter__()
+        except _ReadOnly:
+            yield None
+            return
+        try:
+            yield lock
+        finally:
+            lock.__exit__(None, None, None)
 
     @classmethod
     @contextlib.contextmanager
@@ -207,6 +232,8 @@ class OutputLock:
             (self.out / C.LOCK_FILE).unlink(missing_ok=True)
 
     def __enter__(self):
+        if self.shared and not self.out.is_dir():
+            raise LplrError(f"{self.out} is not a directory; pass the output directory of an lplr-convert run")
         try:
             self.made_dir = not self.out.exists()
             self.out.mkdir(parents=True, exist_ok=True)
@@ -223,7 +250,7 @@ class OutputLock:
         self._fd = fd
         with contextlib.suppress(OSError):  # the holder's name is a courtesy: a full disk must not leak the lock
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}{', reading' if self.shared else ''}".encode(), 0)
         return self
 
     def _locked_fd(self, path: Path) -> int | None:
@@ -235,14 +262,19 @@ class OutputLock:
             self.out.mkdir(parents=True, exist_ok=True)
             return None
         except OSError as e:
+            if self.shared and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+                raise _ReadOnly() from None
             raise LplrError(f"{opt('out_path')} {self.out} is not writable ({e.strerror or e}); choose a directory "
                             f"you can write to") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as e:
             holder = os.pread(fd, 400, 0).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                if self.shared:
+                    raise LplrError(f"{self.out} is being written by another run ({holder}); wait for it to finish, "
+                                    f"then run this again") from None
                 raise LplrError(f"{self.out} is being written by another run ({holder}); wait for it to finish or "
                                 f"choose another output directory") from None
             raise
@@ -259,6 +291,17 @@ class OutputLock:
     def __exit__(self, *exc) -> None:
         if self._fd is None:
             return
+        if self.shared:  # the lock file goes only when no other reader holds it (and this one made it)
+            try:
+                if self.created:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    (self.out / C.LOCK_FILE).unlink(missing_ok=True)
+            except OSError:
+                pass
+            finally:
+                os.close(self._fd)
+                self._fd = None
+            return
         # A finished output carries no file of the lock's, nor does a failed run that wrote nothing (its directory
         # goes too when this run made it); a failed run that wrote something keeps it, for the next run to take over.
         nothing = False
@@ -274,6 +317,10 @@ class OutputLock:
         if nothing and self.made_dir:
             with contextlib.suppress(OSError):  # another run may have put something there since
                 self.out.rmdir()
+
+
+class _ReadOnly(Exception):
+    """The lock file of a shared lock cannot be made: the directory is read-only."""
 
 
 @dataclass(frozen=True)
@@ -350,7 +397,7 @@ def recorded_files(record: Path) -> set[str] | None:
 
     try:
         files = json.loads(record.read_text(encoding="utf-8"))[C.M_FILES]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError):
         return None
     if not isinstance(files, (list, dict)) or not all(is_plain_name(f) for f in files):
         return None

@@ -4,19 +4,25 @@ tools and decompress."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from .. import constants as C
 from ..dtypes import dtype_from_name, dtype_name
 from ..errors import LplrError, opt
 from ..math.lowrank import product_rows
-from ..methods import get_method
-from .manifest import Manifest, TensorRecord, is_intact, read_manifest
+from ..methods import Method, get_method
+from .manifest import Manifest, TensorRecord, is_intact, not_a_file, read_manifest
 
-__all__ = ["ConvertedOutput", "decode_record", "decoded_factors", "loaded_blocks", "loaded_tensor", "open_output"]
+# A record's quantized parts: the info key of each one's spec and the stored part it describes.
+_SPEC_PARTS = {"q": C.PART_QUANT, "left": C.PART_LEFT, "right": C.PART_RIGHT}
+
+__all__ = ["ConvertedOutput", "decode_record", "decoded_factors", "loaded_blocks", "loaded_tensor", "open_output",
+           "record_problem"]
 
 
 def _first_line(e: BaseException) -> str:
@@ -27,10 +33,19 @@ def _first_line(e: BaseException) -> str:
 class ConvertedOutput:
     """A finished conversion directory. Use as a context manager (or call `close`) to release the open shard."""
 
-    def __init__(self, root: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True):
+    def __init__(self, root: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True,
+                 check_records: bool = True):
+        from .reader import source_roots
+
         self.root = Path(root)
+        self.roots = source_roots(self.root)  # where a link in the output may lead (itself, a Hub snapshot's blobs)
         self.document = read_manifest(self.root)
         self.manifest = Manifest.from_json(self.document)
+        for rec in self.records if check_records else ():  # no I/O: a loader names a broken record up front
+            why = record_problem(rec)[0]
+            if why is not None:
+                raise LplrError(f"the manifest's record of {rec.name} {why}; the output is damaged, run "
+                                f"`lplr-convert verify` and re-run the conversion")
         self.device, self.verify = str(device), verify
         self._open_name: str | None = None
         self._open = None
@@ -60,7 +75,7 @@ class ConvertedOutput:
         path = self.root / shard
         if self.verify:
             self.check_shard(shard)
-        elif not path.is_file():
+        elif not_a_file(path, self.roots) is not None:
             raise self._missing(shard)
         try:
             self._open = safe_open(str(path), framework="pt", device=self.device)
@@ -79,28 +94,42 @@ class ConvertedOutput:
                 raise LplrError(f"{path} is not a file the manifest lists (added after the conversion); remove it or "
                                 f"re-run the conversion")
             return None
-        if not path.is_file():
-            raise LplrError(f"{rel} is missing from {self.root} although the manifest lists it; re-run the conversion")
+        why = not_a_file(path, self.roots)
+        if why is not None:
+            raise LplrError(f"{rel} {why} in {self.root}, although the manifest lists it; re-run the conversion")
         if self.verify and not is_intact(path, meta):
             raise LplrError(f"{path} does not match the sha256 in the manifest (modified after the conversion); "
                             f"restore it, or re-run the conversion")
         return path
 
     def _missing(self, shard: str) -> LplrError:
-        return LplrError(f"shard {shard} is missing from {self.root}; re-run the conversion (or {opt('resume')})")
+        why = not_a_file(self.root / shard, self.roots) or "is missing"
+        return LplrError(f"shard {shard} {why} in {self.root}; re-run the conversion (or {opt('resume')})")
 
     def check_shard(self, shard: str) -> None:
         """Raise LplrError unless `shard` has the size and sha256 the manifest records."""
         path, meta = self.root / shard, self.manifest.shards.get(shard)
-        if not path.is_file():
+        if not_a_file(path, self.roots) is not None:
             raise self._missing(shard)
         if not is_intact(path, meta):
             raise LplrError(f"shard {shard} does not match the sha256 in the manifest (damaged or modified); "
                             f"re-run the conversion, or re-download it")
 
+    def stored_tensor(self, rec: TensorRecord, full: str, last: bool = False) -> torch.Tensor:
+        """One stored tensor of a record (`last`: only its last entry, of a 1-D tensor), read without its siblings."""
+        shard = self._shard(str(rec.shard), full)
+        try:
+            return shard.get_slice(full)[-1:] if last else shard.get_tensor(full)
+        except Exception as e:  # noqa: BLE001
+            raise LplrError(f"tensor {full} cannot be read from {rec.shard} ({_first_line(e)}); run "
+                            f"`lplr-convert verify` and re-run the conversion") from None
+
     def parts(self, rec: TensorRecord) -> dict[str, torch.Tensor]:
         """Every stored tensor of one weight, keyed by suffix ("" = the weight's own name), checked against the
         manifest's dtype and shape."""
+        if not rec.stored or not isinstance(rec.stored, dict):
+            raise LplrError(f"the manifest's record of {rec.name} stores no tensor; the output is damaged, re-run the "
+                            f"conversion")
         out = {}
         for full, meta in rec.stored.items():
             try:
@@ -193,6 +222,68 @@ def decode_record(rec: TensorRecord, parts: dict[str, torch.Tensor]) -> torch.Te
         raise LplrError(f"tensor {rec.name} decodes to shape {list(W.shape)}, expected {rec.shape}; the output "
                         f"is damaged, re-run the conversion")
     return W
+
+
+def record_problem(rec: TensorRecord) -> tuple[str | None, dict]:
+    """What makes a record undecodable, judged from the manifest alone (method, info, quantizer specs against the
+    stored parts' names, dtypes and shapes), or None; and {stored name: spec} of its bit-packed parts."""
+    from ..math import quantize as qz
+    from ..methods._common import part_name
+    from ..pipeline.experts import EXPERTS_KEY
+
+    if not rec.stored:
+        return "stores no tensor", {}
+    try:
+        method = get_method(rec.method)
+    except LplrError as e:
+        return str(e), {}
+    if not isinstance(rec.info, dict) or not isinstance(rec.shape, list):
+        return "has a malformed record (info or shape)", {}
+    if rec.method == "copy" or set(rec.stored) == {rec.name}:  # a dense tensor under its own name (copy, laser)
+        meta = rec.stored.get(rec.name)
+        if len(rec.stored) != 1 or not isinstance(meta, dict) or list(meta.get("shape", ())) != list(rec.shape) or \
+                rec.method == "copy" and meta.get("dtype") != rec.dtype:
+            what = f"{meta.get('dtype')} {meta.get('shape')}" if isinstance(meta, dict) else "something else"
+            return f"stores {min(rec.stored)} as {what}, not the {rec.dtype} {rec.shape} tensor it records", {}
+        return None, {}
+    if EXPERTS_KEY in rec.info or type(method).layout is Method.layout:
+        return None, {}  # fused experts, or a method that declares no stored matrices: decoded in full only (`full`)
+    if len(rec.shape) != 2:
+        return f"is a compressed tensor of shape {rec.shape}, not a matrix", {}
+    m, n = rec.shape[::-1] if rec.transposed else rec.shape
+    predicted, packed, specs = {}, {}, {}
+    for key, part in _SPEC_PARTS.items():
+        if rec.info.get(key) is None:
+            continue
+        try:
+            spec = specs[key] = qz.QuantSpec.from_json(rec.info[key])
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            return f"has an invalid quantizer spec info[{key!r}] ({type(e).__name__}: {e})", {}
+        for field, (dtype, shape) in qz.field_specs(spec).items():
+            full = f"{rec.name}.{part_name(part, field)}"
+            predicted[full] = (None if field == C.FIELD_FLOAT else dtype, list(shape))
+            if field in (C.FIELD_PACKED, C.FIELD_ZERO_POINT):  # (bits, codes packed)
+                packed[full] = (spec.bits, math.prod(spec.scale_shape if field == C.FIELD_ZERO_POINT else spec.shape))
+    if not specs:
+        return "has no quantized part in its info", {}
+    shapes = {k: tuple(s.shape) for k, s in specs.items()}
+    rank = rec.info.get("rank")
+    if "q" in shapes and shapes["q"] != (m, n):
+        return f"has a quantized matrix of shape {list(shapes['q'])}, the weight is {[m, n]}", {}
+    if ("left" in shapes) != ("right" in shapes) or "left" in shapes and (
+            shapes["left"][0] != m or shapes["right"][1] != n or shapes["left"][1] != shapes["right"][0]
+            or rank is not None and shapes["left"][1] != rank):
+        return (f"has factors {[list(shapes.get('left', ())), list(shapes.get('right', ()))]} of rank {rank}, "
+                f"which do not make a {[m, n]} weight"), {}
+    if set(predicted) != set(rec.stored):
+        odd = sorted(set(predicted) ^ set(rec.stored))
+        return f"stores other parts than its quantizer specs give (first: {odd[0]})", {}
+    for full, (dtype, shape) in predicted.items():
+        meta = rec.stored[full]
+        if list(meta.get("shape", ())) != shape or dtype is not None and meta.get("dtype") != dtype:
+            return (f"stores {full} as {meta.get('dtype')} {meta.get('shape')}, its quantizer spec gives "
+                    f"{dtype or 'float'} {shape}"), {}
+    return None, packed
 
 
 def open_output(root: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True) -> ConvertedOutput:

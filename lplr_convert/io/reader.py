@@ -17,6 +17,7 @@ from .. import constants as C
 from ..dtypes import ST_DTYPES
 from ..errors import LplrError, opt
 from .manifest import is_plain_name
+from .network import hub_timeout, is_timeout, network_timeout, timeout_hint
 
 __all__ = ["BUNDLED", "WEIGHT_SUFFIXES", "SourceCheckpoint", "TensorHeader", "inside", "open_source",
            "resolve_source", "safetensors_header"]
@@ -221,13 +222,20 @@ def _load_bin(path: Path) -> dict:
     if bad is not None:
         raise LplrError(f"{path} has a tensor under the {type(bad).__name__} key {bad!r}; tensor names must be "
                         f"strings: save the model's state_dict() instead")
+    odd = next((k for k, v in sd.items() if v.layout != torch.strided or v.device.type == "meta"), None)
+    if odd is not None:
+        t = sd[odd]
+        kind = "a meta tensor (shape only, no values)" if t.device.type == "meta" else f"a {t.layout} tensor"
+        raise LplrError(f"{path} stores {odd} as {kind}; only dense tensors with values can be converted: save the "
+                        f"model's dense state_dict() (e.g. `t.to_dense()`, weights materialized) instead")
     return sd
 
 
 def _refusal(e: pickle.UnpicklingError) -> str:
     """The line of torch's weights_only refusal that names what was refused."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    named = [ln.removeprefix("WeightsUnpickler error:").strip() for ln in lines if "Unsupported" in ln]
+    named = [ln.removeprefix("WeightsUnpickler error:").strip() for ln in lines  # torch 2.x words it both ways
+             if "unsupported" in ln.lower() or "blocked" in ln.lower()]
     return (named or lines or ["unsupported content"])[0][:160]
 
 
@@ -370,21 +378,27 @@ def _download(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        info = HfApi().model_info(repo_id, revision=revision, files_metadata=False)
-        commit = info.sha
-        files = [s.rfilename for s in (info.siblings or [])] or HfApi().list_repo_files(repo_id, revision=commit)
-        allow = list(HUB_ALLOW)
-        if not any(f.endswith(".safetensors") for f in files):
-            allow += ["*.bin"]
-        logger.info(f"downloading {repo_id}@{commit or revision or 'main'} from the Hub")
-        return Path(snapshot_download(repo_id, revision=commit or revision, allow_patterns=allow)), commit
+        with hub_timeout():
+            info = HfApi().model_info(repo_id, revision=revision, files_metadata=False)
+            commit = info.sha
+            files = [s.rfilename for s in (info.siblings or [])] or HfApi().list_repo_files(repo_id, revision=commit)
+            allow = list(HUB_ALLOW)
+            if not any(f.endswith(".safetensors") for f in files):
+                allow += ["*.bin"]
+            logger.info(f"downloading {repo_id}@{commit or revision or 'main'} from the Hub")
+            return Path(snapshot_download(repo_id, revision=commit or revision, allow_patterns=allow)), commit
     except RevisionNotFoundError:
         raise LplrError(f"revision {revision!r} does not exist in {repo_id} on the Hub; pass an existing branch, "
                         f"tag or commit id with {opt('revision')}") from None
     except RepositoryNotFoundError:
         raise LplrError(f"{repo_id} was not found on the Hub (or your token cannot read it); check the repo id, or "
                         f"set HF_TOKEN for a private or gated repo") from None
+    except LplrError:
+        raise
     except Exception as e:  # noqa: BLE001  (every client failure becomes one line)
+        if is_timeout(e):
+            raise LplrError(f"cannot fetch {repo_id} from the Hub: {timeout_hint(network_timeout())}; check your "
+                            f"connection and HF_ENDPOINT, or download it and pass the local directory") from None
         kind = type(e).__name__
         msg = str(e).strip().splitlines()[0] if str(e).strip() else kind
         raise LplrError(f"cannot fetch {repo_id} from the Hub ({kind}: {msg[:160]}); check the repo id and your "

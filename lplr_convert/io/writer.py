@@ -90,6 +90,7 @@ class ShardWriter:
     metadata: dict[str, str] = field(default_factory=lambda: {C.META_FORMAT_KEY: C.META_FORMAT_VALUE})
     closed: list[ClosedShard] = field(default_factory=list)
     on_close: object = None  # callable(ClosedShard) -> None, e.g. the resume journal
+    retry: str = ""  # how to go on after a failed write (default: re-run with --resume)
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
@@ -97,6 +98,9 @@ class ShardWriter:
         self._groups: list[str] = []
         self._size = 0
         self._data = None
+
+    def _retry(self) -> str:
+        return self.retry or f"re-run with {opt('resume')}"
 
     @property
     def next_index(self) -> int:
@@ -120,8 +124,8 @@ class ShardWriter:
             try:
                 self._data.write(buf)
             except OSError as e:
-                raise LplrError(f"writing {self.out_dir} failed ({e.strerror or e}); free disk space and re-run "
-                                f"with {opt('resume')}") from None
+                raise LplrError(f"writing {self.out_dir} failed ({e.strerror or e}); free disk space and "
+                                f"{self._retry()}") from None
             self._entries.append((name, ST_CODES[t.dtype], list(t.shape), self._size, self._size + len(buf)))
             self._size += len(buf)
         self._groups.append(group)
@@ -152,7 +156,7 @@ class ShardWriter:
         except OSError as e:
             partial.unlink(missing_ok=True)
             raise LplrError(f"writing shard {temp_name} in {self.out_dir} failed ({e.strerror or e}); free disk "
-                            f"space and re-run with {opt('resume')}") from None
+                            f"space and {self._retry()}") from None
         data_path.unlink(missing_ok=True)
         shard = ClosedShard(self.next_index, temp_name, digest.hexdigest(),
                             (self.out_dir / temp_name).stat().st_size, [e[0] for e in self._entries],

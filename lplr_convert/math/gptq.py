@@ -27,7 +27,7 @@ import torch
 
 from . import quantize as qz
 
-__all__ = ["GPTQResult", "gptq", "gptq_detailed"]
+__all__ = ["GPTQFactor", "GPTQResult", "gptq", "gptq_detailed", "gptq_factor"]
 
 
 class GPTQResult(NamedTuple):
@@ -84,6 +84,29 @@ def _factor(H: torch.Tensor, damp: float, act_order: bool,
     X = torch.linalg.solve_triangular(L, eye, upper=False, out=eye)
     del L, H64
     return X.to(work).flip(0, 1), dead, perm
+
+
+class GPTQFactor(NamedTuple):
+    """What GPTQ derives from H alone (`gptq_factor`): U (upper triangular, H'^-1 = U^T U in processing order, in the
+    working precision `work`), the dead-input mask and the processing order (None without act_order). Every weight
+    quantized against the same H with the same damp and order shares it (q/k/v, a qlr's backbone and its R)."""
+
+    U: torch.Tensor
+    dead: torch.Tensor
+    perm: torch.Tensor | None
+    damp: float
+    act_order: bool
+    work: torch.dtype
+
+
+def gptq_factor(H: torch.Tensor, *, damp: float = 0.01, act_order: bool = False,
+                work: torch.dtype = torch.float32) -> GPTQFactor:
+    """The factorization of H that `gptq` would compute (one float64 Cholesky and triangular solve, O(n^3)), to pass
+    to `gptq(..., factor=)` for several weights with the same H: same result, bit for bit, as computing it each time.
+    ValueError when the damped H is not positive definite or damp < 0."""
+    if tuple(H.shape) != (H.shape[0], H.shape[0]) or not damp >= 0:
+        raise ValueError(f"gptq_factor needs a square H and damp >= 0, got shape {tuple(H.shape)} and {damp}")
+    return GPTQFactor(*_factor(H, damp, act_order, work), damp, act_order, work)
 
 
 def _blocks(n: int, block_size: int, group_size: int | None) -> list[tuple[int, int]]:
@@ -147,11 +170,11 @@ def _quantize_block(Wt1: torch.Tensor, U1: torch.Tensor, grid: qz.Grid, codes1: 
 
 
 def _run(W: torch.Tensor, H: torch.Tensor, spec: qz.QuantSpec, damp: float, block_size: int,
-         act_order: bool) -> GPTQResult:
+         act_order: bool, factor: GPTQFactor | None) -> GPTQResult:
     m, n = W.shape
     work = torch.float64 if W.dtype == torch.float64 else torch.float32
     Wt = torch.empty((n, m), dtype=work, device=W.device).copy_(W.T)  # row j = column j of W
-    U, dead, perm = _factor(H, damp, act_order, work)
+    U, dead, perm = factor[:3] if factor is not None else _factor(H, damp, act_order, work)
     Wt[dead] = 0
     columns = _Columns(Wt, spec, perm)
     if perm is not None:
@@ -173,23 +196,28 @@ def _run(W: torch.Tensor, H: torch.Tensor, spec: qz.QuantSpec, damp: float, bloc
 
 
 def gptq_detailed(W: torch.Tensor, H: torch.Tensor, spec: qz.QuantSpec, *, damp: float = 0.01,
-                  block_size: int = 128, act_order: bool = False) -> GPTQResult:
+                  block_size: int = 128, act_order: bool = False, factor: GPTQFactor | None = None) -> GPTQResult:
     """GPTQ of W (m x n, out x in) against H (n x n, symmetric PSD, may be singular) with any integer `spec`
     (16/32 bits: the float cast). w_hat is float32 (float64 for float64 W) and equals `qz.dequantize(quantized,
     w_hat.dtype)` bit for bit; quantized.spec says what is stored (scale_dtype float32 where float16 scales do not
-    fit, see `quantize`). Raises ValueError for inconsistent shapes or when damp = 0 leaves H singular."""
+    fit, see `quantize`). Raises ValueError for inconsistent shapes or when damp = 0 leaves H singular. `factor`:
+    `gptq_factor` of this H with the same damp and act_order (and W's working precision), computed once for several
+    weights; the result is the same bit for bit."""
     _check(W, H, spec, damp, block_size)
+    if factor is not None and (factor.damp, factor.act_order, factor.work, factor.U.shape[0]) != (
+            damp, act_order, torch.float64 if W.dtype == torch.float64 else torch.float32, W.shape[1]):
+        raise ValueError("the GPTQ factor was computed with other settings (damp, act_order, precision or width)")
     if spec.bits in qz.FLOAT_BITS:
         q = qz.quantize_spec(W, spec)
         return GPTQResult(q, qz.dequantize(q, torch.float64 if W.dtype == torch.float64 else torch.float32), None)
-    result = _run(W, H, spec, damp, block_size, act_order)
+    result = _run(W, H, spec, damp, block_size, act_order, factor)
     if not qz.scales_representable(result.quantized.scale, spec):
-        result = _run(W, H, dataclasses.replace(spec, scale_dtype="float32"), damp, block_size, act_order)
+        result = _run(W, H, dataclasses.replace(spec, scale_dtype="float32"), damp, block_size, act_order, factor)
     return result
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, spec: qz.QuantSpec, *, damp: float = 0.01, block_size: int = 128,
-         act_order: bool = False) -> tuple[qz.Quantized, torch.Tensor]:
+         act_order: bool = False, factor: GPTQFactor | None = None) -> tuple[qz.Quantized, torch.Tensor]:
     """(quantized, w_hat) of `gptq_detailed`."""
-    result = gptq_detailed(W, H, spec, damp=damp, block_size=block_size, act_order=act_order)
+    result = gptq_detailed(W, H, spec, damp=damp, block_size=block_size, act_order=act_order, factor=factor)
     return result.quantized, result.w_hat

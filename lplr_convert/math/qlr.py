@@ -125,7 +125,7 @@ def _check(W: torch.Tensor, H: torch.Tensor, rank: int, iters: int, refits: int)
 
 def qlr(W: torch.Tensor, H: torch.Tensor, rank: int, quantize_q: Quantizer, quantize_l: Quantizer,
         quantize_r: Quantizer, *, iters: int = 2, refits: int = 2, seed: int = 0, svd_method: str = "auto",
-        white: Whitening | None = None) -> QLRResult:
+        white: Whitening | None = None, q0: tuple[Any, torch.Tensor] | None = None) -> QLRResult:
     """W ~ Q + L R minimising tr((W - Q - L R) H (W - Q - L R)^T); the best of 1 + 2 * iters candidates.
 
     `quantize_q(M, H)` quantizes a full-size m x n matrix against H (e.g. GPTQ), `quantize_l(L, R H R^T)` and
@@ -134,13 +134,14 @@ def qlr(W: torch.Tensor, H: torch.Tensor, rank: int, quantize_q: Quantizer, quan
     included, for rank 0); then per iteration the quantized low-rank fit of W - Q (`fit_low_rank`, `refits` rounds,
     SVD route `svd_method` seeded with `seed`) and the update Q = quantize_q(W - L R, H). Errors are computed in float64
     against the H given; `white` (whitening of H) may be passed to share it between weights with the same inputs.
-    Computed in W's working precision (float32, or float64), on W's device; one host sync per candidate.
+    Computed in W's working precision (float32, or float64), on W's device; one host sync per candidate. `q0`: the
+    first backbone quantize_q(W, H) when it is already known (e.g. from a budget's first pass), not recomputed.
     """
     _check(W, H, rank, iters, refits)
     m, n = W.shape
     Wf = W.to(work_dtype(W.dtype))
     den = float(factored_weighted_error(Wf, None, None, H))
-    q_stored, Q = quantize_q(W, H)
+    q_stored, Q = quantize_q(W, H) if q0 is None else q0
     E = Wf - Q.to(Wf.dtype)
     empty_l, empty_r = Wf.new_zeros(m, 0), Wf.new_zeros(0, n)
     best = QLRResult(q_stored, Q, None, None, empty_l, empty_r, _relative(factored_weighted_error(E, None, None, H), den))

@@ -23,8 +23,11 @@ stored value, so decoding the stored fields reproduces the quantized matrix exac
 group) gets the machine epsilon of the scale dtype as its scale, as in compressed-tensors, and z = 0 (where
 compressed-tensors computes 0/0 and casts NaN to int8, which gives 0 on x86), so it decodes to 0. Tiny scales are
 floored at the dtype's smallest positive number (2**-24 for float16, a subnormal): such a group's step may exceed its
-range, and it decodes to within half a step. Where a float16 scale would overflow, the whole matrix is quantized with
-float32 scales instead and its spec says scale_dtype "float32": the spec always says what is on disk.
+range, and it decodes to within half a step (a few tiny groups beside normal ones cost the matrix nothing). Where a
+float16 scale would overflow, or where every non-empty group's scale underflows below 2**-16 (subnormals keeping fewer
+than 8 significant bits: a matrix of std 1e-7 at 8 bits came out as noise, relative error 0.17 against 0.006), the
+whole matrix is quantized with float32 scales instead and its spec says scale_dtype "float32": the spec always says
+what is on disk.
 
 clip="mse" (symmetric/asymmetric): for each parameter group, the range (lo, hi) is shrunk to (p lo, p hi) for
 p = 1 - k/100, k = 0..79 (GPTQ's `find_params`: grid 100, maxshrink 0.8, norm 2.4; llm-compressor's "mse" observer
@@ -226,8 +229,11 @@ class Grid:
 
 
 def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """View (m, n) as (m, G, g), padding the last group by repeating the row's last value."""
+    """View (m, n) as (m, G, g), padding the last group by repeating the row's last value. A group size above n is one
+    group per row, viewed as (m, 1, n): padding it to the group size would only cost memory (64 x 1e8 floats for a
+    64 x 128 matrix) for values that no parameter depends on (the max and min repeat, mse clipping masks them)."""
     m, n = x.shape
+    group_size = min(group_size, max(n, 1))
     groups = math.ceil(n / group_size)
     pad = groups * group_size - n
     if pad:
@@ -314,9 +320,16 @@ def _normal16(scale: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(scale.to(torch.float16)) & (scale.abs() > 0)
 
 
+_UNDERFLOW16 = 2.0**-16  # below it a float16 scale is a subnormal with fewer than 8 significant bits
+
+
 def scales_representable(scale: torch.Tensor, spec: QuantSpec) -> bool:
-    """False when `spec` stores float16 scales and one of `scale` overflows float16 (one host sync)."""
-    return spec.scale_dtype != "float16" or bool(_normal16(scale).all())
+    """False when `spec` stores float16 scales and one of `scale` overflows float16, or every one of a non-empty group
+    (an empty group's scale is float16's epsilon) underflows it (below 2**-16) (one host sync)."""
+    if spec.scale_dtype != "float16":
+        return True
+    real = scale.abs()[scale != torch.finfo(torch.float16).eps]
+    return bool(_normal16(scale).all()) and (real.numel() == 0 or bool(real.max() >= _UNDERFLOW16))
 
 
 def _mse_fit(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec,

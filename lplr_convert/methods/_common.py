@@ -32,7 +32,7 @@ from .settings import (
 
 CALIBRATED_REFITS = 2  # rounds of the quantized refit with calibration (the better one is kept)
 
-__all__ = ["CalibratedFactoredSettings", "DirectQuantMethod", "FactoredMethod", "FactoredSettings", "Factors",
+__all__ = ["BACKBONES", "BackboneMemo", "CalibratedFactoredSettings", "DirectQuantMethod", "FactoredMethod", "FactoredSettings", "Factors",
            "decode_quant", "factor_bits",
            "factor_specs", "float_matrix", "predict_quant", "quant_parts", "quant_spec", "quantize_left", "rank_grid", "refit", "whitened_tails"]
 
@@ -75,17 +75,65 @@ class CalibratedFactoredSettings(FactoredSettings, GPTQKnobs):
     """Factored methods that become activation-aware with calibration (whitened basis, GPTQ-quantized factors)."""
 
 
-def gptq_quantizer(spec_of, s: Settings):
+def gptq_quantizer(spec_of, s: Settings, stats: InputStats | None = None):
     """A `math.qlr.Quantizer`: (M, H_M) -> (Quantized, dequantized M), GPTQ against H_M with the spec
-    `spec_of(M.shape)` and the GPTQ knobs of `s` (round-to-nearest, exactly GPTQ with H = I, when H_M is None)."""
+    `spec_of(M.shape)` and the GPTQ knobs of `s` (round-to-nearest, exactly GPTQ with H = I, when H_M is None).
+    When H_M is `stats.H` itself, GPTQ's factorization of it is computed once per statistic (`InputStats.gptq_factor`;
+    the same result bit for bit)."""
 
     def quantize(M: torch.Tensor, H: torch.Tensor | None):
         spec = spec_of(tuple(M.shape))
         if H is None:
             return qz.quantize_dequantize_spec(M, spec, _work(M))
-        return gptq(M, H, spec, damp=s.damp, block_size=s.block_size, act_order=s.act_order)
+        try:
+            factor = None
+            if stats is not None and H is stats.H and spec.bits not in qz.FLOAT_BITS:
+                factor = stats.gptq_factor(s.damp, s.act_order, _work(M))
+            return gptq(M, H, spec, damp=s.damp, block_size=s.block_size, act_order=s.act_order, factor=factor)
+        except ValueError as e:
+            if "positive definite" not in str(e):
+                raise
+            raise LplrError(f"the calibration statistics of this weight are singular, and --damp {s.damp:g} adds too "
+                            f"little to invert them; pass a larger --damp (the default is 0.01)") from None
 
     return quantize
+
+
+class BackboneMemo:
+    """Full-size quantized matrices a budget's first pass computed (`Method.candidates`), kept for the conversion that
+    follows, which needs the same one at the width chosen (qlr's first backbone is GPTQ of W at b0 bits, exactly what
+    the allocation measured). Keyed by the content of W and H and everything the result depends on (spec, GPTQ knobs,
+    torch's thread count, which sets the low bits on a CPU), so a hit is the same result bit for bit. Holds the stored
+    form only (codes and scales: about a byte per parameter), at most `limit` bytes: the first tensors computed are
+    kept, later ones are recomputed by the conversion. `take` removes what it returns."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used, self.entries = limit, 0, {}
+
+    @staticmethod
+    def key(W: torch.Tensor, stats: InputStats | None, spec: qz.QuantSpec, s: Settings) -> tuple:
+        from ..math.fingerprint import tensor_digest
+
+        return (tensor_digest(W), None if stats is None else stats.digest(), str(W.dtype), repr(spec),
+                s.damp, s.block_size, s.act_order, torch.get_num_threads())
+
+    def put(self, key: tuple, q: qz.Quantized) -> None:
+        size = sum(t.numel() * t.element_size() for t in qz.to_fields(q).values())
+        if key not in self.entries and self.used + size <= self.limit:
+            self.entries[key] = (q, size)
+            self.used += size
+
+    def take(self, key: tuple) -> qz.Quantized | None:
+        q, size = self.entries.pop(key, (None, 0))
+        self.used -= size
+        return q
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.used = 0
+
+
+BACKBONES = BackboneMemo(2 << 30)  # 2 GiB of codes and scales: SmolLM2-135M needs 0.14 GiB, a 7B model ~7
 
 
 def _work(M: torch.Tensor) -> torch.dtype:
@@ -99,7 +147,7 @@ def calibrated_factors(Wf: torch.Tensor, r: int, s: Settings, seed: int, stats: 
     the better of two rounds by the whitened objective (`math.qlr.fit_low_rank`)."""
     m, n = Wf.shape
     ql = gptq_quantizer(lambda shape: factor_specs(m, n, r, s, left_rows=True)[0], s)
-    qr = gptq_quantizer(lambda shape: factor_specs(m, n, r, s, left_rows=True)[1], s)
+    qr = gptq_quantizer(lambda shape: factor_specs(m, n, r, s, left_rows=True)[1], s, stats)
     H = stats.H.to(_work(Wf))
     lr = fit_low_rank(Wf, H, stats.whitening(), r, ql, qr, refits=CALIBRATED_REFITS,
                       svd_method=getattr(s, "svd", "auto"), seed=seed, init_left=init_left)
@@ -215,7 +263,9 @@ class FactoredMethod(Method):
         whose quantization noise the spectrum does not show (all-MiniLM-L6-v2, lplr 4/4 at 8.25 bits/param: cosine
         0.009 with the tail alone, 0.19 with the term; at 4.25: 0.436 and 0.486). With calibration that measurement
         costs GPTQ on every factor (50x the conversion's time here) for little (lsvd 4/4 at 4.25: 0.838 without,
-        0.843 with it), so the tail alone is used."""
+        0.843 with it), so the tail alone is used. A rank given explicitly (`rank` in `fixed`) is kept: no choices."""
+        if "rank" in fixed:
+            return None
         Wf = float_matrix(W, self.name)
         m, n = Wf.shape
         calibrated = stats is not None and self.uses_stats
@@ -259,7 +309,7 @@ class DirectQuantMethod(Method):
     def compress(self, W, settings, seed, stats=None):
         Wf = float_matrix(W, self.name)
         H = stats.H if stats is not None and self.uses_stats else None
-        q, W_hat = gptq_quantizer(lambda shape: self.spec(shape, settings), settings)(Wf, H)
+        q, W_hat = gptq_quantizer(lambda shape: self.spec(shape, settings), settings, stats)(Wf, H)
         return MethodResult(quant_parts(C.PART_QUANT, q), {"q": q.spec.to_json()}, qz.stored_bits(q.spec),
                             relative_error(Wf, W_hat))
 
@@ -286,7 +336,7 @@ class DirectQuantMethod(Method):
             target, lambda b: qz.stored_bits(self.spec(Wf.shape, replace(settings, b0=b))), Wf.numel())
         for b in widths:
             s = replace(settings, b0=b)
-            q, W_hat = gptq_quantizer(lambda shape, s=s: self.spec(shape, s), s)(Wf, H)
+            q, W_hat = gptq_quantizer(lambda shape, s=s: self.spec(shape, s), s, stats)(Wf, H)
             err = weighted_error(Wf, W_hat, stats.H) if stats is not None else (Wf - W_hat).double().square().sum()
             out.append(Candidate({"b0": b}, qz.stored_bits(q.spec), float(err) / max(den, 1e-300)))
         return out

@@ -153,6 +153,24 @@ class InputStats:
             self.cache["whitening"] = whitening(self.H)
         return self.cache["whitening"]
 
+    def gptq_factor(self, damp: float, act_order: bool, work: torch.dtype):
+        """GPTQ's factorization of H (`math.gptq.gptq_factor`), computed once per statistic and GPTQ setting: q/k/v,
+        and a qlr's backbone updates and right factors, are all quantized against this H."""
+        key = ("gptq_factor", damp, act_order, work)
+        if key not in self.cache:
+            from ..math.gptq import gptq_factor
+
+            self.cache[key] = gptq_factor(self.H, damp=damp, act_order=act_order, work=work)
+        return self.cache[key]
+
+    def digest(self) -> str:
+        """A hash of H's bytes (computed once), identifying the statistic's content."""
+        if "digest" not in self.cache:
+            from ..math.fingerprint import tensor_digest
+
+            self.cache["digest"] = tensor_digest(self.H)
+        return self.cache["digest"]
+
 
 class Method:
     """A compression method. Subclasses set `settings_cls` and `parts` and implement `compress`, `decode` and
@@ -172,6 +190,15 @@ class Method:
     factored: bool = False
     uses_stats: bool = False  # what it stores depends on calibration statistics when they are given
     has_base: bool = False  # a factored method whose weight is a full-size backbone plus L R (`decode_base`)
+
+    def summary(self) -> str:
+        """One line describing the method (`convert --help`): the start of its module's docstring (60 characters)."""
+        import sys
+
+        doc = " ".join((sys.modules[type(self).__module__].__doc__ or self.name).split("\n\n")[0].split())
+        if len(doc) <= 60:
+            return doc
+        return doc[:60].rsplit(" ", 1)[0].rstrip(",;:.") + "..."
 
     @property
     def uses_rank(self) -> bool:

@@ -14,13 +14,14 @@ from ..math.sketch import SKETCH_PRECISIONS, SKETCHES, sketch_matrix, sketch_pro
 from ..math.whiten import whitened_sketch_basis
 from ._common import CalibratedFactoredSettings, FactoredMethod, quantize_left, refit
 from .base import register
-from .settings import knob, non_negative
+from .settings import MAX_ITERATIONS, iteration_count, knob
 
 
 @dataclass(frozen=True)
 class LPLRSettings(CalibratedFactoredSettings):
     sketch: str = knob("gaussian", type=str, choices=SKETCHES, label="nondefault", help="LPLR sketch.")
-    power_iters: int = knob(0, type=int, validate=non_negative, label="nondefault", help="LPLR power iterations.")
+    power_iters: int = knob(0, type=int, validate=iteration_count(0), label="nondefault",
+                            help=f"LPLR power iterations (0-{MAX_ITERATIONS}).")
     sketch_precision: str = knob(
         "auto", type=str, choices=SKETCH_PRECISIONS, label="nondefault",
         help="Arithmetic of LPLR's sketch product W S (without calibration), which is quantized to b1 bits next: "

@@ -20,6 +20,7 @@ from ..math.lowrank import product
 from ..math.qlr import qlr
 from ..math.svd import singular_values
 from ._common import (
+    BACKBONES,
     CalibratedFactoredSettings,
     bit_choices,
     decode_quant,
@@ -36,13 +37,14 @@ from ._common import (
 )
 from .base import Candidate, InputStats, Method, MethodResult, PackedLayout, QuantPart, register
 from .settings import (
+    MAX_ITERATIONS,
     BitsKnob,
     GPTQKnobs,
     QuantKnobs,
     RankKnobs,
     RankPolicy,
+    iteration_count,
     knob,
-    positive_int,
     redefault,
     resolve_rank,
 )
@@ -61,8 +63,9 @@ class QLRSettings(CalibratedFactoredSettings, BitsKnob):
     clip: str | None = redefault(QuantKnobs, "clip", "mse")
     act_order: bool = redefault(GPTQKnobs, "act_order", True)
     rank: RankPolicy = redefault(RankKnobs, "rank", factory=lambda: RankPolicy("rank_fraction", 0.1))  # noqa: RUF009
-    iters: int = knob(2, type=int, validate=positive_int, label="nondefault",
-                      help="qlr: alternations of the backbone and the low-rank correction (best iterate kept).")
+    iters: int = knob(2, type=int, validate=iteration_count(1), label="nondefault",
+                      help=f"qlr: alternations of the backbone and the low-rank correction (best iterate kept; "
+                           f"1-{MAX_ITERATIONS}).")
 
 
 @register("qlr")
@@ -88,10 +91,11 @@ class QLR(Method):
         r = self.rank_for(Wf, settings)
         H = stats.H.to(Wf.dtype) if stats is not None else torch.eye(n, dtype=Wf.dtype, device=Wf.device)
         white = stats.whitening() if stats is not None else None
-        res = qlr(Wf, H, r, gptq_quantizer(lambda shape: quant_spec(shape, settings.b0, settings, 0), settings),
+        quantize_q = gptq_quantizer(lambda shape: quant_spec(shape, settings.b0, settings, 0), settings, stats)
+        res = qlr(Wf, H, r, quantize_q,
                   gptq_quantizer(lambda shape: quant_spec(shape, settings.b1, settings, 0), settings),
-                  gptq_quantizer(lambda shape: quant_spec(shape, settings.b2, settings, 0), settings),
-                  iters=settings.iters, seed=seed, white=white)
+                  gptq_quantizer(lambda shape: quant_spec(shape, settings.b2, settings, 0), settings, stats),
+                  iters=settings.iters, seed=seed, white=white, q0=self._first_backbone(Wf, settings, stats))
         parts = quant_parts(C.PART_QUANT, res.q_stored)
         info = {"rank": r, "q": res.q_stored.spec.to_json(), "left": None, "right": None, "history": res.history,
                 "best": res.best}
@@ -117,16 +121,33 @@ class QLR(Method):
         for b in widths:
             s = replace(settings, b0=b)
             H = None if stats is None else stats.H.to(Wf.dtype)
-            _, Q = gptq_quantizer(lambda shape, s=s: quant_spec(shape, s.b0, s, 0), s)(Wf, H)
+            q, Q = gptq_quantizer(lambda shape, s=s: quant_spec(shape, s.b0, s, 0), s, stats)(Wf, H)
+            if stats is not None:  # the conversion's first backbone at this width (without stats it uses H = I)
+                BACKBONES.put(self._backbone_key(Wf, s, stats), q)
             tails, _ = whitened_tails(Wf - Q.to(Wf.dtype), stats)
-            ranks = [0] if "rank" in fixed else rank_grid(min(m, n))
+            if "rank" in fixed:  # the rank given is kept: only the backbone's width is chosen
+                r = resolve_rank(s.rank, m, n, bits_for_rank=lambda k, s=s: self._bits(m, n, k, s), min_rank=0)
+                out.append(Candidate({"b0": b}, self._bits(m, n, r, s), tails[r] / den))
+                continue
             out += [Candidate({"b0": b, "rank": RankPolicy("rank", r)}, self._bits(m, n, r, s), tails[r] / den)
-                    for r in ranks]
+                    for r in rank_grid(min(m, n))]
         return out
 
     def layout(self, info):
         return PackedLayout(backbone=QuantPart.of(C.PART_QUANT, info["q"]), left=QuantPart.of(C.PART_LEFT, info["left"]),
                             right=QuantPart.of(C.PART_RIGHT, info["right"]))
+
+    def _backbone_key(self, Wf: torch.Tensor, s, stats: InputStats | None) -> tuple:
+        return BACKBONES.key(Wf, stats, quant_spec(tuple(Wf.shape), s.b0, s, 0), s)
+
+    def _first_backbone(self, Wf: torch.Tensor, s, stats: InputStats | None):
+        """(stored, dequantized) first backbone GPTQ(W) at b0 bits if the budget's first pass left it (`BACKBONES`;
+        the same bits as computing it), else None. Calibrated only: without, the pass rounds to nearest and qlr
+        runs GPTQ with H = I, equal in value but not promised bit for bit."""
+        if stats is None or not BACKBONES.entries:
+            return None
+        q = BACKBONES.take(self._backbone_key(Wf, s, stats))
+        return None if q is None else (q, qz.dequantize(q, Wf.dtype))
 
     def decode_base(self, parts, info) -> torch.Tensor:
         return decode_quant(C.PART_QUANT, parts, info["q"])

@@ -82,6 +82,21 @@ def non_negative(key: str, value: Any) -> None:
         raise LplrError(f"{opt(key)} {value!r} must be an integer >= 0")
 
 
+# The most iterations an iteration-count knob accepts: each costs at least one matrix product of the weight, and the
+# methods converge in a handful (a count like 1e9 would run for ever).
+MAX_ITERATIONS = 100
+
+
+def iteration_count(low: int) -> Callable[[str, Any], None]:
+    """Validator of an iteration-count knob: an integer in low..MAX_ITERATIONS."""
+
+    def check(key: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_ITERATIONS:
+            raise LplrError(f"{opt(key)} {value!r} must be an integer from {low} to {MAX_ITERATIONS}")
+
+    return check
+
+
 @dataclass(frozen=True)
 class RankPolicy:
     """How the kept rank r of an m x n matrix is chosen.
@@ -280,7 +295,8 @@ class QuantKnobs(Settings):
     quantizer: str = knob("channel", type=str, choices=GRANULARITIES, label="nondefault",
                           help="Scale granularity: tensor (published min-max), channel, or group.")
     group_size: int | None = knob(None, type=int, optional=True, label="nondefault", reset_with="quantizer",
-                                  help="Group size along the input dim (with quantizer group).")
+                                  help="Group size along the input dim (with quantizer group); a size at least a matrix's width "
+                                       "makes one group per row.")
     scheme: str = knob("asymmetric", type=str, choices=SCHEMES, label="nondefault",
                        help="Integer grid: minmax (published: float zero, 0 not representable), symmetric (absmax), "
                             "asymmetric (integer zero point).")

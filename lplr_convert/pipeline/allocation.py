@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ..errors import LplrError, opt
 from ..math.allocate import BudgetError, allocate
 from ..methods import InputStats, get_method
+from ..methods._common import BACKBONES
 from .plan import TensorPlan
 
 __all__ = ["allocate_plans"]
@@ -45,7 +46,19 @@ def allocate_plans(plans: list[TensorPlan], tensors: Callable[[list[str]], Itera
     comp = [p for p in plans if p.method != "copy" and not p.experts]
     if not comp:
         raise LplrError(f"{opt('target_bits_per_param')} needs tensors to compress; nothing is selected")
+    from ..methods.base import Method
+
+    def sized(m: Method) -> bool:  # the budget can choose this method's size
+        return type(m).candidates is not Method.candidates and not (m.factored and not m.has_base and "rank" in fixed)
+
+    if not any(sized(get_method(p.method)) for p in comp):
+        fixed_size = sorted({p.method for p in comp if type(get_method(p.method)).candidates is Method.candidates})
+        why = f"{'/'.join(fixed_size)} {'has' if len(fixed_size) == 1 else 'have'} no sizes to choose from" \
+            if fixed_size else f"{opt('rank')} fixes every tensor's size"
+        raise LplrError(f"{opt('target_bits_per_param')} has nothing to allocate: {why}; drop one of them, or use a "
+                        f"method the budget can size (lplr, lsvd, dsvd, qlr, rtn, gptq)")
     by_name = {p.name: p for p in comp}
+    BACKBONES.clear()  # what this pass computes and the conversion reuses (`methods._common.BackboneMemo`)
     cands: dict[str, list] = {}
     for name, W in tqdm(tensors(list(by_name)), total=len(comp), desc="allocating", unit="tensor"):
         p = by_name[name]
@@ -53,6 +66,9 @@ def allocate_plans(plans: list[TensorPlan], tensors: Callable[[list[str]], Itera
     params = sum(math.prod(p.shape) for p in comp)
     fixed_bits = sum(_fixed_bits(p, calibrated) for p in comp if cands.get(p.name) is None)
     chosen = [p for p in comp if cands.get(p.name) is not None]
+    if not chosen:
+        raise LplrError(f"{opt('target_bits_per_param')} has nothing to allocate: every selected tensor's size is "
+                        f"fixed by its settings; drop the target or the settings that fix the sizes")
     budget = math.floor(target * params) - fixed_bits
     weights = [_weight(p) for p in chosen]
     try:

@@ -6,10 +6,11 @@ manifest), `pipeline/plan.py` and `methods/`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,109 +19,26 @@ from tqdm import tqdm
 
 from .. import __version__
 from .. import constants as C
-from .allocation import allocate_plans
 from ..devices import resolve_device
+from ..dtypes import dtype_name
 from ..errors import LplrError, opt
 from ..io.journal import Journal, resume_state
 from ..io.manifest import Manifest, TensorRecord, sha256_file, write_json_atomic
-from ..io.outdir import OutputLock, prepare_output, resumable_when_full
+from ..io.outdir import OutputLock, output_path, prepare_output, resumable_when_full
 from ..io.reader import SourceCheckpoint, open_source
 from ..io.sidefiles import copy_side_files
-from ..io.writer import DEFAULT_SHARD_BYTES, ShardWriter, write_index
-from ..methods import InputStats, Settings, flat_defaults, get_method, make_settings
-from ..methods.base import layer_json, overlay
-from .task import JobResult, TensorJob
-from .plan import PlanOptions, TensorPlan, build_plan_options, make_plan
+from ..io.writer import ShardWriter, write_index
+from ..methods import InputStats, get_method
+from ..methods._common import BACKBONES
+from ..methods.base import layer_json
 from ..report.metrics import summary_of
-from ..report.spectra import SPECTRA_MODES, representative_tensors
+from ..report.spectra import representative_tensors
+from .allocation import allocate_plans
+from .options import ConvertOptions, fingerprint_options, recorded_options
+from .plan import PlanOptions, TensorPlan, build_plan_options, make_plan
+from .task import JobResult, TensorJob
 
-__all__ = ["ConvertOptions", "convert", "plan_options"]
-
-NONFINITE_CHOICES = ("error", "copy")
-
-
-@dataclass(frozen=True)
-class ConvertOptions:
-    """Every option of a conversion, validated; `command` is the command line recorded in the manifest.
-
-    `settings` is the method and knobs for the selected weights. `defaults` (optional) is a flat layer of knobs for
-    every method (see `methods.base.overlay`), which recipe rules start from; the command line passes all its knobs
-    there. `max_shard_size` is in bytes. `calibration` is a STATS directory written by `calibrate` from the same
-    checkpoint: methods that use it become activation-aware, and every compressed tensor's record gets its
-    activation-weighted error. `target_bits_per_param` allocates each compressed tensor's rank or width under one
-    global budget (`allocation.allocate_plans`).
-    """
-
-    in_path: str
-    out_path: str
-    settings: Settings = field(default_factory=make_settings)
-    defaults: dict | None = None
-    seed: int = 0
-    device: str = "auto"  # resolved when the run starts; the manifest records the device used
-    include: str | None = None
-    exclude: str | None = None
-    layers: str | None = None
-    types: str | None = None
-    recipe: str | None = None
-    max_shard_size: int = DEFAULT_SHARD_BYTES
-    calibration: str | None = None
-    target_bits_per_param: float | None = None
-    overwrite: bool = False
-    resume: bool = False
-    revision: str | None = None
-    on_nonfinite: str = "error"
-    command: str | None = None
-    write_report: bool = True
-    base_model: str | None = None  # Hub repo id the card names as base_model (default: found from the source)
-    spectra: str = "estimate"
-    workers: int | None = None
-    devices: str | None = None
-    threads: int | None = None
-    ray_address: str | None = None
-    retries: int = 3
-
-    def __post_init__(self) -> None:
-        if self.overwrite and self.resume:
-            raise LplrError(f"{opt('overwrite')} and {opt('resume')} contradict each other; pass one of them")
-        if self.on_nonfinite not in NONFINITE_CHOICES:
-            raise LplrError(f"{opt('on_nonfinite')} {self.on_nonfinite!r} is unknown; use one of "
-                            f"{', '.join(NONFINITE_CHOICES)}")
-        if self.base_model is not None:
-            from ..publish.hub import check_repo_id
-
-            check_repo_id(self.base_model, what=opt("base_model"))
-        target = self.target_bits_per_param
-        if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
-                                   or not 0 < target < 64):
-            raise LplrError(f"{opt('target_bits_per_param')} {target!r} must be a number of bits/param in (0, 64)")
-        size = self.max_shard_size
-        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-            raise LplrError(f"{opt('max_shard_size')} {size!r} must be a positive number of bytes")
-        if self.spectra not in SPECTRA_MODES:
-            raise LplrError(f"{opt('spectra')} {self.spectra!r} is unknown; use one of {', '.join(SPECTRA_MODES)}")
-        for key, low in (("workers", 1), ("threads", 1), ("retries", 0)):
-            value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-                raise LplrError(f"{opt(key)} {value!r} must be an integer of at least {low}")
-
-    def device_list(self) -> list[str]:
-        """The compute devices: `devices` split at commas, else `device`."""
-        if self.devices is None:
-            return [self.device]
-        items = [d.strip() for d in str(self.devices).split(",") if d.strip()]
-        if not items:
-            raise LplrError(f"{opt('devices')} {self.devices!r} names no device; use e.g. cpu or cuda:0,cuda:1")
-        return items
-
-    def worker_count(self) -> int:
-        """Worker processes (or Ray tasks under way): `workers`, else one per device."""
-        return self.workers if self.workers is not None else len(self.device_list())
-
-    def layer(self) -> dict:
-        """The flat settings layer of this run: the explicit values (`defaults`, else every knob of `settings`)."""
-        if self.defaults is not None:
-            return overlay(flat_defaults(), self.defaults)
-        return overlay(flat_defaults(), {"method": self.settings.method, **self.settings.knobs()})
+__all__ = ["ConvertOptions", "StatsFor", "allocated", "convert", "hash_sources", "open_stats", "plan_options"]
 
 
 def recorded_settings(popts: PlanOptions) -> dict:
@@ -131,18 +49,36 @@ def recorded_settings(popts: PlanOptions) -> dict:
 
 def plan_options(opts: ConvertOptions) -> tuple[PlanOptions, str | None]:
     """The plan options of a run and the recipe's text (recorded in the manifest)."""
-    return build_plan_options(opts.layer(), opts.recipe, opts.include, opts.exclude, opts.layers, opts.types)
+    return build_plan_options(opts.layer, opts.recipe, opts.include, opts.exclude, opts.layers, opts.types)
 
 
-def _fingerprint(src: SourceCheckpoint, opts: ConvertOptions, popts: PlanOptions, recipe_text, hashes,
-                 stats) -> dict:
-    """Everything that decides the output's bytes: resuming with any of it changed is refused."""
-    settings = recorded_settings(popts)
-    return {"calibration": None if stats is None else stats.digest(), "format_version": C.FORMAT_VERSION,
-            "tool_version": __version__, "source_files": hashes, "config": src.config, **settings,
-            "seed": opts.seed, "include": opts.include, "exclude": opts.exclude, "layers": opts.layers,
-            "types": opts.types, "recipe": recipe_text, "max_shard_size": opts.max_shard_size,
-            "on_nonfinite": opts.on_nonfinite, "target_bits_per_param": opts.target_bits_per_param}
+def _fingerprint(src: SourceCheckpoint, popts: PlanOptions, hashes, options: dict, run: dict) -> dict:
+    """Everything that decides the output's bytes: resuming with any of it changed is refused. `options`: the run
+    options declared to decide them, at their effective values (`options.fingerprint_options`: the devices resolved,
+    the threads a default resolved to); `run`: what the run made of them (the executor, the devices' automatic
+    arithmetic, the global allocation's choices)."""
+    return {"format_version": C.FORMAT_VERSION, "tool_version": __version__, "source_files": hashes,
+            "config": src.config, **recorded_settings(popts), **options, **run}
+
+
+def _arithmetic(devices: list[str], ray: bool) -> dict | None:
+    """Per compute device, the automatic choices of arithmetic that change a result's bits: the sketch product in
+    bfloat16 (`math.sketch.native_bfloat16`, lplr's sketch_precision auto) and the exact int8 Gram products
+    (`math.lstsq.integer_matmul`). None on a Ray cluster, whose nodes this process cannot probe."""
+    if ray:
+        return None
+    from ..math.lstsq import integer_matmul
+    from ..math.sketch import native_bfloat16
+
+    return {d: {"native_bfloat16": native_bfloat16(d), "integer_matmul": integer_matmul(d)} for d in devices}
+
+
+def _allocated(allocation: dict | None) -> dict | None:
+    """The global allocation's choice of each tensor (its knob changes; not the estimated errors, whose last bits
+    follow this process's threads)."""
+    if allocation is None:
+        return None
+    return {name: {k: v for k, v in c.items() if k != "estimated_error"} for name, c in allocation["choices"].items()}
 
 
 def _source_info(src: SourceCheckpoint, hashes: dict, base_model: str | None) -> dict:
@@ -155,15 +91,26 @@ def _source_info(src: SourceCheckpoint, hashes: dict, base_model: str | None) ->
             "base_model": found, "base_model_from": where}
 
 
-def _open_stats(path: str | None, plans: list[TensorPlan], hashes: dict[str, str], src: SourceCheckpoint, device):
+def open_stats(path: str | None, plans: list[TensorPlan], hashes: dict[str, str], src: SourceCheckpoint, device):
     """The calibration statistics of a run, checked: made from this checkpoint, one for every compressed tensor."""
     if path is None:
         return None
     from ..calibration import load_calibration
+    from ..calibration.coverage import warn_thin_statistics
 
     stats = load_calibration(path, device=str(device))
     stats.check_hashes(hashes, src.root)
-    stats.require(p.name for p in plans if p.method != "copy" and not p.experts)
+    used = [p for p in plans if p.method != "copy" and not p.experts]
+    stats.require(p.name for p in used)
+    shapes = stats.shapes()  # every width checked before any work (a wrong one failed mid-run)
+    for p in used:
+        n = p.oriented_shape[-1]
+        got = shapes.get(stats.key(p.name))
+        if got != (n, n):
+            raise LplrError(f"the calibration statistic of {p.name} in {path} is {list(got) if got else 'missing'}, "
+                            f"but its input is {n} wide (needs [{n}, {n}]); the statistics belong to another model: "
+                            f"re-run `lplr-convert calibrate` on this checkpoint")
+    warn_thin_statistics(stats.statistics, str(path), {stats.key(p.name) for p in used})
     return stats
 
 
@@ -176,9 +123,52 @@ def _stats_info(path: str | None, stats) -> dict | None:
             "tokens": m.get("tokens"), "seq_len": m.get("seq_len")}
 
 
-def _hash_sources(src: SourceCheckpoint) -> dict[str, str]:
+def hash_sources(src: SourceCheckpoint) -> dict[str, str]:
     return {f: sha256_file(src.root / f) for f in tqdm(src.files, desc="hashing source", unit="file",
                                                         disable=len(src.files) < 2)}
+
+
+class StatsFor:
+    """The input statistics of a compressed tensor (None without calibration), one H resident at a time: weights
+    sharing it share its cache (e.g. the whitening of q/k/v's common input)."""
+
+    def __init__(self, stats, device):
+        self.stats, self.device, self._shared = stats, device, None
+
+    def __call__(self, plan: TensorPlan) -> InputStats | None:
+        if self.stats is None or plan.method == "copy" or plan.experts:
+            return None
+        key = self.stats.key(plan.name)
+        if self._shared is None or self._shared.key != key:
+            self._shared = None
+            self._shared = InputStats(self.stats.statistic(plan.name).to(self.device, torch.float32), key)
+        return self._shared
+
+
+def _oriented(src: SourceCheckpoint, plans: list[TensorPlan], device):
+    """tensors(names): (name, float tensor on `device` in (out, in) orientation) of the named source tensors."""
+    by_name = {p.name: p for p in plans}
+
+    def tensors(names: list[str]):
+        for name, t in src.iter_tensors(names):
+            W = t.to(device).float()
+            yield name, W.T if by_name[name].transposed else W
+
+    return tensors
+
+
+def allocated(opts: ConvertOptions, popts: PlanOptions, src: SourceCheckpoint, plans: list[TensorPlan], device,
+              stats_for: StatsFor) -> tuple[list[TensorPlan], dict | None]:
+    """The plans with a global budget's choices (`allocation.allocate_plans`, reading every compressed tensor once)
+    and the allocation's summary; the plans as they are without `target_bits_per_param`. `convert` and `inspect`
+    both plan through here."""
+    if opts.target_bits_per_param is None:
+        return plans, None
+    # With --threads, in as many threads as the conversion: the same low bits, so that what the first pass computes
+    # can be reused by it (`methods._common.BACKBONES`), and the same allocation whatever --workers.
+    with _torch_threads(opts.threads):
+        return allocate_plans(plans, _oriented(src, plans, device), stats_for, opts.target_bits_per_param,
+                              frozenset(k for k in popts.defaults if k != "method"), stats_for.stats is not None)
 
 
 def _preflight(plans: list[TensorPlan], calibrated: bool) -> None:
@@ -235,10 +225,10 @@ def _convert(opts: ConvertOptions) -> dict:
     src = open_source(opts.in_path, opts.revision)
     plans = make_plan(src.headers.values(), src.config, popts)
     _preflight(plans, opts.calibration is not None)
-    out = Path(opts.out_path).expanduser()
+    out = output_path(opts.out_path)
     prepare = functools.partial(prepare_output, src.root, out, overwrite=opts.overwrite, resume=opts.resume)
     with OutputLock.guarding(out, src.root, prepare):
-        run = _Run(opts, src, out, plans, popts, recipe_text, devices, _hash_sources(src))
+        run = _Run(opts, src, out, plans, popts, recipe_text, devices, hash_sources(src))
         n_comp = sum(p.method != "copy" for p in run.plans)
         logger.info(f"{src.root}: {len(plans)} tensors in {len(src.files)} file(s); {n_comp} to compress with "
                     f"{popts.settings.method if not popts.rules else 'a recipe'} on {run.where()}")
@@ -260,6 +250,18 @@ def _plan_rows(plans: list[TensorPlan]) -> list[dict]:
              "matrix_type": p.matrix_type} for p in plans]
 
 
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    """torch uses `threads` threads meanwhile (unchanged when None)."""
+    saved = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 class _Run:
     """One conversion under way: its journal and shard writer over the planned tensors, and the executor that computes
     them (in this process, a local worker pool, or Ray). This is the one writer, whichever executor computes."""
@@ -272,23 +274,28 @@ class _Run:
         self.workers = opts.worker_count()
         self.executor_kind = "ray" if opts.ray_address else "local pool" if self.workers > 1 else "in-process"
         self.threads = self._threads()
-        self.stats = _open_stats(opts.calibration, plans, hashes, src, self.device)
+        self.stats = open_stats(opts.calibration, plans, hashes, src, self.device)
         if self.stats is not None and self.executor_kind != "in-process":
             raise LplrError(f"{opt('calibration')} runs in this process (one statistic resident at a time); drop "
                             f"{opt('workers')}/{opt('devices')}/{opt('ray_address')} for a calibrated conversion")
-        self._shared: InputStats | None = None
-        self.allocation = None
-        if opts.target_bits_per_param is not None:
-            self.plans, self.allocation = allocate_plans(
-                plans, self._oriented, self._stats_for, opts.target_bits_per_param,
-                frozenset(k for k in popts.defaults if k != "method"), self.stats is not None)
+        self._stats_for = StatsFor(self.stats, self.device)
+        self.plans, self.allocation = allocated(opts, popts, src, plans, self.device, self._stats_for)
         plotted = [] if opts.spectra == "off" else representative_tensors(_plan_rows(self.plans))
         self.spectra = dict.fromkeys(plotted, opts.spectra)
-        self.journal = Journal(out, _fingerprint(src, opts, popts, recipe_text, hashes, self.stats))
-        self.journal.shards = resume_state(out, self.journal.fingerprint) if opts.resume else []
+        run = {"executor": self.executor_kind, "arithmetic": _arithmetic(devices, bool(opts.ray_address)),
+               "allocation": _allocated(self.allocation)}
+        self.journal = Journal(out, _fingerprint(src, popts, hashes, fingerprint_options(opts, self._effective(True)),
+                                                 run))
+        self.journal.shards = resume_state(out, self.journal.fingerprint, self._expected()) if opts.resume else []
         self.journal.save()
         self.writer = ShardWriter(out, opts.max_shard_size, on_close=self.journal.on_close)
         self.writer.closed = self.journal.closed_shards()
+
+    def _expected(self) -> dict[str, dict]:
+        """What a journal's record of each planned tensor must say (JSON values): see `io.journal.resume_state`."""
+        return {p.name: {"shape": list(p.shape), "dtype": dtype_name(p.dtype), "method": p.method,
+                         "settings": json.loads(json.dumps(p.settings.to_json())), "transposed": p.transposed}
+                for p in self.plans}
 
     def _threads(self) -> int:
         """torch threads per tensor computation. On the CPU the low bits of a result depend on it (LAPACK and torch's
@@ -342,30 +349,19 @@ class _Run:
         except BaseException:
             self.writer.abort()
             raise
+        finally:
+            BACKBONES.clear()  # a budget's backbones the conversion did not take
         return records
-
-    def _oriented(self, names: list[str]):
-        """(name, float tensor on the compute device in (out, in) orientation) of the named source tensors."""
-        by_name = {p.name: p for p in self.plans}
-        for name, t in self.src.iter_tensors(names):
-            W = t.to(self.device).float()
-            yield name, W.T if by_name[name].transposed else W
-
-    def _stats_for(self, plan: TensorPlan) -> InputStats | None:
-        """The input statistics of a compressed tensor (one H resident at a time; weights sharing it share its
-        cache, e.g. the whitening of q/k/v's common input)."""
-        if self.stats is None or plan.method == "copy" or plan.experts:
-            return None
-        key = self.stats.key(plan.name)
-        if self._shared is None or self._shared.key != key:
-            self._shared = None
-            self._shared = InputStats(self.stats.statistic(plan.name).to(self.device, torch.float32), key)
-        return self._shared
 
     def _write(self, res: JobResult) -> TensorRecord:
         rec = res.record
         rec.shard = self.writer.add_group(res.name, res.stored)
         self.journal.pending[res.name] = rec
+        if rec.output_rel_error is not None and self.stats is not None:  # calibrated
+            from ..calibration.coverage import worse_than_uncalibrated
+
+            worse_than_uncalibrated(res.name, rec.method, rec.rel_error, self.stats.tokens(res.name),
+                                    self.stats.statistics[self.stats.key(res.name)]["shape"][-1])
         if rec.grew:
             logger.warning(f"{res.name}: stored form is larger than the original ({rec.bits_per_param:.2f} "
                            f"bits/param vs {rec.original_bits_per_param:.0f}); done as asked")
@@ -391,14 +387,19 @@ class _Run:
         return Manifest(tool_version=__version__, complete=True, source=_source_info(src, self.hashes, self.opts.base_model),
                         options=self._options(), tensors=ordered, shards=shard_files, files=files)
 
+    def _effective(self, fingerprint: bool = False) -> dict:
+        """The run options' effective values where they differ from the given ones (resolved devices, the threads a
+        default resolved to, the recipe's text and the calibration's digest (fingerprint) or description
+        (manifest))."""
+        calibration = (None if self.stats is None else self.stats.digest()) if fingerprint else \
+            _stats_info(self.opts.calibration, self.stats)
+        return {"device": self.devices[0], "devices": self.devices, "workers": self.workers, "threads": self.threads,
+                "calibration": calibration, **({"recipe": self.recipe_text} if fingerprint else {})}
+
     def _options(self) -> dict:
-        o = self.opts
-        return {"command": o.command, "seed": o.seed, "device": self.devices[0], "devices": self.devices,
-                "executor": self.executor_kind, "workers": self.workers, "threads": self.threads, "spectra": o.spectra,
-                "calibration": _stats_info(o.calibration, self.stats), "allocation": self.allocation,
-                "settings": recorded_settings(self.popts), "include": o.include, "exclude": o.exclude,
-                "layers": o.layers, "types": o.types, "recipe": self.recipe_text, "recipe_path": o.recipe,
-                "max_shard_size": o.max_shard_size, "on_nonfinite": o.on_nonfinite}
+        """The manifest's `options`: the recorded run options and what the run made of them."""
+        return {**recorded_options(self.opts, self._effective()), "executor": self.executor_kind,
+                "allocation": self.allocation, "settings": recorded_settings(self.popts), "recipe": self.recipe_text}
 
 
 def _write_report(out: Path, manifest: dict, summary: dict) -> None:
@@ -406,6 +407,10 @@ def _write_report(out: Path, manifest: dict, summary: dict) -> None:
 
     try:  # the curves come from the records; the source is never read again for them (see ConvertOptions.spectra)
         write_report(out, manifest, read_source=False, summary=summary)
+    except KeyboardInterrupt:  # the conversion is complete: nothing to resume, only the report to write again
+        raise KeyboardInterrupt(f"interrupted while writing the report; the conversion in {out} is complete (no "
+                                f"--resume needed): write the report with `lplr-convert report --in-path {out}`") \
+            from None
     except Exception as e:  # noqa: BLE001  # the conversion itself is complete; a report failure must not hide it
         logger.warning(f"the report could not be written ({type(e).__name__}: {e}); run `lplr-convert report`")
 

@@ -1,13 +1,17 @@
-"""`inspect`: what a checkpoint holds, what each tensor would get, and the predicted output size; computes nothing."""
+"""`inspect`: what a checkpoint holds, what each tensor would get, and the predicted output size: the run's own plan
+(`convert`'s plan and allocation code), computing no compression."""
 
 from __future__ import annotations
 
 import math
 
+from ..devices import resolve_device
 from ..dtypes import dtype_from_name, dtype_name
 from ..io.reader import open_source
 from ..methods import get_method
-from .plan import TensorPlan, build_plan_options, make_plan
+from ..methods._common import BACKBONES
+from .convert import StatsFor, allocated, hash_sources, open_stats, plan_options
+from .plan import TensorPlan, make_plan
 
 __all__ = ["inspect_checkpoint"]
 
@@ -39,11 +43,19 @@ def _row(p: TensorPlan, calibrated: bool) -> tuple[dict, int]:
 
 def inspect_checkpoint(options) -> dict:
     """The plan of `options` (a ConvertOptions; its out_path is not used) over the checkpoint at its in_path, with
-    each tensor's method, settings, predicted rank and stored size, and the predicted output size."""
-    popts, _ = build_plan_options(options.layer(), options.recipe, options.include, options.exclude,
-                                  options.layers, options.types)
+    each tensor's method, settings, predicted rank and stored size, and the predicted output size. It is the plan
+    `convert` makes: with `target_bits_per_param` the global allocation reads every compressed tensor once (and the
+    calibration statistics), as the conversion does before compressing."""
+    popts, _ = plan_options(options)
     src = open_source(options.in_path, options.revision)
     plans = make_plan(src.headers.values(), src.config, popts)
+    if options.target_bits_per_param is not None:
+        device = resolve_device(options.device_list()[0])
+        stats = open_stats(options.calibration, plans, hash_sources(src), src, device)
+        try:
+            plans, _ = allocated(options, popts, src, plans, device, StatsFor(stats, device))
+        finally:
+            BACKBONES.clear()  # kept for a conversion that does not follow
     rows, header_bytes = [], 0
     for p in plans:
         row, header = _row(p, options.calibration is not None)

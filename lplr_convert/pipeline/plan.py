@@ -11,14 +11,15 @@ from pathlib import Path
 import torch
 
 from ..errors import LplrError, opt
-from .experts import experts_in_major, is_stacked_experts
 from ..methods import Settings, flat_defaults, get_method, make_settings, settings_from_flat
 from ..methods.base import overlay
+from .experts import experts_in_major, is_stacked_experts
 
 __all__ = [
     "CONV1D_MODEL_TYPES",
     "MATRIX_TYPES",
     "TYPE_GROUPS",
+    "Layers",
     "PlanOptions",
     "TensorPlan",
     "block_index",
@@ -99,24 +100,56 @@ def _items(spec: str | list) -> list:
     return spec if isinstance(spec, list) else [s for s in str(spec).replace(" ", "").split(",") if s]
 
 
-def parse_layers(spec: str | list | None) -> list[int] | None:
-    """'0,3,5-7' or [0, 3] -> sorted list; -1 (or 'all') means every block (None)."""
+@dataclass(frozen=True)
+class Layers:
+    """Block indices as sorted, disjoint, inclusive ranges: '0-100000000' is one pair, not 1e8 integers."""
+
+    ranges: tuple[tuple[int, int], ...]
+    text: str = field(default="", compare=False)  # as given, for messages
+
+    def __contains__(self, layer: object) -> bool:
+        if not isinstance(layer, int):
+            return False
+        i = bisect.bisect_right(self.ranges, (layer, float("inf"))) - 1
+        return i >= 0 and self.ranges[i][0] <= layer <= self.ranges[i][1]
+
+    def beyond(self, n_blocks: int) -> bool:
+        """Whether any index is >= n_blocks (outside a checkpoint of blocks 0..n_blocks-1)."""
+        return bool(self.ranges) and self.ranges[-1][1] >= n_blocks
+
+
+_LAYER_ITEM = re.compile(r"([0-9]{1,15})(?:-([0-9]{1,15}))?")  # bounded: int() of 5000 digits raises
+_LAYER_FIX = "use e.g. '0,3,5-7' (block indices from 0, ranges low-high) or -1 for all"
+
+
+def parse_layers(spec: str | list | None) -> Layers | None:
+    """'0,3,5-7' or [0, 3] -> Layers; -1 (or 'all') means every block (None). A negative index other than -1, or a
+    range whose low end exceeds its high end, is refused: it would select nothing."""
     if spec is None:
         return None
-    out: set[int] = set()
+    ranges = []
     for item in _items(spec):
-        s = str(item)
+        s = str(item).strip()
         if s in ("-1", "all"):
             return None
-        try:
-            if "-" in s[1:]:
-                a, b = s.split("-", 1)
-                out.update(range(int(a), int(b) + 1))
-            else:
-                out.add(int(s))
-        except ValueError:
-            raise LplrError(f"{opt('layers')} {spec!r} is not a list of block indices; use e.g. '0,3,5-7' or -1 for all")
-    return sorted(out)
+        m = None if isinstance(item, bool) else _LAYER_ITEM.fullmatch(s)
+        if m is None:
+            if re.fullmatch(r"-[0-9]{1,15}", s):
+                raise LplrError(f"{opt('layers')} {spec!r}: block {s} does not exist (blocks count from 0); "
+                                f"{_LAYER_FIX}")
+            raise LplrError(f"{opt('layers')} {spec!r} is not a list of block indices; {_LAYER_FIX}")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if lo > hi:
+            raise LplrError(f"{opt('layers')} {spec!r}: range {lo}-{hi} is empty (its low end is above its high "
+                            f"end); write it as {hi}-{lo}")
+        ranges.append((lo, hi))
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+    return Layers(tuple(merged), str(spec))
 
 
 def parse_types(spec: str | list | None) -> set[str] | None:
@@ -137,7 +170,7 @@ class Rule:
 
     settings: Settings
     pattern: str | None = None
-    layers: tuple[int, ...] | None = None
+    layers: Layers | None = None
     types: frozenset[str] | None = None
 
     def matches(self, name: str, layer: int | None, mtype: str | None) -> bool:
@@ -156,7 +189,7 @@ class PlanOptions:
     defaults: dict = field(default_factory=flat_defaults)
     include: str | None = None
     exclude: str | None = None
-    layers: tuple[int, ...] | None = None
+    layers: Layers | None = None
     types: frozenset[str] | None = None
     rules: tuple[Rule, ...] = ()
 
@@ -196,6 +229,36 @@ class TensorPlan:
 _MATCH_KEYS = ("pattern", "layers", "types")
 
 
+def _unique_keys(pairs: list) -> dict:
+    """A JSON object whose keys are unique (a repeated key would silently override the first)."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"the key {key!r} appears twice; keep one")
+        seen[key] = value
+    return seen
+
+
+def _load_yaml_unique(text: str):
+    """yaml.safe_load, refusing a mapping that repeats a key (YAML keeps the last one silently)."""
+    import yaml
+
+    class _Unique(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        keys = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in keys:
+                raise ValueError(f"the key {key!r} appears twice (line {key_node.start_mark.line + 1}); keep one")
+            keys.add(key)
+        return loader.construct_mapping(node, deep)
+
+    _Unique.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=_Unique)  # noqa: S506  (a SafeLoader subclass)
+
+
 def _read_recipe(path: Path):
     try:
         text = path.read_text(encoding="utf-8")
@@ -205,11 +268,9 @@ def _read_recipe(path: Path):
         raise LplrError(f"{opt('recipe')} {path}: cannot read it ({e.strerror or e})") from None
     try:
         if path.suffix.lower() == ".json":
-            return json.loads(text)
-        import yaml
-
-        return yaml.safe_load(text)
-    except Exception as e:  # noqa: BLE001  (yaml and json parse errors)
+            return json.loads(text, object_pairs_hook=_unique_keys)
+        return _load_yaml_unique(text)
+    except Exception as e:  # noqa: BLE001  (yaml and json parse errors, a duplicate key)
         raise LplrError(f"{opt('recipe')} {path} is not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'} "
                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
@@ -237,8 +298,7 @@ def _rule(raw, defaults: dict, where: str) -> Rule:
     except LplrError as e:
         raise LplrError(f"{where}: {e.template}") from None
     layer = overlay(defaults, {k: v for k, v in raw.items() if k not in _MATCH_KEYS}, where)
-    return Rule(settings_from_flat(layer, where), pattern, tuple(layers) if layers is not None else None,
-                frozenset(types) if types is not None else None)
+    return Rule(settings_from_flat(layer, where), pattern, layers, frozenset(types) if types is not None else None)
 
 
 def load_recipe(path: str | Path, defaults: dict) -> tuple[dict, tuple[Rule, ...]]:
@@ -275,7 +335,7 @@ def build_plan_options(layer: dict, recipe: str | None = None, include: str | No
         layer, rules = load_recipe(recipe, layer)
         recipe_text = Path(recipe).read_text(encoding="utf-8")
     picked_layers, picked_types = parse_layers(layers), parse_types(types)
-    return PlanOptions(layer, include, exclude, tuple(picked_layers) if picked_layers is not None else None,
+    return PlanOptions(layer, include, exclude, picked_layers,
                        frozenset(picked_types) if picked_types is not None else None, rules), recipe_text
 
 
@@ -323,6 +383,19 @@ def check_collisions(plans: list[TensorPlan]) -> None:
                                 f"{p.name} uncompressed with {opt('exclude')}")
 
 
+def _check_layers(options: PlanOptions, blocks: set[int]) -> None:
+    """--layers must name blocks this checkpoint has (blocks 0..n-1), and each recipe rule's layers at least one: a
+    selection beyond the model would silently compress nothing."""
+    n = max(blocks) + 1 if blocks else 0
+    have = f"this checkpoint's blocks are 0-{n - 1}" if n else "this checkpoint has no numbered blocks"
+    if options.layers is not None and options.layers.beyond(n):
+        raise LplrError(f"{opt('layers')} {options.layers.text} names blocks beyond the model ({have}); pass indices in "
+                        f"that range, or -1 for all")
+    for i, rule in enumerate(options.rules):
+        if rule.layers is not None and not any(a < n for a, _ in rule.layers.ranges):
+            raise LplrError(f"{opt('recipe')} rule {i + 1}: its layers select no block ({have}); fix its layers")
+
+
 def make_plan(headers, config: dict, options: PlanOptions) -> list[TensorPlan]:
     """A plan for every tensor (in the order given). Tensors not selected are planned as 'copy'. A fused 3-D experts
     tensor is planned as one tensor whose experts are compressed one by one (see `experts`)."""
@@ -334,6 +407,8 @@ def make_plan(headers, config: dict, options: PlanOptions) -> list[TensorPlan]:
                 re.compile(rx)
             except re.error as e:
                 raise LplrError(f"{opt(label)} {rx!r} is not a valid regular expression ({e})") from None
+    headers = list(headers)
+    _check_layers(options, {block_index(h.name) for h in headers} - {None})
     copy, default = make_settings("copy"), options.settings
     plans = []
     for h in headers:

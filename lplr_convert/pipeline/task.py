@@ -11,7 +11,6 @@ from loguru import logger
 
 from ..dtypes import dtype_from_name, dtype_name
 from ..errors import LplrError, opt
-from .experts import compress_experts
 from ..io.manifest import TensorRecord
 from ..io.output import decoded_factors, loaded_blocks
 from ..io.prefetch import to_host
@@ -20,8 +19,9 @@ from ..io.writer import tensor_bytes
 from ..math.error import blocked_errors
 from ..math.sketch import derive_seed
 from ..methods import InputStats, Settings, get_method, make_settings
-from .plan import TensorPlan
 from ..report.spectra import tensor_spectrum
+from .experts import compress_experts
+from .plan import TensorPlan
 
 _F32_MAX = torch.finfo(torch.float32).max
 

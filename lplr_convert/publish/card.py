@@ -160,14 +160,19 @@ def _load_text(repo_id: str, architecture: str | None) -> str:
             "```python\n"
             f"import lplr_convert  # registers quant_method \"{C.QUANT_METHOD}\" with transformers\n"
             f"from transformers import {cls}\n\n"
-            f'model = {cls}.from_pretrained("{repo_id}")  # factored layers, built before the weights load\n'
+            f'model = {cls}.from_pretrained("{repo_id}")  # runs from the stored bits (packed codes, scales)\n'
             "```\n\n"
+            "The linear layers keep the stored codes in memory and compute from them (the model takes about its "
+            "size on disk); on a CPU, 4-bit weights decode fastest with `dtype=torch.bfloat16`. "
+            "For float layers instead pass "
+            "`quantization_config=lplr_convert.hf.quantizer.LplrConvertConfig(dequantize=True)`.\n\n"
             "Or with the package's own loaders:\n\n"
             "```python\n"
             "from huggingface_hub import snapshot_download\n"
             "from lplr_convert import load_model, load_state_dict\n\n"
             f'path = snapshot_download("{repo_id}")\n'
-            "model = load_model(path)            # transformers model whose linear layers stay factored\n"
+            "model = load_model(path)            # packed linear layers computing from the stored bits\n"
+            "floats = load_model(path, packed=False)  # float layers (low-rank factors kept factored)\n"
             "state_dict = load_state_dict(path)  # dense tensors with the original names and dtypes\n"
             "```")
 

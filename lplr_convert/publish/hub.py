@@ -18,9 +18,10 @@ from loguru import logger
 
 from .. import __version__
 from .. import constants as C
-from .card import build_model_card
 from ..errors import LplrError, opt
 from ..io.manifest import Manifest, read_manifest
+from ..io.network import hub_timeout, is_timeout, network_timeout, timeout_hint
+from .card import build_model_card
 
 __all__ = ["check_repo_id", "push"]
 
@@ -43,13 +44,22 @@ def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, rev
     Raises LplrError (one line naming the fix) for an unfinished conversion, a missing or rejected token, an
     unreachable Hub, or an upload the Hub refused.
     """
+    from ..io.outdir import OutputLock
+
     out_dir = Path(out_dir)
-    manifest = Manifest.from_json(read_manifest(out_dir))
+    read_manifest(out_dir)  # a finished conversion, before the lock creates anything in it
     check_repo_id(repo_id)
-    scan = _Scan(_known_token(token))  # the listed files' sha256 and the token search in one read of each
-    files = _files_to_upload(out_dir, manifest, scan)
     if base_model is not None:
         check_repo_id(base_model, what=opt("base_model"))
+    with OutputLock.reading(out_dir):  # one conversion, whole: no convert --overwrite, eval or report meanwhile
+        return _push(out_dir, repo_id, private, revision, commit_message, token, dry_run, base_model)
+
+
+def _push(out_dir: Path, repo_id: str, private: bool, revision: str | None, commit_message: str | None,
+          token: str | None, dry_run: bool, base_model: str | None) -> dict:
+    manifest = Manifest.from_json(read_manifest(out_dir))
+    scan = _Scan(_known_token(token))  # the listed files' sha256 and the token search in one read of each
+    files = _files_to_upload(out_dir, manifest, scan)
     card_text = str(build_model_card(out_dir, repo_id=repo_id, base_model=base_model))
     card_bytes = card_text.encode("utf-8")
     listing = [{"path": rel, "bytes": path.stat().st_size} for rel, path in files]
@@ -57,8 +67,9 @@ def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, rev
     result = {"repo_id": repo_id, "revision": revision or "main", "private": private, "files": listing,
               "total_bytes": sum(f["bytes"] for f in listing), "endpoint": _endpoint()}
 
+    sent = {opt("commit_message"): commit_message, opt("revision"): revision, "the repo id": repo_id}
     if dry_run:
-        return _dry_run(out_dir, files, card_text, token, result, scan)
+        return _dry_run(out_dir, manifest, files, card_text, token, result, scan, sent)
 
     from huggingface_hub import CommitOperationAdd, HfApi, constants
 
@@ -66,10 +77,11 @@ def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, rev
         raise LplrError("HF_HUB_OFFLINE is set, so nothing can be pushed; unset HF_HUB_OFFLINE (and "
                         f"TRANSFORMERS_OFFLINE) to push, or pass {opt('dry_run')} to only list what would be sent")
     token = _resolve_token(token)
-    _refuse_leaked_token(out_dir, files, card_bytes, token, scan)
+    _refuse_leaked_token(out_dir, files, card_bytes, token, scan, sent)
+    _refuse_unlisted(out_dir, manifest)
 
     api = HfApi(endpoint=result["endpoint"], token=token, library_name=C.TOOL_NAME, library_version=__version__)
-    with _hub_errors(result["endpoint"], repo_id, token):
+    with hub_timeout(), _hub_errors(result["endpoint"], repo_id, token):
         api.whoami(token=token)  # fail early, before any upload, on a token the Hub rejects
         repo_url = api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model")
         if private and api.repo_info(repo_id, repo_type="model").private is False:
@@ -88,22 +100,30 @@ def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, rev
     return result
 
 
-def _dry_run(out_dir: Path, files: list[tuple[str, Path]], card_text: str, token: str | None, result: dict,
-            scan: _Scan) -> dict:
+def _dry_run(out_dir: Path, manifest: Manifest, files: list[tuple[str, Path]], card_text: str, token: str | None,
+             result: dict, scan: _Scan, sent: dict[str, str | None]) -> dict:
     """Print what a push would send and return the listing; what the real push would refuse for a token found in a
     file, the dry run refuses too (when a token is known)."""
     known = _known_token(token)
     if known:
-        _refuse_leaked_token(out_dir, files, card_text.encode("utf-8"), known, scan)
+        _refuse_leaked_token(out_dir, files, card_text.encode("utf-8"), known, scan, sent)
+    _refuse_unlisted(out_dir, manifest)
     result.update(dry_run=True, card=card_text, token_source=_token_source(token))
     print(_dry_run_text(result))
     return result
 
 
-def _refuse_leaked_token(out_dir: Path, files: list[tuple[str, Path]], card: bytes, token: str, scan: _Scan) -> None:
+def _refuse_leaked_token(out_dir: Path, files: list[tuple[str, Path]], card: bytes, token: str, scan: _Scan,
+                         sent: dict[str, str | None] | None = None) -> None:
     """Refuse to publish any file (or the card) that contains the token, e.g. in a recorded command line or a log.
-    Every file to upload is scanned, whatever its suffix or size (a file `scan` read already is not read again)."""
+    Every file to upload is scanned, whatever its suffix or size (a file `scan` read already is not read again); its
+    name, and every other text the push sends (`sent`: commit message, revision, repo id), must not hold it either."""
     needle = token.encode("utf-8")
+    named = [what for what, text in (sent or {}).items() if text and token in text]
+    named += [f"the file name {rel.replace(token, '<token>')!r}" for rel, _ in files if token in rel]
+    if named:
+        raise LplrError(f"{named[0]} contains your Hub token, so it must not be published; remove the token from it "
+                        f"(and revoke the token if it was shared), then push again")
     leaks = ["the generated model card"] if needle in card else []
     leaks += [str(path) for _, path in files if scan.contains(path, needle)]
     if leaks:
@@ -157,9 +177,11 @@ def check_repo_id(repo_id: str, what: str | None = None) -> None:
 
 
 def _files_to_upload(out_dir: Path, manifest: Manifest, scan: _Scan) -> list[tuple[str, Path]]:
-    """(path in repo, path on disk) of every file to upload, sorted. Every shard and file the manifest lists must be
-    there unchanged (sha256, by `scan`), and no entry may be a symbolic link (a link could make the upload read
-    outside the output)."""
+    """(path in repo, path on disk) of every file to upload, sorted: the manifest and what it lists (shards, side
+    files, the report's files), every one there unchanged (sha256, by `scan`). A file the manifest does not list (added
+    after the conversion, e.g. another model's weights) refuses the push, and no entry may be a symbolic link (a link
+    could make the upload read outside the output). Hidden entries and a README.md (the card replaces it) are not
+    uploaded."""
     from ..verify import file_problems
 
     problems = file_problems(out_dir, manifest, scan.sha256)
@@ -179,6 +201,21 @@ def _files_to_upload(out_dir: Path, manifest: Manifest, scan: _Scan) -> list[tup
             continue
         files.append((rel, path))
     return files
+
+
+def _refuse_unlisted(out_dir: Path, manifest: Manifest) -> None:
+    """A file the manifest does not list (added after the conversion: another model's weights, notes) is not
+    published beside the model; checked after the token scan, which names a token in any file first."""
+    from ..verify import unlisted_files
+
+    unlisted = [rel for rel in unlisted_files(out_dir, manifest)[0]
+                if rel not in _SKIP_NAMES and not rel.endswith(_SKIP_SUFFIXES)]
+    if unlisted:
+        more = f" (and {len(unlisted) - 1} more)" if len(unlisted) > 1 else ""
+        fix = f"run `lplr-convert report --in-path {out_dir}` to list it again" if unlisted[0] in C.OWN_FILES else \
+            "move it out of the directory"
+        raise LplrError(f"{out_dir}: {unlisted[0]}{more} is not a file of the conversion ({C.MANIFEST_FILE} does not "
+                        f"list it), so the push would publish it beside the model; {fix}")
 
 
 def _endpoint() -> str:
@@ -242,9 +279,14 @@ def _hub_errors(endpoint: str, repo_id: str, token: str):
         raise
     except Exception as e:
         message = _explain(e, endpoint, repo_id)
-        if message is None:
+        if message is None and not any(token in str(x) or token in repr(getattr(x, "args", ()))
+                                       for x in _chain(e)):
             raise
-        raise LplrError(" ".join(message.replace(token, "<token>").split())) from e
+        if message is None:
+            message = f"the push to {repo_id} failed ({type(e).__name__}); re-run it, or report this as a bug"
+        # never chained: a server's error body may echo the request's headers, token included (--debug prints the
+        # chain)
+        raise LplrError(" ".join(message.replace(token, "<token>").split())) from None
 
 
 def _explain(exc: BaseException, endpoint: str, repo_id: str) -> str | None:
@@ -252,6 +294,9 @@ def _explain(exc: BaseException, endpoint: str, repo_id: str) -> str | None:
     from huggingface_hub.errors import HfHubHTTPError
 
     again = "then re-run the same push to continue (files already on the Hub are skipped)"
+    if is_timeout(exc):
+        return f"the Hub at {endpoint} stopped answering: {timeout_hint(network_timeout())}; check the network or " \
+               f"HF_ENDPOINT, {again}"
     for e in _chain(exc):
         if isinstance(e, HfHubHTTPError) and getattr(e, "response", None) is not None:
             status = e.response.status_code

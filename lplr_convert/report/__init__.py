@@ -11,7 +11,7 @@ from loguru import logger
 
 from .. import constants as C
 from ..errors import LplrError, opt
-from ..io.manifest import Manifest, read_manifest, write_json_atomic
+from ..io.manifest import Manifest, file_record, read_manifest, seal_digests, write_json_atomic
 from ..io.outdir import owning_output
 from .metrics import report_summary, tensor_rows
 from .spectra import energy_curve, representative_tensors, source_spectra
@@ -64,7 +64,7 @@ def _previous_spectra(out_dir: Path, names: set[str]) -> dict[str, dict]:
     try:
         old = json.loads((out_dir / C.REPORT_JSON).read_text(encoding="utf-8"))
         curves, info = old.get("spectra") or {}, old.get("spectra_info") or {}
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return {}
     return {n: {**_curve_record(c), **(info.get(n) or {}), "curve": c} for n, c in curves.items()
             if n in names and isinstance(c, list) and c}
@@ -155,8 +155,23 @@ def write_report(out_dir: str | os.PathLike, manifest: dict | None = None,
                _write_text(out_dir / C.REPORT_CSV, rows_csv(rows)),
                _write_text(out_dir / C.REPORT_MD, report_markdown(manifest, rows, summary, [p.name for p in plots],
                                                                   note))]
+    _record_files(out_dir, manifest, written + plots)
     logger.info(f"report written to {out_dir} ({len(plots)} plot(s)) in {time.perf_counter() - t0:.2f} s")
     return written + plots
+
+
+def _record_files(out_dir: Path, manifest: Manifest, written: list[Path]) -> None:
+    """List the report's files (size and sha256) in the manifest on disk, when it is the manifest of these records:
+    `verify` then checks them, and `push` uploads no file the manifest does not list."""
+    path = out_dir / C.MANIFEST_FILE
+    try:
+        doc = read_manifest(out_dir)
+    except LplrError:
+        return
+    if doc.get(C.M_INTEGRITY) != manifest.integrity:  # another conversion's manifest (or none of ours)
+        return
+    doc[C.M_REPORT] = {p.name: file_record(p) for p in sorted(written, key=lambda p: p.name)}
+    write_json_atomic(path, seal_digests(doc))
 
 
 def render_report(out_dir: str | os.PathLike) -> list[Path]:

@@ -19,8 +19,10 @@ __all__ = [
     "aggregate",
     "group_rows",
     "int8_bits_per_param",
+    "is_causal",
     "records_of",
     "report_summary",
+    "ruin_verdict",
     "settings_of",
     "summary_of",
     "tensor_rows",
@@ -32,6 +34,17 @@ FLAG_GREW = "grew"  # stored larger than the source tensor (bits/param above the
 FLAG_ABOVE_INT8 = "above_int8"  # more bits/param than this tool's own 8-bit per-channel RTN of the same matrix
 FLAG_NONFINITE = "nonfinite"  # NaN/inf in the source, or no finite compressed form: the tensor was copied
 _MB = 1e6
+# Measured (artifacts/quality/decoder/NOTES.md). SmolLM2-135M, output / weight error of the block linears against its
+# perplexity ratio: qlr 4.25 0.042 / 0.134 (1.19x), gptq 4-bit 0.054 / 0.165 (1.46x), calibrated lsvd 8/8 rf 0.8
+# 0.064 / 0.226 (3.4x), rtn 4-bit g128 0.092 / 0.104 (1.61x), gptq 3-bit 0.116 / 0.335 (8.7x), gptq 2-bit asym+mse
+# 0.185 / 0.493 (1,620x), the published lplr 8/8 rf 0.8 0.268 / 0.297 (27,500x). all-MiniLM-L6-v2 (cosine):
+# gptq asym+mse 2.25 output 0.166 (0.82), calibrated lsvd 2.25 0.194 (0.70), gptq sym 2.25 0.261 (0.38); weight error
+# rtn 3.25 0.231 (0.84), lplr 8/8 rf 0.8 0.259 (0.77), lplr 4/4 0.44-0.77 (< 0.45). Known miss: a min-max grid's
+# float zero (rtn 4-bit per channel, published grid: weight error 0.149, cosine 0.29) shows in the output error only.
+# The whole of SmolLM2 at rtn 4-bit g128 has output error 0.109 for 1.42x, so the decoder threshold sits above it:
+# gptq 3-bit (0.116 on three layers, 8.7x) is a known miss there, which `eval` catches.
+RUIN_OUTPUT_CAUSAL, RUIN_WEIGHT_CAUSAL = 0.15, 0.25
+RUIN_OUTPUT_ENCODER, RUIN_WEIGHT_ENCODER = 0.18, 0.25
 
 
 def _numel(shape: Iterable[int]) -> int:
@@ -195,6 +208,48 @@ def report_summary(rows: list[dict], n_slowest: int = 5) -> dict:
                                  and a["bits_per_param"] > a["source_bits_per_param"] + 1e-9],
         "slowest": [[r["name"], r["seconds"]] for r in sorted(compressed, key=lambda r: -r["seconds"])[:n_slowest]],
     }
+
+
+# What predicts a ruined model (artifacts/quality/decoder/NOTES.md): the parameter-weighted relative errors of the
+# compressed tensors, the output error sqrt(tr(D H D^T) / tr(W H W^T)) where calibration statistics exist (it sees the
+# offsets a float zero point adds, which the weight error misses), else the weight error. Decoder LLMs are far less
+# forgiving than sentence encoders: (output error, weight error) thresholds per kind.
+RUIN_THRESHOLDS = {"causal_lm": (RUIN_OUTPUT_CAUSAL, RUIN_WEIGHT_CAUSAL), "encoder": (RUIN_OUTPUT_ENCODER,
+                                                                                       RUIN_WEIGHT_ENCODER)}
+BETTER_BUDGET = 4.25  # qlr at 4.25 bits/param: 1.19x the float perplexity on SmolLM2-135M, cosine 0.990 on MiniLM
+
+
+def is_causal(source: Mapping | None) -> bool:
+    """A manifest's source is a causal LM (*ForCausalLM / *LMHeadModel), as `evaluate.model_kind` decides."""
+    archs = (source or {}).get("architectures") or []
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+
+
+def ruin_verdict(summary: Mapping, causal: bool, calibrated: bool = False, method: str | None = None,
+                 target: float | None = None) -> dict | None:
+    """None, or why the compressed tensors' errors predict a ruined model and what would do better: {"measure",
+    "value", "threshold", "advice"}. `calibrated`: the conversion had calibration statistics; `method`/`target`: its
+    method and budget, to name the better one."""
+    out_t, w_t = RUIN_THRESHOLDS["causal_lm" if causal else "encoder"]
+    out_err, w_err = summary.get("output_rel_error"), summary.get("weighted_rel_error")
+    if out_err is not None:
+        measure, value, threshold = "output error", out_err, out_t
+    elif w_err is not None:
+        measure, value, threshold = "weight error", w_err, w_t
+    else:
+        return None
+    if not value > threshold:
+        return None
+    budget = f"--target-bits-per-param {BETTER_BUDGET:g}"
+    if method == "qlr" and calibrated and target is not None and target < BETTER_BUDGET:
+        advice = f"raise the budget ({budget})"
+    elif calibrated:
+        advice = f"convert with --method qlr {budget} and the same --calibration"
+    else:
+        advice = f"calibrate (lplr-convert calibrate --in-path SRC --out-path STATS), then convert with --method qlr " \
+                 f"--calibration STATS {budget}"
+    return {"measure": measure, "value": value, "threshold": threshold, "advice": advice,
+            "kind": "decoder LLM" if causal else "encoder"}
 
 
 def summary_of(manifest: Manifest | Mapping) -> dict:

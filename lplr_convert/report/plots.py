@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
+from .. import constants as C
 from .metrics import group_rows, type_sort_key
 
 __all__ = ["have_matplotlib", "plot_bits_per_layer", "plot_error_per_layer", "plot_spectrum", "preload"]
@@ -88,7 +90,12 @@ def _layer_axes(ax, series: dict, ylabel: str, title: str, n_outside: int) -> No
 
 def _save(fig, path: Path, plt) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
+    tmp = path.with_name(path.name + C.PARTIAL_SUFFIX)  # never a truncated PNG under the plot's name
+    try:
+        fig.savefig(tmp, dpi=_DPI, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     plt.close(fig)
     return path
 

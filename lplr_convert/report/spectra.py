@@ -108,6 +108,19 @@ def representative_tensors(rows: list[dict], k: int = 4) -> list[str]:
     return chosen
 
 
+def _check_unchanged(src, source: dict, files: set[str]) -> None:
+    """The weight files `files` of the source are those the conversion read (the sha256 its manifest records), so a
+    spectrum drawn from them is of the converted model; only the files read are hashed."""
+    from ..errors import LplrError
+    from ..io.manifest import sha256_file
+
+    recorded = source.get("files") if isinstance(source.get("files"), dict) else {}
+    for rel in sorted(files):
+        if rel in recorded and sha256_file(src.root / rel) != recorded[rel]:
+            raise LplrError(f"the source at {src.root} was replaced since the conversion (its {rel} differs from the "
+                            f"sha256 the manifest records), so its spectra are not this model's")
+
+
 def source_spectra(manifest, names: list[str], points: int = CURVE_POINTS) -> dict[str, list[float]]:
     """Energy curves of `names` read from the source checkpoint, when its local path is still reachable."""
     from ..io.reader import open_source
@@ -119,6 +132,7 @@ def source_spectra(manifest, names: list[str], points: int = CURVE_POINTS) -> di
     src = open_source(path)
     wanted = [n for n in names if n in src.headers and len(src.headers[n].shape) == 2
               and min(src.headers[n].shape) <= _MAX_DIM]
+    _check_unchanged(src, manifest.source, {src.headers[n].file for n in wanted})
     out = {name: energy_curve(singular_values(W.float(), precise=False), points)  # a plot: W's precision
            for name, W in src.iter_tensors(wanted)}
     if len(out) < len(names):

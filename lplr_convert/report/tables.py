@@ -10,7 +10,7 @@ from pathlib import Path
 from .. import constants as C
 from ..io.manifest import Manifest
 from ..methods import all_knobs, available_methods, get_method
-from .metrics import FLAG_ABOVE_INT8, FLAG_GREW, summary_of, type_sort_key
+from .metrics import FLAG_ABOVE_INT8, FLAG_GREW, is_causal, ruin_verdict, summary_of, type_sort_key
 
 __all__ = [
     "CSV_COLUMNS",
@@ -110,6 +110,27 @@ def rows_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+# Measured fidelity levels (artifacts/quality/decoder/NOTES.md, artifacts/quality/results.md): perplexity ratio to the
+# original (SmolLM2-135M: qlr 4.25 1.19x, gptq 4-bit 1.46x, rtn 4-bit g128 1.6x, qlr 3.25 2.6x, gptq 3-bit 8.7x, the
+# published lplr 27,500x) and mean embedding cosine (MiniLM: gptq 4-bit 0.983, rtn 3-bit 0.84, lplr 4/4 0.44).
+EVAL_LEVELS = {"causal_lm": ((1.5, "close"), (3.0, "degraded"), (math.inf, "RUINED")),
+               "encoder": ((-0.95, "close"), (-0.8, "degraded"), (math.inf, "RUINED"))}
+
+
+def eval_verdict(ev: dict) -> str | None:
+    """"close", "degraded" or "RUINED", with the number it is read from; None when `ev` has neither."""
+    if ev.get("kind") == "causal_lm" and ev.get("perplexity_original") and ev.get("perplexity_converted"):
+        ratio = ev["perplexity_converted"] / ev["perplexity_original"]
+        key, what = ratio, f"perplexity {ratio:,.0f}x the original's" if ratio >= 100 else \
+            f"perplexity {ratio:.2f}x the original's"
+    elif ev.get("kind") == "encoder" and ev.get("cosine_mean") is not None:
+        key, what = -ev["cosine_mean"], f"mean cosine {ev['cosine_mean']:.3f}"
+    else:
+        return None
+    level = next(name for bound, name in EVAL_LEVELS[ev["kind"]] if key < bound)
+    return f"{level} ({what})"
+
+
 def eval_items(ev: dict | None) -> list[tuple[str, str]]:
     """(label, value) pairs of a fidelity evaluation result, for any table layout."""
     if not ev:
@@ -124,6 +145,9 @@ def eval_items(ev: dict | None) -> list[tuple[str, str]]:
                    f"{_f(ev.get('perplexity_original'), 3)} → {_f(ev.get('perplexity_converted'), 3)}"),
                   ("mean per-token KL(original ‖ converted)", _f(ev.get("kl_mean"), 5)),
                   ("top-1 next-token agreement", _pct(ev.get("top1_agreement")))]
+    verdict = eval_verdict(ev)
+    if verdict is not None:
+        items.append(("verdict", verdict))
     return items
 
 
@@ -144,9 +168,27 @@ def _summary_lines(s: dict) -> list[tuple[str, str]]:
     ]
 
 
-def _warnings(s: dict) -> list[str]:
+def verdict_of(manifest: Manifest, s: dict) -> dict | None:
+    """`metrics.ruin_verdict` of a conversion: its kind, calibration, main method and budget from the manifest."""
+    opts = manifest.options or {}
+    methods = {m: a["params"] for m, a in s["by_method"].items() if m != "copy"}
+    alloc = opts.get("allocation") or {}
+    return ruin_verdict(s, is_causal(manifest.source), opts.get("calibration") is not None,
+                        max(methods, key=methods.get) if methods else None, alloc.get("target_bits_per_param"))
+
+
+def verdict_text(v: dict) -> str:
+    return (f"the compressed tensors' {v['measure']} ({v['value']:.3f}, parameter-weighted) is above "
+            f"{v['threshold']:g}, where {v['kind']}s measured here collapsed: expect a RUINED model (check with "
+            f"`lplr-convert eval`); for a better one, {v['advice']}")
+
+
+def _warnings(s: dict, manifest: Manifest | None = None) -> list[str]:
     """Bad numbers a reader must not miss."""
     out = []
+    v = None if manifest is None else verdict_of(manifest, s)
+    if v is not None:
+        out.append(verdict_text(v))
     if s["grown"]:
         out.append(f"{len(s['grown'])} tensor(s) are stored LARGER than in the source: " + _names(s["grown"]))
     for m in s["methods_above_source"]:
@@ -192,7 +234,7 @@ def summary_markdown(manifest: Manifest | dict, summary: dict | None = None) -> 
     s = summary_of(manifest) if summary is None else summary
     parts = [_md_table(["", "value"], [list(x) for x in _summary_lines(s)], "lr"),
              _md_table(_METHOD_HEADER, _method_rows(s, ", ".join), "lrrrrrrl")]
-    warn = _warnings(s)
+    warn = _warnings(s, manifest)
     if warn:
         parts.append("\n".join(f"- ⚠ {w}" for w in warn))
     ev = eval_items(manifest.eval)
@@ -214,7 +256,7 @@ def summary_table(manifest: Manifest | dict, summary: dict | None = None) -> str
              (f"size {_mb(s['original_bytes'])} -> {_mb(s['stored_bytes'])} (ratio {_f(s['size_ratio'], 3)}); "
              f"compressed tensors {_f(s['compressed_bits_per_param'], 2)} bits/param "
              f"(source {_f(s['compressed_source_bits_per_param'], 2)})")]
-    lines += [f"WARNING: {w}".replace("`", "") for w in _warnings(s)]
+    lines += [f"WARNING: {w}".replace("`", "") for w in _warnings(s, manifest)]
     lines += [f"{k}: {v}" for k, v in eval_items(manifest.eval)]
     return "\n".join(lines)
 
@@ -233,7 +275,7 @@ def report_markdown(manifest: Manifest | dict, rows: list[dict], summary: dict, 
             f"- tool: {manifest.tool} {manifest.tool_version}, format {manifest.format_version}",
             "", "## Summary", "", _md_table(["", "value"], [list(x) for x in _summary_lines(s)], "lr"), "",
             _md_table(_METHOD_HEADER, _method_rows(s, ", ".join), "lrrrrrrl"), ""]
-    warn = _warnings(s)
+    warn = _warnings(s, manifest)
     out += ["## Warnings", ""] + ([f"- ⚠ {w}" for w in warn] or [("- none: no tensor grew, no method exceeds the "
                                                                   "source's bits/param or int8's.")]) + [""]
     ev = manifest.eval

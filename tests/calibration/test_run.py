@@ -122,7 +122,6 @@ def test_a_block_run_several_times_accumulates_all_its_inputs(tiny_dir, text_fil
     weight's statistic is E[x x^T] over the inputs of all 3 calls, as a full forward with the same hooks gives it.
     The weights compressed with that statistic carry an output error (convert --calibration accepts them)."""
     from lplr_convert.pipeline.convert import ConvertOptions, convert
-    from lplr_convert.methods import make_settings
 
     path = tiny_dir("albert")
     manifest = _calibrate(path, tmp_path / "stats", text_file)
@@ -131,7 +130,7 @@ def test_a_block_run_several_times_accumulates_all_its_inputs(tiny_dir, text_fil
     q = "encoder.albert_layer_groups.0.albert_layers.0.attention.query.weight"
     assert stats.tokens(q) == 3 * manifest["tokens"]  # every token, once per call
     assert_matches(stats, reference(path, text_file), 3, 160)
-    doc = convert(ConvertOptions(str(path), str(tmp_path / "out"), settings=make_settings("gptq"),
+    doc = convert(ConvertOptions(str(path), str(tmp_path / "out"), layer={"method": "gptq"},
                                  calibration=str(tmp_path / "stats"), write_report=False))
     comp = [r for r in doc["tensors"] if r["method"] != "copy"]
     assert {r["name"] for r in comp} == set(manifest[C.S_WEIGHTS])

@@ -54,3 +54,35 @@ def test_causal_chunks_and_encoder_lines(tiny_dir, text_file):
     assert rows == [tok(s, truncation=True, max_length=12)["input_ids"] for s in lines[:3]]
     batch = make_batches(rows, 3, tok.pad_token_id)[0]
     assert batch.tokens == sum(map(len, rows)) and batch.input_ids.shape == (3, max(map(len, rows)))
+
+
+def test_the_default_for_causal_lms_meets_the_defaults_in_full(minilm_dir):
+    """Encoders keep the bundled sentences; causal LMs get them followed by the public-domain books, at least 256k
+    tokens (here MiniLM's WordPiece; SmolLM2's BPE gives more), so 128 samples of 512 tokens come in full. The books
+    carry no Project Gutenberg header or trademark and share no 8-word sequence with the evaluation texts."""
+    import re
+
+    from lplr_convert.calibration.text import DEFAULT_BOOKS, default_text
+
+    sentences, text = read_text(), default_text(causal=True)
+    assert default_text(causal=False) == sentences
+    assert list(text.lines[:len(sentences.lines)]) == sentences.lines and text.sha256 != sentences.sha256
+    books = read_text(DEFAULT_BOOKS).lines
+    assert text.lines[len(sentences.lines):] == books and len(books) >= 300
+    assert text.source == "lplr_convert/data/calibration_text.txt + lplr_convert/data/calibration_books.jsonl.gz"
+    tok = load_tokenizer(minilm_dir)
+    assert sum(len(tok(s, add_special_tokens=False)["input_ids"]) for s in text.lines) >= 256_000
+    chunks = tokenize(tok, text.lines, True, 128, 512)
+    assert [len(c) for c in chunks] == [512] * 128
+    joined = "\n".join(books)
+    assert "gutenberg" not in joined.lower() and all(8 <= len(b) <= 6000 for b in books)
+
+    def grams(t: str) -> set:
+        w = re.findall(r"[a-z0-9']+", t.lower())
+        return {tuple(w[i:i + 8]) for i in range(len(w) - 7)}
+
+    heldout = DEFAULT_TEXT.parent.parent.parent / "scripts" / "data" / "heldout_sentences.txt"
+    evals = [DEFAULT_TEXT.parent / "eval_sentences.txt", DEFAULT_TEXT] + ([heldout] if heldout.is_file() else [])
+    book_grams = grams(joined)
+    for path in evals:
+        assert not grams(path.read_text(encoding="utf-8")) & book_grams, path

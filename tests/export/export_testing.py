@@ -18,13 +18,12 @@ def convert_to(src: Path, out: Path, method: str = "rtn", recipe: str | None = N
                types: str | None = None, **knobs) -> Path:
     """Convert through the library (no calibration: gptq and qlr then use H = I)."""
     from lplr_convert.pipeline.convert import ConvertOptions, convert
-    from lplr_convert.methods import make_settings
 
     recipe_path = None
     if recipe is not None:
         recipe_path = out.parent / f"{out.name}_recipe.yaml"
         recipe_path.write_text(recipe)
-    convert(ConvertOptions(in_path=str(src), out_path=str(out), settings=make_settings(method, **knobs),
+    convert(ConvertOptions(in_path=str(src), out_path=str(out), layer={"method": method, **knobs},
                            recipe=None if recipe_path is None else str(recipe_path), layers=layers, types=types,
                            device="cpu",
                            write_report=False))

@@ -83,3 +83,11 @@ def test_conversions_without_a_backbone_are_refused(llama32_dir, tmp_path):
     dst = convert_to(llama32_dir, tmp_path / "lsvd", method="lsvd", rank=4, layers="0")
     with pytest.raises(LplrError, match="for lsvd/lplr/dsvd factors that base would be zero"):
         export(dst, tmp_path / "adapter", "peft")
+
+
+@pytest.mark.parametrize("base", ["", "no such/dir/at all", "../x"])
+def test_a_base_model_that_is_neither_a_directory_nor_a_repo_id_is_refused(exports, tmp_path, base):
+    case = exports["cases"]["qlr_llama"]
+    with pytest.raises(LplrError, match="neither a local directory nor a Hub repo id"):
+        export(case.dst, tmp_path / "adapter", "peft", base_model=base)
+    assert not (tmp_path / "adapter").exists()

@@ -209,3 +209,20 @@ def test_bad_arguments_are_refused():
         gptq(W[:, :50], torch.eye(50), spec)
     with pytest.raises(ValueError, match="block_size"):
         gptq(W, H, spec, block_size=0)
+
+
+def test_a_precomputed_factor_gives_the_same_bits_and_must_match_the_settings():
+    from lplr_convert.math.gptq import gptq_factor
+
+    W, H = _weight(3), _hessian(N, 4, dead=(5,))
+    spec = _spec(W.shape, 3, "group", 0, 16, "asymmetric", "float16", "mse")
+    for act_order in (False, True):
+        f = gptq_factor(H, damp=0.01, act_order=act_order)
+        a = gptq_detailed(W, H, spec, act_order=act_order)
+        b = gptq_detailed(W, H, spec, act_order=act_order, factor=f)
+        assert torch.equal(a.w_hat, b.w_hat) and torch.equal(a.quantized.codes, b.quantized.codes)
+        assert torch.equal(a.quantized.scale, b.quantized.scale)
+        with pytest.raises(ValueError, match="other settings"):
+            gptq(W, H, spec, act_order=not act_order, factor=f)
+    with pytest.raises(ValueError, match="other settings"):
+        gptq(W.double(), H, spec, factor=gptq_factor(H))  # float64 weights work in float64

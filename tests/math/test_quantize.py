@@ -13,7 +13,7 @@ import torch
 from lplr_convert import constants as C
 from lplr_convert.errors import LplrError
 from lplr_convert.math import quantize as qz
-from lplr_convert.methods import MethodSettings
+from lplr_convert.methods import make_settings
 
 GRANULARITIES = [("tensor", 0, None), ("channel", 0, None), ("channel", 1, None), ("group", 0, 64),
                  ("group", 0, 7)]
@@ -115,7 +115,7 @@ def test_disallowed_bits_are_refused_with_the_allowed_list(bits, gen):
         qz.quantize(torch.randn(3, 3, generator=gen), bits)
     assert "1-8" in str(info.value) and "16" in str(info.value) and "32" in str(info.value)
     with pytest.raises(LplrError, match=r"1-8 .*16.*32"):
-        MethodSettings(b1=bits)
+        make_settings(b1=bits)
 
 
 def test_bad_granularity_and_group_size_are_refused():

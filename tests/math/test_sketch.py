@@ -117,11 +117,11 @@ def test_lplr_quantizes_the_sketch_product_it_records(precision):
     """L's codes are those of quantizing `sketch_product` in the chosen precision, and the record says which."""
     from lplr_convert.math import quantize as qz
     from lplr_convert.math.sketch import sketch_product
-    from lplr_convert.methods import MethodSettings, RankPolicy, get_method
+    from lplr_convert.methods import RankPolicy, get_method, make_settings
     from lplr_convert.methods._common import factor_specs
 
     W = torch.randn(90, 70, generator=torch.Generator().manual_seed(6))
-    s = MethodSettings(method="lplr", b1=8, b2=8, rank=RankPolicy("rank", 20), sketch_precision=precision)
+    s = make_settings(method="lplr", b1=8, b2=8, rank=RankPolicy("rank", 20), sketch_precision=precision)
     res = get_method("lplr").compress(W, s, 13)
     assert res.extra["sketch_precision"] == precision
     Y, _ = sketch_product(W, sketch_matrix(70, 20, 13), precision)
@@ -131,8 +131,8 @@ def test_lplr_quantizes_the_sketch_product_it_records(precision):
 
 
 def test_lplr_auto_keeps_float32_for_float_factors():
-    from lplr_convert.methods import MethodSettings, RankPolicy, get_method
+    from lplr_convert.methods import RankPolicy, get_method, make_settings
 
     W = torch.randn(40, 30, generator=torch.Generator().manual_seed(8))
-    s = MethodSettings(method="lplr", b1=16, b2=16, rank=RankPolicy("rank", 10))
+    s = make_settings(method="lplr", b1=16, b2=16, rank=RankPolicy("rank", 10))
     assert get_method("lplr").compress(W, s, 1).extra["sketch_precision"] == "float32"

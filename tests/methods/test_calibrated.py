@@ -74,3 +74,62 @@ def test_every_method_takes_statistics():
             make_settings(method)
         res = get_method(method).compress(W, s, 0, InputStats(H))
         assert get_method(method).decode(res.parts, res.info).shape == W.shape
+
+
+def test_gptq_factor_shared_through_the_statistics_gives_the_same_bits():
+    """q/k/v and a qlr's backbones share H: its GPTQ factorization is computed once (`InputStats.gptq_factor`)."""
+    W, H = _problem()
+    s = make_settings("gptq", b0=3, scheme="asymmetric", clip="mse")
+    stats = InputStats(H)
+    first = get_method("gptq").compress(W, s, 0, stats)
+    assert [k for k in stats.cache if k[0] == "gptq_factor"]  # kept for the next weight with these inputs
+    again = get_method("gptq").compress(W, s, 0, stats)  # from the kept factor
+    fresh = get_method("gptq").compress(W, s, 0, InputStats(H.clone()))
+    for res in (again, fresh):
+        assert all(torch.equal(first.parts[k], res.parts[k]) for k in first.parts)
+
+
+def test_a_budgets_backbone_is_reused_bit_for_bit_and_then_dropped():
+    """The allocation pass's GPTQ backbone at the chosen width is qlr's first backbone: reused (taken from
+    `BACKBONES`), the conversion stores exactly the bytes it stores when it computes it itself."""
+    from lplr_convert.methods._common import BACKBONES
+
+    W, H = _problem()
+    q = get_method("qlr")
+    s = make_settings("qlr", b0=3, rank=RankPolicy("rank", 4))
+    BACKBONES.clear()
+    alone = q.compress(W, s, 0, InputStats(H))
+    assert not BACKBONES.entries
+    cands = q.candidates(W, s, InputStats(H), 3.25, frozenset({"b0"}))
+    assert {c.changes["b0"] for c in cands} == {3} and len(BACKBONES.entries) == 1
+    calls = []
+    real = BACKBONES.take
+    BACKBONES.take = lambda key: calls.append(key) or real(key)
+    try:
+        reused = q.compress(W, s, 0, InputStats(H))
+    finally:
+        del BACKBONES.take
+    assert len(calls) == 1 and not BACKBONES.entries  # taken, not kept
+    assert set(alone.parts) == set(reused.parts)
+    assert all(torch.equal(alone.parts[k], reused.parts[k]) for k in alone.parts)
+    assert alone.info["history"] == reused.info["history"]
+    # Another weight (or other statistics) never hits that entry.
+    q.candidates(W, s, InputStats(H), 3.25, frozenset({"b0"}))
+    other = q.compress(W * 2, s, 0, InputStats(H))
+    assert len(BACKBONES.entries) == 1 and other.parts.keys() == alone.parts.keys()
+    BACKBONES.clear()
+
+
+def test_the_backbone_memo_keeps_at_most_its_limit():
+    from lplr_convert.math import quantize as qz
+    from lplr_convert.methods._common import BackboneMemo
+
+    W = torch.randn(8, 32)
+    q, _ = qz.quantize_dequantize_spec(W, qz.QuantSpec((8, 32), 4, "group", 0, 16, scheme="symmetric",
+                                                       scale_dtype="float16"), torch.float32)
+    size = sum(t.numel() * t.element_size() for t in qz.to_fields(q).values())
+    memo = BackboneMemo(limit=size)
+    memo.put("a", q)
+    memo.put("b", q)  # over the limit: not kept (the conversion recomputes it)
+    assert list(memo.entries) == ["a"] and memo.used == size
+    assert memo.take("b") is None and memo.take("a") is q and memo.used == 0 and memo.take("a") is None

@@ -63,7 +63,7 @@ def clipped():
 
 def test_a_new_method_with_a_new_knob_needs_no_package_edit(clipped, tiny_llama_dir, tmp_path):
     assert clipped in available_methods()
-    help_text = run_cli("convert", "--help").output
+    help_text = run_cli("convert", "--method", NAME, "--help").output
     assert "--clip-ratio" in help_text and "Clip |W| to this fraction" in help_text and NAME in help_text
 
     recipe = tmp_path / "recipe.yaml"

@@ -63,7 +63,7 @@ def shrunk():
 
 
 def test_two_new_knobs_reach_help_recipe_manifest_report_inspect_and_card(shrunk, tiny_llama_dir, tmp_path):
-    help_text = run_cli("convert", "--help").output
+    help_text = run_cli("convert", "--method", NAME, "--help").output
     assert "--shrink" in help_text and "--rounding [nearest|toward_zero]" in help_text
     bad = run_cli("inspect", "--in-path", str(tiny_llama_dir), "--method", NAME, "--rounding", "up")
     assert bad.exit_code != 0 and "--rounding" in bad.output

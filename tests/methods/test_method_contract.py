@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from lplr_convert.errors import LplrError
 from lplr_convert.math.error import relative_error
-from lplr_convert.methods import MethodSettings, RankPolicy, available_methods, get_method
+from lplr_convert.methods import RankPolicy, available_methods, get_method, make_settings
 
 MINILM = ["encoder.layer.0.attention.self.query.weight",  # 384 x 384
           "encoder.layer.0.intermediate.dense.weight",  # 1536 x 384
@@ -26,12 +26,12 @@ def _matrix(m=70, n=50, seed=0, dtype=torch.float32) -> torch.Tensor:
             / math.sqrt(n)).to(dtype)
 
 
-def _settings(method: str, **kw) -> MethodSettings:
+def _settings(method: str, **kw) -> make_settings:
     if method == "laser":
         kw.setdefault("rank", RankPolicy("rho", 0.3))
     else:
         kw.setdefault("rank", RankPolicy("rank_fraction", 0.4))
-    return MethodSettings(method=method, **kw)
+    return make_settings(method=method, **kw)
 
 
 def _nbits(parts: dict[str, torch.Tensor]) -> int:
@@ -48,7 +48,7 @@ def test_unknown_method_lists_registered_names():
     for name in available_methods():
         assert name in str(info.value)
     with pytest.raises(LplrError, match="registered methods: copy, dsvd, gptq, laser, lplr, lsvd, qlr, rtn"):
-        MethodSettings(method="svd")
+        make_settings(method="svd")
 
 
 @pytest.mark.parametrize("method", available_methods())
@@ -125,12 +125,12 @@ def test_sparse_sketch_and_power_iterations():
 
 def test_rtn_is_the_quantizer_with_one_scale_per_output_row():
     W = _matrix(40, 30)
-    res = get_method("rtn").compress(W, MethodSettings(method="rtn", b0=4), 0)
+    res = get_method("rtn").compress(W, make_settings(method="rtn", b0=4), 0)
     assert res.info["q"]["granularity"] == "channel" and res.info["q"]["channel_dim"] == 0
     assert tuple(res.parts["lplr_q.scale"].shape) == (40, 1)
     # default grid: asymmetric, a float16 scale and a 4-bit integer zero point per row (bit-packed: 40 x 4 bits)
     assert res.stored_bits == 40 * 30 * 4 + 40 * 16 + 40 * 4
-    published = get_method("rtn").compress(W, MethodSettings(method="rtn", b0=4, scheme="minmax"), 0)
+    published = get_method("rtn").compress(W, make_settings(method="rtn", b0=4, scheme="minmax"), 0)
     assert published.stored_bits == 40 * 30 * 4 + 2 * 40 * 32  # float32 scale and zero per row
 
 
@@ -138,7 +138,7 @@ def test_rtn_is_the_quantizer_with_one_scale_per_output_row():
                          ids=["bf16", "int64 position ids", "1-D"])
 def test_copy_stores_and_decodes_any_tensor_verbatim(W):
     impl = get_method("copy")
-    res = impl.compress(W, MethodSettings(method="copy"), 0)
+    res = impl.compress(W, make_settings(method="copy"), 0)
     assert torch.equal(res.parts[""], W) and res.error() == 0.0
     assert res.stored_bits == _nbits(res.parts) == W.numel() * W.element_size() * 8
     out = impl.decode(res.parts, res.info)
@@ -167,7 +167,7 @@ def minilm_sigma2(minilm) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("name", MINILM)
 def test_full_rank_16_bit_factors_reconstruct_real_weights(minilm, method, name):
     W = minilm[name]
-    s = MethodSettings(method=method, b1=16, b2=16, rank=RankPolicy("rank_fraction", 1.0))
+    s = make_settings(method=method, b1=16, b2=16, rank=RankPolicy("rank_fraction", 1.0))
     res = get_method(method).compress(W, s, 0)
     assert res.rank == min(W.shape)
     assert res.error() < 1e-3  # measured 2e-4 .. 3e-4
@@ -179,7 +179,7 @@ def test_full_rank_lplr_on_a_well_conditioned_matrix(shape):
     Gaussian sketch alone has cond ~ r. So at 16 bits it is NOT below 1e-3 in general (measured: 0.016 on MiniLM's
     encoder.layer.5.output.dense, 0.004-0.04 on these Gaussian matrices); at 32 bits it is."""
     W = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
-    s = MethodSettings(method="lplr", b1=32, b2=32, rank=RankPolicy("rank_fraction", 1.0))
+    s = make_settings(method="lplr", b1=32, b2=32, rank=RankPolicy("rank_fraction", 1.0))
     res = get_method("lplr").compress(W, s, 0)
     assert res.error() < 1e-3
 
@@ -194,7 +194,7 @@ def _eckart_young(s2: torch.Tensor, k: int) -> tuple[float, float]:
 @pytest.mark.parametrize("name", MINILM)
 def test_laser_is_the_eckart_young_optimum_on_real_weights(minilm, minilm_sigma2, name, policy):
     W = minilm[name]
-    res = get_method("laser").compress(W, MethodSettings(method="laser", rank=policy), 0)
+    res = get_method("laser").compress(W, make_settings(method="laser", rank=policy), 0)
     expected_err, expected_energy = _eckart_young(minilm_sigma2[name], res.rank)
     assert res.error() == pytest.approx(expected_err, abs=1e-4)
     assert float(res.energy_kept) == pytest.approx(expected_energy, abs=1e-6)
@@ -204,7 +204,7 @@ def test_laser_is_the_eckart_young_optimum_on_real_weights(minilm, minilm_sigma2
 @pytest.mark.parametrize("svd", ["exact", "gram", "auto"])
 def test_laser_eckart_young_for_each_exact_svd_route(svd):
     W = _matrix(90, 70, seed=9)
-    res = get_method("laser").compress(W, MethodSettings(method="laser", rank=RankPolicy("rank", 10), svd=svd), 0)
+    res = get_method("laser").compress(W, make_settings(method="laser", rank=RankPolicy("rank", 10), svd=svd), 0)
     s2 = torch.linalg.svdvals(W.double()).square()
     assert res.error() == pytest.approx(_eckart_young(s2, 10)[0], abs=1e-4)
 
@@ -212,7 +212,7 @@ def test_laser_eckart_young_for_each_exact_svd_route(svd):
 def test_randomized_laser_is_close_but_not_optimal_on_a_flat_spectrum(minilm, minilm_sigma2):
     """Why 'auto' avoids randomized SVD below 4096: on real weights it misses the optimum by ~1 % at rank 38."""
     name = MINILM[0]
-    s = MethodSettings(method="laser", rank=RankPolicy("rho", 0.1), svd="randomized")
+    s = make_settings(method="laser", rank=RankPolicy("rho", 0.1), svd="randomized")
     res = get_method("laser").compress(minilm[name], s, 0)
     optimum = _eckart_young(minilm_sigma2[name], res.rank)[0]
     assert optimum <= res.error() < 1.03 * optimum

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lplr_convert.errors import LplrError
-from lplr_convert.methods import MethodSettings, RankPolicy, get_method, resolve_rank
+from lplr_convert.methods import RankPolicy, get_method, make_settings, resolve_rank
 from lplr_convert.methods._common import factor_bits
 
 
@@ -42,7 +42,7 @@ def test_energy_keeps_the_fewest_components_reaching_p():
 
 def test_energy_through_a_method():
     W = torch.randn(60, 40, generator=torch.Generator().manual_seed(0)) * torch.logspace(0, -2, 40)
-    s = MethodSettings(method="lsvd", rank=RankPolicy("energy", 0.9))
+    s = make_settings(method="lsvd", rank=RankPolicy("energy", 0.9))
     res = get_method("lsvd").compress(W, s, 0)
     sigma2 = torch.linalg.svdvals(W.double()).square()
     cum = torch.cumsum(sigma2, 0) / sigma2.sum()
@@ -54,7 +54,7 @@ def test_energy_through_a_method():
 def test_bits_per_param_counts_scales():
     """64 x 64, 8-bit channel factors: rank r costs 1024 r code bits + 128 r scale/zero bits. A 2 bits/param budget
     (8192 bits) fits r = 7 (8064 bits); counting codes only would wrongly allow r = 8."""
-    s = MethodSettings(method="lplr", scheme="minmax", rank=RankPolicy("bits_per_param", 2.0))
+    s = make_settings(method="lplr", scheme="minmax", rank=RankPolicy("bits_per_param", 2.0))
     assert factor_bits(64, 64, 7, s) == 7 * 1152
     assert resolve_rank(s.rank, 64, 64, bits_for_rank=lambda r: factor_bits(64, 64, r, s)) == 7
     res = get_method("lplr").compress(torch.randn(64, 64), s, 0)
@@ -66,7 +66,7 @@ def test_bits_per_param_counts_scales():
 @pytest.mark.parametrize("budget", [1.0, 3.3, 8.0])
 def test_bits_per_param_picks_the_largest_fitting_rank(quantizer, group_size, budget):
     m, n = 96, 80
-    s = MethodSettings(method="lsvd", b1=4, b2=6, quantizer=quantizer, group_size=group_size,
+    s = make_settings(method="lsvd", b1=4, b2=6, quantizer=quantizer, group_size=group_size,
                        rank=RankPolicy("bits_per_param", budget))
     r = resolve_rank(s.rank, m, n, bits_for_rank=lambda k: factor_bits(m, n, k, s))
     assert factor_bits(m, n, r, s) <= budget * m * n
@@ -77,7 +77,7 @@ def test_bits_per_param_picks_the_largest_fitting_rank(quantizer, group_size, bu
 
 
 def test_bits_per_param_too_small_is_a_clear_error():
-    s = MethodSettings(method="lplr", rank=RankPolicy("bits_per_param", 0.01))
+    s = make_settings(method="lplr", rank=RankPolicy("bits_per_param", 0.01))
     with pytest.raises(LplrError, match="even rank 1 needs"):
         get_method("lplr").compress(torch.randn(64, 64), s, 0)
 
@@ -102,7 +102,7 @@ def test_unknown_policy_lists_the_known_ones():
 
 
 def test_bits_per_param_does_not_apply_to_laser():
-    s = MethodSettings(method="laser", rank=RankPolicy("bits_per_param", 4.0))
+    s = make_settings(method="laser", rank=RankPolicy("bits_per_param", 4.0))
     with pytest.raises(LplrError, match="bits_per_param only applies"):
         get_method("laser").compress(torch.randn(8, 8), s, 0)
     with pytest.raises(LplrError, match="bits_per_param only applies"):
@@ -113,12 +113,12 @@ def test_bits_per_param_does_not_apply_to_laser():
 @pytest.mark.parametrize("shape", [(16,), (2, 3, 4), (0, 5)], ids=str)
 def test_non_matrix_input_is_a_clear_error(method, shape):
     with pytest.raises(LplrError, match="2-D weight matrix"):
-        get_method(method).compress(torch.ones(shape), MethodSettings(method=method), 0)
+        get_method(method).compress(torch.ones(shape), make_settings(method=method), 0)
 
 
 def test_integer_input_is_a_clear_error():
     with pytest.raises(LplrError, match="floating-point"):
-        get_method("lplr").compress(torch.ones(8, 8, dtype=torch.int64), MethodSettings(), 0)
+        get_method("lplr").compress(torch.ones(8, 8, dtype=torch.int64), make_settings(), 0)
 
 
 def test_rank_zero_only_where_a_backbone_carries_the_weight():

@@ -39,3 +39,12 @@ def test_a_source_the_nodes_cannot_see_is_a_named_error(local_ray, tmp_path):
     executor = RayExecutor(gone, "local", ["cpu"], threads=1, retries=0)
     with pytest.raises(SourceNotVisibleError, match="not visible on Ray node .*shared filesystem"):
         executor.__enter__()
+
+
+def test_a_running_cluster_passes_the_join_probe(local_ray):
+    """The bounded join's HTTP/2 greeting (issue 24) is answered at once by a real cluster's GCS."""
+    from lplr_convert.io.network import probe_address
+    from lplr_convert.pipeline.executors.cluster import _H2_GREETING
+
+    address = local_ray.get_runtime_context().gcs_address
+    probe_address(address, "--ray-address", "no fix", greeting=_H2_GREETING)  # raises on no answer

@@ -8,7 +8,8 @@ died is retried `retries` times by Ray; the tool's own errors (e.g. a NaN weight
 
 `local` starts a private Ray instance on this machine, reachable on the loopback address only, without usage
 reporting; `auto` or HOST:PORT joins a running cluster. When Ray is already initialised in this process (e.g. by the
-caller), that connection is used and left open.
+caller), that connection is used and left open. Joining a cluster is bounded: HOST:PORT must accept a connection,
+and the cluster must answer, within LPLR_NETWORK_TIMEOUT seconds (`io.network`); otherwise a one-line error.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from pathlib import Path
 from loguru import logger
 
 from ...errors import LplrError, opt
+from ...io.network import probe_address
 from ...io.reader import SourceCheckpoint
+from ..task import JobResult, TensorJob, pack_result, read_tensor, run_job, unpack_result
 from . import WorkerError
 from .ordered import in_order
-from ..task import JobResult, TensorJob, pack_result, read_tensor, run_job, unpack_result
 
 __all__ = ["RayExecutor", "SourceNotVisibleError", "ray_job"]
 
@@ -70,6 +72,29 @@ def _import_ray(local: bool):
     return ray
 
 
+_JOIN_FIX = "start the cluster (`ray start --head`) and pass its address, or pass --ray-address local"
+
+
+def _join_cluster(ray, address: str) -> None:
+    """ray.init(address), bounded: first the address (HOST:PORT, or RAY_ADDRESS for auto) must accept a connection
+    and answer an HTTP/2 greeting, as the cluster's GCS (a gRPC server) does at once, within `network_timeout()`;
+    otherwise a one-line error, where Ray's own client would retry for minutes. Ray's own refusals become one line."""
+    fix = _JOIN_FIX.replace("--ray-address", opt("ray_address"))
+    target = os.environ.get("RAY_ADDRESS") if address == "auto" else address
+    if target and "://" not in target:
+        probe_address(target, opt("ray_address") if target == address else "RAY_ADDRESS", fix, greeting=_H2_GREETING)
+    try:
+        ray.init(address=address, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise LplrError(f"cannot join the Ray cluster at {opt('ray_address')} {address} ({type(e).__name__}: "
+                        f"{first}); {fix}") from None
+
+
+# The HTTP/2 client preface and an empty SETTINGS frame: a gRPC server answers with its own SETTINGS frame.
+_H2_GREETING = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
 class RayExecutor:
     """Tensor tasks on the Ray cluster at `address` (auto, HOST:PORT or local)."""
 
@@ -86,7 +111,7 @@ class RayExecutor:
                 cpus = (self.workers or 0) * self.threads or os.cpu_count() or 1
                 ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False)
             else:
-                ray.init(address=self.address, configure_logging=False)
+                _join_cluster(ray, self.address)
             self._started = True
         try:
             self._prepare(ray)

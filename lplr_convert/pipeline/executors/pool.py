@@ -6,14 +6,20 @@ into a fresh buffer the tensors are views of. At most `ahead` (default 2 per wor
 to be written, which bounds the driver's memory; each worker holds one tensor and its temporaries.
 
 A worker that dies (killed, out of memory, a crash in native code) fails the run with `WorkerError`, naming the
-worker and its tensor; nothing is marked complete, so `--resume` finishes the run.
+worker and its tensor; nothing is marked complete, so `--resume` finishes the run. A worker never outlives the driver,
+whatever signal ends it: on Linux the kernel kills it when the driver exits (PR_SET_PDEATHSIG), and everywhere a
+watchdog thread ends it within a second of the driver's death; multiprocessing's resource tracker then sees its pipe
+close and exits too.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import signal
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Iterator
 from multiprocessing.connection import Connection, wait
@@ -22,16 +28,43 @@ from loguru import logger
 
 from ...errors import LplrError, opt
 from ...io.reader import SourceCheckpoint
+from ..task import JobResult, TensorJob, pack_result, read_tensor, run_job, unpack_result
 from . import WorkerError
 from .ordered import in_order
-from ..task import JobResult, TensorJob, pack_result, read_tensor, run_job, unpack_result
 
 __all__ = ["LocalPool", "worker_main"]
 
 _STOP_SECONDS = 10.0
 
 
-def _setup_worker(device: str, threads: int, log_level: str):
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_WATCH_SECONDS = 1.0
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this process when the driver `parent` dies, by any signal: the kernel's parent-death signal on Linux (at
+    once), and a watchdog thread polling the parent pid everywhere (a spawned worker's parent is the driver; once
+    the driver is gone the worker is re-parented)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the watchdog below still holds
+    if os.getppid() != parent:  # the driver died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_WATCH_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="lplr-parent-watchdog", daemon=True).start()
+
+
+def _setup_worker(device: str, threads: int, log_level: str, parent: int):
+    _die_with_parent(parent)
     import torch
 
     from ...devices import resolve_device
@@ -43,9 +76,11 @@ def _setup_worker(device: str, threads: int, log_level: str):
     return resolve_device(device)
 
 
-def worker_main(conn: Connection, src: SourceCheckpoint, device: str, threads: int, log_level: str) -> None:
-    """A worker process: compress the jobs the driver sends (None stops it); answer each with a result or an error."""
-    dev = _setup_worker(device, threads, log_level)
+def worker_main(conn: Connection, src: SourceCheckpoint, device: str, threads: int, log_level: str,
+                parent: int | None = None) -> None:
+    """A worker process: compress the jobs the driver sends (None stops it); answer each with a result or an error.
+    It dies with the driver (`parent`, its pid)."""
+    dev = _setup_worker(device, threads, log_level, os.getppid() if parent is None else parent)
     while True:
         try:
             job = conn.recv()
@@ -80,7 +115,7 @@ class _Worker:
     def __init__(self, ctx, index: int, src: SourceCheckpoint, device: str, threads: int, log_level: str):
         self.index, self.device, self.job = index, device, None
         self.conn, child = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=worker_main, args=(child, src, device, threads, log_level),
+        self.process = ctx.Process(target=worker_main, args=(child, src, device, threads, log_level, os.getpid()),
                                    name=f"lplr-worker-{index}", daemon=True)
         self.process.start()
         child.close()

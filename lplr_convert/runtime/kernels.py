@@ -1,0 +1,290 @@
+"""Matrix products from stored quantized matrices (tensors in, tensors out; no I/O, logging or configuration).
+
+A stored matrix M (m x n) is what `math.quantize.to_fields` wrote: bit-packed codes (flat, row-major, little end
+first), scales, float zeros (minmax) or bit-packed zero points (asymmetric), or a 16/32-bit float matrix. The kernels
+compute x @ M^T (a weight in nn.Linear orientation) or x @ M for a 2-D x:
+
+- `tiled_matmul`: any width 1-8, every scheme and granularity. Decodes a block of rows at a time (each block starts
+  on a whole block of 8 codes, so on a byte boundary of the flat packing and of the packed zero points) with exactly
+  `math.quantize.dequantize`'s operations, casts it to the activation dtype and multiplies: never more than one tile
+  of the dense matrix exists, and every tile holds the very values the float loaders decode.
+- `int4pack_*`: torch's CPU weight-only kernel (`aten._weight_int4pack_mm_for_cpu`, "tinygemm" layout: w = (c - 8) s
+  + z per group of 32/64/128/256 along the input dim). The codes are repacked once into its layout (same bytes); its
+  scales-and-zeros are formed from the stored scales and zero points at each call (so the module keeps the stored
+  bytes): z = 0 (symmetric), (8 - zp) s (asymmetric) or lo + 8 s (minmax).
+- `int8pack_*`: torch's `aten._weight_int8pack_mm` (int8 codes, one scale per output row): the codes less 128 as int8
+  (same bytes); an asymmetric or minmax offset o (w = (c - 128) s + o) is added as o * sum(x).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+
+from .. import constants as C
+from ..math import bitpack
+from ..math import quantize as qz
+
+__all__ = [
+    "INT4PACK_GROUPS",
+    "codes_rows",
+    "dequantize_rows",
+    "int4pack_available",
+    "int4pack_codes",
+    "int4pack_linear",
+    "int4pack_packed",
+    "int4pack_scales_zeros",
+    "int4pack_segments",
+    "int4pack_weight",
+    "int8pack_codes",
+    "int8pack_linear",
+    "int8pack_offset",
+    "int8pack_weight",
+    "tile_rows",
+    "tiled_matmul",
+]
+
+TILE_BYTES = 4 << 20  # one decoded tile of a matrix: at most this many bytes of working precision (or 8 rows)
+INT4PACK_GROUPS = (256, 128, 64, 32)
+_INT4PACK_ROWS = 64  # the CPU int4pack layout packs blocks of 64 rows independently: repack that many at a time
+
+
+def _rows_sliced(spec: qz.QuantSpec) -> bool:
+    """The parameters have one row per matrix row (group, or channel along dim 0)."""
+    return spec.granularity == "group" or (spec.granularity == "channel" and spec.channel_dim == 0)
+
+
+def tile_rows(spec: qz.QuantSpec, tile_bytes: int = TILE_BYTES, align: int = 8) -> int:
+    """Rows per tile: a multiple of `align` (8: each tile starts on a whole block of 8 codes), about `tile_bytes` of
+    float32 working precision."""
+    m, n = spec.shape
+    rows = max(align, tile_bytes // max(1, 4 * n)) // align * align
+    return min(rows, -(-m // align) * align)
+
+
+def codes_rows(packed: torch.Tensor, spec: qz.QuantSpec, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of the codes (uint8) from the flat packing (`start` a multiple of 8: a whole block)."""
+    n = spec.shape[1]
+    count = (stop - start) * n
+    byte0 = start * n * spec.bits // 8
+    return bitpack.unpack(packed[byte0:byte0 + bitpack.packed_nbytes(count, spec.bits)], spec.bits,
+                          count).view(stop - start, n)
+
+
+def dequantize_rows(spec: qz.QuantSpec, fields: dict[str, torch.Tensor], start: int, stop: int,
+                    dtype: torch.dtype, codes: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [start, stop) of `dequantize(from_fields(fields, spec), dtype)`, bit for bit, decoding only those rows
+    (`start` a multiple of 8), from the flat packing or from those rows' `codes` when given."""
+    n = spec.shape[1]
+    if spec.bits in qz.FLOAT_BITS:
+        return fields[C.FIELD_FLOAT][start:stop].to(dtype)
+    rows = stop - start
+    if codes is None:
+        codes = codes_rows(fields[C.FIELD_PACKED], spec, start, stop)
+    sliced = _rows_sliced(spec)
+    pick = (lambda t: t[start:stop]) if sliced else (lambda t: t)
+    zero = fields.get(C.FIELD_ZERO)
+    zero_point = fields.get(C.FIELD_ZERO_POINT)
+    if zero_point is not None:
+        per_row = spec.scale_shape[1]
+        zfirst, zcount = (start * per_row, rows * per_row) if sliced else (0, math.prod(spec.scale_shape))
+        zbyte = zfirst * spec.bits // 8
+        zero_point = bitpack.unpack(zero_point[zbyte:zbyte + bitpack.packed_nbytes(zcount, spec.bits)], spec.bits,
+                                    zcount).view(rows if sliced else spec.scale_shape[0], -1)
+    q = qz.Quantized(dataclasses.replace(spec, shape=(rows, n)), codes, pick(fields[C.FIELD_SCALE]),
+                     None if zero is None else pick(zero), zero_point)
+    return qz.dequantize(q, dtype)
+
+
+def tiled_matmul(x: torch.Tensor, spec: qz.QuantSpec, fields: dict[str, torch.Tensor], transpose: bool = True,
+                 tile_bytes: int = TILE_BYTES, rows: Callable[[int, int], torch.Tensor] | None = None,
+                 align: int = 8) -> torch.Tensor:
+    """x @ M^T (`transpose`, x: (t, n) -> (t, m)) or x @ M (x: (t, m) -> (t, n)) for the stored M, one decoded tile
+    of rows at a time in x's dtype. A 16/32-bit float M already in x's dtype multiplies directly. `rows(start,
+    stop)` gives those rows' codes where they are not in the flat packing (tiles then start on multiples of
+    `align`)."""
+    m, n = spec.shape
+    if spec.bits in qz.FLOAT_BITS and fields[C.FIELD_FLOAT].dtype == x.dtype:
+        W = fields[C.FIELD_FLOAT]
+        return torch.nn.functional.linear(x, W) if transpose else x @ W
+
+    def tile(i: int, j: int) -> torch.Tensor:
+        return dequantize_rows(spec, fields, i, j, x.dtype, None if rows is None else rows(i, j))
+
+    step = tile_rows(spec, tile_bytes, align)
+    if step >= m:
+        W = tile(0, m)
+        return torch.nn.functional.linear(x, W) if transpose else x @ W
+    if transpose:
+        out = torch.empty(x.shape[0], m, dtype=x.dtype, device=x.device)
+        for i in range(0, m, step):
+            j = min(m, i + step)
+            torch.matmul(x, tile(i, j).T, out=out[:, i:j])
+        return out
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    out = torch.zeros(x.shape[0], n, dtype=acc, device=x.device)
+    for i in range(0, m, step):
+        j = min(m, i + step)
+        out += (x[:, i:j] @ tile(i, j)).to(acc)
+    return out.to(x.dtype)
+
+
+def int4pack_segments(spec: qz.QuantSpec) -> list[tuple[int, int, int]] | None:
+    """How the CPU int4pack kernel runs `spec` (x @ M^T): column segments (start, stop, group), or None when it
+    cannot. It needs 4-bit codes, m a multiple of 16, and parameters per row group of 32/64/128/256 (a shorter last
+    group of a multiple of 32 columns is a second segment with its group's parameters repeated), or per row / per
+    tensor (repeated over the largest such group dividing n)."""
+    m, n = spec.shape
+    if spec.bits != 4 or m % 16 or n % 32 or (spec.granularity == "channel" and spec.channel_dim == 1):
+        return None
+    if spec.granularity != "group":
+        return [(0, n, next(g for g in INT4PACK_GROUPS if n % g == 0))]
+    g = spec.group_size
+    if g not in INT4PACK_GROUPS:
+        return None
+    full = n // g * g
+    out = [(0, full, g)] if full else []
+    if full < n:
+        out.append((full, n, next(t for t in INT4PACK_GROUPS if (n - full) % t == 0)))
+    return out
+
+
+def _int4pack_block(codes: torch.Tensor) -> torch.Tensor:
+    """One block of rows (64, or the last 16/32/48) of 4-bit codes (rows, w) in the CPU int4pack layout: w x rows/2
+    bytes, byte t of column j holding rows (t, t + 32) of a 64-row block, rows (2t, 2t + 1) of a shorter one, low
+    nibble first; viewed as (rows, w / 2)."""
+    rows, w = codes.shape
+    lo, hi = (codes[:32], codes[32:]) if rows == _INT4PACK_ROWS else (codes[0::2], codes[1::2])
+    return (lo | hi << 4).T.contiguous().view(rows, w // 2)
+
+
+def _int4pack_unblock(block: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_int4pack_block`: (rows, w / 2) bytes -> (rows, w) codes."""
+    rows, w = block.shape[0], block.shape[1] * 2
+    b = block.reshape(w, rows // 2).T
+    lo, hi = b & 15, b >> 4
+    return torch.cat([lo, hi]) if rows == _INT4PACK_ROWS else torch.stack([lo, hi], 1).reshape(rows, w)
+
+
+_INT4PACK_CHECKED: dict[str, bool] = {}
+
+
+def int4pack_available() -> bool:
+    """The CPU int4pack ops exist and their layout is the one `_int4pack_block` writes (checked once on a 80 x 64
+    matrix: one full block and a short one)."""
+    if "ok" not in _INT4PACK_CHECKED:
+        try:
+            codes = torch.randint(0, 16, (80, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+            ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            ours = torch.cat([_int4pack_block(codes[:64].to(torch.uint8)), _int4pack_block(codes[64:].to(torch.uint8))])
+            _INT4PACK_CHECKED["ok"] = bool(torch.equal(ref, ours))
+        except (AttributeError, RuntimeError, NotImplementedError):
+            _INT4PACK_CHECKED["ok"] = False
+    return _INT4PACK_CHECKED["ok"]
+
+
+def int4pack_weight(packed: torch.Tensor, spec: qz.QuantSpec, segments: list[tuple[int, int, int]],
+                    ) -> list[torch.Tensor]:
+    """The stored 4-bit codes of each column segment in the CPU int4pack layout ((m, width / 2) uint8: together the
+    same bytes as stored), 64 rows at a time."""
+    m = spec.shape[0]
+    outs = [torch.empty(m, (b - a) // 2, dtype=torch.uint8, device=packed.device) for a, b, _ in segments]
+    for i in range(0, m, _INT4PACK_ROWS):
+        j = min(m, i + _INT4PACK_ROWS)
+        codes = codes_rows(packed, spec, i, j)
+        for out, (a, b, _) in zip(outs, segments):
+            out[i:j] = _int4pack_block(codes[:, a:b])
+    return outs
+
+
+def int4pack_codes(weights: list[torch.Tensor], start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of the codes (uint8) from the int4pack layout (`start` a multiple of 64)."""
+    out = []
+    for w in weights:
+        out.append(torch.cat([_int4pack_unblock(w[i:min(stop, i + _INT4PACK_ROWS)])
+                              for i in range(start, stop, _INT4PACK_ROWS)]))
+    return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+
+
+def int4pack_packed(weights: list[torch.Tensor], spec: qz.QuantSpec) -> torch.Tensor:
+    """The flat packing of the codes held in the int4pack layout (inverse of `int4pack_weight`)."""
+    m, n = spec.shape
+    out = torch.empty(bitpack.packed_nbytes(m * n, 4), dtype=torch.uint8, device=weights[0].device)
+    for i in range(0, m, _INT4PACK_ROWS):
+        j = min(m, i + _INT4PACK_ROWS)
+        out[i * n // 2:j * n // 2] = bitpack.pack(int4pack_codes(weights, i, j), 4, check=False)
+    return out
+
+
+def int4pack_scales_zeros(spec: qz.QuantSpec, fields: dict[str, torch.Tensor], segments: list[tuple[int, int, int]],
+                          dtype: torch.dtype) -> list[torch.Tensor]:
+    """The kernel's scales-and-zeros of each segment ((width / group, m, 2) in `dtype`) from the stored parameters:
+    w = (c - 8) s + z with z = 0 (symmetric), (8 - zp) s (asymmetric), lo + 8 s (minmax), computed in float32 (exact
+    for float16 scales: (8 - zp) s has at most 15 significant bits)."""
+    m = spec.shape[0]
+    s = fields[C.FIELD_SCALE].float()
+    if spec.scheme == "symmetric":
+        z = torch.zeros_like(s)
+    elif spec.scheme == "asymmetric":
+        zp = bitpack.unpack(fields[C.FIELD_ZERO_POINT], 4, math.prod(spec.scale_shape)).view(spec.scale_shape)
+        z = (8 - zp.float()) * s
+    else:
+        z = fields[C.FIELD_ZERO].float() + 8 * s
+    sz = torch.stack([s, z], dim=-1)  # (m or 1, G or 1, 2)
+    out = []
+    for a, b, g in segments:
+        if spec.granularity == "group":  # one stored group per kernel group, or the short last group repeated
+            part = sz[:, a // spec.group_size:b // spec.group_size] if b - a >= spec.group_size else \
+                sz[:, -1:].expand(m, (b - a) // g, 2)
+        else:
+            part = sz.expand(m, (b - a) // g, 2)
+        out.append(part.transpose(0, 1).to(dtype).contiguous())
+    return out
+
+
+def int4pack_linear(x: torch.Tensor, weights: list[torch.Tensor], segments: list[tuple[int, int, int]],
+                    scales_zeros: list[torch.Tensor]) -> torch.Tensor:
+    """x @ W^T on the CPU int4pack kernel, one call per column segment (x 2-D, float32/bfloat16/float16;
+    scales_zeros in x's dtype)."""
+    y = None
+    for w, (a, b, g), sz in zip(weights, segments, scales_zeros):
+        xs = x if (a, b) == (0, x.shape[1]) else x[:, a:b]
+        part = torch.ops.aten._weight_int4pack_mm_for_cpu(xs.contiguous(), w, g, sz)
+        y = part if y is None else y.add_(part)
+    return y
+
+
+def int8pack_weight(packed: torch.Tensor, spec: qz.QuantSpec) -> torch.Tensor:
+    """8-bit codes c as the int8 c - 128, (m, n) (the same bytes)."""
+    return (packed ^ 0x80).view(torch.int8).view(spec.shape)
+
+
+def int8pack_codes(weight: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of the codes (uint8) from the int8 weight."""
+    return weight[start:stop].view(torch.uint8) ^ 0x80
+
+
+def int8pack_offset(spec: qz.QuantSpec, fields: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """o (per row, float32) with w = (c - 128) s + o: None (symmetric), (128 - zp) s (asymmetric), lo + 128 s
+    (minmax)."""
+    s = fields[C.FIELD_SCALE].float().reshape(-1)
+    if spec.scheme == "symmetric":
+        return None
+    if spec.scheme == "asymmetric":
+        return (128 - fields[C.FIELD_ZERO_POINT].float().reshape(-1)) * s
+    return fields[C.FIELD_ZERO].float().reshape(-1) + 128 * s
+
+
+def int8pack_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                    offset: torch.Tensor | None) -> torch.Tensor:
+    """x @ W^T with W = weight * scale (+ offset) row by row, on `aten._weight_int8pack_mm` (x float32/float16;
+    scale and offset broadcast over the m rows)."""
+    m = weight.shape[0]
+    y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight, scale.to(x.dtype).reshape(-1).expand(m)
+                                           .contiguous())
+    if offset is not None:
+        y = y + x.sum(-1, keepdim=True, dtype=torch.float32).to(x.dtype) * offset.to(x.dtype).reshape(1, -1)
+    return y

@@ -1,0 +1,329 @@
+"""Runtime modules that keep a conversion's stored bits in memory and compute from them.
+
+`PackedMatrix` holds one stored matrix (a `QuantPart`'s fields: bit-packed codes, scales, zeros or zero points, or a
+16/32-bit float matrix) as buffers and multiplies by it through a kernel (`kernels`) chosen for its layout and
+device; `PackedLinear` is a linear layer y = Q x + L (R x) + b made of such matrices (`PackedLayout`: rtn/gptq Q x,
+lplr/lsvd/dsvd L (R x), qlr both), never forming the dense weight in forward.
+
+Kernels (`KERNELS`; `LPLR_KERNEL=name` or `load_model(..., kernel=name)` overrides the automatic choice):
+- "tiled": dequantize a tile of rows at a time (a few MiB) in the activation dtype and multiply; any width, scheme,
+  granularity and device. Codes stay in the stored flat packing.
+- "int4pack": 4-bit codes in the CPU int4pack layout (the same bytes), scales and zero points as stored.
+  bfloat16/float16 inputs of up to `INT4PACK_MAX_TOKENS` rows run torch's `_weight_int4pack_mm_for_cpu`; float32
+  inputs and longer ones run the tiled path over the same codes (measured faster there: scripts/bench_kernels.py).
+- "int8pack": 8-bit codes per row or tensor as int8 (the same bytes); float32/float16 inputs of up to
+  `INT8PACK_MAX_TOKENS` rows run `_weight_int8pack_mm` (+ the zero point as a per-row offset times sum(x)), others
+  the tiled path.
+A kernel that cannot run a matrix falls back to "tiled" with a warning; moving a module to another device puts the
+codes back in the stored packing and chooses again for that device.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterable, Mapping
+
+import torch
+from loguru import logger
+from torch import nn
+
+from .. import constants as C
+from ..errors import LplrError
+from ..math import quantize as qz
+from ..methods.base import PackedLayout
+from . import kernels as K
+
+__all__ = ["ENV_KERNEL", "KERNELS", "PackedLinear", "PackedMatrix", "check_kernel", "check_parts", "kernel_counts",
+           "log_kernel_counts"]
+
+ENV_KERNEL = "LPLR_KERNEL"
+KERNELS = ("auto", "tiled", "int4pack", "int8pack")
+INT4PACK_MAX_TOKENS = 32
+INT8PACK_MAX_TOKENS = 4
+
+_BUFFER = {C.FIELD_PACKED: "packed", C.FIELD_SCALE: "scale", C.FIELD_ZERO: "zero", C.FIELD_ZERO_POINT: "zero_point",
+           C.FIELD_FLOAT: "values"}
+_FIELD = {v: k for k, v in _BUFFER.items()}
+
+
+def check_kernel(name: str | None) -> str:
+    """The kernel asked for (argument, else $LPLR_KERNEL, else "auto"); an unknown name is a one-line LplrError."""
+    name = name or os.environ.get(ENV_KERNEL) or "auto"
+    if name not in KERNELS:
+        raise LplrError(f"kernel {name!r} is unknown; use one of {', '.join(KERNELS)} (argument kernel= or "
+                        f"${ENV_KERNEL})")
+    return name
+
+
+def _runs(kernel: str, spec: qz.QuantSpec, transpose: bool, device: torch.device) -> bool:
+    if kernel == "tiled":
+        return True
+    if device.type != "cpu" or not transpose:
+        return False
+    if kernel == "int4pack":
+        return K.int4pack_segments(spec) is not None and K.int4pack_available()
+    if kernel == "int8pack":
+        return spec.bits == 8 and (spec.granularity == "tensor" or (spec.granularity == "channel" and
+                                                                      spec.channel_dim == 0))
+    return False
+
+
+def _choose(asked: str, spec: qz.QuantSpec, transpose: bool, device: torch.device, where: str,
+            dtype: torch.dtype | None = None) -> str:
+    """The kernel for one matrix: the one asked for where it can run it (else a warning and the automatic choice);
+    automatically, the CPU kernel that is faster than the tiled path for decode-sized inputs of the model's dtype
+    `dtype` (measured, scripts/bench_kernels.py): int4pack for bfloat16/float16 (its float32 path is slower than
+    the tiled one), int8pack for float32/float16 (its bfloat16 path is wrong in torch 2.13), else tiled."""
+    if asked != "auto":
+        if _runs(asked, spec, transpose, device):
+            return asked
+        logger.warning(f"kernel {asked} cannot run {where} ({spec.bits}-bit {spec.granularity}, {tuple(spec.shape)} "
+                       f"on {device.type}); using the automatic choice")
+    if dtype != torch.float32 and _runs("int4pack", spec, transpose, device):
+        return "int4pack"
+    if dtype != torch.bfloat16 and _runs("int8pack", spec, transpose, device):
+        return "int8pack"
+    return "tiled"
+
+
+class PackedMatrix(nn.Module):
+    """One stored matrix M (m x n) kept as stored (codes bit-packed, scales, zeros or zero points; a float matrix as
+    is), or with its codes in a kernel's layout of the same bytes. `forward(x)` is x @ M^T (`transpose`, x: (t, n))
+    or x @ M (x: (t, m)) for 2-D x; no more than one tile of the dense M exists at a time."""
+
+    def __init__(self, spec: qz.QuantSpec, fields: Mapping[str, torch.Tensor], transpose: bool = True,
+                 kernel: str | None = None, where: str = "", dtype: torch.dtype | None = None):
+        super().__init__()
+        self.spec, self.transpose, self.where = spec, transpose, where
+        self.kernel = "tiled"
+        for field, t in fields.items():
+            self.register_buffer(_BUFFER[field], t)
+        self.segments = None
+        device = next(iter(fields.values())).device
+        if device.type != "meta":
+            self.set_kernel(_choose(check_kernel(kernel), spec, transpose, device, where, dtype))
+
+    @classmethod
+    def meta(cls, spec: qz.QuantSpec, transpose: bool = True, kernel: str | None = None, where: str = "",
+             device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> PackedMatrix:
+        """The module as it will be loaded on `device` (same buffer names, shapes and dtypes), on the meta device."""
+        fields = {f: torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
+                  for f, (dtype, shape) in qz.field_specs(spec, spec.float_dtype or "float16").items()}
+        mod = cls(spec, fields, transpose, where=where)
+        kernel = _choose(check_kernel(kernel), spec, transpose, torch.device(device), where, dtype)
+        mod._relayout(kernel, meta=True)
+        return mod
+
+    # --- stored form and kernel layouts ------------------------------------------------------------------------
+    def _field(self, field: str) -> torch.Tensor | None:
+        return self._buffers.get(_BUFFER[field])
+
+    def fields(self) -> dict[str, torch.Tensor]:
+        """The parameters as stored (scales, zeros, zero points; a float matrix), without the codes."""
+        return {f: t for name, t in self._buffers.items()
+                if (f := _FIELD.get(name)) is not None and t is not None and f != C.FIELD_PACKED}
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        """Every field exactly as stored (the codes back in the flat packing)."""
+        out = self.fields()
+        if self.spec.bits not in qz.FLOAT_BITS and C.FIELD_PACKED not in out:
+            out[C.FIELD_PACKED] = self._packed()
+        return out
+
+    def _packed(self) -> torch.Tensor:
+        if self.kernel == "int4pack":
+            return K.int4pack_packed(self._kernel_weights(), self.spec)
+        if self.kernel == "int8pack":
+            return K.int8pack_codes(self._buffers["int8"], 0, self.spec.shape[0]).reshape(-1).clone()
+        return self._buffers["packed"]
+
+    def _kernel_weights(self) -> list[torch.Tensor]:
+        return [self._buffers[f"int4pack_{i}"] for i in range(len(self.segments))]
+
+    def set_kernel(self, kernel: str) -> None:
+        """Hold the codes in `kernel`'s layout (from whichever layout they are in now)."""
+        self._relayout(kernel)
+
+    def _relayout(self, kernel: str, meta: bool = False) -> None:
+        if kernel == self.kernel:
+            return
+        if not meta and self.kernel != "tiled":  # back to the flat packing first
+            packed = self._packed()
+            for name in [n for n in self._buffers if n.startswith("int4pack_") or n == "int8"]:
+                del self._buffers[name]
+            self.register_buffer("packed", packed)
+            self.kernel, self.segments = "tiled", None
+        if kernel == "tiled":
+            return
+        packed = self._buffers.pop("packed")
+        if kernel == "int4pack":
+            self.segments = K.int4pack_segments(self.spec)
+            m = self.spec.shape[0]
+            weights = ([torch.empty(m, (b - a) // 2, dtype=torch.uint8, device="meta") for a, b, _ in self.segments]
+                       if meta else K.int4pack_weight(packed, self.spec, self.segments))
+            for i, w in enumerate(weights):
+                self.register_buffer(f"int4pack_{i}", w)
+        else:
+            self.register_buffer("int8", torch.empty(self.spec.shape, dtype=torch.int8, device="meta") if meta
+                                 else K.int8pack_weight(packed, self.spec))
+        self.kernel = kernel
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        t = next(iter(self._buffers.values()))
+        if t.device.type not in ("cpu", "meta") and self.kernel != "tiled":
+            self.set_kernel("tiled")  # CPU layouts: codes back in the flat packing on the new device
+        return out
+
+    # --- computing ------------------------------------------------------------------------------------------------
+    def _codes(self):
+        if self.kernel == "int4pack":
+            weights = self._kernel_weights()
+            return (lambda i, j: K.int4pack_codes(weights, i, j)), 64
+        if self.kernel == "int8pack":
+            w = self._buffers["int8"]
+            return (lambda i, j: K.int8pack_codes(w, i, j)), 8
+        return None, 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        if self.kernel != "tiled" and x.device.type != "cpu":  # placed on another device without `.to()`
+            self.set_kernel("tiled")
+        if self.kernel == "int4pack" and x.dtype != torch.float32 and x.shape[0] <= INT4PACK_MAX_TOKENS:
+            return K.int4pack_linear(x, self._kernel_weights(), self.segments,
+                                     K.int4pack_scales_zeros(spec, self.fields(), self.segments, x.dtype))
+        if self.kernel == "int8pack" and x.dtype != torch.bfloat16 and x.shape[0] <= INT8PACK_MAX_TOKENS:
+            fields = self.fields()
+            return K.int8pack_linear(x, self._buffers["int8"], fields[C.FIELD_SCALE], K.int8pack_offset(spec, fields))
+        rows, align = self._codes()
+        return K.tiled_matmul(x, spec, self.fields() if rows else self.stored(), self.transpose, rows=rows,
+                              align=align)
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """M (m x n) decoded whole, as `math.quantize.dequantize` decodes the stored fields (formed on request)."""
+        rows, _ = self._codes()
+        m = self.spec.shape[0]
+        return K.dequantize_rows(self.spec, self.fields() if rows else self.stored(), 0, m, dtype,
+                                 None if rows is None else rows(0, m))
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        kind = f"float{s.bits}" if s.bits in qz.FLOAT_BITS else f"{s.bits}-bit {s.scheme} {s.granularity}" + (
+            f" {s.group_size}" if s.granularity == "group" else "")
+        return f"{tuple(s.shape)}, {kind}, kernel={self.kernel}"
+
+
+class PackedLinear(nn.Module):
+    """A linear layer computed from stored matrices: y = Q x + L (R x) + b (W = Q + L R as `PackedLayout` says;
+    rtn/gptq: Q x; lplr/lsvd/dsvd: L (R x), two thin products; qlr: both). `conv1d` marks matrices stored in
+    transformers Conv1D orientation (in x out: W^T = Q + L R, so y = x Q + (x L) R). Inputs of any batch shape and
+    float dtype; outputs in the input's dtype.
+
+    `weight` is the dense (out x in) weight formed on every access, for code that reads `module.weight`; forward never
+    forms it (`to_dense()` is the explicit spelling)."""
+
+    def __init__(self, layout: PackedLayout, parts: Mapping[str, torch.Tensor] | None, bias: torch.Tensor | None = None,
+                 conv1d: bool = False, kernel: str | None = None, where: str = "", device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.conv1d, self.dtype = conv1d, dtype
+        rows, cols = layout.shape
+        self.out_features, self.in_features = (cols, rows) if conv1d else (rows, cols)
+        self.rank = layout.rank
+
+        def make(part):
+            if part is None:
+                return None
+            if parts is None:
+                return PackedMatrix.meta(part.spec, not conv1d, kernel, where, device, dtype)
+            return PackedMatrix(part.spec, part.fields(parts), not conv1d, kernel, where, dtype)
+
+        self.backbone = make(layout.backbone)
+        # y = L (R x): R first; in Conv1D orientation x L first
+        self.left, self.right = make(layout.left), make(layout.right)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        y = None
+        if self.left is not None:
+            first, second = (self.left, self.right) if self.conv1d else (self.right, self.left)
+            y = second(first(x2))
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        if self.backbone is not None:
+            q = self.backbone(x2)
+            y = (q if self.bias is None else q + self.bias.to(q.dtype)) if y is None else y + q
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense (out x in) weight Q + L R, decoded as the loaders decode it (formed on request)."""
+        from ..math.lowrank import product
+
+        base = None if self.backbone is None else self.backbone.dense()
+        if self.left is not None:
+            W = product(self.left.dense(), self.right.dense(), base)
+        else:
+            W = base
+        return (W.T if self.conv1d else W).to(dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight (out x in) in the dtype the model was loaded in, formed on every access (never by
+        forward)."""
+        some = next(self.buffers())
+        if some.device.type == "meta":
+            return torch.empty(self.out_features, self.in_features, dtype=self.dtype, device="meta")
+        return self.to_dense(self.dtype)
+
+    @property
+    def kernels(self) -> list[str]:
+        return [m.kernel for m in (self.backbone, self.right, self.left) if m is not None]
+
+    def extra_repr(self) -> str:
+        parts = []
+        if self.backbone is not None:
+            parts.append(f"Q {self.backbone.spec.bits}-bit")
+        if self.left is not None:
+            parts.append(f"rank={self.rank} (L {self.left.spec.bits}-bit, R {self.right.spec.bits}-bit)")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {', '.join(parts)}, "
+                f"bias={self.bias is not None}, kernel={'+'.join(dict.fromkeys(self.kernels))}")
+
+
+def check_parts(name: str, layout: PackedLayout, parts: Mapping[str, torch.Tensor]) -> None:
+    """Every stored field of `layout` present among `parts` with the dtype and shape its spec gives (the packed codes
+    and zero points with the byte count of their width): a one-line LplrError naming the tensor otherwise."""
+    for part in (layout.backbone, layout.left, layout.right):
+        if part is None:
+            continue
+        got = part.fields(parts)
+        spec = part.spec
+        want = qz.field_specs(spec, spec.float_dtype or "float16")
+        for field, (dtype, shape) in want.items():
+            full = f"{name}.{part.part}" + (f".{field}" if field else "")
+            t = got.get(field)
+            if t is None:
+                raise LplrError(f"stored tensor {full} is missing; the output is damaged, re-run the conversion")
+            float_ok = field == C.FIELD_FLOAT and t.dtype.is_floating_point and spec.float_dtype is None
+            if (str(t.dtype).removeprefix("torch.") != dtype and not float_ok) or tuple(t.shape) != tuple(shape):
+                raise LplrError(f"stored tensor {full} has {str(t.dtype).removeprefix('torch.')} {list(t.shape)}, its "
+                                f"spec in the manifest says {dtype} {list(shape)}; the output is damaged, re-run the "
+                                f"conversion")
+        extra = sorted(set(got) - set(want))
+        if extra:
+            raise LplrError(f"stored tensor {name}.{part.part}.{extra[0]} is not part of its spec in the manifest; the "
+                            f"output is damaged, re-run the conversion")
+
+
+def kernel_counts(modules: Iterable[nn.Module]) -> Counter:
+    """How many stored matrices of the PackedLinear modules run on each kernel."""
+    return Counter(k for m in modules if isinstance(m, PackedLinear) for k in m.kernels)
+
+
+def log_kernel_counts(model: nn.Module) -> Counter:
+    counts = kernel_counts(model.modules())
+    if counts:
+        logger.info(f"packed matrices per kernel: {', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}")
+    return counts

@@ -1,0 +1,177 @@
+"""PackedLinear from each method's stored layout equals the float module the loaders build otherwise (LowRankLinear
+for factored methods, a dense nn.Linear for rtn/gptq) to float rounding: per method and width (2, 3, 4, 8 bits and
+float16 factors), granularity and scheme, input batch shape and dtype, Conv1D orientation, and kernel choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lplr_convert.errors import LplrError
+from lplr_convert.hf.modeling import LowRankLinear
+from lplr_convert.methods import get_method, make_settings
+from lplr_convert.runtime.modules import ENV_KERNEL, PackedLinear, kernel_counts
+
+EPS32 = torch.finfo(torch.float32).eps
+
+CASES = [
+    ("rtn", {"b0": 4, "quantizer": "group", "group_size": 32, "scheme": "asymmetric"}),
+    ("rtn", {"b0": 4, "quantizer": "group", "group_size": 32, "scheme": "minmax"}),
+    ("rtn", {"b0": 3, "quantizer": "channel", "scheme": "symmetric"}),
+    ("rtn", {"b0": 8}),
+    ("rtn", {"b0": 8, "quantizer": "tensor", "scheme": "asymmetric"}),
+    ("rtn", {"b0": 2, "quantizer": "group", "group_size": 16, "scheme": "asymmetric", "scale_dtype": "float32"}),
+    ("gptq", {"b0": 4, "quantizer": "group", "group_size": 64, "scheme": "symmetric"}),
+    ("lplr", {"b1": 8, "b2": 4, "rank_fraction": 0.5}),
+    ("lplr", {"b1": 2, "b2": 3, "rank": 16, "scheme": "asymmetric"}),
+    ("lsvd", {"b1": 4, "b2": 4, "rank": 16}),
+    ("dsvd", {"b1": 16, "b2": 8, "rank": 8}),
+    ("qlr", {"b0": 4, "rank": 16, "quantizer": "group", "group_size": 32, "scheme": "asymmetric"}),
+    ("qlr", {"b0": 2, "rank": 4}),
+    ("qlr", {"b0": 3, "rank": 0}),
+]
+OUT, IN = 96, 128
+
+
+def _compressed(method: str, knobs: dict, shape=(OUT, IN), seed: int = 0):
+    W = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) / shape[1] ** 0.5
+    m = get_method(method)
+    res = m.compress(W, make_settings(method, **knobs), seed=3)
+    return m, res
+
+
+def _float_module(m, res, bias) -> nn.Module:
+    """What load_model(packed=False) builds: LowRankLinear (Q + L R) for factored methods, nn.Linear otherwise."""
+    if m.factored:
+        L, R = m.decode_factors(res.parts, res.info)
+        return LowRankLinear(L, R, bias, m.decode_base(res.parts, res.info))
+    W = m.decode(res.parts, res.info)
+    lin = nn.Linear(W.shape[1], W.shape[0], bias=bias is not None)
+    lin.weight.data, lin.bias = W, None if bias is None else nn.Parameter(bias)
+    return lin
+
+
+def _bound(x: torch.Tensor, mod: PackedLinear, rel: float) -> torch.Tensor:
+    """A float-rounding bound for one output: the matmul bound over |x| |Q| + |x| |R|^T |L|^T (two products)."""
+    x = x.reshape(-1, x.shape[-1]).double().abs()
+    b = torch.zeros(x.shape[0], mod.out_features, dtype=torch.float64)
+    if mod.backbone is not None:
+        b += x @ mod.backbone.dense().double().abs().T
+    if mod.left is not None:
+        b += (x @ mod.right.dense().double().abs().T) @ mod.left.dense().double().abs().T
+    return (4 * IN * EPS32 + rel) * b + 1e-30
+
+
+@pytest.mark.parametrize("method,knobs", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
+@pytest.mark.parametrize("kernel", ["auto", "tiled", "int4pack", "int8pack"])
+def test_packed_forward_equals_the_float_module(method, knobs, kernel):
+    m, res = _compressed(method, knobs)
+    bias = torch.randn(OUT)
+    ref = _float_module(m, res, bias)
+    mod = PackedLinear(m.layout(res.info), res.parts, bias.clone(), kernel=kernel)
+    x = torch.randn(2, 5, IN, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y, want = mod(x), ref(x)
+    assert y.shape == want.shape == (2, 5, OUT) and y.dtype == torch.float32
+    err = (y - want).abs().reshape(-1, OUT).double()
+    assert (err <= _bound(x, mod, 0.0)).all()
+    assert torch.equal(mod.to_dense(), m.decode(res.parts, res.info))
+    assert torch.equal(mod.weight, m.decode(res.parts, res.info))  # formed on access
+    if kernel == "tiled":
+        assert set(mod.kernels) == {"tiled"}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("idx", [0, 3, 7, 11])
+def test_half_precision_inputs_match_the_half_float_module(dtype, idx):
+    method, knobs = CASES[idx]
+    m, res = _compressed(method, knobs)
+    ref = _float_module(m, res, None).to(dtype)
+    mod = PackedLinear(m.layout(res.info), res.parts, None, dtype=dtype)
+    for t in (1, 40):  # decode-sized inputs may take the CPU kernels, longer ones the tiled path
+        x = torch.randn(t, IN, generator=torch.Generator().manual_seed(t)).to(dtype)
+        with torch.no_grad():
+            y, want = mod(x), ref(x)
+        assert y.dtype == dtype
+        err = (y.double() - want.double()).abs()
+        # both round the weights and the output to `dtype` (the kernels their scales too): a few units of it
+        assert (err <= _bound(x, mod, 8 * torch.finfo(dtype).eps)).all()
+
+
+def test_conv1d_orientation_runs_the_transposed_product():
+    """A Conv1D weight stored as the method saw it (in x out, rec.transposed False): y = x Q + (x L) R."""
+    m, res = _compressed("qlr", {"b0": 4, "rank": 8, "quantizer": "group", "group_size": 32}, shape=(IN, OUT))
+    W = m.decode(res.parts, res.info)  # in x out
+    mod = PackedLinear(m.layout(res.info), res.parts, None, conv1d=True)
+    assert (mod.in_features, mod.out_features) == (IN, OUT) and set(mod.kernels) == {"tiled"}
+    x = torch.randn(3, IN)
+    assert torch.allclose(mod(x), x @ W, atol=1e-5, rtol=1e-5)
+    assert torch.equal(mod.weight, W.T)
+
+
+def test_kernel_choice_is_recorded_overridable_and_falls_back(monkeypatch):
+    m, res = _compressed(*CASES[0])
+    mod = PackedLinear(m.layout(res.info), res.parts, dtype=torch.bfloat16)
+    assert mod.kernels == ["int4pack"] and "kernel=int4pack" in repr(mod)
+    assert kernel_counts([mod]) == {"int4pack": 1}
+    # float32 models: int4pack's float32 path is slower than the tiled one (scripts/bench_kernels.py)
+    assert PackedLinear(m.layout(res.info), res.parts, dtype=torch.float32).kernels == ["tiled"]
+    assert PackedLinear(m.layout(res.info), res.parts, kernel="int4pack").kernels == ["int4pack"]
+    monkeypatch.setenv(ENV_KERNEL, "tiled")
+    assert PackedLinear(m.layout(res.info), res.parts, dtype=torch.bfloat16).kernels == ["tiled"]
+    monkeypatch.setenv(ENV_KERNEL, "fastest")
+    with pytest.raises(LplrError, match="kernel 'fastest' is unknown; use one of auto, tiled, int4pack, int8pack"):
+        PackedLinear(m.layout(res.info), res.parts)
+    monkeypatch.delenv(ENV_KERNEL)
+    m3, res3 = _compressed(*CASES[2])  # 3-bit: int4pack cannot run it
+    from loguru import logger
+
+    seen = []
+    handler = logger.add(seen.append, level="WARNING")
+    try:
+        mod3 = PackedLinear(m3.layout(res3.info), res3.parts, kernel="int4pack")
+    finally:
+        logger.remove(handler)
+    assert mod3.kernels == ["tiled"] and any("kernel int4pack cannot run" in str(s) for s in seen)
+
+
+def test_moving_off_the_cpu_puts_the_codes_back_as_stored():
+    """The CPU layouts hold the same bytes; relaid to the stored packing (as on another device), the module still
+    computes the same product."""
+    m, res = _compressed(*CASES[0])
+    mod = PackedLinear(m.layout(res.info), res.parts, dtype=torch.bfloat16)
+    assert mod.kernels == ["int4pack"]
+    x = torch.randn(4, IN)
+    y = mod(x)
+    stored = mod.backbone.stored()
+    assert torch.equal(stored["packed"], res.parts["lplr_q.packed"])
+    mod.backbone.set_kernel("tiled")
+    assert set(dict(mod.named_buffers())) == {"backbone.packed", "backbone.scale", "backbone.zero_point"}
+    assert torch.allclose(mod(x), y, atol=1e-5)
+
+
+def test_packed_bytes_are_the_stored_bytes():
+    for method, knobs in CASES:
+        m, res = _compressed(method, knobs)
+        mod = PackedLinear(m.layout(res.info), res.parts)
+        held = sum(b.numel() * b.element_size() for b in mod.buffers())
+        stored = sum(t.numel() * t.element_size() for t in res.parts.values())
+        assert held == stored, (method, knobs, held, stored)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_modules_run_on_cuda(dtype):
+    """Moved to a GPU, the CPU layouts go back to the stored packing and the tiled path runs there."""
+    for method, knobs in CASES:
+        m, res = _compressed(method, knobs)
+        ref = _float_module(m, res, None).to("cuda", dtype)
+        mod = PackedLinear(m.layout(res.info), res.parts, None).to("cuda")
+        assert set(mod.kernels) == {"tiled"}
+        x = torch.randn(3, IN, device="cuda").to(dtype)
+        with torch.no_grad():
+            y, want = mod(x), ref(x)
+        err = (y.double() - want.double()).abs().cpu()
+        assert (err <= _bound(x.cpu().float(), mod.cpu(), 8 * torch.finfo(dtype).eps)).all(), (method, knobs)
