@@ -4,7 +4,6 @@ __version__ = "0.1.0"
 
 from .errors import IncompleteOutputError, LplrError
 from .hf import _hook as _hf_hook
-from .methods import RankPolicy, available_methods, get_method, make_settings
 
 _hf_hook.install()  # from_pretrained of converted directories (registered when transformers loads its quantizers)
 
@@ -24,7 +23,10 @@ __all__ = [
 ]
 
 
-def __getattr__(name):  # heavy modules load lazily
+def __getattr__(name):  # heavy modules (torch and up) load lazily: `import lplr_convert` stays light
+    if name in ("RankPolicy", "available_methods", "get_method", "make_settings"):
+        from . import methods
+        return getattr(methods, name)
     if name == "convert":
         from .pipeline.convert import convert
         return convert

@@ -217,15 +217,26 @@ class _Encoder:
     @torch.inference_mode()
     def embed(self, texts: list[str]) -> torch.Tensor:
         if self.st is not None:
+            _check_ids(self.st.tokenize(texts)["input_ids"], self.core, "the sentence-transformers model")
             return self.st.encode(texts, batch_size=_BATCH, convert_to_tensor=True, show_progress_bar=False).cpu()
         out = []
         for i in range(0, len(texts), _BATCH):
             enc = self.tokenizer(texts[i:i + _BATCH], padding=True, truncation=True, max_length=self.max_length,
                                  return_tensors="pt").to(self.device)
+            _check_ids(enc["input_ids"], self.core, "the encoder")
             hidden = self.core(**enc).last_hidden_state.float()
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             out.append(((hidden * mask).sum(1) / mask.sum(1).clamp_min(1)).cpu())
         return torch.cat(out)
+
+
+def _check_ids(ids: torch.Tensor, model, what: str) -> None:
+    """Token ids must index the model's embedding table: a tokenizer larger than the table is a one-line error."""
+    rows = model.get_input_embeddings().num_embeddings
+    top = int(ids.max()) if ids.numel() else -1
+    if top >= rows:
+        raise LplrError(f"{what}'s tokenizer gives token id {top}, but the model's embedding table has {rows} rows; "
+                        f"the tokenizer belongs to another model: put the model's own tokenizer files beside it")
 
 
 # ---------------------------------------------------------------------------------------------------- causal LMs
@@ -254,6 +265,7 @@ class _CausalLM:
         for i in range(0, len(texts), batch):
             enc = self.tokenizer(texts[i:i + batch], padding=batch > 1, truncation=True, max_length=self.max_length,
                                  return_tensors="pt").to(self.device)
+            _check_ids(enc["input_ids"], self.core, "the causal LM")
             mask = enc["attention_mask"].bool()
             logits = self.core(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
             valid = mask[:, 1:] & mask[:, :-1]

@@ -348,3 +348,25 @@ def test_decoder_quality_benchmark_runs_on_a_tiny_causal_lm(tiny_lm_dir, tmp_pat
         assert r["ppl_ratio"] == r["perplexity"] / r["perplexity_float"] and r["kl_mean"] >= 0
         assert 0 < r["weighted_rel_error"] < 1 and 0 < r["output_rel_error"] < 1.5
     assert "| ≤ 4.25 | rtn sym g128 |" in (tmp_path / "results.md").read_text()
+
+
+def test_eval_names_a_tokenizer_larger_than_the_embedding_table(minilm_dir, tmp_path):
+    """A causal LM whose embedding table is smaller than its tokenizer's vocabulary was 'unexpected IndexError' at
+    the first forward; now one line names the largest token id, the table's rows and the fix."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lplr_testing import error_line, run_cli, tree_state
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,  # < len(tok)
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    src = tmp_path / "small_vocab"
+    LlamaForCausalLM(cfg).save_pretrained(str(src))
+    tok.save_pretrained(str(src))
+    out = tmp_path / "conv"
+    assert run_cli("--in-path", str(src), "--out-path", str(out), "--method", "rtn", "--no-report").exit_code == 0
+    before = tree_state(src, out)
+    error_line(run_cli("eval", "--original", str(src), "--converted", str(out)), "tokenizer gives token id",
+               "embedding table has 1000 rows", "the model's own tokenizer")
+    assert tree_state(src, out) == before

@@ -213,7 +213,8 @@ class LoadPlan:
 def _meta_lowrank(mod: nn.Module, rec: TensorRecord, dtype: torch.dtype) -> LowRankLinear:
     out_f, in_f = linear_shape(mod)
     bias = None if getattr(mod, "bias", None) is None else torch.empty(out_f, dtype=dtype, device="meta")
-    base = torch.empty(out_f, in_f, dtype=dtype, device="meta") if get_method(rec.method).has_base else None
+    layout = get_method(rec.method).layout(rec.info)
+    base = torch.empty(out_f, in_f, dtype=dtype, device="meta") if layout is not None and layout.backbone else None
     return LowRankLinear(torch.empty(out_f, rec.rank, dtype=dtype, device="meta"),
                          torch.empty(rec.rank, in_f, dtype=dtype, device="meta"), bias, base)
 
