@@ -118,7 +118,7 @@ def _records(out: Path, edit) -> None:
 
 
 @pytest.mark.parametrize("edit,needle", [
-    (lambda r: r["info"]["left"].update(bits=9), "invalid quantizer spec info['left']"),
+    (lambda r: r["info"]["left"].update(bits=9), "quantizer spec of lplr_left is invalid"),
     (lambda r: r["info"].update(left={"shape": [4, 4]}), "invalid quantizer spec"),
     (lambda r: r["info"]["right"].update(shape=[3, 5]), "do not make a"),
     (lambda r: r["info"]["left"].update(granularity="group", group_size=2, channel_dim=0), "stores"),

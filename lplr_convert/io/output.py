@@ -19,8 +19,6 @@ from ..methods import Method, get_method
 from .manifest import Manifest, TensorRecord, is_intact, not_a_file, read_manifest
 
 # A record's quantized parts: the info key of each one's spec and the stored part it describes.
-_SPEC_PARTS = {"q": C.PART_QUANT, "left": C.PART_LEFT, "right": C.PART_RIGHT}
-
 __all__ = ["ConvertedOutput", "decode_record", "decoded_factors", "loaded_blocks", "loaded_tensor", "open_output",
            "record_problem"]
 
@@ -251,30 +249,29 @@ def record_problem(rec: TensorRecord) -> tuple[str | None, dict]:
     if len(rec.shape) != 2:
         return f"is a compressed tensor of shape {rec.shape}, not a matrix", {}
     m, n = rec.shape[::-1] if rec.transposed else rec.shape
-    predicted, packed, specs = {}, {}, {}
-    for key, part in _SPEC_PARTS.items():
-        if rec.info.get(key) is None:
+    try:
+        layout = method.layout(rec.info)  # the method says which stored matrices make the weight
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"has an invalid quantizer spec in its info ({type(e).__name__}: {e})", {}
+    if layout is None:
+        return "has no quantized part in its info", {}
+    predicted, packed = {}, {}
+    for qp in (layout.backbone, layout.left, layout.right):
+        if qp is None:
             continue
-        try:
-            spec = specs[key] = qz.QuantSpec.from_json(rec.info[key])
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            return f"has an invalid quantizer spec info[{key!r}] ({type(e).__name__}: {e})", {}
-        for field, (dtype, shape) in qz.field_specs(spec).items():
-            full = f"{rec.name}.{part_name(part, field)}"
+        for field, (dtype, shape) in qz.field_specs(qp.spec).items():
+            full = f"{rec.name}.{part_name(qp.part, field)}"
             predicted[full] = (None if field == C.FIELD_FLOAT else dtype, list(shape))
             if field in (C.FIELD_PACKED, C.FIELD_ZERO_POINT):  # (bits, codes packed)
-                packed[full] = (spec.bits, math.prod(spec.scale_shape if field == C.FIELD_ZERO_POINT else spec.shape))
-    if not specs:
-        return "has no quantized part in its info", {}
-    shapes = {k: tuple(s.shape) for k, s in specs.items()}
+                packed[full] = (qp.spec.bits,
+                                math.prod(qp.spec.scale_shape if field == C.FIELD_ZERO_POINT else qp.spec.shape))
     rank = rec.info.get("rank")
-    if "q" in shapes and shapes["q"] != (m, n):
-        return f"has a quantized matrix of shape {list(shapes['q'])}, the weight is {[m, n]}", {}
-    if ("left" in shapes) != ("right" in shapes) or "left" in shapes and (
-            shapes["left"][0] != m or shapes["right"][1] != n or shapes["left"][1] != shapes["right"][0]
-            or rank is not None and shapes["left"][1] != rank):
-        return (f"has factors {[list(shapes.get('left', ())), list(shapes.get('right', ()))]} of rank {rank}, "
-                f"which do not make a {[m, n]} weight"), {}
+    if layout.backbone is not None and tuple(layout.backbone.spec.shape) != (m, n):
+        return f"has a quantized matrix of shape {list(layout.backbone.spec.shape)}, the weight is {[m, n]}", {}
+    if layout.low_rank:
+        left, right = tuple(layout.left.spec.shape), tuple(layout.right.spec.shape)
+        if left[0] != m or right[1] != n or left[1] != right[0] or rank is not None and left[1] != rank:
+            return f"has factors {[list(left), list(right)]} of rank {rank}, which do not make a {[m, n]} weight", {}
     if set(predicted) != set(rec.stored):
         odd = sorted(set(predicted) ^ set(rec.stored))
         return f"stores other parts than its quantizer specs give (first: {odd[0]})", {}

@@ -88,7 +88,14 @@ class QuantPart:
 
     @classmethod
     def of(cls, part: str, spec_json: Mapping | None) -> QuantPart | None:
-        return None if spec_json is None else cls(part, qz.QuantSpec.from_json(dict(spec_json)))
+        """The part stored by `spec_json` (a `QuantSpec.to_json`), None for None; ValueError naming the part when the
+        spec is malformed."""
+        if spec_json is None:
+            return None
+        try:
+            return cls(part, qz.QuantSpec.from_json(dict(spec_json)))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"the quantizer spec of {part} is invalid ({type(e).__name__}: {e})") from None
 
     def fields(self, parts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This part's stored fields among a weight's `parts` (suffix -> tensor)."""
