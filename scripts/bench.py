@@ -40,7 +40,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -868,22 +867,14 @@ def markdown(records: list[dict]) -> str:
 
 def environment(mode_name: str, device: str) -> dict:
     import torch
+    from machine import machine_facts
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=False)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=ROOT, check=False)
+    facts = machine_facts(ROOT)
     return {"kind": "env", "mode": mode_name, "date": dt.datetime.now().isoformat(timespec="seconds"),
-            "device": device, "cpu": cpu, "isa": torch.backends.cpu.get_cpu_capability(),
-            "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "git": git.stdout.strip() + ("+dirty" if dirty.stdout.strip() else ""),
-            "loadavg": [round(x, 2) for x in os.getloadavg()], "spectrum": SPECTRUM, "flops_formula": FLOPS_FORMULA}
+            "device": device, "cpu": facts["cpu"], "isa": torch.backends.cpu.get_cpu_capability(),
+            "cores": facts["cores"], "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": facts["python"], "git": facts["git"],
+            "loadavg": facts["loadavg"], "spectrum": SPECTRUM, "flops_formula": FLOPS_FORMULA}
 
 
 def _bench_matrices(mode: Mode, args, device: str, work: Path, weights: dict, emit, records: list[dict]) -> None:

@@ -55,7 +55,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import struct
 import subprocess
 import sys
@@ -814,25 +813,17 @@ def notes(doc: dict) -> str:
 def environment(mode_name: str, device: str, args, argv: list[str]) -> dict:
     import torch
     import transformers
+    from machine import machine_facts
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=False)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=ROOT, check=False)
+    facts = machine_facts(ROOT)
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     mode = MODES[mode_name]
     return {"kind": "env", "mode": mode_name, "date": dt.datetime.now().isoformat(timespec="seconds"),
-            "command": "python scripts/bench_runtime.py " + " ".join(argv), "device": device, "cpu": cpu,
-            "isa": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(), "mem_gib": round(mem, 1),
+            "command": "python scripts/bench_runtime.py " + " ".join(argv), "device": device, "cpu": facts["cpu"],
+            "isa": torch.backends.cpu.get_cpu_capability(), "cores": facts["cores"], "mem_gib": round(mem, 1),
             "threads": args.threads or torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "git": git.stdout.strip() + ("+dirty" if dirty.stdout.strip() else ""),
-            "loadavg": [round(x, 2) for x in os.getloadavg()], "prefill": mode.prefill, "decode": mode.decode,
+            "transformers": transformers.__version__, "python": facts["python"], "git": facts["git"],
+            "loadavg": facts["loadavg"], "prefill": mode.prefill, "decode": mode.decode,
             "reps": mode.reps, "loader": args.loader, "calibration": {"samples": mode.samples, "seq_len": mode.seq_len}}
 
 
