@@ -10,8 +10,9 @@ compute x @ M^T (a weight in nn.Linear orientation) or x @ M for a 2-D x:
   of the dense matrix exists, and every tile holds the very values the float loaders decode.
 - `int4pack_*`: torch's CPU weight-only kernel (`aten._weight_int4pack_mm_for_cpu`, "tinygemm" layout: w = (c - 8) s
   + z per group of 32/64/128/256 along the input dim). The codes are repacked once into its layout (same bytes); its
-  scales-and-zeros are formed from the stored scales and zero points at each call (so the module keeps the stored
-  bytes): z = 0 (symmetric), (8 - zp) s (asymmetric) or lo + 8 s (minmax).
+  scales-and-zeros (in the activation dtype, as the kernel requires) are formed from the stored scales and zero
+  points, z = 0 (symmetric), (8 - zp) s (asymmetric) or lo + 8 s (minmax), and `int4pack_fields` gives the stored
+  parameters back from them (exactly where the dtype holds the stored scales, e.g. float16 scales in float16).
 - `int8pack_*`: torch's `aten._weight_int8pack_mm` (int8 codes, one scale per output row): the codes less 128 as int8
   (same bytes); an asymmetric or minmax offset o (w = (c - 128) s + o) is added as o * sum(x).
 """
@@ -34,10 +35,12 @@ __all__ = [
     "dequantize_rows",
     "int4pack_available",
     "int4pack_codes",
+    "int4pack_fields",
     "int4pack_linear",
     "int4pack_packed",
     "int4pack_scales_zeros",
     "int4pack_segments",
+    "int4pack_sz_bytes",
     "int4pack_weight",
     "int8pack_codes",
     "int8pack_linear",
@@ -242,6 +245,39 @@ def int4pack_scales_zeros(spec: qz.QuantSpec, fields: dict[str, torch.Tensor], s
         else:
             part = sz.expand(m, (b - a) // g, 2)
         out.append(part.transpose(0, 1).to(dtype).contiguous())
+    return out
+
+
+def int4pack_sz_bytes(spec: qz.QuantSpec, segments: list[tuple[int, int, int]], dtype: torch.dtype) -> int:
+    """Bytes of the kernel's scales-and-zeros of every segment in `dtype`."""
+    m = spec.shape[0]
+    return sum((b - a) // g * m * 2 for a, b, g in segments) * torch.finfo(dtype).bits // 8
+
+
+def int4pack_fields(spec: qz.QuantSpec, scales_zeros: list[torch.Tensor], segments: list[tuple[int, int, int]],
+                    ) -> dict[str, torch.Tensor]:
+    """The stored parameters (scale, zero or bit-packed zero points, in their stored dtypes) from the kernel's
+    scales-and-zeros (inverse of `int4pack_scales_zeros`): s as held, rounded to the stored scale dtype; zp =
+    round(8 - z / s) (exact: the rounding of z is far below half a step), 0 where s = 0; lo = z - 8 s."""
+    parts = []
+    for sz, (a, b, _) in zip(scales_zeros, segments):
+        t = sz.float().transpose(0, 1)  # (m, groups, 2)
+        if spec.granularity == "group" and b - a >= spec.group_size:
+            parts.append(t)
+        else:  # one stored group (the short last one), or one value per row / tensor, repeated over the segment
+            parts.append(t[:, :1])
+    t = torch.cat(parts, dim=1) if spec.granularity == "group" else parts[0]
+    if spec.granularity == "tensor":
+        t = t[:1]
+    s, z = t[..., 0].reshape(spec.scale_shape), t[..., 1].reshape(spec.scale_shape)
+    types = qz.field_specs(spec)
+    out = {C.FIELD_SCALE: s.to(getattr(torch, types[C.FIELD_SCALE][0])).contiguous()}
+    s = out[C.FIELD_SCALE].float()
+    if spec.scheme == "asymmetric":
+        zp = torch.where(s == 0, 0.0, 8 - z / torch.where(s == 0, 1.0, s)).round().clamp(0, 15)
+        out[C.FIELD_ZERO_POINT] = bitpack.pack(zp.to(torch.uint8).reshape(-1), 4, check=False)
+    elif spec.scheme == "minmax":
+        out[C.FIELD_ZERO] = (z - 8 * s).contiguous()
     return out
 
 

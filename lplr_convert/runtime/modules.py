@@ -8,9 +8,13 @@ lplr/lsvd/dsvd L (R x), qlr both), never forming the dense weight in forward.
 Kernels (`KERNELS`; `LPLR_KERNEL=name` or `load_model(..., kernel=name)` overrides the automatic choice):
 - "tiled": dequantize a tile of rows at a time (a few MiB) in the activation dtype and multiply; any width, scheme,
   granularity and device. Codes stay in the stored flat packing.
-- "int4pack": 4-bit codes in the CPU int4pack layout (the same bytes), scales and zero points as stored.
-  bfloat16/float16 inputs of up to `INT4PACK_MAX_TOKENS` rows run torch's `_weight_int4pack_mm_for_cpu`; float32
-  inputs and longer ones run the tiled path over the same codes (measured faster there: scripts/bench_kernels.py).
+- "int4pack": 4-bit codes in the CPU int4pack layout (the same bytes). bfloat16/float16 inputs of up to
+  `INT4PACK_MAX_TOKENS` rows run torch's `_weight_int4pack_mm_for_cpu`; float32 inputs and longer ones run the tiled
+  path over the same codes (measured faster there: scripts/bench_kernels.py). In a bfloat16/float16 module the
+  kernel's scales-and-zeros are held in that dtype in place of the stored scales and zero points wherever that costs
+  at most `INT4PACK_CACHE_OVERHEAD` more bytes than stored (groups of 128, or 64 asymmetric); forming them at every
+  call took half of the kernel's time (scripts/bench_kernels.py). Their dtype rounds the scales (bfloat16: float16
+  scales to 8 significant bits); elsewhere they are formed from the stored parameters at each call.
 - "int8pack": 8-bit codes per row or tensor as int8 (the same bytes); float32/float16 inputs of up to
   `INT8PACK_MAX_TOKENS` rows run `_weight_int8pack_mm` (+ the zero point as a per-row offset times sum(x)), others
   the tiled path.
@@ -30,6 +34,7 @@ from torch import nn
 
 from .. import constants as C
 from ..errors import LplrError
+from ..math import bitpack
 from ..math import quantize as qz
 from ..methods.base import PackedLayout
 from . import kernels as K
@@ -41,6 +46,7 @@ ENV_KERNEL = "LPLR_KERNEL"
 KERNELS = ("auto", "tiled", "int4pack", "int8pack")
 INT4PACK_MAX_TOKENS = 32
 INT8PACK_MAX_TOKENS = 4
+INT4PACK_CACHE_OVERHEAD = 0.05  # held bytes of a matrix with cached scales-and-zeros <= (1 + this) x its stored bytes
 
 _BUFFER = {C.FIELD_PACKED: "packed", C.FIELD_SCALE: "scale", C.FIELD_ZERO: "zero", C.FIELD_ZERO_POINT: "zero_point",
            C.FIELD_FLOAT: "values"}
@@ -95,8 +101,8 @@ class PackedMatrix(nn.Module):
     def __init__(self, spec: qz.QuantSpec, fields: Mapping[str, torch.Tensor], transpose: bool = True,
                  kernel: str | None = None, where: str = "", dtype: torch.dtype | None = None):
         super().__init__()
-        self.spec, self.transpose, self.where = spec, transpose, where
-        self.kernel = "tiled"
+        self.spec, self.transpose, self.where, self.dtype = spec, transpose, where, dtype
+        self.kernel, self.cached = "tiled", False
         for field, t in fields.items():
             self.register_buffer(_BUFFER[field], t)
         self.segments = None
@@ -110,7 +116,7 @@ class PackedMatrix(nn.Module):
         """The module as it will be loaded on `device` (same buffer names, shapes and dtypes), on the meta device."""
         fields = {f: torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
                   for f, (dtype, shape) in qz.field_specs(spec, spec.float_dtype or "float16").items()}
-        mod = cls(spec, fields, transpose, where=where)
+        mod = cls(spec, fields, transpose, where=where, dtype=dtype)
         kernel = _choose(check_kernel(kernel), spec, transpose, torch.device(device), where, dtype)
         mod._relayout(kernel, meta=True)
         return mod
@@ -120,7 +126,10 @@ class PackedMatrix(nn.Module):
         return self._buffers.get(_BUFFER[field])
 
     def fields(self) -> dict[str, torch.Tensor]:
-        """The parameters as stored (scales, zeros, zero points; a float matrix), without the codes."""
+        """The parameters as stored (scales, zeros, zero points; a float matrix), without the codes (from the cached
+        scales-and-zeros where the int4pack kernel holds them: `kernels.int4pack_fields`)."""
+        if self.cached:
+            return K.int4pack_fields(self.spec, self._scales_zeros(), self.segments)
         return {f: t for name, t in self._buffers.items()
                 if (f := _FIELD.get(name)) is not None and t is not None and f != C.FIELD_PACKED}
 
@@ -141,6 +150,18 @@ class PackedMatrix(nn.Module):
     def _kernel_weights(self) -> list[torch.Tensor]:
         return [self._buffers[f"int4pack_{i}"] for i in range(len(self.segments))]
 
+    def _scales_zeros(self) -> list[torch.Tensor]:
+        return [self._buffers[f"int4pack_sz_{i}"] for i in range(len(self.segments))]
+
+    def _caches(self) -> bool:
+        """Hold int4pack's scales-and-zeros in the module's dtype: a bfloat16/float16 module, at most
+        `INT4PACK_CACHE_OVERHEAD` more bytes than stored."""
+        if self.dtype not in (torch.bfloat16, torch.float16):
+            return False
+        stored = qz.stored_bits(self.spec) / 8
+        codes = bitpack.packed_nbytes(self.spec.shape[0] * self.spec.shape[1], 4)
+        return codes + K.int4pack_sz_bytes(self.spec, self.segments, self.dtype) <= (1 + INT4PACK_CACHE_OVERHEAD) * stored
+
     def set_kernel(self, kernel: str) -> None:
         """Hold the codes in `kernel`'s layout (from whichever layout they are in now)."""
         self._relayout(kernel)
@@ -148,12 +169,15 @@ class PackedMatrix(nn.Module):
     def _relayout(self, kernel: str, meta: bool = False) -> None:
         if kernel == self.kernel:
             return
-        if not meta and self.kernel != "tiled":  # back to the flat packing first
-            packed = self._packed()
+        if not meta and self.kernel != "tiled":  # back to the flat packing (and the stored parameters) first
+            packed, fields = self._packed(), self.fields()
             for name in [n for n in self._buffers if n.startswith("int4pack_") or n == "int8"]:
                 del self._buffers[name]
+            if self.cached:
+                for field, t in fields.items():
+                    self.register_buffer(_BUFFER[field], t)
             self.register_buffer("packed", packed)
-            self.kernel, self.segments = "tiled", None
+            self.kernel, self.segments, self.cached = "tiled", None, False
         if kernel == "tiled":
             return
         packed = self._buffers.pop("packed")
@@ -164,6 +188,15 @@ class PackedMatrix(nn.Module):
                        if meta else K.int4pack_weight(packed, self.spec, self.segments))
             for i, w in enumerate(weights):
                 self.register_buffer(f"int4pack_{i}", w)
+            if self._caches():
+                m = self.spec.shape[0]
+                sz = ([torch.empty((b - a) // g, m, 2, dtype=self.dtype, device="meta") for a, b, g in self.segments]
+                      if meta else K.int4pack_scales_zeros(self.spec, self.fields(), self.segments, self.dtype))
+                for field in self.fields():
+                    del self._buffers[_BUFFER[field]]
+                for i, t in enumerate(sz):
+                    self.register_buffer(f"int4pack_sz_{i}", t)
+                self.cached = True
         else:
             self.register_buffer("int8", torch.empty(self.spec.shape, dtype=torch.int8, device="meta") if meta
                                  else K.int8pack_weight(packed, self.spec))
@@ -191,8 +224,10 @@ class PackedMatrix(nn.Module):
         if self.kernel != "tiled" and x.device.type != "cpu":  # placed on another device without `.to()`
             self.set_kernel("tiled")
         if self.kernel == "int4pack" and x.dtype != torch.float32 and x.shape[0] <= INT4PACK_MAX_TOKENS:
-            return K.int4pack_linear(x, self._kernel_weights(), self.segments,
-                                     K.int4pack_scales_zeros(spec, self.fields(), self.segments, x.dtype))
+            sz = self._scales_zeros() if self.cached else []
+            if not sz or sz[0].dtype != x.dtype:
+                sz = K.int4pack_scales_zeros(spec, self.fields(), self.segments, x.dtype)
+            return K.int4pack_linear(x, self._kernel_weights(), self.segments, sz)
         if self.kernel == "int8pack" and x.dtype != torch.bfloat16 and x.shape[0] <= INT8PACK_MAX_TOKENS:
             fields = self.fields()
             return K.int8pack_linear(x, self._buffers["int8"], fields[C.FIELD_SCALE], K.int8pack_offset(spec, fields))
@@ -211,7 +246,8 @@ class PackedMatrix(nn.Module):
         s = self.spec
         kind = f"float{s.bits}" if s.bits in qz.FLOAT_BITS else f"{s.bits}-bit {s.scheme} {s.granularity}" + (
             f" {s.group_size}" if s.granularity == "group" else "")
-        return f"{tuple(s.shape)}, {kind}, kernel={self.kernel}"
+        return f"{tuple(s.shape)}, {kind}, kernel={self.kernel}" + (
+            f", scales-and-zeros held in {str(self.dtype).removeprefix('torch.')}" if self.cached else "")
 
 
 class PackedLinear(nn.Module):

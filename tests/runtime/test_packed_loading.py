@@ -24,7 +24,10 @@ IDS = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(1))
 RTN4 = ["--b0", "4", "--quantizer", "group", "--group-size", "32", "--scheme", "asymmetric"]
 ARGS = {"rtn": [], "rtn4": RTN4, "gptq": ["--b0", "4", "--quantizer", "group", "--group-size", "32"],
         "lplr": ["--rank-fraction", "0.5", "--b1", "4", "--b2", "6"], "lsvd": ["--rank-fraction", "0.5"],
-        "qlr": ["--rank", "4", "--b0", "3"], "laser": ["--rho", "0.5"]}
+        "qlr": ["--rank", "4", "--b0", "3"], "laser": ["--rho", "0.5"],
+        # groups of 64, asymmetric: int4pack holds its scales-and-zeros in bfloat16 where that costs <= 5 % more
+        # (n = 64), forms them at each call where not (down_proj, n = 160: 1.051)
+        "rtn4g64": ["--b0", "4", "--quantizer", "group", "--group-size", "64", "--scheme", "asymmetric"]}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +52,7 @@ def conv(tmp_path_factory, tiny_llama_dir, tiny_gpt2_dir, tiny_phi3_dir, minilm_
         if (model, method) not in cache:
             out = tmp_path_factory.mktemp(f"{model}_{method}") / "out"
             res = run_cli("--in-path", str(sources[model]), "--out-path", str(out), "--method",
-                          method.removesuffix("4"), "--no-report", *ARGS[method])
+                          method.removesuffix("4g64").removesuffix("4"), "--no-report", *ARGS[method])
             assert res.exit_code == 0, res.output
             cache[(model, method)] = out
         return cache[(model, method)]
@@ -91,7 +94,7 @@ def _memory(model, dst: Path) -> tuple[int, int, int, int]:
     return held, stored, rest, dense
 
 
-FAMILIES = [("llama", "rtn4"), ("llama", "lplr"), ("llama", "qlr"), ("llama", "gptq"), ("gpt2", "rtn"),
+FAMILIES = [("llama", "rtn4"), ("llama", "rtn4g64"), ("llama", "lplr"), ("llama", "qlr"), ("llama", "gptq"), ("gpt2", "rtn"),
             ("gpt2", "lplr"), ("gpt2", "qlr"), ("phi3", "rtn4"), ("phi3", "lsvd"), ("minilm", "rtn"),
             ("minilm", "lplr")]
 
@@ -109,10 +112,14 @@ def test_load_model_is_packed_and_equals_the_float_modules(conv, family, method)
     assert torch.allclose(a.float(), b.float(), atol=tol * b.abs().max().item(), rtol=0), (a - b).abs().max()
     held, stored, _, _ = _memory(packed, dst)
     assert held <= 1.05 * stored, (held, stored)
-    assert held == stored  # the kernels' layouts are the same bytes; scales and zero points stay as stored
+    cached = [m for m in packed.modules() if getattr(m, "cached", False)]
+    assert bool(cached) is (method == "rtn4g64")
+    if not cached:  # the kernels' layouts are the same bytes; scales and zero points stay as stored
+        assert held == stored
 
 
-@pytest.mark.parametrize("family,method", [("llama", "rtn4"), ("llama", "qlr"), ("gpt2", "lplr"), ("phi3", "rtn4"),
+@pytest.mark.parametrize("family,method", [("llama", "rtn4"), ("llama", "rtn4g64"), ("llama", "qlr"), ("gpt2", "lplr"),
+                                           ("phi3", "rtn4"),
                                            ("minilm", "rtn")])
 def test_from_pretrained_is_packed_like_load_model_bit_for_bit(conv, family, method):
     from transformers import AutoModel, AutoModelForCausalLM

@@ -11,7 +11,7 @@ from torch import nn
 from lplr_convert.errors import LplrError
 from lplr_convert.hf.modeling import LowRankLinear
 from lplr_convert.methods import get_method, make_settings
-from lplr_convert.runtime.modules import ENV_KERNEL, PackedLinear, kernel_counts
+from lplr_convert.runtime.modules import ENV_KERNEL, PackedLinear, PackedMatrix, kernel_counts
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -149,6 +149,53 @@ def test_moving_off_the_cpu_puts_the_codes_back_as_stored():
     mod.backbone.set_kernel("tiled")
     assert set(dict(mod.named_buffers())) == {"backbone.packed", "backbone.scale", "backbone.zero_point"}
     assert torch.allclose(mod(x), y, atol=1e-5)
+
+
+@pytest.mark.parametrize("group,scheme,cached", [(128, "asymmetric", True), (128, "symmetric", True),
+                                                 (64, "asymmetric", True), (64, "symmetric", False),
+                                                 (32, "asymmetric", False)])
+def test_int4pack_holds_its_scales_and_zeros_where_they_cost_at_most_five_percent(group, scheme, cached, monkeypatch):
+    """bfloat16/float16 modules keep int4pack's scales-and-zeros (4 bytes a group) in place of the stored parameters
+    where the matrix then holds <= 1.05 x its stored bytes (group 128: 1.03; 64 asymmetric: 1.043; 64 symmetric:
+    1.059 and 32: over, formed at each call); the product is the very one formed at each call; the stored form comes
+    back: codes and zero points exactly, float16 scales exactly in float16 and rounded to bfloat16 in bfloat16."""
+    from lplr_convert.runtime import modules
+
+    shape = (64, 256)
+    m, res = _compressed("rtn", {"b0": 4, "quantizer": "group", "group_size": group, "scheme": scheme}, shape=shape)
+    stored = sum(t.numel() * t.element_size() for t in res.parts.values())
+    x = torch.randn(3, shape[1], generator=torch.Generator().manual_seed(5))
+    for dtype in (torch.bfloat16, torch.float16):
+        mod = PackedLinear(m.layout(res.info), res.parts, dtype=dtype)
+        pm = mod.backbone
+        assert pm.kernel == "int4pack" and pm.cached is cached
+        assert ("scales-and-zeros held in" in repr(mod)) is cached
+        held = sum(b.numel() * b.element_size() for b in mod.buffers())
+        assert held <= 1.05 * stored and (held == stored) is not cached, (held, stored)
+        names = {n for n, _ in mod.named_buffers()}
+        assert ("backbone.scale" in names) is not cached and ("backbone.int4pack_sz_0" in names) is cached
+        monkeypatch.setattr(modules, "INT4PACK_CACHE_OVERHEAD", -1.0)
+        formed = PackedLinear(m.layout(res.info), res.parts, dtype=dtype)
+        monkeypatch.undo()
+        assert not formed.backbone.cached
+        with torch.no_grad():
+            assert torch.equal(mod(x.to(dtype)), formed(x.to(dtype)))
+            long = torch.randn(40, shape[1]).to(dtype)  # the tiled path, from the parameters given back
+            assert (mod(long).double() - formed(long).double()).abs().max() <= \
+                4 * torch.finfo(dtype).eps * (long.double().abs() @ formed.backbone.dense().double().abs().T).max()
+        back = pm.stored()
+        for field, want in res.parts.items():
+            got = back[field.split(".")[-1]]
+            if field.endswith("scale") and dtype == torch.bfloat16 and cached:
+                assert torch.allclose(got.float(), want.float(), rtol=2 ** -8, atol=0)
+            else:
+                assert torch.equal(got, want), field
+        meta = PackedMatrix.meta(pm.spec, dtype=dtype)
+        assert {n: (b.shape, b.dtype) for n, b in meta.named_buffers()} == \
+            {n: (b.shape, b.dtype) for n, b in pm.named_buffers()}
+        pm.set_kernel("tiled")  # as on another device: the stored parameters back in their buffers
+        assert not pm.cached and {n for n, _ in pm.named_buffers()} == \
+            {f.split(".")[-1] for f in res.parts}
 
 
 def test_packed_bytes_are_the_stored_bytes():
