@@ -141,7 +141,7 @@ def load_model(path: str | Path, factored: bool | None = None, device: str = "cp
     fused MoE experts in transformers 5): those go through transformers' own loading of the dense weights first.
     Fused 3-D experts tensors (compressed expert by expert) are stacked back and load dense.
     """
-    from ..runtime.modules import check_kernel, log_kernel_counts
+    from ..runtime.modules import balance, check_kernel, log_kernel_counts
 
     packed = factored is None if packed is None else packed
     factored = True if factored is None else factored
@@ -156,5 +156,6 @@ def load_model(path: str | Path, factored: bool | None = None, device: str = "cp
             model = _load_via_transformers(output, factored, device, dtype, packed, kernel)
     model = model.to(device).eval()
     if packed:
+        balance(model)
         log_kernel_counts(model)
     return model

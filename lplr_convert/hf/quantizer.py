@@ -106,7 +106,7 @@ class LplrConvertHfQuantizer(HfQuantizer):
         return super().get_new_dtype(converter, param, dtype)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from ..runtime.modules import PackedLinear, log_kernel_counts
+        from ..runtime.modules import PackedLinear, balance, log_kernel_counts
         from .modeling import LowRankLinear
 
         missing = self.plan.unloaded()
@@ -117,6 +117,7 @@ class LplrConvertHfQuantizer(HfQuantizer):
             if isinstance(module, (LowRankLinear, PackedLinear)):
                 module.requires_grad_(False)
         self.plan.output.close()
+        balance(model)
         log_kernel_counts(model)
         return model
 

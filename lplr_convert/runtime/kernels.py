@@ -40,7 +40,7 @@ __all__ = [
     "int4pack_packed",
     "int4pack_scales_zeros",
     "int4pack_segments",
-    "int4pack_sz_bytes",
+    "int4pack_bytes",
     "int4pack_weight",
     "int8pack_codes",
     "int8pack_linear",
@@ -50,6 +50,8 @@ __all__ = [
     "tiled_matmul",
 ]
 
+SMALL_FLOAT32 = 1 << 16  # matrices of at most this many entries multiply decode-sized inputs in float32
+SMALL_FLOAT32_TOKENS = 32
 TILE_BYTES = 4 << 20  # one decoded tile of a matrix: at most this many bytes of working precision (or 8 rows)
 INT4PACK_GROUPS = (256, 128, 64, 32)
 _INT4PACK_ROWS = 64  # the CPU int4pack layout packs blocks of 64 rows independently: repack that many at a time
@@ -114,6 +116,11 @@ def tiled_matmul(x: torch.Tensor, spec: qz.QuantSpec, fields: dict[str, torch.Te
         W = fields[C.FIELD_FLOAT]
         return torch.nn.functional.linear(x, W) if transpose else x @ W
 
+    if x.dtype in (torch.bfloat16, torch.float16) and m * n <= SMALL_FLOAT32 and x.shape[0] <= SMALL_FLOAT32_TOKENS:
+        # a thin matrix (a low-rank factor) and few tokens: float32 work (the CPU's half-precision products of this
+        # size cost 4x the float32 ones, measured: scripts/bench_kernels.py), the result cast back
+        return tiled_matmul(x.float(), spec, fields, transpose, tile_bytes, rows, align).to(x.dtype)
+
     def tile(i: int, j: int) -> torch.Tensor:
         return dequantize_rows(spec, fields, i, j, x.dtype, None if rows is None else rows(i, j))
 
@@ -135,24 +142,39 @@ def tiled_matmul(x: torch.Tensor, spec: qz.QuantSpec, fields: dict[str, torch.Te
     return out.to(x.dtype)
 
 
-def int4pack_segments(spec: qz.QuantSpec) -> list[tuple[int, int, int]] | None:
+def _up(v: int, k: int) -> int:
+    return -(-v // k) * k
+
+
+def int4pack_segments(spec: qz.QuantSpec, pad: bool = False) -> list[tuple[int, int, int]] | None:
     """How the CPU int4pack kernel runs `spec` (x @ M^T): column segments (start, stop, group), or None when it
     cannot. It needs 4-bit codes, m a multiple of 16, and parameters per row group of 32/64/128/256 (a shorter last
     group of a multiple of 32 columns is a second segment with its group's parameters repeated), or per row / per
-    tensor (repeated over the largest such group dividing n)."""
+    tensor (repeated over the largest such group dividing n). With `pad` (thin matrices: low-rank factors) the rows
+    are padded to a multiple of 16 (parameters 0: outputs 0, dropped) and the columns to a multiple of 32 (the
+    input padded with zeros): the last segment may end past n."""
     m, n = spec.shape
-    if spec.bits != 4 or m % 16 or n % 32 or (spec.granularity == "channel" and spec.channel_dim == 1):
+    if spec.bits != 4 or (spec.granularity == "channel" and spec.channel_dim == 1):
+        return None
+    if not pad and (m % 16 or n % 32):
         return None
     if spec.granularity != "group":
-        return [(0, n, next(g for g in INT4PACK_GROUPS if n % g == 0))]
+        w = _up(n, 32)
+        return [(0, w, next(g for g in INT4PACK_GROUPS if w % g == 0))]
     g = spec.group_size
     if g not in INT4PACK_GROUPS:
         return None
     full = n // g * g
     out = [(0, full, g)] if full else []
     if full < n:
-        out.append((full, n, next(t for t in INT4PACK_GROUPS if (n - full) % t == 0)))
+        w = _up(n - full, 32)
+        out.append((full, full + w, next(t for t in INT4PACK_GROUPS if w % t == 0)))
     return out
+
+
+def _maps_groups(spec: qz.QuantSpec, a: int, b: int) -> bool:
+    """Segment [a, b) holds whole stored groups one to one (else it repeats one group's or the row's parameters)."""
+    return spec.granularity == "group" and a == 0 and b == spec.shape[1] // spec.group_size * spec.group_size > 0
 
 
 def _int4pack_block(codes: torch.Tensor) -> torch.Tensor:
@@ -192,24 +214,33 @@ def int4pack_available() -> bool:
 def int4pack_weight(packed: torch.Tensor, spec: qz.QuantSpec, segments: list[tuple[int, int, int]],
                     ) -> list[torch.Tensor]:
     """The stored 4-bit codes of each column segment in the CPU int4pack layout ((m, width / 2) uint8: together the
-    same bytes as stored), 64 rows at a time."""
-    m = spec.shape[0]
-    outs = [torch.empty(m, (b - a) // 2, dtype=torch.uint8, device=packed.device) for a, b, _ in segments]
-    for i in range(0, m, _INT4PACK_ROWS):
-        j = min(m, i + _INT4PACK_ROWS)
-        codes = codes_rows(packed, spec, i, j)
+    same bytes as stored; padded rows and columns hold code 8), 64 rows at a time."""
+    m, n = spec.shape
+    mp, width = _up(m, 16), segments[-1][1]
+    outs = [torch.empty(mp, (b - a) // 2, dtype=torch.uint8, device=packed.device) for a, b, _ in segments]
+    for i in range(0, mp, _INT4PACK_ROWS):
+        j = min(mp, i + _INT4PACK_ROWS)
+        if j <= m and width == n:
+            codes = codes_rows(packed, spec, i, j)
+        else:
+            codes = torch.full((j - i, width), 8, dtype=torch.uint8, device=packed.device)
+            if i < m:
+                codes[:min(j, m) - i, :n] = codes_rows(packed, spec, i, min(j, m))
         for out, (a, b, _) in zip(outs, segments):
             out[i:j] = _int4pack_block(codes[:, a:b])
     return outs
 
 
-def int4pack_codes(weights: list[torch.Tensor], start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) of the codes (uint8) from the int4pack layout (`start` a multiple of 64)."""
+def int4pack_codes(weights: list[torch.Tensor], start: int, stop: int, n: int | None = None) -> torch.Tensor:
+    """Rows [start, stop) of the codes (uint8) from the int4pack layout (`start` a multiple of 64), the first `n`
+    columns (all when None)."""
     out = []
     for w in weights:
-        out.append(torch.cat([_int4pack_unblock(w[i:min(stop, i + _INT4PACK_ROWS)])
-                              for i in range(start, stop, _INT4PACK_ROWS)]))
-    return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+        blocks = [_int4pack_unblock(w[i:min(w.shape[0], i + _INT4PACK_ROWS)])
+                  for i in range(start, stop, _INT4PACK_ROWS)]
+        out.append(torch.cat(blocks)[:stop - start])
+    codes = out[0] if len(out) == 1 else torch.cat(out, dim=1)
+    return codes if n is None or codes.shape[1] == n else codes[:, :n].contiguous()
 
 
 def int4pack_packed(weights: list[torch.Tensor], spec: qz.QuantSpec) -> torch.Tensor:
@@ -218,16 +249,17 @@ def int4pack_packed(weights: list[torch.Tensor], spec: qz.QuantSpec) -> torch.Te
     out = torch.empty(bitpack.packed_nbytes(m * n, 4), dtype=torch.uint8, device=weights[0].device)
     for i in range(0, m, _INT4PACK_ROWS):
         j = min(m, i + _INT4PACK_ROWS)
-        out[i * n // 2:j * n // 2] = bitpack.pack(int4pack_codes(weights, i, j), 4, check=False)
+        out[i * n // 2:(j * n + 1) // 2] = bitpack.pack(int4pack_codes(weights, i, j, n), 4, check=False)
     return out
 
 
 def int4pack_scales_zeros(spec: qz.QuantSpec, fields: dict[str, torch.Tensor], segments: list[tuple[int, int, int]],
                           dtype: torch.dtype) -> list[torch.Tensor]:
-    """The kernel's scales-and-zeros of each segment ((width / group, m, 2) in `dtype`) from the stored parameters:
-    w = (c - 8) s + z with z = 0 (symmetric), (8 - zp) s (asymmetric), lo + 8 s (minmax), computed in float32 (exact
-    for float16 scales: (8 - zp) s has at most 15 significant bits)."""
+    """The kernel's scales-and-zeros of each segment ((width / group, m, 2) in `dtype`; padded rows 0) from the
+    stored parameters: w = (c - 8) s + z with z = 0 (symmetric), (8 - zp) s (asymmetric), lo + 8 s (minmax),
+    computed in float32 (exact for float16 scales: (8 - zp) s has at most 15 significant bits)."""
     m = spec.shape[0]
+    mp = _up(m, 16)
     s = fields[C.FIELD_SCALE].float()
     if spec.scheme == "symmetric":
         z = torch.zeros_like(s)
@@ -239,19 +271,25 @@ def int4pack_scales_zeros(spec: qz.QuantSpec, fields: dict[str, torch.Tensor], s
     sz = torch.stack([s, z], dim=-1)  # (m or 1, G or 1, 2)
     out = []
     for a, b, g in segments:
-        if spec.granularity == "group":  # one stored group per kernel group, or the short last group repeated
-            part = sz[:, a // spec.group_size:b // spec.group_size] if b - a >= spec.group_size else \
-                sz[:, -1:].expand(m, (b - a) // g, 2)
-        else:
-            part = sz.expand(m, (b - a) // g, 2)
+        if _maps_groups(spec, a, b):  # one stored group per kernel group
+            part = sz[:, :b // spec.group_size]
+        else:  # the short last stored group, or the row's / tensor's parameters, repeated
+            part = sz[:, -1:].expand(sz.shape[0], (b - a) // g, 2).expand(m, (b - a) // g, 2)
+        if mp > m:
+            part = torch.cat([part, part.new_zeros(mp - m, *part.shape[1:])])
         out.append(part.transpose(0, 1).to(dtype).contiguous())
     return out
 
 
-def int4pack_sz_bytes(spec: qz.QuantSpec, segments: list[tuple[int, int, int]], dtype: torch.dtype) -> int:
-    """Bytes of the kernel's scales-and-zeros of every segment in `dtype`."""
-    m = spec.shape[0]
-    return sum((b - a) // g * m * 2 for a, b, g in segments) * torch.finfo(dtype).bits // 8
+def int4pack_bytes(spec: qz.QuantSpec, segments: list[tuple[int, int, int]], dtype: torch.dtype | None) -> int:
+    """Bytes a matrix holds in the int4pack layout: its (padded) codes plus the kernel's scales-and-zeros in `dtype`,
+    or plus the stored parameters when `dtype` is None (formed at each call)."""
+    mp = _up(spec.shape[0], 16)
+    codes = mp * segments[-1][1] // 2
+    if dtype is None:
+        return codes + sum(math.prod(shape) * torch.finfo(getattr(torch, t)).bits // 8 if t != "uint8" else
+                           math.prod(shape) for f, (t, shape) in qz.field_specs(spec).items() if f != C.FIELD_PACKED)
+    return codes + sum((b - a) // g * mp * 2 for a, b, g in segments) * torch.finfo(dtype).bits // 8
 
 
 def int4pack_fields(spec: qz.QuantSpec, scales_zeros: list[torch.Tensor], segments: list[tuple[int, int, int]],
@@ -261,8 +299,8 @@ def int4pack_fields(spec: qz.QuantSpec, scales_zeros: list[torch.Tensor], segmen
     round(8 - z / s) (exact: the rounding of z is far below half a step), 0 where s = 0; lo = z - 8 s."""
     parts = []
     for sz, (a, b, _) in zip(scales_zeros, segments):
-        t = sz.float().transpose(0, 1)  # (m, groups, 2)
-        if spec.granularity == "group" and b - a >= spec.group_size:
+        t = sz.float().transpose(0, 1)[:spec.shape[0]]  # (m, groups, 2), padded rows dropped
+        if _maps_groups(spec, a, b):
             parts.append(t)
         else:  # one stored group (the short last one), or one value per row / tensor, repeated over the segment
             parts.append(t[:, :1])
@@ -282,15 +320,19 @@ def int4pack_fields(spec: qz.QuantSpec, scales_zeros: list[torch.Tensor], segmen
 
 
 def int4pack_linear(x: torch.Tensor, weights: list[torch.Tensor], segments: list[tuple[int, int, int]],
-                    scales_zeros: list[torch.Tensor]) -> torch.Tensor:
+                    scales_zeros: list[torch.Tensor], m: int | None = None) -> torch.Tensor:
     """x @ W^T on the CPU int4pack kernel, one call per column segment (x 2-D, float32/bfloat16/float16;
-    scales_zeros in x's dtype)."""
+    scales_zeros in x's dtype); x is padded with zero columns to the segments' width, and the output cut to `m`
+    rows of W when given (padded rows)."""
+    width = segments[-1][1]
+    if x.shape[1] < width:
+        x = torch.nn.functional.pad(x, (0, width - x.shape[1]))
     y = None
     for w, (a, b, g), sz in zip(weights, segments, scales_zeros):
-        xs = x if (a, b) == (0, x.shape[1]) else x[:, a:b]
+        xs = x if (a, b) == (0, width) else x[:, a:b]
         part = torch.ops.aten._weight_int4pack_mm_for_cpu(xs.contiguous(), w, g, sz)
         y = part if y is None else y.add_(part)
-    return y
+    return y if m is None or m == y.shape[1] else y[:, :m]
 
 
 def int8pack_weight(packed: torch.Tensor, spec: qz.QuantSpec) -> torch.Tensor:

@@ -34,12 +34,11 @@ from torch import nn
 
 from .. import constants as C
 from ..errors import LplrError
-from ..math import bitpack
 from ..math import quantize as qz
 from ..methods.base import PackedLayout
 from . import kernels as K
 
-__all__ = ["ENV_KERNEL", "KERNELS", "PackedLinear", "PackedMatrix", "check_kernel", "check_parts", "kernel_counts",
+__all__ = ["ENV_KERNEL", "KERNELS", "PackedLinear", "PackedMatrix", "balance", "check_kernel", "check_parts", "kernel_counts",
            "log_kernel_counts"]
 
 ENV_KERNEL = "LPLR_KERNEL"
@@ -62,13 +61,13 @@ def check_kernel(name: str | None) -> str:
     return name
 
 
-def _runs(kernel: str, spec: qz.QuantSpec, transpose: bool, device: torch.device) -> bool:
+def _runs(kernel: str, spec: qz.QuantSpec, transpose: bool, device: torch.device, pad: bool = False) -> bool:
     if kernel == "tiled":
         return True
     if device.type != "cpu" or not transpose:
         return False
     if kernel == "int4pack":
-        return K.int4pack_segments(spec) is not None and K.int4pack_available()
+        return K.int4pack_segments(spec, pad) is not None and K.int4pack_available()
     if kernel == "int8pack":
         return spec.bits == 8 and (spec.granularity == "tensor" or (spec.granularity == "channel" and
                                                                       spec.channel_dim == 0))
@@ -76,21 +75,76 @@ def _runs(kernel: str, spec: qz.QuantSpec, transpose: bool, device: torch.device
 
 
 def _choose(asked: str, spec: qz.QuantSpec, transpose: bool, device: torch.device, where: str,
-            dtype: torch.dtype | None = None) -> str:
+            dtype: torch.dtype | None = None, pad: bool = False, quiet: bool = False) -> str:
     """The kernel for one matrix: the one asked for where it can run it (else a warning and the automatic choice);
     automatically, the CPU kernel that is faster than the tiled path for decode-sized inputs of the model's dtype
     `dtype` (measured, scripts/bench_kernels.py): int4pack for bfloat16/float16 (its float32 path is slower than
     the tiled one), int8pack for float32/float16 (its bfloat16 path is wrong in torch 2.13), else tiled."""
     if asked != "auto":
-        if _runs(asked, spec, transpose, device):
+        if _runs(asked, spec, transpose, device, pad):
             return asked
-        logger.warning(f"kernel {asked} cannot run {where} ({spec.bits}-bit {spec.granularity}, {tuple(spec.shape)} "
+        if not quiet:
+            logger.warning(f"kernel {asked} cannot run {where} ({spec.bits}-bit {spec.granularity}, {tuple(spec.shape)} "
                        f"on {device.type}); using the automatic choice")
-    if dtype != torch.float32 and _runs("int4pack", spec, transpose, device):
+    if dtype != torch.float32 and _runs("int4pack", spec, transpose, device, pad):
         return "int4pack"
     if dtype != torch.bfloat16 and _runs("int8pack", spec, transpose, device):
         return "int8pack"
     return "tiled"
+
+
+_Plan = dict[str, tuple[bool, bool | None]]
+_NAMES = ("backbone", "left", "right")
+
+
+def _plan_many(layers: list[tuple[PackedLayout, bool, str, torch.device, torch.dtype]],
+               overhead: float | None = None) -> list[_Plan]:
+    """(pad, cache) of each matrix of each layer (layout, transpose, kernel asked, device, dtype): what the int4pack
+    kernel may hold beyond the stored bytes, at most `overhead` of all these layers' stored bytes, spent in order of
+    the time it saves per byte (measured, quiet, 2 threads): low-rank factors padded to the kernel's shapes with
+    cached scales-and-zeros (17 us a call for a 27 x 576 factor against 110-150 us on the tiled path), then the
+    backbones' cached scales-and-zeros (forming them at each call was half of the kernel's time), then unpadded
+    factors' cached scales-and-zeros; cheapest first within each. Decided from the specs alone, so a meta-device twin
+    is planned the same."""
+    overhead = INT4PACK_CACHE_OVERHEAD if overhead is None else overhead
+    plans: list[_Plan] = [{k: (False, False) for k in _NAMES} for _ in layers]
+    budget = 0.0
+    candidates = []  # (tier, extra bytes, layer, what)
+    for i, (layout, transpose, asked, device, dtype) in enumerate(layers):
+        parts = dict(zip(_NAMES, (layout.backbone, layout.left, layout.right)))
+        budget += overhead * sum(qz.stored_bits(p.spec) / 8 for p in parts.values() if p is not None)
+        if dtype not in (torch.bfloat16, torch.float16) or device.type != "cpu" or not transpose:
+            continue
+
+        def int4(part, pad: bool) -> bool:
+            return part is not None and \
+                _choose(asked, part.spec, transpose, device, "", dtype, pad, quiet=True) == "int4pack"
+
+        def cost(part, pad: bool) -> float:
+            return K.int4pack_bytes(part.spec, K.int4pack_segments(part.spec, pad), dtype) - \
+                qz.stored_bits(part.spec) / 8
+
+        factors = tuple(k for k in ("left", "right") if parts[k] is not None)
+        if factors and all(int4(parts[k], True) for k in factors):
+            candidates.append((0, sum(cost(parts[k], True) for k in factors), i, factors))
+        if int4(parts["backbone"], False):
+            candidates.append((1, cost(parts["backbone"], False), i, ("backbone",)))
+        candidates += [(2, cost(parts[k], False), i, (k,)) for k in factors if int4(parts[k], False)]
+    for tier, extra, i, what in sorted(candidates, key=lambda c: c[:3]):
+        if tier == 2 and plans[i][what[0]][0] or extra > budget:
+            continue  # a factor already padded, or over the budget
+        plans[i].update({k: (tier == 0, True) for k in what})
+        budget -= extra
+    return plans
+
+
+def balance(model: nn.Module, overhead: float | None = None) -> None:
+    """Plan every `PackedLinear` of `model` together (`_plan_many`: one budget of `overhead` x the stored bytes of
+    all of them, which layers without factors leave to those with) and lay each matrix out as planned. The loaders
+    call it once the model is loaded; a layer built alone is planned alone."""
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    for layer, plan in zip(layers, _plan_many([layer.planning() for layer in layers], overhead)):
+        layer.replan(plan)
 
 
 class PackedMatrix(nn.Module):
@@ -99,25 +153,28 @@ class PackedMatrix(nn.Module):
     or x @ M (x: (t, m)) for 2-D x; no more than one tile of the dense M exists at a time."""
 
     def __init__(self, spec: qz.QuantSpec, fields: Mapping[str, torch.Tensor], transpose: bool = True,
-                 kernel: str | None = None, where: str = "", dtype: torch.dtype | None = None):
+                 kernel: str | None = None, where: str = "", dtype: torch.dtype | None = None, pad: bool = False,
+                 cache: bool | None = None):
         super().__init__()
         self.spec, self.transpose, self.where, self.dtype = spec, transpose, where, dtype
+        self.pad, self.cache = pad, cache
         self.kernel, self.cached = "tiled", False
         for field, t in fields.items():
             self.register_buffer(_BUFFER[field], t)
         self.segments = None
         device = next(iter(fields.values())).device
         if device.type != "meta":
-            self.set_kernel(_choose(check_kernel(kernel), spec, transpose, device, where, dtype))
+            self.set_kernel(_choose(check_kernel(kernel), spec, transpose, device, where, dtype, pad))
 
     @classmethod
     def meta(cls, spec: qz.QuantSpec, transpose: bool = True, kernel: str | None = None, where: str = "",
-             device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> PackedMatrix:
+             device: torch.device | str = "cpu", dtype: torch.dtype | None = None, pad: bool = False,
+             cache: bool | None = None) -> PackedMatrix:
         """The module as it will be loaded on `device` (same buffer names, shapes and dtypes), on the meta device."""
         fields = {f: torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
                   for f, (dtype, shape) in qz.field_specs(spec, spec.float_dtype or "float16").items()}
-        mod = cls(spec, fields, transpose, where=where, dtype=dtype)
-        kernel = _choose(check_kernel(kernel), spec, transpose, torch.device(device), where, dtype)
+        mod = cls(spec, fields, transpose, where=where, dtype=dtype, pad=pad, cache=cache)
+        kernel = _choose(check_kernel(kernel), spec, transpose, torch.device(device), where, dtype, pad)
         mod._relayout(kernel, meta=True)
         return mod
 
@@ -154,13 +211,14 @@ class PackedMatrix(nn.Module):
         return [self._buffers[f"int4pack_sz_{i}"] for i in range(len(self.segments))]
 
     def _caches(self) -> bool:
-        """Hold int4pack's scales-and-zeros in the module's dtype: a bfloat16/float16 module, at most
-        `INT4PACK_CACHE_OVERHEAD` more bytes than stored."""
+        """Hold int4pack's scales-and-zeros in the module's dtype: a bfloat16/float16 module, as `cache` says, or
+        (None) where the matrix then holds at most `INT4PACK_CACHE_OVERHEAD` more bytes than stored."""
         if self.dtype not in (torch.bfloat16, torch.float16):
             return False
-        stored = qz.stored_bits(self.spec) / 8
-        codes = bitpack.packed_nbytes(self.spec.shape[0] * self.spec.shape[1], 4)
-        return codes + K.int4pack_sz_bytes(self.spec, self.segments, self.dtype) <= (1 + INT4PACK_CACHE_OVERHEAD) * stored
+        if self.cache is not None:
+            return self.cache
+        return K.int4pack_bytes(self.spec, self.segments, self.dtype) <= \
+            (1 + INT4PACK_CACHE_OVERHEAD) * qz.stored_bits(self.spec) / 8
 
     def set_kernel(self, kernel: str) -> None:
         """Hold the codes in `kernel`'s layout (from whichever layout they are in now)."""
@@ -182,14 +240,13 @@ class PackedMatrix(nn.Module):
             return
         packed = self._buffers.pop("packed")
         if kernel == "int4pack":
-            self.segments = K.int4pack_segments(self.spec)
-            m = self.spec.shape[0]
+            self.segments = K.int4pack_segments(self.spec, self.pad)
+            m = -(-self.spec.shape[0] // 16) * 16  # rows padded to 16 (`pad`)
             weights = ([torch.empty(m, (b - a) // 2, dtype=torch.uint8, device="meta") for a, b, _ in self.segments]
                        if meta else K.int4pack_weight(packed, self.spec, self.segments))
             for i, w in enumerate(weights):
                 self.register_buffer(f"int4pack_{i}", w)
             if self._caches():
-                m = self.spec.shape[0]
                 sz = ([torch.empty((b - a) // g, m, 2, dtype=self.dtype, device="meta") for a, b, g in self.segments]
                       if meta else K.int4pack_scales_zeros(self.spec, self.fields(), self.segments, self.dtype))
                 for field in self.fields():
@@ -202,6 +259,9 @@ class PackedMatrix(nn.Module):
                                  else K.int8pack_weight(packed, self.spec))
         self.kernel = kernel
 
+    def values_device(self) -> torch.device:
+        return next(iter(self._buffers.values())).device
+
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
         t = next(iter(self._buffers.values()))
@@ -213,7 +273,7 @@ class PackedMatrix(nn.Module):
     def _codes(self):
         if self.kernel == "int4pack":
             weights = self._kernel_weights()
-            return (lambda i, j: K.int4pack_codes(weights, i, j)), 64
+            return (lambda i, j: K.int4pack_codes(weights, i, j, self.spec.shape[1])), 64
         if self.kernel == "int8pack":
             w = self._buffers["int8"]
             return (lambda i, j: K.int8pack_codes(w, i, j)), 8
@@ -227,7 +287,7 @@ class PackedMatrix(nn.Module):
             sz = self._scales_zeros() if self.cached else []
             if not sz or sz[0].dtype != x.dtype:
                 sz = K.int4pack_scales_zeros(spec, self.fields(), self.segments, x.dtype)
-            return K.int4pack_linear(x, self._kernel_weights(), self.segments, sz)
+            return K.int4pack_linear(x, self._kernel_weights(), self.segments, sz, spec.shape[0])
         if self.kernel == "int8pack" and x.dtype != torch.bfloat16 and x.shape[0] <= INT8PACK_MAX_TOKENS:
             fields = self.fields()
             return K.int8pack_linear(x, self._buffers["int8"], fields[C.FIELD_SCALE], K.int8pack_offset(spec, fields))
@@ -268,17 +328,39 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = (cols, rows) if conv1d else (rows, cols)
         self.rank = layout.rank
 
-        def make(part):
+        self.layout, self.asked = layout, check_kernel(kernel)
+        on = torch.device(device) if parts is None else next(iter(parts.values())).device
+        plan = _plan_many([(layout, not conv1d, self.asked, on, dtype)])[0]
+
+        def make(name, part):
             if part is None:
                 return None
+            pad, cache = plan[name]
             if parts is None:
-                return PackedMatrix.meta(part.spec, not conv1d, kernel, where, device, dtype)
-            return PackedMatrix(part.spec, part.fields(parts), not conv1d, kernel, where, dtype)
+                return PackedMatrix.meta(part.spec, not conv1d, kernel, where, device, dtype, pad, cache)
+            return PackedMatrix(part.spec, part.fields(parts), not conv1d, kernel, where, dtype, pad, cache)
 
-        self.backbone = make(layout.backbone)
+        self.backbone = make("backbone", layout.backbone)
         # y = L (R x): R first; in Conv1D orientation x L first
-        self.left, self.right = make(layout.left), make(layout.right)
+        self.left, self.right = make("left", layout.left), make("right", layout.right)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def _matrices(self) -> dict[str, PackedMatrix]:
+        return {k: m for k in _NAMES if (m := getattr(self, k)) is not None}
+
+    def planning(self) -> tuple[PackedLayout, bool, str, torch.device, torch.dtype]:
+        """What `_plan_many` plans this layer from."""
+        device = next(iter(self._matrices().values())).values_device()
+        return self.layout, not self.conv1d, self.asked, device, self.dtype
+
+    def replan(self, plan: _Plan) -> None:
+        """Lay each matrix out as `plan` says ((pad, cache) per matrix), the kernel chosen again."""
+        _, transpose, asked, device, dtype = self.planning()
+        for name, mat in self._matrices().items():
+            if (mat.pad, mat.cache) != plan[name]:
+                mat.set_kernel("tiled")
+                mat.pad, mat.cache = plan[name]
+                mat.set_kernel(_choose(asked, mat.spec, transpose, device, mat.where, dtype, mat.pad, quiet=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -113,7 +113,7 @@ def test_load_model_is_packed_and_equals_the_float_modules(conv, family, method)
     held, stored, _, _ = _memory(packed, dst)
     assert held <= 1.05 * stored, (held, stored)
     cached = [m for m in packed.modules() if getattr(m, "cached", False)]
-    assert bool(cached) is (method == "rtn4g64")
+    assert cached or method != "rtn4g64"
     if not cached:  # the kernels' layouts are the same bytes; scales and zero points stay as stored
         assert held == stored
 

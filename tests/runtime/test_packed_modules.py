@@ -198,6 +198,45 @@ def test_int4pack_holds_its_scales_and_zeros_where_they_cost_at_most_five_percen
             {f.split(".")[-1] for f in res.parts}
 
 
+def test_balance_spends_one_budget_over_the_model_and_pads_thin_factors():
+    """A rank-4 qlr layer alone cannot pad its factors to int4pack's shapes within 5 % of its own bytes; next to a
+    plain 4-bit layer with room to spare, `balance` pads them (one budget: 1.05 x the stored bytes of both) and the
+    products stay those of the float modules."""
+    from lplr_convert.runtime.modules import balance
+
+    ma, ra = _compressed("rtn", {"b0": 4, "quantizer": "group", "group_size": 128, "scheme": "symmetric"},
+                         shape=(512, 512))
+    mb, rb = _compressed("qlr", {"b0": 4, "rank": 4, "quantizer": "group", "group_size": 128}, shape=(64, 128))
+    a = PackedLinear(ma.layout(ra.info), ra.parts, dtype=torch.bfloat16)
+    b = PackedLinear(mb.layout(rb.info), rb.parts, dtype=torch.bfloat16)
+    assert a.backbone.cached and b.kernels == ["int4pack", "tiled", "tiled"]
+    x = torch.randn(2, 128, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    with torch.no_grad():
+        before = b(x)
+    model = nn.ModuleList([a, b])
+    balance(model)
+    assert b.kernels == ["int4pack", "int4pack", "int4pack"] and b.left.pad and b.right.pad
+    assert a.backbone.cached and b.left.cached and b.right.cached
+    held = sum(t.numel() * t.element_size() for t in model.buffers())
+    stored = sum(t.numel() * t.element_size() for r in (ra, rb) for t in r.parts.values())
+    assert stored < held <= 1.05 * stored
+    ref = _float_module(mb, rb, None).to(torch.bfloat16)
+    with torch.no_grad():
+        after, want = b(x), ref(x)
+    bound = _bound(x, b, 8 * torch.finfo(torch.bfloat16).eps)  # as test_half_precision_inputs...: a few units
+    assert ((after.double() - want.double()).abs() <= bound).all()
+    assert ((before.double() - want.double()).abs() <= bound).all()
+    back = {f"lplr_{side}.{f}": t for side, mat in (("left", b.left), ("right", b.right))
+            for f, t in mat.stored().items()}
+    for name, t in rb.parts.items():  # the padded factors give their stored codes and zero points back exactly
+        if name.startswith(("lplr_left", "lplr_right")):
+            got = back[name]
+            assert torch.equal(got, t) if not name.endswith("scale") else \
+                torch.allclose(got.float(), t.float(), rtol=2 ** -8, atol=0), name
+    balance(model)  # planned again: the same layout
+    assert b.kernels == ["int4pack", "int4pack", "int4pack"]
+
+
 def test_packed_bytes_are_the_stored_bytes():
     for method, knobs in CASES:
         m, res = _compressed(method, knobs)
