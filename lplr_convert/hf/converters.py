@@ -174,6 +174,7 @@ class LoadPlan:
         """The model parameters of one record from its parts: {"<module>.left": L, "<module>.right": R} for a
         factored layer, else {param: dense} (in the dtype of the model's parameter, decoded like the loaders do)."""
         self._check_parts(rec, parts)
+        parts = self._own_copy(rec, parts)
         target = self.targets.get(rec.name)
         self.loaded.add(rec.name)
         if target is not None and target.layout is not None:
@@ -193,6 +194,15 @@ class LoadPlan:
         if target is None:  # a model converter places it (e.g. per-expert weights fused into one parameter)
             return {rec.name: W}
         return {target.key: _cast(W, self.param_dtype(model, target.key))}
+
+    def _own_copy(self, rec: TensorRecord, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The parts as read by the output's reader (positioned reads into memory of their own) where transformers
+        gave CPU tensors: those view its memory map of the shard, which any one of them kept by a packed module
+        would hold open, with every page touched while loading resident, for the model's life. Parts transformers
+        already placed on another device are used as they are."""
+        if any(t.device.type != "cpu" for t in parts.values()):
+            return parts
+        return self.output.parts(rec)
 
     def param_dtype(self, model: nn.Module, key: str) -> torch.dtype:
         """The dtype transformers loads parameter `key` in: the model's, or float32 where it keeps the module so."""
