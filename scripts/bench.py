@@ -106,11 +106,11 @@ def lplr_flops(m: int, n: int, r: int) -> float:
 
 
 def proc_status() -> dict[str, int]:
-    """VmRSS and VmHWM of this process in bytes."""
+    """VmRSS and VmHWM of this process in bytes, and VmRSS's anonymous and file-backed shares (RssAnon, RssFile)."""
     out = {}
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
+            if line.startswith(("VmRSS:", "VmHWM:", "RssAnon:", "RssFile:")):
                 key, value = line.split(":")
                 out[key] = int(value.split()[0]) * 1024
     return out

@@ -18,7 +18,7 @@ from torch import nn
 from transformers.core_model_loading import ConversionOps, WeightConverter, dot_natural_key
 
 from .. import constants as C
-from ..dtypes import dtype_name
+from ..dtypes import dtype_from_name, dtype_name
 from ..errors import LplrError
 from ..io.manifest import TensorRecord
 from ..io.output import ConvertedOutput, decode_record
@@ -37,9 +37,10 @@ from .modeling import (
 )
 from .tying import untie_replaced
 
-__all__ = ["DecodeFirst", "LoadPlan", "PartsConverter", "converted_root", "wrap_model_converters"]
+__all__ = ["CopiedConverter", "DecodeFirst", "LoadPlan", "PartsConverter", "converted_root", "wrap_model_converters"]
 
 _PLACEHOLDER = "lplr_convert_parts"  # the converters' nominal target; their rename_source_key names the real one
+_COPIED = "lplr_convert_copied"  # the copied-tensor converter's one (nominal) source pattern
 
 
 def converted_root(checkpoint_files: list[str] | None, name_or_path: str | None) -> Path:
@@ -82,6 +83,10 @@ class LoadPlan:
     kept: Callable[[str], bool] = lambda name: False  # parameters transformers keeps in float32 (T5's wo in float16)
     packed: bool = True  # PackedLinear modules (else float LowRankLinear / dense weights: `dequantize=True`)
     kernel: str | None = None
+    # float tensors stored under their own name (copied, laser) that load into a model parameter by name: the name
+    # transformers' converters see (after the model's renamings) -> parameter; and checkpoint name -> (record, parameter)
+    copied: dict[str, str] = field(default_factory=dict)
+    copied_records: dict[str, tuple[TensorRecord, str]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, model: nn.Module, root: Path, checkpoint_files: list[str], dtype=None, packed: bool = True,
@@ -119,6 +124,14 @@ class LoadPlan:
                 key = next((k for k in name_candidates(new_name, prefix) if k in keys), None)
                 if key is not None and rec.name not in self.targets:
                     self.targets[rec.name] = _Target(key)
+        params = dict(model.named_parameters())
+        for rec in self.output.records:
+            if rec.name in self.records or rec.shard is None or not dtype_from_name(rec.dtype).is_floating_point:
+                continue
+            new_name = renamed(rec.name, conversions)
+            key = next((k for k in name_candidates(new_name, prefix) if k in params), None)
+            if key is not None and params[key].is_floating_point():
+                self.copied[new_name], self.copied_records[rec.name] = key, (rec, key)
 
     def model_name(self, rec: TensorRecord) -> str:
         """The record's name as the model's converters see it (after the model's renamings)."""
@@ -174,6 +187,7 @@ class LoadPlan:
         """The model parameters of one record from its parts: {"<module>.left": L, "<module>.right": R} for a
         factored layer, else {param: dense} (in the dtype of the model's parameter, decoded like the loaders do)."""
         self._check_parts(rec, parts)
+        parts = self._own_copy(rec, parts)
         target = self.targets.get(rec.name)
         self.loaded.add(rec.name)
         if target is not None and target.layout is not None:
@@ -193,6 +207,15 @@ class LoadPlan:
         if target is None:  # a model converter places it (e.g. per-expert weights fused into one parameter)
             return {rec.name: W}
         return {target.key: _cast(W, self.param_dtype(model, target.key))}
+
+    def _own_copy(self, rec: TensorRecord, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The parts as read by the output's reader (positioned reads into memory of their own) where transformers
+        gave CPU tensors: those view its memory map of the shard, which any one of them kept by a packed module
+        would hold open, with every page touched while loading resident, for the model's life. Parts transformers
+        already placed on another device are used as they are."""
+        if any(t.device.type != "cpu" for t in parts.values()):
+            return parts
+        return self.output.parts(rec)
 
     def param_dtype(self, model: nn.Module, key: str) -> torch.dtype:
         """The dtype transformers loads parameter `key` in: the model's, or float32 where it keeps the module so."""
@@ -341,6 +364,47 @@ class DecodeFirst(_PartsMixin, WeightConverter):
             pairs.sort(key=lambda kv: dot_natural_key(kv[0]))
             self.collected_tensors[p] = [t if dtype is None else _cast(t, dtype) for _, t in pairs]
         return WeightConverter.convert(self, layer_name, model, config, hf_quantizer, loading_info)
+
+
+class CopiedConverter(WeightConverter):
+    """Collects every float tensor stored under its own name that loads into a model parameter by name (`LoadPlan.copied`;
+    the model's own converters take theirs first) and reads it with the output's reader in the parameter's dtype
+    (`LoadPlan.copied_tensor`): transformers would cast it from its memory map of the shard, whose touched pages stay
+    resident until the whole load ends (a float32 embedding loaded in bfloat16: its float32 bytes beside the copy)."""
+
+    def __init__(self, plan: LoadPlan, source_patterns=None, target_patterns=None, **kwargs):
+        super().__init__(source_patterns or [_COPIED], target_patterns or _PLACEHOLDER, [_Passthrough()])
+        self.plan = plan
+        self.names: list[str] = []
+
+    def __deepcopy__(self, memo):
+        return self.copy(self._original_source_patterns, self._original_target_patterns)
+
+    def copy(self, source_patterns, target_patterns, **kwargs):
+        new = type(self)(self.plan, source_patterns, target_patterns)
+        new.scope_prefix, new.base_model_prefix = self.scope_prefix, self.base_model_prefix
+        return new
+
+    def rename_source_key(self, source_key: str) -> tuple[str, str | None]:
+        key = self.plan.copied.get(source_key)
+        if key is None:
+            return source_key, None
+        self._was_used = True
+        return key, _COPIED
+
+    def add_tensor(self, target_key: str, source_key: str, source_pattern: str, future) -> None:
+        super().add_tensor(target_key, source_key, source_pattern, future)
+        self.names.append(source_key)
+
+    def convert(self, layer_name, model=None, config=None, hf_quantizer=None, loading_info=None):
+        given = [t for ts in self.materialize_tensors().values() for t in ts]  # views of the map, untouched
+        out = {}
+        for name, t in zip(self.names, given):
+            rec, key = self.plan.copied_records[name]
+            dtype = self.plan.param_dtype(model, key)
+            # read into `dtype` a block at a time; a tensor transformers placed on another device: cast as given
+            out[key] = self.plan.output.dense_as(rec, dtype, t.device) if t.device.type == "cpu" else _cast(t, dtype)
+        return out
 
 
 def wrap_model_converters(plan: LoadPlan, conversions: list) -> list:

@@ -71,21 +71,20 @@ def _load_direct(output: ConvertedOutput, factored: bool, device: str, dtype, pa
     kept = float32_kept(model, dtype or config_dtype(config))
     dense: dict[str, torch.Tensor] = {}
     replaced: set[str] = set()  # the weights of modules replaced by factored layers
-    for rec in output.records:
-        parts = output.parts(rec)
+    names = dict(model.named_modules())
+    for rec in output.records:  # one record's stored tensors at a time, dropped once its module or tensor is built
         want = torch.float32 if kept(rec.name) else dtype  # transformers keeps some modules in float32 (T5's wo)
-        hit = packed_target(model, rec, prefix) if packed else None
+        hit = packed_target(model, rec, prefix, names) if packed else None
         if hit is not None:
-            set_module(model, hit[0], packed_for(hit[1], rec, hit[2], parts, device, want, kernel))
+            set_module(model, hit[0], packed_for(hit[1], rec, hit[2], output.parts(rec), device, want, kernel))
             replaced.add(f"{hit[0]}.weight")
             continue
-        target = linear_target(model, rec, prefix) if factored else None
+        target = linear_target(model, rec, prefix, names) if factored else None
         if target is not None:
-            set_module(model, target[0], lowrank_for(target[1], rec, parts, device, want))
+            set_module(model, target[0], lowrank_for(target[1], rec, output.parts(rec), device, want))
             replaced.add(f"{target[0]}.weight")
             continue
-        W = output.dense(rec, parts)
-        dense[rec.name] = W.to(device, want) if want is not None and W.is_floating_point() else W.to(device)
+        dense[rec.name] = output.dense_as(rec, want, device)  # a copied tensor is read straight into `want`
     _assign_dense(model, dense, prefix, replaced)
     if any(p.device.type == "meta" for p in model.parameters()):
         return None

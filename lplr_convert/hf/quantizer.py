@@ -93,16 +93,17 @@ class LplrConvertHfQuantizer(HfQuantizer):
         return model
 
     def update_weight_conversions(self, weight_conversions, model):
-        from .converters import PartsConverter, wrap_model_converters
+        from .converters import CopiedConverter, PartsConverter, wrap_model_converters
 
         self.plan.learn_renamings(weight_conversions, model)
-        return [*wrap_model_converters(self.plan, weight_conversions), PartsConverter(self.plan)]
+        return [*wrap_model_converters(self.plan, weight_conversions), PartsConverter(self.plan),
+                CopiedConverter(self.plan)]
 
     def get_new_dtype(self, converter, param, dtype):
-        from .converters import DecodeFirst, PartsConverter
+        from .converters import CopiedConverter, DecodeFirst, PartsConverter
 
-        if isinstance(converter, (PartsConverter, DecodeFirst)):
-            return None  # codes and float32 scales arrive as stored; decoding casts to the parameter's dtype
+        if isinstance(converter, (PartsConverter, DecodeFirst, CopiedConverter)):
+            return None  # codes, scales and copied tensors arrive as stored; decoding casts to the parameter's dtype
         return super().get_new_dtype(converter, param, dtype)
 
     def _process_model_after_weight_loading(self, model, **kwargs):

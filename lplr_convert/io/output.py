@@ -1,6 +1,10 @@
 """The one reader of converted outputs: the checked manifest, every stored part of a tensor (shards checked by sha256
 before use, one shard open at a time), and the decoded dense tensors. Used by the loaders, verify, the report's
-tools and decompress."""
+tools and decompress.
+
+Stored tensors are read with positioned reads into memory of their own (`io.reader.read_at`), not memory-mapped: a
+tensor viewing a shard's map keeps the whole map alive, with every page the loader touched resident, after the
+loader has moved on (a loaded model holding its scales would keep the whole shard resident beside its own copy)."""
 
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ from ..math.lowrank import product_rows
 from ..methods import Method, get_method
 from .manifest import Manifest, TensorRecord, is_intact, not_a_file, read_manifest
 
-# A record's quantized parts: the info key of each one's spec and the stored part it describes.
+COPY_BLOCK_BYTES = 8 << 20  # a copied tensor loaded in another dtype is read and cast this many stored bytes at a time
+
 __all__ = ["ConvertedOutput", "decode_record", "decoded_factors", "loaded_blocks", "loaded_tensor", "open_output",
            "record_problem"]
 
@@ -46,7 +51,9 @@ class ConvertedOutput:
                                 f"`lplr-convert verify` and re-run the conversion")
         self.device, self.verify = str(device), verify
         self._open_name: str | None = None
-        self._open = None
+        self._open = None  # the open shard's file
+        self._headers: dict = {}  # its tensors' headers by stored name
+        self._parsed: dict[str, dict] = {}  # every shard's headers once parsed (a shard may be opened again)
 
     @property
     def records(self) -> list[TensorRecord]:
@@ -59,10 +66,13 @@ class ConvertedOutput:
         self.close()
 
     def close(self) -> None:
-        self._open, self._open_name = None, None
+        if self._open is not None:
+            self._open.close()
+        self._open, self._open_name, self._headers = None, None, {}
 
     def _shard(self, shard: str, name: str):
-        from safetensors import safe_open
+        """The open file of `shard` (checked first when verifying; the previous shard closed)."""
+        from .reader import safetensors_header
 
         if shard not in self.manifest.shards:
             raise LplrError(f"the manifest places {name} in {shard}, which it does not list; the output directory "
@@ -76,12 +86,36 @@ class ConvertedOutput:
         elif not_a_file(path, self.roots) is not None:
             raise self._missing(shard)
         try:
-            self._open = safe_open(str(path), framework="pt", device=self.device)
-        except Exception as e:  # noqa: BLE001  (SafetensorError, OSError, ...)
+            headers = self._parsed.get(shard) or {h.name: h for h in safetensors_header(path, shard)}
+            self._parsed[shard] = headers
+            self._open = open(path, "rb", buffering=0)  # noqa: SIM115  (closed by `close`)
+        except (LplrError, OSError) as e:
             raise LplrError(f"shard {shard} is unreadable ({_first_line(e)}); run `lplr-convert verify` and re-run "
                             f"the conversion") from None
-        self._open_name = shard
+        self._open_name, self._headers = shard, headers
         return self._open
+
+    def _read(self, rec: TensorRecord, full: str, count: int | None = None, out: torch.Tensor | None = None,
+              start: int = 0) -> torch.Tensor:
+        """Stored tensor `full` of `rec` as a CPU tensor (`count`: only elements start..start+count of it, flat),
+        read into `out` when given (contiguous, the stored dtype)."""
+        from .reader import read_at
+
+        f = self._shard(str(rec.shard), full)
+        h = self._headers.get(full)
+        if h is None:
+            raise LplrError(f"tensor {full} cannot be read from {rec.shard} (not in its header); run "
+                            f"`lplr-convert verify` and re-run the conversion")
+        numel = math.prod(h.shape)
+        start, count = (0, numel) if count is None else (min(start, numel), max(0, min(count, numel - start)))
+        if out is None:
+            out = torch.empty(h.shape if count == numel else (count,), dtype=h.dtype)
+        try:
+            read_at(f, h.offset + start * h.dtype.itemsize, out)
+        except (EOFError, OSError) as e:
+            raise LplrError(f"tensor {full} cannot be read from {rec.shard} ({_first_line(e)}); run "
+                            f"`lplr-convert verify` and re-run the conversion") from None
+        return out
 
     def side_file(self, rel: str) -> Path | None:
         """A file the conversion copied (e.g. config.json): its path, checked against the manifest's size and sha256
@@ -115,12 +149,12 @@ class ConvertedOutput:
 
     def stored_tensor(self, rec: TensorRecord, full: str, last: bool = False) -> torch.Tensor:
         """One stored tensor of a record (`last`: only its last entry, of a 1-D tensor), read without its siblings."""
-        shard = self._shard(str(rec.shard), full)
-        try:
-            return shard.get_slice(full)[-1:] if last else shard.get_tensor(full)
-        except Exception as e:  # noqa: BLE001
-            raise LplrError(f"tensor {full} cannot be read from {rec.shard} ({_first_line(e)}); run "
-                            f"`lplr-convert verify` and re-run the conversion") from None
+        if not last:
+            return self._read(rec, full).to(self.device)
+        self._shard(str(rec.shard), full)
+        h = self._headers.get(full)
+        n = math.prod(h.shape) if h is not None else 1
+        return self._read(rec, full, count=1, start=max(0, n - 1)).to(self.device)
 
     def parts(self, rec: TensorRecord) -> dict[str, torch.Tensor]:
         """Every stored tensor of one weight, keyed by suffix ("" = the weight's own name), checked against the
@@ -130,18 +164,44 @@ class ConvertedOutput:
                             f"conversion")
         out = {}
         for full, meta in rec.stored.items():
-            try:
-                t = self._shard(str(rec.shard), full).get_tensor(full)
-            except LplrError:
-                raise
-            except Exception as e:  # noqa: BLE001
-                raise LplrError(f"tensor {full} cannot be read from {rec.shard} ({_first_line(e)}); run "
-                                f"`lplr-convert verify` and re-run the conversion") from None
-            if dtype_name(t.dtype) != meta.get("dtype") or list(t.shape) != list(meta.get("shape", ())):
-                raise LplrError(f"stored tensor {full} has {t.dtype} {list(t.shape)}, the manifest says "
-                                f"{meta.get('dtype')} {meta.get('shape')}; the output is damaged, re-run the "
-                                f"conversion")
-            out["" if full == rec.name else full[len(rec.name) + 1:]] = t
+            self._check_header(rec, full, meta)
+            out["" if full == rec.name else full[len(rec.name) + 1:]] = self._read(rec, full).to(self.device)
+        return out
+
+    def _check_header(self, rec: TensorRecord, full: str, meta: dict) -> None:
+        """The shard's header gives stored tensor `full` the dtype and shape the manifest records (else LplrError)."""
+        self._shard(str(rec.shard), full)
+        h = self._headers.get(full)
+        if h is None:
+            raise LplrError(f"tensor {full} cannot be read from {rec.shard} (not in its header); run "
+                            f"`lplr-convert verify` and re-run the conversion")
+        if dtype_name(h.dtype) != meta.get("dtype") or list(h.shape) != list(meta.get("shape", ())):
+            raise LplrError(f"stored tensor {full} has {h.dtype} {list(h.shape)}, the manifest says "
+                            f"{meta.get('dtype')} {meta.get('shape')}; the output is damaged, re-run the "
+                            f"conversion")
+
+    def dense_as(self, rec: TensorRecord, dtype: torch.dtype | None = None,
+                 device: str | torch.device | None = None) -> torch.Tensor:
+        """The decoded tensor (`dense`) in `dtype` (floating tensors only; None: as decoded) on `device` (None: the
+        reader's), contiguous. A tensor stored as it is under its own name in its source dtype (copied) is read
+        straight into the result a block of `COPY_BLOCK_BYTES` at a time: the only full-size tensor formed is the
+        result (a float32 embedding loaded in bfloat16 never exists in float32)."""
+        device = self.device if device is None else device
+        meta = rec.stored.get(rec.name) if isinstance(rec.stored, dict) else None
+        if rec.method != "copy" or len(rec.stored) != 1 or not isinstance(meta, dict) or meta.get("dtype") != rec.dtype:
+            W = self.dense(rec)
+            return (W.to(device, dtype) if dtype is not None and W.is_floating_point() else W.to(device)).contiguous()
+        self._check_header(rec, rec.name, meta)
+        h = self._headers[rec.name]
+        if dtype is None or not h.dtype.is_floating_point or dtype == h.dtype:
+            return self._read(rec, rec.name).to(device)
+        out = torch.empty(h.shape, dtype=dtype, device=device)
+        flat, numel = out.view(-1), out.numel()
+        step = max(1, COPY_BLOCK_BYTES // h.dtype.itemsize)
+        block = torch.empty(min(step, numel), dtype=h.dtype)
+        for start in range(0, numel, step):
+            n = min(step, numel - start)
+            flat[start:start + n].copy_(self._read(rec, rec.name, count=n, out=block[:n], start=start))
         return out
 
     def dense(self, rec: TensorRecord, parts: dict[str, torch.Tensor] | None = None) -> torch.Tensor:

@@ -20,7 +20,7 @@ from .manifest import is_plain_name
 from .network import hub_timeout, is_timeout, network_timeout, timeout_hint
 
 __all__ = ["BUNDLED", "WEIGHT_SUFFIXES", "SourceCheckpoint", "TensorHeader", "inside", "open_source",
-           "resolve_source", "safetensors_header"]
+           "read_at", "resolve_source", "safetensors_header"]
 
 # Files that hold weights in some format; never copied verbatim into an output directory.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
@@ -128,6 +128,20 @@ def _bad_file(path: Path, why: str) -> LplrError:
     return LplrError(f"{path} is not a valid checkpoint file ({why}); re-download or re-save it")
 
 
+def read_at(f, offset: int, out: torch.Tensor) -> torch.Tensor:
+    """Fill the contiguous CPU tensor `out` (any dtype) with the bytes of the open file `f` from `offset`, by positioned
+    reads: one copy, and no memory map (whose touched pages would stay resident while any tensor from it lives).
+    EOFError when the file ends first; OSError as raised."""
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+    done, want = 0, len(view)
+    while done < want:
+        got = os.preadv(f.fileno(), [view[done:]], offset + done)
+        if got == 0:
+            raise EOFError(f"{want - done} bytes missing at offset {offset + done}")
+        done += got
+    return out
+
+
 class _open_weight_file:
     """Context manager giving a `get(name) -> tensor` function for one weight file.
 
@@ -152,14 +166,10 @@ class _open_weight_file:
     def _read(self, name: str) -> torch.Tensor:
         h = self.headers[name]
         buf = torch.empty(h.nbytes, dtype=torch.uint8, pin_memory=self.pin)
-        view = memoryview(buf.numpy())
-        done = 0
         try:
-            while done < h.nbytes:
-                got = os.preadv(self._f.fileno(), [view[done:]], h.offset + done)
-                if got == 0:
-                    raise _bad_file(self.path, f"tensor {name}: file ends early (truncated)")
-                done += got
+            read_at(self._f, h.offset, buf)
+        except EOFError:
+            raise _bad_file(self.path, f"tensor {name}: file ends early (truncated)") from None
         except OSError as e:
             raise _bad_file(self.path, f"tensor {name}: {e.strerror or e}") from None
         return buf.view(h.dtype).reshape(h.shape)
