@@ -211,24 +211,45 @@ def int4pack_available() -> bool:
     return _INT4PACK_CHECKED["ok"]
 
 
+def _int4pack_blocks(codes: torch.Tensor) -> torch.Tensor:
+    """`_int4pack_block` of every block of 64 rows of `codes` (rows a multiple of 16), whole 64-row blocks at once."""
+    rows, w = codes.shape
+    full = rows // _INT4PACK_ROWS * _INT4PACK_ROWS
+    out = []
+    if full:
+        b = codes[:full].view(-1, 2, 32, w)  # (blocks, lo/hi, 32, w)
+        out.append((b[:, 0] | b[:, 1] << 4).transpose(1, 2).contiguous().view(full, w // 2))
+    if full < rows:
+        out.append(_int4pack_block(codes[full:]))
+    return out[0] if len(out) == 1 else torch.cat(out)
+
+
 def int4pack_weight(packed: torch.Tensor, spec: qz.QuantSpec, segments: list[tuple[int, int, int]],
                     ) -> list[torch.Tensor]:
     """The stored 4-bit codes of each column segment in the CPU int4pack layout ((m, width / 2) uint8: together the
-    same bytes as stored; padded rows and columns hold code 8), 64 rows at a time."""
+    same bytes as stored; padded rows and columns hold code 8), about `TILE_BYTES` of codes at a time."""
     m, n = spec.shape
     mp, width = _up(m, 16), segments[-1][1]
     outs = [torch.empty(mp, (b - a) // 2, dtype=torch.uint8, device=packed.device) for a, b, _ in segments]
-    for i in range(0, mp, _INT4PACK_ROWS):
-        j = min(mp, i + _INT4PACK_ROWS)
+    step = max(_INT4PACK_ROWS, TILE_BYTES // max(1, width) // _INT4PACK_ROWS * _INT4PACK_ROWS)
+    for i in range(0, mp, step):
+        j = min(mp, i + step)
         if j <= m and width == n:
-            codes = codes_rows(packed, spec, i, j)
+            codes = _codes4(packed, n, i, j)
         else:
             codes = torch.full((j - i, width), 8, dtype=torch.uint8, device=packed.device)
             if i < m:
-                codes[:min(j, m) - i, :n] = codes_rows(packed, spec, i, min(j, m))
+                codes[:min(j, m) - i, :n] = _codes4(packed, n, i, min(j, m))
         for out, (a, b, _) in zip(outs, segments):
-            out[i:j] = _int4pack_block(codes[:, a:b])
+            out[i:j] = _int4pack_blocks(codes[:, a:b])
     return outs
+
+
+def _codes4(packed: torch.Tensor, n: int, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of 4-bit codes from the flat packing (low nibble first; `start * n` even)."""
+    count = (stop - start) * n
+    raw = packed[start * n // 2:start * n // 2 + (count + 1) // 2]
+    return torch.stack((raw & 15, raw >> 4), dim=1).view(-1)[:count].view(stop - start, n)
 
 
 def int4pack_codes(weights: list[torch.Tensor], start: int, stop: int, n: int | None = None) -> torch.Tensor:
