@@ -19,11 +19,13 @@ Configurations (``--configs``; default: all that apply to the model):
 - ours, converted with the ``lplr-convert`` CLI (cached under ``--work-dir``, reused when complete and made by the
   same command) and loaded by ``lplr_convert.load_model(DST)`` (``--loader from-pretrained``:
   ``AutoModelForCausalLM.from_pretrained(DST)`` after ``import lplr_convert``), i.e. whatever the checked-out tree's
-  loader builds: ``rtn-4`` (groups of 128), ``gptq-4`` (calibrated), ``qlr-4.25`` and ``qlr-2.25`` (where the model
+  loader builds: ``rtn-4`` (groups of 128, loaded in float32; ``rtn-4-bf16`` in bfloat16), ``rtn-4-g64`` (groups of
+  64, asymmetric: 4.31 bits/param, one int4pack call per matrix on 576-wide inputs), ``gptq-4`` (calibrated), ``qlr-4.25`` and ``qlr-2.25`` (where the model
   has a tokenizer: calibrated, a global budget in bits/param; without: uncalibrated, b0 4 / 2 and the budget per
   tensor, since the global allocation without calibration costs minutes per 7B-shaped tensor), ``lplr`` (<= 4.25 bits/param per tensor, factors 8/8 bits),
   and for each qlr its backbone alone (``qlr-4.25-backbone``: ``--method qlr --rank 0`` at the b0 the budgeted qlr
   conversion chose, without calibration: the same modules with no correction, which is what decode speed needs);
+  all but ``rtn-4`` loaded with ``dtype=torch.bfloat16`` (``--ours-dtype``), how 4-bit weights run fast on a CPU;
 - peers (from a separate venv, ``--peers-python``; ``--setup-peers`` builds it): ``hqq-4-g64`` (HQQLinear 4-bit,
   groups of 64, backend PYTORCH_COMPILE, its fastest on CPU; ``hqq-4-g64-pytorch`` the plain backend),
   ``torchao-int4`` (int4 weight-only, groups of 64: the CPU tinygemm layout ``Int4OpaqueTensor`` on CPU,
@@ -98,8 +100,13 @@ class Config:
 CONFIGS = {c.name: c for c in (
     Config("float32", "original", dtype="float32"),
     Config("bfloat16", "original", dtype="bfloat16"),
-    Config("rtn-4", "ours", convert=("--method", "rtn", "--b0", "4", "--quantizer", "group", "--group-size", "128")),
+    Config("rtn-4", "ours", dtype="float32",
+           convert=("--method", "rtn", "--b0", "4", "--quantizer", "group", "--group-size", "128")),
     Config("rtn-4-bf16", "ours", dtype="bfloat16", same_as="rtn-4"),
+    # groups of 64, asymmetric (4.31 bits/param: still fewer than the peers' 4.5): one int4pack call per matrix on
+    # SmolLM2's 576-wide inputs (128 leaves a short last group: two calls), and cached scales within the budget
+    Config("rtn-4-g64", "ours", dtype="bfloat16", convert=("--method", "rtn", "--b0", "4", "--quantizer", "group",
+                                                           "--group-size", "64", "--scheme", "asymmetric")),
     Config("gptq-4", "ours", convert=("--method", "gptq", "--b0", "4"), calibrated=True),
     # Without calibration the global budget's allocation costs minutes per 7B-shaped tensor (the residual's spectrum
     # at each candidate width): there each tensor gets the budget (--bits-per-param) at the width the rule gives.
@@ -116,11 +123,12 @@ CONFIGS = {c.name: c for c in (
     Config("bnb-nf4", "peer", peer="bnb"),
 )}
 DEFAULT_CONFIGS = {  # hqq-4-g64-pytorch is opt-in (its plain backend dequantizes every weight at every call)
-    "smollm2": ("float32", "bfloat16", "rtn-4", "rtn-4-bf16", "gptq-4", "qlr-4.25", "qlr-4.25-backbone", "qlr-2.25",
-                "qlr-2.25-backbone", "lplr", "hqq-4-g64", "torchao-int4", "bnb-nf4"),
+    "smollm2": ("float32", "bfloat16", "rtn-4", "rtn-4-bf16", "rtn-4-g64", "gptq-4", "qlr-4.25", "qlr-4.25-backbone",
+                "qlr-2.25", "qlr-2.25-backbone", "lplr", "hqq-4-g64", "torchao-int4", "bnb-nf4"),
     # qlr is opt-in on the 7B-shaped blocks: without calibration one 4096 x 4096 tensor was not converted after 9 min
     # (load average ~20 on 2 cores), so 28 tensors per budget are not "quick" (issue 21: qlr there where it is quick).
-    "llama7b-blocks": ("float32", "bfloat16", "rtn-4", "rtn-4-bf16", "lplr", "hqq-4-g64", "torchao-int4", "bnb-nf4"),
+    "llama7b-blocks": ("float32", "bfloat16", "rtn-4", "rtn-4-bf16", "rtn-4-g64", "lplr", "hqq-4-g64", "torchao-int4",
+                       "bnb-nf4"),
     "tiny": ("float32", "bfloat16", "rtn-4", "gptq-4", "qlr-4.25", "qlr-4.25-backbone", "lplr"),
 }
 
@@ -672,7 +680,7 @@ def derive(records: list[dict]) -> list[dict]:
                             "value": r["ratio_to_stored"], "pass": r["ratio_to_stored"] <= 1.05,
                             "detail": f"held {r['held_bytes'] / 2**20:.1f} MiB, stored "
                                       f"{r['stored_bytes'] / 2**20:.1f} MiB"})
-            if name in ("rtn-4", "rtn-4-bf16", "gptq-4", "qlr-4.25"):
+            if name in ("rtn-4", "rtn-4-bf16", "rtn-4-g64", "gptq-4", "qlr-4.25"):
                 if bf16:
                     targets.append({"kind": "target", "model": model, "config": name,
                                     "target": "4-bit decode tok/s >= bfloat16 original's",
@@ -897,7 +905,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="smollm2,llama7b-blocks", help="comma-separated: smollm2, llama7b-blocks")
-    ap.add_argument("--configs", help="comma-separated configurations (default: all that apply); "
+    ap.add_argument("--configs", help="comma-separated configurations, MODEL:CONFIG for one model only (default: "
+                                      "all that apply); "
                                       f"choose from {', '.join(CONFIGS)}")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in every measurement (default: cores)")
     ap.add_argument("--quick", action="store_true", help="the real models with few tokens: a smoke run")
@@ -909,8 +918,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-layers", type=int, default=4, help="decoder blocks of the LLaMA-7B-shaped model")
     ap.add_argument("--loader", default="load-model", choices=("load-model", "from-pretrained"),
                     help="how our conversions are loaded")
-    ap.add_argument("--ours-dtype", default=None, choices=("float32", "bfloat16"),
-                    help="dtype= for our loader (default: the loader's own choice)")
+    ap.add_argument("--ours-dtype", default="bfloat16", choices=("float32", "bfloat16"),
+                    help="dtype= for our loader where a configuration names none (rtn-4: float32, rtn-4-bf16: "
+                         "bfloat16; the others: this, bfloat16 by default, the dtype to run 4-bit weights in on a "
+                         "CPU)")
     ap.add_argument("--peer-dtype", default="bfloat16", choices=("float32", "bfloat16"),
                     help="the float model the peers quantize, and their compute dtype")
     ap.add_argument("--smollm2", type=Path, default=DEFAULT_SMOLLM2, help="SmolLM2-135M float32 safetensors dir")
@@ -955,9 +966,9 @@ def main(argv: list[str] | None = None) -> int:
     peers_python = None if args.tiny or args.no_peers else str(args.peers_venv / "bin" / "python")
     peer_setup = peer_status(peers_python) if peers_python else {}
     env["peers"] = ", ".join(f"{k} {v}" for k, v in peer_setup.items()) if peer_setup else None
-    wanted = args.configs.split(",") if args.configs else None
-    for c in wanted or ():
-        if c not in CONFIGS:
+    wanted_all = args.configs.split(",") if args.configs else None
+    for c in wanted_all or ():
+        if c.rpartition(":")[2] not in CONFIGS:
             sys.exit(f"bench_runtime: unknown configuration {c!r}; choose from {', '.join(CONFIGS)}")
     models = models_for(args, mode_name, work)
     runs: list[dict] = []
@@ -965,6 +976,8 @@ def main(argv: list[str] | None = None) -> int:
         src = Path(m["src"])
         mwork = src.parent if m["model"] != "smollm2" else work / "smollm2"
         mwork.mkdir(parents=True, exist_ok=True)
+        wanted = None if wanted_all is None else \
+            [c.rpartition(":")[2] for c in wanted_all if c.rpartition(":")[0] in ("", m["model"])]
         names = [c for c in DEFAULT_CONFIGS[m["model"]] if wanted is None or c in wanted]
         if wanted:
             names += [c for c in wanted if c not in names]

@@ -348,10 +348,11 @@ def int4pack_linear(x: torch.Tensor, weights: list[torch.Tensor], segments: list
     width = segments[-1][1]
     if x.shape[1] < width:
         x = torch.nn.functional.pad(x, (0, width - x.shape[1]))
+    mm = torch.ops.aten._weight_int4pack_mm_for_cpu.default  # the overload itself: no dispatch by arguments
     y = None
     for w, (a, b, g), sz in zip(weights, segments, scales_zeros):
         xs = x if (a, b) == (0, width) else x[:, a:b]
-        part = torch.ops.aten._weight_int4pack_mm_for_cpu(xs.contiguous(), w, g, sz)
+        part = mm(xs.contiguous(), w, g, sz)
         y = part if y is None else y.add_(part)
     return y if m is None or m == y.shape[1] else y[:, :m]
 

@@ -10,14 +10,14 @@ Kernels (`KERNELS`; `LPLR_KERNEL=name` or `load_model(..., kernel=name)` overrid
   granularity and device. Codes stay in the stored flat packing.
 - "int4pack": 4-bit codes in the CPU int4pack layout (the same bytes). bfloat16/float16 inputs of up to
   `INT4PACK_MAX_TOKENS` rows run torch's `_weight_int4pack_mm_for_cpu`; float32 inputs and longer ones run the tiled
-  path over the same codes (measured faster there: scripts/bench_kernels.py). In a bfloat16/float16 module the
-  kernel's scales-and-zeros are held in that dtype in place of the stored scales and zero points wherever that costs
-  at most `INT4PACK_CACHE_OVERHEAD` more bytes than stored (groups of 128, or 64 asymmetric); forming them at every
-  call took half of the kernel's time (scripts/bench_kernels.py). Their dtype rounds the scales (bfloat16: float16
-  scales to 8 significant bits); elsewhere they are formed from the stored parameters at each call.
-- "int8pack": 8-bit codes per row or tensor as int8 (the same bytes); float32/float16 inputs of up to
-  `INT8PACK_MAX_TOKENS` rows run `_weight_int8pack_mm` (+ the zero point as a per-row offset times sum(x)), others
-  the tiled path.
+  path over the same codes (measured faster there: scripts/bench_kernels.py). In a bfloat16/float16 model the kernel
+  may hold its scales-and-zeros in that dtype in place of the stored scales and zero points (forming them at each
+  call took half of the kernel's time; their dtype rounds the scales: bfloat16 keeps 8 significant bits), and thin
+  low-rank factors padded to its shapes (rows to 16, columns to 32): `_plan_many` spends at most
+  `INT4PACK_CACHE_OVERHEAD` of the stored bytes on both, over one layer, or over the whole model (`balance`).
+- "int8pack": 8-bit codes per row or tensor as int8 (the same bytes); inputs of up to `INT8PACK_MAX_TOKENS` rows
+  run `_weight_int8pack_mm` (+ the zero point as a per-row offset times sum(x); bfloat16 inputs in float32: its
+  bfloat16 path is wrong in torch 2.13), longer ones the tiled path.
 A kernel that cannot run a matrix falls back to "tiled" with a warning; moving a module to another device puts the
 codes back in the stored packing and chooses again for that device.
 """
@@ -79,7 +79,8 @@ def _choose(asked: str, spec: qz.QuantSpec, transpose: bool, device: torch.devic
     """The kernel for one matrix: the one asked for where it can run it (else a warning and the automatic choice);
     automatically, the CPU kernel that is faster than the tiled path for decode-sized inputs of the model's dtype
     `dtype` (measured, scripts/bench_kernels.py): int4pack for bfloat16/float16 (its float32 path is slower than
-    the tiled one), int8pack for float32/float16 (its bfloat16 path is wrong in torch 2.13), else tiled."""
+    the tiled one), int8pack for 8-bit per-row matrices (bfloat16 inputs run its float32 path: its bfloat16 path is
+    wrong in torch 2.13), else tiled."""
     if asked != "auto":
         if _runs(asked, spec, transpose, device, pad):
             return asked
@@ -88,7 +89,7 @@ def _choose(asked: str, spec: qz.QuantSpec, transpose: bool, device: torch.devic
                        f"on {device.type}); using the automatic choice")
     if dtype != torch.float32 and _runs("int4pack", spec, transpose, device, pad):
         return "int4pack"
-    if dtype != torch.bfloat16 and _runs("int8pack", spec, transpose, device):
+    if _runs("int8pack", spec, transpose, device):
         return "int8pack"
     return "tiled"
 
@@ -279,18 +280,33 @@ class PackedMatrix(nn.Module):
             return (lambda i, j: K.int8pack_codes(w, i, j)), 8
         return None, 8
 
+    def _int4pack_args(self) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """The kernel's weights and cached scales-and-zeros, listed once per set of buffers (decode calls this per
+        token and matrix: 210 times a token on SmolLM2)."""
+        w0, sz0 = self._buffers["int4pack_0"], self._buffers.get("int4pack_sz_0")
+        got = self.__dict__.get("_args")
+        if got is None or got[0] is not w0 or got[1] is not sz0:
+            got = (w0, sz0, self._kernel_weights(), self._scales_zeros() if self.cached else None)
+            self.__dict__["_args"] = got
+        return got[2], got[3]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec
-        if self.kernel != "tiled" and x.device.type != "cpu":  # placed on another device without `.to()`
+        kernel = self.kernel
+        if kernel != "tiled" and not x.is_cpu:  # placed on another device without `.to()`
             self.set_kernel("tiled")
-        if self.kernel == "int4pack" and x.dtype != torch.float32 and x.shape[0] <= INT4PACK_MAX_TOKENS:
-            sz = self._scales_zeros() if self.cached else []
-            if not sz or sz[0].dtype != x.dtype:
+            kernel = "tiled"
+        if kernel == "int4pack" and x.dtype != torch.float32 and x.shape[0] <= INT4PACK_MAX_TOKENS:
+            weights, sz = self._int4pack_args()
+            if sz is None or sz[0].dtype != x.dtype:
                 sz = K.int4pack_scales_zeros(spec, self.fields(), self.segments, x.dtype)
-            return K.int4pack_linear(x, self._kernel_weights(), self.segments, sz, spec.shape[0])
-        if self.kernel == "int8pack" and x.dtype != torch.bfloat16 and x.shape[0] <= INT8PACK_MAX_TOKENS:
+            return K.int4pack_linear(x, weights, self.segments, sz, spec.shape[0])
+        if kernel == "int8pack" and x.shape[0] <= INT8PACK_MAX_TOKENS:
+            # bfloat16 inputs in float32: torch 2.13's bfloat16 int8pack path is wrong on this CPU
+            xk = x.float() if x.dtype == torch.bfloat16 else x
             fields = self.fields()
-            return K.int8pack_linear(x, self._buffers["int8"], fields[C.FIELD_SCALE], K.int8pack_offset(spec, fields))
+            y = K.int8pack_linear(xk, self._buffers["int8"], fields[C.FIELD_SCALE], K.int8pack_offset(spec, fields))
+            return y.to(x.dtype)
         rows, align = self._codes()
         return K.tiled_matmul(x, spec, self.fields() if rows else self.stored(), self.transpose, rows=rows,
                               align=align)
