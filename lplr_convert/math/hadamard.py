@@ -79,7 +79,7 @@ class RandomizedHadamard:
         odd = None
         if self.odd > 1:
             Q, R = torch.linalg.qr(torch.randn(self.odd, self.odd, generator=g, dtype=torch.float64))
-            odd = Q * torch.where(R.diagonal() < 0, -1.0, 1.0)  # Haar-distributed, and unique given the draw
+            odd = (Q * torch.where(R.diagonal() < 0, -1.0, 1.0)).contiguous()  # Haar-distributed, unique given the draw
         return signs, odd
 
     def _tensors(self, device: torch.device, dtype: torch.dtype):
