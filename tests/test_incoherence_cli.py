@@ -5,17 +5,15 @@ changed is refused, and bad values are one-line errors."""
 
 from __future__ import annotations
 
-import json
-import shutil
+import signal
 
 import pytest
 import torch
-from lplr_testing import error_line, run_cli
+from lplr_testing import error_line, refused_in_one_line, run_cli, run_cli_child, tampered_copy
 
 import lplr_convert
 from lplr_convert import constants as C
-from lplr_convert.errors import LplrError
-from lplr_convert.io.manifest import integrity_hash, read_manifest
+from lplr_convert.io.manifest import read_manifest
 from lplr_convert.runtime.modules import PackedLinear
 
 IDS = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(1))
@@ -100,27 +98,18 @@ def test_bad_values_are_one_line_errors(tiny_llama_dir, tmp_path):
 
 
 def test_a_malformed_seed_in_the_manifest_is_refused_in_one_line(converted, tmp_path):
-    bad = tmp_path / "bad"
-    shutil.copytree(converted("gptq"), bad)
-    doc = json.loads((bad / C.MANIFEST_FILE).read_text())
-    rec = next(r for r in doc["tensors"] if r["method"] == "gptq")
-    rec["info"][C.INFO_INCOHERENCE]["seed"] = "lots"
-    doc[C.M_INTEGRITY] = integrity_hash(doc)
-    (bad / C.MANIFEST_FILE).write_text(json.dumps(doc))
-    for load in (lambda: lplr_convert.load_model(bad), lambda: lplr_convert.load_state_dict(bad)):
-        with pytest.raises(LplrError, match=f"{rec['name']}.*incoherence seed 'lots'") as e:
-            load()
-        assert "\n" not in str(e.value)
+    def seed(rec):
+        rec["info"][C.INFO_INCOHERENCE]["seed"] = "lots"
+
+    bad, name = tampered_copy(converted("gptq"), tmp_path / "bad", seed)
+    refused_in_one_line((lambda: lplr_convert.load_model(bad), lambda: lplr_convert.load_state_dict(bad)),
+                        f"{name}.*incoherence seed 'lots'")
 
 
 def test_resume_with_the_knob_changed_is_refused(tiny_llama_dir, tmp_path):
-    import signal
-
-    from test_reliability import _run
-
     out = tmp_path / "out"
     args = ["--in-path", str(tiny_llama_dir), "--out-path", str(out), "--max-shard-size", "30KB", "--no-report",
             *ARGS["gptq"], "--incoherence", "hadamard"]
-    assert _run(args, kill=("add_group", 3)).returncode == -signal.SIGKILL
+    assert run_cli_child(*args, KILL_AT="3").returncode == -signal.SIGKILL
     error_line(run_cli(*args[:-2], "--resume"), "--incoherence changed")
     assert run_cli(*args, "--resume").exit_code == 0

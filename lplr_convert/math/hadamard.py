@@ -95,7 +95,7 @@ class RandomizedHadamard:
 
     def _kron(self, x: torch.Tensor, transpose: bool) -> torch.Tensor:
         """Each row v of x (t, n) -> K v (or K^T v): every factor applied along its own axis."""
-        signs, odd, hs = self._tensors(x.device, x.dtype)
+        _, odd, hs = self._tensors(x.device, x.dtype)
         t = x.shape[0]
         dims = [self.odd, *self.sizes]
         mats = [odd, *hs]  # Hadamard factors are symmetric

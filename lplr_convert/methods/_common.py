@@ -15,11 +15,11 @@ from ..errors import LplrError
 from ..math import quantize as qz
 from ..math.error import factor_relative_error, relative_error
 from ..math.gptq import gptq
+from ..math.hadamard import Incoherence
 from ..math.lowrank import product
 from ..math.lstsq import solve_normal
 from ..math.qlr import fit_low_rank
 from ..math.svd import singular_values
-from ..math.hadamard import Incoherence
 from .base import Candidate, InputStats, Method, MethodResult, PackedLayout, QuantPart, incoherence_of
 from .settings import (
     FactorBits,

@@ -46,8 +46,7 @@ def _compressed(method, knobs, shape=(OUT, IN), stats=None, seed=42):
 def _dequantized(m, res):
     """The stored matrices decoded as they are (rotated basis): Q', L', R' (None where absent)."""
     layout = m.layout(res.info)
-    deq = lambda p: None if p is None else p.dequantized(res.parts)  # noqa: E731
-    return deq(layout.backbone), deq(layout.left), deq(layout.right)
+    return tuple(None if p is None else p.dequantized(res.parts) for p in (layout.backbone, layout.left, layout.right))
 
 
 @pytest.mark.parametrize("method,knobs", CASES)
@@ -75,7 +74,7 @@ def test_the_transform_spreads_an_outlier_and_does_not_hurt_here():
     spread: the weight error at 3 bits is below the plain one on this outlier-heavy matrix."""
     W = _weight()
     gptq = get_method("gptq")
-    s = dict(b0=3, quantizer="group", group_size=32)
+    s = {"b0": 3, "quantizer": "group", "group_size": 32}
     plain = gptq.compress(W, make_settings("gptq", **s), 42)
     again = gptq.compress(W, make_settings("gptq", **s, incoherence="none"), 42)
     assert C.INFO_INCOHERENCE not in plain.info
