@@ -73,6 +73,10 @@ FIELD_SCALE = "scale"  # step per scale group: float32, or float16 where the par
 FIELD_ZERO = "zero"  # float32 value of code 0 per scale group (the published min-max quantizer, scheme "minmax")
 FIELD_ZERO_POINT = "zero_point"  # uint8, bit-packed integer zero points at the codes' width (scheme "asymmetric")
 
+# A tensor record's info key of an incoherence transform ({"kind": "hadamard", "seed": int}): the stored parts are
+# of W' = U W V^T and every loader returns U^T W' V (`math.hadamard.Incoherence`). Absent: none.
+INFO_INCOHERENCE = "incoherence"
+
 # Manifest keys (top level).
 M_FORMAT_VERSION = "format_version"
 M_TOOL = "tool"

@@ -22,7 +22,8 @@ relative weight error and, from the calibration statistics, output error of ever
 methods too, so rows compare). Rows: for each budget (`--budgets`, default 2.25,3.25,4.25) rtn and gptq, symmetric
 and asymmetric+MSE, groups 32/64/128 (`--target-bits-per-param B` picks the widest width that fits), qlr and
 calibrated lsvd; then the published lplr setting (`--b1 8 --b2 8 --rank-fraction 0.8`) and calibrated lsvd at it.
-`--rows` keeps the rows whose label contains one of its comma-separated words; `--stats` reuses a `calibrate` output.
+`--rows` keeps the rows whose label contains one of its comma-separated words; `--stats` reuses a `calibrate` output;
+`--incoherence` adds each gptq/qlr row's twin with `--incoherence hadamard`.
 
     .venv/bin/python scripts/quality.py --model /work/cache/smollm2-135m --stats /tmp/smol-stats \
         --budgets 4.25 --rows "rtn sym g128,qlr" --eval-tokens 2048 --write artifacts/quality/decoder
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-tokens", type=int, default=4096, help="--model: held-out tokens evaluated (about)")
     ap.add_argument("--budgets", default="2.25,3.25,4.25", help="--model: bits/param budgets, comma separated")
     ap.add_argument("--rows", default=None, help="--model: keep rows whose label contains one of these words")
+    ap.add_argument("--incoherence", action="store_true",
+                    help="--model: each gptq/qlr row also with --incoherence hadamard (label '+hadamard')")
     args = ap.parse_args(argv)
     from loguru import logger
 
@@ -163,17 +166,23 @@ PROSE = ROOT / "data" / "heldout_prose.txt"
 GROUPS = (128, 64, 32)
 
 
-def llm_configs(budgets: list[float]) -> list[tuple[str, bool, dict, float | None]]:
-    """(label, calibrated, flat settings, budget) of the decoder table."""
+def llm_configs(budgets: list[float], incoherence: bool = False) -> list[tuple[str, bool, dict, float | None]]:
+    """(label, calibrated, flat settings, budget) of the decoder table; with `incoherence`, each gptq and qlr row is
+    followed by its twin with `--incoherence hadamard` (label "... +hadamard")."""
     rows = []
+
+    def add(label, calibrated, layer, b):
+        rows.append((label, calibrated, layer, b))
+        if incoherence and layer["method"] in ("gptq", "qlr"):
+            rows.append((f"{label} +hadamard", calibrated, {**layer, "incoherence": "hadamard"}, b))
+
     for b in budgets:
         for g in GROUPS:
             for scheme, extra in (("sym", {"scheme": "symmetric"}), ("asym+mse", {"scheme": "asymmetric",
                                                                                   "clip": "mse"})):
-                rows.append((f"rtn {scheme} g{g}", False, {"method": "rtn", "quantizer": "group", "group_size": g,
-                                                           **extra}, b))
-                rows.append((f"gptq {scheme} g{g}", True, {"method": "gptq", "group_size": g, **extra}, b))
-        rows.append(("qlr", True, {"method": "qlr"}, b))
+                add(f"rtn {scheme} g{g}", False, {"method": "rtn", "quantizer": "group", "group_size": g, **extra}, b)
+                add(f"gptq {scheme} g{g}", True, {"method": "gptq", "group_size": g, **extra}, b)
+        add("qlr", True, {"method": "qlr"}, b)
         rows.append(("lsvd calibrated 4/4", True, {"method": "lsvd", "b1": 4, "b2": 4}, b))
     published = {"b1": 8, "b2": 8, "rank_fraction": 0.8}
     rows.append(("lplr published (8/8, rf 0.8)", False, {"method": "lplr", **published}, None))
@@ -248,7 +257,7 @@ def llm_main(args) -> int:
             "model": src, "calibration": f"{m.get('samples')} samples, {m.get('tokens')} tokens ({m.get('text')})",
             "text": (args.text or PROSE).name, "paragraphs": len(texts), "tokens": tokens}
     words = [w.strip() for w in args.rows.split(",")] if args.rows else None
-    configs = [c for c in llm_configs([float(b) for b in args.budgets.split(",") if b])
+    configs = [c for c in llm_configs([float(b) for b in args.budgets.split(",") if b], args.incoherence)
                if words is None or any(w in c[0] for w in words)]
     records = []
     for label, calibrated, layer, budget in configs:

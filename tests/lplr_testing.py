@@ -46,6 +46,36 @@ def tree_state(*roots: Path) -> dict[str, str]:
     return state
 
 
+def tampered_copy(dst: Path, out: Path, edit) -> tuple[Path, str]:
+    """A copy of the conversion `dst` at `out` whose manifest record of the first compressed weight is edited by
+    `edit(record)`, integrity hash recomputed (a manifest consistent in itself that disagrees with the shards); and
+    that record's name."""
+    import shutil
+
+    from lplr_convert import constants as C
+    from lplr_convert.io.manifest import integrity_hash
+
+    shutil.copytree(dst, out)
+    doc = json.loads((out / C.MANIFEST_FILE).read_text())
+    rec = next(r for r in doc["tensors"] if r["method"] not in ("copy", "laser"))
+    edit(rec)
+    doc[C.M_INTEGRITY] = integrity_hash(doc)
+    (out / C.MANIFEST_FILE).write_text(json.dumps(doc))
+    return out, rec["name"]
+
+
+def refused_in_one_line(calls, match: str) -> None:
+    """Each of `calls` raises an LplrError of one line matching `match`."""
+    import pytest
+
+    from lplr_convert.errors import LplrError
+
+    for call in calls:
+        with pytest.raises(LplrError, match=match) as e:
+            call()
+        assert "\n" not in str(e.value)
+
+
 def tiny_checkpoint(path: Path, tensors: dict, config: dict | None = None) -> Path:
     """A checkpoint directory: model.safetensors with `tensors` and a config.json (llama by default)."""
     from safetensors.torch import save_file

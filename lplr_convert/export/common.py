@@ -176,6 +176,10 @@ def _place(rec: TensorRecord, module: str | None, kind: str | None) -> Placement
     """Where `rec` goes before the export-wide rules (one scheme, `_annotate`)."""
     p = Placement(rec, module if kind else None, kind)
     p.layout = None if rec.method == "copy" or EXPERTS_KEY in rec.info else get_method(rec.method).layout(rec.info)
+    if p.layout is not None and p.layout.transform is not None:
+        raise LplrError(f"tensor {rec.name} is stored with --incoherence {p.layout.transform.kind} (codes of a rotated "
+                        f"weight U W V^T, which compressed-tensors and peft cannot undo); re-convert without "
+                        f"--incoherence to export, or write a dense checkpoint with `lplr-convert decompress`")
     backbone = p.layout.backbone if p.layout is not None else None
     spec = backbone.spec if backbone is not None else None
     correction = backbone is not None and p.layout.low_rank

@@ -15,11 +15,12 @@ from ..errors import LplrError
 from ..math import quantize as qz
 from ..math.error import factor_relative_error, relative_error
 from ..math.gptq import gptq
+from ..math.hadamard import Incoherence
 from ..math.lowrank import product
 from ..math.lstsq import solve_normal
 from ..math.qlr import fit_low_rank
 from ..math.svd import singular_values
-from .base import Candidate, InputStats, Method, MethodResult, PackedLayout, QuantPart
+from .base import Candidate, InputStats, Method, MethodResult, PackedLayout, QuantPart, incoherence_of
 from .settings import (
     FactorBits,
     GPTQKnobs,
@@ -34,7 +35,7 @@ CALIBRATED_REFITS = 2  # rounds of the quantized refit with calibration (the bet
 
 __all__ = ["BACKBONES", "BackboneMemo", "CalibratedFactoredSettings", "DirectQuantMethod", "FactoredMethod", "FactoredSettings", "Factors",
            "decode_quant", "factor_bits",
-           "factor_specs", "float_matrix", "predict_quant", "quant_parts", "quant_spec", "quantize_left", "rank_grid", "refit", "whitened_tails"]
+           "factor_specs", "float_matrix", "incoherent", "predict_quant", "quant_parts", "quant_spec", "quantize_left", "rank_grid", "refit", "whitened_tails"]
 
 
 def float_matrix(W: torch.Tensor, method: str) -> torch.Tensor:
@@ -154,6 +155,20 @@ def calibrated_factors(Wf: torch.Tensor, r: int, s: Settings, seed: int, stats: 
     return Factors(lr.l_stored, lr.r_stored, lr.L.to(Wf.dtype), lr.R.to(Wf.dtype))
 
 
+def incoherent(W: torch.Tensor, s: Settings, seed: int,
+               stats: InputStats | None) -> tuple[torch.Tensor, InputStats | None, Incoherence | None]:
+    """(W, stats, None) as they are, or with `s.incoherence` hadamard (the `IncoherenceKnob`) the weight and its
+    inputs' statistics in the rotated basis of the tensor's `seed`: (W' = U W V^T, H' = V H V^T, the transform).
+    Output errors are the same in both bases (U, V orthogonal), so everything a method computes from W', H' holds
+    for W; the rotated statistic is this tensor's alone (no factorization shared with q/k/v: their seeds differ)."""
+    if getattr(s, "incoherence", "none") == "none":
+        return W, stats, None
+    T = Incoherence(tuple(W.shape), seed)
+    if stats is not None:
+        stats = InputStats(T.rotate_hessian(stats.H), key=f"{stats.key}|{T.kind}:{seed}")
+    return T.rotate(W), stats, T
+
+
 def quant_spec(shape: tuple[int, int], bits: int, s: Settings, channel_dim: int = 0) -> qz.QuantSpec:
     """The QuantSpec of the quantizer knobs in `s` (granularity, group size, scheme, scale dtype, clipping) for a
     matrix of `shape`; minmax stores float32 scales whatever `scale_dtype` says."""
@@ -255,7 +270,7 @@ class FactoredMethod(Method):
     def decode(self, parts: dict[str, torch.Tensor], info: dict) -> torch.Tensor:
         return product(*self.decode_factors(parts, info))
 
-    def candidates(self, W, settings, stats, target, fixed):
+    def candidates(self, W, settings, stats, target, fixed, seed=0):
         """Every rank of `rank_grid`, with an estimated output error: the spectral tail (whitened with calibration)
         of the best unquantized rank-r factorization, plus, without calibration, the quantization excess measured by
         compressing once at the rank a uniform `target` bits/param gives (r0), taken to grow in proportion to r (as
@@ -307,28 +322,32 @@ class DirectQuantMethod(Method):
         return quant_spec(shape, s.b0, s, 0)
 
     def compress(self, W, settings, seed, stats=None):
-        Wf = float_matrix(W, self.name)
-        H = stats.H if stats is not None and self.uses_stats else None
+        Wf, stats, T = incoherent(float_matrix(W, self.name), settings, seed, stats if self.uses_stats else None)
+        H = stats.H if stats is not None else None
         q, W_hat = gptq_quantizer(lambda shape: self.spec(shape, settings), settings, stats)(Wf, H)
-        return MethodResult(quant_parts(C.PART_QUANT, q), {"q": q.spec.to_json()}, qz.stored_bits(q.spec),
-                            relative_error(Wf, W_hat))
+        info = {"q": q.spec.to_json()} | ({} if T is None else {C.INFO_INCOHERENCE: T.to_json()})
+        return MethodResult(quant_parts(C.PART_QUANT, q), info, qz.stored_bits(q.spec), relative_error(Wf, W_hat))
 
     def decode(self, parts, info):
-        return decode_quant(C.PART_QUANT, parts, info["q"])
+        W = decode_quant(C.PART_QUANT, parts, info["q"])
+        T = incoherence_of(info, W.shape)
+        return W if T is None else T.restore(W)
 
     def layout(self, info: dict) -> PackedLayout:
-        return PackedLayout(backbone=QuantPart.of(C.PART_QUANT, info["q"]))
+        backbone = QuantPart.of(C.PART_QUANT, info["q"])
+        return PackedLayout(backbone=backbone, transform=incoherence_of(info, backbone.spec.shape))
 
     def predict(self, shape, dtype, settings, calibrated=False):
         return None, predict_quant(C.PART_QUANT, self.spec(shape, settings))
 
-    def candidates(self, W, settings, stats, target, fixed):
-        """Each width of `bit_choices` (unless b0 is fixed), with the output error of actually quantizing at it."""
+    def candidates(self, W, settings, stats, target, fixed, seed=0):
+        """Each width of `bit_choices` (unless b0 is fixed), with the output error of actually quantizing at it (in
+        the rotated basis with `incoherence`: the same output error)."""
         from dataclasses import replace
 
         from ..math.weighted import weighted_error
 
-        Wf = float_matrix(W, self.name)
+        Wf, stats, _ = incoherent(float_matrix(W, self.name), settings, seed, stats)
         H = stats.H if stats is not None and self.uses_stats else None
         den = output_energy(Wf, stats)
         out = []

@@ -14,13 +14,15 @@ from typing import Any
 
 import torch
 
+from .. import constants as C
 from ..errors import LplrError, opt
 from ..math import quantize as qz
+from ..math.hadamard import Incoherence
 from .settings import RANK_FIELD, RANK_POLICIES, RankPolicy, Settings, knob_fields
 
 __all__ = ["Candidate", "InputStats", "Method", "MethodResult", "PackedLayout", "QuantPart", "all_knobs",
-           "available_methods", "flat_defaults", "get_method", "knob_defaults", "layer_json", "make_settings", "overlay",
-           "part_fields", "register", "settings_from_flat", "unregister"]
+           "available_methods", "flat_defaults", "get_method", "incoherence_of", "knob_defaults", "layer_json",
+           "make_settings", "overlay", "part_fields", "register", "settings_from_flat", "unregister"]
 
 _REGISTRY: dict[str, Method] = {}
 
@@ -110,21 +112,40 @@ class QuantPart:
         return qz.dequantize(self.quantized(parts))
 
 
+def incoherence_of(info: Mapping, shape: tuple[int, int]) -> Incoherence | None:
+    """The incoherence transform a record's `info` holds (`constants.INFO_INCOHERENCE`) for an (out x in) weight of
+    `shape`, None when it holds none; ValueError naming the problem when it is malformed."""
+    spec = info.get(C.INFO_INCOHERENCE) if isinstance(info, Mapping) else None
+    if spec is None:
+        return None
+    if not isinstance(spec, Mapping) or set(spec) != {"kind", "seed"}:
+        raise ValueError(f"the incoherence record {spec!r} is not {{'kind': 'hadamard', 'seed': N}}")
+    return Incoherence((int(shape[0]), int(shape[1])), spec["seed"], spec["kind"])
+
+
 @dataclass(frozen=True)
 class PackedLayout:
     """What loaders, runtimes and exporters need to know of a stored weight, in the methods' (out x in) orientation:
     W = Q + L R, each term optional. `backbone` is a full-size matrix Q (rtn, gptq, qlr), `left`/`right` the low-rank
-    factors L (out x r) and R (r x in) (lplr, lsvd, dsvd, qlr's correction; None for qlr at rank 0)."""
+    factors L (out x r) and R (r x in) (lplr, lsvd, dsvd, qlr's correction; None for qlr at rank 0).
+
+    `transform`: an incoherence transform (`math.hadamard.Incoherence`, gptq/qlr `--incoherence hadamard`): the
+    stored matrices make W' = Q + L R in a rotated basis and the weight is W = U^T W' V, so y = U^T (W' (V x)). A
+    consumer that reads the stored matrices applies it (the packed runtime) or refuses the weight (exports)."""
 
     backbone: QuantPart | None = None
     left: QuantPart | None = None
     right: QuantPart | None = None
+    transform: Incoherence | None = None
 
     def __post_init__(self) -> None:
         if (self.left is None) != (self.right is None):
             raise ValueError("a low-rank layout needs both factors")
         if self.backbone is None and self.left is None:
             raise ValueError("a layout stores a backbone, factors, or both")
+        if self.transform is not None and tuple(self.transform.shape) != tuple(self.shape):
+            raise ValueError(f"the incoherence transform is for {list(self.transform.shape)}, the weight is "
+                             f"{list(self.shape)}")
 
     @property
     def low_rank(self) -> bool:
@@ -238,11 +259,11 @@ class Method:
         return None
 
     def candidates(self, W: torch.Tensor, settings: Settings, stats: InputStats | None, target: float,
-                   fixed: frozenset[str]) -> list[Candidate] | None:
+                   fixed: frozenset[str], seed: int = 0) -> list[Candidate] | None:
         """The choices a global bit budget may make for this weight: (knob changes, stored bits, estimated relative
         squared output error tr(D H D^T) / tr(W H W^T), H = I without calibration), around `target` bits/param and
         never changing a knob in `fixed` (given explicitly). None: the method has no such choices (its size is
-        fixed by its settings)."""
+        fixed by its settings). `seed`: the tensor's seed, as `compress` will get it."""
         return None
 
     def predict(self, shape: tuple[int, int], dtype: torch.dtype, settings: Settings,

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 from ._common import DirectQuantMethod
 from .base import register
-from .settings import BitsKnob, GPTQKnobs, QuantKnobs, redefault
+from .settings import BitsKnob, GPTQKnobs, IncoherenceKnob, QuantKnobs, redefault
 
 
 @dataclass(frozen=True)
-class GPTQSettings(BitsKnob, QuantKnobs, GPTQKnobs):
+class GPTQSettings(BitsKnob, QuantKnobs, GPTQKnobs, IncoherenceKnob):
     """GPTQ W4A16 as usually meant: 4-bit, symmetric, groups of 128 inputs, float16 scales, activation order with
     static groups."""
 

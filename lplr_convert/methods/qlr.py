@@ -28,6 +28,7 @@ from ._common import (
     factor_specs,
     float_matrix,
     gptq_quantizer,
+    incoherent,
     output_energy,
     predict_quant,
     quant_parts,
@@ -35,11 +36,12 @@ from ._common import (
     rank_grid,
     whitened_tails,
 )
-from .base import Candidate, InputStats, Method, MethodResult, PackedLayout, QuantPart, register
+from .base import Candidate, InputStats, Method, MethodResult, PackedLayout, QuantPart, incoherence_of, register
 from .settings import (
     MAX_ITERATIONS,
     BitsKnob,
     GPTQKnobs,
+    IncoherenceKnob,
     QuantKnobs,
     RankKnobs,
     RankPolicy,
@@ -51,7 +53,7 @@ from .settings import (
 
 
 @dataclass(frozen=True)
-class QLRSettings(CalibratedFactoredSettings, BitsKnob):
+class QLRSettings(CalibratedFactoredSettings, BitsKnob, IncoherenceKnob):
     """Backbone b0 bits, factors b1/b2 bits, one quantizer for all: asymmetric (integer zero point), groups of 128,
     float16 scales, MSE clipping, GPTQ in activation order (measured best on all-MiniLM-L6-v2, README)."""
 
@@ -86,7 +88,9 @@ class QLR(Method):
                             singular_values=lambda: singular_values(W), min_rank=0)
 
     def compress(self, W, settings, seed, stats: InputStats | None = None):
-        Wf = float_matrix(W, self.name)
+        # With incoherence everything lives in the rotated basis: W' = U W V^T = Q' + L' R' against H' = V H V^T
+        # (the output error is the same there), W = U^T (Q' + L' R') V.
+        Wf, stats, T = incoherent(float_matrix(W, self.name), settings, seed, stats)
         n = Wf.shape[1]
         r = self.rank_for(Wf, settings)
         H = stats.H.to(Wf.dtype) if stats is not None else torch.eye(n, dtype=Wf.dtype, device=Wf.device)
@@ -98,7 +102,7 @@ class QLR(Method):
                   iters=settings.iters, seed=seed, white=white, q0=self._first_backbone(Wf, settings, stats))
         parts = quant_parts(C.PART_QUANT, res.q_stored)
         info = {"rank": r, "q": res.q_stored.spec.to_json(), "left": None, "right": None, "history": res.history,
-                "best": res.best}
+                "best": res.best} | ({} if T is None else {C.INFO_INCOHERENCE: T.to_json()})
         bits = qz.stored_bits(res.q_stored.spec)
         if res.l_stored is not None:
             parts |= quant_parts(C.PART_LEFT, res.l_stored) | quant_parts(C.PART_RIGHT, res.r_stored)
@@ -108,11 +112,11 @@ class QLR(Method):
         return MethodResult(parts, info, bits, None, kept, extra={"qlr_best_iterate": res.best}, error_fn=lambda: (
             relative_error(Wf, product(res.L.to(Wf.dtype), res.R.to(Wf.dtype), res.Q.to(Wf.dtype)))))
 
-    def candidates(self, W, settings, stats, target, fixed):
+    def candidates(self, W, settings, stats, target, fixed, seed=0):
         """The backbone width of `bit_choices` (unless b0 is fixed) x correction ranks of `rank_grid`: the backbone
         quantized by GPTQ at each width, the correction's error from the whitened residual's spectrum (unquantized
-        factors: an estimate; the compression refits and quantizes them)."""
-        Wf = float_matrix(W, self.name)
+        factors: an estimate; the compression refits and quantizes them); in the rotated basis with incoherence."""
+        Wf, stats, _ = incoherent(float_matrix(W, self.name), settings, seed, stats)
         m, n = Wf.shape
         den = max(output_energy(Wf, stats), 1e-300)
         out = []
@@ -134,8 +138,10 @@ class QLR(Method):
         return out
 
     def layout(self, info):
-        return PackedLayout(backbone=QuantPart.of(C.PART_QUANT, info["q"]), left=QuantPart.of(C.PART_LEFT, info["left"]),
-                            right=QuantPart.of(C.PART_RIGHT, info["right"]))
+        backbone = QuantPart.of(C.PART_QUANT, info["q"])
+        return PackedLayout(backbone=backbone, left=QuantPart.of(C.PART_LEFT, info["left"]),
+                            right=QuantPart.of(C.PART_RIGHT, info["right"]),
+                            transform=incoherence_of(info, backbone.spec.shape))
 
     def _backbone_key(self, Wf: torch.Tensor, s, stats: InputStats | None) -> tuple:
         return BACKBONES.key(Wf, stats, quant_spec(tuple(Wf.shape), s.b0, s, 0), s)
@@ -150,13 +156,19 @@ class QLR(Method):
         return None if q is None else (q, qz.dequantize(q, Wf.dtype))
 
     def decode_base(self, parts, info) -> torch.Tensor:
-        return decode_quant(C.PART_QUANT, parts, info["q"])
+        """The backbone in the original basis (U^T Q' V with incoherence)."""
+        Q = decode_quant(C.PART_QUANT, parts, info["q"])
+        T = incoherence_of(info, Q.shape)
+        return Q if T is None else T.restore(Q)
 
     def decode_factors(self, parts, info):
+        """(L, R) in the original basis (U^T L', R' V with incoherence: U^T (Q' + L' R') V = U^T Q' V + L R)."""
         if info.get("left") is None:
             m, n = info["q"]["shape"]
             return torch.zeros(m, 0), torch.zeros(0, n)
-        return decode_quant(C.PART_LEFT, parts, info["left"]), decode_quant(C.PART_RIGHT, parts, info["right"])
+        L, R = decode_quant(C.PART_LEFT, parts, info["left"]), decode_quant(C.PART_RIGHT, parts, info["right"])
+        T = incoherence_of(info, (L.shape[0], R.shape[1]))
+        return (L, R) if T is None else (T.restore_left(L), T.restore_right(R))
 
     def decode(self, parts, info):
         return product(*self.decode_factors(parts, info), self.decode_base(parts, info))

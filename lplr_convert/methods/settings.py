@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import LplrError, opt
+from ..math.hadamard import INCOHERENCE_KINDS
 from ..math.quantize import ALLOWED_BITS, CLIPS, GRANULARITIES, SCALE_DTYPES, SCHEMES
 from ..math.svd import SVD_METHODS
 
@@ -29,6 +30,7 @@ __all__ = [
     "RANK_POLICIES",
     "BitsKnob",
     "FactorBits",
+    "IncoherenceKnob",
     "QuantKnobs",
     "RankKnobs",
     "RankPolicy",
@@ -341,6 +343,16 @@ class GPTQKnobs(Settings):
                            help="GPTQ: quantize columns by decreasing H_ii (static groups; with calibration).")
     block_size: int = knob(128, type=int, validate=positive_int, label=None,
                            help="GPTQ: columns updated together (lazy batch updates).")
+
+
+@dataclass(frozen=True)
+class IncoherenceKnob(Settings):
+    """Incoherence processing of a full-size quantized backbone (gptq, qlr)."""
+
+    incoherence: str = knob("none", type=str, choices=INCOHERENCE_KINDS, label="nondefault",
+                            help="gptq/qlr: quantize W' = U W V^T, U and V seeded randomized Hadamard transforms "
+                                 "(QuIP#; the per-tensor seed is recorded, loaders undo it); none (the default) or "
+                                 "hadamard.")
 
 
 # Help of each rank policy's option (the CLI offers one option per policy kind; a recipe one key per kind).

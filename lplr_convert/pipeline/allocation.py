@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from ..errors import LplrError, opt
 from ..math.allocate import BudgetError, allocate
+from ..math.sketch import derive_seed
 from ..methods import InputStats, get_method
 from ..methods._common import BACKBONES
 from .plan import TensorPlan
@@ -40,9 +41,10 @@ def _fixed_bits(p: TensorPlan, calibrated: bool) -> int:
 
 def allocate_plans(plans: list[TensorPlan], tensors: Callable[[list[str]], Iterable[tuple[str, torch.Tensor]]],
                    stats_for: Callable[[TensorPlan], InputStats | None], target: float, fixed: frozenset[str],
-                   calibrated: bool) -> tuple[list[TensorPlan], dict]:
+                   calibrated: bool, seed: int = 0) -> tuple[list[TensorPlan], dict]:
     """Plans with each compressed tensor's settings changed to its allocated choice, and a summary of the allocation
-    for the manifest. `tensors(names)` yields (name, oriented float tensor on the compute device) in any order."""
+    for the manifest. `tensors(names)` yields (name, oriented float tensor on the compute device) in any order; `seed`
+    is the run's global seed (each tensor's seed derives from it, as in the conversion)."""
     comp = [p for p in plans if p.method != "copy" and not p.experts]
     if not comp:
         raise LplrError(f"{opt('target_bits_per_param')} needs tensors to compress; nothing is selected")
@@ -62,7 +64,8 @@ def allocate_plans(plans: list[TensorPlan], tensors: Callable[[list[str]], Itera
     cands: dict[str, list] = {}
     for name, W in tqdm(tensors(list(by_name)), total=len(comp), desc="allocating", unit="tensor"):
         p = by_name[name]
-        cands[name] = get_method(p.method).candidates(W, p.settings, stats_for(p), target, fixed)
+        cands[name] = get_method(p.method).candidates(W, p.settings, stats_for(p), target, fixed,
+                                                      seed=derive_seed(seed, name))
     params = sum(math.prod(p.shape) for p in comp)
     fixed_bits = sum(_fixed_bits(p, calibrated) for p in comp if cands.get(p.name) is None)
     chosen = [p for p in comp if cands.get(p.name) is not None]

@@ -168,7 +168,8 @@ def allocated(opts: ConvertOptions, popts: PlanOptions, src: SourceCheckpoint, p
     # can be reused by it (`methods._common.BACKBONES`), and the same allocation whatever --workers.
     with _torch_threads(opts.threads):
         return allocate_plans(plans, _oriented(src, plans, device), stats_for, opts.target_bits_per_param,
-                              frozenset(k for k in popts.defaults if k != "method"), stats_for.stats is not None)
+                              frozenset(k for k in popts.defaults if k != "method"), stats_for.stats is not None,
+                              seed=opts.seed)
 
 
 def _preflight(plans: list[TensorPlan], calibrated: bool) -> None:

@@ -3,7 +3,8 @@
 `PackedMatrix` holds one stored matrix (a `QuantPart`'s fields: bit-packed codes, scales, zeros or zero points, or a
 16/32-bit float matrix) as buffers and multiplies by it through a kernel (`kernels`) chosen for its layout and
 device; `PackedLinear` is a linear layer y = Q x + L (R x) + b made of such matrices (`PackedLayout`: rtn/gptq Q x,
-lplr/lsvd/dsvd L (R x), qlr both), never forming the dense weight in forward.
+lplr/lsvd/dsvd L (R x), qlr both; with an incoherence transform y = U^T (Q' + L' R') V x + b, the transforms applied
+to the activations), never forming the dense weight in forward.
 
 Kernels (`KERNELS`; `LPLR_KERNEL=name` or `load_model(..., kernel=name)` overrides the automatic choice):
 - "tiled": dequantize a tile of rows at a time (a few MiB) in the activation dtype and multiply; any width, scheme,
@@ -343,6 +344,7 @@ class PackedLinear(nn.Module):
         rows, cols = layout.shape
         self.out_features, self.in_features = (cols, rows) if conv1d else (rows, cols)
         self.rank = layout.rank
+        self.transform = layout.transform  # incoherence (math.hadamard.Incoherence) or None; computed from its seed
 
         self.layout, self.asked = layout, check_kernel(kernel)
         on = torch.device(device) if parts is None else next(iter(parts.values())).device
@@ -380,25 +382,52 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+        x2 = self._rotated_inputs(x.reshape(-1, shape[-1]))
+        bias = self.bias if self.transform is None else None  # else added after the output transform
         y = None
         if self.left is not None:
             first, second = (self.left, self.right) if self.conv1d else (self.right, self.left)
             y = second(first(x2))
-            if self.bias is not None:
-                y = y + self.bias.to(y.dtype)
+            if bias is not None:
+                y = y + bias.to(y.dtype)
         if self.backbone is not None:
             q = self.backbone(x2)
-            y = (q if self.bias is None else q + self.bias.to(q.dtype)) if y is None else y + q
+            y = (q if bias is None else q + bias.to(q.dtype)) if y is None else y + q
+        if self.transform is not None:
+            y = self._restored_outputs(y)
+            y = y if self.bias is None else y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
+    # With an incoherence transform (`PackedLayout.transform`) the stored matrices make W' = U W V^T, so
+    # y = U^T (W' (V x)): V on the inputs before the packed products, U^T on their outputs after, on the fly (a few
+    # small batched matmuls per row, `math.hadamard`), in float32 for half-precision activations. In Conv1D
+    # orientation the stored M' is (in x out) and y = ((x U^T) M') V: U first, V^T after.
+    def _rotated_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        T = self.transform
+        if T is None:
+            return x
+        side = T.out if self.conv1d else T.inp
+        return side.apply(x.float()).to(x.dtype)
+
+    def _restored_outputs(self, y: torch.Tensor) -> torch.Tensor:
+        T = self.transform
+        side = T.inp if self.conv1d else T.out
+        return side.apply_t(y.float()).to(y.dtype)
+
     def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dense (out x in) weight Q + L R, decoded as the loaders decode it (formed on request)."""
+        """The dense (out x in) weight Q + L R, decoded as the loaders decode it (formed on request; with an
+        incoherence transform U^T Q' V + (U^T L')(R' V), as the methods' `decode` forms it)."""
         from ..math.lowrank import product
 
+        T = self.transform
         base = None if self.backbone is None else self.backbone.dense()
+        if T is not None and base is not None:
+            base = T.restore(base)
         if self.left is not None:
-            W = product(self.left.dense(), self.right.dense(), base)
+            L, R = self.left.dense(), self.right.dense()
+            if T is not None:
+                L, R = T.restore_left(L), T.restore_right(R)
+            W = product(L, R, base)
         else:
             W = base
         return (W.T if self.conv1d else W).to(dtype)
@@ -422,6 +451,8 @@ class PackedLinear(nn.Module):
             parts.append(f"Q {self.backbone.spec.bits}-bit")
         if self.left is not None:
             parts.append(f"rank={self.rank} (L {self.left.spec.bits}-bit, R {self.right.spec.bits}-bit)")
+        if self.transform is not None:
+            parts.append(f"incoherence={self.transform.kind}")
         return (f"in_features={self.in_features}, out_features={self.out_features}, {', '.join(parts)}, "
                 f"bias={self.bias is not None}, kernel={'+'.join(dict.fromkeys(self.kernels))}")
 
