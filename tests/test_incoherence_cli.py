@@ -55,7 +55,10 @@ def test_recorded_per_tensor_and_every_loader_gives_the_original_basis(converted
     mods = {n: m for n, m in packed.named_modules() if isinstance(m, PackedLinear)}
     assert len(mods) == len(recs) and all(m.transform is not None for m in mods.values())
     for name, mod in mods.items():
-        assert torch.equal(mod.to_dense(torch.bfloat16), dense[f"{name}.weight"])  # same bits as the float loader
+        # the float loader's weights up to rounding: the int4pack kernel holds the scales in bfloat16 (relative
+        # 2^-9 each, a norm the rotation keeps) and both are cast to bfloat16 (2^-8 each)
+        got, want = mod.to_dense(torch.bfloat16).float(), dense[f"{name}.weight"].float()
+        assert (got - want).norm() <= 2 ** -6 * want.norm()
     with torch.no_grad():
         a, b, c = packed(IDS).logits.float(), floats(IDS).logits.float(), hf(IDS).logits.float()
     assert torch.equal(a, c)  # from_pretrained builds the same packed modules
