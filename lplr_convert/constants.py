@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 FORMAT_VERSION = "1.0"
+# An output with a record whose stored matrices are in a transformed basis (--incoherence) is written as 2.0, so
+# that a tool that reads only 1.x refuses it instead of decoding the rotated weights; this tool reads both.
+FORMAT_VERSION_TRANSFORMED = "2.0"
+FORMAT_MAJORS_READ = ("1", "2")
 QUANT_METHOD = "lplr-convert"  # config.json quantization_config.quant_method
 
 # Files in an output directory.

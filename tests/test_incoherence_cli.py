@@ -45,6 +45,8 @@ def test_recorded_per_tensor_and_every_loader_gives_the_original_basis(converted
     doc = read_manifest(out)
     recs = [r for r in doc["tensors"] if r["method"] == method]
     assert recs
+    # a 1.x reader would decode the rotated weights as they are: the output says 2.0 so that it refuses instead
+    assert doc[C.M_FORMAT_VERSION] == C.FORMAT_VERSION_TRANSFORMED == "2.0"
     for r in recs:
         assert r["settings"]["incoherence"] == "hadamard"
         assert r["info"][C.INFO_INCOHERENCE] == {"kind": "hadamard", "seed": r["seed"]}

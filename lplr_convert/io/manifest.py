@@ -189,7 +189,10 @@ class Manifest:
 
     def to_json(self) -> dict:
         """The JSON document, keys in the documented order, integrity and the digests last."""
-        doc = {C.M_FORMAT_VERSION: self.format_version, C.M_TOOL: self.tool, C.M_TOOL_VERSION: self.tool_version,
+        version = self.format_version
+        if version == C.FORMAT_VERSION and any(C.INFO_INCOHERENCE in (r.info or {}) for r in self.tensors):
+            version = C.FORMAT_VERSION_TRANSFORMED
+        doc = {C.M_FORMAT_VERSION: version, C.M_TOOL: self.tool, C.M_TOOL_VERSION: self.tool_version,
                C.M_COMPLETE: self.complete, C.M_SOURCE: self.source, C.M_OPTIONS: self.options,
                C.M_TENSORS: [r.to_json() for r in self.tensors], C.M_SHARDS: self.shards, C.M_FILES: self.files,
                C.M_SUMMARY: self.summary, C.M_EVAL: self.eval, C.M_REPORT: self.report}
@@ -337,9 +340,9 @@ def read_manifest(out_dir: str | os.PathLike, require_complete: bool = True) -> 
                         f"(convert a checkpoint into it first)")
     manifest = _load_json(path)
     major = str(manifest[C.M_FORMAT_VERSION]).split(".")[0]
-    if major != C.FORMAT_VERSION.split(".")[0]:
+    if major not in C.FORMAT_MAJORS_READ:
         raise LplrError(f"{path} has format version {manifest[C.M_FORMAT_VERSION]}, this tool reads "
-                        f"{C.FORMAT_VERSION}; upgrade lplr-convert or re-convert")
+                        f"{' and '.join(m + '.x' for m in C.FORMAT_MAJORS_READ)}; upgrade lplr-convert or re-convert")
     if require_complete and manifest.get(C.M_COMPLETE) is not True:
         raise IncompleteOutputError(f"{out_dir} holds an incomplete conversion; finish it with "
                                     f"`lplr-convert convert ... --resume`")
