@@ -49,7 +49,7 @@ BUDGETS = (2.25, 3.25, 4.25, 8.25)
 # (label, calibrated, flat settings): each budget row converts with --target-bits-per-param B.
 PER_BUDGET = [
     ("rtn g128 (baseline)", False, {"method": "rtn", "quantizer": "group", "group_size": 128}),
-    ("gptq W-sym g128 (baseline)", True, {"method": "gptq"}),
+    ("gptq W-sym g128 (baseline)", True, {"method": "gptq", "scheme": "symmetric", "clip": None}),
     ("gptq asym+mse g128 (baseline)", True, {"method": "gptq", "scheme": "asymmetric", "clip": "mse"}),
     ("qlr", True, {"method": "qlr"}),
     ("lsvd calibrated, 4/4", True, {"method": "lsvd", "b1": 4, "b2": 4}),
@@ -168,8 +168,8 @@ def llm_configs(budgets: list[float]) -> list[tuple[str, bool, dict, float | Non
     rows = []
     for b in budgets:
         for g in GROUPS:
-            for scheme, extra in (("sym", {"scheme": "symmetric"}), ("asym+mse", {"scheme": "asymmetric",
-                                                                                  "clip": "mse"})):
+            for scheme, extra in (("sym", {"scheme": "symmetric", "clip": None}),
+                                  ("asym+mse", {"scheme": "asymmetric", "clip": "mse"})):
                 rows.append((f"rtn {scheme} g{g}", False, {"method": "rtn", "quantizer": "group", "group_size": g,
                                                            **extra}, b))
                 rows.append((f"gptq {scheme} g{g}", True, {"method": "gptq", "group_size": g, **extra}, b))
@@ -198,31 +198,40 @@ def output_error(out: Path, src: str, stats_dir: str) -> tuple[float | None, flo
     """(parameter-weighted relative weight error, parameter-weighted relative output error sqrt(tr(D H D^T) /
     tr(W H W^T)) against the calibration statistics, per-tensor output errors) of a conversion's compressed
     tensors, measured on what a loader returns (for every method, calibrated or not)."""
-    from lplr_convert.calibration import load_calibration
     from lplr_convert.io.output import ConvertedOutput
     from lplr_convert.io.reader import open_source
-    from lplr_convert.math.weighted import weighted_relative_error
 
-    stats = load_calibration(stats_dir)
-    per, num_w, num_o, params = {}, 0.0, 0.0, 0
     source = open_source(src)
     with ConvertedOutput(out) as o:
         recs = {r.name: r for r in o.records if r.method != "copy"}
         originals = dict(source.iter_tensors(list(recs)))
-        for name, dense in o.iter_dense():
-            rec = recs.get(name)
-            if rec is None:
-                continue
-            W, W_hat = originals[name].float(), dense.float()
-            if rec.transposed:
-                W, W_hat = W.T, W_hat.T
-            n = W.numel()
-            num_w += n * float(rec.rel_error)
-            if name in stats:
-                rel = float(weighted_relative_error(W, W_hat, stats.statistic(name).float()))
-                per[name] = rel
-                num_o += n * rel
-            params += n
+
+        def items():
+            for name, dense in o.iter_dense():
+                rec = recs.get(name)
+                if rec is not None:
+                    W, W_hat = originals[name].float(), dense.float()
+                    yield (name, W.T, W_hat.T, float(rec.rel_error)) if rec.transposed else \
+                        (name, W, W_hat, float(rec.rel_error))
+
+        return tensor_errors(items(), stats_dir)
+
+
+def tensor_errors(items, stats_dir: str) -> tuple[float, float | None, dict]:
+    """As `output_error`, from (name, W, W_hat, relative weight error or None to compute it) of each compressed
+    tensor, W and W_hat (out x in) in the orientation of the statistics. Used by scripts/decoder_peers.py too."""
+    from lplr_convert.calibration import load_calibration
+    from lplr_convert.math.weighted import weighted_relative_error
+
+    stats = load_calibration(stats_dir)
+    per, num_w, num_o, params = {}, 0.0, 0.0, 0
+    for name, W, W_hat, rel in items:
+        n = W.numel()
+        num_w += n * (float((W - W_hat).norm() / W.norm()) if rel is None else rel)
+        if name in stats:
+            per[name] = float(weighted_relative_error(W, W_hat, stats.statistic(name).float()))
+            num_o += n * per[name]
+        params += n
     return num_w / params, (num_o / params if per else None), per
 
 
@@ -264,6 +273,7 @@ def llm_main(args) -> int:
             rec = {"label": label, "budget": budget, "settings": layer, "error": str(e).splitlines()[0]}
             records.append(rec)
             print(json.dumps(rec), flush=True)
+            write_llm_rows(args.write, meta, [rec])
             continue
         seconds = time.perf_counter() - t0
         with ConvertedOutput(out) as o:
@@ -279,13 +289,20 @@ def llm_main(args) -> int:
                "tokens": ev["tokens"]}
         records.append(rec)
         print(json.dumps(rec), flush=True)
+        write_llm_rows(args.write, meta, [rec])
         shutil.rmtree(out.parent, ignore_errors=True)
-    if args.write is not None:
-        args.write.mkdir(parents=True, exist_ok=True)
-        with open(args.write / "results.jsonl", "a") as f:  # appended: runs of a few rows add up to a table
-            f.write("".join(json.dumps(r) + "\n" for r in [{"meta": meta}, *records]))
-        (args.write / "results.md").write_text(llm_markdown(args.write / "results.jsonl"))
     return 0
+
+
+def write_llm_rows(where: Path | None, meta: dict, records: list[dict]) -> None:
+    """Append `records` (after their run's `meta`) to where/results.jsonl as each row finishes (runs of a few rows add
+    up to a table; an interrupted run keeps its finished rows) and re-render where/results.md."""
+    if where is None:
+        return
+    where.mkdir(parents=True, exist_ok=True)
+    with open(where / "results.jsonl", "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in [{"meta": meta}, *records]))
+    (where / "results.md").write_text(llm_markdown(where / "results.jsonl"))
 
 
 def llm_markdown(jsonl: Path) -> str:
