@@ -126,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-tokens", type=int, default=4096, help="--model: held-out tokens evaluated (about)")
     ap.add_argument("--budgets", default="2.25,3.25,4.25", help="--model: bits/param budgets, comma separated")
     ap.add_argument("--rows", default=None, help="--model: keep rows whose label contains one of these words")
+    ap.add_argument("--b0", type=int, default=None,
+                    help="--model: convert rtn/gptq rows at this width instead of --target-bits-per-param (the same "
+                         "bytes where the budget gives every tensor that width, without the allocation pass, which "
+                         "runs GPTQ once more per tensor); the row records it and must stay within its budget")
     args = ap.parse_args(argv)
     from loguru import logger
 
@@ -261,6 +265,9 @@ def llm_main(args) -> int:
                if words is None or any(w in c[0] for w in words)]
     records = []
     for label, calibrated, layer, budget in configs:
+        fixed = args.b0 is not None and layer["method"] in ("rtn", "gptq")
+        if fixed:
+            layer = {**layer, "b0": args.b0}
         flat = overlay(flat_defaults(), layer)
         out = Path(tempfile.mkdtemp(prefix="lplr_quality_")) / "out"
         load0 = os.getloadavg()[0]
@@ -268,7 +275,8 @@ def llm_main(args) -> int:
         try:
             manifest = convert(ConvertOptions(in_path=src, out_path=str(out), layer=flat,
                                               calibration=stats if calibrated else None, device="cpu",
-                                              target_bits_per_param=budget, write_report=False))
+                                              target_bits_per_param=None if fixed else budget,
+                                              write_report=False))
         except LplrError as e:  # e.g. a budget no width of this grid fits: said in the table
             rec = {"label": label, "budget": budget, "settings": layer, "error": str(e).splitlines()[0]}
             records.append(rec)
@@ -287,6 +295,10 @@ def llm_main(args) -> int:
                "top1_agreement": ev["top1_agreement"], "weighted_rel_error": werr, "output_rel_error": oerr,
                "convert_seconds": round(seconds, 1), "load": [round(load0, 1), round(os.getloadavg()[0], 1)],
                "tokens": ev["tokens"]}
+        if fixed:
+            rec["fixed_b0"] = args.b0  # converted at --b0, not through the budget's allocation pass
+            if budget is not None and rec["bits_per_param"] > budget:
+                rec["error"] = f"--b0 {args.b0} stores {rec['bits_per_param']:.3f} bits/param, over the budget"
         records.append(rec)
         print(json.dumps(rec), flush=True)
         write_llm_rows(args.write, meta, [rec])
@@ -322,7 +334,8 @@ def llm_markdown(jsonl: Path) -> str:
             meta = r["meta"]
             continue
         budget = "—" if r["budget"] is None else f"≤ {r['budget']:g}"
-        head = f"| {meta.get('date')} | {Path(meta.get('model', '?')).name} | {budget} | {r['label']} |"
+        label = r["label"] + (f" (--b0 {r['fixed_b0']})" if "fixed_b0" in r else "")
+        head = f"| {meta.get('date')} | {Path(meta.get('model', '?')).name} | {budget} | {label} |"
         if "error" in r:
             lines.append(f"{head} — | — | — | — | — | — | — | {r['error']} |")
             continue
