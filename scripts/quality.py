@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-tokens", type=int, default=4096, help="--model: held-out tokens evaluated (about)")
     ap.add_argument("--budgets", default="2.25,3.25,4.25", help="--model: bits/param budgets, comma separated")
     ap.add_argument("--rows", default=None, help="--model: keep rows whose label contains one of these words")
+    ap.add_argument("--layers", default=None,
+                    help="--model: compress only these blocks (e.g. '5,15,25'; the rest stay float): a cheaper "
+                         "controlled comparison of settings, recorded in the row")
     ap.add_argument("--b0", type=int, default=None,
                     help="--model: convert rtn/gptq rows at this width instead of --target-bits-per-param (the same "
                          "bytes where the budget gives every tensor that width, without the allocation pass, which "
@@ -275,7 +278,7 @@ def llm_main(args) -> int:
         try:
             manifest = convert(ConvertOptions(in_path=src, out_path=str(out), layer=flat,
                                               calibration=stats if calibrated else None, device="cpu",
-                                              target_bits_per_param=None if fixed else budget,
+                                              target_bits_per_param=None if fixed else budget, layers=args.layers,
                                               write_report=False))
         except LplrError as e:  # e.g. a budget no width of this grid fits: said in the table
             rec = {"label": label, "budget": budget, "settings": layer, "error": str(e).splitlines()[0]}
@@ -295,6 +298,8 @@ def llm_main(args) -> int:
                "top1_agreement": ev["top1_agreement"], "weighted_rel_error": werr, "output_rel_error": oerr,
                "convert_seconds": round(seconds, 1), "load": [round(load0, 1), round(os.getloadavg()[0], 1)],
                "tokens": ev["tokens"]}
+        if args.layers is not None:
+            rec["layers"] = args.layers  # only these blocks compressed; bits/param over them
         if fixed:
             rec["fixed_b0"] = args.b0  # converted at --b0, not through the budget's allocation pass
             if budget is not None and rec["bits_per_param"] > budget:
@@ -334,7 +339,10 @@ def llm_markdown(jsonl: Path) -> str:
             meta = r["meta"]
             continue
         budget = "—" if r["budget"] is None else f"≤ {r['budget']:g}"
-        label = r["label"] + (f" (--b0 {r['fixed_b0']})" if "fixed_b0" in r else "")
+        if r.get("source") and r["budget"] is not None:  # a peer at the nearest bits, not held to the budget
+            budget = f"beside ≤ {r['budget']:g}"
+        label = r["label"] + (f" (--b0 {r['fixed_b0']})" if "fixed_b0" in r else "") + \
+            (f", blocks {r['layers']} only" if "layers" in r else "")
         head = f"| {meta.get('date')} | {Path(meta.get('model', '?')).name} | {budget} | {label} |"
         if "error" in r:
             lines.append(f"{head} — | — | — | — | — | — | — | {r['error']} |")
