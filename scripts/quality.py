@@ -23,6 +23,7 @@ methods too, so rows compare). Rows: for each budget (`--budgets`, default 2.25,
 and asymmetric+MSE, groups 32/64/128 (`--target-bits-per-param B` picks the widest width that fits), qlr and
 calibrated lsvd; then the published lplr setting (`--b1 8 --b2 8 --rank-fraction 0.8`) and calibrated lsvd at it.
 `--rows` keeps the rows whose label contains one of its comma-separated words; `--stats` reuses a `calibrate` output.
+HQQ and llm-compressor's GPTQ on the same text, evaluation and statistics, from their own venvs: scripts/decoder_peers.py.
 
     .venv/bin/python scripts/quality.py --model /work/cache/smollm2-135m --stats /tmp/smol-stats \
         --budgets 4.25 --rows "rtn sym g128,qlr" --eval-tokens 2048 --write artifacts/quality/decoder
