@@ -24,6 +24,7 @@ and asymmetric+MSE, groups 32/64/128 (`--target-bits-per-param B` picks the wide
 calibrated lsvd; then the published lplr setting (`--b1 8 --b2 8 --rank-fraction 0.8`) and calibrated lsvd at it.
 `--rows` keeps the rows whose label contains one of its comma-separated words; `--stats` reuses a `calibrate` output;
 `--incoherence` adds each gptq/qlr row's twin with `--incoherence hadamard`.
+HQQ and llm-compressor's GPTQ on the same text, evaluation and statistics, from their own venvs: scripts/decoder_peers.py.
 
     .venv/bin/python scripts/quality.py --model /work/cache/smollm2-135m --stats /tmp/smol-stats \
         --budgets 4.25 --rows "rtn sym g128,qlr" --eval-tokens 2048 --write artifacts/quality/decoder
@@ -50,7 +51,7 @@ BUDGETS = (2.25, 3.25, 4.25, 8.25)
 # (label, calibrated, flat settings): each budget row converts with --target-bits-per-param B.
 PER_BUDGET = [
     ("rtn g128 (baseline)", False, {"method": "rtn", "quantizer": "group", "group_size": 128}),
-    ("gptq W-sym g128 (baseline)", True, {"method": "gptq"}),
+    ("gptq W-sym g128 (baseline)", True, {"method": "gptq", "scheme": "symmetric", "clip": None}),
     ("gptq asym+mse g128 (baseline)", True, {"method": "gptq", "scheme": "asymmetric", "clip": "mse"}),
     ("qlr", True, {"method": "qlr"}),
     ("lsvd calibrated, 4/4", True, {"method": "lsvd", "b1": 4, "b2": 4}),
@@ -129,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", default=None, help="--model: keep rows whose label contains one of these words")
     ap.add_argument("--incoherence", action="store_true",
                     help="--model: each gptq/qlr row also with --incoherence hadamard (label '+hadamard')")
+    ap.add_argument("--layers", default=None,
+                    help="--model: compress only these blocks (e.g. '5,15,25'; the rest stay float): a cheaper "
+                         "controlled comparison of settings, recorded in the row")
+    ap.add_argument("--b0", type=int, default=None,
+                    help="--model: convert rtn/gptq rows at this width instead of --target-bits-per-param (the same "
+                         "bytes where the budget gives every tensor that width, without the allocation pass, which "
+                         "runs GPTQ once more per tensor); the row records it and must stay within its budget")
     args = ap.parse_args(argv)
     from loguru import logger
 
@@ -178,8 +186,8 @@ def llm_configs(budgets: list[float], incoherence: bool = False) -> list[tuple[s
 
     for b in budgets:
         for g in GROUPS:
-            for scheme, extra in (("sym", {"scheme": "symmetric"}), ("asym+mse", {"scheme": "asymmetric",
-                                                                                  "clip": "mse"})):
+            for scheme, extra in (("sym", {"scheme": "symmetric", "clip": None}),
+                                  ("asym+mse", {"scheme": "asymmetric", "clip": "mse"})):
                 add(f"rtn {scheme} g{g}", False, {"method": "rtn", "quantizer": "group", "group_size": g, **extra}, b)
                 add(f"gptq {scheme} g{g}", True, {"method": "gptq", "group_size": g, **extra}, b)
         add("qlr", True, {"method": "qlr"}, b)
@@ -207,31 +215,40 @@ def output_error(out: Path, src: str, stats_dir: str) -> tuple[float | None, flo
     """(parameter-weighted relative weight error, parameter-weighted relative output error sqrt(tr(D H D^T) /
     tr(W H W^T)) against the calibration statistics, per-tensor output errors) of a conversion's compressed
     tensors, measured on what a loader returns (for every method, calibrated or not)."""
-    from lplr_convert.calibration import load_calibration
     from lplr_convert.io.output import ConvertedOutput
     from lplr_convert.io.reader import open_source
-    from lplr_convert.math.weighted import weighted_relative_error
 
-    stats = load_calibration(stats_dir)
-    per, num_w, num_o, params = {}, 0.0, 0.0, 0
     source = open_source(src)
     with ConvertedOutput(out) as o:
         recs = {r.name: r for r in o.records if r.method != "copy"}
         originals = dict(source.iter_tensors(list(recs)))
-        for name, dense in o.iter_dense():
-            rec = recs.get(name)
-            if rec is None:
-                continue
-            W, W_hat = originals[name].float(), dense.float()
-            if rec.transposed:
-                W, W_hat = W.T, W_hat.T
-            n = W.numel()
-            num_w += n * float(rec.rel_error)
-            if name in stats:
-                rel = float(weighted_relative_error(W, W_hat, stats.statistic(name).float()))
-                per[name] = rel
-                num_o += n * rel
-            params += n
+
+        def items():
+            for name, dense in o.iter_dense():
+                rec = recs.get(name)
+                if rec is not None:
+                    W, W_hat = originals[name].float(), dense.float()
+                    yield (name, W.T, W_hat.T, float(rec.rel_error)) if rec.transposed else \
+                        (name, W, W_hat, float(rec.rel_error))
+
+        return tensor_errors(items(), stats_dir)
+
+
+def tensor_errors(items, stats_dir: str) -> tuple[float, float | None, dict]:
+    """As `output_error`, from (name, W, W_hat, relative weight error or None to compute it) of each compressed
+    tensor, W and W_hat (out x in) in the orientation of the statistics. Used by scripts/decoder_peers.py too."""
+    from lplr_convert.calibration import load_calibration
+    from lplr_convert.math.weighted import weighted_relative_error
+
+    stats = load_calibration(stats_dir)
+    per, num_w, num_o, params = {}, 0.0, 0.0, 0
+    for name, W, W_hat, rel in items:
+        n = W.numel()
+        num_w += n * (float((W - W_hat).norm() / W.norm()) if rel is None else rel)
+        if name in stats:
+            per[name] = float(weighted_relative_error(W, W_hat, stats.statistic(name).float()))
+            num_o += n * per[name]
+        params += n
     return num_w / params, (num_o / params if per else None), per
 
 
@@ -261,6 +278,9 @@ def llm_main(args) -> int:
                if words is None or any(w in c[0] for w in words)]
     records = []
     for label, calibrated, layer, budget in configs:
+        fixed = args.b0 is not None and layer["method"] in ("rtn", "gptq")
+        if fixed:
+            layer = {**layer, "b0": args.b0}
         flat = overlay(flat_defaults(), layer)
         out = Path(tempfile.mkdtemp(prefix="lplr_quality_")) / "out"
         load0 = os.getloadavg()[0]
@@ -268,11 +288,13 @@ def llm_main(args) -> int:
         try:
             manifest = convert(ConvertOptions(in_path=src, out_path=str(out), layer=flat,
                                               calibration=stats if calibrated else None, device="cpu",
-                                              target_bits_per_param=budget, write_report=False))
+                                              target_bits_per_param=None if fixed else budget, layers=args.layers,
+                                              write_report=False))
         except LplrError as e:  # e.g. a budget no width of this grid fits: said in the table
             rec = {"label": label, "budget": budget, "settings": layer, "error": str(e).splitlines()[0]}
             records.append(rec)
             print(json.dumps(rec), flush=True)
+            write_llm_rows(args.write, meta, [rec])
             continue
         seconds = time.perf_counter() - t0
         with ConvertedOutput(out) as o:
@@ -286,15 +308,28 @@ def llm_main(args) -> int:
                "top1_agreement": ev["top1_agreement"], "weighted_rel_error": werr, "output_rel_error": oerr,
                "convert_seconds": round(seconds, 1), "load": [round(load0, 1), round(os.getloadavg()[0], 1)],
                "tokens": ev["tokens"]}
+        if args.layers is not None:
+            rec["layers"] = args.layers  # only these blocks compressed; bits/param over them
+        if fixed:
+            rec["fixed_b0"] = args.b0  # converted at --b0, not through the budget's allocation pass
+            if budget is not None and rec["bits_per_param"] > budget:
+                rec["error"] = f"--b0 {args.b0} stores {rec['bits_per_param']:.3f} bits/param, over the budget"
         records.append(rec)
         print(json.dumps(rec), flush=True)
+        write_llm_rows(args.write, meta, [rec])
         shutil.rmtree(out.parent, ignore_errors=True)
-    if args.write is not None:
-        args.write.mkdir(parents=True, exist_ok=True)
-        with open(args.write / "results.jsonl", "a") as f:  # appended: runs of a few rows add up to a table
-            f.write("".join(json.dumps(r) + "\n" for r in [{"meta": meta}, *records]))
-        (args.write / "results.md").write_text(llm_markdown(args.write / "results.jsonl"))
     return 0
+
+
+def write_llm_rows(where: Path | None, meta: dict, records: list[dict]) -> None:
+    """Append `records` (after their run's `meta`) to where/results.jsonl as each row finishes (runs of a few rows add
+    up to a table; an interrupted run keeps its finished rows) and re-render where/results.md."""
+    if where is None:
+        return
+    where.mkdir(parents=True, exist_ok=True)
+    with open(where / "results.jsonl", "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in [{"meta": meta}, *records]))
+    (where / "results.md").write_text(llm_markdown(where / "results.jsonl"))
 
 
 def llm_markdown(jsonl: Path) -> str:
@@ -314,7 +349,11 @@ def llm_markdown(jsonl: Path) -> str:
             meta = r["meta"]
             continue
         budget = "—" if r["budget"] is None else f"≤ {r['budget']:g}"
-        head = f"| {meta.get('date')} | {Path(meta.get('model', '?')).name} | {budget} | {r['label']} |"
+        if r.get("source") and r["budget"] is not None:  # a peer at the nearest bits, not held to the budget
+            budget = f"beside ≤ {r['budget']:g}"
+        label = r["label"] + (f" (--b0 {r['fixed_b0']})" if "fixed_b0" in r else "") + \
+            (f", blocks {r['layers']} only" if "layers" in r else "")
+        head = f"| {meta.get('date')} | {Path(meta.get('model', '?')).name} | {budget} | {label} |"
         if "error" in r:
             lines.append(f"{head} — | — | — | — | — | — | — | {r['error']} |")
             continue

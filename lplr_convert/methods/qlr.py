@@ -38,6 +38,8 @@ from ._common import (
 )
 from .base import Candidate, InputStats, Method, MethodResult, PackedLayout, QuantPart, incoherence_of, register
 from .settings import (
+    GRID_CLIP,
+    GRID_SCHEME,
     MAX_ITERATIONS,
     BitsKnob,
     GPTQKnobs,
@@ -62,7 +64,8 @@ class QLRSettings(CalibratedFactoredSettings, BitsKnob, IncoherenceKnob):
     b2: int = redefault(CalibratedFactoredSettings, "b2", 4)
     quantizer: str = redefault(QuantKnobs, "quantizer", "group")
     group_size: int | None = redefault(QuantKnobs, "group_size", 128)
-    clip: str | None = redefault(QuantKnobs, "clip", "mse")
+    scheme: str = redefault(QuantKnobs, "scheme", GRID_SCHEME)
+    clip: str | None = redefault(QuantKnobs, "clip", GRID_CLIP)
     act_order: bool = redefault(GPTQKnobs, "act_order", True)
     rank: RankPolicy = redefault(RankKnobs, "rank", factory=lambda: RankPolicy("rank_fraction", 0.1))  # noqa: RUF009
     iters: int = knob(2, type=int, validate=iteration_count(1), label="nondefault",

@@ -290,6 +290,15 @@ class BitsKnob(Settings):
                    help="Bits of a directly quantized weight (rtn) (1-8, 16, 32).")
 
 
+# The grid of the calibrated quantizers (gptq, qlr's backbone and factors), a named default chosen by measurement: an
+# integer zero point per scale group and each group's range shrunk to the least squared error. Better than the
+# symmetric absmax grid at 2.25-8.25 bits/param on all-MiniLM-L6-v2 and, GPTQ on three blocks of SmolLM2-135M-Instruct,
+# at 4 bits (equal perplexity, lower KL at 3) (artifacts/quality/results.md, artifacts/quality/decoder/NOTES.md);
+# each tensor's record carries its grid (settings and the stored part's spec).
+GRID_SCHEME = "asymmetric"
+GRID_CLIP = "mse"
+
+
 @dataclass(frozen=True)
 class QuantKnobs(Settings):
     """Scale granularity of the integer quantizer."""
