@@ -338,8 +338,10 @@ def test_decoder_quality_benchmark_runs_on_a_tiny_causal_lm(tiny_lm_dir, tmp_pat
                           capture_output=True, text=True, timeout=600, cwd=root, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    meta, recs = rows[0]["meta"], rows[1:]
-    assert meta["text"] == "heldout_prose.txt" and meta["tokens"] >= 200
+    metas, recs = [r["meta"] for r in rows if "meta" in r], [r for r in rows if "meta" not in r]
+    assert "meta" in rows[0]  # each row appended after its run's meta as it finishes
+    for meta in metas:
+        assert meta["text"] == "heldout_prose.txt" and meta["tokens"] >= 200
     assert [r["label"] for r in recs] == ["rtn sym g128", "lplr published (8/8, rf 0.8)"]
     assert len({r["perplexity_float"] for r in recs}) == 1 and len({r["tokens"] for r in recs}) == 1
     rtn, lplr = recs
