@@ -101,11 +101,8 @@ class ConvertedOutput:
         read into `out` when given (contiguous, the stored dtype)."""
         from .reader import read_at
 
-        f = self._shard(str(rec.shard), full)
-        h = self._headers.get(full)
-        if h is None:
-            raise LplrError(f"tensor {full} cannot be read from {rec.shard} (not in its header); run "
-                            f"`lplr-convert verify` and re-run the conversion")
+        h = self._header(rec, full)
+        f = self._open
         numel = math.prod(h.shape)
         start, count = (0, numel) if count is None else (min(start, numel), max(0, min(count, numel - start)))
         if out is None:
@@ -151,9 +148,7 @@ class ConvertedOutput:
         """One stored tensor of a record (`last`: only its last entry, of a 1-D tensor), read without its siblings."""
         if not last:
             return self._read(rec, full).to(self.device)
-        self._shard(str(rec.shard), full)
-        h = self._headers.get(full)
-        n = math.prod(h.shape) if h is not None else 1
+        n = math.prod(self._header(rec, full).shape)
         return self._read(rec, full, count=1, start=max(0, n - 1)).to(self.device)
 
     def parts(self, rec: TensorRecord) -> dict[str, torch.Tensor]:
@@ -168,13 +163,18 @@ class ConvertedOutput:
             out["" if full == rec.name else full[len(rec.name) + 1:]] = self._read(rec, full).to(self.device)
         return out
 
-    def _check_header(self, rec: TensorRecord, full: str, meta: dict) -> None:
-        """The shard's header gives stored tensor `full` the dtype and shape the manifest records (else LplrError)."""
+    def _header(self, rec: TensorRecord, full: str):
+        """The header of stored tensor `full` of `rec`, its shard open (else LplrError)."""
         self._shard(str(rec.shard), full)
         h = self._headers.get(full)
         if h is None:
             raise LplrError(f"tensor {full} cannot be read from {rec.shard} (not in its header); run "
                             f"`lplr-convert verify` and re-run the conversion")
+        return h
+
+    def _check_header(self, rec: TensorRecord, full: str, meta: dict) -> None:
+        """The shard's header gives stored tensor `full` the dtype and shape the manifest records (else LplrError)."""
+        h = self._header(rec, full)
         if dtype_name(h.dtype) != meta.get("dtype") or list(h.shape) != list(meta.get("shape", ())):
             raise LplrError(f"stored tensor {full} has {h.dtype} {list(h.shape)}, the manifest says "
                             f"{meta.get('dtype')} {meta.get('shape')}; the output is damaged, re-run the "

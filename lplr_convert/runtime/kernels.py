@@ -34,13 +34,13 @@ __all__ = [
     "codes_rows",
     "dequantize_rows",
     "int4pack_available",
+    "int4pack_bytes",
     "int4pack_codes",
     "int4pack_fields",
     "int4pack_linear",
     "int4pack_packed",
     "int4pack_scales_zeros",
     "int4pack_segments",
-    "int4pack_bytes",
     "int4pack_weight",
     "int8pack_codes",
     "int8pack_linear",
@@ -235,21 +235,14 @@ def int4pack_weight(packed: torch.Tensor, spec: qz.QuantSpec, segments: list[tup
     for i in range(0, mp, step):
         j = min(mp, i + step)
         if j <= m and width == n:
-            codes = _codes4(packed, n, i, j)
+            codes = codes_rows(packed, spec, i, j)
         else:
             codes = torch.full((j - i, width), 8, dtype=torch.uint8, device=packed.device)
             if i < m:
-                codes[:min(j, m) - i, :n] = _codes4(packed, n, i, min(j, m))
+                codes[:min(j, m) - i, :n] = codes_rows(packed, spec, i, min(j, m))
         for out, (a, b, _) in zip(outs, segments):
             out[i:j] = _int4pack_blocks(codes[:, a:b])
     return outs
-
-
-def _codes4(packed: torch.Tensor, n: int, start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) of 4-bit codes from the flat packing (low nibble first; `start * n` even)."""
-    count = (stop - start) * n
-    raw = packed[start * n // 2:start * n // 2 + (count + 1) // 2]
-    return torch.stack((raw & 15, raw >> 4), dim=1).view(-1)[:count].view(stop - start, n)
 
 
 def int4pack_codes(weights: list[torch.Tensor], start: int, stop: int, n: int | None = None) -> torch.Tensor:
@@ -295,22 +288,18 @@ def int4pack_scales_zeros(spec: qz.QuantSpec, fields: dict[str, torch.Tensor], s
         if _maps_groups(spec, a, b):  # one stored group per kernel group
             part = sz[:, :b // spec.group_size]
         else:  # the short last stored group, or the row's / tensor's parameters, repeated
-            part = sz[:, -1:].expand(sz.shape[0], (b - a) // g, 2).expand(m, (b - a) // g, 2)
+            part = sz[:, -1:].expand(m, (b - a) // g, 2)
         if mp > m:
             part = torch.cat([part, part.new_zeros(mp - m, *part.shape[1:])])
         out.append(part.transpose(0, 1).to(dtype).contiguous())
     return out
 
 
-def int4pack_bytes(spec: qz.QuantSpec, segments: list[tuple[int, int, int]], dtype: torch.dtype | None) -> int:
-    """Bytes a matrix holds in the int4pack layout: its (padded) codes plus the kernel's scales-and-zeros in `dtype`,
-    or plus the stored parameters when `dtype` is None (formed at each call)."""
+def int4pack_bytes(spec: qz.QuantSpec, segments: list[tuple[int, int, int]], dtype: torch.dtype) -> int:
+    """Bytes a matrix holds in the int4pack layout with cached scales: its (padded) codes plus the kernel's
+    scales-and-zeros in `dtype`."""
     mp = _up(spec.shape[0], 16)
-    codes = mp * segments[-1][1] // 2
-    if dtype is None:
-        return codes + sum(math.prod(shape) * torch.finfo(getattr(torch, t)).bits // 8 if t != "uint8" else
-                           math.prod(shape) for f, (t, shape) in qz.field_specs(spec).items() if f != C.FIELD_PACKED)
-    return codes + sum((b - a) // g * mp * 2 for a, b, g in segments) * torch.finfo(dtype).bits // 8
+    return mp * segments[-1][1] // 2 + sum((b - a) // g * mp * 2 for a, b, g in segments) * torch.finfo(dtype).bits // 8
 
 
 def int4pack_fields(spec: qz.QuantSpec, scales_zeros: list[torch.Tensor], segments: list[tuple[int, int, int]],

@@ -25,6 +25,7 @@ codes back in the stored packing and chooses again for that device.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -46,7 +47,7 @@ ENV_KERNEL = "LPLR_KERNEL"
 KERNELS = ("auto", "tiled", "int4pack", "int8pack")
 INT4PACK_MAX_TOKENS = 32
 INT8PACK_MAX_TOKENS = 4
-INT4PACK_CACHE_OVERHEAD = 0.05  # held bytes of a matrix with cached scales-and-zeros <= (1 + this) x its stored bytes
+INT4PACK_CACHE_OVERHEAD = 0.05  # int4pack layouts hold <= (1 + this) x the stored bytes of the matrices planned together
 
 _BUFFER = {C.FIELD_PACKED: "packed", C.FIELD_SCALE: "scale", C.FIELD_ZERO: "zero", C.FIELD_ZERO_POINT: "zero_point",
            C.FIELD_FLOAT: "values"}
@@ -95,8 +96,17 @@ def _choose(asked: str, spec: qz.QuantSpec, transpose: bool, device: torch.devic
     return "tiled"
 
 
-_Plan = dict[str, tuple[bool, bool | None]]
+_Plan = dict[str, tuple[bool, bool]]
 _NAMES = ("backbone", "left", "right")
+
+
+def _int4pack_runs(part, pad: bool, asked: str, transpose: bool, device: torch.device, dtype: torch.dtype) -> bool:
+    return part is not None and _choose(asked, part.spec, transpose, device, "", dtype, pad, quiet=True) == "int4pack"
+
+
+def _int4pack_extra(part, pad: bool, dtype: torch.dtype) -> float:
+    """Bytes the int4pack layout with cached scales holds beyond the part's stored bytes."""
+    return K.int4pack_bytes(part.spec, K.int4pack_segments(part.spec, pad), dtype) - qz.stored_bits(part.spec) / 8
 
 
 def _plan_many(layers: list[tuple[PackedLayout, bool, str, torch.device, torch.dtype]],
@@ -117,15 +127,8 @@ def _plan_many(layers: list[tuple[PackedLayout, bool, str, torch.device, torch.d
         budget += overhead * sum(qz.stored_bits(p.spec) / 8 for p in parts.values() if p is not None)
         if dtype not in (torch.bfloat16, torch.float16) or device.type != "cpu" or not transpose:
             continue
-
-        def int4(part, pad: bool) -> bool:
-            return part is not None and \
-                _choose(asked, part.spec, transpose, device, "", dtype, pad, quiet=True) == "int4pack"
-
-        def cost(part, pad: bool) -> float:
-            return K.int4pack_bytes(part.spec, K.int4pack_segments(part.spec, pad), dtype) - \
-                qz.stored_bits(part.spec) / 8
-
+        int4 = functools.partial(_int4pack_runs, asked=asked, transpose=transpose, device=device, dtype=dtype)
+        cost = functools.partial(_int4pack_extra, dtype=dtype)
         factors = tuple(k for k in ("left", "right") if parts[k] is not None)
         if factors and all(int4(parts[k], True) for k in factors):
             candidates.append((0, sum(cost(parts[k], True) for k in factors), i, factors))
@@ -156,7 +159,7 @@ class PackedMatrix(nn.Module):
 
     def __init__(self, spec: qz.QuantSpec, fields: Mapping[str, torch.Tensor], transpose: bool = True,
                  kernel: str | None = None, where: str = "", dtype: torch.dtype | None = None, pad: bool = False,
-                 cache: bool | None = None):
+                 cache: bool = False):
         super().__init__()
         self.spec, self.transpose, self.where, self.dtype = spec, transpose, where, dtype
         self.pad, self.cache = pad, cache
@@ -171,7 +174,7 @@ class PackedMatrix(nn.Module):
     @classmethod
     def meta(cls, spec: qz.QuantSpec, transpose: bool = True, kernel: str | None = None, where: str = "",
              device: torch.device | str = "cpu", dtype: torch.dtype | None = None, pad: bool = False,
-             cache: bool | None = None) -> PackedMatrix:
+             cache: bool = False) -> PackedMatrix:
         """The module as it will be loaded on `device` (same buffer names, shapes and dtypes), on the meta device."""
         fields = {f: torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
                   for f, (dtype, shape) in qz.field_specs(spec, spec.float_dtype or "float16").items()}
@@ -213,14 +216,9 @@ class PackedMatrix(nn.Module):
         return [self._buffers[f"int4pack_sz_{i}"] for i in range(len(self.segments))]
 
     def _caches(self) -> bool:
-        """Hold int4pack's scales-and-zeros in the module's dtype: a bfloat16/float16 module, as `cache` says, or
-        (None) where the matrix then holds at most `INT4PACK_CACHE_OVERHEAD` more bytes than stored."""
-        if self.dtype not in (torch.bfloat16, torch.float16):
-            return False
-        if self.cache is not None:
-            return self.cache
-        return K.int4pack_bytes(self.spec, self.segments, self.dtype) <= \
-            (1 + INT4PACK_CACHE_OVERHEAD) * qz.stored_bits(self.spec) / 8
+        """Hold int4pack's scales-and-zeros in the module's dtype: a bfloat16/float16 module whose plan
+        (`_plan_many`) says so."""
+        return self.cache and self.dtype in (torch.bfloat16, torch.float16)
 
     def set_kernel(self, kernel: str) -> None:
         """Hold the codes in `kernel`'s layout (from whichever layout they are in now)."""

@@ -190,7 +190,7 @@ def test_int4pack_holds_its_scales_and_zeros_where_they_cost_at_most_five_percen
                 assert torch.allclose(got.float(), want.float(), rtol=2 ** -8, atol=0)
             else:
                 assert torch.equal(got, want), field
-        meta = PackedMatrix.meta(pm.spec, dtype=dtype)
+        meta = PackedMatrix.meta(pm.spec, dtype=dtype, pad=pm.pad, cache=pm.cache)
         assert {n: (b.shape, b.dtype) for n, b in meta.named_buffers()} == \
             {n: (b.shape, b.dtype) for n, b in pm.named_buffers()}
         pm.set_kernel("tiled")  # as on another device: the stored parameters back in their buffers
