@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=256, help="--model: calibration tokens per sample")
     ap.add_argument("--eval-tokens", type=int, default=4096, help="--model: held-out tokens evaluated (about)")
     ap.add_argument("--budgets", default="2.25,3.25,4.25", help="--model: bits/param budgets, comma separated")
-    ap.add_argument("--rows", default=None, help="--model: keep rows whose label contains one of these words")
+    ap.add_argument("--rows", default=None, help="--model: keep rows whose label contains one of these words (comma separated; "
+                    "'=LABEL' keeps that label only)")
     ap.add_argument("--incoherence", action="store_true",
                     help="--model: each gptq/qlr row also with --incoherence hadamard (label '+hadamard')")
     ap.add_argument("--layers", default=None,
@@ -253,6 +254,8 @@ def tensor_errors(items, stats_dir: str) -> tuple[float, float | None, dict]:
 
 
 def llm_main(args) -> int:
+    import torch
+
     from lplr_convert.calibration import calibrate
     from lplr_convert.errors import LplrError
     from lplr_convert.evaluate import evaluate_state_dict
@@ -272,10 +275,11 @@ def llm_main(args) -> int:
     texts, tokens = prose_texts(src, args.text or PROSE, args.eval_tokens)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "model": src, "calibration": f"{m.get('samples')} samples, {m.get('tokens')} tokens ({m.get('text')})",
-            "text": (args.text or PROSE).name, "paragraphs": len(texts), "tokens": tokens}
+            "text": (args.text or PROSE).name, "paragraphs": len(texts), "tokens": tokens,
+            "threads": torch.get_num_threads()}
     words = [w.strip() for w in args.rows.split(",")] if args.rows else None
     configs = [c for c in llm_configs([float(b) for b in args.budgets.split(",") if b], args.incoherence)
-               if words is None or any(w in c[0] for w in words)]
+               if words is None or any(c[0] == w[1:] if w.startswith("=") else w in c[0] for w in words)]
     records = []
     for label, calibrated, layer, budget in configs:
         fixed = args.b0 is not None and layer["method"] in ("rtn", "gptq")
