@@ -193,7 +193,9 @@ class LoadPlan:
         if target is not None and target.layout is not None:
             device = next(iter(parts.values())).device
             dtype = model.get_submodule(target.name).dtype  # what the meta module was built for: the same kernels
-            new = packed_for(target.module, rec, target.layout, parts, device, dtype, self.kernel)
+            # laid out as the meta twin was (for the CPU) wherever transformers put the parts: the same buffers;
+            # `balance` lays them out for their device after loading
+            new = packed_for(target.module, rec, target.layout, parts, device, dtype, self.kernel, plan_device="cpu")
             return {f"{target.name}.{k}": v for k, v in new.state_dict().items() if k != "bias"}
         if target is not None and target.module is not None:
             L, R, base = factors_for(target.module, rec, parts)

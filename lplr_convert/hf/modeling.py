@@ -248,10 +248,10 @@ def packed_target(model: nn.Module, rec: TensorRecord, prefix: str, names: dict 
 
 
 def packed_for(mod: nn.Module, rec: TensorRecord, layout, parts: dict | None, device, dtype: torch.dtype | None,
-               kernel: str | None = None):
+               kernel: str | None = None, plan_device=None):
     """A PackedLinear standing in for the linear `mod` that `rec` stores (its stored fields as buffers, checked
-    against the manifest's specs), or its meta-device twin when `parts` is None. The bias is kept when already loaded,
-    else an empty placeholder."""
+    against the manifest's specs), or its meta-device twin when `parts` is None; laid out for `plan_device` when
+    given (default: where the parts are). The bias is kept when already loaded, else an empty placeholder."""
     from transformers.pytorch_utils import Conv1D
 
     from ..dtypes import dtype_from_name
@@ -270,4 +270,5 @@ def packed_for(mod: nn.Module, rec: TensorRecord, layout, parts: dict | None, de
     if bias is not None:
         bias = torch.empty(bias.shape, dtype=wdtype, device=device if parts is not None else "meta") \
             if bias.device.type == "meta" else bias.detach().to(device, wdtype)
-    return PackedLinear(layout, parts, bias, conv1d, kernel=kernel, where=rec.name, device=device, dtype=wdtype)
+    return PackedLinear(layout, parts, bias, conv1d, kernel=kernel, where=rec.name, device=device, dtype=wdtype,
+                        plan_device=plan_device)

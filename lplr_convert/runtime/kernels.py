@@ -13,6 +13,12 @@ compute x @ M^T (a weight in nn.Linear orientation) or x @ M for a 2-D x:
   scales-and-zeros (in the activation dtype, as the kernel requires) are formed from the stored scales and zero
   points, z = 0 (symmetric), (8 - zp) s (asymmetric) or lo + 8 s (minmax), and `int4pack_fields` gives the stored
   parameters back from them (exactly where the dtype holds the stored scales, e.g. float16 scales in float16).
+- The same kernel family on CUDA (`aten._weight_int4pack_mm`, bfloat16 only): the same arithmetic, groups and
+  scales-and-zeros, another weight layout ((m/8, w/(16 t), 32, t/2) int32 for t inner k-tiles), written by
+  `aten._convert_weight_to_int4pack` from the codes two to a byte (even column in the high nibble) and opaque: the
+  codes are read back through the kernel itself (identity rows as x, s = 1, z = 8 give W^T = the codes, integers
+  below 16 being exact in bfloat16). `int4pack_available(device)` checks each device's layout and arithmetic once,
+  exactly, on small matrices; where the check fails the tiled path runs.
 - `int8pack_*`: torch's `aten._weight_int8pack_mm` (int8 codes, one scale per output row): the codes less 128 as int8
   (same bytes); an asymmetric or minmax offset o (w = (c - 128) s + o) is added as o * sum(x).
 """
@@ -35,9 +41,15 @@ __all__ = [
     "dequantize_rows",
     "int4pack_available",
     "int4pack_bytes",
+    "int4pack_check",
     "int4pack_codes",
+    "int4pack_cuda_shape",
     "int4pack_fields",
+    "int4pack_kernel_codes",
+    "int4pack_layout",
     "int4pack_linear",
+    "int4pack_mm",
+    "int4pack_pack",
     "int4pack_packed",
     "int4pack_scales_zeros",
     "int4pack_segments",
@@ -197,18 +209,102 @@ def _int4pack_unblock(block: torch.Tensor) -> torch.Tensor:
 _INT4PACK_CHECKED: dict[str, bool] = {}
 
 
-def int4pack_available() -> bool:
-    """The CPU int4pack ops exist and their layout is the one `_int4pack_block` writes (checked once on a 80 x 64
-    matrix: one full block and a short one)."""
-    if "ok" not in _INT4PACK_CHECKED:
+def int4pack_available(device: torch.device | str = "cpu") -> bool:
+    """The int4pack ops run on `device` as this module uses them, checked once per device: on the CPU, its layout is
+    the one `_int4pack_block` writes (an 80 x 64 matrix: one full block and a short one) and the product is exact
+    (`int4pack_check`); on CUDA, `int4pack_check` with the CUDA ops. Other devices: False."""
+    device = torch.device(device)
+    key = str(device)
+    if key not in _INT4PACK_CHECKED:
         try:
-            codes = torch.randint(0, 16, (80, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
-            ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-            ours = torch.cat([_int4pack_block(codes[:64].to(torch.uint8)), _int4pack_block(codes[64:].to(torch.uint8))])
-            _INT4PACK_CHECKED["ok"] = bool(torch.equal(ref, ours))
-        except (AttributeError, RuntimeError, NotImplementedError):
-            _INT4PACK_CHECKED["ok"] = False
-    return _INT4PACK_CHECKED["ok"]
+            if device.type == "cpu":
+                codes = torch.randint(0, 16, (80, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+                ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+                ours = torch.cat([_int4pack_block(codes[:64].to(torch.uint8)),
+                                  _int4pack_block(codes[64:].to(torch.uint8))])
+                _INT4PACK_CHECKED[key] = bool(torch.equal(ref, ours)) and int4pack_check(device)
+            elif device.type == "cuda":
+                _INT4PACK_CHECKED[key] = int4pack_check(device)
+            else:
+                _INT4PACK_CHECKED[key] = False
+        except (AttributeError, RuntimeError, NotImplementedError, TypeError, ValueError):
+            _INT4PACK_CHECKED[key] = False
+    return _INT4PACK_CHECKED[key]
+
+
+def int4pack_layout(device: torch.device | str) -> str:
+    """Which int4pack weight layout a device's kernel reads: "cuda" (tinygemm's on CUDA) or "cpu"."""
+    return "cuda" if torch.device(device).type == "cuda" else "cpu"
+
+
+def int4pack_tiles(width: int) -> int:
+    """Inner k-tiles of the CUDA layout for a segment `width` wide (a multiple of 32): 8, 4 or 2 (16 columns each)."""
+    return next(t for t in (8, 4, 2) if width % (16 * t) == 0)
+
+
+def _int4pack_cuda(codes: torch.Tensor) -> torch.Tensor:
+    """Codes (rows a multiple of 8, width a multiple of 32) in the CUDA layout: two to a byte, even column high."""
+    pairs = (codes[:, 0::2] << 4 | codes[:, 1::2]).contiguous()
+    return torch.ops.aten._convert_weight_to_int4pack(pairs, int4pack_tiles(codes.shape[1]))
+
+
+def int4pack_cuda_shape(rows: int, width: int) -> tuple[int, int, int, int]:
+    """Shape of the CUDA layout of `rows` x `width` codes (int32)."""
+    t = int4pack_tiles(width)
+    return rows // 8, width // (16 * t), 32, t // 2
+
+
+def int4pack_mm(device: torch.device | str) -> Callable:
+    """The kernel of a device's layout: (x (t, w), weight, group, scales-and-zeros (w / group, m, 2)) -> (t, m)."""
+    if int4pack_layout(device) == "cuda":
+        return torch.ops.aten._weight_int4pack_mm.default
+    return torch.ops.aten._weight_int4pack_mm_for_cpu.default
+
+
+def int4pack_pack(codes: torch.Tensor, layout: str) -> torch.Tensor:
+    """4-bit codes (rows a multiple of 16, width a multiple of 32) in `layout`."""
+    return _int4pack_cuda(codes) if layout == "cuda" else _int4pack_blocks(codes)
+
+
+def int4pack_check(device: torch.device | str) -> bool:
+    """The device's int4pack pack and kernel compute (c - 8) s + z exactly as this module assumes: for widths of 8,
+    4 and 2 inner k-tiles (256, 64, 32) and groups of 32..256, identity rows through the kernel give W^T bit for bit
+    (s in {0.5, 1, 2} and integer z: every value exact in bfloat16), and `int4pack_kernel_codes` gives the codes."""
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    layout, mm = int4pack_layout(device), int4pack_mm(device)
+    for width, group in ((256, 64), (64, 32), (32, 32), (256, 256)):
+        codes = torch.randint(0, 16, (32, width), dtype=torch.uint8, generator=gen)
+        s = torch.tensor([0.5, 1.0, 2.0])[torch.randint(0, 3, (32, width // group), generator=gen)]
+        z = torch.randint(-4, 5, (32, width // group), generator=gen).float()
+        W = (codes.float() - 8) * s.repeat_interleave(group, 1) + z.repeat_interleave(group, 1)
+        sz = torch.stack([s, z], -1).transpose(0, 1).contiguous().to(torch.bfloat16).to(device)
+        weight = int4pack_pack(codes.to(device), layout)
+        got = mm(torch.eye(width, dtype=torch.bfloat16, device=device), weight, group, sz)
+        if not torch.equal(got.float().cpu(), W.T):
+            return False
+        back = int4pack_kernel_codes(mm, [weight], [(0, width, group)], 32, width)
+        if not torch.equal(back.cpu(), codes):
+            return False
+    return True
+
+
+def int4pack_kernel_codes(mm: Callable, weights: list[torch.Tensor], segments: list[tuple[int, int, int]], m: int,
+                          n: int, tile_bytes: int = TILE_BYTES) -> torch.Tensor:
+    """The (m, n) codes (uint8) held in any int4pack layout, read through its kernel `mm`: rows of the identity as x
+    with s = 1 and z = 8 give W^T = the codes exactly; about `tile_bytes` of output at a time."""
+    device = weights[0].device
+    out = torch.empty(m, n, dtype=torch.uint8, device=device)
+    for w, (a, b, g) in zip(weights, segments):
+        rows = _up(m, 16)
+        sz = torch.tensor([1.0, 8.0], dtype=torch.bfloat16, device=device).expand((b - a) // g, rows, 2).contiguous()
+        step = max(1, tile_bytes // (2 * rows))
+        for c in range(a, min(b, n), step):
+            d = min(b, n, c + step)
+            x = torch.zeros(d - c, b - a, dtype=torch.bfloat16, device=device)
+            x[torch.arange(d - c, device=device), torch.arange(c - a, d - a, device=device)] = 1
+            out[:, c:d] = mm(x, w, g, sz)[:, :m].T.to(torch.uint8)
+    return out
 
 
 def _int4pack_blocks(codes: torch.Tensor) -> torch.Tensor:
@@ -225,11 +321,17 @@ def _int4pack_blocks(codes: torch.Tensor) -> torch.Tensor:
 
 
 def int4pack_weight(packed: torch.Tensor, spec: qz.QuantSpec, segments: list[tuple[int, int, int]],
-                    ) -> list[torch.Tensor]:
+                    layout: str = "cpu") -> list[torch.Tensor]:
     """The stored 4-bit codes of each column segment in the CPU int4pack layout ((m, width / 2) uint8: together the
-    same bytes as stored; padded rows and columns hold code 8), about `TILE_BYTES` of codes at a time."""
+    same bytes as stored; padded rows and columns hold code 8), about `TILE_BYTES` of codes at a time; or in the CUDA
+    layout (`layout="cuda"`: the same bytes, int32; its op packs whole matrices, so all codes one byte each exist for
+    a moment)."""
     m, n = spec.shape
     mp, width = _up(m, 16), segments[-1][1]
+    if layout == "cuda":
+        codes = torch.full((mp, width), 8, dtype=torch.uint8, device=packed.device)
+        codes[:m, :n] = codes_rows(packed, spec, 0, m)
+        return [_int4pack_cuda(codes[:, a:b]) for a, b, _ in segments]
     outs = [torch.empty(mp, (b - a) // 2, dtype=torch.uint8, device=packed.device) for a, b, _ in segments]
     step = max(_INT4PACK_ROWS, TILE_BYTES // max(1, width) // _INT4PACK_ROWS * _INT4PACK_ROWS)
     for i in range(0, mp, step):
@@ -331,13 +433,13 @@ def int4pack_fields(spec: qz.QuantSpec, scales_zeros: list[torch.Tensor], segmen
 
 def int4pack_linear(x: torch.Tensor, weights: list[torch.Tensor], segments: list[tuple[int, int, int]],
                     scales_zeros: list[torch.Tensor], m: int | None = None) -> torch.Tensor:
-    """x @ W^T on the CPU int4pack kernel, one call per column segment (x 2-D, float32/bfloat16/float16;
-    scales_zeros in x's dtype); x is padded with zero columns to the segments' width, and the output cut to `m`
-    rows of W when given (padded rows)."""
+    """x @ W^T on the int4pack kernel of the weights' device, one call per column segment (x 2-D: on the CPU
+    float32/bfloat16/float16, on CUDA bfloat16; scales_zeros in x's dtype); x is padded with zero columns to the
+    segments' width, and the output cut to `m` rows of W when given (padded rows)."""
     width = segments[-1][1]
     if x.shape[1] < width:
         x = torch.nn.functional.pad(x, (0, width - x.shape[1]))
-    mm = torch.ops.aten._weight_int4pack_mm_for_cpu.default  # the overload itself: no dispatch by arguments
+    mm = int4pack_mm(weights[0].device)  # the overload itself: no dispatch by arguments
     y = None
     for w, (a, b, g), sz in zip(weights, segments, scales_zeros):
         xs = x if (a, b) == (0, width) else x[:, a:b]

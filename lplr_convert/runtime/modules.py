@@ -9,9 +9,11 @@ to the activations), never forming the dense weight in forward.
 Kernels (`KERNELS`; `LPLR_KERNEL=name` or `load_model(..., kernel=name)` overrides the automatic choice):
 - "tiled": dequantize a tile of rows at a time (a few MiB) in the activation dtype and multiply; any width, scheme,
   granularity and device. Codes stay in the stored flat packing.
-- "int4pack": 4-bit codes in the CPU int4pack layout (the same bytes). bfloat16/float16 inputs of up to
-  `INT4PACK_MAX_TOKENS` rows run torch's `_weight_int4pack_mm_for_cpu`; float32 inputs and longer ones run the tiled
-  path over the same codes (measured faster there: scripts/bench_kernels.py). In a bfloat16/float16 model the kernel
+- "int4pack": 4-bit codes in the int4pack layout of the device (the same bytes). On the CPU, bfloat16/float16 inputs
+  of up to `INT4PACK_MAX_TOKENS` rows run torch's `_weight_int4pack_mm_for_cpu`; float32 inputs and longer ones run
+  the tiled path over the same codes (measured faster there: scripts/bench_kernels.py). On CUDA, bfloat16 modules
+  run `_weight_int4pack_mm` (tinygemm) for every input (cast to bfloat16, the kernel's only dtype), where the
+  device passed `kernels.int4pack_check` (else tiled). In a bfloat16/float16 model the kernel
   may hold its scales-and-zeros in that dtype in place of the stored scales and zero points (forming them at each
   call took half of the kernel's time; their dtype rounds the scales: bfloat16 keeps 8 significant bits), and thin
   low-rank factors padded to its shapes (rows to 16, columns to 32): `_plan_many` spends at most
@@ -19,8 +21,9 @@ Kernels (`KERNELS`; `LPLR_KERNEL=name` or `load_model(..., kernel=name)` overrid
 - "int8pack": 8-bit codes per row or tensor as int8 (the same bytes); inputs of up to `INT8PACK_MAX_TOKENS` rows
   run `_weight_int8pack_mm` (+ the zero point as a per-row offset times sum(x); bfloat16 inputs in float32: its
   bfloat16 path is wrong in torch 2.13), longer ones the tiled path.
-A kernel that cannot run a matrix falls back to "tiled" with a warning; moving a module to another device puts the
-codes back in the stored packing and chooses again for that device.
+A kernel that cannot run a matrix falls back to "tiled" with a warning; moving a module to another device (`.to()`,
+`.cuda()`) puts the codes back in the stored packing where they are and chooses again on the new device; a dtype
+cast changes the activation dtype only (the stored scales keep their dtype).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from torch import nn
 
 from .. import constants as C
 from ..errors import LplrError
+from ..math import bitpack
 from ..math import quantize as qz
 from ..methods.base import PackedLayout
 from . import kernels as K
@@ -63,13 +67,18 @@ def check_kernel(name: str | None) -> str:
     return name
 
 
-def _runs(kernel: str, spec: qz.QuantSpec, transpose: bool, device: torch.device, pad: bool = False) -> bool:
+def _runs(kernel: str, spec: qz.QuantSpec, transpose: bool, device: torch.device, pad: bool = False,
+          dtype: torch.dtype | None = None) -> bool:
     if kernel == "tiled":
         return True
-    if device.type != "cpu" or not transpose:
+    if not transpose:
         return False
     if kernel == "int4pack":
-        return K.int4pack_segments(spec, pad) is not None and K.int4pack_available()
+        if device.type == "cuda" and dtype != torch.bfloat16:
+            return False  # the CUDA kernel multiplies bfloat16 only
+        return K.int4pack_segments(spec, pad) is not None and K.int4pack_available(device)
+    if device.type != "cpu":
+        return False
     if kernel == "int8pack":
         return spec.bits == 8 and (spec.granularity == "tensor" or (spec.granularity == "channel" and
                                                                       spec.channel_dim == 0))
@@ -79,17 +88,17 @@ def _runs(kernel: str, spec: qz.QuantSpec, transpose: bool, device: torch.device
 def _choose(asked: str, spec: qz.QuantSpec, transpose: bool, device: torch.device, where: str,
             dtype: torch.dtype | None = None, pad: bool = False, quiet: bool = False) -> str:
     """The kernel for one matrix: the one asked for where it can run it (else a warning and the automatic choice);
-    automatically, the CPU kernel that is faster than the tiled path for decode-sized inputs of the model's dtype
-    `dtype` (measured, scripts/bench_kernels.py): int4pack for bfloat16/float16 (its float32 path is slower than
-    the tiled one), int8pack for 8-bit per-row matrices (bfloat16 inputs run its float32 path: its bfloat16 path is
-    wrong in torch 2.13), else tiled."""
+    automatically, the kernel that is faster than the tiled path for decode-sized inputs of the model's dtype
+    `dtype` (measured on the CPU, scripts/bench_kernels.py): int4pack for bfloat16/float16 (its float32 path is
+    slower than the tiled one; on CUDA bfloat16 only), int8pack for 8-bit per-row matrices on the CPU (bfloat16
+    inputs run its float32 path: its bfloat16 path is wrong in torch 2.13), else tiled."""
     if asked != "auto":
-        if _runs(asked, spec, transpose, device, pad):
+        if _runs(asked, spec, transpose, device, pad, dtype):
             return asked
         if not quiet:
             logger.warning(f"kernel {asked} cannot run {where} ({spec.bits}-bit {spec.granularity}, {tuple(spec.shape)} "
                        f"on {device.type}); using the automatic choice")
-    if dtype != torch.float32 and _runs("int4pack", spec, transpose, device, pad):
+    if dtype != torch.float32 and _runs("int4pack", spec, transpose, device, pad, dtype):
         return "int4pack"
     if _runs("int8pack", spec, transpose, device):
         return "int8pack"
@@ -125,7 +134,7 @@ def _plan_many(layers: list[tuple[PackedLayout, bool, str, torch.device, torch.d
     for i, (layout, transpose, asked, device, dtype) in enumerate(layers):
         parts = dict(zip(_NAMES, (layout.backbone, layout.left, layout.right)))
         budget += overhead * sum(qz.stored_bits(p.spec) / 8 for p in parts.values() if p is not None)
-        if dtype not in (torch.bfloat16, torch.float16) or device.type != "cpu" or not transpose:
+        if dtype not in (torch.bfloat16, torch.float16) or device.type not in ("cpu", "cuda") or not transpose:
             continue
         int4 = functools.partial(_int4pack_runs, asked=asked, transpose=transpose, device=device, dtype=dtype)
         cost = functools.partial(_int4pack_extra, dtype=dtype)
@@ -152,6 +161,13 @@ def balance(model: nn.Module, overhead: float | None = None) -> None:
         layer.replan(plan)
 
 
+def _target(fn, device: torch.device) -> tuple[torch.device, torch.dtype | None]:
+    """Where `Module._apply`'s `fn` puts tensors, and the float dtype it casts them to (None: it keeps float dtypes),
+    from a float64 probe."""
+    probe = fn(torch.zeros((), dtype=torch.float64, device=device))
+    return probe.device, None if probe.dtype == torch.float64 else probe.dtype
+
+
 class PackedMatrix(nn.Module):
     """One stored matrix M (m x n) kept as stored (codes bit-packed, scales, zeros or zero points; a float matrix as
     is), or with its codes in a kernel's layout of the same bytes. `forward(x)` is x @ M^T (`transpose`, x: (t, n))
@@ -159,17 +175,21 @@ class PackedMatrix(nn.Module):
 
     def __init__(self, spec: qz.QuantSpec, fields: Mapping[str, torch.Tensor], transpose: bool = True,
                  kernel: str | None = None, where: str = "", dtype: torch.dtype | None = None, pad: bool = False,
-                 cache: bool = False):
+                 cache: bool = False, plan_device: torch.device | str | None = None):
+        """`plan_device`: choose the kernel and lay the codes out for that device (default: where `fields` are),
+        e.g. as a meta twin planned there was (from_pretrained); `balance` settles them where they are."""
         super().__init__()
         self.spec, self.transpose, self.where, self.dtype = spec, transpose, where, dtype
-        self.pad, self.cache = pad, cache
+        self.pad, self.cache, self.asked = pad, cache, check_kernel(kernel)
         self.kernel, self.cached = "tiled", False
+        self.layout = None  # the device layout ("cpu", "cuda") int4pack's codes are held in
         for field, t in fields.items():
             self.register_buffer(_BUFFER[field], t)
         self.segments = None
         device = next(iter(fields.values())).device
         if device.type != "meta":
-            self.set_kernel(_choose(check_kernel(kernel), spec, transpose, device, where, dtype, pad))
+            plan = device if plan_device is None else torch.device(plan_device)
+            self._relayout(_choose(self.asked, spec, transpose, plan, where, dtype, pad), device=plan)
 
     @classmethod
     def meta(cls, spec: qz.QuantSpec, transpose: bool = True, kernel: str | None = None, where: str = "",
@@ -178,9 +198,9 @@ class PackedMatrix(nn.Module):
         """The module as it will be loaded on `device` (same buffer names, shapes and dtypes), on the meta device."""
         fields = {f: torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
                   for f, (dtype, shape) in qz.field_specs(spec, spec.float_dtype or "float16").items()}
-        mod = cls(spec, fields, transpose, where=where, dtype=dtype, pad=pad, cache=cache)
-        kernel = _choose(check_kernel(kernel), spec, transpose, torch.device(device), where, dtype, pad)
-        mod._relayout(kernel, meta=True)
+        mod = cls(spec, fields, transpose, kernel=kernel, where=where, dtype=dtype, pad=pad, cache=cache)
+        kernel = _choose(mod.asked, spec, transpose, torch.device(device), where, dtype, pad)
+        mod._relayout(kernel, meta=True, device=device)
         return mod
 
     # --- stored form and kernel layouts ------------------------------------------------------------------------
@@ -203,6 +223,8 @@ class PackedMatrix(nn.Module):
         return out
 
     def _packed(self) -> torch.Tensor:
+        if self.kernel == "int4pack" and self.layout == "cuda":
+            return bitpack.pack(self._kernel_codes().reshape(-1), 4, check=False)
         if self.kernel == "int4pack":
             return K.int4pack_packed(self._kernel_weights(), self.spec)
         if self.kernel == "int8pack":
@@ -211,6 +233,14 @@ class PackedMatrix(nn.Module):
 
     def _kernel_weights(self) -> list[torch.Tensor]:
         return [self._buffers[f"int4pack_{i}"] for i in range(len(self.segments))]
+
+    def _kernel_codes(self) -> torch.Tensor:
+        """All codes (m, n) of a CUDA layout, read through its kernel (it must run where the buffers are)."""
+        weights = self._kernel_weights()
+        if K.int4pack_layout(weights[0].device) != self.layout:
+            raise LplrError(f"{self.where or 'a packed matrix'}: its codes are in the {self.layout} int4pack layout "
+                            f"but sit on {weights[0].device}; move the model with .to() (which converts them)")
+        return K.int4pack_kernel_codes(K.int4pack_mm(weights[0].device), weights, self.segments, *self.spec.shape)
 
     def _scales_zeros(self) -> list[torch.Tensor]:
         return [self._buffers[f"int4pack_sz_{i}"] for i in range(len(self.segments))]
@@ -224,7 +254,7 @@ class PackedMatrix(nn.Module):
         """Hold the codes in `kernel`'s layout (from whichever layout they are in now)."""
         self._relayout(kernel)
 
-    def _relayout(self, kernel: str, meta: bool = False) -> None:
+    def _relayout(self, kernel: str, meta: bool = False, device: torch.device | str | None = None) -> None:
         if kernel == self.kernel:
             return
         if not meta and self.kernel != "tiled":  # back to the flat packing (and the stored parameters) first
@@ -235,15 +265,21 @@ class PackedMatrix(nn.Module):
                 for field, t in fields.items():
                     self.register_buffer(_BUFFER[field], t)
             self.register_buffer("packed", packed)
-            self.kernel, self.segments, self.cached = "tiled", None, False
+            self.kernel, self.segments, self.cached, self.layout = "tiled", None, False, None
         if kernel == "tiled":
             return
         packed = self._buffers.pop("packed")
         if kernel == "int4pack":
             self.segments = K.int4pack_segments(self.spec, self.pad)
+            self.layout = K.int4pack_layout(device if device is not None else packed.device)
             m = -(-self.spec.shape[0] // 16) * 16  # rows padded to 16 (`pad`)
-            weights = ([torch.empty(m, (b - a) // 2, dtype=torch.uint8, device="meta") for a, b, _ in self.segments]
-                       if meta else K.int4pack_weight(packed, self.spec, self.segments))
+            if meta and self.layout == "cuda":
+                weights = [torch.empty(K.int4pack_cuda_shape(m, b - a), dtype=torch.int32, device="meta")
+                           for a, b, _ in self.segments]
+            elif meta:
+                weights = [torch.empty(m, (b - a) // 2, dtype=torch.uint8, device="meta") for a, b, _ in self.segments]
+            else:
+                weights = K.int4pack_weight(packed, self.spec, self.segments, self.layout)
             for i, w in enumerate(weights):
                 self.register_buffer(f"int4pack_{i}", w)
             if self._caches():
@@ -263,14 +299,31 @@ class PackedMatrix(nn.Module):
         return next(iter(self._buffers.values())).device
 
     def _apply(self, fn, recurse=True):
-        out = super()._apply(fn, recurse)
-        t = next(iter(self._buffers.values()))
-        if t.device.type not in ("cpu", "meta") and self.kernel != "tiled":
-            self.set_kernel("tiled")  # CPU layouts: codes back in the flat packing on the new device
-        return out
+        """`.to()`, `.cuda()`, `.cpu()`, dtype casts: the codes go back to the stored packing where they are (a
+        device's layout is read there), move, and the kernel is chosen again on the new device; a cast to another
+        float dtype changes the activation dtype only (stored scales keep their dtype, cached scales-and-zeros are
+        formed again)."""
+        old = self.values_device()
+        device, dtype = _target(fn, old)
+        if old.type == "meta" or (device == old and dtype is None):
+            return super()._apply(fn, recurse)
+        if self.kernel != "tiled" and (device != old or self.cached):
+            self.set_kernel("tiled")
+        for name, t in self._buffers.items():
+            if t is not None:
+                self._buffers[name] = t.to(device) if dtype is not None else fn(t)
+        if dtype is not None:
+            self.dtype = dtype
+        if device.type != "meta":
+            self.set_kernel(_choose(self.asked, self.spec, self.transpose, device, self.where, self.dtype, self.pad,
+                                    quiet=True))
+        return self
 
     # --- computing ------------------------------------------------------------------------------------------------
     def _codes(self):
+        if self.kernel == "int4pack" and self.layout == "cuda":
+            codes = self._kernel_codes()
+            return (lambda i, j: codes[i:j]), 8
         if self.kernel == "int4pack":
             weights = self._kernel_weights()
             return (lambda i, j: K.int4pack_codes(weights, i, j, self.spec.shape[1])), 64
@@ -278,6 +331,15 @@ class PackedMatrix(nn.Module):
             w = self._buffers["int8"]
             return (lambda i, j: K.int8pack_codes(w, i, j)), 8
         return None, 8
+
+    def _settled(self, device: torch.device) -> bool:
+        """The codes sit on `device` in the layout its kernel reads."""
+        on = self.values_device()
+        if on != device:
+            return False
+        if self.kernel == "int4pack":
+            return K.int4pack_layout(on) == self.layout
+        return self.kernel == "tiled" or on.type == "cpu"  # int8pack: a CPU kernel
 
     def _int4pack_args(self) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         """The kernel's weights and cached scales-and-zeros, listed once per set of buffers (decode calls this per
@@ -292,9 +354,16 @@ class PackedMatrix(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         kernel = self.kernel
-        if kernel != "tiled" and not x.is_cpu:  # placed on another device without `.to()`
-            self.set_kernel("tiled")
+        if kernel != "tiled" and not self._settled(x.device):
+            # placed on another device without `.to()` (offloading hooks that swap the buffers; from_pretrained
+            # before `balance`): the codes are read from the layout as they are (the CPU layouts with tensor ops on
+            # any device), on the tiled path
             kernel = "tiled"
+        elif kernel == "int4pack" and self.layout == "cuda":  # every input, in bfloat16 (the kernel's only dtype)
+            weights, sz = self._int4pack_args()
+            if sz is None or sz[0].dtype != torch.bfloat16:
+                sz = K.int4pack_scales_zeros(spec, self.fields(), self.segments, torch.bfloat16)
+            return K.int4pack_linear(x.to(torch.bfloat16), weights, self.segments, sz, spec.shape[0]).to(x.dtype)
         if kernel == "int4pack" and x.dtype != torch.float32 and x.shape[0] <= INT4PACK_MAX_TOKENS:
             weights, sz = self._int4pack_args()
             if sz is None or sz[0].dtype != x.dtype:
@@ -336,7 +405,9 @@ class PackedLinear(nn.Module):
 
     def __init__(self, layout: PackedLayout, parts: Mapping[str, torch.Tensor] | None, bias: torch.Tensor | None = None,
                  conv1d: bool = False, kernel: str | None = None, where: str = "", device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, plan_device: torch.device | str | None = None):
+        """`parts` None: the meta twin planned for `device`. `plan_device`: plan and lay the matrices out for that
+        device whatever device the parts are on (as their meta twin was; `balance` settles them later)."""
         super().__init__()
         self.conv1d, self.dtype = conv1d, dtype
         rows, cols = layout.shape
@@ -346,6 +417,7 @@ class PackedLinear(nn.Module):
 
         self.layout, self.asked = layout, check_kernel(kernel)
         on = torch.device(device) if parts is None else next(iter(parts.values())).device
+        on = on if plan_device is None else torch.device(plan_device)
         plan = _plan_many([(layout, not conv1d, self.asked, on, dtype)])[0]
 
         def make(name, part):
@@ -354,12 +426,20 @@ class PackedLinear(nn.Module):
             pad, cache = plan[name]
             if parts is None:
                 return PackedMatrix.meta(part.spec, not conv1d, kernel, where, device, dtype, pad, cache)
-            return PackedMatrix(part.spec, part.fields(parts), not conv1d, kernel, where, dtype, pad, cache)
+            return PackedMatrix(part.spec, part.fields(parts), not conv1d, kernel, where, dtype, pad, cache, on)
 
         self.backbone = make("backbone", layout.backbone)
         # y = L (R x): R first; in Conv1D orientation x L first
         self.left, self.right = make("left", layout.left), make("right", layout.right)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def _apply(self, fn, recurse=True):
+        """A cast to another float dtype makes it the activation dtype (the matrices keep their stored dtypes)."""
+        some = next(self.buffers(), None)
+        if some is not None and some.device.type != "meta":
+            dtype = _target(fn, some.device)[1]
+            self.dtype = self.dtype if dtype is None else dtype
+        return super()._apply(fn, recurse)
 
     def _matrices(self) -> dict[str, PackedMatrix]:
         return {k: m for k in _NAMES if (m := getattr(self, k)) is not None}
@@ -370,13 +450,15 @@ class PackedLinear(nn.Module):
         return self.layout, not self.conv1d, self.asked, device, self.dtype
 
     def replan(self, plan: _Plan) -> None:
-        """Lay each matrix out as `plan` says ((pad, cache) per matrix), the kernel chosen again."""
+        """Lay each matrix out as `plan` says ((pad, cache) per matrix) for the device it is on, the kernel chosen
+        again."""
         _, transpose, asked, device, dtype = self.planning()
         for name, mat in self._matrices().items():
-            if (mat.pad, mat.cache) != plan[name]:
+            want = _choose(asked, mat.spec, transpose, device, mat.where, dtype, plan[name][0], quiet=True)
+            if (mat.pad, mat.cache) != plan[name] or want != mat.kernel or not mat._settled(device):
                 mat.set_kernel("tiled")
                 mat.pad, mat.cache = plan[name]
-                mat.set_kernel(_choose(asked, mat.spec, transpose, device, mat.where, dtype, mat.pad, quiet=True))
+                mat.set_kernel(want)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

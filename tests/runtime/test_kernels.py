@@ -101,6 +101,32 @@ def test_int4pack_runs_the_stored_codes(m, n, gran, group, scheme):
            rel=torch.finfo(torch.bfloat16).eps)
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int4pack_check_passes_where_the_kernel_is_right(device):
+    """The self-check every device's int4pack passes before it is used (on CUDA: the tinygemm layout and arithmetic
+    this module assumes); a device without the kernel is refused."""
+    assert K.int4pack_check(device) and K.int4pack_available(device)
+    assert not K.int4pack_available("meta")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,n,pad", [(80, 128, False), (48, 160, False), (27, 576, True), (100, 40, True)])
+def test_the_kernel_reads_back_the_codes_it_holds(device, m, n, pad):
+    """`int4pack_kernel_codes` (identity rows, s = 1, z = 8: how the opaque CUDA layout gives its codes back) returns
+    the stored codes exactly from either layout, padded rows and columns dropped, in tiles of any size."""
+    spec, fields, _ = _stored(m, n, 4, "group", 0, 32, "asymmetric")
+    segments = K.int4pack_segments(spec, pad)
+    layout = K.int4pack_layout(device)
+    weights = K.int4pack_weight(fields["packed"].to(device), spec, segments, layout)
+    codes = qz.from_fields(fields, spec).codes
+    for tile in (64, 4 << 20):
+        got = K.int4pack_kernel_codes(K.int4pack_mm(device), weights, segments, m, n, tile_bytes=tile)
+        assert torch.equal(got.cpu(), codes)
+
+
 def test_int4pack_refuses_what_it_cannot_run():
     spec = lambda *a, **k: qz.QuantSpec(*a, **k)
     assert K.int4pack_segments(spec((64, 64), 3, "group", 0, 32)) is None  # not 4-bit

@@ -16,7 +16,7 @@ import lplr_convert
 from lplr_convert.errors import LplrError
 from lplr_convert.hf.modeling import packed_layout
 from lplr_convert.io.manifest import read_manifest
-from lplr_convert.runtime.modules import PackedLinear
+from lplr_convert.runtime.modules import PackedLinear, PackedMatrix
 
 IDS = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(1))
 RTN4 = ["--b0", "4", "--quantizer", "group", "--group-size", "32", "--scheme", "asymmetric"]
@@ -140,6 +140,29 @@ def test_from_pretrained_is_packed_like_load_model_bit_for_bit(conv, family, met
     got, want = floats.state_dict(), float_ref.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert torch.equal(_logits(floats, family), _logits(float_ref, family))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bfloat16_loads_on_cuda_run_the_cuda_kernel(conv):
+    """On CUDA in bfloat16, load_model and from_pretrained(device_map="cuda") lay 4-bit matrices out for tinygemm
+    (from_pretrained's parts arrive in the CPU layout of its meta twins and `balance` settles them): the same state
+    bit for bit, logits as the float modules' to bfloat16 rounding."""
+    from transformers import AutoModelForCausalLM
+
+    dst = conv("llama", "rtn4")
+    ref = lplr_convert.load_model(dst, device="cuda", dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(dst, device_map="cuda", dtype=torch.bfloat16)
+    for mdl in (ref, model):
+        mats = [m for m in mdl.modules() if isinstance(m, PackedMatrix)]
+        assert mats and all(m.kernel == "int4pack" and m.layout == "cuda" for m in mats)
+    got, want = model.state_dict(), ref.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    floats = lplr_convert.load_model(dst, packed=False, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        a, b = ref(IDS.cuda()).logits.float(), floats(IDS.cuda()).logits.float()
+    assert torch.allclose(a, b, rtol=0.05, atol=0.05 * float(b.abs().max()))
+    assert torch.equal(_logits(model.cpu(), "llama"), _logits(ref.cpu(), "llama"))
 
 
 def test_kernel_argument_reaches_every_loader(conv, monkeypatch):

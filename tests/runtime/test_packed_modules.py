@@ -246,11 +246,66 @@ def test_packed_bytes_are_the_stored_bytes():
         assert held == stored, (method, knobs, held, stored)
 
 
+def test_a_dtype_cast_keeps_the_stored_bytes_and_chooses_the_kernel_again():
+    """`.to(bfloat16)` makes bfloat16 the activation dtype (int4pack for 4-bit matrices, scales-and-zeros formed
+    again) without casting the stored float16 scales; back to float32, the same stored bytes."""
+    m, res = _compressed("qlr", {"b0": 4, "rank": 16, "quantizer": "group", "group_size": 32, "scheme": "asymmetric"})
+    mod = PackedLinear(m.layout(res.info), res.parts, torch.randn(OUT))
+    assert mod.backbone.kernel == "tiled"  # float32: the tiled path is the faster one
+    stored = {k: v.clone() for k, v in mod.backbone.stored().items()}
+    mod.to(torch.bfloat16)
+    assert mod.dtype == mod.backbone.dtype == torch.bfloat16 and mod.bias.dtype == torch.bfloat16
+    assert mod.backbone.kernel == "int4pack"
+    got = mod.backbone.stored()
+    assert got.keys() == stored.keys() and all(torch.equal(got[k], v) for k, v in stored.items())
+    mod.bias = None
+    ref = _float_module(m, res, None).to(torch.bfloat16)
+    x = torch.randn(3, IN, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    with torch.no_grad():
+        err = (mod(x).double() - ref(x).double()).abs()
+    assert (err <= _bound(x.float(), mod, 8 * torch.finfo(torch.bfloat16).eps)).all()
+    mod.float()
+    assert mod.backbone.kernel == "tiled" and mod.dtype == torch.float32
+    got = mod.backbone.stored()
+    assert all(torch.equal(got[k], v) for k, v in stored.items())
+
+
+def _cuda_cases():
+    return [(m, k) for m, k in CASES if k.get("b0") == 4 or m in ("lplr", "lsvd")]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method,knobs", _cuda_cases())
+def test_bfloat16_modules_run_the_cuda_int4pack_kernel(method, knobs):
+    """On CUDA a bfloat16 module runs 4-bit matrices on tinygemm (`_weight_int4pack_mm`, after the device passed
+    `int4pack_check`), for decode and prefill inputs; its products equal the float module's to bfloat16 rounding;
+    the stored codes come back exactly through the kernel; back on the CPU, the CPU layout."""
+    m, res = _compressed(method, knobs)
+    ref = _float_module(m, res, None).to("cuda", torch.bfloat16)
+    mod = PackedLinear(m.layout(res.info), res.parts, None, dtype=torch.bfloat16).to("cuda")
+    four = [mat for mat in (mod.backbone, mod.left, mod.right) if mat is not None and mat.spec.bits == 4
+            and mat.spec.shape[0] % 16 == 0 and mat.spec.shape[1] % 32 == 0]
+    assert all(mat.kernel == "int4pack" and mat.layout == "cuda" for mat in four)
+    for t in (1, 40):
+        x = torch.randn(t, IN, generator=torch.Generator().manual_seed(t)).to("cuda", torch.bfloat16)
+        with torch.no_grad():
+            y, want = mod(x), ref(x)
+        err = (y.double() - want.double()).abs().cpu()
+        assert (err <= _bound(x.cpu().float(), mod.cpu().cuda(), 8 * torch.finfo(torch.bfloat16).eps)).all()
+    back = {k: v.cpu() for mat in mod._matrices().values() for k, v in mat.stored().items()}
+    assert len(back) and all(torch.equal(back[k], v) for k, v in res.parts.items() if k in back and
+                             not k.endswith("scale"))
+    mod.cpu()
+    assert all(mat.layout in (None, "cpu") for mat in mod._matrices().values())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_modules_run_on_cuda(dtype):
-    """Moved to a GPU, the CPU layouts go back to the stored packing and the tiled path runs there."""
+    """Moved to a GPU, the CPU layouts go back to the stored packing and the tiled path runs there (a float32
+    module: the CUDA int4pack kernel multiplies bfloat16 only)."""
     for method, knobs in CASES:
         m, res = _compressed(method, knobs)
         ref = _float_module(m, res, None).to("cuda", dtype)
