@@ -192,6 +192,7 @@ def llm_configs(budgets: list[float], incoherence: bool = False) -> list[tuple[s
                 add(f"rtn {scheme} g{g}", False, {"method": "rtn", "quantizer": "group", "group_size": g, **extra}, b)
                 add(f"gptq {scheme} g{g}", True, {"method": "gptq", "group_size": g, **extra}, b)
         add("qlr", True, {"method": "qlr"}, b)
+        add("qlr iters 1", True, {"method": "qlr", "iters": 1}, b)  # one alternation: about half the time
         rows.append(("lsvd calibrated 4/4", True, {"method": "lsvd", "b1": 4, "b2": 4}, b))
     published = {"b1": 8, "b2": 8, "rank_fraction": 0.8}
     rows.append(("lplr published (8/8, rf 0.8)", False, {"method": "lplr", **published}, None))
