@@ -119,13 +119,16 @@ def _blocks(n: int, block_size: int, group_size: int | None) -> list[tuple[int, 
 class _Columns:
     """Per-column grids in processing order: static (fitted up front) or fitted at each group start."""
 
-    def __init__(self, Wt: torch.Tensor, spec: qz.QuantSpec, perm: torch.Tensor | None):
-        self.spec, self.dynamic = spec, spec.granularity == "group" and perm is None
+    def __init__(self, Wt: torch.Tensor, spec: qz.QuantSpec, perm: torch.Tensor | None,
+                 params: qz.QParams | None = None):
+        self.spec, self.dynamic = spec, spec.granularity == "group" and perm is None and params is None
         self.groups: list[qz.QParams] = []
         if self.dynamic:
             return
-        # From W in the original column order (Wt is not permuted yet), laid out as `quantize_spec` sees it.
-        self.params, grid = qz.fit_grid(Wt.T.contiguous(), spec)
+        if params is not None:  # kept: the stored parameters given, in the scale layout
+            self.params, grid = params, qz.grid_of(params, spec, Wt.dtype)
+        else:  # from W in the original column order (Wt is not permuted yet), laid out as `quantize_spec` sees it
+            self.params, grid = qz.fit_grid(Wt.T.contiguous(), spec)
         order = torch.arange(Wt.shape[0], device=Wt.device) if perm is None else perm
         index = order // spec.group_size if spec.granularity == "group" else order
         self.grid_t = grid.map(lambda t: t.T)  # (columns of parameters, rows)
@@ -170,13 +173,13 @@ def _quantize_block(Wt1: torch.Tensor, U1: torch.Tensor, grid: qz.Grid, codes1: 
 
 
 def _run(W: torch.Tensor, H: torch.Tensor, spec: qz.QuantSpec, damp: float, block_size: int,
-         act_order: bool, factor: GPTQFactor | None) -> GPTQResult:
+         act_order: bool, factor: GPTQFactor | None, params: qz.QParams | None = None) -> GPTQResult:
     m, n = W.shape
     work = torch.float64 if W.dtype == torch.float64 else torch.float32
     Wt = torch.empty((n, m), dtype=work, device=W.device).copy_(W.T)  # row j = column j of W
     U, dead, perm = factor[:3] if factor is not None else _factor(H, damp, act_order, work)
     Wt[dead] = 0
-    columns = _Columns(Wt, spec, perm)
+    columns = _Columns(Wt, spec, perm, params)
     if perm is not None:
         Wt = Wt[perm]
     codes_t = torch.empty((n, m), dtype=torch.uint8, device=W.device)
@@ -196,13 +199,16 @@ def _run(W: torch.Tensor, H: torch.Tensor, spec: qz.QuantSpec, damp: float, bloc
 
 
 def gptq_detailed(W: torch.Tensor, H: torch.Tensor, spec: qz.QuantSpec, *, damp: float = 0.01,
-                  block_size: int = 128, act_order: bool = False, factor: GPTQFactor | None = None) -> GPTQResult:
+                  block_size: int = 128, act_order: bool = False, factor: GPTQFactor | None = None,
+                  params: qz.QParams | None = None) -> GPTQResult:
     """GPTQ of W (m x n, out x in) against H (n x n, symmetric PSD, may be singular) with any integer `spec`
     (16/32 bits: the float cast). w_hat is float32 (float64 for float64 W) and equals `qz.dequantize(quantized,
     w_hat.dtype)` bit for bit; quantized.spec says what is stored (scale_dtype float32 where float16 scales do not
     fit, see `quantize`). Raises ValueError for inconsistent shapes or when damp = 0 leaves H singular. `factor`:
     `gptq_factor` of this H with the same damp and act_order (and W's working precision), computed once for several
-    weights; the result is the same bit for bit."""
+    weights; the result is the same bit for bit. `params`: a grid to keep instead of fitting one (the stored
+    parameters of an earlier quantization under `spec`, e.g. of a nearby matrix; every column is then coded against
+    them, as static groups are)."""
     _check(W, H, spec, damp, block_size)
     if factor is not None and (factor.damp, factor.act_order, factor.work, factor.U.shape[0]) != (
             damp, act_order, torch.float64 if W.dtype == torch.float64 else torch.float32, W.shape[1]):
@@ -210,14 +216,16 @@ def gptq_detailed(W: torch.Tensor, H: torch.Tensor, spec: qz.QuantSpec, *, damp:
     if spec.bits in qz.FLOAT_BITS:
         q = qz.quantize_spec(W, spec)
         return GPTQResult(q, qz.dequantize(q, torch.float64 if W.dtype == torch.float64 else torch.float32), None)
-    result = _run(W, H, spec, damp, block_size, act_order, factor)
-    if not qz.scales_representable(result.quantized.scale, spec):
+    result = _run(W, H, spec, damp, block_size, act_order, factor, params)
+    if params is None and not qz.scales_representable(result.quantized.scale, spec):
         result = _run(W, H, dataclasses.replace(spec, scale_dtype="float32"), damp, block_size, act_order, factor)
     return result
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, spec: qz.QuantSpec, *, damp: float = 0.01, block_size: int = 128,
-         act_order: bool = False, factor: GPTQFactor | None = None) -> tuple[qz.Quantized, torch.Tensor]:
+         act_order: bool = False, factor: GPTQFactor | None = None,
+         params: qz.QParams | None = None) -> tuple[qz.Quantized, torch.Tensor]:
     """(quantized, w_hat) of `gptq_detailed`."""
-    result = gptq_detailed(W, H, spec, damp=damp, block_size=block_size, act_order=act_order, factor=factor)
+    result = gptq_detailed(W, H, spec, damp=damp, block_size=block_size, act_order=act_order, factor=factor,
+                           params=params)
     return result.quantized, result.w_hat

@@ -84,6 +84,7 @@ __all__ = [
     "fit_grid",
     "fit_params",
     "from_fields",
+    "grid_of",
     "quantize",
     "quantize_dequantize",
     "quantize_dequantize_spec",
@@ -450,6 +451,12 @@ def quantize_dequantize_spec(x: torch.Tensor, spec: QuantSpec, dtype: torch.dtyp
                              ) -> tuple[Quantized, torch.Tensor]:
     """`(q, dequantize(q, dtype))` for `q = quantize_spec(x, spec)`, bit for bit, reusing the codes' float buffer."""
     return _quantize(x, spec, dtype)
+
+
+def grid_of(params: QParams, spec: QuantSpec, dtype: torch.dtype) -> Grid:
+    """The working grid of stored parameters (scale layout, rows x groups), in working precision `dtype`: codes are
+    computed against the stored values (as `quantize_with` does)."""
+    return _grid(params, spec, dtype)
 
 
 def quantize_with(x: torch.Tensor, params: QParams, spec: QuantSpec) -> Quantized:

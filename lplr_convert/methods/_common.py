@@ -82,7 +82,9 @@ def gptq_quantizer(spec_of, s: Settings, stats: InputStats | None = None):
     When H_M is `stats.H` itself, GPTQ's factorization of it is computed once per statistic (`InputStats.gptq_factor`;
     the same result bit for bit)."""
 
-    def quantize(M: torch.Tensor, H: torch.Tensor | None):
+    def quantize(M: torch.Tensor, H: torch.Tensor | None, keep: qz.Quantized | None = None):
+        """`keep`: an earlier result of this quantizer for a matrix of M's shape whose grid (scales and zero
+        points, stored spec) GPTQ keeps instead of fitting one (calibrated only)."""
         spec = spec_of(tuple(M.shape))
         if H is None:
             return qz.quantize_dequantize_spec(M, spec, _work(M))
@@ -90,6 +92,9 @@ def gptq_quantizer(spec_of, s: Settings, stats: InputStats | None = None):
             factor = None
             if stats is not None and H is stats.H and spec.bits not in qz.FLOAT_BITS:
                 factor = stats.gptq_factor(s.damp, s.act_order, _work(M))
+            if keep is not None and spec.bits not in qz.FLOAT_BITS:
+                return gptq(M, H, keep.spec, damp=s.damp, block_size=s.block_size, act_order=s.act_order,
+                            factor=factor, params=keep.params)
             return gptq(M, H, spec, damp=s.damp, block_size=s.block_size, act_order=s.act_order, factor=factor)
         except ValueError as e:
             if "positive definite" not in str(e):

