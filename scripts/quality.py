@@ -254,6 +254,18 @@ def tensor_errors(items, stats_dir: str) -> tuple[float, float | None, dict]:
     return num_w / params, (num_o / params if per else None), per
 
 
+def _commit() -> str | None:
+    """The checkout's commit (rows from different code must not be read as one run), or None outside git."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def llm_main(args) -> int:
     import torch
 
@@ -277,7 +289,7 @@ def llm_main(args) -> int:
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "model": src, "calibration": f"{m.get('samples')} samples, {m.get('tokens')} tokens ({m.get('text')})",
             "text": (args.text or PROSE).name, "paragraphs": len(texts), "tokens": tokens,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "commit": _commit()}
     words = [w.strip() for w in args.rows.split(",")] if args.rows else None
     configs = [c for c in llm_configs([float(b) for b in args.budgets.split(",") if b], args.incoherence)
                if words is None or any(c[0] == w[1:] if w.startswith("=") else w in c[0] for w in words)]
