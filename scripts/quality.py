@@ -301,7 +301,7 @@ def llm_main(args) -> int:
         flat = overlay(flat_defaults(), layer)
         out = Path(tempfile.mkdtemp(prefix="lplr_quality_")) / "out"
         load0 = os.getloadavg()[0]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             manifest = convert(ConvertOptions(in_path=src, out_path=str(out), layer=flat,
                                               calibration=stats if calibrated else None, device="cpu",
@@ -313,7 +313,7 @@ def llm_main(args) -> int:
             print(json.dumps(rec), flush=True)
             write_llm_rows(args.write, meta, [rec])
             continue
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         with ConvertedOutput(out) as o:
             ev = evaluate_state_dict(src, o.iter_dense(), texts, "cpu", 10**9)
         werr, oerr, _ = output_error(out, src, stats)
@@ -323,7 +323,7 @@ def llm_main(args) -> int:
                "perplexity": ev["perplexity_converted"],
                "ppl_ratio": ev["perplexity_converted"] / ev["perplexity_original"], "kl_mean": ev["kl_mean"],
                "top1_agreement": ev["top1_agreement"], "weighted_rel_error": werr, "output_rel_error": oerr,
-               "convert_seconds": round(seconds, 1), "load": [round(load0, 1), round(os.getloadavg()[0], 1)],
+               "convert_seconds": round(seconds, 1), "convert_cpu_seconds": round(cpu, 1), "load": [round(load0, 1), round(os.getloadavg()[0], 1)],
                "tokens": ev["tokens"]}
         if args.layers is not None:
             rec["layers"] = args.layers  # only these blocks compressed; bits/param over them
