@@ -289,7 +289,7 @@ def llm_main(args) -> int:
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "model": src, "calibration": f"{m.get('samples')} samples, {m.get('tokens')} tokens ({m.get('text')})",
             "text": (args.text or PROSE).name, "paragraphs": len(texts), "tokens": tokens,
-            "threads": torch.get_num_threads(), "commit": _commit()}
+            "threads": torch.get_num_threads(), "commit": _commit(), "sequential": m.get("sequential")}
     words = [w.strip() for w in args.rows.split(",")] if args.rows else None
     configs = [c for c in llm_configs([float(b) for b in args.budgets.split(",") if b], args.incoherence)
                if words is None or any(c[0] == w[1:] if w.startswith("=") else w in c[0] for w in words)]
@@ -354,11 +354,12 @@ def llm_markdown(jsonl: Path) -> str:
     intro = ("Perplexity (ppl) and mean per-token KL(float || converted) on held-out prose, one paragraph a context; "
              "bits/param = stored bytes of the compressed tensors over their parameters; weight / output error = "
              "parameter-weighted relative errors (output error against the calibration statistics, for every row); "
+             "convert s / cpu s = the conversion's wall and CPU seconds (one thread where the run's meta says so); "
              "load = the 1-minute load average before and after the conversion (2 cores, shared).")
     header = ("| run | model | budget | method | bits/param | ppl (float) | ppl ratio | KL | weight err | output err "
-              "| convert s | load |")
+              "| convert s | cpu s | load |")
     lines = ["# Quality per bit: decoder LLMs", "", intro, "", header,
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     meta = {}
     for line in jsonl.read_text().splitlines():
         r = json.loads(line)
@@ -368,16 +369,19 @@ def llm_markdown(jsonl: Path) -> str:
         budget = "—" if r["budget"] is None else f"≤ {r['budget']:g}"
         if r.get("source") and r["budget"] is not None:  # a peer at the nearest bits, not held to the budget
             budget = f"beside ≤ {r['budget']:g}"
+        seq = meta.get("sequential")
         label = r["label"] + (f" (--b0 {r['fixed_b0']})" if "fixed_b0" in r else "") + \
-            (f", blocks {r['layers']} only" if "layers" in r else "")
+            (f", blocks {r['layers']} only" if "layers" in r else "") + \
+            (f", sequential statistics ({seq.get('method')} {seq.get('settings', {}).get('b0', '?')}-bit blocks)" if seq else "")
         head = f"| {meta.get('date')} | {Path(meta.get('model', '?')).name} | {budget} | {label} |"
-        if "error" in r:
-            lines.append(f"{head} — | — | — | — | — | — | — | {r['error']} |")
+        if "error" in r and "perplexity" not in r:
+            lines.append(f"{head} — | — | — | — | — | — | — | — | {r['error']} |")
             continue
         oerr = "—" if r["output_rel_error"] is None else f"{r['output_rel_error']:.4f}"
+        cpu = "—" if r.get("convert_cpu_seconds") is None else f"{r['convert_cpu_seconds']:.0f}"
         lines.append(f"{head} {r['bits_per_param']:.3f} | {r['perplexity']:.2f} ({r['perplexity_float']:.2f}) | "
                      f"{r['ppl_ratio']:.3f} | {r['kl_mean']:.4f} | {r['weighted_rel_error']:.4f} | {oerr} | "
-                     f"{r['convert_seconds']:.0f} | {r['load'][0]}–{r['load'][1]} |")
+                     f"{r['convert_seconds']:.0f} | {cpu} | {r['load'][0]}–{r['load'][1]} |")
     return "\n".join(lines) + "\n"
 
 
