@@ -127,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=256, help="--model: calibration tokens per sample")
     ap.add_argument("--eval-tokens", type=int, default=4096, help="--model: held-out tokens evaluated (about)")
     ap.add_argument("--budgets", default="2.25,3.25,4.25", help="--model: bits/param budgets, comma separated")
-    ap.add_argument("--rows", default=None, help="--model: keep rows whose label contains one of these words (comma separated; "
-                    "'=LABEL' keeps that label only)")
+    ap.add_argument("--rows", default=None,
+                    help="--model: keep rows whose label contains one of these words (comma separated; "
+                         "'=LABEL' keeps that label only)")
     ap.add_argument("--incoherence", action="store_true",
                     help="--model: each gptq/qlr row also with --incoherence hadamard (label '+hadamard')")
     ap.add_argument("--layers", default=None,
@@ -323,7 +324,8 @@ def llm_main(args) -> int:
                "perplexity": ev["perplexity_converted"],
                "ppl_ratio": ev["perplexity_converted"] / ev["perplexity_original"], "kl_mean": ev["kl_mean"],
                "top1_agreement": ev["top1_agreement"], "weighted_rel_error": werr, "output_rel_error": oerr,
-               "convert_seconds": round(seconds, 1), "convert_cpu_seconds": round(cpu, 1), "load": [round(load0, 1), round(os.getloadavg()[0], 1)],
+               "convert_seconds": round(seconds, 1), "convert_cpu_seconds": round(cpu, 1),
+               "load": [round(load0, 1), round(os.getloadavg()[0], 1)],
                "tokens": ev["tokens"]}
         if args.layers is not None:
             rec["layers"] = args.layers  # only these blocks compressed; bits/param over them
@@ -370,9 +372,10 @@ def llm_markdown(jsonl: Path) -> str:
         if r.get("source") and r["budget"] is not None:  # a peer at the nearest bits, not held to the budget
             budget = f"beside ≤ {r['budget']:g}"
         seq = meta.get("sequential")
+        seq = f", sequential statistics ({seq.get('method')} {seq.get('settings', {}).get('b0', '?')}-bit blocks)" \
+            if seq else ""
         label = r["label"] + (f" (--b0 {r['fixed_b0']})" if "fixed_b0" in r else "") + \
-            (f", blocks {r['layers']} only" if "layers" in r else "") + \
-            (f", sequential statistics ({seq.get('method')} {seq.get('settings', {}).get('b0', '?')}-bit blocks)" if seq else "")
+            (f", blocks {r['layers']} only" if "layers" in r else "") + seq
         head = f"| {meta.get('date')} | {Path(meta.get('model', '?')).name} | {budget} | {label} |"
         if "error" in r and "perplexity" not in r:
             lines.append(f"{head} — | — | — | — | — | — | — | — | {r['error']} |")
