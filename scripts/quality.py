@@ -76,11 +76,11 @@ def _configs(quick: bool) -> list[tuple[str, bool, dict, float | None]]:
 
 
 def _run(src: str, stats: str, text: Path, label: str, calibrated: bool, layer: dict, budget: float | None) -> dict:
-    from lplr_convert.pipeline.convert import ConvertOptions, convert
     from lplr_convert.evaluate import evaluate_state_dict
     from lplr_convert.io.output import ConvertedOutput
     from lplr_convert.methods import flat_defaults
     from lplr_convert.methods.base import overlay
+    from lplr_convert.pipeline.convert import ConvertOptions, convert
 
     flat = overlay(flat_defaults(), layer)
     out = Path(tempfile.mkdtemp(prefix="lplr_quality_")) / "out"
@@ -261,7 +261,7 @@ def _commit() -> str | None:
 
     try:
         out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
+                             check=False, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
