@@ -345,6 +345,10 @@ def _print_summary(manifest: dict, out_path: str) -> None:
       help="Sequential calibration: a recipe (YAML/JSON, as for convert --recipe) of how the blocks will be "
            "compressed; each block's statistics then come from the outputs of the blocks before it compressed that "
            "way (as llm-compressor does). Convert afterwards with the same --recipe and --calibration.")
+@_opt("--sensitivity-samples", type=click.IntRange(min=0), default=0, show_default=True, section="Run",
+      help="Causal LMs: after the statistics, run the whole model forward and backward on this many samples and store "
+           "each linear's output sensitivity (squared loss gradients per output channel); a --target-bits-per-param "
+           "budget then spends bits where the loss needs them. Needs the model to fit on --device. 0: off.")
 @_opt("--overwrite", is_flag=True, section="Output", help="Replace earlier statistics in --out-path.")
 @_opt("--resume", is_flag=True, section="Output",
       help="Continue an interrupted calibrate run in --out-path with the same settings (finished blocks are kept).")
@@ -366,7 +370,7 @@ def calibrate(**kw):
                    text_column=kw["text_column"], samples=kw["samples"], seq_len=kw["seq_len"],
                    batch_size=kw["batch_size"], device=kw["device"],
                    accumulate_dtype=dtype_from_name(kw["accumulate_dtype"]), overwrite=kw["overwrite"],
-                   resume=kw["resume"])
+                   resume=kw["resume"], sensitivity_samples=kw["sensitivity_samples"])
     click.echo(f"wrote {len(manifest['statistics'])} statistics for {len(manifest['weights'])} weights "
                f"({manifest['samples']} samples, {manifest['tokens']} tokens) to {kw['out_path']}")
 

@@ -106,6 +106,10 @@ CALIB_MANIFEST = "lplr_calibration.json"
 CALIB_FILE_TEMPLATE = "lplr_stats-{block:05d}.safetensors"
 CALIB_FILE_PATTERN = r"lplr_stats-\d{5}\.safetensors"
 CALIB_KEY_SUFFIX = "input_moment"  # statistic key: "<checkpoint module name of the first layer>.input_moment"
+# `calibrate --sensitivity-samples N` (causal LMs): each block linear's output sensitivity, the mean squared gradient
+# of the next-token loss per output channel, one float32 vector per weight keyed "<weight's module name>.<suffix>".
+CALIB_SENSITIVITY_FILE = "lplr_sensitivity.safetensors"
+CALIB_SENSITIVITY_SUFFIX = "output_sensitivity"
 # An interrupted calibrate run (`calibrate --resume`): its journal, and the hidden states after its first N block
 # runs (the input of the next), one tensor per batch; both are removed when the run completes.
 CALIB_PROGRESS = "lplr_calibration_progress.json"
@@ -116,6 +120,7 @@ S_KIND = "kind"
 S_TEXT = "text"
 S_STATISTICS = "statistics"
 S_WEIGHTS = "weights"
+S_SENSITIVITY = "sensitivity"
 
 # The records this tool writes beside its outputs: never copied from a source into an output (a copied record would
 # describe files of another directory).

@@ -327,6 +327,9 @@ def llm_main(args) -> int:
                "convert_seconds": round(seconds, 1), "convert_cpu_seconds": round(cpu, 1),
                "load": [round(load0, 1), round(os.getloadavg()[0], 1)],
                "tokens": ev["tokens"]}
+        objective = (manifest.get("options", {}).get("allocation") or {}).get("objective")
+        if objective == "sensitivity":
+            rec["budget_objective"] = objective  # the budget weighed the tensors by their output sensitivity
         if args.layers is not None:
             rec["layers"] = args.layers  # only these blocks compressed; bits/param over them
         if fixed:
@@ -375,6 +378,7 @@ def llm_markdown(jsonl: Path) -> str:
         seq = f", sequential statistics ({seq.get('method')} {seq.get('settings', {}).get('b0', '?')}-bit blocks)" \
             if seq else ""
         label = r["label"] + (f" (--b0 {r['fixed_b0']})" if "fixed_b0" in r else "") + \
+            (", sensitivity budget" if r.get("budget_objective") == "sensitivity" else "") + \
             (f", blocks {r['layers']} only" if "layers" in r else "") + seq
         head = f"| {meta.get('date')} | {Path(meta.get('model', '?')).name} | {budget} | {label} |"
         if "error" in r and "perplexity" not in r:

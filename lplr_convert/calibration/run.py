@@ -218,11 +218,13 @@ def _restart(out: Path, sk: Skeleton, runs: list[tuple[int, list[int]]], hidden:
 
 
 def _write_stats(out: Path, sk: Skeleton, batches: list[Batch], hidden: list, calls: list, manifest: dict,
-                 accumulate_dtype, journal: CalibrationJournal, transform: BlockTransform | None = None) -> None:
+                 accumulate_dtype, journal: CalibrationJournal, transform: BlockTransform | None = None,
+                 finish=None) -> None:
     """Run the blocks in the order the model calls them (`_runs`), from where `journal` left off, saving each block's
     statistics and journaling it with the hidden states that feed the next, then the manifest (last). With a
     `transform` (sequential calibration) the next block is fed the outputs of this block with its weights
-    transformed (`_propagate_transformed`), not of the original block."""
+    transformed (`_propagate_transformed`), not of the original block. `finish(manifest)` runs after the last block,
+    before the manifest is written."""
     manifest.update({C.M_FILES: {}, C.S_STATISTICS: {}, C.S_WEIGHTS: {}})
     for entry in journal.blocks:
         add_block(manifest, entry)
@@ -250,15 +252,32 @@ def _write_stats(out: Path, sk: Skeleton, batches: list[Batch], hidden: list, ca
                      "weights": weights}
             add_block(manifest, entry)
             journal.finished(entry, hidden if n < len(runs) else None)
+    if finish is not None:
+        hidden.clear()
+        return_freed_memory()
+        finish(manifest)
     write_manifest(out, manifest)
     journal.close()
+
+
+def _add_sensitivity(out: Path, root: Path, sk: Skeleton, seqs: list[list[int]], manifest: dict) -> None:
+    """Measure and store the output sensitivity of the weights that have statistics; record it in `manifest`."""
+    from .sensitivity import measure_sensitivity, save_sensitivity
+
+    sens, tokens = measure_sensitivity(Path(root), seqs, sk.to_ckpt, set(manifest[C.S_WEIGHTS]), sk.device)
+    manifest[C.M_FILES][C.CALIB_SENSITIVITY_FILE] = save_sensitivity(out, sens)
+    manifest[C.S_SENSITIVITY] = {"file": C.CALIB_SENSITIVITY_FILE, "samples": len(seqs), "tokens": tokens,
+                                 "weights": len(sens),
+                                 "estimate": "mean squared gradient of the summed next-token cross-entropy per "
+                                             "output channel (empirical Fisher diagonal), float32 model"}
 
 
 def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | None = None,
               dataset: str | None = None, text_column: str | None = None, samples: int = 128,
               seq_len: int = 512, batch_size: int = 8, device: str = "auto",
               accumulate_dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = torch.float32,
-              overwrite: bool = False, resume: bool = False, sequential: BlockTransform | None = None) -> dict:
+              overwrite: bool = False, resume: bool = False, sequential: BlockTransform | None = None,
+              sensitivity_samples: int = 0) -> dict:
     """Write the input second moments E[x x^T] of every linear in every block of `in_path` to the STATS directory
     `out_path` and return its manifest.
 
@@ -275,6 +294,11 @@ def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | N
     taken from the outputs of the blocks before it with their weights transformed (compressed, then decoded), as
     llm-compressor's sequential pipeline does; the manifest's `sequential` records the transform.
 
+    `sensitivity_samples` > 0 (causal LMs): after the statistics, the whole float model runs forward and backward on
+    the first that many calibration samples and each block linear's output sensitivity (`sensitivity`: the mean
+    squared gradient of the next-token loss per output channel) is stored beside them; a budget then weighs each
+    tensor's error by it (`pipeline.allocation`). The manifest's `sensitivity` records it.
+
     `resume` continues an interrupted run in `out_path` with the same inputs and settings (any change refused,
     naming it): the blocks it finished, checked by sha256, are kept, the rest run from its checkpoint of the hidden
     states, and the result is byte-identical to an uninterrupted run.
@@ -282,6 +306,8 @@ def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | N
     if overwrite and resume:
         raise LplrError(f"{opt('overwrite')} and {opt('resume')} contradict each other; pass one of them")
     device = _check_options(samples, seq_len, batch_size, accumulate_dtype, compute_dtype, device)
+    if not isinstance(sensitivity_samples, int) or isinstance(sensitivity_samples, bool) or sensitivity_samples < 0:
+        raise LplrError(f"{opt('sensitivity_samples')} must be an integer >= 0, got {sensitivity_samples!r}")
     src = open_source(str(in_path))
     out = output_path(out_path)
     check_stats_output(out, src.root, overwrite, resume)  # before hashing the source and running its embeddings
@@ -292,6 +318,9 @@ def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | N
     # a bad text or dataset is refused before the model is read
     cal_text = read_dataset(dataset, text_column) if dataset is not None else read_text(text) if text else None
     sk = build_skeleton(src, device, compute_dtype)
+    if sensitivity_samples and not sk.causal:
+        raise LplrError(f"{opt('sensitivity_samples')} measures the next-token loss of a causal LM; "
+                        f"{type(sk.model).__name__} is not one: calibrate without it")
     cal_text = default_text(sk.causal) if cal_text is None else cal_text
     tokenizer = load_tokenizer(src.root)
     seq_len = _max_positions(sk.model, seq_len)
@@ -300,6 +329,7 @@ def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | N
     manifest = _header(in_path, src, sk, cal_text, seqs, samples, seq_len, batch_size, accumulate_dtype,
                        compute_dtype, accumulate_dtype)
     manifest["sequential"] = None if sequential is None else sequential.record
+    manifest["sensitivity_samples"] = min(sensitivity_samples, len(seqs))
     batches = make_batches(seqs, batch_size, tokenizer.pad_token_id, sk.device)
     with torch.no_grad():
         hidden, calls = _capture(sk, batches)  # an architecture it cannot run is refused before anything is written
@@ -307,7 +337,11 @@ def calibrate(in_path: str | Path, out_path: str | Path, *, text: str | Path | N
         stamp = fingerprint(manifest, src.config, seqs, sk.schedule)
         journal = resume_journal(out, stamp, len(_runs(sk.schedule))) if resume else CalibrationJournal(out, stamp)
         journal.save()
-        _write_stats(out, sk, batches, hidden, calls, manifest, accumulate_dtype, journal, sequential)
+        finish = None
+        if sensitivity_samples:
+            def finish(m: dict) -> None:
+                _add_sensitivity(out, src.root, sk, seqs[:sensitivity_samples], m)
+        _write_stats(out, sk, batches, hidden, calls, manifest, accumulate_dtype, journal, sequential, finish)
     warn_thin_statistics(manifest[C.S_STATISTICS], str(out))
     logger.info(f"wrote {len(manifest[C.S_STATISTICS])} statistics for {len(manifest[C.S_WEIGHTS])} weights of "
                 f"{len(sk.blocks)} blocks to {out}")

@@ -23,9 +23,9 @@ from ..io.writer import write_tensors_atomic
 __all__ = ["CalibrationStats", "check_stats_output", "file_record", "load_calibration", "save_block", "source_files",
            "stats_output"]
 
-_CALIB_FILE = re.compile(C.CALIB_FILE_PATTERN)
-_OURS = re.compile(rf"({C.CALIB_FILE_PATTERN}|{C.CALIB_HIDDEN_PATTERN}|{re.escape(C.CALIB_MANIFEST)}|"
-                   rf"{re.escape(C.CALIB_PROGRESS)})({re.escape(C.PARTIAL_SUFFIX)})?")
+_CALIB_FILE = re.compile(rf"{C.CALIB_FILE_PATTERN}|{re.escape(C.CALIB_SENSITIVITY_FILE)}")
+_OURS = re.compile(rf"({C.CALIB_FILE_PATTERN}|{re.escape(C.CALIB_SENSITIVITY_FILE)}|{C.CALIB_HIDDEN_PATTERN}|"
+                   rf"{re.escape(C.CALIB_MANIFEST)}|{re.escape(C.CALIB_PROGRESS)})({re.escape(C.PARTIAL_SUFFIX)})?")
 
 
 def _previous_stats(out: Path) -> set[str] | None:
@@ -81,7 +81,7 @@ class CalibrationStats:
         self.root, self.manifest, self.device, self.verify = root, manifest, device, verify
         self.weights: dict[str, dict] = manifest[C.S_WEIGHTS]
         self.statistics: dict[str, dict] = manifest[C.S_STATISTICS]
-        self._open, self._open_name, self._verified = None, None, set()
+        self._open, self._open_name, self._verified, self._sensitivity = None, None, set(), None
 
     def __contains__(self, weight_name: str) -> bool:
         return weight_name in self.weights
@@ -100,9 +100,25 @@ class CalibrationStats:
         key = self.key(weight_name)
         file = self.statistics[key]["file"]
         if self._open_name != file:
+            self._open = None
             self._open = self._open_file(file)
             self._open_name = file
         return self._open.get_tensor(key)
+
+    @property
+    def has_sensitivity(self) -> bool:
+        """Whether `calibrate --sensitivity-samples` measured the output sensitivity of the weights."""
+        return isinstance(self.manifest.get(C.S_SENSITIVITY), dict)
+
+    def sensitivity(self, weight_name: str) -> torch.Tensor | None:
+        """The mean squared gradient of the next-token loss per output channel of `weight_name` (float32, out), or
+        None when it was not measured (no sensitivity pass, or a weight the model's forward does not use)."""
+        if not self.has_sensitivity:
+            return None
+        if self._sensitivity is None:
+            self._sensitivity = self._open_file(C.CALIB_SENSITIVITY_FILE)
+        key = f"{weight_name.removesuffix('.weight')}.{C.CALIB_SENSITIVITY_SUFFIX}"
+        return self._sensitivity.get_tensor(key) if key in self._sensitivity.keys() else None
 
     def _open_file(self, file: str):
         from safetensors import safe_open
@@ -116,12 +132,11 @@ class CalibrationStats:
                 raise LplrError(f"{path} does not match the sha256 in {C.CALIB_MANIFEST} (damaged or modified); "
                                 f"re-run `lplr-convert calibrate`")
             self._verified.add(file)
-        self._open = None
         return safe_open(str(path), framework="pt", device=str(self.device))
 
     def close(self) -> None:
-        """Release the open statistics file (reading again reopens it)."""
-        self._open, self._open_name = None, None
+        """Release the open statistics files (reading again reopens them)."""
+        self._open, self._open_name, self._sensitivity = None, None, None
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Statistic key -> its stored shape, read from the files' headers (no data is read)."""
@@ -129,6 +144,8 @@ class CalibrationStats:
 
         out = {}
         for file in self.manifest[C.M_FILES]:
+            if file == C.CALIB_SENSITIVITY_FILE:
+                continue
             path = self.root / file
             if path.is_file():
                 out.update({h.name: tuple(h.shape) for h in safetensors_header(path, file)})
@@ -220,4 +237,9 @@ def _manifest_problem(manifest: dict) -> str | None:
     if bad is not None:
         return f"weight {bad!r} names no listed statistic"
     bad = next((k for k, v in made.items() if not isinstance(v.get("sha256"), str)), None)
-    return None if bad is None else f"source file {bad!r} has no sha256"
+    if bad is not None:
+        return f"source file {bad!r} has no sha256"
+    sens = manifest.get(C.S_SENSITIVITY)
+    if sens is not None and (not isinstance(sens, dict) or C.CALIB_SENSITIVITY_FILE not in files):
+        return f"{C.S_SENSITIVITY} names no listed file"
+    return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["weighted_error", "weighted_relative_error"]
+__all__ = ["loss_weight", "weighted_error", "weighted_relative_error"]
 
 
 def _block_rows(n: int, elements: int = 1 << 20) -> int:
@@ -43,3 +43,14 @@ def weighted_relative_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tenso
         num += _quad(w - W_hat[i:i + step].double(), H64)
         den += _quad(w, H64)
     return (num.clamp_min(0) / den.clamp_min(torch.finfo(torch.float64).tiny)).sqrt()
+
+
+def loss_weight(W: torch.Tensor, H: torch.Tensor, s: torch.Tensor) -> float:
+    """sum_o s_o (W H W^T)_oo: to second order, the loss increase per token of a relative output error of 1 spread
+    over the rows of W (out x in) as their outputs are (row o's squared error e^2 (W H W^T)_oo), each row's squared
+    error weighed by s_o, the expected squared loss gradient of output o (`calibration.sensitivity`); H = E[x x^T]."""
+    H, total = H.to(W.dtype), 0.0
+    for i in range(0, W.shape[0], 1024):  # (W H) a block of rows at a time: at most 1024 x in extra
+        Wi = W[i:i + 1024]
+        total += float((s[i:i + 1024].double() * ((Wi @ H) * Wi).sum(1, dtype=torch.float64)).sum())
+    return total

@@ -169,7 +169,7 @@ def allocated(opts: ConvertOptions, popts: PlanOptions, src: SourceCheckpoint, p
     with _torch_threads(opts.threads):
         return allocate_plans(plans, _oriented(src, plans, device), stats_for, opts.target_bits_per_param,
                               frozenset(k for k in popts.defaults if k != "method"), stats_for.stats is not None,
-                              seed=opts.seed)
+                              seed=opts.seed, objective=opts.budget_objective, stats=stats_for.stats)
 
 
 def _preflight(plans: list[TensorPlan], calibrated: bool) -> None:

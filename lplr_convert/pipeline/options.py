@@ -22,6 +22,7 @@ import click
 from ..errors import LplrError, opt
 from ..io.writer import DEFAULT_SHARD_BYTES
 from ..report.spectra import SPECTRA_MODES
+from .allocation import OBJECTIVES
 
 __all__ = ["NONFINITE_CHOICES", "RANK_SECTION", "ConvertOptions", "DeviceType", "SizeType", "fingerprint_options",
            "option_fields", "recorded_options", "run_option"]
@@ -165,6 +166,12 @@ class ConvertOptions:
         click_type=click.FloatRange(min=0, min_open=True, max=64),
         help="Global budget: each tensor's rank/width allocated so the compressed tensors average at most this many "
              "stored bits/param.")
+    budget_objective: str = run_option(
+        "auto", section=RANK_SECTION, commands=_BOTH, fingerprint=True, record=True, show_default=True,
+        click_type=click.Choice(OBJECTIVES),
+        help="What --target-bits-per-param minimises: output-error (each tensor's relative output error weighed by "
+             "its parameters), sensitivity (weighed by its effect on the loss: needs `calibrate "
+             "--sensitivity-samples`), auto (sensitivity when the --calibration statistics carry it).")
     calibration: str | None = run_option(None, section="Method", commands=_BOTH, fingerprint=True, record=True,
                                          click_type=click.Path(file_okay=False),
                                          help="STATS from `lplr-convert calibrate` of this checkpoint: "
