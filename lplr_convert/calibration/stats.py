@@ -118,7 +118,7 @@ class CalibrationStats:
         if self._sensitivity is None:
             self._sensitivity = self._open_file(C.CALIB_SENSITIVITY_FILE)
         key = f"{weight_name.removesuffix('.weight')}.{C.CALIB_SENSITIVITY_SUFFIX}"
-        return self._sensitivity.get_tensor(key) if key in self._sensitivity.keys() else None
+        return self._sensitivity.get_tensor(key) if key in set(self._sensitivity.keys()) else None
 
     def _open_file(self, file: str):
         from safetensors import safe_open

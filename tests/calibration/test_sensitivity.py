@@ -32,7 +32,8 @@ def _reference(src, text, samples: int) -> dict[str, torch.Tensor]:
     sums, count = {}, 0
     for seq in seqs:
         outs = {}
-        hooks = [m.register_forward_hook(lambda mod, i, o, n=n: outs.__setitem__(n, o)) for n, m in linears.items()]
+        hooks = [m.register_forward_hook(lambda mod, i, o, n=n, outs=outs: outs.__setitem__(n, o))
+                 for n, m in linears.items()]
         ids = torch.tensor([seq])
         logits = model(input_ids=ids).logits[0, :-1]
         loss = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
