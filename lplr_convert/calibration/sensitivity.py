@@ -37,7 +37,8 @@ def output_sensitivity(model: torch.nn.Module, seqs: list[list[int]], names: dic
     """({names[module]: mean over tokens of the squared gradient of the summed next-token cross-entropy with respect
     to that linear module's output, per output channel (float32, CPU)}, tokens scored) of a causal LM over `seqs`
     (token id lists, one forward and backward each). `names` maps the model's linear module names to the names the
-    result uses; modules it lacks are not measured. The model's parameters get no gradient (the input embeddings' for the duration only)."""
+    result uses; modules it lacks are not measured. No parameter keeps a gradient (the input embeddings hold one
+    while a sample runs)."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 

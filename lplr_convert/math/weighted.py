@@ -49,8 +49,10 @@ def loss_weight(W: torch.Tensor, H: torch.Tensor, s: torch.Tensor) -> float:
     """sum_o s_o (W H W^T)_oo: to second order, the loss increase per token of a relative output error of 1 spread
     over the rows of W (out x in) as their outputs are (row o's squared error e^2 (W H W^T)_oo), each row's squared
     error weighed by s_o, the expected squared loss gradient of output o (`calibration.sensitivity`); H = E[x x^T]."""
-    H, total = H.to(W.dtype), 0.0
-    for i in range(0, W.shape[0], 1024):  # (W H) a block of rows at a time: at most 1024 x in extra
-        Wi = W[i:i + 1024]
-        total += float((s[i:i + 1024].double() * ((Wi @ H) * Wi).sum(1, dtype=torch.float64)).sum())
-    return total
+    H = H.to(W.dtype)  # in W's dtype (a float64 copy of a 28672-wide H would be 6.6 GB), summed in float64
+    acc = torch.zeros((), dtype=torch.float64, device=W.device)
+    step = _block_rows(W.shape[1])
+    for i in range(0, W.shape[0], step):
+        w = W[i:i + step]
+        acc += (s[i:i + step].double() * ((w @ H) * w).sum(1, dtype=torch.float64)).sum()
+    return float(acc)

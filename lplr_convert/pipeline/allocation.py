@@ -99,8 +99,8 @@ def allocate_plans(plans: list[TensorPlan], tensors: Callable[[list[str]], Itera
                         f"widths") from None
     new = {p.name: dataclasses.replace(p, settings=dataclasses.replace(p.settings, **cands[p.name][i].changes))
            for p, i in zip(chosen, alloc.choice)}
-    info = {"target_bits_per_param": target, "objective": objective, "budget_bits": budget + fixed_bits, "params": params,
-            "allocated_bits": alloc.bits + fixed_bits, "estimated_error": alloc.error,
+    info = {"target_bits_per_param": target, "objective": objective, "budget_bits": budget + fixed_bits,
+            "params": params, "allocated_bits": alloc.bits + fixed_bits, "estimated_error": alloc.error,
             "choices": {p.name: {**_jsonable(cands[p.name][i].changes), "estimated_error": cands[p.name][i].error}
                         for p, i in zip(chosen, alloc.choice)}}
     logger.info(f"allocated {info['allocated_bits'] / params:.3f} bits/param over {len(comp)} tensors "

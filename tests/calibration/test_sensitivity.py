@@ -88,9 +88,10 @@ def test_sensitivity_is_refused_for_an_encoder(tiny_dir, text_file, tmp_path):
 
 
 def test_loss_weight_is_the_sensitivity_weighted_output_energy():
-    """sum_o s_o (W H W^T)_oo equals mean over samples of sum_o s_o (W x)_o^2, across the 1024-row blocks."""
+    """sum_o s_o (W H W^T)_oo equals mean over samples of sum_o s_o (W x)_o^2, across row blocks (1024 rows of a
+    1024-wide W a block: two here)."""
     g = torch.Generator().manual_seed(0)
-    W, X = torch.randn(1500, 40, generator=g), torch.randn(200, 40, generator=g)
+    W, X = torch.randn(1500, 1024, generator=g), torch.randn(200, 1024, generator=g)
     s = torch.rand(1500, generator=g, dtype=torch.float64)
     H = X.T @ X / X.shape[0]
     want = float((s * (X.double() @ W.double().T).square()).sum(1).mean())
